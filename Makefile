@@ -1,0 +1,35 @@
+# medfed: two commands for a newcomer (see README.md).
+#   make demo   set up .venv and run the demo (3 synthetic hospitals on real Flower processes)
+#   make test   set up .venv and run the whole test suite (import contract + pytest)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.medfed-installed
+
+.PHONY: demo test test-fast setup bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "medfed needs Python 3.11; found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/medfed demo
+
+test: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not integration and not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/dp_epoch.py
+	$(BIN)/python benchmarks/federated_overhead.py
+
+clean:
+	rm -rf $(VENV) .medfed .pytest_cache .hypothesis

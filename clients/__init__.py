@@ -1,0 +1,3 @@
+"""Programs that run at the alliance's sites."""
+
+__all__: list[str] = []

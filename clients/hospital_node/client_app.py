@@ -1,0 +1,40 @@
+"""The hospital node's Flower ClientApp.
+
+Flower starts a fresh process for every message, so this module imports only Flower's
+record types; torch, Opacus and pandas are imported inside the handlers (see
+``clients.hospital_node.rounds``). The node's durable state (dataset registry, privacy
+ledger) lives in its home folder, named by the SuperNode's ``--node-config home=...``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+__all__ = ["app"]
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Can this node run the instruction? Answers counts and current spend."""
+    from clients.hospital_node.rounds import answer
+
+    return answer("query", msg, context.node_config)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Evaluate the incoming global model, then train it with DP-SGD and charge the ledger."""
+    from clients.hospital_node.rounds import answer
+
+    return answer("train", msg, context.node_config)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the final global model on the local validation split."""
+    from clients.hospital_node.rounds import answer
+
+    return answer("evaluate", msg, context.node_config)

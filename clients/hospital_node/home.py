@@ -1,0 +1,566 @@
+"""The node home: the folder that holds a hospital node's durable state.
+
+A Flower ClientApp process lives for one message, so everything a node must remember
+lives here, on the hospital's own disk: ``node.toml`` (the node's name and its dataset
+registry) and ``ledger.sqlite`` (the privacy ledger). ``node.toml`` looks like::
+
+    [node]
+    name = "hospital_1"
+
+    [datasets.htn_cohort]
+    path = "cohort.parquet"            # relative to the home, or absolute
+    id_column = "patient_id"
+    label_column = "htn_onset_1y"
+    feature_columns = ["age", "bmi"]
+    site_column = "site"               # optional; with site_value, keeps only that
+    site_value = "hospital_1"          # site's rows of a multi-site file
+    validation_fraction = 0.2
+    split_seed = 0
+
+It is parsed once, into frozen :class:`DatasetEntry` values, and every problem is
+reported at once, by field. Registering a dataset validates its file first and then
+replaces ``node.toml`` atomically, so a failed registration leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import re
+import tempfile
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clients.hospital_node.errors import DatasetNotFoundError, NodeHomeError
+
+if TYPE_CHECKING:
+    from clients.hospital_node.connectors import TabularData
+
+__all__ = ["CONFIG_FILE", "LEDGER_FILE", "DatasetEntry", "NodeHome", "toml_string"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "node.toml"
+LEDGER_FILE = "ledger.sqlite"
+
+# Node and dataset names appear in paths, TOML table headers and audit records.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_NAME_RULE = "1-64 letters, digits, '_' or '-', starting with a letter or digit"
+
+_TOP_KEYS = ("node", "datasets")
+_NODE_KEYS = ("name",)
+_REQUIRED_DATASET_KEYS = ("path", "id_column", "label_column", "feature_columns")
+_OPTIONAL_DATASET_KEYS = ("site_column", "site_value", "validation_fraction", "split_seed")
+_DATASET_KEYS = _REQUIRED_DATASET_KEYS + _OPTIONAL_DATASET_KEYS
+
+_DEFAULT_VALIDATION_FRACTION = 0.2
+_DEFAULT_SPLIT_SEED = 0
+_MAX_SEED = 2**63  # TOML integers are 64-bit
+
+
+def _unknown_key(field: str, key: str, known: Sequence[str]) -> str:
+    message = f"{field} is not a known field"
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"{message}; did you mean {close[0]!r}?"
+    return f"{message}; known fields: {', '.join(known)}"
+
+
+def _is_utf8(text: str) -> bool:
+    # Undecodable file names reach Python as lone surrogates; TOML cannot hold them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _listing(headline: str, problems: Sequence[str]) -> str:
+    return headline + ":\n" + "\n".join(f"  - {problem}" for problem in problems)
+
+
+def _name_problems(name: object) -> list[str]:
+    if isinstance(name, str) and _NAME.fullmatch(name):
+        return []
+    return [f"dataset name {name!r} is invalid; use {_NAME_RULE}"]
+
+
+def _column_problems(
+    prefix: str,
+    *,
+    id_column: object,
+    label_column: object,
+    feature_columns: object,
+    site_column: object,
+    site_value: object,
+) -> list[str]:
+    """Problems with the declared columns; types and values, every one."""
+    problems: list[str] = []
+    roles: list[tuple[str, str]] = []
+    for key, value in (("id_column", id_column), ("label_column", label_column)):
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"{prefix}.{key} must be a non-empty column name")
+        else:
+            roles.append((key, value))
+
+    features: list[str] = []
+    if isinstance(feature_columns, str) or not isinstance(feature_columns, Sequence):
+        problems.append(f"{prefix}.feature_columns must be a list of column names")
+    elif not all(isinstance(c, str) and c.strip() for c in feature_columns):
+        problems.append(f"{prefix}.feature_columns must hold non-empty column names only")
+    elif not feature_columns:
+        problems.append(f"{prefix}.feature_columns must name at least one column")
+    else:
+        features = list(feature_columns)
+        repeated = sorted({c for c in features if features.count(c) > 1})
+        if repeated:
+            listed = ", ".join(map(repr, repeated))
+            problems.append(f"{prefix}.feature_columns lists {listed} more than once")
+
+    if (site_column is None) != (site_value is None):
+        problems.append(
+            f"{prefix}.site_column and {prefix}.site_value go together; set both or neither"
+        )
+    for key, value in (("site_column", site_column), ("site_value", site_value)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            problems.append(f"{prefix}.{key} must be a non-empty string")
+    if isinstance(site_column, str) and site_column.strip():
+        roles.append(("site_column", site_column))
+    roles += [("feature_columns", c) for c in dict.fromkeys(features)]
+
+    seen: dict[str, str] = {}
+    for role, column in roles:
+        first = seen.setdefault(column, role)
+        if first != role:
+            problems.append(f"column {column!r} is both {prefix}.{first} and {prefix}.{role}")
+    texts = [column for _, column in roles]
+    if isinstance(site_value, str):
+        texts.append(site_value)
+    if not all(_is_utf8(text) for text in texts):
+        problems.append(f"{prefix} holds a column name or site value that is not valid UTF-8")
+    return problems
+
+
+def _split_problems(prefix: str, *, validation_fraction: object, split_seed: object) -> list[str]:
+    problems: list[str] = []
+    fraction = validation_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+        problems.append(
+            f"{prefix}.validation_fraction must be a number; found {type(fraction).__name__}"
+        )
+    elif not (math.isfinite(fraction) and 0.0 <= fraction < 1.0):
+        problems.append(f"{prefix}.validation_fraction must be in [0, 1); found {fraction}")
+    seed = split_seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        problems.append(f"{prefix}.split_seed must be an integer; found {type(seed).__name__}")
+    elif not 0 <= seed < _MAX_SEED:
+        problems.append(f"{prefix}.split_seed must be in [0, 2**63); found {seed}")
+    return problems
+
+
+def _table_problems(name: str, raw: Mapping[str, Any]) -> list[str]:
+    """Every problem of one ``[datasets.<name>]`` table, types and values."""
+    prefix = f"datasets.{name}"
+    problems = _name_problems(name)
+    problems += [
+        _unknown_key(f"{prefix}.{key}", key, _DATASET_KEYS)
+        for key in raw
+        if key not in _DATASET_KEYS
+    ]
+    problems += [f"{prefix}.{key} is missing" for key in _REQUIRED_DATASET_KEYS if key not in raw]
+    path = raw.get("path")
+    if "path" in raw and (not isinstance(path, str) or not path.strip()):
+        problems.append(f"{prefix}.path must be a non-empty string")
+    if "feature_columns" in raw and not isinstance(raw["feature_columns"], list):
+        problems.append(f"{prefix}.feature_columns must be a list of column names")
+    else:
+        problems += _column_problems(
+            prefix,
+            id_column=raw.get("id_column", ""),
+            label_column=raw.get("label_column", ""),
+            feature_columns=raw.get("feature_columns", []),
+            site_column=raw.get("site_column"),
+            site_value=raw.get("site_value"),
+        )
+    problems += _split_problems(
+        prefix,
+        validation_fraction=raw.get("validation_fraction", _DEFAULT_VALIDATION_FRACTION),
+        split_seed=raw.get("split_seed", _DEFAULT_SPLIT_SEED),
+    )
+    # A missing field was already reported once; drop its "must be non-empty" echo.
+    missing = {f"{prefix}.{key}" for key in _REQUIRED_DATASET_KEYS if key not in raw}
+    problems = [p for p in problems if not any(p.startswith(f"{m} must") for m in missing)]
+    return problems
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered tabular dataset: where its file is and how to read it.
+
+    ``path`` is absolute; :meth:`from_mapping` resolves a relative ``path`` from
+    ``node.toml`` against the node home. Constructing an invalid entry raises
+    :class:`NodeHomeError` naming every bad field.
+    """
+
+    name: str
+    path: Path
+    id_column: str
+    label_column: str
+    feature_columns: tuple[str, ...]
+    site_column: str | None = None
+    site_value: str | None = None
+    validation_fraction: float = _DEFAULT_VALIDATION_FRACTION
+    split_seed: int = _DEFAULT_SPLIT_SEED
+
+    def __post_init__(self) -> None:
+        # Accept any sequence of names and a str path; store the canonical types.
+        if isinstance(self.feature_columns, Sequence) and not isinstance(self.feature_columns, str):
+            object.__setattr__(self, "feature_columns", tuple(self.feature_columns))
+        if isinstance(self.path, str):
+            object.__setattr__(self, "path", Path(self.path))
+        if isinstance(self.validation_fraction, int) and not isinstance(
+            self.validation_fraction, bool
+        ):
+            object.__setattr__(self, "validation_fraction", float(self.validation_fraction))
+        prefix = f"datasets.{self.name}"
+        problems = _name_problems(self.name)
+        if not isinstance(self.path, Path) or not self.path.is_absolute():
+            problems.append(f"{prefix}.path must be an absolute path; found {str(self.path)!r}")
+        elif not _is_utf8(str(self.path)):
+            problems.append(f"{prefix}.path is not valid UTF-8 and cannot be written to node.toml")
+        problems += _column_problems(
+            prefix,
+            id_column=self.id_column,
+            label_column=self.label_column,
+            feature_columns=self.feature_columns,
+            site_column=self.site_column,
+            site_value=self.site_value,
+        )
+        problems += _split_problems(
+            prefix, validation_fraction=self.validation_fraction, split_seed=self.split_seed
+        )
+        if problems:
+            raise NodeHomeError(_listing(f"dataset registration {self.name!r} is invalid", problems))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column the registration reads: id, label, features, then the site column."""
+        site = (self.site_column,) if self.site_column is not None else ()
+        return (self.id_column, self.label_column, *self.feature_columns, *site)
+
+    @classmethod
+    def from_mapping(cls, name: str, raw: Mapping[str, Any], *, home: Path) -> DatasetEntry:
+        """Parse the ``[datasets.<name>]`` table of ``node.toml``.
+
+        Raises
+        ------
+        NodeHomeError
+            Naming every bad field as ``datasets.<name>.<field>``.
+        """
+        problems = _table_problems(name, raw)
+        if problems:
+            raise NodeHomeError(_listing(f"dataset registration {name!r} is invalid", problems))
+        path = raw["path"]
+        stored = Path(path).expanduser()
+        return cls(
+            name=name,
+            path=stored if stored.is_absolute() else home / stored,
+            id_column=raw["id_column"],
+            label_column=raw["label_column"],
+            feature_columns=tuple(raw["feature_columns"]),
+            site_column=raw.get("site_column"),
+            site_value=raw.get("site_value"),
+            validation_fraction=raw.get("validation_fraction", _DEFAULT_VALIDATION_FRACTION),
+            split_seed=raw.get("split_seed", _DEFAULT_SPLIT_SEED),
+        )
+
+
+@dataclass(frozen=True)
+class _NodeConfig:
+    name: str
+    datasets: Mapping[str, DatasetEntry]
+
+
+def _parse_config(raw: Mapping[str, Any], *, home: Path) -> tuple[_NodeConfig | None, list[str]]:
+    problems: list[str] = []
+    for key in raw:
+        if key not in _TOP_KEYS:
+            problems.append(_unknown_key(key, key, _TOP_KEYS))
+
+    name: str | None = None
+    node = raw.get("node")
+    if node is None:
+        problems.append("[node] table is missing")
+    elif not isinstance(node, dict):
+        problems.append("node must be a table")
+    else:
+        for key in node:
+            if key not in _NODE_KEYS:
+                problems.append(_unknown_key(f"node.{key}", key, _NODE_KEYS))
+        value = node.get("name")
+        if value is None:
+            problems.append("node.name is missing")
+        elif not isinstance(value, str) or not _NAME.fullmatch(value):
+            problems.append(f"node.name {value!r} is invalid; use {_NAME_RULE}")
+        else:
+            name = value
+
+    datasets: dict[str, DatasetEntry] = {}
+    tables = raw.get("datasets", {})
+    if not isinstance(tables, dict):
+        problems.append("datasets must be a table of [datasets.<name>] tables")
+        tables = {}
+    for dataset_name, table in tables.items():
+        if not isinstance(table, dict):
+            problems.append(f"datasets.{dataset_name} must be a table")
+            continue
+        table_problems = _table_problems(dataset_name, table)
+        if table_problems:
+            problems += table_problems
+        else:
+            datasets[dataset_name] = DatasetEntry.from_mapping(dataset_name, table, home=home)
+
+    if problems or name is None:
+        return None, problems
+    return _NodeConfig(name=name, datasets=datasets), []
+
+
+def _read_config(home: Path) -> _NodeConfig:
+    """Read and validate ``node.toml``; every problem at once."""
+    init_hint = f"create it with `medfed node init --home {home} --name <node name>`"
+    if not home.exists():
+        raise NodeHomeError(f"node home {home} does not exist; {init_hint}")
+    if not home.is_dir():
+        raise NodeHomeError(f"node home {home} is not a folder")
+    config_path = home / CONFIG_FILE
+    if not config_path.is_file():
+        raise NodeHomeError(f"node home {home} has no {CONFIG_FILE}; {init_hint}")
+    try:
+        with config_path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise NodeHomeError(f"cannot read {config_path}: {reason}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise NodeHomeError(f"{config_path} is not valid TOML: {err}") from err
+    config, problems = _parse_config(raw, home=home)
+    if config is None:
+        raise NodeHomeError(_listing(f"{config_path} is invalid", problems))
+    return config
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string, escaped as the TOML 1.0 grammar requires."""
+    out = ['"']
+    for char in value:
+        code = ord(char)
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ValueError("a lone surrogate cannot be written to TOML")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
+
+
+def _stored_path(path: Path, home: Path) -> str:
+    """Paths inside the home are stored relative to it, so the home can move."""
+    try:
+        return path.relative_to(home).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _render_config(config: _NodeConfig, home: Path) -> str:
+    lines = [
+        "# medfed node home. `medfed node` rewrites this file: comments are not kept.",
+        "",
+        "[node]",
+        f"name = {toml_string(config.name)}",
+    ]
+    for name in sorted(config.datasets):
+        entry = config.datasets[name]
+        lines += [
+            "",
+            f"[datasets.{name}]",
+            f"path = {toml_string(_stored_path(entry.path, home))}",
+            f"id_column = {toml_string(entry.id_column)}",
+            f"label_column = {toml_string(entry.label_column)}",
+            "feature_columns = [",
+            *(f"    {toml_string(column)}," for column in entry.feature_columns),
+            "]",
+        ]
+        if entry.site_column is not None and entry.site_value is not None:
+            lines += [
+                f"site_column = {toml_string(entry.site_column)}",
+                f"site_value = {toml_string(entry.site_value)}",
+            ]
+        lines += [
+            f"validation_fraction = {float(entry.validation_fraction)!r}",
+            f"split_seed = {int(entry.split_seed)}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: readers see the old file or the new one, never half."""
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+class NodeHome:
+    """A hospital node's home folder and its dataset registry.
+
+    Obtain one with :meth:`create` or :meth:`open`; the registry is read once and
+    refreshed from disk by :meth:`register_dataset`.
+    """
+
+    def __init__(self, path: Path, config: _NodeConfig) -> None:
+        self._path = path
+        self._config = config
+
+    @classmethod
+    def create(cls, path: Path, *, name: str) -> NodeHome:
+        """Create the folder (if needed) and a ``node.toml`` naming the node.
+
+        Raises
+        ------
+        NodeHomeError
+            If the name is invalid or the folder already holds a ``node.toml``.
+        """
+        home = Path(path).expanduser().resolve()
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise NodeHomeError(f"node name {name!r} is invalid; use {_NAME_RULE}")
+        if home.exists() and not home.is_dir():
+            raise NodeHomeError(f"node home {home} exists and is not a folder")
+        config_path = home / CONFIG_FILE
+        if config_path.exists():
+            raise NodeHomeError(
+                f"{config_path} already exists; this folder is a node home already "
+                "(open it, or choose another folder)"
+            )
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise NodeHomeError(f"cannot create node home {home}: {reason}") from err
+        config = _NodeConfig(name=name, datasets={})
+        _write_atomically(config_path, _render_config(config, home))
+        logger.info("created node home %s for node %s", home, name)
+        return cls(home, config)
+
+    @classmethod
+    def open(cls, path: Path) -> NodeHome:
+        """Open an existing node home.
+
+        Raises
+        ------
+        NodeHomeError
+            If the folder or ``node.toml`` is missing, or ``node.toml`` is invalid
+            (every problem at once, by field).
+        """
+        home = Path(path).expanduser().resolve()
+        return cls(home, _read_config(home))
+
+    @property
+    def path(self) -> Path:
+        """The home folder (absolute)."""
+        return self._path
+
+    @property
+    def name(self) -> str:
+        """The node's name, as recorded in ``node.toml``."""
+        return self._config.name
+
+    @property
+    def config_path(self) -> Path:
+        """``node.toml`` in the home."""
+        return self._path / CONFIG_FILE
+
+    @property
+    def ledger_path(self) -> Path:
+        """The node's privacy ledger database in the home."""
+        return self._path / LEDGER_FILE
+
+    def datasets(self) -> dict[str, DatasetEntry]:
+        """Registered datasets by name."""
+        return dict(self._config.datasets)
+
+    def dataset(self, name: str) -> DatasetEntry:
+        """The registered dataset called ``name``.
+
+        Raises
+        ------
+        DatasetNotFoundError
+            If no dataset of that name is registered.
+        """
+        try:
+            return self._config.datasets[name]
+        except KeyError:
+            raise DatasetNotFoundError(
+                name, node=self.name, registered=self._config.datasets
+            ) from None
+
+    def register_dataset(self, entry: DatasetEntry, *, replace: bool = False) -> TabularData:
+        """Validate the dataset's file, then record it in ``node.toml``.
+
+        The file is read and checked through the connector first; ``node.toml`` is
+        replaced atomically only if that succeeds.
+
+        Returns
+        -------
+        TabularData
+            The validated data, so that callers can report its counts.
+
+        Raises
+        ------
+        NodeHomeError
+            If a dataset of that name is registered and ``replace`` is false.
+        ConnectorError
+            If the file cannot be read or does not fit the registration.
+        """
+        # Imported here: the connector pulls in pandas, and the ClientApp imports this
+        # module on every message.
+        from clients.hospital_node.connectors import TabularConnector
+
+        current = _read_config(self._path)
+        if entry.name in current.datasets and not replace:
+            raise NodeHomeError(
+                f"dataset {entry.name!r} is already registered on node {current.name!r}; "
+                "pass --replace to replace it"
+            )
+        data = TabularConnector(entry).load()
+        datasets = dict(current.datasets)
+        datasets[entry.name] = entry
+        updated = _NodeConfig(name=current.name, datasets=datasets)
+        _write_atomically(self.config_path, _render_config(updated, self._path))
+        self._config = updated
+        logger.info(
+            "registered dataset %s on node %s: %d training and %d validation rows",
+            entry.name,
+            updated.name,
+            data.n_train,
+            data.n_val,
+        )
+        return data

@@ -1,0 +1,19 @@
+"""The research partner's side: experiment specs, their privacy cost, submission and tracking.
+
+Importing the package loads the spec, its errors and its costing (pydantic, no Opacus
+until an epsilon is computed). The rest is imported from its module: ``cli`` (the
+`medfed experiment` commands), ``submit`` (Flower runs) and ``tracking`` (MLflow).
+"""
+
+from experiments.cost import PrivacyPlan, plan_privacy
+from experiments.errors import ExperimentError, SpecError, SubmissionError
+from experiments.spec import ExperimentSpec
+
+__all__ = [
+    "ExperimentError",
+    "ExperimentSpec",
+    "PrivacyPlan",
+    "SpecError",
+    "SubmissionError",
+    "plan_privacy",
+]

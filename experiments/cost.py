@@ -1,0 +1,104 @@
+"""The privacy cost of an experiment: what each site's dataset is charged, before submitting.
+
+Every site runs the same DP-SGD: ``rounds`` rounds of ``local_epochs`` epochs of Poisson
+sampling at ``sample_rate``, so ``steps_per_round = local_epochs * steps_per_epoch(q)``.
+Each round is one DP event on the site's dataset; the plan's ``epsilon_per_site`` is the
+epsilon of those ``rounds`` events composed by the same accountant the nodes use
+(:func:`privacy.accountant.epsilon`), at the spec's delta.
+
+That number is the increment this experiment alone costs. It is not what a node will
+report as spent afterwards: a node composes this experiment's events with every earlier
+release on the same dataset, and composition is not additive (the total is less than the
+sum of the parts). Only the node's ledger knows the total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from experiments.errors import SpecError
+from experiments.spec import ExperimentSpec
+from privacy.accountant import epsilon, noise_for_target, steps_per_epoch
+from privacy.errors import AccountingError
+from privacy.events import DPEvent
+
+__all__ = ["PrivacyPlan", "plan_privacy"]
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The DP-SGD parameters every site uses and the epsilon each site is charged.
+
+    Attributes
+    ----------
+    noise_multiplier
+        Noise multiplier every site trains with (from the spec, or derived from
+        ``target_epsilon`` when ``noise_from_target``).
+    sample_rate
+        Poisson sampling probability per step.
+    steps_per_round
+        DP-SGD steps each site takes per round: ``local_epochs * steps_per_epoch``.
+    rounds, total_steps
+        Federated rounds, and ``rounds * steps_per_round``.
+    delta, accountant
+        Where epsilon is read off, and by which Opacus accountant.
+    epsilon_per_site
+        Composed epsilon of this experiment's events on one site's dataset.
+    noise_from_target
+        Whether the noise was derived from the spec's ``target_epsilon``.
+    target_epsilon
+        The spec's target, when it gave one.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    total_steps: int
+    delta: float
+    accountant: str
+    epsilon_per_site: float
+    noise_from_target: bool
+    target_epsilon: float | None = None
+
+
+def plan_privacy(spec: ExperimentSpec) -> PrivacyPlan:
+    """Work out the noise and the per-site epsilon of `spec`.
+
+    Raises
+    ------
+    SpecError
+        The spec's ``target_epsilon`` cannot be reached with any noise multiplier.
+    """
+    privacy, federation = spec.privacy, spec.federation
+    steps_per_round = federation.local_epochs * steps_per_epoch(privacy.sample_rate)
+    total_steps = federation.rounds * steps_per_round
+    if privacy.target_epsilon is not None:
+        try:
+            noise = noise_for_target(
+                target_epsilon=privacy.target_epsilon,
+                delta=privacy.delta,
+                sample_rate=privacy.sample_rate,
+                steps=total_steps,
+                accountant=privacy.accountant,
+            )
+        except AccountingError as err:
+            raise SpecError(f"experiment {spec.experiment.name}", [f"privacy.{err}"]) from err
+    else:
+        assert privacy.noise_multiplier is not None  # the spec holds exactly one of the two
+        noise = privacy.noise_multiplier
+    rounds = [
+        DPEvent(noise_multiplier=noise, sample_rate=privacy.sample_rate, steps=steps_per_round)
+    ] * federation.rounds
+    return PrivacyPlan(
+        noise_multiplier=noise,
+        sample_rate=privacy.sample_rate,
+        steps_per_round=steps_per_round,
+        rounds=federation.rounds,
+        total_steps=total_steps,
+        delta=privacy.delta,
+        accountant=privacy.accountant,
+        epsilon_per_site=epsilon(rounds, delta=privacy.delta, accountant=privacy.accountant),
+        noise_from_target=privacy.target_epsilon is not None,
+        target_epsilon=privacy.target_epsilon,
+    )

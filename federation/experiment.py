@@ -1,0 +1,296 @@
+"""One federated experiment on the coordinator, from a validated spec to a tracked result.
+
+The sequence (DESIGN.md, "Data flow of one experiment"):
+
+1. wait up to ``federation.node_wait_seconds`` for ``federation.min_nodes`` nodes;
+2. a *query* wave: each node says whether it can run the instruction, or why not;
+   fewer acceptances than the minimum stops here, before anything is tracked;
+3. the tracked run starts; each round is one *train* wave (nodes evaluate the incoming
+   global model, then train it with DP-SGD) aggregated by the spec's strategy;
+4. one *evaluate* wave on the final model; the model, the spec and a privacy summary
+   are saved and logged.
+
+Any failure after step 3 marks the tracked run FAILED with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from experiments.cost import PrivacyPlan, plan_privacy
+from experiments.spec import ExperimentSpec
+from experiments.tracking import Tracker
+from federation.errors import FederationError, NotEnoughNodesError
+from federation.metrics import aggregate_site_metrics
+from federation.participants import ParticipantGrid
+from federation.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EVAL_METRICS,
+    QUERY_METRICS,
+    TRAIN_METRICS,
+    ProtocolError,
+    TrainInstruction,
+    read_metrics,
+    read_refusal,
+    read_site,
+)
+from federation.strategies import build_strategy
+
+__all__ = ["ExperimentResult", "SiteOutcome", "instruction_for", "run_experiment"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "final_model.pt"
+SUMMARY_FILE = "privacy_summary.json"
+
+
+@dataclass
+class SiteOutcome:
+    """What one node did in the experiment, as the coordinator saw it."""
+
+    node_id: int
+    site: str
+    status: str = "unknown"  # accepted | refused | no-answer | dropped
+    reason: str = ""
+    rounds: dict[int, dict[str, float]] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def epsilon(self) -> float | None:
+        last = max(self.rounds, default=None)
+        return None if last is None else self.rounds[last].get("epsilon")
+
+
+@dataclass
+class ExperimentResult:
+    """The outcome of a finished experiment."""
+
+    spec: ExperimentSpec
+    plan: PrivacyPlan
+    sites: dict[int, SiteOutcome]
+    history: dict[int, dict[str, float]]
+    final: dict[str, float]
+    arrays: ArrayRecord
+    tracking_run_id: str
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """Per-site privacy facts for the researcher (no patient data, no sizes beyond counts)."""
+        return {
+            "spec_digest": self.spec.digest(),
+            "accountant": self.plan.accountant,
+            "delta": self.plan.delta,
+            "noise_multiplier": self.plan.noise_multiplier,
+            "sample_rate": self.plan.sample_rate,
+            "steps_per_round": self.plan.steps_per_round,
+            "rounds": self.plan.rounds,
+            "epsilon_charged_by_this_experiment": self.plan.epsilon_per_site,
+            "sites": {
+                o.site: {"status": o.status, "reason": o.reason, "epsilon_spent_on_dataset": o.epsilon}
+                for o in self.sites.values()
+            },
+        }
+
+
+def instruction_for(spec: ExperimentSpec, plan: PrivacyPlan) -> TrainInstruction:
+    """The node-facing instruction of a spec: every value explicit."""
+    return TrainInstruction(
+        experiment=spec.experiment.name,
+        spec_digest=spec.digest(),
+        dataset=spec.data.dataset,
+        features=tuple(spec.data.features),
+        label=spec.data.label,
+        scaling={k: (float(v[0]), float(v[1])) for k, v in spec.data.scaling.items()},
+        model_kind=spec.model.kind,
+        hidden=tuple(spec.model.hidden),
+        local_epochs=spec.federation.local_epochs,
+        learning_rate=spec.federation.learning_rate,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=spec.privacy.max_grad_norm,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps_per_round,
+        delta=plan.delta,
+        accountant=plan.accountant,
+        rounds=plan.rounds,
+    )
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise NotEnoughNodesError(
+                f"only {len(nodes)} hospital node(s) connected within {timeout:g} s; the spec "
+                f"requires federation.min_nodes = {minimum}. Start more nodes or lower min_nodes."
+            )
+        time.sleep(poll)
+
+
+def _send(grid: Grid, kind: str, record: RecordDict, node_ids: Iterable[int], timeout: float) -> list[Message]:
+    messages = [Message(content=record, dst_node_id=n, message_type=kind) for n in node_ids]
+    return list(grid.send_and_receive(messages, timeout=timeout))
+
+
+def _collect(
+    replies: Iterable[Message],
+    sites: dict[int, SiteOutcome],
+    expected: Iterable[int],
+    allowed: tuple[str, ...],
+) -> dict[int, dict[str, float]]:
+    """Per-node metrics of the valid replies; records refusals and silences in `sites`."""
+    answered: dict[int, dict[str, float]] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        outcome = sites.setdefault(node, SiteOutcome(node, f"node-{node}"))
+        if reply.has_error():
+            outcome.site, reason = read_refusal(reply.error.reason, outcome.site)
+            outcome.status, outcome.reason = "refused", reason or f"error {reply.error.code}"
+            continue
+        try:
+            answered[node] = read_metrics(reply.content, allowed)
+        except ProtocolError as err:
+            outcome.status, outcome.reason = "refused", f"invalid reply: {err}"
+            continue
+        outcome.site = read_site(reply.content, outcome.site)
+    for node in expected:
+        if node not in answered and sites[node].status not in ("refused",):
+            sites[node].status = "no-answer" if sites[node].status == "unknown" else "dropped"
+            sites[node].reason = sites[node].reason or "no reply before the timeout"
+    return answered
+
+
+def _site_report(sites: Mapping[int, SiteOutcome]) -> str:
+    return "; ".join(
+        f"{o.site}: {o.status}" + (f" ({o.reason})" if o.reason else "") for o in sorted(sites.values(), key=lambda o: o.site)
+    )
+
+
+def _round_metrics(step_metrics: Mapping[int, Mapping[str, float]], sites: Mapping[int, SiteOutcome], keys: Iterable[str]) -> dict[str, float]:
+    """Aggregate plus per-site metrics in MLflow's naming (``<site>.<metric>``)."""
+    keys = tuple(keys)
+    flat = {k: v for k, v in aggregate_site_metrics(list(step_metrics.values())).items() if k in keys}
+    for node, metrics in step_metrics.items():
+        flat.update({f"{sites[node].site}.{k}": v for k, v in metrics.items() if k in keys})
+    return {k.replace("-", "_"): v for k, v in flat.items()}
+
+
+def run_experiment(
+    grid: Grid,
+    spec: ExperimentSpec,
+    *,
+    tracker: Tracker,
+    output_dir: Path,
+    tags: Mapping[str, str] | None = None,
+    on_round: Callable[[int, Mapping[str, float]], None] | None = None,
+) -> ExperimentResult:
+    """Run `spec` over the nodes of `grid`; see the module docstring for the sequence."""
+    import torch
+
+    from models.tabular import build_tabular_model
+
+    plan = plan_privacy(spec)
+    instruction = instruction_for(spec, plan)
+    fed = spec.federation
+    timeout = fed.round_timeout_seconds
+
+    connected = _wait_for_nodes(grid, fed.min_nodes, fed.node_wait_seconds)
+    sites = {n: SiteOutcome(n, f"node-{n}") for n in connected}
+    query = _collect(
+        _send(ParticipantGrid(grid, connected), MessageType.QUERY, RecordDict({CONFIG_KEY: instruction.to_config()}), connected, timeout),
+        sites,
+        connected,
+        QUERY_METRICS,
+    )
+    for node in query:
+        sites[node].status = "accepted"
+    if len(query) < fed.min_nodes:
+        raise NotEnoughNodesError(
+            f"{len(query)} of {len(connected)} hospital node(s) accepted the experiment; the spec "
+            f"requires federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
+        )
+    logger.info("experiment %s: %d site(s) accepted: %s", spec.experiment.name, len(query), _site_report(sites))
+
+    model = build_tabular_model(spec.model.kind, len(spec.data.features), hidden=spec.model.hidden)
+    arrays = ArrayRecord(model.state_dict())
+    participants = ParticipantGrid(grid, query)
+    strategy = build_strategy(
+        fed.strategy,
+        min_nodes=fed.min_nodes,
+        proximal_mu=fed.proximal_mu,
+        server_learning_rate=fed.server_learning_rate,
+        client_learning_rate=fed.learning_rate,
+    )
+    run_id = tracker.start(
+        experiment=spec.experiment.mlflow_experiment or spec.experiment.name,
+        run_name=spec.experiment.name,
+        params={**spec.to_mapping(), "plan": asdict(plan)},
+        tags={"medfed.spec_digest": spec.digest(), **(tags or {})},
+    )
+    history: dict[int, dict[str, float]] = {}
+    try:
+        for server_round in range(1, fed.rounds + 1):
+            messages = strategy.configure_train(server_round, arrays, instruction.to_config(server_round), participants)
+            replies = list(participants.send_and_receive(messages, timeout=timeout))
+            answered = _collect(replies, sites, participants.get_node_ids(), TRAIN_METRICS)
+            for node, metrics in answered.items():
+                sites[node].rounds[server_round] = metrics
+            if len(answered) < fed.min_nodes:
+                raise NotEnoughNodesError(
+                    f"round {server_round}: {len(answered)} node(s) replied, fewer than "
+                    f"federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
+                )
+            valid = [r for r in replies if not r.has_error() and r.metadata.src_node_id in answered]
+            new_arrays, _ = strategy.aggregate_train(server_round, valid)
+            if new_arrays is None:
+                raise FederationError(f"round {server_round}: the strategy produced no model")
+            arrays = new_arrays
+            # Nodes evaluated the model they received: that of the previous round.
+            incoming = _round_metrics(answered, sites, EVAL_METRICS)
+            trained = _round_metrics(answered, sites, ("train-loss", "epsilon"))
+            tracker.log_metrics(incoming, step=server_round - 1)
+            tracker.log_metrics(trained, step=server_round)
+            history[server_round - 1] = {**history.get(server_round - 1, {}), **incoming}
+            history[server_round] = {**history.get(server_round, {}), **trained}
+            if on_round is not None:
+                on_round(server_round, history[server_round - 1] | history[server_round])
+
+        final_replies = _send(
+            participants,
+            MessageType.EVALUATE,
+            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: instruction.to_config(fed.rounds)}),
+            participants.get_node_ids(),
+            timeout,
+        )
+        final_sites = _collect(final_replies, sites, participants.get_node_ids(), EVAL_METRICS)
+        for node, metrics in final_sites.items():
+            sites[node].final = metrics
+        final = _round_metrics(final_sites, sites, EVAL_METRICS)
+        tracker.log_metrics(final, step=fed.rounds)
+        history[fed.rounds] = {**history.get(fed.rounds, {}), **final}
+
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = ExperimentResult(spec, plan, sites, history, final, arrays, run_id)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), output_dir / MODEL_FILE)
+        summary = json.dumps(result.privacy_summary(), indent=2, sort_keys=True)
+        (output_dir / SUMMARY_FILE).write_text(summary + "\n")
+        tracker.log_text(summary, SUMMARY_FILE)
+        tracker.log_text(spec.canonical_json(), "spec.json")
+        tracker.log_model(model, input_example=torch.zeros(2, len(spec.data.features)).numpy())
+    except BaseException as err:
+        tracker.finish(failed=True, reason=str(err))
+        raise
+    tracker.finish()
+    return result

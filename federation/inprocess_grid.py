@@ -1,0 +1,76 @@
+"""A Grid that delivers messages to handlers in this process (tests, dry runs).
+
+Flower's ``GrpcGrid`` sends messages to SuperNodes over the SuperLink; this grid hands
+each message to a callable registered for its destination node and returns the reply,
+so the coordinator's logic can be exercised against real node logic without processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+__all__ = ["InProcessGrid"]
+
+Handler = Callable[[Message], Message]
+
+
+class InProcessGrid(Grid):
+    """Delivers each message to ``handlers[dst_node_id]``; a node can be disconnected."""
+
+    def __init__(self, handlers: Mapping[int, Handler], *, run_id: int = 1) -> None:
+        self._handlers = dict(handlers)
+        self._connected = set(self._handlers)
+        self._replies: dict[str, Message] = {}
+        self._run = Run.create_empty(run_id)
+        # Flower stamps every new Message with the run and node of the current process;
+        # the coordinator is node 1 (SUPERLINK_NODE_ID) in Flower's numbering.
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = 1
+        TaskIdentity.task_id = 1
+
+    def disconnect(self, node_id: int) -> None:
+        """Make `node_id` vanish, as a SuperNode that lost its connection."""
+        self._connected.discard(node_id)
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+        TaskIdentity.run_id = run.run_id
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(self._connected)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            # As Flower's grids do: a message's id is its content-addressed object id.
+            message.metadata.__dict__["_message_id"] = message.object_id
+            ids.append(message.object_id)
+            node = message.metadata.dst_node_id
+            if node in self._connected:
+                self._replies[message.object_id] = self._handlers[node](message)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))

@@ -1,0 +1,70 @@
+"""A Grid restricted to the nodes that accepted an experiment, polling replies briskly.
+
+Flower's strategies sample from ``grid.get_node_ids()``; a node that refused the query
+(or never answered it) must not receive training messages, so the strategy sees a view
+of the grid that lists only the participants still connected.
+
+Flower 1.39's ``send_and_receive`` sleeps 3 s between pulls, so a wave whose replies
+are all in after 3.1 s is noticed at 6 s. Replies are pulled here every
+``poll_interval`` seconds instead (one small HTTP request to the SuperLink each time).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+__all__ = ["ParticipantGrid"]
+
+
+class ParticipantGrid(Grid):
+    """Delegates to `grid`, listing only `participants` among its connected nodes."""
+
+    def __init__(self, grid: Grid, participants: Iterable[int], *, poll_interval: float = 0.2) -> None:
+        self._grid = grid
+        self.participants = frozenset(participants)
+        self.poll_interval = poll_interval
+
+    def set_run(self, run: Run) -> None:  # pragma: no cover - the real grid is already set
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(  # noqa: PLR0913 - Flower's signature
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self._grid.get_node_ids() if n in self.participants]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push `messages`, then pull until every reply is in or `timeout` seconds pass."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            received = list(self.pull_messages(pending))
+            replies.extend(received)
+            pending.difference_update(m.metadata.reply_to_message_id for m in received)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll_interval)
+        return replies

@@ -1,0 +1,84 @@
+"""The `medfed` command: mounts each area's CLI and turns user errors into one line.
+
+Every package has one error root (see its ``errors`` module). A user mistake raises
+one of them; here it becomes ``error: <message>`` on stderr and exit code 2, never a
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from clients.hospital_node.cli import app as node_app
+from clients.hospital_node.errors import NodeError
+from experiments.cli import app as experiment_app
+from experiments.errors import ExperimentError
+from federation.errors import FederationError
+from medfed.errors import MedfedError
+from privacy.errors import PrivacyError
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ExperimentError,
+    FederationError,
+    MedfedError,
+    NodeError,
+    PrivacyError,
+)
+
+app = typer.Typer(
+    name="medfed",
+    help="Privacy-preserving federated research for a hospital alliance.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(experiment_app, name="experiment")
+app.add_typer(node_app, name="node")
+
+
+@app.command()
+def synth(
+    out: str = typer.Option(..., "--out", help="Folder to write one sub-folder per hospital into."),
+    hospitals: int = typer.Option(3, "--hospitals", min=1, help="Number of hospitals."),
+    seed: int = typer.Option(7, "--seed", help="Seed; the same seed gives the same alliance."),
+) -> None:
+    """Generate a synthetic alliance: one hypertension cohort (CSV + Parquet) per hospital."""
+    from pathlib import Path
+
+    from medfed.synth import write_alliance
+
+    for cohort in write_alliance(Path(out), n_hospitals=hospitals, seed=seed):
+        typer.echo(f"{cohort.site}: {cohort.n_patients} patients -> {cohort.parquet_path.parent}")
+
+
+@app.command()
+def demo(
+    hospitals: int = typer.Option(3, "--hospitals", min=2, help="Number of synthetic hospitals."),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Federated rounds."),
+    workdir: str = typer.Option(".medfed/demo", "--workdir", help="Where the demo keeps its state."),
+    seed: int = typer.Option(7, "--seed", help="Seed of the synthetic alliance."),
+) -> None:
+    """Run the hypertension experiment across synthetic hospitals on real Flower processes."""
+    from pathlib import Path
+
+    from medfed.demo import run_demo
+
+    run_demo(Path(workdir), n_hospitals=hospitals, rounds=rounds, seed=seed)
+
+
+def main() -> None:
+    """Entry point of the `medfed` console script."""
+    try:
+        app()
+    except USER_ERRORS as err:
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

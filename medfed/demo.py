@@ -1,0 +1,236 @@
+"""``medfed demo``: the hypertension experiment across synthetic hospitals, for real.
+
+It generates the synthetic alliance, gives each hospital a node home with its cohort
+registered, starts a SuperLink and one SuperNode per hospital as processes on loopback,
+submits the example spec through the same path a research partner uses, follows the run
+round by round from MLflow, and ends with a table comparing the federated model with
+each hospital's local-only model and a pooled model trained on the union of the data,
+all at the same privacy cost per patient. Every process it started is stopped on the way
+out, also on Ctrl-C or failure.
+
+The local-only and pooled baselines are trained by the demo itself, outside the
+federation, only to show what federation buys; they are not charged to any node's ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from clients.hospital_node.connectors import TabularConnector, TabularData
+from clients.hospital_node.home import DatasetEntry, NodeHome
+from experiments.cost import PrivacyPlan, plan_privacy
+from experiments.spec import ExperimentSpec
+from experiments.submit import run_status, submit
+from experiments.tracking import default_tracking_uri
+from medfed.cluster import LocalCluster, flower_env
+from medfed.errors import DemoError
+from privacy.ledger import PrivacyLedger
+from medfed.synth import FEATURES, ID_COLUMN, LABEL, SITE_COLUMN, write_alliance
+
+__all__ = ["DATASET", "EXAMPLE_SPEC", "prepare_alliance", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+DATASET = "htn_cohort"
+EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "experiments" / "examples" / "hypertension.toml"
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    home: Path
+
+
+def prepare_alliance(workdir: Path, *, n_hospitals: int, seed: int) -> list[Site]:
+    """Generate the cohorts and a node home per hospital with the cohort registered."""
+    cohorts = write_alliance(workdir / "data", n_hospitals=n_hospitals, seed=seed)
+    sites = []
+    for cohort in cohorts:
+        path = workdir / "homes" / cohort.site
+        home = NodeHome.open(path) if (path / "node.toml").exists() else NodeHome.create(path, name=cohort.site)
+        entry = DatasetEntry(
+            name=DATASET,
+            path=cohort.parquet_path.resolve(),
+            id_column=ID_COLUMN,
+            label_column=LABEL,
+            feature_columns=tuple(FEATURES),
+            site_column=SITE_COLUMN,
+            site_value=cohort.site,
+        )
+        home.register_dataset(entry, replace=True)
+        sites.append(Site(cohort.site, path))
+    return sites
+
+
+def demo_spec(rounds: int, n_hospitals: int) -> ExperimentSpec:
+    """The example hypertension spec with the demo's number of rounds."""
+    import tomllib
+
+    mapping = tomllib.loads(EXAMPLE_SPEC.read_text())
+    mapping["federation"]["rounds"] = rounds
+    mapping["federation"]["min_nodes"] = min(mapping["federation"].get("min_nodes", 2), n_hospitals)
+    return ExperimentSpec.from_mapping(mapping, source=str(EXAMPLE_SPEC))
+
+
+class _Progress:
+    """Reads a run's per-round metrics from MLflow while it runs."""
+
+    def __init__(self, tracking_uri: str, flwr_run_id: int) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri)
+        self._flwr_run_id = flwr_run_id
+        self._run_id: str | None = None
+        self.shown = 0
+
+    def _find_run(self) -> str | None:
+        if self._run_id is None:
+            experiments = self._client.search_experiments()
+            runs = self._client.search_runs(
+                [e.experiment_id for e in experiments],
+                filter_string=f"tags.`flwr.run_id` = '{self._flwr_run_id}'",
+                max_results=1,
+            ) if experiments else []
+            self._run_id = runs[0].info.run_id if runs else None
+        return self._run_id
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self._find_run()
+
+    def new_rounds(self) -> list[tuple[int, dict[str, float]]]:
+        run_id = self._find_run()
+        if run_id is None:
+            return []
+        losses = {m.step: m.value for m in self._client.get_metric_history(run_id, "train_loss")}
+        out = []
+        for step in sorted(s for s in losses if s > self.shown):
+            metrics = {"train_loss": losses[step]}
+            for key in ("eval_auc", "epsilon"):
+                history = {m.step: m.value for m in self._client.get_metric_history(run_id, key)}
+                wanted = step - 1 if key.startswith("eval") else step
+                if wanted in history:
+                    metrics[key] = history[wanted]
+            out.append((step, metrics))
+            self.shown = step
+        return out
+
+
+def _torch_split(data: TabularData):  # type: ignore[no-untyped-def]
+    import torch
+
+    return (
+        torch.from_numpy(data.x_train),
+        torch.from_numpy(data.y_train),
+        torch.from_numpy(data.x_val),
+        torch.from_numpy(data.y_val),
+    )
+
+
+def _train_baseline(spec: ExperimentSpec, plan: PrivacyPlan, x, y, seed: int):  # type: ignore[no-untyped-def]
+    import torch
+
+    from models.tabular import build_tabular_model
+    from models.training import train_dp
+
+    model = build_tabular_model(spec.model.kind, x.shape[1], hidden=spec.model.hidden)
+    train_dp(
+        model,
+        x,
+        y,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=spec.privacy.max_grad_norm,
+        sample_rate=plan.sample_rate,
+        steps=plan.total_steps,
+        learning_rate=spec.federation.learning_rate,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return model
+
+
+def _comparison_table(spec: ExperimentSpec, plan: PrivacyPlan, sites: list[Site], model_path: Path, spent: dict[str, float]) -> Table:
+    import torch
+
+    from models.tabular import build_tabular_model
+    from models.training import evaluate
+
+    data = {
+        s.name: TabularConnector(NodeHome.open(s.home).dataset(DATASET)).load().select(spec.data.features, spec.data.scaling)
+        for s in sites
+    }
+    tensors = {name: _torch_split(d) for name, d in data.items()}
+    x_val_all = torch.cat([t[2] for t in tensors.values()])
+    y_val_all = torch.cat([t[3] for t in tensors.values()])
+
+    federated = build_tabular_model(spec.model.kind, len(spec.data.features), hidden=spec.model.hidden)
+    federated.load_state_dict(torch.load(model_path, weights_only=True))
+    models = {"federated (all sites)": federated}
+    for i, (name, (x, y, _, _)) in enumerate(tensors.items()):
+        models[f"local-only {name}"] = _train_baseline(spec, plan, x, y, seed=100 + i)
+    x_all = torch.cat([t[0] for t in tensors.values()])
+    y_all = torch.cat([t[1] for t in tensors.values()])
+    models["pooled (centralised)"] = _train_baseline(spec, plan, x_all, y_all, seed=99)
+
+    table = Table(title=f"Validation AUC at ε ≈ {plan.epsilon_per_site:.2f} per patient (δ = {plan.delta:g})")
+    table.add_column("model")
+    for name in tensors:
+        table.add_column(f"{name} AUC", justify="right")
+    table.add_column("all sites AUC", justify="right")
+    for label, model in models.items():
+        cells = [f"{evaluate(model, t[2], t[3]).auc:.3f}" for t in tensors.values()]
+        cells.append(f"{evaluate(model, x_val_all, y_val_all).auc:.3f}")
+        table.add_row(label, *cells)
+    table.add_section()
+    table.add_row("ε spent on the dataset (ledger)", *[f"{spent.get(n, math.nan):.2f}" for n in tensors], "")
+    return table
+
+
+def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int = 7, console: Console | None = None) -> None:
+    """Run the whole demo; raises DemoError (or a package's error) with a clear message."""
+    console = console or Console()
+    workdir = workdir.resolve()
+    spec = demo_spec(rounds, n_hospitals)
+    plan = plan_privacy(spec)
+    started = time.monotonic()
+    console.print(f"[bold]medfed demo[/]: {n_hospitals} synthetic hospitals, {rounds} rounds, spec {spec.experiment.name} ({spec.digest()[:12]})")
+    sites = prepare_alliance(workdir, n_hospitals=n_hospitals, seed=seed)
+    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g} "
+                  f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
+    tracking_uri = default_tracking_uri()
+    with LocalCluster(workdir / "cluster") as cluster:
+        cluster.start_superlink()
+        for site in sites:
+            cluster.start_supernode(site.name, site.home)
+        cluster.wait_for_nodes(len(sites))
+        console.print(f"  SuperLink on {cluster.fleet_address} (gRPC Fleet) and {cluster.control_address} (control); "
+                      f"{len(sites)} SuperNodes online after {time.monotonic() - started:.0f} s")
+        env = flower_env(cluster.flwr_home)
+        run_id = submit(spec, connection=cluster.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs", env=env)
+        console.print(f"  submitted as Flower run {run_id}; tracking in {tracking_uri}")
+        progress = _Progress(tracking_uri, run_id)
+        while True:
+            status = run_status(run_id, connection=cluster.connection, env=env)
+            for step, metrics in progress.new_rounds():
+                auc = metrics.get("eval_auc", math.nan)
+                console.print(f"  round {step}/{rounds}: train loss {metrics['train_loss']:.3f}, "
+                              f"AUC of the model it started from {auc:.3f}, ε max {metrics.get('epsilon', math.nan):.3f}")
+            if status.finished:
+                break
+            time.sleep(1.0)
+        if not status.succeeded:
+            raise DemoError(f"the experiment run {run_id} ended {status.status}: {status.details or 'see ' + str(cluster.workdir / 'logs')}")
+    model_path = workdir / "runs" / str(run_id) / "final_model.pt"
+    spent = {}
+    for site in sites:
+        with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
+            spent[site.name] = ledger.spent(DATASET, delta=plan.delta, accountant=plan.accountant)
+    console.print(_comparison_table(spec, plan, sites, model_path, spent))
+    console.print(f"MLflow run {progress.mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
+    console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

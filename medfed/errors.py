@@ -1,0 +1,20 @@
+"""Errors of the `medfed` command itself (demo, local cluster, synthetic data).
+
+    MedfedError
+    ├── ClusterError   a local Flower process failed to start or become ready
+    └── DemoError      the demo could not finish
+"""
+
+__all__ = ["ClusterError", "DemoError", "MedfedError"]
+
+
+class MedfedError(Exception):
+    """Root of the command's own errors."""
+
+
+class ClusterError(MedfedError, RuntimeError):
+    """A local SuperLink or SuperNode did not start or did not become ready."""
+
+
+class DemoError(MedfedError, RuntimeError):
+    """The demo could not finish."""

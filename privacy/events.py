@@ -1,0 +1,87 @@
+"""DP events: one privacy-relevant release, as the accountant composes it.
+
+A training round with DP-SGD is ``steps`` applications of the Poisson-subsampled
+Gaussian mechanism with noise multiplier ``noise_multiplier`` (noise standard deviation
+over the clipping norm) and sampling probability ``sample_rate``. An analytics release
+with the Gaussian mechanism on the whole dataset is the same event with
+``sample_rate = 1`` and ``steps = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+from privacy.errors import AccountingError
+
+__all__ = ["DPEvent", "MECHANISMS"]
+
+# The mechanisms the accountants can compose. Opacus's PRV and RDP accountants both
+# assume the Poisson-subsampled Gaussian mechanism.
+MECHANISMS = ("poisson-gaussian",)
+
+
+@dataclass(frozen=True)
+class DPEvent:
+    """``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
+
+    Parameters
+    ----------
+    noise_multiplier
+        Gaussian noise standard deviation divided by the clipping norm; > 0.
+    sample_rate
+        Poisson sampling probability of each record per step; in (0, 1].
+    steps
+        Number of mechanism applications; >= 1.
+    mechanism
+        One of :data:`MECHANISMS`.
+
+    Raises
+    ------
+    AccountingError
+        A parameter is out of range; the message names it.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    mechanism: str = "poisson-gaussian"
+
+    def __post_init__(self) -> None:
+        problems = _event_problems(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps
+        )
+        if self.mechanism not in MECHANISMS:
+            problems.append(f"mechanism must be one of {', '.join(map(repr, MECHANISMS))}; found {self.mechanism!r}")
+        if problems:
+            raise AccountingError("; ".join(problems))
+        # Any real number is accepted (ints, NumPy scalars); store builtin floats and ints
+        # so that equal events compare, hash and serialise alike.
+        object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
+        object.__setattr__(self, "sample_rate", float(self.sample_rate))
+        object.__setattr__(self, "steps", int(self.steps))
+
+
+def _event_problems(*, noise_multiplier: object, sample_rate: object, steps: object) -> list[str]:
+    """Every problem with these mechanism parameters, one message each (empty when valid)."""
+    problems = []
+    if not _is_real(noise_multiplier):
+        problems.append(f"noise_multiplier must be a number; found {noise_multiplier!r}")
+    elif not math.isfinite(noise_multiplier):  # type: ignore[arg-type]
+        problems.append(f"noise_multiplier must be finite; found {noise_multiplier!r}")
+    elif not noise_multiplier > 0:  # type: ignore[operator]
+        problems.append(f"noise_multiplier must be > 0; found {noise_multiplier!r}")
+    if not _is_real(sample_rate):
+        problems.append(f"sample_rate must be a number; found {sample_rate!r}")
+    elif not 0 < sample_rate <= 1:  # type: ignore[operator]
+        problems.append(f"sample_rate must be in (0, 1]; found {sample_rate!r}")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool):
+        problems.append(f"steps must be an integer; found {steps!r}")
+    elif steps < 1:
+        problems.append(f"steps must be >= 1; found {steps!r}")
+    return problems
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

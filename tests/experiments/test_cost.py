@@ -1,0 +1,76 @@
+"""The privacy cost of a spec: the same numbers the nodes' accountant will compute."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opacus.accountants import PRVAccountant
+
+from experiments.cost import PrivacyPlan, plan_privacy
+from experiments.errors import SpecError
+from experiments.spec import ExperimentSpec
+from privacy.accountant import epsilon, noise_for_target
+from privacy.events import DPEvent
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "experiments" / "examples" / "hypertension.toml"
+
+
+def spec_with(**tables: dict[str, Any]) -> ExperimentSpec:
+    mapping = tomllib.loads(EXAMPLE.read_text())
+    for table, values in tables.items():
+        mapping[table].update(values)
+    mapping["privacy"] = {k: v for k, v in mapping["privacy"].items() if v is not None}
+    return ExperimentSpec.from_mapping(mapping, source="test")
+
+
+def test_the_example_costs_what_a_fresh_opacus_accountant_says() -> None:
+    plan = plan_privacy(ExperimentSpec.from_toml(EXAMPLE))
+    assert (plan.noise_multiplier, plan.sample_rate, plan.delta, plan.accountant) == (1.0, 0.05, 1e-5, "prv")
+    assert (plan.steps_per_round, plan.rounds, plan.total_steps) == (20, 5, 100)
+    assert plan.noise_from_target is False and plan.target_epsilon is None
+
+    fresh = PRVAccountant()
+    fresh.history = [(1.0, 0.05, 100)]
+    assert plan.epsilon_per_site == fresh.get_epsilon(delta=1e-5)
+    assert plan.epsilon_per_site == pytest.approx(3.5124, abs=1e-3)
+
+
+def test_the_plan_matches_privacy_accountant_round_by_round() -> None:
+    spec = spec_with(federation={"local_epochs": 2, "rounds": 3}, privacy={"sample_rate": 0.07, "accountant": "rdp"})
+    plan = plan_privacy(spec)
+    # Opacus's Poisson loader has int(1 / 0.07) = 14 batches per epoch.
+    assert (plan.steps_per_round, plan.total_steps) == (28, 84)
+    rounds = [DPEvent(noise_multiplier=1.0, sample_rate=0.07, steps=28)] * 3
+    assert plan.epsilon_per_site == epsilon(rounds, delta=1e-5, accountant="rdp")
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
+def test_a_target_epsilon_gives_the_noise_that_reaches_it_within_one_percent() -> None:
+    plan = plan_privacy(spec_with(privacy={"noise_multiplier": None, "target_epsilon": 2.0}))
+    assert plan.noise_from_target is True and plan.target_epsilon == 2.0
+    assert 0.99 * 2.0 <= plan.epsilon_per_site <= 2.0
+    assert plan.noise_multiplier == noise_for_target(
+        target_epsilon=2.0, delta=1e-5, sample_rate=0.05, steps=100, accountant="prv"
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
+def test_an_unreachable_target_is_a_spec_error() -> None:
+    spec = spec_with(privacy={"noise_multiplier": None, "target_epsilon": 0.01, "accountant": "rdp"})
+    with pytest.raises(SpecError) as info:
+        plan_privacy(spec)
+    assert info.value.problems == (
+        "privacy.target_epsilon 0.01 cannot be reached in 100 steps at sample_rate 0.05 and delta 1e-05; "
+        "raise target_epsilon, or lower rounds, local epochs or the sample rate",
+    )
+
+
+def test_the_plan_is_a_frozen_record() -> None:
+    plan = plan_privacy(spec_with(privacy={"accountant": "rdp"}))
+    assert isinstance(plan, PrivacyPlan)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.rounds = 6  # type: ignore[misc]

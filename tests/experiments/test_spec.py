@@ -1,0 +1,362 @@
+"""Experiment specs: every problem at once by field, frozen results, a stable digest."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from experiments.errors import ExperimentError, SpecError
+from experiments.spec import ACCOUNTANTS, ExperimentSpec
+from privacy import accountant
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "experiments" / "examples" / "hypertension.toml"
+
+
+def example() -> dict[str, Any]:
+    return tomllib.loads(EXAMPLE.read_text())
+
+
+def problems_of(mapping: dict[str, Any]) -> tuple[str, ...]:
+    with pytest.raises(SpecError) as info:
+        ExperimentSpec.from_mapping(mapping, source="spec.toml")
+    return info.value.problems
+
+
+def with_changes(**tables: dict[str, Any]) -> dict[str, Any]:
+    mapping = example()
+    for table, values in tables.items():
+        mapping.setdefault(table, {}).update(values)
+    return mapping
+
+
+def without(table: str, *keys: str) -> dict[str, Any]:
+    mapping = example()
+    for key in keys:
+        del mapping[table][key]
+    return mapping
+
+
+# ---------------------------------------------------------------- the example
+
+
+def test_the_example_spec_validates_with_its_values() -> None:
+    spec = ExperimentSpec.from_toml(EXAMPLE)
+    assert spec.experiment.task == "tabular-classification"
+    assert spec.experiment.mlflow_experiment == spec.experiment.name  # defaults to the name
+    assert spec.data.dataset == "htn_cohort"
+    assert spec.data.label == "htn_onset_1y"
+    assert len(spec.data.features) == 16 and "sbp_wearable_mean" in spec.data.features
+    assert set(spec.data.scaling) == set(spec.data.features)
+    assert spec.data.scaling["age"] == (50.0, 15.0)
+    assert (spec.model.kind, spec.federation.strategy) == ("logistic", "fedavg")
+    assert (spec.federation.rounds, spec.federation.min_nodes, spec.federation.learning_rate) == (5, 2, 0.5)
+    assert (spec.privacy.delta, spec.privacy.sample_rate, spec.privacy.noise_multiplier) == (1e-5, 0.05, 1.0)
+    assert spec.privacy.target_epsilon is None
+
+
+def test_defaults_are_filled() -> None:
+    mapping = example()
+    del mapping["model"]
+    mapping["model"] = {"kind": "mlp"}
+    mapping["federation"] = {"rounds": 3}
+    mapping["privacy"] = {"delta": 1e-5, "sample_rate": 0.1, "target_epsilon": 4}
+    spec = ExperimentSpec.from_mapping(mapping)
+    assert spec.model.hidden == (32, 16)
+    assert spec.federation.model_dump() == {
+        "strategy": "fedavg", "rounds": 3, "min_nodes": 2, "local_epochs": 1, "learning_rate": 0.1,
+        "proximal_mu": 0.0, "server_learning_rate": 0.1, "node_wait_seconds": 120.0,
+        "round_timeout_seconds": 600.0,
+    }
+    assert (spec.privacy.max_grad_norm, spec.privacy.accountant) == (1.0, "prv")
+    assert spec.privacy.target_epsilon == 4.0 and isinstance(spec.privacy.target_epsilon, float)
+
+
+def test_the_spec_is_frozen() -> None:
+    spec = ExperimentSpec.from_toml(EXAMPLE)
+    with pytest.raises(ValidationError):
+        spec.privacy.delta = 0.5  # type: ignore[misc]
+
+
+def test_the_accountants_are_the_privacy_packages() -> None:
+    assert ACCOUNTANTS == accountant.ACCOUNTANTS
+
+
+# ---------------------------------------------------------------- every problem at once
+
+
+def test_four_distinct_problems_are_all_reported_in_field_order() -> None:
+    mapping = with_changes(
+        experiment={"name": "htn onset"},
+        federation={"rounds": 0},
+        privacy={"delta": 1.5, "colour": "blue"},
+    )
+    with pytest.raises(SpecError) as info:
+        ExperimentSpec.from_mapping(mapping, source="spec.toml")
+    assert info.value.problems == (
+        "experiment.name must contain only letters, digits, '_', '.' and '-'; found 'htn onset'",
+        "federation.rounds must be >= 1; found 0",
+        "privacy.delta must be < 1; found 1.5",
+        "privacy.colour is not a known key; the keys of [privacy] are delta, max_grad_norm, "
+        "sample_rate, noise_multiplier, target_epsilon, accountant",
+    )
+    assert str(info.value) == "spec.toml has 4 problems:\n" + "\n".join(f"  {p}" for p in info.value.problems)
+
+
+def test_spec_error_is_an_experiment_error_and_a_value_error() -> None:
+    error = SpecError("spec.toml", ["privacy.delta is required"])
+    assert isinstance(error, ExperimentError) and isinstance(error, ValueError)
+    assert str(error) == "spec.toml has 1 problem:\n  privacy.delta is required"
+
+
+def test_an_unknown_key_suggests_the_close_one_and_is_one_problem() -> None:
+    mapping = example()
+    mapping["privacy"]["dleta"] = mapping["privacy"].pop("delta")
+    assert problems_of(mapping) == ("privacy.dleta is not a known key; did you mean 'delta'?",)
+
+
+def test_an_unknown_table_suggests_the_close_one() -> None:
+    mapping = example()
+    mapping["federaton"] = mapping.pop("federation")
+    assert problems_of(mapping) == ("[federaton] is not a known table; did you mean [federation]?",)
+
+
+def test_missing_keys_and_tables_are_named() -> None:
+    mapping = without("federation", "rounds")
+    del mapping["privacy"]["sample_rate"]
+    del mapping["model"]
+    assert problems_of(mapping) == (
+        "the [model] table is required",
+        "federation.rounds is required",
+        "privacy.sample_rate is required",
+    )
+
+
+@pytest.mark.parametrize(
+    ("tables", "problem"),
+    [
+        ({"federation": {"rounds": "five"}}, "federation.rounds must be an integer; found 'five'"),
+        ({"federation": {"rounds": 2.0}}, "federation.rounds must be an integer; found 2"),
+        ({"federation": {"min_nodes": True}}, "federation.min_nodes must be an integer; found true"),
+        ({"federation": {"learning_rate": True}}, "federation.learning_rate must be a number; found true"),
+        ({"privacy": {"delta": "1e-5"}}, "privacy.delta must be a number; found '1e-5'"),
+        ({"data": {"features": "age"}}, "data.features must be a list; found 'age'"),
+        ({"data": {"features": ["age", 3]}}, "data.features[1] must be a string; found 3"),
+        ({"model": {"hidden": [32, True]}}, "model.hidden[1] must be an integer; found true"),
+        ({"experiment": {"description": 5}}, "experiment.description must be a string; found 5"),
+        ({"data": {"scaling": [1, 2]}}, "data.scaling must be a table; found [1, 2]"),
+    ],
+)
+def test_wrong_types_are_named_with_what_was_found(tables: dict[str, Any], problem: str) -> None:
+    assert problems_of(with_changes(**tables)) == (problem,)
+
+
+def test_a_table_given_as_a_value_is_named() -> None:
+    mapping = example()
+    mapping["data"] = "htn_cohort"
+    assert problems_of(mapping) == ("data must be a table; found 'htn_cohort'",)
+
+
+@pytest.mark.parametrize(
+    ("tables", "problem"),
+    [
+        ({"privacy": {"delta": 1.5}}, "privacy.delta must be < 1; found 1.5"),
+        ({"privacy": {"delta": 1}}, "privacy.delta must be < 1; found 1"),
+        ({"privacy": {"delta": 0}}, "privacy.delta must be > 0; found 0"),
+        ({"privacy": {"sample_rate": 0.0}}, "privacy.sample_rate must be > 0; found 0"),
+        ({"privacy": {"max_grad_norm": -1}}, "privacy.max_grad_norm must be > 0; found -1"),
+        (
+            {"privacy": {"noise_multiplier": float("inf")}},
+            "privacy.noise_multiplier must be a finite number; found inf",
+        ),
+        ({"federation": {"local_epochs": 0}}, "federation.local_epochs must be >= 1; found 0"),
+        ({"federation": {"proximal_mu": -0.1}}, "federation.proximal_mu must be >= 0; found -0.1"),
+        ({"federation": {"node_wait_seconds": 0}}, "federation.node_wait_seconds must be > 0; found 0"),
+        ({"model": {"kind": "mlp", "hidden": [32, 0]}}, "model.hidden[1] must be >= 1; found 0"),
+        ({"model": {"hidden": []}}, "model.hidden must not be empty"),
+        ({"data": {"features": []}}, "data.features must not be empty"),
+        ({"data": {"dataset": ""}}, "data.dataset must not be empty"),
+        ({"data": {"scaling": {"age": [50, 0]}}}, "data.scaling.age scale must be > 0; found 0"),
+        ({"data": {"scaling": {"age": [50]}}}, "data.scaling.age must be a pair [center, scale]; found [50]"),
+        ({"model": {"kind": "mpl"}}, "model.kind must be one of 'logistic', 'mlp'; found 'mpl'; did you mean 'mlp'?"),
+        (
+            {"experiment": {"task": "imaging"}},
+            "experiment.task must be one of 'tabular-classification'; found 'imaging'",
+        ),
+    ],
+)
+def test_out_of_range_values_are_named_with_the_rule(tables: dict[str, Any], problem: str) -> None:
+    assert problems_of(with_changes(**tables)) == (problem,)
+
+
+@pytest.mark.parametrize("target", [0, -1.0])
+def test_a_target_epsilon_that_is_not_positive_is_refused(target: float) -> None:
+    mapping = with_changes(privacy={"target_epsilon": target})
+    del mapping["privacy"]["noise_multiplier"]
+    assert problems_of(mapping) == (f"privacy.target_epsilon must be > 0; found {target:g}",)
+
+
+def test_noise_and_target_together_are_refused() -> None:
+    assert problems_of(with_changes(privacy={"target_epsilon": 2.0})) == (
+        "privacy.noise_multiplier and privacy.target_epsilon are both set; keep exactly one "
+        "(the noise is derived from the target)",
+    )
+
+
+def test_neither_noise_nor_target_is_refused() -> None:
+    assert problems_of(without("privacy", "noise_multiplier")) == (
+        "privacy needs exactly one of noise_multiplier or target_epsilon; found neither",
+    )
+
+
+def test_fedprox_without_a_proximal_term_is_refused() -> None:
+    assert problems_of(with_changes(federation={"strategy": "fedprox"})) == (
+        "federation.proximal_mu must be > 0 when strategy = 'fedprox'; found 0 (the default)",
+    )
+    assert problems_of(with_changes(federation={"strategy": "fedprox", "proximal_mu": 0})) == (
+        "federation.proximal_mu must be > 0 when strategy = 'fedprox'; found 0",
+    )
+    spec = ExperimentSpec.from_mapping(with_changes(federation={"strategy": "fedprox", "proximal_mu": 0.01}))
+    assert spec.federation.proximal_mu == 0.01
+
+
+def test_rules_between_fields_are_reported_beside_field_problems_of_the_same_table() -> None:
+    # pydantic skips a table's after-validators when a field fails; we still report the rule.
+    mapping = with_changes(privacy={"delta": 2.0, "target_epsilon": 1.0})
+    assert problems_of(mapping) == (
+        "privacy.delta must be < 1; found 2",
+        "privacy.noise_multiplier and privacy.target_epsilon are both set; keep exactly one "
+        "(the noise is derived from the target)",
+    )
+
+
+def test_data_rules_name_the_columns() -> None:
+    mapping = with_changes(
+        data={"features": ["age", "bmi", "age", "htn_onset_1y"], "scaling": {"age": [50, 15], "agee": [1, 1]}}
+    )
+    assert problems_of(mapping) == (
+        "data.features lists 'age' more than once",
+        "data.label 'htn_onset_1y' must not also be one of data.features",
+        "data.scaling.agee is not one of data.features; did you mean 'age'?",
+    )
+
+
+def test_model_validate_keeps_the_rules_too() -> None:
+    mapping = with_changes(privacy={"target_epsilon": 2.0})
+    with pytest.raises(ValidationError, match="both set"):
+        ExperimentSpec.model_validate(mapping)
+
+
+def test_a_spec_that_is_not_a_table_is_refused() -> None:
+    with pytest.raises(SpecError, match="a spec must be a table of tables; found 3"):
+        ExperimentSpec.from_mapping(3, source="x")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_toml_syntax_errors_name_the_file_and_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_text('[experiment]\nname = "htn"\ntask = \n')
+    with pytest.raises(SpecError) as info:
+        ExperimentSpec.from_toml(path)
+    assert str(info.value).startswith(f"{path} has 1 problem:\n  not valid TOML: ")
+    assert "line 3" in info.value.problems[0]
+
+
+def test_an_unreadable_file_is_a_spec_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "missing.toml"
+    with pytest.raises(SpecError, match=f"^{re.escape(str(path))} has 1 problem:\n  cannot read the file: No such file"):
+        ExperimentSpec.from_toml(path)
+
+
+def test_a_file_that_is_not_utf8_is_a_spec_error(tmp_path: Path) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_bytes(b"[experiment]\nname = \"\xff\"\n")
+    with pytest.raises(SpecError, match="not UTF-8 text"):
+        ExperimentSpec.from_toml(path)
+
+
+def test_problems_in_a_file_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "spec.toml"
+    path.write_text(EXAMPLE.read_text().replace("rounds = 5", "rounds = 0"))
+    expected = f"{path} has 1 problem:\n  federation.rounds must be >= 1; found 0"
+    with pytest.raises(SpecError, match=f"^{re.escape(expected)}$"):
+        ExperimentSpec.from_toml(path)
+
+
+# ---------------------------------------------------------------- canonical form and digest
+
+
+def test_canonical_json_is_sorted_compact_and_complete() -> None:
+    spec = ExperimentSpec.from_toml(EXAMPLE)
+    text = spec.canonical_json()
+    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    assert '"node_wait_seconds":120.0' in text and '"target_epsilon":null' in text
+    assert spec.digest() == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_json_and_mapping_round_trips_give_the_same_spec() -> None:
+    spec = ExperimentSpec.from_toml(EXAMPLE)
+    assert ExperimentSpec.from_json(spec.canonical_json()) == spec
+    assert ExperimentSpec.from_mapping(spec.to_mapping()) == spec
+    assert ExperimentSpec.from_json(spec.canonical_json()).digest() == spec.digest()
+
+
+def test_invalid_json_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="^<json> has 1 problem:\n  not valid JSON: "):
+        ExperimentSpec.from_json("{not json")
+
+
+def test_the_digest_ignores_layout_key_order_and_int_versus_float() -> None:
+    spec = ExperimentSpec.from_toml(EXAMPLE)
+    mapping = example()
+    reordered = {table: dict(reversed(list(mapping[table].items()))) for table in reversed(list(mapping))}
+    reordered["federation"]["learning_rate"] = 0.5
+    reordered["privacy"]["max_grad_norm"] = 1  # an int, as a partner may write it
+    assert ExperimentSpec.from_mapping(reordered).digest() == spec.digest()
+
+
+def _variants(mapping: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The mapping with each leaf value changed, one at a time, to another valid value."""
+    choices = {"kind": "mlp", "strategy": "fedadam", "accountant": "rdp"}
+    for table, values in mapping.items():
+        for key, value in values.items():
+            if key == "task" or value is None:
+                continue  # one task kind so far; an absent target stays absent
+            changed = copy.deepcopy(mapping)
+            if key in choices:
+                changed[table][key] = choices[key]
+            elif key == "scaling":
+                changed[table][key]["age"] = [51.0, 15.0]
+            elif isinstance(value, list):
+                changed[table][key] = [*value, "extra_column" if isinstance(value[0], str) else 8]
+            elif isinstance(value, str):
+                changed[table][key] = value + "-2"
+            elif isinstance(value, int):
+                changed[table][key] = value + 1
+            else:
+                changed[table][key] = value + 0.01 if value < 0.5 else value * 1.5
+            if key == "strategy":
+                changed[table]["proximal_mu"] = 0.0
+            yield f"{table}.{key}", changed
+
+
+def test_the_digest_changes_when_any_value_changes() -> None:
+    spec = ExperimentSpec.from_toml(EXAMPLE)
+    base = spec.to_mapping()
+    seen = {spec.digest(): "base"}
+    variants = list(_variants(base))
+    assert len(variants) >= 20
+    for where, changed in variants:
+        digest = ExperimentSpec.from_mapping(changed, source=where).digest()
+        assert digest not in seen, f"changing {where} left the digest equal to {seen.get(digest)}"
+        seen[digest] = where

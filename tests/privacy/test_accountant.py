@@ -1,0 +1,231 @@
+"""Accounting: DP events, Opacus composition, noise for a target epsilon."""
+
+from __future__ import annotations
+
+import logging
+
+import dp_accounting
+import pytest
+from dp_accounting.rdp import RdpAccountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from privacy.accountant import ACCOUNTANTS, epsilon, noise_for_target, opacus_history, steps_per_epoch
+from privacy.errors import AccountingError, PrivacyError
+from privacy.events import DPEvent
+
+DELTA = 1e-5
+
+# Tiny or unreachable epsilons put RDP's best order at the top of Opacus's grid; Opacus
+# warns, and the bound is still valid.
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
+
+# Realistic DP-SGD parameters; outside them RDP bounds grow so large (eps >> 10) that
+# different RDP implementations legitimately part ways.
+events_st = st.builds(
+    DPEvent,
+    noise_multiplier=st.floats(min_value=0.8, max_value=5.0),
+    sample_rate=st.floats(min_value=0.001, max_value=0.1),
+    steps=st.integers(min_value=1, max_value=400),
+)
+deltas_st = st.floats(min_value=1e-8, max_value=1e-3)
+
+
+# ---------------------------------------------------------------- DPEvent
+
+
+def test_event_stores_builtin_floats_so_equal_events_compare_equal() -> None:
+    event = DPEvent(noise_multiplier=1, sample_rate=1, steps=3)
+    assert event == DPEvent(noise_multiplier=1.0, sample_rate=1.0, steps=3)
+    assert isinstance(event.noise_multiplier, float) and isinstance(event.sample_rate, float)
+    assert event.mechanism == "poisson-gaussian"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"noise_multiplier": -1}, "noise_multiplier must be > 0; found -1"),
+        ({"noise_multiplier": 0.0}, "noise_multiplier must be > 0; found 0.0"),
+        ({"noise_multiplier": float("inf")}, "noise_multiplier must be finite; found inf"),
+        ({"noise_multiplier": True}, "noise_multiplier must be a number; found True"),
+        ({"sample_rate": 0}, r"sample_rate must be in \(0, 1\]; found 0"),
+        ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\]; found 1.5"),
+        ({"steps": 0}, "steps must be >= 1; found 0"),
+        ({"steps": 2.0}, "steps must be an integer; found 2.0"),
+        ({"steps": True}, "steps must be an integer; found True"),
+        ({"mechanism": "laplace"}, "mechanism must be one of 'poisson-gaussian'; found 'laplace'"),
+    ],
+)
+def test_event_rejects_each_bad_parameter_by_name(kwargs: dict[str, object], message: str) -> None:
+    params: dict[str, object] = {"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 20, **kwargs}
+    with pytest.raises(AccountingError, match=f"^{message}$"):
+        DPEvent(**params)  # type: ignore[arg-type]
+
+
+def test_event_reports_every_bad_parameter_at_once() -> None:
+    with pytest.raises(AccountingError) as info:
+        DPEvent(noise_multiplier=-1, sample_rate=2, steps=0)
+    assert str(info.value) == (
+        "noise_multiplier must be > 0; found -1; sample_rate must be in (0, 1]; found 2; "
+        "steps must be >= 1; found 0"
+    )
+
+
+def test_accounting_error_is_a_privacy_error_and_a_value_error() -> None:
+    assert issubclass(AccountingError, PrivacyError)
+    assert issubclass(AccountingError, ValueError)
+
+
+# ---------------------------------------------------------------- steps per epoch
+
+
+@pytest.mark.parametrize(("rate", "steps"), [(1.0, 1), (0.5, 2), (0.1, 10), (0.05, 20), (0.07, 14), (0.3, 3)])
+def test_steps_per_epoch_is_the_length_of_opacus_poisson_loader(rate: float, steps: int) -> None:
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    assert steps_per_epoch(rate) == steps
+    assert len(UniformWithReplacementSampler(num_samples=1000, sample_rate=rate)) == steps
+
+
+def test_steps_per_epoch_rejects_a_rate_outside_the_unit_interval() -> None:
+    with pytest.raises(AccountingError, match=r"sample_rate must be in \(0, 1\]; found 0"):
+        steps_per_epoch(0)
+
+
+# ---------------------------------------------------------------- composition
+
+
+def test_history_merges_consecutive_equal_mechanisms_like_opacus_step() -> None:
+    a, b = DPEvent(1.0, 0.05, 20), DPEvent(1.2, 0.05, 20)
+    assert opacus_history([a, a, b, a]) == [(1.0, 0.05, 40), (1.2, 0.05, 20), (1.0, 0.05, 20)]
+
+    stepped = RDPAccountant()
+    for event in (a, a, b, a):
+        for _ in range(event.steps):
+            stepped.step(noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate)
+    assert opacus_history([a, a, b, a]) == stepped.history
+
+
+def test_no_events_spend_nothing() -> None:
+    assert epsilon([], delta=DELTA) == 0.0
+    assert epsilon([], delta=DELTA, accountant="rdp") == 0.0
+
+
+def test_prv_epsilon_equals_a_fresh_opacus_accountant_stepped_through_the_rounds() -> None:
+    rounds = [DPEvent(noise_multiplier=1.0, sample_rate=0.05, steps=20)] * 3
+    fresh = PRVAccountant()
+    for _ in range(60):
+        fresh.step(noise_multiplier=1.0, sample_rate=0.05)
+    assert epsilon(rounds, delta=DELTA) == fresh.get_epsilon(delta=DELTA)
+
+
+def test_rdp_epsilon_has_the_known_value() -> None:
+    # 100 steps at sigma 1, q 0.05, delta 1e-5: Opacus's RDP accountant gives 4.0383.
+    assert epsilon([DPEvent(1.0, 0.05, 100)], delta=DELTA, accountant="rdp") == pytest.approx(4.038336, rel=1e-6)
+
+
+def test_prv_is_tighter_than_rdp_for_the_same_steps() -> None:
+    events = [DPEvent(1.0, 0.05, 100)]
+    prv = epsilon(events, delta=DELTA, accountant="prv")
+    assert prv == pytest.approx(3.5124, abs=1e-3)
+    assert prv < epsilon(events, delta=DELTA, accountant="rdp")
+
+
+def test_prv_failure_falls_back_to_the_rdp_bound_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # At delta 1e-14 Opacus's PRV refuses ("floating point errors will dominate").
+    events = [DPEvent(1.0, 0.05, 100)]
+    with caplog.at_level(logging.WARNING, logger="privacy.accountant"):
+        value = epsilon(events, delta=1e-14, accountant="prv")
+    assert value == epsilon(events, delta=1e-14, accountant="rdp")
+    assert "PRV accounting failed" in caplog.text and "using the RDP bound" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"delta": 1.5}, r"delta must be in \(0, 1\); found 1.5"),
+        ({"delta": 0}, r"delta must be in \(0, 1\); found 0"),
+        ({"accountant": "gdp"}, "accountant must be one of 'prv', 'rdp'; found 'gdp'"),
+    ],
+)
+def test_epsilon_rejects_bad_parameters_by_name(kwargs: dict[str, object], message: str) -> None:
+    params: dict[str, object] = {"delta": DELTA, "accountant": "rdp", **kwargs}
+    with pytest.raises(AccountingError, match=message):
+        epsilon([DPEvent(1.0, 0.05, 20)], **params)  # type: ignore[arg-type]
+
+
+def test_the_accountants_are_prv_and_rdp() -> None:
+    assert ACCOUNTANTS == ("prv", "rdp")
+
+
+# ---------------------------------------------------------------- properties
+
+
+@settings(max_examples=10, deadline=None)
+@given(events=st.lists(events_st, min_size=1, max_size=4), extra=events_st, delta=deltas_st)
+def test_composed_epsilon_never_decreases_as_events_are_added(
+    events: list[DPEvent], extra: DPEvent, delta: float
+) -> None:
+    before = epsilon(events, delta=delta, accountant="rdp")
+    assert epsilon([*events, extra], delta=delta, accountant="rdp") >= before
+    assert epsilon([extra, *events], delta=delta, accountant="rdp") >= before
+
+
+@settings(max_examples=15, deadline=None)
+@given(events=st.lists(events_st, min_size=1, max_size=4), delta=deltas_st)
+def test_composed_epsilon_never_exceeds_the_sum_of_per_event_epsilons(events: list[DPEvent], delta: float) -> None:
+    composed = epsilon(events, delta=delta, accountant="rdp")
+    assert composed <= sum(epsilon([e], delta=delta, accountant="rdp") for e in events)
+
+
+@settings(max_examples=15, deadline=None)
+@given(events=st.lists(events_st, min_size=1, max_size=3), delta=deltas_st)
+def test_rdp_epsilon_agrees_with_dp_accounting(events: list[DPEvent], delta: float) -> None:
+    reference = RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    for event in events:
+        gaussian = dp_accounting.GaussianDpEvent(event.noise_multiplier)
+        reference.compose(dp_accounting.PoissonSampledDpEvent(event.sample_rate, gaussian), event.steps)
+    assert epsilon(events, delta=delta, accountant="rdp") == pytest.approx(reference.get_epsilon(delta), rel=2e-2)
+
+
+# ---------------------------------------------------------------- noise for a target
+
+
+def test_noise_for_target_reaches_the_target_from_below() -> None:
+    sigma = noise_for_target(target_epsilon=2.0, delta=DELTA, sample_rate=0.05, steps=100, accountant="rdp")
+    reached = epsilon([DPEvent(sigma, 0.05, 20)] * 5, delta=DELTA, accountant="rdp")
+    assert 2.0 - 0.01 <= reached <= 2.0
+
+
+def test_noise_for_target_is_opacus_get_noise_multiplier() -> None:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    ours = noise_for_target(target_epsilon=3.0, delta=DELTA, sample_rate=0.1, steps=50, accountant="rdp")
+    theirs = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=DELTA, sample_rate=0.1, steps=50, accountant="rdp"
+    )
+    assert ours == theirs
+
+
+def test_an_unreachable_target_is_an_accounting_error() -> None:
+    with pytest.raises(AccountingError, match="target_epsilon 0.01 cannot be reached in 100 steps"):
+        noise_for_target(target_epsilon=0.01, delta=DELTA, sample_rate=0.05, steps=100, accountant="rdp")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_epsilon": 0}, "target_epsilon must be a finite number > 0; found 0"),
+        ({"target_epsilon": -2.0}, "target_epsilon must be a finite number > 0; found -2.0"),
+        ({"delta": 1.0}, r"delta must be in \(0, 1\); found 1.0"),
+        ({"steps": 0}, "steps must be >= 1; found 0"),
+        ({"accountant": "pld"}, "accountant must be one of 'prv', 'rdp'; found 'pld'"),
+    ],
+)
+def test_noise_for_target_rejects_bad_parameters_by_name(kwargs: dict[str, object], message: str) -> None:
+    params: dict[str, object] = {
+        "target_epsilon": 1.0, "delta": DELTA, "sample_rate": 0.05, "steps": 20, "accountant": "rdp", **kwargs
+    }
+    with pytest.raises(AccountingError, match=message):
+        noise_for_target(**params)  # type: ignore[arg-type]
