@@ -1,7 +1,8 @@
-"""`medfed experiment`: check a spec and see its privacy cost before submitting it.
+"""`medfed experiment`: check a spec, see its privacy cost, submit it and follow it.
 
-User mistakes raise :class:`~experiments.errors.SpecError` (an ExperimentError); the
-`medfed` entry point turns them into one line on stderr and exit code 2.
+User mistakes raise an :class:`~experiments.errors.ExperimentError` (a bad spec, a
+failed submission, a run that ended failed); the `medfed` entry point turns them into
+one message on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.cost import PrivacyPlan, plan_privacy
+from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
+from experiments.submit import run_status, submit as submit_run, wait_for_run
+from experiments.tracking import default_tracking_uri
 
 __all__ = ["app"]
 
@@ -46,6 +50,50 @@ def cost(
         typer.echo(json.dumps(asdict(plan), indent=2, sort_keys=True))
         return
     Console().print(_table(parsed, plan))
+
+
+@app.command()
+def submit(
+    spec: Path = SPEC_ARGUMENT,
+    superlink: str = typer.Option(
+        ..., "--superlink", help="The SuperLink's connection name in $FLWR_HOME/config.toml."
+    ),
+    tracking_uri: str = typer.Option(
+        "", "--tracking-uri", help="MLflow tracking URI; default: sqlite:///<cwd>/.medfed/mlflow.db."
+    ),
+    output_dir: Path = typer.Option(
+        Path(".medfed/runs"), "--output-dir", help="Where the coordinator writes each run's final model."
+    ),
+    app_dir: Path | None = typer.Option(None, "--app", help="Folder of medfed's Flower App (its pyproject.toml)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the run until it finishes."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the run when following it."),
+) -> None:
+    """Validate SPEC, show what each site will be charged, and start it on a SuperLink."""
+    parsed = ExperimentSpec.from_toml(spec)
+    plan = plan_privacy(parsed)
+    typer.echo(
+        f"{parsed.experiment.name} ({parsed.digest()[:12]}): each site's dataset '{parsed.data.dataset}' "
+        f"will be charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g}"
+    )
+    uri = tracking_uri or default_tracking_uri()
+    run_id = submit_run(parsed, connection=superlink, tracking_uri=uri, output_dir=output_dir, app_dir=app_dir)
+    typer.echo(f"submitted as run {run_id}; tracking in {uri}")
+    if not wait:
+        return
+    status = wait_for_run(run_id, connection=superlink, timeout=timeout)
+    if not status.succeeded:
+        raise SubmissionError(f"run {run_id} ended {status.status}: {status.details or 'see `flwr log`'}")
+    typer.echo(f"run {run_id} finished; results in MLflow ({uri})")
+
+
+@app.command()
+def status(
+    run_id: int = typer.Argument(..., help="The run id that `submit` printed."),
+    superlink: str = typer.Option(..., "--superlink", help="The SuperLink's connection name."),
+) -> None:
+    """Show a submitted run's status and, when it failed, why."""
+    state = run_status(run_id, connection=superlink)
+    typer.echo(f"run {run_id}: {state.status}" + (f" - {state.details}" if state.details else ""))
 
 
 def _table(spec: ExperimentSpec, plan: PrivacyPlan) -> Table:

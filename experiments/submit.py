@@ -9,7 +9,9 @@ coordinator's output folder.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -62,10 +64,16 @@ def write_run_config(spec: ExperimentSpec, path: Path, *, tracking_uri: str, out
     return path
 
 
+def _flwr_executable() -> str:
+    """`flwr` beside this interpreter (a virtual environment's bin), else on PATH."""
+    beside = Path(sys.executable).parent / "flwr"
+    return str(beside) if beside.is_file() else (shutil.which("flwr") or "flwr")
+
+
 def _flwr(args: list[str], env: Mapping[str, str] | None, timeout: float) -> dict[str, object]:
     try:
         done = subprocess.run(
-            ["flwr", *args], capture_output=True, text=True, env=dict(env) if env else None, timeout=timeout, check=False
+            [_flwr_executable(), *args], capture_output=True, text=True, env=dict(env) if env else None, timeout=timeout, check=False
         )
     except FileNotFoundError:
         raise SubmissionError("the `flwr` command was not found; install medfed in this environment") from None

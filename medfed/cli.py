@@ -7,6 +7,7 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -65,11 +66,23 @@ def demo(
 
     from medfed.demo import run_demo
 
-    run_demo(Path(workdir), n_hospitals=hospitals, rounds=rounds, seed=seed)
+    try:
+        run_demo(Path(workdir), n_hospitals=hospitals, rounds=rounds, seed=seed)
+    except KeyboardInterrupt:
+        # run_demo's cluster has been stopped by the time the interrupt reaches here.
+        typer.secho("interrupted: every process the demo started has been stopped", err=True)
+        raise typer.Exit(130) from None
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    # A service manager stops us with SIGTERM: unwind like Ctrl-C so that every
+    # `finally` (the demo's Flower processes among them) runs.
+    raise KeyboardInterrupt
 
 
 def main() -> None:
     """Entry point of the `medfed` console script."""
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         app()
     except USER_ERRORS as err:

@@ -192,9 +192,16 @@ def _comparison_table(spec: ExperimentSpec, plan: PrivacyPlan, sites: list[Site]
     return table
 
 
+def _console() -> Console:
+    console = Console()
+    # A log file or CI has no terminal width; keep the final table on one line per row.
+    return console if console.is_terminal else Console(width=120)
+
+
 def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int = 7, console: Console | None = None) -> None:
     """Run the whole demo; raises DemoError (or a package's error) with a clear message."""
-    console = console or Console()
+    console = console or _console()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its start-up chatter is not progress
     workdir = workdir.resolve()
     spec = demo_spec(rounds, n_hospitals)
     plan = plan_privacy(spec)

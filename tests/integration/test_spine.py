@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 import pytest
 
 from experiments.cost import plan_privacy
@@ -106,16 +109,25 @@ def test_too_few_nodes_fails_before_tracking(cluster) -> None:
     assert runs == []  # no half-created MLflow run
 
 
-def test_unknown_dataset_is_refused_per_site(cluster) -> None:
+def test_cli_submit_of_an_unknown_dataset_fails_with_each_sites_reason(cluster, tmp_path) -> None:
     local, sites, workdir = cluster
-    mapping = tomllib.loads(EXAMPLE_SPEC.read_text())
-    mapping["federation"].update({"rounds": 1, "min_nodes": 2})
-    mapping["data"]["dataset"] = "no_such_cohort"
-    spec = ExperimentSpec.from_mapping(mapping, source="test")
-    env = flower_env(local.flwr_home)
-    run_id = submit(spec, connection=local.connection, tracking_uri=f"sqlite:///{workdir / 'mlflow-bad.db'}", output_dir=workdir / "runs", env=env)
-    status = wait_for_run(run_id, connection=local.connection, env=env, timeout=300, poll=1.0)
-    assert status.status == "finished:failed"
+    text = EXAMPLE_SPEC.read_text().replace('dataset = "htn_cohort"', 'dataset = "no_such_cohort"')
+    text = text.replace("rounds = 5", "rounds = 1")
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(text)
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "medfed"),
+            "experiment", "submit", str(spec_path),
+            "--superlink", local.connection,
+            "--tracking-uri", f"sqlite:///{workdir / 'mlflow-bad.db'}",
+            "--output-dir", str(workdir / "runs"),
+            "--timeout", "300",
+        ],
+        capture_output=True, text=True, env=flower_env(local.flwr_home), timeout=400, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "charged ε" in done.stdout  # the cost is shown before anything runs
     for site in sites:
-        assert f"{site.name}: refused" in status.details
-    assert "dataset 'no_such_cohort' is not registered" in status.details
+        assert f"{site.name}: refused (dataset 'no_such_cohort' is not registered" in done.stderr
