@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -177,12 +178,17 @@ def _site_report(sites: Mapping[int, SiteOutcome]) -> str:
     )
 
 
+def _metric_site(site: str) -> str:
+    """A site name as MLflow accepts it in a metric key (letters, digits, _ - . / space)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", site)
+
+
 def _round_metrics(step_metrics: Mapping[int, Mapping[str, float]], sites: Mapping[int, SiteOutcome], keys: Iterable[str]) -> dict[str, float]:
     """Aggregate plus per-site metrics in MLflow's naming (``<site>.<metric>``)."""
     keys = tuple(keys)
     flat = {k: v for k, v in aggregate_site_metrics(list(step_metrics.values())).items() if k in keys}
     for node, metrics in step_metrics.items():
-        flat.update({f"{sites[node].site}.{k}": v for k, v in metrics.items() if k in keys})
+        flat.update({f"{_metric_site(sites[node].site)}.{k}": v for k, v in metrics.items() if k in keys})
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 

@@ -82,16 +82,24 @@ def demo_spec(rounds: int, n_hospitals: int) -> ExperimentSpec:
 class _Progress:
     """Reads a run's per-round metrics from MLflow while it runs."""
 
-    def __init__(self, tracking_uri: str, flwr_run_id: int) -> None:
+    def __init__(self, tracking_uri: str) -> None:
         from mlflow.tracking import MlflowClient
 
+        # MLflow configures its loggers on import; its database set-up chatter is not progress.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self._client = MlflowClient(tracking_uri)
-        self._flwr_run_id = flwr_run_id
+        self._client.search_experiments()  # creates the schema of a new store now
+        self._flwr_run_id: int | None = None
         self._run_id: str | None = None
         self.shown = 0
 
+    def follow(self, flwr_run_id: int) -> None:
+        self._flwr_run_id = flwr_run_id
+        self._run_id = None
+        self.shown = 0
+
     def _find_run(self) -> str | None:
-        if self._run_id is None:
+        if self._run_id is None and self._flwr_run_id is not None:
             experiments = self._client.search_experiments()
             runs = self._client.search_runs(
                 [e.experiment_id for e in experiments],
@@ -201,7 +209,6 @@ def _console() -> Console:
 def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int = 7, console: Console | None = None) -> None:
     """Run the whole demo; raises DemoError (or a package's error) with a clear message."""
     console = console or _console()
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its start-up chatter is not progress
     workdir = workdir.resolve()
     spec = demo_spec(rounds, n_hospitals)
     plan = plan_privacy(spec)
@@ -219,9 +226,12 @@ def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int 
         console.print(f"  SuperLink on {cluster.fleet_address} (gRPC Fleet) and {cluster.control_address} (control); "
                       f"{len(sites)} SuperNodes online after {time.monotonic() - started:.0f} s")
         env = flower_env(cluster.flwr_home)
+        # Open the store before the ServerApp does: two processes creating a fresh
+        # MLflow SQLite schema at once race in its migrations.
+        progress = _Progress(tracking_uri)
         run_id = submit(spec, connection=cluster.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs", env=env)
         console.print(f"  submitted as Flower run {run_id}; tracking in {tracking_uri}")
-        progress = _Progress(tracking_uri, run_id)
+        progress.follow(run_id)
         while True:
             status = run_status(run_id, connection=cluster.connection, env=env)
             for step, metrics in progress.new_rounds():

@@ -48,7 +48,10 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
     home: NodeHome | None = None
     try:
         home = _open_home(node_config)
-        instruction = TrainInstruction.from_config(msg.content[CONFIG_KEY])
+        config = msg.content.config_records.get(CONFIG_KEY)
+        if config is None:
+            raise ProtocolError(f"the message has no '{CONFIG_KEY}' ConfigRecord")
+        instruction = TrainInstruction.from_config(config)
         _check_accounting(instruction)
         content = _HANDLERS[kind](home, instruction, msg)
     except ProtocolError as err:

@@ -1,0 +1,130 @@
+"""The node's message handlers: refusals name the site and the reason, releases are charged once."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.hospital_node.home import DatasetEntry, NodeHome
+from clients.hospital_node.rounds import answer
+from experiments.cost import plan_privacy
+from experiments.spec import ExperimentSpec
+from federation.experiment import instruction_for
+from federation.protocol import (
+    REFUSED_BAD_INSTRUCTION,
+    REFUSED_DATASET,
+    TRAIN_METRICS,
+    TrainInstruction,
+    read_metrics,
+    read_refusal,
+)
+from medfed.demo import EXAMPLE_SPEC
+from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
+from models.tabular import build_tabular_model
+from privacy.ledger import PrivacyLedger
+
+from .conftest import SENTINEL
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 77, 1, 1
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> NodeHome:
+    path = tmp_path / "cohort.csv"
+    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
+    node = NodeHome.create(tmp_path / "home", name="hospital_9")
+    node.register_dataset(
+        DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES)
+    )
+    return node
+
+
+def _instruction(**changes: object) -> TrainInstruction:
+    spec = ExperimentSpec.from_mapping(tomllib.loads(EXAMPLE_SPEC.read_text()), source="test")
+    values = instruction_for(spec, plan_privacy(spec)).__dict__ | changes
+    return TrainInstruction(**values)
+
+
+def _message(kind: str, instruction: TrainInstruction, server_round: int = 1, arrays: bool = True) -> Message:
+    content = RecordDict({"config": instruction.to_config(server_round)})
+    if arrays:
+        model = build_tabular_model(instruction.model_kind, len(instruction.features))
+        content["arrays"] = ArrayRecord(model.state_dict())
+    return Message(content=content, dst_node_id=5, message_type=kind)
+
+
+def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: NodeHome) -> None:
+    instruction = _instruction()
+    reply = answer("train", _message(MessageType.TRAIN, instruction), {"home": str(home.path)})
+    assert not reply.has_error(), reply.error
+    metrics = read_metrics(reply.content, TRAIN_METRICS)
+    assert set(metrics) == set(TRAIN_METRICS)
+    assert metrics["steps"] == instruction.steps
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [(c.run_id, c.round) for c in ledger.charges("htn_cohort")] == [("77", 1)]
+        assert metrics["epsilon"] == ledger.spent("htn_cohort", delta=instruction.delta, accountant="prv")
+    shapes = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
+    assert shapes == {"linear.weight": (1, len(FEATURES)), "linear.bias": (1,)}
+
+
+def test_a_round_is_released_and_charged_only_once(home: NodeHome) -> None:
+    instruction = _instruction()
+    config = {"home": str(home.path)}
+    assert not answer("train", _message(MessageType.TRAIN, instruction), config).has_error()
+    again = answer("train", _message(MessageType.TRAIN, instruction), config)
+    assert again.error.code == REFUSED_BAD_INSTRUCTION
+    assert "already trained and charged" in again.error.reason
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert len(ledger.charges("htn_cohort")) == 1
+
+
+def test_unknown_dataset_is_refused_with_the_site_name_and_nothing_charged(home: NodeHome) -> None:
+    reply = answer("query", _message(MessageType.QUERY, _instruction(dataset="ecg_cohort"), arrays=False), {"home": str(home.path)})
+    assert reply.error.code == REFUSED_DATASET
+    site, reason = read_refusal(reply.error.reason, "?")
+    assert site == "hospital_9"
+    assert reason.startswith("dataset 'ecg_cohort' is not registered on node 'hospital_9'")
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert ledger.datasets() == []
+
+
+def test_step_count_that_does_not_match_the_sample_rate_is_refused(home: NodeHome) -> None:
+    reply = answer("train", _message(MessageType.TRAIN, _instruction(steps=5)), {"home": str(home.path)})
+    assert reply.error.code == REFUSED_BAD_INSTRUCTION
+    assert "does not match local_epochs x steps_per_epoch(sample_rate) = 20" in reply.error.reason
+
+
+def test_arrays_of_another_model_are_refused(home: NodeHome) -> None:
+    message = _message(MessageType.TRAIN, _instruction())
+    message.content["arrays"] = ArrayRecord(build_tabular_model("mlp", len(FEATURES)).state_dict())
+    reply = answer("train", message, {"home": str(home.path)})
+    assert "do not match the instructed model" in reply.error.reason
+
+
+def test_missing_home_or_config_is_refused_without_a_traceback(home: NodeHome) -> None:
+    reply = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {})
+    assert "--node-config home=" in reply.error.reason
+    bare = Message(content=RecordDict({"other": ConfigRecord({})}), dst_node_id=5, message_type=MessageType.QUERY)
+    reply = answer("query", bare, {"home": str(home.path)})
+    assert "no 'config' ConfigRecord" in reply.error.reason
+    assert "Traceback" not in reply.error.reason
+
+
+def test_bad_cell_values_never_reach_the_refusal(home: NodeHome) -> None:
+    entry = home.dataset("htn_cohort")
+    frame = pd.read_csv(entry.path)
+    frame["bmi"] = frame["bmi"].astype(object)
+    frame.loc[3, "bmi"] = SENTINEL
+    frame.to_csv(entry.path, index=False)
+    reply = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
+    assert reply.error.code == REFUSED_DATASET
+    assert "bmi" in reply.error.reason
+    assert SENTINEL not in reply.error.reason
