@@ -28,7 +28,9 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not integration and not slow"
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(BIN)/python benchmarks/dp_epoch.py
+	$(BIN)/python benchmarks/deid_throughput.py
 	$(BIN)/python benchmarks/federated_overhead.py
 
 clean:

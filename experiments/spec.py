@@ -1,10 +1,12 @@
 """The experiment spec: what a research partner asks the alliance to run, validated once.
 
-A spec is a TOML file with five tables::
+A spec is a TOML file with five tables, six for an imaging task::
 
     [experiment]  name, task, description, mlflow_experiment
-    [data]        dataset, features, label, scaling
-    [model]       kind, hidden
+    [data]        dataset; for a tabular task also features, label, scaling
+    [imaging]     imaging tasks only: modalities, body_parts, series_description, size,
+                  intensity, window | window_center + window_width, projection
+    [model]       kind, hidden (mlp), channels (cnn)
     [federation]  strategy, rounds, min_nodes, local_epochs, learning_rate, proximal_mu,
                   server_learning_rate, node_wait_seconds, round_timeout_seconds
     [privacy]     delta, max_grad_norm, sample_rate, noise_multiplier | target_epsilon,
@@ -17,6 +19,14 @@ mean", missing keys, wrong types, out-of-range values, rules between fields), as
 the spec as the system understands it (every default filled) and :meth:`digest` its
 SHA-256, which is what a hospital's officer approves.
 
+The task decides which tables and keys apply: ``tabular-classification`` trains a
+logistic or MLP model on the named feature columns; ``imaging-classification`` trains a
+CNN on one preprocessed image per patient, selected and preprocessed as ``[imaging]``
+says, and its labels come from the node's registration, not from the spec. A key that
+belongs to the other task is a problem, not silently ignored. Keys that only one task
+has are left out of the canonical JSON of the other, so adding the imaging task left
+the digest of every tabular spec unchanged.
+
 Types are strict where a TOML slip would change meaning: a boolean is never an
 integer or a number, and a string is never a number. An integer is accepted wherever a
 number is (``learning_rate = 1``) and becomes a float, so it digests like ``1.0``.
@@ -28,10 +38,11 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -44,20 +55,35 @@ __all__ = [
     "ExperimentSection",
     "ExperimentSpec",
     "FederationSection",
+    "IMAGING_TASK",
+    "ImagingSection",
     "MODEL_KINDS",
+    "MODEL_KINDS_BY_TASK",
     "ModelSection",
     "PrivacySection",
     "STRATEGIES",
+    "TABULAR_TASK",
     "TASKS",
+    "WINDOW_PRESETS",
 ]
 
-Task = Literal["tabular-classification"]
-ModelKind = Literal["logistic", "mlp"]
+TABULAR_TASK = "tabular-classification"
+IMAGING_TASK = "imaging-classification"
+Task = Literal["tabular-classification", "imaging-classification"]  # federation.protocol.TASKS too
+ModelKind = Literal["logistic", "mlp", "cnn"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Accountant = Literal["prv", "rdp"]  # privacy.accountant.ACCOUNTANTS; a test keeps them equal
+# imaging.preprocess.WINDOW_PRESETS plus "voi" (the image's own window); a test keeps them equal.
+WindowPreset = Literal[
+    "abdomen", "bone", "brain", "liver", "lung", "mediastinum", "soft_tissue", "stroke", "subdural", "voi"
+]
+Intensity = Literal["window", "minmax", "zscore"]
+Projection = Literal["mip", "middle"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
+MODEL_KINDS_BY_TASK: dict[str, tuple[str, ...]] = {TABULAR_TASK: ("logistic", "mlp"), IMAGING_TASK: ("cnn",)}
+WINDOW_PRESETS: tuple[str, ...] = get_args(WindowPreset)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 
@@ -69,6 +95,10 @@ Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Strict(), Field(ge=1)]
+ImageSize = Annotated[int, Strict(), Field(ge=8, le=512)]
+WindowWidth = Annotated[float, Strict(), Field(ge=1, allow_inf_nan=False)]
+
+_DEFAULT_CHANNELS = (8, 16)
 
 
 class _Table(BaseModel):
@@ -109,16 +139,22 @@ class ExperimentSection(_Table):
 
 
 class DataSection(_Table):
-    """``[data]``: the dataset each node must have registered, and its columns."""
+    """``[data]``: the dataset each node must have registered and, if tabular, its columns.
+
+    ``features`` and ``label`` are required for a tabular task and refused for an imaging
+    one (a rule of :class:`ExperimentSpec`).
+    """
 
     dataset: Text
-    features: Annotated[tuple[Text, ...], Field(min_length=1)]
-    label: Text
+    features: Annotated[tuple[Text, ...], Field(min_length=1)] | None = None
+    label: Text | None = None
     scaling: dict[Text, tuple[Number, Positive]] = Field(default_factory=dict)
 
     @field_validator("features")
     @classmethod
-    def _features_unique(cls, features: tuple[str, ...]) -> tuple[str, ...]:
+    def _features_unique(cls, features: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if features is None:
+            return None
         repeated = sorted({f for f in features if features.count(f) > 1})
         if repeated:
             raise PydanticCustomError(
@@ -145,11 +181,85 @@ class DataSection(_Table):
         return problems
 
 
+class ImagingSection(_Table):
+    """``[imaging]``: which series make a patient's image, and how it becomes model input.
+
+    Each node selects, per patient, one series whose modality, body part and description
+    match; reduces it to one 2-D image (``mip``: the maximum over its slices, so a
+    finding on any slice shows; ``middle``: its middle slice); maps intensities
+    (``window`` through a preset, ``voi`` or ``window_center``/``window_width`` in
+    modality units such as HU; ``minmax`` or ``zscore`` per image); and resamples it to
+    ``size`` x ``size``.
+    """
+
+    modalities: Annotated[tuple[Text, ...], Field(min_length=1)]
+    body_parts: Annotated[tuple[Text, ...], Field(min_length=1)] | None = None  # any
+    series_description: Text | None = None  # a regular expression, case-insensitive
+    size: ImageSize = 32
+    intensity: Intensity = "minmax"
+    window: WindowPreset | None = None
+    window_center: Number | None = None
+    window_width: WindowWidth | None = None
+    projection: Projection = "mip"
+
+    @classmethod
+    def table_problems(cls, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        pattern = raw.get("series_description")
+        if isinstance(pattern, str) and pattern:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(
+                    ("series_description", f"imaging.series_description is not a valid regular expression: {err.msg}")
+                )
+        intensity = raw.get("intensity", "minmax")
+        given = [key for key in ("window", "window_center", "window_width") if raw.get(key) is not None]
+        if intensity == "window":
+            pair = [key for key in given if key != "window"]
+            if not given:
+                problems.append((
+                    "window",
+                    "imaging.intensity = 'window' needs imaging.window (a preset or 'voi') or "
+                    "imaging.window_center and imaging.window_width",
+                ))
+            elif "window" in given and pair:
+                problems.append((
+                    "window",
+                    f"imaging.window and imaging.{pair[0]} are both set; give a preset or a "
+                    "centre and width, not both",
+                ))
+            elif len(pair) == 1:
+                missing = "window_width" if pair[0] == "window_center" else "window_center"
+                problems.append((missing, f"imaging.{pair[0]} needs imaging.{missing} too"))
+        elif intensity in get_args(Intensity) and given:
+            problems.append((
+                given[0],
+                f"imaging.{given[0]} applies only when imaging.intensity = 'window'; found {_show(intensity)}",
+            ))
+        return problems
+
+
 class ModelSection(_Table):
     """``[model]``: the model every node trains."""
 
     kind: ModelKind
     hidden: Annotated[tuple[Count, ...], Field(min_length=1)] = (32, 16)  # mlp only
+    channels: Annotated[tuple[Count, ...], Field(min_length=1)] | None = None  # cnn only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_channels(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("kind") == "cnn" and data.get("channels") is None:
+            return {**data, "channels": _DEFAULT_CHANNELS}
+        return data
+
+    @classmethod
+    def table_problems(cls, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+        kind = raw.get("kind")
+        if raw.get("channels") is not None and isinstance(kind, str) and kind in MODEL_KINDS and kind != "cnn":
+            return [("channels", f"model.channels applies only to model.kind = 'cnn'; found kind {kind!r}")]
+        return []
 
 
 class FederationSection(_Table):
@@ -206,9 +316,14 @@ class ExperimentSpec(_Table):
 
     experiment: ExperimentSection
     data: DataSection
+    imaging: ImagingSection | None = None
     model: ModelSection
     federation: FederationSection
     privacy: PrivacySection
+
+    @classmethod
+    def table_problems(cls, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return [(".".join(loc), message) for loc, message in _task_problems(raw)]
 
     @classmethod
     def from_toml(cls, path: Path | str) -> ExperimentSpec:
@@ -259,8 +374,18 @@ class ExperimentSpec(_Table):
         return cls.from_mapping(mapping, source=source)
 
     def to_mapping(self) -> dict[str, Any]:
-        """The spec as plain JSON-compatible tables, every default filled."""
-        return self.model_dump(mode="json")
+        """The spec as plain JSON-compatible tables, every default filled.
+
+        Keys of the other task (``[imaging]`` for a tabular spec; ``data.features``,
+        ``data.label`` and ``model.channels`` where they do not apply) are left out.
+        """
+        mapping = self.model_dump(mode="json")
+        if mapping["imaging"] is None:
+            del mapping["imaging"]
+        for table, key in _TASK_SPECIFIC_KEYS:
+            if mapping[table][key] is None:
+                del mapping[table][key]
+        return mapping
 
     def canonical_json(self) -> str:
         """The spec as the system understands it: sorted keys, no whitespace, all defaults."""
@@ -274,11 +399,66 @@ class ExperimentSpec(_Table):
 _TABLES: dict[str, type[_Table]] = {
     "experiment": ExperimentSection,
     "data": DataSection,
+    "imaging": ImagingSection,
     "model": ModelSection,
     "federation": FederationSection,
     "privacy": PrivacySection,
 }
 _TABLE_ORDER = list(_TABLES)
+_TASK_SPECIFIC_KEYS = (("data", "features"), ("data", "label"), ("model", "channels"))
+
+
+# ---------------------------------------------------------------- rules between tables
+
+
+def _task_problems(raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """What the task requires or refuses of the other tables, as (location, message) pairs."""
+    experiment = raw.get("experiment")
+    task = experiment.get("task") if isinstance(experiment, Mapping) else None
+    if not isinstance(task, str) or task not in TASKS:
+        return []  # the task itself is reported; what it implies cannot be judged
+    data = raw.get("data") if isinstance(raw.get("data"), Mapping) else None
+    model = raw.get("model") if isinstance(raw.get("model"), Mapping) else None
+    imaging = raw.get("imaging")
+    problems: list[tuple[tuple[str, ...], str]] = []
+    if task == TABULAR_TASK:
+        if data is not None:
+            problems += [(("data", key), f"data.{key} is required") for key in ("features", "label") if data.get(key) is None]
+        if imaging is not None:
+            problems.append(
+                (("imaging",), f"[imaging] applies only to experiment.task = '{IMAGING_TASK}'; found {_show(task)}")
+            )
+    else:
+        if imaging is None:
+            problems.append((("imaging",), f"the [imaging] table is required for experiment.task = '{IMAGING_TASK}'"))
+        if data is not None:
+            for key in ("features", "label", "scaling"):
+                if data.get(key):
+                    problems.append((
+                        ("data", key),
+                        f"data.{key} applies only to experiment.task = '{TABULAR_TASK}'; an imaging "
+                        "dataset's inputs are its images and its labels are registered on each node",
+                    ))
+    kind = model.get("kind") if model is not None else None
+    allowed = MODEL_KINDS_BY_TASK[task]
+    if isinstance(kind, str) and kind in MODEL_KINDS and kind not in allowed:
+        choices = f"one of {', '.join(map(repr, allowed))}" if len(allowed) > 1 else repr(allowed[0])
+        problems.append(
+            (("model", "kind"), f"model.kind {kind!r} does not fit experiment.task = {task!r}; use {choices}")
+        )
+    if task == IMAGING_TASK and isinstance(imaging, Mapping) and kind == "cnn":
+        size = imaging.get("size", 32)
+        channels = model.get("channels") if model is not None else None
+        channels = _DEFAULT_CHANNELS if channels is None else channels
+        if _is_int(size) and isinstance(channels, (list, tuple)) and channels and size >= 8:
+            factor = 2 ** len(channels)
+            if size % factor:
+                problems.append((
+                    ("imaging", "size"),
+                    f"imaging.size must be a multiple of {factor} (each of the {len(channels)} "
+                    f"model.channels blocks halves the image); found {size}",
+                ))
+    return problems
 
 
 # ---------------------------------------------------------------- problems, by field
@@ -303,6 +483,7 @@ def _problems(err: ValidationError, raw: Mapping[str, Any]) -> list[str]:
         section = raw.get(table)
         if isinstance(section, Mapping):
             found.extend(((table, key), message) for key, message in model.table_problems(section))
+    found.extend(_task_problems(raw))
     found.sort(key=lambda item: _order(item[0]))
     return list(dict.fromkeys(message for _, message in found))
 
@@ -335,6 +516,8 @@ def _message(loc: tuple[Any, ...], error: Any, raw: Mapping[str, Any]) -> str:
         return f"{where} must be a table; found {_show(value)}"
     if kind == "literal_error":
         choices = _literal_choices(loc)
+        if loc == ("model", "kind"):
+            choices = MODEL_KINDS_BY_TASK.get(_lookup(raw, ("experiment", "task")), choices)
         hint = _did_you_mean(value, choices) if isinstance(value, str) and len(choices) > 1 else ""
         return f"{where} must be one of {', '.join(map(repr, choices))}; found {_show(value)}{hint}"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -375,9 +558,11 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = field.annotation if field is not None else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # An optional table (``[imaging]``) is annotated ``ImagingSection | None``.
+        tables = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not tables:
             return None
-        model = annotation
+        model = tables[0]
     return model
 
 
@@ -389,7 +574,11 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
 def _literal_choices(loc: tuple[Any, ...]) -> tuple[str, ...]:
     model = _model_at(loc[:-1])
     field = model.model_fields.get(loc[-1]) if model is not None else None
-    return get_args(field.annotation) if field is not None else ()
+    if field is None:
+        return ()
+    # An optional choice (``WindowPreset | None``) lists the literal's values.
+    args = get_args(field.annotation)
+    return tuple(c for a in args for c in (get_args(a) if get_origin(a) is Literal else (a,)) if isinstance(c, str))
 
 
 def _order(loc: tuple[Any, ...]) -> tuple[int, int]:
@@ -438,3 +627,7 @@ def _show(value: Any) -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,15 @@ from pathlib import Path
 from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
 
-__all__ = ["RunStatus", "find_app_dir", "run_status", "submit", "wait_for_run", "write_run_config"]
+__all__ = [
+    "RunStatus",
+    "find_app_dir",
+    "run_status",
+    "stage_app",
+    "submit",
+    "wait_for_run",
+    "write_run_config",
+]
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,26 @@ def find_app_dir() -> Path:
             "holds medfed's pyproject.toml (a source checkout)"
         )
     return root
+
+
+def stage_app(app_dir: Path, into: Path) -> Path:
+    """Copy the Flower App's pyproject.toml and packages into `into`; return that folder.
+
+    ``flwr run`` walks every file under the folder it is given before filtering by the
+    app's ``fab-include`` patterns; a source checkout with its virtual environment holds
+    tens of thousands of files (measured: 1.8 s per submission). Staging only the packages
+    the patterns name keeps that walk to the app itself.
+    """
+    pyproject = app_dir / "pyproject.toml"
+    patterns = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"].get("fab-include", [])
+    packages = sorted({p.split("/", 1)[0] for p in patterns if "/" in p})
+    staged = into / "app"
+    staged.mkdir(parents=True)
+    shutil.copy2(pyproject, staged / "pyproject.toml")
+    for package in packages:
+        if (app_dir / package).is_dir():
+            shutil.copytree(app_dir / package, staged / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return staged
 
 
 def write_run_config(spec: ExperimentSpec, path: Path, *, tracking_uri: str, output_dir: Path) -> Path:
@@ -100,8 +129,8 @@ def submit(
     timeout: float = 300.0,
 ) -> int:
     """Start a Flower run of `spec` on the SuperLink named `connection`; returns its run id."""
-    app = app_dir or find_app_dir()
     with tempfile.TemporaryDirectory(prefix="medfed-submit-") as tmp:
+        app = stage_app(app_dir or find_app_dir(), Path(tmp))
         config = write_run_config(spec, Path(tmp) / "run-config.toml", tracking_uri=tracking_uri, output_dir=output_dir)
         payload = _flwr(["run", str(app), connection, "--run-config", str(config), "--format", "json"], env, timeout)
     return int(str(payload["run-id"]))

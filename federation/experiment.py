@@ -37,8 +37,10 @@ from federation.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     EVAL_METRICS,
+    IMAGING_TASK,
     QUERY_METRICS,
     TRAIN_METRICS,
+    ImagingInstruction,
     ProtocolError,
     TrainInstruction,
     read_metrics,
@@ -47,7 +49,7 @@ from federation.protocol import (
 )
 from federation.strategies import build_strategy
 
-__all__ = ["ExperimentResult", "SiteOutcome", "instruction_for", "run_experiment"]
+__all__ = ["ExperimentResult", "SiteOutcome", "build_model", "instruction_for", "run_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +106,32 @@ class ExperimentResult:
 
 def instruction_for(spec: ExperimentSpec, plan: PrivacyPlan) -> TrainInstruction:
     """The node-facing instruction of a spec: every value explicit."""
+    imaging = None
+    if spec.imaging is not None:
+        section = spec.imaging
+        imaging = ImagingInstruction(
+            modalities=tuple(section.modalities),
+            body_parts=tuple(section.body_parts or ()),
+            series_description=section.series_description or "",
+            size=section.size,
+            intensity=section.intensity,
+            window=section.window or "",
+            window_center=section.window_center,
+            window_width=section.window_width,
+            projection=section.projection,
+        )
     return TrainInstruction(
         experiment=spec.experiment.name,
         spec_digest=spec.digest(),
         dataset=spec.data.dataset,
-        features=tuple(spec.data.features),
-        label=spec.data.label,
+        features=tuple(spec.data.features or ()),
+        label=spec.data.label or "",
         scaling={k: (float(v[0]), float(v[1])) for k, v in spec.data.scaling.items()},
+        task=spec.experiment.task,
+        imaging=imaging,
         model_kind=spec.model.kind,
         hidden=tuple(spec.model.hidden),
+        channels=tuple(spec.model.channels or ()),
         local_epochs=spec.federation.local_epochs,
         learning_rate=spec.federation.learning_rate,
         noise_multiplier=plan.noise_multiplier,
@@ -123,6 +142,24 @@ def instruction_for(spec: ExperimentSpec, plan: PrivacyPlan) -> TrainInstruction
         accountant=plan.accountant,
         rounds=plan.rounds,
     )
+
+
+def build_model(spec: ExperimentSpec):  # type: ignore[no-untyped-def]
+    """The spec's initial model and an input example (two zero samples) for MLflow."""
+    import torch
+
+    if spec.experiment.task == IMAGING_TASK:
+        from models.imaging import build_imaging_model
+
+        assert spec.imaging is not None and spec.model.channels is not None  # the spec's rules
+        size = spec.imaging.size
+        model = build_imaging_model(spec.model.kind, size, channels=spec.model.channels)
+        return model, torch.zeros(2, 1, size, size)
+    from models.tabular import build_tabular_model
+
+    assert spec.data.features is not None  # the spec's rules
+    model = build_tabular_model(spec.model.kind, len(spec.data.features), hidden=spec.model.hidden)
+    return model, torch.zeros(2, len(spec.data.features))
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -204,8 +241,6 @@ def run_experiment(
     """Run `spec` over the nodes of `grid`; see the module docstring for the sequence."""
     import torch
 
-    from models.tabular import build_tabular_model
-
     plan = plan_privacy(spec)
     instruction = instruction_for(spec, plan)
     fed = spec.federation
@@ -228,7 +263,7 @@ def run_experiment(
         )
     logger.info("experiment %s: %d site(s) accepted: %s", spec.experiment.name, len(query), _site_report(sites))
 
-    model = build_tabular_model(spec.model.kind, len(spec.data.features), hidden=spec.model.hidden)
+    model, input_example = build_model(spec)
     arrays = ArrayRecord(model.state_dict())
     participants = ParticipantGrid(grid, query)
     strategy = build_strategy(
@@ -294,7 +329,7 @@ def run_experiment(
         (output_dir / SUMMARY_FILE).write_text(summary + "\n")
         tracker.log_text(summary, SUMMARY_FILE)
         tracker.log_text(spec.canonical_json(), "spec.json")
-        tracker.log_model(model, input_example=torch.zeros(2, len(spec.data.features)).numpy())
+        tracker.log_model(model, input_example=input_example.numpy())
     except BaseException as err:
         tracker.finish(failed=True, reason=str(err))
         raise

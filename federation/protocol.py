@@ -16,12 +16,19 @@ One experiment is three kinds of message wave:
 
 A node that refuses answers with an error reply whose code is one of
 ``REFUSAL_CODES`` and whose reason is a one-line message meant for the researcher.
+
+The instruction names its task. A ``tabular-classification`` instruction carries the
+feature columns, label and scaling; an ``imaging-classification`` one carries an
+:class:`ImagingInstruction` (which series, how to turn them into one image per patient)
+and the CNN's channels instead, and no columns: each node maps its own labels to its
+patients. Fields of the other task must be empty; :class:`TrainInstruction` checks it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,8 +40,11 @@ __all__ = [
     "ARRAYS_KEY",
     "CONFIG_KEY",
     "EVAL_METRICS",
+    "IMAGING_TASK",
     "INSTRUCTION_KEY",
+    "ImagingInstruction",
     "METRICS_KEY",
+    "MODEL_KINDS_BY_TASK",
     "NODE_KEY",
     "ProtocolError",
     "QUERY_METRICS",
@@ -42,6 +52,8 @@ __all__ = [
     "REFUSED_BAD_INSTRUCTION",
     "REFUSED_BUDGET",
     "REFUSED_DATASET",
+    "TABULAR_TASK",
+    "TASKS",
     "TRAIN_METRICS",
     "TrainInstruction",
     "node_record",
@@ -56,6 +68,15 @@ CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NODE_KEY = "node"
 INSTRUCTION_KEY = "medfed.instruction"
+
+# The task kinds and the model kinds each accepts; experiments.spec and models define
+# the same (tests keep them equal), but a node must not import either to read a message.
+TABULAR_TASK = "tabular-classification"
+IMAGING_TASK = "imaging-classification"
+TASKS = (TABULAR_TASK, IMAGING_TASK)
+MODEL_KINDS_BY_TASK: Mapping[str, tuple[str, ...]] = {TABULAR_TASK: ("logistic", "mlp"), IMAGING_TASK: ("cnn",)}
+INTENSITIES = ("window", "minmax", "zscore")
+PROJECTIONS = ("mip", "middle")
 
 # Error codes of a node's refusal (Flower's own codes are below 1000).
 REFUSED_BAD_INSTRUCTION = 4001
@@ -82,13 +103,81 @@ TRAIN_METRICS = (
 QUERY_METRICS = (
     "num-examples",
     "eval-num-examples",
-    "epsilon-spent",
-    "epsilon-after",
 )
 
 
 class ProtocolError(ValueError):
     """A message between coordinator and node does not follow this contract."""
+
+
+@dataclass(frozen=True)
+class ImagingInstruction:
+    """How a node turns its imaging dataset into one model input per patient.
+
+    Attributes
+    ----------
+    modalities, body_parts
+        Accepted DICOM Modality and Body Part Examined values; no body parts: any.
+    series_description
+        A regular expression searched, case-insensitively, in the Series Description;
+        empty: any.
+    size
+        Images are resampled to ``size`` x ``size``.
+    intensity
+        ``window`` (through ``window``, a preset or ``voi``, or ``window_center`` and
+        ``window_width`` in modality units), ``minmax`` or ``zscore``.
+    projection
+        ``mip`` (maximum over the series' slices) or ``middle`` (its middle slice).
+    """
+
+    modalities: tuple[str, ...]
+    size: int
+    intensity: str
+    projection: str
+    body_parts: tuple[str, ...] = ()
+    series_description: str = ""
+    window: str = ""
+    window_center: float | None = None
+    window_width: float | None = None
+
+    def problems(self) -> list[str]:
+        """Every problem of this part of an instruction (empty when valid)."""
+        problems = []
+        if not self.modalities or not all(isinstance(m, str) and m for m in self.modalities):
+            problems.append("imaging.modalities must be one or more non-empty strings")
+        if not all(isinstance(b, str) and b for b in self.body_parts):
+            problems.append("imaging.body_parts must hold non-empty strings")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 8 <= self.size <= 512:
+            problems.append(f"imaging.size must be an integer in 8..512; found {self.size!r}")
+        if self.intensity not in INTENSITIES:
+            problems.append(f"imaging.intensity must be one of {', '.join(INTENSITIES)}; found {self.intensity!r}")
+        if self.projection not in PROJECTIONS:
+            problems.append(f"imaging.projection must be one of {', '.join(PROJECTIONS)}; found {self.projection!r}")
+        try:
+            re.compile(self.series_description)
+        except (re.error, TypeError):
+            problems.append("imaging.series_description is not a valid regular expression")
+        pair = (self.window_center, self.window_width)
+        if self.intensity == "window":
+            if bool(self.window) == (pair != (None, None)):
+                problems.append("imaging needs exactly one of window or window_center and window_width")
+            elif not self.window and (
+                None in pair
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair)
+                or pair[1] < 1  # type: ignore[operator]
+            ):
+                problems.append(f"imaging.window_center and window_width must be finite, width >= 1; found {pair}")
+        elif self.window or pair != (None, None):
+            problems.append(f"imaging.window applies only to intensity 'window'; found {self.intensity!r}")
+        return problems
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> ImagingInstruction:
+        """Rebuild from the JSON form (lists become tuples)."""
+        values = dict(data)
+        for key in ("modalities", "body_parts"):
+            values[key] = tuple(values.get(key, ()))
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -116,14 +205,16 @@ class TrainInstruction:
     accountant: str
     rounds: int
     scaling: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    task: str = TABULAR_TASK
+    channels: tuple[int, ...] = ()
+    imaging: ImagingInstruction | None = None
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("experiment", "spec_digest", "dataset", "label", "model_kind", "accountant"):
+        for name in ("experiment", "spec_digest", "dataset", "model_kind", "accountant"):
             if not getattr(self, name):
                 problems.append(f"{name} must be a non-empty string")
-        if not self.features:
-            problems.append("features must not be empty")
+        problems += self._task_problems()
         for name in ("local_epochs", "steps", "rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1; found {getattr(self, name)}")
@@ -137,6 +228,33 @@ class TrainInstruction:
             problems.append(f"delta must be in (0, 1); found {self.delta}")
         if problems:
             raise ProtocolError("invalid training instruction: " + "; ".join(problems))
+
+    def _task_problems(self) -> list[str]:
+        if self.task not in TASKS:
+            return [f"task must be one of {', '.join(TASKS)}; found {self.task!r}"]
+        problems = []
+        kinds = MODEL_KINDS_BY_TASK[self.task]
+        if self.model_kind and self.model_kind not in kinds:
+            problems.append(f"model_kind must be one of {', '.join(kinds)} for task {self.task}; found {self.model_kind!r}")
+        if self.task == TABULAR_TASK:
+            if not self.label:
+                problems.append("label must be a non-empty string")
+            if not self.features:
+                problems.append("features must not be empty")
+            if self.imaging is not None or self.channels:
+                problems.append(f"imaging and channels apply only to task {IMAGING_TASK}")
+            return problems
+        if self.imaging is None:
+            problems.append(f"task {IMAGING_TASK} needs its imaging parameters")
+        else:
+            problems += self.imaging.problems()
+        if self.features or self.label or self.scaling:
+            problems.append(f"features, label and scaling apply only to task {TABULAR_TASK}")
+        if not self.channels or not all(isinstance(c, int) and c >= 1 for c in self.channels):
+            problems.append(f"channels must be one or more positive integers; found {list(self.channels)}")
+        elif self.imaging is not None and isinstance(self.imaging.size, int) and self.imaging.size % 2 ** len(self.channels):
+            problems.append(f"imaging.size must be a multiple of 2 ** len(channels) = {2 ** len(self.channels)}")
+        return problems
 
     def to_json(self) -> str:
         """Serialise to the canonical JSON carried in a ConfigRecord."""
@@ -152,6 +270,9 @@ class TrainInstruction:
             data["features"] = tuple(data["features"])
             data["hidden"] = tuple(int(h) for h in data["hidden"])
             data["scaling"] = {k: (float(c), float(s)) for k, (c, s) in data["scaling"].items()}
+            data["channels"] = tuple(int(c) for c in data.get("channels", ()))
+            if data.get("imaging") is not None:
+                data["imaging"] = ImagingInstruction.from_mapping(data["imaging"])
             return cls(**data)
         except ProtocolError:
             raise

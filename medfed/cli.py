@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from enum import Enum
 
 import typer
 
@@ -18,6 +19,7 @@ from experiments.cli import app as experiment_app
 from experiments.errors import ExperimentError
 from federation.errors import FederationError
 from medfed.errors import MedfedError
+from privacy.cli import keys_app
 from privacy.errors import PrivacyError
 
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -37,6 +39,7 @@ app = typer.Typer(
 )
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(node_app, name="node")
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()
@@ -54,20 +57,37 @@ def synth(
         typer.echo(f"{cohort.site}: {cohort.n_patients} patients -> {cohort.parquet_path.parent}")
 
 
+class DemoTask(str, Enum):
+    """The experiments `medfed demo` can run."""
+
+    tabular = "tabular"
+    imaging = "imaging"
+
+
 @app.command()
 def demo(
     hospitals: int = typer.Option(3, "--hospitals", min=2, help="Number of synthetic hospitals."),
     rounds: int = typer.Option(5, "--rounds", min=1, help="Federated rounds."),
     workdir: str = typer.Option(".medfed/demo", "--workdir", help="Where the demo keeps its state."),
     seed: int = typer.Option(7, "--seed", help="Seed of the synthetic alliance."),
+    task: DemoTask = typer.Option(
+        DemoTask.tabular,
+        "--task",
+        help="tabular: hypertension onset from cohort tables; imaging: a lesion on de-identified chest CT.",
+    ),
 ) -> None:
-    """Run the hypertension experiment across synthetic hospitals on real Flower processes."""
+    """Run an experiment across synthetic hospitals on real Flower processes."""
     from pathlib import Path
 
-    from medfed.demo import run_demo
-
     try:
-        run_demo(Path(workdir), n_hospitals=hospitals, rounds=rounds, seed=seed)
+        if task is DemoTask.imaging:
+            from medfed.demo_imaging import run_imaging_demo
+
+            run_imaging_demo(Path(workdir), n_hospitals=hospitals, rounds=rounds, seed=seed)
+        else:
+            from medfed.demo import run_demo
+
+            run_demo(Path(workdir), n_hospitals=hospitals, rounds=rounds, seed=seed)
     except KeyboardInterrupt:
         # run_demo's cluster has been stopped by the time the interrupt reaches here.
         typer.secho("interrupted: every process the demo started has been stopped", err=True)

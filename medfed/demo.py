@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -34,7 +35,21 @@ from medfed.errors import DemoError
 from privacy.ledger import PrivacyLedger
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, SITE_COLUMN, write_alliance
 
-__all__ = ["DATASET", "EXAMPLE_SPEC", "prepare_alliance", "run_demo"]
+__all__ = [
+    "DATASET",
+    "EXAMPLE_SPEC",
+    "Site",
+    "comparison_table",
+    "demo_console",
+    "ledger_spent",
+    "prepare_alliance",
+    "run_demo",
+    "run_on_cluster",
+    "torch_split",
+]
+
+if TYPE_CHECKING:
+    from clients.hospital_node.imaging_connector import ImagingData
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +59,8 @@ EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "experiments" / "examples" 
 
 @dataclass(frozen=True)
 class Site:
+    """A synthetic hospital of the demo: its name and its node home."""
+
     name: str
     home: Path
 
@@ -121,7 +138,7 @@ class _Progress:
         out = []
         for step in sorted(s for s in losses if s > self.shown):
             metrics = {"train_loss": losses[step]}
-            for key in ("eval_auc", "epsilon"):
+            for key in ("eval_auc", "eval_accuracy", "epsilon"):
                 history = {m.step: m.value for m in self._client.get_metric_history(run_id, key)}
                 wanted = step - 1 if key.startswith("eval") else step
                 if wanted in history:
@@ -131,7 +148,8 @@ class _Progress:
         return out
 
 
-def _torch_split(data: TabularData):  # type: ignore[no-untyped-def]
+def torch_split(data: TabularData | ImagingData):  # type: ignore[no-untyped-def]
+    """A connector's four arrays (x_train, y_train, x_val, y_val) as tensors."""
     import torch
 
     return (
@@ -145,10 +163,10 @@ def _torch_split(data: TabularData):  # type: ignore[no-untyped-def]
 def _train_baseline(spec: ExperimentSpec, plan: PrivacyPlan, x, y, seed: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from models.tabular import build_tabular_model
+    from federation.experiment import build_model
     from models.training import train_dp
 
-    model = build_tabular_model(spec.model.kind, x.shape[1], hidden=spec.model.hidden)
+    model, _ = build_model(spec)
     train_dp(
         model,
         x,
@@ -163,21 +181,33 @@ def _train_baseline(spec: ExperimentSpec, plan: PrivacyPlan, x, y, seed: int):  
     return model
 
 
-def _comparison_table(spec: ExperimentSpec, plan: PrivacyPlan, sites: list[Site], model_path: Path, spent: dict[str, float]) -> Table:
+_METRIC_NAMES = {"auc": "AUC", "accuracy": "accuracy"}
+
+
+def comparison_table(
+    spec: ExperimentSpec,
+    plan: PrivacyPlan,
+    tensors: dict[str, tuple],  # type: ignore[type-arg]
+    model_path: Path,
+    spent: dict[str, float],
+    *,
+    metrics: tuple[str, ...] = ("auc",),
+) -> Table:
+    """Federated vs local-only vs pooled models on each site's validation split.
+
+    `tensors` holds each site's ``(x_train, y_train, x_val, y_val)``. The local-only and
+    pooled models are trained here with the federated run's DP-SGD parameters and step
+    count, so every model costs each patient the same epsilon.
+    """
     import torch
 
-    from models.tabular import build_tabular_model
+    from federation.experiment import build_model
     from models.training import evaluate
 
-    data = {
-        s.name: TabularConnector(NodeHome.open(s.home).dataset(DATASET)).load().select(spec.data.features, spec.data.scaling)
-        for s in sites
-    }
-    tensors = {name: _torch_split(d) for name, d in data.items()}
     x_val_all = torch.cat([t[2] for t in tensors.values()])
     y_val_all = torch.cat([t[3] for t in tensors.values()])
 
-    federated = build_tabular_model(spec.model.kind, len(spec.data.features), hidden=spec.model.hidden)
+    federated, _ = build_model(spec)
     federated.load_state_dict(torch.load(model_path, weights_only=True))
     models = {"federated (all sites)": federated}
     for i, (name, (x, y, _, _)) in enumerate(tensors.items()):
@@ -186,38 +216,51 @@ def _comparison_table(spec: ExperimentSpec, plan: PrivacyPlan, sites: list[Site]
     y_all = torch.cat([t[1] for t in tensors.values()])
     models["pooled (centralised)"] = _train_baseline(spec, plan, x_all, y_all, seed=99)
 
-    table = Table(title=f"Validation AUC at ε ≈ {plan.epsilon_per_site:.2f} per patient (δ = {plan.delta:g})")
+    shown = " / ".join(_METRIC_NAMES[m] for m in metrics)
+    table = Table(title=f"Validation {shown} at ε ≈ {plan.epsilon_per_site:.2f} per patient (δ = {plan.delta:g})")
     table.add_column("model")
     for name in tensors:
-        table.add_column(f"{name} AUC", justify="right")
-    table.add_column("all sites AUC", justify="right")
+        table.add_column(f"{name} {shown}", justify="right")
+    table.add_column(f"all sites {shown}", justify="right")
+
+    def cell(model, x, y) -> str:  # type: ignore[no-untyped-def]
+        result = evaluate(model, x, y)
+        return " / ".join(f"{getattr(result, m):.3f}" for m in metrics)
+
     for label, model in models.items():
-        cells = [f"{evaluate(model, t[2], t[3]).auc:.3f}" for t in tensors.values()]
-        cells.append(f"{evaluate(model, x_val_all, y_val_all).auc:.3f}")
+        cells = [cell(model, t[2], t[3]) for t in tensors.values()]
+        cells.append(cell(model, x_val_all, y_val_all))
         table.add_row(label, *cells)
     table.add_section()
     table.add_row("ε spent on the dataset (ledger)", *[f"{spent.get(n, math.nan):.2f}" for n in tensors], "")
     return table
 
 
-def _console() -> Console:
-    console = Console()
-    # A log file or CI has no terminal width; keep the final table on one line per row.
-    return console if console.is_terminal else Console(width=120)
+def ledger_spent(sites: list[Site], dataset: str, plan: PrivacyPlan) -> dict[str, float]:
+    """Each site's composed epsilon on `dataset`, read from its own ledger."""
+    spent = {}
+    for site in sites:
+        with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
+            spent[site.name] = ledger.spent(dataset, delta=plan.delta, accountant=plan.accountant)
+    return spent
 
 
-def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int = 7, console: Console | None = None) -> None:
-    """Run the whole demo; raises DemoError (or a package's error) with a clear message."""
-    console = console or _console()
-    workdir = workdir.resolve()
-    spec = demo_spec(rounds, n_hospitals)
-    plan = plan_privacy(spec)
-    started = time.monotonic()
-    console.print(f"[bold]medfed demo[/]: {n_hospitals} synthetic hospitals, {rounds} rounds, spec {spec.experiment.name} ({spec.digest()[:12]})")
-    sites = prepare_alliance(workdir, n_hospitals=n_hospitals, seed=seed)
-    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g} "
-                  f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
-    tracking_uri = default_tracking_uri()
+def run_on_cluster(
+    workdir: Path,
+    spec: ExperimentSpec,
+    sites: list[Site],
+    *,
+    tracking_uri: str,
+    console: Console,
+    started: float,
+    show_accuracy: bool = False,
+) -> tuple[int, str | None]:
+    """Start a SuperLink and a SuperNode per site, submit `spec`, print its rounds as they end.
+
+    Returns the Flower run id and the MLflow run id; every process is stopped on the way
+    out. Raises DemoError if the run does not succeed.
+    """
+    rounds = spec.federation.rounds
     with LocalCluster(workdir / "cluster") as cluster:
         cluster.start_superlink()
         for site in sites:
@@ -236,18 +279,47 @@ def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int 
             status = run_status(run_id, connection=cluster.connection, env=env)
             for step, metrics in progress.new_rounds():
                 auc = metrics.get("eval_auc", math.nan)
+                accuracy = f"accuracy {metrics.get('eval_accuracy', math.nan):.3f}, " if show_accuracy else ""
                 console.print(f"  round {step}/{rounds}: train loss {metrics['train_loss']:.3f}, "
-                              f"AUC of the model it started from {auc:.3f}, ε max {metrics.get('epsilon', math.nan):.3f}")
+                              f"{accuracy}AUC of the model it started from {auc:.3f}, ε max {metrics.get('epsilon', math.nan):.3f}")
             if status.finished:
                 break
             time.sleep(1.0)
         if not status.succeeded:
             raise DemoError(f"the experiment run {run_id} ended {status.status}: {status.details or 'see ' + str(cluster.workdir / 'logs')}")
+    return run_id, progress.mlflow_run_id
+
+
+def demo_console() -> Console:
+    """The console the demos print to."""
+    console = Console()
+    # A log file or CI has no terminal width; keep the final table on one line per row.
+    return console if console.is_terminal else Console(width=120)
+
+
+def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int = 7, console: Console | None = None) -> None:
+    """Run the whole demo; raises DemoError (or a package's error) with a clear message."""
+    console = console or demo_console()
+    workdir = workdir.resolve()
+    spec = demo_spec(rounds, n_hospitals)
+    plan = plan_privacy(spec)
+    started = time.monotonic()
+    console.print(f"[bold]medfed demo[/]: {n_hospitals} synthetic hospitals, {rounds} rounds, spec {spec.experiment.name} ({spec.digest()[:12]})")
+    sites = prepare_alliance(workdir, n_hospitals=n_hospitals, seed=seed)
+    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g} "
+                  f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
+    tracking_uri = default_tracking_uri()
+    run_id, mlflow_run_id = run_on_cluster(
+        workdir, spec, sites, tracking_uri=tracking_uri, console=console, started=started
+    )
     model_path = workdir / "runs" / str(run_id) / "final_model.pt"
-    spent = {}
-    for site in sites:
-        with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
-            spent[site.name] = ledger.spent(DATASET, delta=plan.delta, accountant=plan.accountant)
-    console.print(_comparison_table(spec, plan, sites, model_path, spent))
-    console.print(f"MLflow run {progress.mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
+    spent = ledger_spent(sites, DATASET, plan)
+    tensors = {
+        s.name: torch_split(
+            TabularConnector(NodeHome.open(s.home).dataset(DATASET)).load().select(spec.data.features or (), spec.data.scaling)
+        )
+        for s in sites
+    }
+    console.print(comparison_table(spec, plan, tensors, model_path, spent))
+    console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

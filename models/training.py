@@ -110,8 +110,10 @@ class EvalMetrics:
 
 
 def _check_common(x: torch.Tensor, y: torch.Tensor, sample_rate: float, steps: int) -> None:
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"expected x of shape (n, d) and y of shape (n,); found {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(
+            f"expected x of shape (n, ...) and y of shape (n,); found {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if len(x) == 0:
         raise ValueError("cannot train on an empty dataset")
     if not 0 < sample_rate <= 1:

@@ -1,4 +1,4 @@
-"""Differential privacy on the node: DP events, Opacus accounting and the privacy ledger.
+"""Privacy on the node: DP events and accounting, the ledger, keys and signatures, the audit log.
 
 Import-light: Opacus (and torch) load only when an epsilon is first computed.
 
@@ -6,11 +6,46 @@ Import-light: Opacus (and torch) load only when an epsilon is first computed.
 - ``events``: DPEvent, one composable release.
 - ``accountant``: epsilon of composed events, noise for a target epsilon (Opacus).
 - ``ledger``: PrivacyLedger, the per-node record of every charge, SQLite or in memory.
+- ``keys``: Ed25519 key pairs, signatures, fingerprints, the trusted-partner registry.
+- ``audit``: AuditLog, the node's append-only, hash-chained, signed audit log.
+- ``cli``: `medfed keys` (imported by the `medfed` command only).
 """
 
 from privacy.accountant import ACCOUNTANTS, epsilon, noise_for_target, opacus_history, steps_per_epoch
-from privacy.errors import AccountingError, BudgetExhaustedError, LedgerError, PrivacyError
+from privacy.audit import (
+    AUDIT_KINDS,
+    GENESIS_HASH,
+    PROBLEM_KINDS,
+    AuditEntry,
+    AuditLog,
+    AuditProblem,
+    AuditVerification,
+)
+from privacy.errors import (
+    AccountingError,
+    AuditEntryError,
+    AuditError,
+    BudgetExhaustedError,
+    KeyFileError,
+    LedgerError,
+    PrivacyError,
+    SignatureError,
+    TrustedKeysError,
+)
 from privacy.events import MECHANISMS, DPEvent
+from privacy.keys import (
+    TRUSTED_KEYS_FILE,
+    KeyPair,
+    TrustedKey,
+    TrustedKeys,
+    fingerprint,
+    format_public_key,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    sign,
+    verify,
+)
 from privacy.ledger import (
     SCHEMA_VERSION,
     Charge,
@@ -22,20 +57,43 @@ from privacy.ledger import (
 
 __all__ = [
     "ACCOUNTANTS",
+    "AUDIT_KINDS",
     "AccountingError",
+    "AuditEntry",
+    "AuditEntryError",
+    "AuditError",
+    "AuditLog",
+    "AuditProblem",
+    "AuditVerification",
     "BudgetExhaustedError",
     "Charge",
     "DPEvent",
+    "GENESIS_HASH",
     "InMemoryLedgerStore",
+    "KeyFileError",
+    "KeyPair",
     "LedgerError",
     "LedgerStore",
     "MECHANISMS",
+    "PROBLEM_KINDS",
     "PrivacyError",
     "PrivacyLedger",
     "SCHEMA_VERSION",
+    "SignatureError",
     "SqliteLedgerStore",
+    "TRUSTED_KEYS_FILE",
+    "TrustedKey",
+    "TrustedKeys",
+    "TrustedKeysError",
     "epsilon",
+    "fingerprint",
+    "format_public_key",
+    "generate_keypair",
+    "load_private_key",
+    "load_public_key",
     "noise_for_target",
     "opacus_history",
+    "sign",
     "steps_per_epoch",
+    "verify",
 ]

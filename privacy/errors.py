@@ -1,14 +1,29 @@
-"""Errors of the privacy package: accounting, the ledger and the budget.
+"""Errors of the privacy package: accounting, the ledger, the budget, keys and the audit log.
 
     PrivacyError
     ├── AccountingError        bad privacy parameters (also a ValueError)
     ├── BudgetExhaustedError   a release would take a dataset over its budget
-    └── LedgerError            the ledger's storage is unreadable, corrupt or inconsistent
+    ├── LedgerError            the ledger's storage is unreadable, corrupt or inconsistent
+    ├── KeyFileError           a key file (or key text) is missing, malformed, too open or taken
+    ├── TrustedKeysError       the trusted-partner registry is malformed or refuses a change
+    ├── SignatureError         a signature does not verify, or its signer is not trusted
+    └── AuditError             the audit log cannot be read, locked or extended
+        └── AuditEntryError    an audit entry's kind or payload is invalid (also a ValueError)
 """
 
 from __future__ import annotations
 
-__all__ = ["AccountingError", "BudgetExhaustedError", "LedgerError", "PrivacyError"]
+__all__ = [
+    "AccountingError",
+    "AuditEntryError",
+    "AuditError",
+    "BudgetExhaustedError",
+    "KeyFileError",
+    "LedgerError",
+    "PrivacyError",
+    "SignatureError",
+    "TrustedKeysError",
+]
 
 
 class PrivacyError(Exception):
@@ -32,3 +47,36 @@ class LedgerError(PrivacyError):
 
     Storage problems name the ledger file, so the operator knows which node home to look at.
     """
+
+
+class KeyFileError(PrivacyError):
+    """A key file or key text cannot be used.
+
+    Missing, unreadable or malformed files, keys of another algorithm, private keys that
+    other users may read (fix with ``chmod 600 <path>``), and files that already exist
+    when a new key pair would overwrite them. The message names the path.
+    """
+
+
+class TrustedKeysError(PrivacyError):
+    """The registry of trusted research-partner keys is malformed or refuses a change.
+
+    A duplicate partner name or key, an unknown partner, or a registry file that is not
+    valid TOML (every problem at once, by field).
+    """
+
+
+class SignatureError(PrivacyError):
+    """A signature does not verify with the key it claims, or its signer is not trusted."""
+
+
+class AuditError(PrivacyError):
+    """The audit log or its signed head cannot be read, locked or extended.
+
+    Appending is refused, rather than hiding a gap, when the log no longer matches its
+    signed head; ``medfed node audit verify`` then says which entry is wrong.
+    """
+
+
+class AuditEntryError(AuditError, ValueError):
+    """An audit entry's kind is unknown or its payload is not a JSON object."""

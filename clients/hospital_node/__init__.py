@@ -3,7 +3,9 @@
 Import-light on purpose: Flower starts a fresh ClientApp process for every message,
 so importing this package pulls in neither torch nor pandas. Import from the modules:
 ``errors`` (the NodeError tree), ``home`` (NodeHome, DatasetEntry), ``connectors``
-(TabularConnector, InMemoryConnector, TabularData), ``client_app``, ``rounds``, ``cli``.
+(TabularConnector, InMemoryConnector, TabularData), ``imaging_connector`` (DICOM folders
+to one de-identified image per patient), ``client_app``, ``rounds``, ``cli``,
+``audit_cli`` (`medfed node audit`).
 """
 
 __all__: list[str] = []

@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from clients.hospital_node.audit_cli import audit_app
 from clients.hospital_node.errors import NodeError
-from clients.hospital_node.home import DatasetEntry, NodeHome
+from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
 
 __all__ = ["app", "dataset_app"]
 
@@ -23,6 +24,7 @@ HOME_ENVVAR = "MEDFED_NODE_HOME"
 app = typer.Typer(help="Run and govern a hospital node.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Register and list the node's datasets.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(audit_app, name="audit")
 
 _HOME_HELP = "The node home folder (holds node.toml and the privacy ledger)."
 
@@ -85,6 +87,95 @@ def add(
     )
 
 
+def _names(option: str, value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    names = tuple(name.strip() for name in value.split(","))
+    if not all(names):
+        raise NodeError(f"{option} has an empty name in {value!r}; separate names with single commas")
+    return names
+
+
+def _deid_table(config: Path | None, options: str | None, burned_in: str | None) -> dict[str, object]:
+    """The [deid] settings: a TOML file's table, or the shortcuts' (not both)."""
+    import tomllib
+
+    if config is not None:
+        if options is not None or burned_in is not None:
+            raise NodeError("give --deid-config or --deid-options/--burned-in, not both")
+        try:
+            return tomllib.loads(config.expanduser().read_text(encoding="utf-8"))
+        except OSError as err:
+            raise NodeError(f"cannot read --deid-config {config}: {err.strerror or err}") from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+            raise NodeError(f"--deid-config {config} is not valid TOML: {err}") from None
+    table: dict[str, object] = {}
+    if options is not None:
+        table["options"] = list(_names("--deid-options", options))
+    if burned_in is not None:
+        table["burned_in"] = {"mode": burned_in}
+    return table
+
+
+@dataset_app.command("add-imaging")
+def add_imaging(
+    name: str = typer.Argument(..., help="Name the dataset is known by in experiment specs."),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    folder: Path = typer.Option(..., "--folder", help="The DICOM folder, as the PACS exported it."),
+    labels: Path = typer.Option(
+        ..., "--labels", help="CSV with columns patient_id and label (0/1), optionally issuer."
+    ),
+    modalities: str | None = typer.Option(None, "--modalities", help="Series modalities to keep, e.g. CT,MR."),
+    body_parts: str | None = typer.Option(None, "--body-parts", help="Body Part Examined values, e.g. CHEST."),
+    series_description: str = typer.Option(
+        "", "--series-description", help="Regular expression the Series Description must contain."
+    ),
+    deid_config: Path | None = typer.Option(
+        None, "--deid-config", help="TOML file of de-identification settings (options, burned_in, ...)."
+    ),
+    deid_options: str | None = typer.Option(
+        None, "--deid-options", help="PS3.15 options, comma-separated, e.g. clean_descriptors."
+    ),
+    burned_in: str | None = typer.Option(
+        None, "--burned-in", help="Images that may carry burned-in text: exclude (default) or clean."
+    ),
+    validation_fraction: float = typer.Option(
+        0.2, "--validation-fraction", help="Share of patients held out for validation."
+    ),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the split by pseudonymous patient id."),
+    replace: bool = typer.Option(False, "--replace", help="Replace a dataset of the same name."),
+) -> None:
+    """De-identify a DICOM folder into the node's cache and register it as an imaging dataset."""
+    node = NodeHome.open(home)
+    entry = DatasetEntry(
+        name=name,
+        path=folder.expanduser().resolve(),
+        kind="imaging",
+        imaging=ImagingSource(
+            labels=labels.expanduser().resolve(),
+            modalities=_names("--modalities", modalities),
+            body_parts=_names("--body-parts", body_parts),
+            series_description=series_description,
+            deid=_deid_table(deid_config, deid_options, burned_in),
+        ),
+        validation_fraction=validation_fraction,
+        split_seed=split_seed,
+    )
+    # Imported here: it pulls in pydicom, which the other commands do not need.
+    from clients.hospital_node.imaging_connector import ImagingInventory
+
+    inventory = node.register_dataset(entry, replace=replace)
+    assert isinstance(inventory, ImagingInventory)  # what an imaging registration returns
+    excluded = sum(inventory.files_excluded.values())
+    reasons = ", ".join(f"{reason} {count}" for reason, count in inventory.files_excluded.items())
+    typer.echo(
+        f"registered imaging dataset {entry.name!r} on node {node.name!r}: "
+        f"{inventory.files_seen} files, {inventory.files_written} de-identified, "
+        f"{excluded} excluded{f' ({reasons})' if reasons else ''}; "
+        f"{inventory.patients_with_images} patients with images, {inventory.patients_labelled} of them labelled"
+    )
+
+
 @dataset_app.command("list")
 def list_datasets(
     home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
@@ -96,18 +187,26 @@ def list_datasets(
         typer.echo(f"no datasets registered on node {node.name!r}; add one with `medfed node dataset add`")
         return
     table = Table(title=f"datasets of node {escape(node.name)}")
-    for column in ("name", "file", "id", "label", "features", "site filter", "validation", "seed"):
+    for column in ("name", "kind", "file", "id", "label", "features", "filter", "validation", "seed"):
         table.add_column(column)
     for name in sorted(datasets):
         entry = datasets[name]
-        site = f"{entry.site_column} = {entry.site_value}" if entry.site_column else "-"
+        if entry.imaging is not None:
+            source = entry.imaging
+            selection = [
+                ",".join(source.modalities) or "any modality",
+                ",".join(source.body_parts) or "any body part",
+                f"/{source.series_description}/" if source.series_description else "any description",
+            ]
+            middle = ("patient_id", str(source.labels), "images", "; ".join(selection))
+        else:
+            site = f"{entry.site_column} = {entry.site_value}" if entry.site_column else "-"
+            middle = (entry.id_column, entry.label_column, str(len(entry.feature_columns)), site)
         cells = (
             name,
+            entry.kind,
             str(entry.path),
-            entry.id_column,
-            entry.label_column,
-            str(len(entry.feature_columns)),
-            site,
+            *middle,
             f"{entry.validation_fraction:g}",
             str(entry.split_seed),
         )

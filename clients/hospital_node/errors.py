@@ -3,7 +3,8 @@
     NodeError
     ├── NodeHomeError          the node home or its node.toml is missing or invalid
     ├── DatasetNotFoundError   a dataset name is not registered on this node (also a KeyError)
-    └── ConnectorError         a dataset file cannot be read or fails validation (also a ValueError)
+    ├── ConnectorError         a dataset file cannot be read or fails validation (also a ValueError)
+    └── AuditVerificationError the audit log failed verification: edited, deleted, reordered ...
 
 Messages name files, fields and columns, and give counts; they never hold a value read
 from patient data.
@@ -11,9 +12,9 @@ from patient data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-__all__ = ["ConnectorError", "DatasetNotFoundError", "NodeError", "NodeHomeError"]
+__all__ = ["AuditVerificationError", "ConnectorError", "DatasetNotFoundError", "NodeError", "NodeHomeError"]
 
 
 class NodeError(Exception):
@@ -53,3 +54,25 @@ def _dataset_not_found(name: str, node: str, registered: tuple[str, ...]) -> Dat
 
 class ConnectorError(NodeError, ValueError):
     """A dataset file cannot be read, or its content does not fit its registration."""
+
+
+class AuditVerificationError(NodeError):
+    """The node's audit log failed verification; the message lists every problem, one a line.
+
+    ``problems`` holds one line per problem, such as
+    ``line 7 (seq 6): edited — hash does not match its content: ...``.
+    """
+
+    def __init__(self, log: str, problems: Sequence[str]) -> None:
+        self.log = log
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        listing = "\n".join(f"  {problem}" for problem in self.problems)
+        message = (
+            f"audit log {log} failed verification, {count} problem{'s' if count != 1 else ''}:\n{listing}\n"
+            "Keep the files as they are (they are evidence) and tell the data-governance officer"
+        )
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[object, tuple[str, tuple[str, ...]]]:
+        return (type(self), (self.log, self.problems))

@@ -2,7 +2,9 @@
 
 A Flower ClientApp process lives for one message, so everything a node must remember
 lives here, on the hospital's own disk: ``node.toml`` (the node's name and its dataset
-registry) and ``ledger.sqlite`` (the privacy ledger). ``node.toml`` looks like::
+registry), ``ledger.sqlite`` (the privacy ledger), ``audit.jsonl`` (the signed audit log,
+with its head record ``audit.jsonl.head``) and ``keys/node_audit.key`` + ``.pub`` (the
+key that signs it, created on first use). ``node.toml`` looks like::
 
     [node]
     name = "hospital_1"
@@ -17,9 +19,22 @@ registry) and ``ledger.sqlite`` (the privacy ledger). ``node.toml`` looks like::
     validation_fraction = 0.2
     split_seed = 0
 
+    [datasets.chest_ct]
+    kind = "imaging"                   # a folder of DICOM files; "tabular" is the default
+    path = "/data/pacs-export/chest"   # the folder, as exported (identifiable)
+    labels = "/data/chest_labels.csv"  # patient_id,label (and optionally issuer)
+    modalities = ["CT"]                # optional series selection: modalities, body
+    body_parts = ["CHEST"]             # parts and a Series Description pattern
+    series_description = "axial"
+    validation_fraction = 0.2
+    split_seed = 0
+    deid = { options = [], burned_in = { mode = "exclude" } }   # imaging.DeidConfig
+
 It is parsed once, into frozen :class:`DatasetEntry` values, and every problem is
 reported at once, by field. Registering a dataset validates its file first and then
-replaces ``node.toml`` atomically, so a failed registration leaves it untouched.
+replaces ``node.toml`` atomically, so a failed registration leaves it untouched;
+registering an imaging dataset also de-identifies its folder into the node's cache
+(``clients.hospital_node.imaging_connector``).
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import re
 import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,13 +55,30 @@ from clients.hospital_node.errors import DatasetNotFoundError, NodeHomeError
 
 if TYPE_CHECKING:
     from clients.hospital_node.connectors import TabularData
+    from clients.hospital_node.imaging_connector import ImagingInventory
+    from imaging.deid_config import DeidConfig
+    from privacy.audit import AuditLog
 
-__all__ = ["CONFIG_FILE", "LEDGER_FILE", "DatasetEntry", "NodeHome", "toml_string"]
+__all__ = [
+    "AUDIT_KEY_NAME",
+    "AUDIT_LOG_FILE",
+    "CONFIG_FILE",
+    "DATASET_KINDS",
+    "KEYS_DIR",
+    "LEDGER_FILE",
+    "DatasetEntry",
+    "ImagingSource",
+    "NodeHome",
+    "toml_string",
+]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "node.toml"
 LEDGER_FILE = "ledger.sqlite"
+AUDIT_LOG_FILE = "audit.jsonl"
+KEYS_DIR = "keys"
+AUDIT_KEY_NAME = "node_audit"
 
 # Node and dataset names appear in paths, TOML table headers and audit records.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -56,7 +88,13 @@ _TOP_KEYS = ("node", "datasets")
 _NODE_KEYS = ("name",)
 _REQUIRED_DATASET_KEYS = ("path", "id_column", "label_column", "feature_columns")
 _OPTIONAL_DATASET_KEYS = ("site_column", "site_value", "validation_fraction", "split_seed")
-_DATASET_KEYS = _REQUIRED_DATASET_KEYS + _OPTIONAL_DATASET_KEYS
+_DATASET_KEYS = _REQUIRED_DATASET_KEYS + _OPTIONAL_DATASET_KEYS + ("kind",)
+_REQUIRED_IMAGING_KEYS = ("kind", "path", "labels")
+_OPTIONAL_IMAGING_KEYS = (
+    "modalities", "body_parts", "series_description", "deid", "validation_fraction", "split_seed"
+)
+_IMAGING_KEYS = _REQUIRED_IMAGING_KEYS + _OPTIONAL_IMAGING_KEYS
+DATASET_KINDS = ("tabular", "imaging")
 
 _DEFAULT_VALIDATION_FRACTION = 0.2
 _DEFAULT_SPLIT_SEED = 0
@@ -166,6 +204,15 @@ def _split_problems(prefix: str, *, validation_fraction: object, split_seed: obj
 def _table_problems(name: str, raw: Mapping[str, Any]) -> list[str]:
     """Every problem of one ``[datasets.<name>]`` table, types and values."""
     prefix = f"datasets.{name}"
+    kind = raw.get("kind", "tabular")
+    if kind not in DATASET_KINDS:
+        hint = difflib.get_close_matches(str(kind), DATASET_KINDS, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        return _name_problems(name) + [
+            f"{prefix}.kind must be one of {', '.join(map(repr, DATASET_KINDS))}; found {kind!r}{suggestion}"
+        ]
+    if kind == "imaging":
+        return _imaging_table_problems(name, raw)
     problems = _name_problems(name)
     problems += [
         _unknown_key(f"{prefix}.{key}", key, _DATASET_KEYS)
@@ -198,10 +245,129 @@ def _table_problems(name: str, raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _strings_problems(field: str, value: object) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        return [f"{field} must be a list of strings"]
+    if not all(isinstance(item, str) and item.strip() and _is_utf8(item) for item in value):
+        return [f"{field} must hold non-empty strings only"]
+    return []
+
+
+def _deid_problems(field: str, deid: object) -> list[str]:
+    if not isinstance(deid, Mapping):
+        return [f"{field} must be a table of de-identification settings"]
+    # Imported here: it pulls in pydicom, and only imaging datasets need it.
+    from imaging.deid_config import DeidConfig
+    from imaging.errors import ImagingConfigError
+
+    try:
+        DeidConfig.from_mapping(deid, prefix=field)
+    except ImagingConfigError as err:
+        return list(err.problems)
+    return []
+
+
+def _imaging_problems(
+    prefix: str, *, labels: object, modalities: object, body_parts: object, series_description: object, deid: object
+) -> list[str]:
+    """Problems with the imaging-only settings of a registration; every one."""
+    problems: list[str] = []
+    if labels is None:
+        pass  # not given: reported as missing by the caller
+    elif not isinstance(labels, (str, Path)) or not str(labels).strip():
+        problems.append(f"{prefix}.labels must be the path of a labels CSV file")
+    elif not _is_utf8(str(labels)):
+        problems.append(f"{prefix}.labels is not valid UTF-8 and cannot be written to node.toml")
+    problems += _strings_problems(f"{prefix}.modalities", modalities)
+    problems += _strings_problems(f"{prefix}.body_parts", body_parts)
+    if not isinstance(series_description, str):
+        problems.append(f"{prefix}.series_description must be a string (a regular expression)")
+    else:
+        try:
+            re.compile(series_description)
+        except re.error as err:
+            problems.append(f"{prefix}.series_description is not a valid regular expression: {err.msg}")
+    problems += _deid_problems(f"{prefix}.deid", deid)
+    return problems
+
+
+def _imaging_table_problems(name: str, raw: Mapping[str, Any]) -> list[str]:
+    """Every problem of one ``[datasets.<name>]`` table of kind ``imaging``."""
+    prefix = f"datasets.{name}"
+    problems = _name_problems(name)
+    for key in raw:
+        if key in _IMAGING_KEYS:
+            continue
+        if key in _DATASET_KEYS:
+            problems.append(f"{prefix}.{key} applies only to kind 'tabular'; an imaging dataset's labels file names its patients")
+        else:
+            problems.append(_unknown_key(f"{prefix}.{key}", key, _IMAGING_KEYS))
+    problems += [f"{prefix}.{key} is missing" for key in _REQUIRED_IMAGING_KEYS if key not in raw]
+    path = raw.get("path")
+    if "path" in raw and (not isinstance(path, str) or not path.strip()):
+        problems.append(f"{prefix}.path must be a non-empty string")
+    problems += _imaging_problems(
+        prefix,
+        labels=raw.get("labels"),
+        modalities=raw.get("modalities", []),
+        body_parts=raw.get("body_parts", []),
+        series_description=raw.get("series_description", ""),
+        deid=raw.get("deid", {}),
+    )
+    problems += _split_problems(
+        prefix,
+        validation_fraction=raw.get("validation_fraction", _DEFAULT_VALIDATION_FRACTION),
+        split_seed=raw.get("split_seed", _DEFAULT_SPLIT_SEED),
+    )
+    return problems
+
+
+@dataclass(frozen=True)
+class ImagingSource:
+    """What makes an imaging dataset besides its DICOM folder (the entry's ``path``).
+
+    Attributes
+    ----------
+    labels
+        A CSV file with a ``patient_id`` and a 0/1 ``label`` column (and an optional
+        ``issuer`` column, the Issuer of Patient ID, for exports that mix issuers):
+        the hospital's own identifiers, which never leave the node.
+    modalities, body_parts, series_description
+        Which series belong to the dataset: accepted Modality and Body Part Examined
+        values (empty: any) and a regular expression searched in the Series Description
+        (empty: any). An experiment may narrow this selection, never widen it.
+    deid
+        The de-identification settings, as ``imaging.DeidConfig.from_mapping`` reads
+        them; empty: the Basic Profile, images with burned-in text excluded.
+    """
+
+    labels: Path
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    series_description: str = ""
+    deid: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.labels, str):
+            object.__setattr__(self, "labels", Path(self.labels))
+        for name in ("modalities", "body_parts"):
+            value = getattr(self, name)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+
+    def deid_config(self) -> DeidConfig:
+        """The parsed de-identification settings (validated when the entry was built)."""
+        from imaging.deid_config import DeidConfig
+
+        return DeidConfig.from_mapping(self.deid)
+
+
 @dataclass(frozen=True)
 class DatasetEntry:
-    """One registered tabular dataset: where its file is and how to read it.
+    """One registered dataset: where its data is and how to read it.
 
+    A ``tabular`` entry names a file and its columns; an ``imaging`` entry names a DICOM
+    folder and carries an :class:`ImagingSource`, and leaves the column fields empty.
     ``path`` is absolute; :meth:`from_mapping` resolves a relative ``path`` from
     ``node.toml`` against the node home. Constructing an invalid entry raises
     :class:`NodeHomeError` naming every bad field.
@@ -209,13 +375,15 @@ class DatasetEntry:
 
     name: str
     path: Path
-    id_column: str
-    label_column: str
-    feature_columns: tuple[str, ...]
+    id_column: str = ""
+    label_column: str = ""
+    feature_columns: tuple[str, ...] = ()
     site_column: str | None = None
     site_value: str | None = None
     validation_fraction: float = _DEFAULT_VALIDATION_FRACTION
     split_seed: int = _DEFAULT_SPLIT_SEED
+    kind: str = "tabular"
+    imaging: ImagingSource | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence of names and a str path; store the canonical types.
@@ -233,23 +401,59 @@ class DatasetEntry:
             problems.append(f"{prefix}.path must be an absolute path; found {str(self.path)!r}")
         elif not _is_utf8(str(self.path)):
             problems.append(f"{prefix}.path is not valid UTF-8 and cannot be written to node.toml")
-        problems += _column_problems(
-            prefix,
-            id_column=self.id_column,
-            label_column=self.label_column,
-            feature_columns=self.feature_columns,
-            site_column=self.site_column,
-            site_value=self.site_value,
-        )
+        if self.kind not in DATASET_KINDS:
+            problems.append(f"{prefix}.kind must be one of {', '.join(map(repr, DATASET_KINDS))}; found {self.kind!r}")
+        elif self.kind == "imaging":
+            problems += self._imaging_problems(prefix)
+        else:
+            if self.imaging is not None:
+                problems.append(f"{prefix}.imaging applies only to kind 'imaging'")
+            problems += _column_problems(
+                prefix,
+                id_column=self.id_column,
+                label_column=self.label_column,
+                feature_columns=self.feature_columns,
+                site_column=self.site_column,
+                site_value=self.site_value,
+            )
         problems += _split_problems(
             prefix, validation_fraction=self.validation_fraction, split_seed=self.split_seed
         )
         if problems:
             raise NodeHomeError(_listing(f"dataset registration {self.name!r} is invalid", problems))
 
+    def _imaging_problems(self, prefix: str) -> list[str]:
+        problems = []
+        columns = (self.id_column, self.label_column, self.feature_columns, self.site_column, self.site_value)
+        if any(columns):
+            problems.append(
+                f"{prefix}: id_column, label_column, feature_columns and the site filter apply only "
+                "to kind 'tabular'; an imaging dataset's labels file names its patients"
+            )
+        if self.imaging is None:
+            problems.append(f"{prefix}.imaging is required for kind 'imaging' (the labels file and settings)")
+            return problems
+        source = self.imaging
+        if not source.labels.is_absolute():
+            problems.append(f"{prefix}.labels must be an absolute path; found {str(source.labels)!r}")
+        problems += _imaging_problems(
+            prefix,
+            labels=source.labels,
+            modalities=source.modalities,
+            body_parts=source.body_parts,
+            series_description=source.series_description,
+            deid=source.deid,
+        )
+        return problems
+
     @property
     def columns(self) -> tuple[str, ...]:
-        """Every column the registration reads: id, label, features, then the site column."""
+        """Every column the registration reads: id, label, features, then the site column.
+
+        Empty for an imaging dataset, which has no columns.
+        """
+        if self.kind == "imaging":
+            return ()
         site = (self.site_column,) if self.site_column is not None else ()
         return (self.id_column, self.label_column, *self.feature_columns, *site)
 
@@ -267,6 +471,22 @@ class DatasetEntry:
             raise NodeHomeError(_listing(f"dataset registration {name!r} is invalid", problems))
         path = raw["path"]
         stored = Path(path).expanduser()
+        if raw.get("kind", "tabular") == "imaging":
+            labels = Path(raw["labels"]).expanduser()
+            return cls(
+                name=name,
+                path=stored if stored.is_absolute() else home / stored,
+                kind="imaging",
+                imaging=ImagingSource(
+                    labels=labels if labels.is_absolute() else home / labels,
+                    modalities=tuple(raw.get("modalities", ())),
+                    body_parts=tuple(raw.get("body_parts", ())),
+                    series_description=raw.get("series_description", ""),
+                    deid=dict(raw.get("deid", {})),
+                ),
+                validation_fraction=raw.get("validation_fraction", _DEFAULT_VALIDATION_FRACTION),
+                split_seed=raw.get("split_seed", _DEFAULT_SPLIT_SEED),
+            )
         return cls(
             name=name,
             path=stored if stored.is_absolute() else home / stored,
@@ -382,6 +602,54 @@ def _stored_path(path: Path, home: Path) -> str:
         return str(path)
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value on one line: strings, booleans, numbers, arrays and inline tables."""
+    if isinstance(value, str):
+        return toml_string(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    if isinstance(value, Mapping):
+        items = [
+            f"{key if _BARE_KEY.fullmatch(str(key)) else toml_string(str(key))} = {_toml_value(item)}"
+            for key, item in value.items()
+        ]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise ValueError(f"cannot write a {type(value).__name__} to node.toml")
+
+
+def _render_imaging(entry: DatasetEntry, home: Path) -> list[str]:
+    source = entry.imaging
+    assert source is not None  # an imaging entry always has one
+    lines = [
+        "",
+        f"[datasets.{entry.name}]",
+        'kind = "imaging"',
+        f"path = {toml_string(_stored_path(entry.path, home))}",
+        f"labels = {toml_string(_stored_path(source.labels, home))}",
+    ]
+    if source.modalities:
+        lines.append(f"modalities = {_toml_value(list(source.modalities))}")
+    if source.body_parts:
+        lines.append(f"body_parts = {_toml_value(list(source.body_parts))}")
+    if source.series_description:
+        lines.append(f"series_description = {toml_string(source.series_description)}")
+    lines += [
+        f"validation_fraction = {float(entry.validation_fraction)!r}",
+        f"split_seed = {int(entry.split_seed)}",
+        f"deid = {_toml_value(dict(source.deid))}",
+    ]
+    return lines
+
+
 def _render_config(config: _NodeConfig, home: Path) -> str:
     lines = [
         "# medfed node home. `medfed node` rewrites this file: comments are not kept.",
@@ -391,6 +659,9 @@ def _render_config(config: _NodeConfig, home: Path) -> str:
     ]
     for name in sorted(config.datasets):
         entry = config.datasets[name]
+        if entry.kind == "imaging":
+            lines += _render_imaging(entry, home)
+            continue
         lines += [
             "",
             f"[datasets.{name}]",
@@ -503,6 +774,58 @@ class NodeHome:
         """The node's privacy ledger database in the home."""
         return self._path / LEDGER_FILE
 
+    @property
+    def audit_log_path(self) -> Path:
+        """The node's audit log (JSON Lines; its signed head sits beside it)."""
+        return self._path / AUDIT_LOG_FILE
+
+    @property
+    def audit_key_path(self) -> Path:
+        """The private key that signs the audit log (mode 0600)."""
+        return self._path / KEYS_DIR / f"{AUDIT_KEY_NAME}.key"
+
+    @property
+    def audit_public_key_path(self) -> Path:
+        """The audit key's public half, for `medfed node audit verify`."""
+        return self._path / KEYS_DIR / f"{AUDIT_KEY_NAME}.pub"
+
+    def audit_log(self) -> AuditLog:
+        """The node's audit log, open for appending; the first call creates the audit key pair.
+
+        Raises
+        ------
+        NodeHomeError
+            If the audit key is gone while its public key or the log remain: a new key
+            could not continue the old log, so the key must be restored from backup.
+        KeyFileError
+            If the key file is unreadable, malformed or readable by other users.
+        """
+        # Imported here: the ClientApp imports this module on every message.
+        from privacy.audit import AuditLog
+        from privacy.errors import KeyFileError
+        from privacy.keys import generate_keypair, load_private_key
+
+        key_path = self.audit_key_path
+        if not key_path.exists():
+            left = [path for path in (self.audit_public_key_path, self.audit_log_path) if path.exists()]
+            if left:
+                listed = " and ".join(str(path) for path in left)
+                still = "is" if len(left) == 1 else "are"
+                raise NodeHomeError(
+                    f"the node's audit key {key_path} is missing although {listed} {still} still there; "
+                    "restore the key from backup (a new key cannot continue the old audit log)"
+                )
+            try:
+                pair = generate_keypair(key_path.parent, AUDIT_KEY_NAME)
+            except KeyFileError:
+                if not key_path.exists():
+                    raise
+                # Another process created it first; use theirs.
+            else:
+                logger.info("created the audit key of node %s: %s", self.name, pair.fingerprint)
+                return AuditLog(self.audit_log_path, signing_key=pair.private_key)
+        return AuditLog(self.audit_log_path, signing_key=load_private_key(key_path))
+
     def datasets(self) -> dict[str, DatasetEntry]:
         """Registered datasets by name."""
         return dict(self._config.datasets)
@@ -522,16 +845,21 @@ class NodeHome:
                 name, node=self.name, registered=self._config.datasets
             ) from None
 
-    def register_dataset(self, entry: DatasetEntry, *, replace: bool = False) -> TabularData:
+    def register_dataset(
+        self, entry: DatasetEntry, *, replace: bool = False
+    ) -> TabularData | ImagingInventory:
         """Validate the dataset's file, then record it in ``node.toml``.
 
         The file is read and checked through the connector first; ``node.toml`` is
-        replaced atomically only if that succeeds.
+        replaced atomically only if that succeeds. An imaging dataset's folder is
+        de-identified into the node's cache then (an audited step), so that training
+        later starts from de-identified images only.
 
         Returns
         -------
-        TabularData
-            The validated data, so that callers can report its counts.
+        TabularData | ImagingInventory
+            The validated data (tabular) or what was found (imaging), so that callers
+            can report its counts.
 
         Raises
         ------
@@ -540,22 +868,31 @@ class NodeHome:
         ConnectorError
             If the file cannot be read or does not fit the registration.
         """
-        # Imported here: the connector pulls in pandas, and the ClientApp imports this
-        # module on every message.
-        from clients.hospital_node.connectors import TabularConnector
-
+        # Imported here: the connectors pull in pandas and pydicom, and the ClientApp
+        # imports this module on every message.
         current = _read_config(self._path)
         if entry.name in current.datasets and not replace:
             raise NodeHomeError(
                 f"dataset {entry.name!r} is already registered on node {current.name!r}; "
                 "pass --replace to replace it"
             )
+        if entry.kind == "imaging":
+            from clients.hospital_node.imaging_connector import ImagingConnector
+
+            inventory = ImagingConnector(self, entry).prepare()
+            self._record(current, entry)
+            logger.info(
+                "registered imaging dataset %s on node %s: %d patients with images, %d labelled",
+                entry.name,
+                current.name,
+                inventory.patients_with_images,
+                inventory.patients_labelled,
+            )
+            return inventory
+        from clients.hospital_node.connectors import TabularConnector
+
         data = TabularConnector(entry).load()
-        datasets = dict(current.datasets)
-        datasets[entry.name] = entry
-        updated = _NodeConfig(name=current.name, datasets=datasets)
-        _write_atomically(self.config_path, _render_config(updated, self._path))
-        self._config = updated
+        updated = self._record(current, entry)
         logger.info(
             "registered dataset %s on node %s: %d training and %d validation rows",
             entry.name,
@@ -564,3 +901,11 @@ class NodeHome:
             data.n_val,
         )
         return data
+
+    def _record(self, current: _NodeConfig, entry: DatasetEntry) -> _NodeConfig:
+        datasets = dict(current.datasets)
+        datasets[entry.name] = entry
+        updated = _NodeConfig(name=current.name, datasets=datasets)
+        _write_atomically(self.config_path, _render_config(updated, self._path))
+        self._config = updated
+        return updated

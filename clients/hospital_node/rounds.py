@@ -10,20 +10,21 @@ reason for the researcher; it never contains patient data.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from clients.hospital_node.connectors import TabularConnector, TabularData
-from clients.hospital_node.errors import NodeError
+from clients.hospital_node.errors import ConnectorError, NodeError
 from clients.hospital_node.home import NodeHome
 from federation.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    IMAGING_TASK,
     METRICS_KEY,
     NODE_KEY,
     REFUSED_BAD_INSTRUCTION,
@@ -37,6 +38,10 @@ from federation.protocol import (
 from privacy.accountant import steps_per_epoch
 from privacy.errors import PrivacyError
 from privacy.ledger import PrivacyLedger
+
+if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where they are used
+    from clients.hospital_node.connectors import TabularData
+    from clients.hospital_node.imaging_connector import ImagingData
 
 __all__ = ["answer"]
 
@@ -87,8 +92,22 @@ def _check_accounting(instruction: TrainInstruction) -> None:
         )
 
 
-def _load(home: NodeHome, instruction: TrainInstruction) -> TabularData:
+def _load(home: NodeHome, instruction: TrainInstruction) -> TabularData | ImagingData:
+    """The dataset's arrays, split by patient: TabularData or ImagingData, per the task."""
     entry = home.dataset(instruction.dataset)
+    wanted = "imaging" if instruction.task == IMAGING_TASK else "tabular"
+    if entry.kind != wanted:
+        raise ConnectorError(
+            f"dataset '{instruction.dataset}' on node '{home.name}' is of kind '{entry.kind}'; "
+            f"task {instruction.task} needs a dataset of kind '{wanted}'"
+        )
+    if instruction.task == IMAGING_TASK:
+        from clients.hospital_node.imaging_connector import ImagingConnector
+
+        assert instruction.imaging is not None  # TrainInstruction checks it
+        return ImagingConnector(home, entry).load(instruction.imaging)
+    from clients.hospital_node.connectors import TabularConnector
+
     if entry.label_column != instruction.label:
         raise ProtocolError(
             f"label '{instruction.label}' is not the label of dataset '{instruction.dataset}' "
@@ -98,11 +117,15 @@ def _load(home: NodeHome, instruction: TrainInstruction) -> TabularData:
 
 
 def _model(instruction: TrainInstruction, arrays: ArrayRecord | None):  # type: ignore[no-untyped-def]
-    from models.tabular import build_tabular_model
+    if instruction.task == IMAGING_TASK:
+        from models.imaging import build_imaging_model
 
-    model = build_tabular_model(
-        instruction.model_kind, len(instruction.features), hidden=instruction.hidden
-    )
+        assert instruction.imaging is not None  # TrainInstruction checks it
+        model = build_imaging_model(instruction.model_kind, instruction.imaging.size, channels=instruction.channels)
+    else:
+        from models.tabular import build_tabular_model
+
+        model = build_tabular_model(instruction.model_kind, len(instruction.features), hidden=instruction.hidden)
     if arrays is not None:
         state = arrays.to_torch_state_dict()
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -113,7 +136,7 @@ def _model(instruction: TrainInstruction, arrays: ArrayRecord | None):  # type: 
     return model
 
 
-def _tensors(data: TabularData):  # type: ignore[no-untyped-def]
+def _tensors(data: TabularData | ImagingData):  # type: ignore[no-untyped-def]
     import torch
 
     return (
@@ -125,23 +148,10 @@ def _tensors(data: TabularData):  # type: ignore[no-untyped-def]
 
 
 def _query(home: NodeHome, instruction: TrainInstruction, msg: Message) -> RecordDict:
+    # Cheap on purpose: every check short of training, without importing torch or an
+    # accountant, so the query wave costs about Flower's floor for a wave.
     data = _load(home, instruction)
-    with PrivacyLedger.open(home.ledger_path) as ledger:
-        spent = ledger.spent(instruction.dataset, delta=instruction.delta, accountant=instruction.accountant)
-        after = ledger.preview(
-            instruction.dataset,
-            delta=instruction.delta,
-            accountant=instruction.accountant,
-            noise_multiplier=instruction.noise_multiplier,
-            sample_rate=instruction.sample_rate,
-            steps=instruction.steps * instruction.rounds,
-        )
-    metrics = {
-        "num-examples": float(data.n_train),
-        "eval-num-examples": float(data.n_val),
-        "epsilon-spent": spent,
-        "epsilon-after": after,
-    }
+    metrics = {"num-examples": float(data.n_train), "eval-num-examples": float(data.n_val)}
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})
 
 
@@ -199,12 +209,39 @@ def _train(home: NodeHome, instruction: TrainInstruction, msg: Message) -> Recor
         "steps": float(stats.steps),
         "epsilon": epsilon,
     }
-    return RecordDict(
-        {
-            ARRAYS_KEY: ArrayRecord(model.state_dict()),
-            METRICS_KEY: MetricRecord(metrics),
-        }
-    )
+    arrays = ArrayRecord(model.state_dict())
+    home.audit_log().append("release", _release_record(run_id, server_round, instruction, arrays, metrics))
+    return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
+
+
+def _release_record(
+    run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float]
+) -> dict[str, object]:
+    """What leaves the site with a training reply: names, shapes, size and digest, never values."""
+    digest = hashlib.sha256()
+    for name, array in sorted(arrays.items()):
+        digest.update(name.encode())
+        digest.update(array.data)
+    return {
+        "run": run_id,
+        "round": server_round,
+        "message": "train",
+        "experiment": instruction.experiment,
+        "spec_digest": instruction.spec_digest,
+        "dataset": instruction.dataset,
+        "arrays": {name: list(array.shape) for name, array in sorted(arrays.items())},
+        "bytes": arrays.count_bytes(),
+        "sha256": digest.hexdigest(),
+        "metrics": sorted(metrics),
+        "charge": {
+            "noise_multiplier": instruction.noise_multiplier,
+            "sample_rate": instruction.sample_rate,
+            "steps": int(metrics["steps"]),
+            "epsilon_spent": metrics["epsilon"],
+            "delta": instruction.delta,
+            "accountant": instruction.accountant,
+        },
+    }
 
 
 def _evaluate(home: NodeHome, instruction: TrainInstruction, msg: Message) -> RecordDict:

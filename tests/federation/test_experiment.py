@@ -103,3 +103,79 @@ def test_other_strategies_run(alliance, tmp_path: Path, strategy: str) -> None:
     assert tracker.status == "FINISHED"
     initial = tracker.metrics["eval_auc"][0]
     assert initial + 0.05 <= result.final["eval_auc"] <= 0.95
+
+
+# ---------------------------------------------------------------- the imaging task
+
+
+@pytest.fixture(scope="module")
+def imaging_alliance(tmp_path_factory: pytest.TempPathFactory):
+    from medfed.demo_imaging import prepare_imaging_alliance
+    from tests.clients.hospital_node.conftest import write_node_secret
+
+    workdir = tmp_path_factory.mktemp("imaging-alliance")
+    # Known secrets: the same validation patients (2 of 11 at each site) on every run.
+    for index, byte in ((1, 7), (2, 8)):
+        write_node_secret(workdir / "homes" / f"hospital_{index}", bytes([byte]) * 32)
+    return prepare_imaging_alliance(workdir, n_hospitals=2, n_patients=12, seed=3)
+
+
+def _imaging_spec(**sections: dict[str, object]) -> ExperimentSpec:
+    from medfed.demo_imaging import EXAMPLE_SPEC as IMAGING_SPEC
+
+    mapping = tomllib.loads(IMAGING_SPEC.read_text())
+    # RDP: the same guarantee type, and a fraction of PRV's accounting time at q = 0.25.
+    mapping["privacy"]["accountant"] = "rdp"
+    mapping["federation"].update({"rounds": 2, "min_nodes": 2, "node_wait_seconds": 0.1})
+    for section, values in sections.items():
+        mapping[section].update(values)
+    return ExperimentSpec.from_mapping(mapping, source="test")
+
+
+def test_an_imaging_experiment_trains_a_cnn_across_nodes_and_charges_each(imaging_alliance, tmp_path: Path) -> None:
+    import torch
+
+    from clients.hospital_node.imaging_connector import ImagingConnector
+    from federation.experiment import instruction_for
+    from models.imaging import SmallCNN
+
+    spec = _imaging_spec()
+    tracker = InMemoryTracker()
+    result = run_experiment(_grid(imaging_alliance, run_id=201), spec, tracker=tracker, output_dir=tmp_path)
+
+    assert tracker.status == "FINISHED"
+    assert {o.status for o in result.sites.values()} == {"accepted"}
+    assert sorted(tracker.metrics["eval_accuracy"]) == [0, 1, 2]
+    assert 0.0 <= tracker.metrics["eval_accuracy"][2] <= 1.0
+    # Every node evaluated on its own validation patients, one image each.
+    request = instruction_for(spec, plan_privacy(spec)).imaging
+    sizes = {}
+    for site in imaging_alliance:
+        home = NodeHome.open(site.home)
+        sizes[site.name] = ImagingConnector(home, home.dataset("chest_ct")).load(request).n_val
+    assert tracker.metrics["eval_num_examples"][2] == sum(sizes.values())
+    for outcome in result.sites.values():
+        assert outcome.final["eval-num-examples"] == sizes[outcome.site]
+
+    plan = plan_privacy(spec)
+    for site in imaging_alliance:
+        with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
+            assert [c.round for c in ledger.charges("chest_ct") if c.run_id == "201"] == [1, 2]
+            spent = ledger.spent("chest_ct", delta=plan.delta, accountant=plan.accountant)
+        assert tracker.metrics[f"{site.name}.epsilon"][2] == pytest.approx(spent)
+
+    model = tracker.models["model"]
+    assert isinstance(model, SmallCNN) and model.image_size == 32
+    state = torch.load(tmp_path / "final_model.pt", weights_only=True)
+    assert tuple(state["features.0.weight"].shape) == (8, 1, 3, 3)
+    assert tracker.params["imaging.window_center"] == "240.0"
+
+
+def test_an_imaging_experiment_is_refused_by_a_node_whose_dataset_is_tabular(alliance, tmp_path: Path) -> None:
+    spec = _imaging_spec(data={"dataset": DATASET})
+    tracker = InMemoryTracker()
+    with pytest.raises(NotEnoughNodesError) as info:
+        run_experiment(_grid(alliance, run_id=202), spec, tracker=tracker, output_dir=tmp_path)
+    assert "hospital_1: refused (dataset 'htn_cohort' on node 'hospital_1' is of kind 'tabular'; " \
+        "task imaging-classification needs a dataset of kind 'imaging')" in str(info.value)
+    assert tracker.status == "NONE"

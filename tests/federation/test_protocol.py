@@ -6,8 +6,10 @@ import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from federation.protocol import (
+    IMAGING_TASK,
     INSTRUCTION_KEY,
     TRAIN_METRICS,
+    ImagingInstruction,
     ProtocolError,
     TrainInstruction,
     node_record,
@@ -95,3 +97,77 @@ def test_site_and_refusal_reason_round_trip() -> None:
         "dataset 'x' is not registered",
     )
     assert read_refusal("Traceback (most recent call last):\n...", "node-9")[0] == "node-9"
+
+
+# ---------------------------------------------------------------- the imaging task
+
+
+def _imaging(**overrides: object) -> ImagingInstruction:
+    values: dict[str, object] = dict(
+        modalities=("CT",),
+        body_parts=("CHEST",),
+        series_description="axial",
+        size=32,
+        intensity="window",
+        window_center=240.0,
+        window_width=400.0,
+        projection="mip",
+    )
+    values.update(overrides)
+    return ImagingInstruction(**values)  # type: ignore[arg-type]
+
+
+def _imaging_instruction(**overrides: object) -> TrainInstruction:
+    values: dict[str, object] = dict(
+        task=IMAGING_TASK, features=(), label="", scaling={}, model_kind="cnn", channels=(8, 16), imaging=_imaging()
+    )
+    values.update(overrides)
+    return _instruction(**values)
+
+
+def test_an_imaging_instruction_round_trips_through_a_config_record() -> None:
+    instruction = _imaging_instruction()
+    again = TrainInstruction.from_config(instruction.to_config(server_round=1))
+    assert again == instruction
+    assert isinstance(again.imaging, ImagingInstruction) and again.imaging.modalities == ("CT",)
+    assert again.channels == (8, 16)
+
+
+def test_a_tabular_instruction_states_its_task_and_carries_no_imaging() -> None:
+    assert '"task":"tabular-classification"' in _instruction().to_json()
+    assert '"imaging":null' in _instruction().to_json()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"task": "segmentation"}, "task must be one of tabular-classification, imaging-classification; found 'segmentation'"),
+        ({"imaging": None}, "task imaging-classification needs its imaging parameters"),
+        ({"features": ("age",)}, "features, label and scaling apply only to task tabular-classification"),
+        ({"model_kind": "mlp"}, "model_kind must be one of cnn for task imaging-classification; found 'mlp'"),
+        ({"channels": ()}, r"channels must be one or more positive integers; found \[\]"),
+        ({"channels": (8, 16, 32, 64, 128, 256)}, r"imaging.size must be a multiple of 2 \*\* len\(channels\) = 64"),
+        ({"imaging": _imaging(window="lung")}, "imaging needs exactly one of window or window_center and window_width"),
+        ({"imaging": _imaging(window_width=0.5)}, r"window_center and window_width must be finite, width >= 1; found \(240.0, 0.5\)"),
+        ({"imaging": _imaging(intensity="minmax")}, "imaging.window applies only to intensity 'window'; found 'minmax'"),
+        ({"imaging": _imaging(series_description="(")}, "imaging.series_description is not a valid regular expression"),
+        ({"imaging": _imaging(size=4, projection="max", modalities=())}, "imaging.modalities must be one or more"),
+    ],
+)
+def test_an_invalid_imaging_instruction_is_refused_by_field(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        _imaging_instruction(**overrides)
+
+
+def test_every_imaging_problem_is_listed_at_once() -> None:
+    with pytest.raises(ProtocolError) as info:
+        _imaging_instruction(imaging=_imaging(size=4, projection="max", modalities=()))
+    assert str(info.value) == (
+        "invalid training instruction: imaging.modalities must be one or more non-empty strings; "
+        "imaging.size must be an integer in 8..512; found 4; imaging.projection must be one of mip, middle; found 'max'"
+    )
+
+
+def test_a_tabular_instruction_refuses_imaging_parameters() -> None:
+    with pytest.raises(ProtocolError, match="imaging and channels apply only to task imaging-classification"):
+        _instruction(imaging=_imaging())

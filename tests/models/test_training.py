@@ -242,7 +242,7 @@ def test_train_dp_refuses_bad_arguments(overrides: dict[str, float], message: st
 
 def test_train_dp_refuses_mismatched_shapes() -> None:
     x, y = cohort(20)
-    with pytest.raises(ValueError, match=r"expected x of shape \(n, d\) and y of shape \(n,\); found \(20, 16\) and \(19,\)"):
+    with pytest.raises(ValueError, match=r"expected x of shape \(n, \.\.\.\) and y of shape \(n,\); found \(20, 16\) and \(19,\)"):
         dp(build_tabular_model("logistic", 16), x, y[:-1])
 
 

@@ -1,15 +1,21 @@
-"""Synthetic cohorts and dataset registrations shared by the hospital node tests."""
+"""Synthetic cohorts, DICOM exports and dataset registrations shared by the hospital node tests."""
 
 from __future__ import annotations
 
+import csv
+import os
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 
-from clients.hospital_node.home import DatasetEntry
+from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
+from federation.protocol import ImagingInstruction
+from imaging.synth import SynthCohort, write_cohort
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
 
 # Planted in synthetic cells; must never appear in any message.
@@ -57,3 +63,75 @@ def make_entry(tmp_path: Path) -> EntryFactory:
         return DatasetEntry(**fields)
 
     return make
+
+
+# ---------------------------------------------------------------- imaging datasets
+
+
+@dataclass(frozen=True)
+class ImagingSite:
+    """A node home beside a copy of a synthetic PACS export and its labels file."""
+
+    home: NodeHome
+    entry: DatasetEntry
+    folder: Path
+    labels: Path
+    cohort: SynthCohort  # the original export: planted identifiers, labels by patient ID
+
+
+#: What an imaging experiment asks of a node in these tests: a lesion window, 16 x 16 MIPs.
+IMAGING_REQUEST = ImagingInstruction(
+    modalities=("CT",), size=16, intensity="window", window_center=240.0, window_width=400.0, projection="mip"
+)
+
+
+@pytest.fixture(scope="session")
+def _dicom_export(tmp_path_factory: pytest.TempPathFactory) -> SynthCohort:
+    # 14 patients of 2 slices: above the connector's minimum of 10 labelled patients.
+    return write_cohort(
+        tmp_path_factory.mktemp("dicom") / "export",
+        hospital="north",
+        modality="CT",
+        n_patients=14,
+        size=16,
+        slices=2,
+        seed=3,
+        burned_in_fraction=0.0,
+    )
+
+
+def write_node_secret(home: Path, secret: bytes) -> None:
+    """Give a node home a known de-identification secret: the same pseudonyms, hence the
+    same train/validation split, on every run."""
+    keys = home / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    fd = os.open(keys / "deid.secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secret)
+    finally:
+        os.close(fd)
+
+
+def write_imaging_labels(path: Path, labels: dict[str, int]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patient_id", "label"])
+        writer.writerows(sorted(labels.items()))
+    return path
+
+
+@pytest.fixture
+def imaging_site(_dicom_export: SynthCohort, tmp_path: Path) -> ImagingSite:
+    """An unregistered imaging dataset: each test gets its own export to change."""
+    folder = tmp_path / "pacs"
+    shutil.copytree(_dicom_export.root, folder)
+    labels = write_imaging_labels(tmp_path / "labels.csv", _dicom_export.labels)
+    home = NodeHome.create(tmp_path / "home", name="hospital_7")
+    write_node_secret(home.path, b"\x07" * 32)
+    entry = DatasetEntry(
+        name="chest_ct",
+        path=folder,
+        kind="imaging",
+        imaging=ImagingSource(labels=labels, modalities=("CT",), deid={"options": ["clean_descriptors"]}),
+    )
+    return ImagingSite(home=home, entry=entry, folder=folder, labels=labels, cohort=_dicom_export)

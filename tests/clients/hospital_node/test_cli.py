@@ -172,3 +172,56 @@ def test_home_can_come_from_the_environment(home: Path) -> None:
     result = runner.invoke(app, ["dataset", "list"], env={HOME_ENVVAR: str(home)})
     assert result.exit_code == 0
     assert "hospital_2" in result.output
+
+
+# ---------------------------------------------------------------- imaging datasets
+
+
+def imaging_args(site, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [
+        "dataset", "add-imaging", "chest_ct",
+        "--home", str(site.home.path),
+        "--folder", str(site.folder),
+        "--labels", str(site.labels),
+        *extra,
+    ]  # fmt: skip
+
+
+def test_dataset_add_imaging_deidentifies_registers_and_prints_counts(imaging_site) -> None:  # type: ignore[no-untyped-def]
+    (imaging_site.folder / "README.txt").write_text("export notes\n")
+    args = imaging_args(imaging_site, "--modalities", "CT", "--body-parts", "CHEST", "--deid-options", "clean_descriptors")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == (
+        "registered imaging dataset 'chest_ct' on node 'hospital_7': 29 files, 28 de-identified, "
+        "1 excluded (not_dicom 1); 14 patients with images, 14 of them labelled"
+    )
+    entry = NodeHome.open(imaging_site.home.path).dataset("chest_ct")
+    assert entry.kind == "imaging" and entry.imaging is not None
+    assert (entry.imaging.modalities, entry.imaging.body_parts) == (("CT",), ("CHEST",))
+    assert dict(entry.imaging.deid) == {"options": ["clean_descriptors"]}
+    listed = runner.invoke(app, ["dataset", "list", "--home", str(imaging_site.home.path)], env={"COLUMNS": "250"})
+    assert "imaging" in listed.output and "CT; CHEST; any description" in listed.output
+
+
+def test_dataset_add_imaging_reads_a_deid_config_file(imaging_site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "deid.toml"
+    config.write_text('options = ["clean_descriptors"]\nmax_date_shift_days = 30\n[burned_in]\nmode = "exclude"\n')
+    result = runner.invoke(app, imaging_args(imaging_site, "--deid-config", str(config)))
+    assert result.exit_code == 0, result.output
+    entry = NodeHome.open(imaging_site.home.path).dataset("chest_ct")
+    assert entry.imaging is not None and entry.imaging.deid["max_date_shift_days"] == 30
+
+
+def test_dataset_add_imaging_refuses_a_config_file_with_shortcuts(imaging_site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = runner.invoke(app, imaging_args(imaging_site, "--deid-config", str(tmp_path / "x.toml"), "--burned-in", "clean"))
+    assert isinstance(result.exception, NodeError)
+    assert str(result.exception) == "give --deid-config or --deid-options/--burned-in, not both"
+
+
+def test_dataset_add_imaging_reports_bad_settings_by_field(imaging_site) -> None:  # type: ignore[no-untyped-def]
+    result = runner.invoke(app, imaging_args(imaging_site, "--burned-in", "clean", "--deid-options", "retain_uid"))
+    assert isinstance(result.exception, NodeHomeError)
+    message = str(result.exception)
+    assert "datasets.chest_ct.deid.options[0] 'retain_uid' is not a PS3.15 option; did you mean 'retain_uids'?" in message
+    assert "datasets.chest_ct.deid.burned_in.rules must list at least one rule when mode is 'clean'" in message

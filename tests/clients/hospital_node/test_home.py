@@ -336,3 +336,62 @@ def test_dataset_not_found_survives_pickling() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error)
     assert (copy.name, copy.node, copy.registered) == ("htn", "hospital_1", ("a", "b"))
+
+
+# ---------------------------------------------------------------- imaging registrations
+
+
+def test_open_reports_every_problem_of_an_imaging_registration(tmp_path: Path) -> None:
+    folder = write_config(
+        tmp_path,
+        """
+        [node]
+        name = "hospital_1"
+
+        [datasets.chest]
+        kind = "imaging"
+        path = "pacs"
+        labes = "labels.csv"
+        modalities = "CT"
+        series_description = "axial("
+        feature_columns = ["age"]
+        deid = { options = ["clean_descriptor"], max_date_shift_days = 0 }
+
+        [datasets.other]
+        kind = "imagng"
+        path = "x"
+        """,
+    )
+    with pytest.raises(NodeHomeError) as caught:
+        NodeHome.open(folder)
+    lines = str(caught.value).splitlines()
+    for line in (
+        "datasets.chest.labes is not a known field; did you mean 'labels'?",
+        "datasets.chest.feature_columns applies only to kind 'tabular'; an imaging dataset's labels file names its patients",
+        "datasets.chest.labels is missing",
+        "datasets.chest.modalities must be a list of strings",
+        "datasets.chest.series_description is not a valid regular expression: missing ), unterminated subpattern",
+        "datasets.chest.deid.options[0] 'clean_descriptor' is not a PS3.15 option; did you mean 'clean_descriptors'?",
+        "datasets.chest.deid.max_date_shift_days must be an integer in 1..36500; found 0",
+        "datasets.other.kind must be one of 'tabular', 'imaging'; found 'imagng'; did you mean 'imaging'?",
+    ):
+        assert f"  - {line}" in lines, line
+
+
+def test_an_imaging_entry_refuses_tabular_columns_and_needs_its_source(tmp_path: Path) -> None:
+    from clients.hospital_node.home import ImagingSource
+
+    with pytest.raises(NodeHomeError) as caught:
+        DatasetEntry(name="chest", path=tmp_path, kind="imaging", label_column="y")
+    assert str(caught.value).splitlines()[1:] == [
+        "  - datasets.chest: id_column, label_column, feature_columns and the site filter apply only to kind "
+        "'tabular'; an imaging dataset's labels file names its patients",
+        "  - datasets.chest.imaging is required for kind 'imaging' (the labels file and settings)",
+    ]
+    with pytest.raises(NodeHomeError, match="datasets.chest.imaging applies only to kind 'imaging'"):
+        DatasetEntry(
+            name="chest", path=tmp_path, id_column="i", label_column="y", feature_columns=("a",),
+            imaging=ImagingSource(labels=tmp_path / "l.csv"),
+        )
+    with pytest.raises(NodeHomeError, match=r"datasets.chest.labels must be an absolute path; found 'l.csv'"):
+        DatasetEntry(name="chest", path=tmp_path, kind="imaging", imaging=ImagingSource(labels=Path("l.csv")))

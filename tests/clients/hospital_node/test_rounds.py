@@ -26,6 +26,7 @@ from federation.protocol import (
 from medfed.demo import EXAMPLE_SPEC
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
 from models.tabular import build_tabular_model
+from privacy.keys import load_public_key
 from privacy.ledger import PrivacyLedger
 
 from .conftest import SENTINEL
@@ -73,6 +74,13 @@ def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: Node
         assert metrics["epsilon"] == ledger.spent("htn_cohort", delta=instruction.delta, accountant="prv")
     shapes = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
     assert shapes == {"linear.weight": (1, len(FEATURES)), "linear.bias": (1,)}
+
+    # What left the site is in the signed audit log: shapes, size, digest, the charge.
+    [release] = [e for e in home.audit_log().entries() if e.kind == "release"]
+    assert release.payload["arrays"] == {"linear.bias": [1], "linear.weight": [1, len(FEATURES)]}
+    assert release.payload["bytes"] == reply.content["arrays"].count_bytes()
+    assert release.payload["charge"]["epsilon_spent"] == metrics["epsilon"]
+    assert home.audit_log().verify(load_public_key(home.audit_public_key_path)).ok
 
 
 def test_a_round_is_released_and_charged_only_once(home: NodeHome) -> None:
@@ -128,3 +136,45 @@ def test_bad_cell_values_never_reach_the_refusal(home: NodeHome) -> None:
     assert reply.error.code == REFUSED_DATASET
     assert "bmi" in reply.error.reason
     assert SENTINEL not in reply.error.reason
+
+
+# ---------------------------------------------------------------- imaging datasets
+
+
+def _imaging_instruction() -> TrainInstruction:
+    from medfed.demo_imaging import EXAMPLE_SPEC as IMAGING_SPEC
+
+    mapping = tomllib.loads(IMAGING_SPEC.read_text())
+    mapping["imaging"].update({"size": 16, "body_parts": ["CHEST"], "series_description": "axial"})
+    spec = ExperimentSpec.from_mapping(mapping, source="test")
+    return instruction_for(spec, plan_privacy(spec))
+
+
+def test_an_imaging_train_reply_carries_the_cnns_arrays(imaging_site) -> None:  # type: ignore[no-untyped-def]
+    from models.imaging import build_imaging_model
+
+    imaging_site.home.register_dataset(imaging_site.entry)
+    instruction = _imaging_instruction()
+    content = RecordDict({"config": instruction.to_config(1)})
+    content["arrays"] = ArrayRecord(build_imaging_model("cnn", 16, channels=(8, 16)).state_dict())
+    message = Message(content=content, dst_node_id=5, message_type=MessageType.TRAIN)
+    reply = answer("train", message, {"home": str(imaging_site.home.path)})
+    assert not reply.has_error(), reply.error
+    metrics = read_metrics(reply.content, TRAIN_METRICS)
+    assert metrics["num-examples"] + metrics["eval-num-examples"] == 14
+    shapes = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
+    assert shapes["features.0.weight"] == (8, 1, 3, 3) and shapes["head.weight"] == (1, 16)
+    with PrivacyLedger.open(imaging_site.home.ledger_path) as ledger:
+        assert [(c.run_id, c.round) for c in ledger.charges("chest_ct")] == [("77", 1)]
+
+
+def test_a_tabular_instruction_on_an_imaging_dataset_is_refused(imaging_site) -> None:  # type: ignore[no-untyped-def]
+    imaging_site.home.register_dataset(imaging_site.entry)
+    instruction = _instruction(dataset="chest_ct")
+    reply = answer("query", _message(MessageType.QUERY, instruction, arrays=False), {"home": str(imaging_site.home.path)})
+    assert reply.has_error() and reply.error.code == REFUSED_DATASET
+    assert read_refusal(reply.error.reason, "") == (
+        "hospital_7",
+        "dataset 'chest_ct' on node 'hospital_7' is of kind 'imaging'; task tabular-classification needs "
+        "a dataset of kind 'tabular'",
+    )

@@ -1,0 +1,1061 @@
+"""The audit log: a node's append-only, hash-chained, signed record of what it decided and released.
+
+One JSON object per line (JSON Lines), in the canonical form (sorted keys, no spaces,
+ASCII), each holding:
+
+- ``seq``: 0, 1, 2, ... in file order;
+- ``time``: when it was appended, UTC, ``2026-05-09T07:35:25.123456Z``;
+- ``kind``: one of :data:`AUDIT_KINDS`;
+- ``payload``: a JSON object describing the event. **Callers must never put patient
+  data in it**: names, run ids, spec hashes, dataset names, counts, epsilons, digests
+  and sizes are fine; values read from patient records are not. ``medfed node audit
+  show`` prints payloads as they are;
+- ``prev``: the ``hash`` of the entry before it (64 zeros for the first);
+- ``hash``: SHA-256 (hex) of the canonical JSON of ``{seq, time, kind, payload, prev}``;
+- ``sig``: base64 of the node key's Ed25519 signature of the hash.
+
+A chain alone cannot show that its last entries were cut off, so beside the log
+(``<log>.head``) sits a signed *head record*: the entry count and the last hash,
+rewritten atomically on every append. An append holds an exclusive ``flock`` on the
+log from reading its tail to rewriting the head, so appends from concurrent processes
+(Flower starts one per message) serialise. An append refuses to extend a log that no
+longer matches its head, so a deletion cannot be hidden behind new entries.
+
+:meth:`AuditLog.verify` recomputes everything and says, for each problem, which line
+and what happened (:data:`PROBLEM_KINDS`). What it cannot see: someone holding the node
+key can rewrite everything, and a log rolled back together with its head to an older
+copy looks whole. Officers anchor against that by keeping the head hash that
+``medfed node audit verify`` prints, for instance in an evidence pack.
+
+Signatures are domain-separated (``medfed audit entry v1`` / ``medfed audit head v1``
+prefixes), so a signature over an entry can never pass for one over a head record or
+over anything else the same key signs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import difflib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from privacy.errors import AuditEntryError, AuditError
+from privacy.keys import fingerprint
+
+__all__ = [
+    "AUDIT_KINDS",
+    "AuditEntry",
+    "AuditLog",
+    "AuditProblem",
+    "AuditVerification",
+    "GENESIS_HASH",
+    "HEAD_SUFFIX",
+    "PROBLEM_KINDS",
+]
+
+logger = logging.getLogger(__name__)
+
+AUDIT_KINDS: tuple[str, ...] = (
+    "request",
+    "approval",
+    "denial",
+    "revocation",
+    "refusal",
+    "release",
+    "charge",
+    "deidentification",
+    "key",
+    "budget",
+)
+PROBLEM_KINDS: tuple[str, ...] = (
+    "edited",
+    "deleted",
+    "inserted",
+    "reordered",
+    "bad-signature",
+    "malformed",
+    "truncated",
+)
+GENESIS_HASH = "0" * 64
+HEAD_SUFFIX = ".head"
+
+_ENTRY_CONTEXT = b"medfed audit entry v1\n"
+_HEAD_CONTEXT = b"medfed audit head v1\n"
+_FIELDS = ("hash", "kind", "payload", "prev", "seq", "sig", "time")
+_HEAD_FIELDS = ("count", "last", "sig")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_MAX_PAYLOAD_BYTES = 64 * 1024
+_DEFAULT_LOCK_TIMEOUT = 30.0
+_TAIL_CHUNK = 64 * 1024
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _content_hash(seq: int, time_text: str, kind: str, payload: object, prev: str) -> str:
+    content = {"seq": seq, "time": time_text, "kind": kind, "payload": payload, "prev": prev}
+    return hashlib.sha256(_canonical(content).encode("ascii")).hexdigest()
+
+
+def _decode_signature(text: str) -> bytes | None:
+    """The signature's bytes, or None unless ``text`` is exactly their canonical base64."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    # Non-zero padding bits decode to the same bytes; only the canonical text counts.
+    if len(raw) != 64 or base64.b64encode(raw).decode("ascii") != text:
+        return None
+    return raw
+
+
+def _signature_ok(public_key: Ed25519PublicKey, message: bytes, text: str) -> bool:
+    raw = _decode_signature(text)
+    if raw is None:
+        return False
+    try:
+        public_key.verify(raw, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _entry_signed(public_key: Ed25519PublicKey, entry: AuditEntry) -> bool:
+    return _signature_ok(public_key, _ENTRY_CONTEXT + entry.hash.encode("ascii"), entry.sig)
+
+
+def _sign(private_key: Ed25519PrivateKey, message: bytes) -> str:
+    return base64.b64encode(private_key.sign(message)).decode("ascii")
+
+
+def _plain_json(value: object, where: str) -> Any:
+    """A JSON-only copy of ``value`` (str-keyed objects, lists, finite numbers, strings)."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise AuditEntryError(f"audit payload {where} must be a finite number; found {value}")
+        return float(value)
+    if isinstance(value, Mapping):
+        copy: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise AuditEntryError(
+                    f"audit payload {where} has a key of type {type(key).__name__}; keys must be strings"
+                )
+            copy[key] = _plain_json(item, f"{where}.{key}")
+        return copy
+    if isinstance(value, list | tuple):
+        return [_plain_json(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    raise AuditEntryError(
+        f"audit payload {where} is a {type(value).__name__}; use JSON values only "
+        "(objects, lists, strings, numbers, booleans, null)"
+    )
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of the audit log, as written (its hash and signature are not checked here)."""
+
+    seq: int
+    time: datetime  # timezone-aware, UTC
+    kind: str
+    payload: Mapping[str, Any]
+    prev: str
+    hash: str
+    sig: str
+
+    def to_json(self) -> str:
+        """The entry's line in the log, without the newline."""
+        return _canonical(
+            {
+                "seq": self.seq,
+                "time": self.time.strftime(_TIME_FORMAT),
+                "kind": self.kind,
+                "payload": _plain_json(self.payload, "payload"),
+                "prev": self.prev,
+                "hash": self.hash,
+                "sig": self.sig,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    """One thing :meth:`AuditLog.verify` found wrong.
+
+    ``line`` is 1-based; 0 means the head record. ``seq`` is the entry's place in the
+    chain where it can be told (for a missing entry, the first one missing).
+    ``kind`` is one of :data:`PROBLEM_KINDS`.
+    """
+
+    line: int
+    seq: int | None
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        if self.line == 0:
+            where = "head record"
+        elif self.seq is None:
+            where = f"line {self.line}"
+        else:
+            where = f"line {self.line} (seq {self.seq})"
+        return f"{where}: {self.kind} — {self.detail}"
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    """What :meth:`AuditLog.verify` found: the number of lines, the last hash and any problems."""
+
+    count: int
+    last_hash: str | None
+    problems: tuple[AuditProblem, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when the log and its head are whole and every entry is the node's."""
+        return not self.problems
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    entry: AuditEntry
+    payload: Any  # the payload exactly as parsed, for hashing
+    time_text: str
+    canonical: bool  # the line's bytes are exactly what medfed writes for its fields
+
+
+def _parse_line(raw: bytes) -> _Parsed | str:
+    """The entry on one line, or why it is not one."""
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return "not ASCII text"
+    pairs: list[tuple[str, Any]] = []
+
+    def keep(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        pairs.extend(items)
+        return dict(items)
+
+    try:
+        record = json.loads(text, object_pairs_hook=keep)
+    except ValueError:
+        return "not a JSON object"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if len({key for key, _ in pairs}) != len(pairs):
+        return "a field appears twice"
+    if tuple(sorted(record)) != _FIELDS:
+        missing = sorted(set(_FIELDS) - set(record))
+        extra = sorted(set(record) - set(_FIELDS))
+        return f"fields differ from an entry's (missing: {missing or 'none'}; unexpected: {extra or 'none'})"
+    seq, time_text, kind = record["seq"], record["time"], record["kind"]
+    prev, digest, sig, payload = record["prev"], record["hash"], record["sig"], record["payload"]
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        return "seq is not a non-negative integer"
+    if not isinstance(time_text, str) or not _TIME.fullmatch(time_text):
+        return "time is not a UTC time like 2026-05-09T07:35:25.123456Z"
+    try:
+        when = datetime.strptime(time_text, _TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return "time is not a valid date and time"
+    if kind not in AUDIT_KINDS:
+        return f"kind {kind!r} is not an audit kind"
+    if not isinstance(payload, dict):
+        return "payload is not a JSON object"
+    for name, value in (("prev", prev), ("hash", digest)):
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            return f"{name} is not 64 lowercase hex digits"
+    if not isinstance(sig, str):
+        return "sig is not a string"
+    try:
+        canonical = _canonical(record) == text
+    except ValueError:  # NaN or Infinity smuggled into the payload
+        return "payload holds a number JSON does not allow"
+    entry = AuditEntry(
+        seq=seq,
+        time=when,
+        kind=kind,
+        payload=MappingProxyType(payload),
+        prev=prev,
+        hash=digest,
+        sig=sig,
+    )
+    return _Parsed(entry=entry, payload=payload, time_text=time_text, canonical=canonical)
+
+
+def _parse_head(raw: bytes) -> tuple[int, str, str] | str:
+    """``(count, last, sig)`` of a head record, or why it is not one."""
+    try:
+        text = raw.decode("ascii")
+        record = json.loads(text)
+    except ValueError:
+        return "not a JSON object"
+    if not isinstance(record, dict) or tuple(sorted(record)) != _HEAD_FIELDS:
+        return "not a head record (fields count, last, sig)"
+    count, last, sig = record["count"], record["last"], record["sig"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return "count is not a non-negative integer"
+    if not isinstance(last, str) or not _HEX64.fullmatch(last):
+        return "last is not 64 lowercase hex digits"
+    if not isinstance(sig, str):
+        return "sig is not a string"
+    if _canonical(record) + "\n" != text:
+        return "its text is not in the form medfed writes"
+    return count, last, sig
+
+
+def _head_message(count: int, last: str) -> bytes:
+    return _HEAD_CONTEXT + _canonical({"count": count, "last": last}).encode("ascii")
+
+
+# ---------------------------------------------------------------- verification
+
+
+@dataclass
+class _Line:
+    number: int
+    torn: bool  # the last line, without its newline
+    parsed: _Parsed | None
+    signed: bool = False  # the signature verifies over the stored hash
+    intact: bool = False  # the stored hash is the hash of the content
+
+    @property
+    def entry(self) -> AuditEntry:
+        assert self.parsed is not None
+        return self.parsed.entry
+
+    @property
+    def authentic(self) -> bool:
+        return self.parsed is not None and self.signed and self.intact
+
+
+def _increasing_run(lines: Sequence[_Line]) -> list[_Line]:
+    """The longest run of lines, in file order, whose seqs strictly increase."""
+    tails: list[int] = []  # tails[k]: index into lines of the smallest tail of a run of length k+1
+    before: list[int | None] = [None] * len(lines)
+    for index, line in enumerate(lines):
+        seq = line.entry.seq
+        low, high = 0, len(tails)
+        while low < high:
+            middle = (low + high) // 2
+            if lines[tails[middle]].entry.seq < seq:
+                low = middle + 1
+            else:
+                high = middle
+        before[index] = tails[low - 1] if low else None
+        if low == len(tails):
+            tails.append(index)
+        else:
+            tails[low] = index
+    run: list[int] = []
+    cursor = tails[-1] if tails else None
+    while cursor is not None:
+        run.append(cursor)
+        cursor = before[cursor]
+    return [lines[index] for index in reversed(run)]
+
+
+def _seq_range(first: int, last: int) -> str:
+    return f"seq {first}" if first == last else f"seq {first}-{last}"
+
+
+_EDITED = "hash does not match its content: it was changed after it was signed"
+_EDITED_UNSIGNED = "hash does not match its content, and its signature does not verify"
+_UNSIGNED = "its signature does not verify with the node key"
+
+
+class _Verifier:
+    """One verification of a log and its head; each step adds what it finds to ``problems``.
+
+    The steps, in order: read every line; read the head; take the node's own entries
+    (signature and content both check out) in the longest run of file order that agrees
+    with their seqs as the backbone, so that any other of its entries was moved or
+    copied; place the remaining lines (edited, forged, damaged) using the hashes that
+    the backbone and the head vouch for; check the links between the node's entries;
+    and finally account for the gaps in the sequence.
+    """
+
+    def __init__(
+        self, data: bytes, head_data: bytes | None, *, head_name: str, public_key: Ed25519PublicKey
+    ) -> None:
+        self.public_key = public_key
+        self.head_name = head_name
+        self.problems: list[AuditProblem] = []
+        self.lines = self._read_lines(data)
+        self.head = self._read_head(head_data)
+        self.holders: dict[int, _Line] = {}  # seq -> the line that stands for it
+        self.placeholders = [line.number for line in self.lines if line.parsed is None]
+
+    def run(self) -> AuditVerification:
+        parsed = [line for line in self.lines if line.parsed is not None]
+        if parsed and self.head is None and not any(line.signed for line in parsed):
+            first = parsed[0]
+            self.report(
+                first.number,
+                first.entry.seq,
+                "bad-signature",
+                f"no entry's signature verifies with key {fingerprint(self.public_key)}: the log was signed "
+                "by another key (is this the node's audit key?), or every signature was replaced",
+            )
+            return self._result({})
+        self._place_authentic()
+        self._place_the_rest(self._vouched())
+        self._check_links()
+        return self._result(self._account_for_gaps())
+
+    def report(self, line: int, seq: int | None, kind: str, detail: str) -> None:
+        self.problems.append(AuditProblem(line=line, seq=seq, kind=kind, detail=detail))
+
+    # ------------------------------------------------------------ reading
+
+    def _read_lines(self, data: bytes) -> list[_Line]:
+        pieces = data.split(b"\n")
+        torn_tail = pieces[-1] != b""
+        if not torn_tail:
+            pieces.pop()
+        lines: list[_Line] = []
+        for index, raw in enumerate(pieces):
+            line = _Line(number=index + 1, torn=torn_tail and index == len(pieces) - 1, parsed=None)
+            lines.append(line)
+            parsed = _parse_line(raw)
+            if isinstance(parsed, str):
+                if line.torn:
+                    cut = f"the last line is cut off ({len(raw)} bytes, {parsed})"
+                    self.report(line.number, None, "truncated", cut)
+                else:
+                    self.report(line.number, None, "malformed", parsed)
+                continue
+            line.parsed = parsed
+            entry = parsed.entry
+            content = _content_hash(entry.seq, parsed.time_text, entry.kind, parsed.payload, entry.prev)
+            line.intact = content == entry.hash
+            line.signed = _entry_signed(self.public_key, entry)
+            if line.torn:
+                cut = "the last line lacks its newline: a write was cut off"
+                self.report(line.number, entry.seq, "truncated", cut)
+            if line.intact and not parsed.canonical:
+                self.report(
+                    line.number,
+                    entry.seq,
+                    "edited",
+                    "its text was changed (it is not in the form medfed writes), "
+                    "though its fields still match its hash",
+                )
+        return lines
+
+    def _read_head(self, head_data: bytes | None) -> tuple[int, str] | None:
+        if head_data is None:
+            if self.lines:
+                missing = f"{self.head_name} is missing, so deleting the last entries cannot be ruled out"
+                self.report(0, None, "truncated", missing)
+            return None
+        parsed = _parse_head(head_data)
+        if isinstance(parsed, str):
+            self.report(0, None, "malformed", f"{self.head_name} is unreadable: {parsed}")
+            return None
+        count, last, signature = parsed
+        if not _signature_ok(self.public_key, _head_message(count, last), signature):
+            forged = f"{self.head_name}'s signature does not verify with the node key"
+            self.report(0, None, "bad-signature", forged)
+            return None
+        return count, last
+
+    # ------------------------------------------------------------ placing lines
+
+    def _place_authentic(self) -> None:
+        authentic = [line for line in self.lines if line.authentic]
+        backbone = _increasing_run(authentic)
+        in_backbone = {line.number for line in backbone}
+        by_seq = {line.entry.seq: line for line in backbone}
+        self.holders.update(by_seq)
+        for line in authentic:
+            if line.number in in_backbone:
+                continue
+            seq = line.entry.seq
+            twin = self.holders.get(seq)
+            if twin is not None and twin.entry.hash == line.entry.hash:
+                self.report(line.number, seq, "inserted", f"it is a copy of line {twin.number}")
+            elif twin is not None:
+                self.report(
+                    line.number,
+                    seq,
+                    "inserted",
+                    f"a second entry signed as seq {seq} (the other is line {twin.number}): "
+                    "the log mixes two chains",
+                )
+            else:
+                self.holders[seq] = line
+                after, upcoming = by_seq.get(seq - 1), by_seq.get(seq + 1)
+                if after is not None:
+                    where = f"it belongs after seq {seq - 1} (line {after.number})"
+                elif upcoming is not None:
+                    where = f"it belongs before seq {seq + 1} (line {upcoming.number})"
+                else:
+                    where = "it is out of place in the sequence"
+                self.report(line.number, seq, "reordered", where)
+
+    def _vouched(self) -> dict[str, int]:
+        """Hashes that a later entry of the node's (its prev) or the signed head vouch for, with their seq.
+
+        A line with such a hash held the node's entry at that seq, whatever happened to it since.
+        """
+        vouched: dict[str, int] = {}
+        for line in self.holders.values():
+            if line.entry.seq > 0:
+                vouched.setdefault(line.entry.prev, line.entry.seq - 1)
+        if self.head is not None and self.head[0] > 0:
+            vouched.setdefault(self.head[1], self.head[0] - 1)
+        return vouched
+
+    def _in_place(self, line: _Line, seq: int) -> bool:
+        """Whether ``line`` sits, in file order, between the placed entries around ``seq``."""
+        lower = [held for s, held in self.holders.items() if s < seq]
+        upper = [held for s, held in self.holders.items() if s > seq]
+        below = max(lower, key=lambda held: held.entry.seq, default=None)
+        above = min(upper, key=lambda held: held.entry.seq, default=None)
+        return (below is None or below.number < line.number) and (above is None or above.number > line.number)
+
+    def _place_the_rest(self, vouched: Mapping[str, int]) -> None:
+        for line in self.lines:
+            if line.parsed is None or line.authentic:
+                continue
+            entry = line.entry
+            seq = vouched.get(entry.hash)
+            if seq is not None and seq not in self.holders:
+                self.holders[seq] = line
+                if line.signed:
+                    self.report(line.number, seq, "edited", _EDITED)
+                elif line.intact:
+                    self.report(
+                        line.number,
+                        seq,
+                        "bad-signature",
+                        f"{_UNSIGNED} (its content is vouched for by the chain)",
+                    )
+                else:
+                    self.report(line.number, seq, "edited", _EDITED_UNSIGNED)
+                continue
+            seq = entry.seq
+            if line.signed:
+                # The node signed this hash, but the content changed and nothing vouches for its place.
+                self.report(line.number, seq, "edited", _EDITED)
+                within_head = self.head is None or seq < self.head[0]
+                if seq not in self.holders and within_head and self._in_place(line, seq):
+                    self.holders[seq] = line
+                else:
+                    self.placeholders.append(line.number)
+                continue
+            self._place_unsigned(line, seq)
+
+    def _place_unsigned(self, line: _Line, seq: int) -> None:
+        """A line the node key did not sign: forged, or one of the node's with a damaged signature."""
+        if seq in self.holders:
+            self.report(
+                line.number,
+                seq,
+                "inserted",
+                f"it is not signed by the node key, and seq {seq} is line {self.holders[seq].number}",
+            )
+        elif self.head is not None and seq >= self.head[0]:
+            self.report(
+                line.number,
+                seq,
+                "inserted",
+                f"it is not signed by the node key, and lies past the {self.head[0]} entries "
+                "of the signed head",
+            )
+        elif not self._in_place(line, seq):
+            misplaced = "it is not signed by the node key, and is out of place in the sequence"
+            self.report(line.number, seq, "inserted", misplaced)
+        else:
+            self.holders[seq] = line
+            following = self.holders.get(seq + 1)
+            if following is not None and following.authentic and following.entry.prev != line.entry.hash:
+                self.report(
+                    line.number,
+                    seq,
+                    "edited",
+                    f"it is not signed by the node key: its content was changed and its hash recomputed "
+                    f"(seq {seq + 1} on line {following.number} refers to a different entry)",
+                )
+            elif line.intact:
+                self.report(line.number, seq, "bad-signature", _UNSIGNED)
+            else:
+                self.report(line.number, seq, "edited", _EDITED_UNSIGNED)
+
+    # ------------------------------------------------------------ the chain as a whole
+
+    def _check_links(self) -> None:
+        """Links between the node's own entries; only the node key could have broken them."""
+        for seq, line in sorted(self.holders.items()):
+            if not line.authentic:
+                continue
+            if seq == 0 and line.entry.prev != GENESIS_HASH:
+                unrooted = "seq 0 does not start a chain (its prev is not 64 zeros)"
+                self.report(line.number, seq, "inserted", unrooted)
+            before = self.holders.get(seq - 1)
+            if before is not None and before.signed and before.entry.hash != line.entry.prev:
+                self.report(
+                    line.number,
+                    seq,
+                    "inserted",
+                    f"its prev does not match the hash of seq {seq - 1} (line {before.number}): "
+                    "the two were signed in different chains",
+                )
+        if self.head is not None and self.head[0] > 0:
+            count, last = self.head
+            held = self.holders.get(count - 1)
+            if held is not None and held.signed and held.entry.hash != last:
+                self.report(
+                    held.number,
+                    count - 1,
+                    "edited",
+                    f"its hash differs from the one the signed head records for seq {count - 1}",
+                )
+
+    def _account_for_gaps(self) -> dict[int, int]:
+        """Report the seqs nothing stands for; returns each unreadable line's inferred seq.
+
+        Each unreadable line between a gap's neighbours may stand for one missing seq;
+        the rest were deleted, or, after the last entry, cut off.
+        """
+        held = sorted(self.holders)
+        end = max(self.head[0] if self.head is not None else 0, held[-1] + 1 if held else 0)
+        gaps: list[tuple[int, int]] = []
+        cursor = 0
+        for seq in [*held, end]:
+            if seq > cursor:
+                gaps.append((cursor, seq - 1))
+            cursor = max(cursor, seq + 1)
+        placeholders = sorted(self.placeholders)
+        used: set[int] = set()
+        stands_for: dict[int, int] = {}
+        for first, last in gaps:
+            low = self.holders[first - 1].number if first > 0 else 0
+            following = self.holders.get(last + 1)
+            high = following.number if following is not None else len(self.lines) + 1
+            low, high = min(low, high), max(low, high)
+            wanted = last - first + 1
+            free: list[int] = []
+            # At most one more than wanted: enough to tell whether they match one to one.
+            for number in placeholders[bisect.bisect_right(placeholders, low) :]:
+                if number >= high or len(free) > wanted:
+                    break
+                if number not in used:
+                    free.append(number)
+            used.update(free[:wanted])
+            if len(free) == wanted:
+                stands_for.update({number: first + offset for offset, number in enumerate(free)})
+            missing = wanted - len(free[:wanted])
+            if missing:
+                self._report_gap(first, last, missing, high, end_of_log=following is None)
+        return stands_for
+
+    def _report_gap(self, first: int, last: int, missing: int, line: int, *, end_of_log: bool) -> None:
+        span = _seq_range(first, last)
+        wanted = last - first + 1
+        if end_of_log:
+            assert self.head is not None  # only the head can make the sequence longer than the log
+            count, head_hash = self.head
+            holding = f"holds entries up to seq {first - 1}" if first else "holds no entries"
+            self.report(
+                len(self.lines) + 1,
+                first,
+                "truncated",
+                f"the signed head records {count} entries (last hash {head_hash[:12]}), but the log "
+                f"{holding}: {span} {'was' if wanted == 1 else 'were'} deleted or lost",
+            )
+        elif missing == wanted:
+            verb = "is" if wanted == 1 else "are"
+            self.report(line, last + 1, "deleted", f"{span} {verb} missing before it")
+        else:
+            partly = f"{missing} of the {wanted} entries {span} are missing before it"
+            self.report(line, last + 1, "deleted", partly)
+
+    def _result(self, stands_for: Mapping[int, int]) -> AuditVerification:
+        problems = [
+            AuditProblem(problem.line, stands_for[problem.line], problem.kind, problem.detail)
+            if problem.seq is None and problem.line in stands_for
+            else problem
+            for problem in self.problems
+        ]
+        problems.sort(key=lambda problem: (problem.line, PROBLEM_KINDS.index(problem.kind)))
+        last = self.lines[-1] if self.lines else None
+        last_hash = last.entry.hash if last is not None and last.parsed is not None else None
+        return AuditVerification(count=len(self.lines), last_hash=last_hash, problems=tuple(problems))
+
+
+# ---------------------------------------------------------------- the log file
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_tail(fd: int, size: int) -> tuple[bytes | None, bytes]:
+    """The last complete line (without newline, None if there is none) and any bytes after it."""
+    end = size
+    buffer = b""
+    position = size
+    newlines: list[int] = []  # absolute offsets of the last two newlines, last first
+    while position > 0 and len(newlines) < 2:
+        start = max(0, position - _TAIL_CHUNK)
+        chunk = os.pread(fd, position - start, start)
+        buffer = chunk + buffer
+        for index in range(len(chunk) - 1, -1, -1):
+            if chunk[index] == 0x0A:
+                newlines.append(start + index)
+                if len(newlines) == 2:
+                    break
+        position = start
+    base = end - len(buffer)
+    if not newlines:
+        return None, buffer
+    last_newline = newlines[0]
+    torn = buffer[last_newline + 1 - base :]
+    line_start = newlines[1] + 1 if len(newlines) == 2 else 0
+    return buffer[line_start - base : last_newline - base], torn
+
+
+class AuditLog:
+    """A node's audit log at ``path``, with its signed head at ``<path>.head``.
+
+    Open with the node's private key to append; without one the log is read-only
+    (``entries`` and ``verify`` only). Files are created by the first append.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        signing_key: Ed25519PrivateKey | None = None,
+        lock_timeout: float = _DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        self._path = Path(path).expanduser()
+        self._head_path = self._path.with_name(self._path.name + HEAD_SUFFIX)
+        self._signing_key = signing_key
+        self._lock_timeout = lock_timeout
+
+    @property
+    def path(self) -> Path:
+        """The JSON Lines file."""
+        return self._path
+
+    @property
+    def head_path(self) -> Path:
+        """The signed head record beside it."""
+        return self._head_path
+
+    @property
+    def read_only(self) -> bool:
+        """True when opened without a signing key."""
+        return self._signing_key is None
+
+    def append(self, kind: str, payload: Mapping[str, Any]) -> AuditEntry:
+        """Append one signed entry; safe across threads and processes.
+
+        ``payload`` must hold no patient data (see the module docstring).
+
+        Raises
+        ------
+        AuditEntryError
+            If ``kind`` is not in :data:`AUDIT_KINDS` or the payload is not a JSON object.
+        AuditError
+            If the log is read-only, locked for too long, cannot be written, or no longer
+            matches its signed head (then nothing is appended).
+        """
+        if self._signing_key is None:
+            raise AuditError(f"the audit log {self._path} was opened read-only (without the node key)")
+        if kind not in AUDIT_KINDS:
+            close = difflib.get_close_matches(str(kind), AUDIT_KINDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; kinds: {', '.join(AUDIT_KINDS)}"
+            raise AuditEntryError(f"audit kind {kind!r} is unknown{hint}")
+        if not isinstance(payload, Mapping):
+            raise AuditEntryError(f"an audit payload must be a JSON object; found {type(payload).__name__}")
+        body = _plain_json(payload, "payload")
+        size = len(_canonical(body))
+        if size > _MAX_PAYLOAD_BYTES:
+            raise AuditEntryError(
+                f"audit payload is {size} bytes; the most is {_MAX_PAYLOAD_BYTES} "
+                "(record digests, not content)"
+            )
+        key = self._signing_key
+        with self._locked(write=True) as fd:
+            last_seq, last_hash = self._prepare_tail(fd, key)
+            seq = last_seq + 1
+            time_text = datetime.now(UTC).strftime(_TIME_FORMAT)
+            digest = _content_hash(seq, time_text, kind, body, last_hash)
+            signature = _sign(key, _ENTRY_CONTEXT + digest.encode("ascii"))
+            record = {
+                "seq": seq,
+                "time": time_text,
+                "kind": kind,
+                "payload": body,
+                "prev": last_hash,
+                "hash": digest,
+                "sig": signature,
+            }
+            try:
+                _write_all(fd, (_canonical(record) + "\n").encode("ascii"))
+                os.fsync(fd)
+            except OSError as err:
+                raise AuditError(f"cannot append to the audit log {self._path}: {err.strerror}") from err
+            self._write_head(key, count=seq + 1, last=digest)
+        logger.debug("audit %s entry %d appended to %s", kind, seq, self._path)
+        parsed = _parse_line(_canonical(record).encode("ascii"))
+        assert isinstance(parsed, _Parsed)
+        return parsed.entry
+
+    def entries(self) -> tuple[AuditEntry, ...]:
+        """Every entry, in file order, as written; signatures are not checked (see :meth:`verify`).
+
+        A last line cut off by a crash mid-write is skipped with a warning.
+
+        Raises
+        ------
+        AuditError
+            If the log cannot be read, or a line is not an audit entry.
+        """
+        data, _ = self._snapshot()
+        pieces = data.split(b"\n")
+        torn = pieces.pop()
+        if torn:
+            logger.warning("%s ends with an incomplete line of %d bytes; skipping it", self._path, len(torn))
+        entries: list[AuditEntry] = []
+        for number, raw in enumerate(pieces, start=1):
+            parsed = _parse_line(raw)
+            if isinstance(parsed, str):
+                raise AuditError(
+                    f"line {number} of the audit log {self._path} is not an audit entry ({parsed}); "
+                    "run `medfed node audit verify`"
+                )
+            entries.append(parsed.entry)
+        return tuple(entries)
+
+    def verify(self, public_key: Ed25519PublicKey) -> AuditVerification:
+        """Check every entry, the chain and the head record against the node's public key.
+
+        Raises
+        ------
+        AuditError
+            If the files cannot be read or stay locked; tampering is reported, not raised.
+        """
+        data, head = self._snapshot()
+        return _Verifier(data, head, head_name=self._head_path.name, public_key=public_key).run()
+
+    # ------------------------------------------------------------ internals
+
+    def _snapshot(self) -> tuple[bytes, bytes | None]:
+        """The log and head as one consistent pair (under a shared lock)."""
+        if not self._path.exists():
+            return b"", self._read_head_bytes()
+        with self._locked(write=False) as fd:
+            size = os.fstat(fd).st_size
+            chunks: list[bytes] = []
+            offset = 0
+            while offset < size:
+                chunk = os.pread(fd, min(size - offset, 1 << 20), offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
+            return b"".join(chunks), self._read_head_bytes()
+
+    def _read_head_bytes(self) -> bytes | None:
+        try:
+            return self._head_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise AuditError(f"cannot read the audit head record {self._head_path}: {err.strerror}") from err
+
+    @contextmanager
+    def _locked(self, *, write: bool) -> Iterator[int]:
+        if write and not self._path.parent.is_dir():
+            raise AuditError(
+                f"cannot open the audit log {self._path}: folder {self._path.parent} does not exist"
+            )
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT if write else os.O_RDONLY
+        try:
+            fd = os.open(self._path, flags, 0o640)
+        except OSError as err:
+            raise AuditError(f"cannot open the audit log {self._path}: {err.strerror}") from err
+        try:
+            operation = fcntl.LOCK_EX if write else fcntl.LOCK_SH
+            deadline = time.monotonic() + self._lock_timeout
+            while True:
+                try:
+                    fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise AuditError(
+                            f"the audit log {self._path} stayed locked by another process for "
+                            f"{self._lock_timeout:g} s; try again, or find the process holding it"
+                        ) from None
+                    time.sleep(0.005)
+            yield fd
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _prepare_tail(self, fd: int, key: Ed25519PrivateKey) -> tuple[int, str]:
+        """``(seq, hash)`` of the last entry (-1 and 64 zeros for none), after checking the head.
+
+        A last line cut off by a crash mid-write was never acknowledged (the head was not
+        rewritten), so it is removed; a whole entry missing only its newline is completed.
+        """
+        public_key = key.public_key()
+        size = os.fstat(fd).st_size
+        last_raw, torn = _read_tail(fd, size)
+        tail: AuditEntry | None = None
+        if last_raw is not None:
+            parsed = _parse_line(last_raw)
+            if isinstance(parsed, str):
+                raise AuditError(
+                    f"the last entry of the audit log {self._path} is unreadable ({parsed}); appending is "
+                    "refused. Run `medfed node audit verify`"
+                )
+            tail = parsed.entry
+        completed: AuditEntry | None = None
+        if torn:
+            candidate = _parse_line(torn)
+            if (
+                isinstance(candidate, _Parsed)
+                and candidate.canonical
+                and candidate.entry.seq == (tail.seq + 1 if tail else 0)
+                and candidate.entry.prev == (tail.hash if tail else GENESIS_HASH)
+                and _entry_signed(public_key, candidate.entry)
+            ):
+                completed = candidate.entry
+        effective = completed if completed is not None else tail
+        head = self._head_for_append(public_key)
+        self._check_against_head(effective, head, public_key)
+        try:
+            if completed is not None:
+                _write_all(fd, b"\n")
+                os.fsync(fd)
+                logger.warning("completed the last entry of %s, which had lost its newline", self._path)
+            elif torn:
+                os.ftruncate(fd, size - len(torn))
+                os.fsync(fd)
+                logger.warning(
+                    "removed an incomplete last line of %d bytes from %s (a write cut off by a crash)",
+                    len(torn),
+                    self._path,
+                )
+        except OSError as err:
+            raise AuditError(f"cannot repair the end of the audit log {self._path}: {err.strerror}") from err
+        if effective is None:
+            return -1, GENESIS_HASH
+        return effective.seq, effective.hash
+
+    def _head_for_append(self, public_key: Ed25519PublicKey) -> tuple[int, str] | None:
+        raw = self._read_head_bytes()
+        if raw is None:
+            return None
+        parsed = _parse_head(raw)
+        if isinstance(parsed, str):
+            raise AuditError(
+                f"the audit head record {self._head_path} is unreadable ({parsed}); appending is refused. "
+                "Run `medfed node audit verify`"
+            )
+        count, last, signature = parsed
+        if not _signature_ok(public_key, _head_message(count, last), signature):
+            raise AuditError(
+                f"the audit head record {self._head_path} is not signed by this node's key; appending is "
+                "refused. Run `medfed node audit verify`"
+            )
+        return count, last
+
+    def _check_against_head(
+        self, tail: AuditEntry | None, head: tuple[int, str] | None, public_key: Ed25519PublicKey
+    ) -> None:
+        if head is None and tail is None:
+            return
+        refuse = (
+            "appending is refused so that the gap cannot be hidden. Run `medfed node audit verify` "
+            "and tell the data-governance officer"
+        )
+        if head is None:
+            raise AuditError(
+                f"the audit log {self._path} holds entries but its head record {self._head_path.name} is "
+                f"missing: its last entries may have been deleted; {refuse}"
+            )
+        count, last = head
+        if tail is not None:
+            if tail.seq == count - 1 and tail.hash == last:
+                return
+            # A crash between writing the entry and rewriting the head leaves the log one ahead.
+            if (
+                tail.seq == count
+                and tail.prev == last
+                and _entry_signed(public_key, tail)
+            ):
+                return
+        ends = f"ends at seq {tail.seq}" if tail is not None else "is empty"
+        raise AuditError(
+            f"the audit log {self._path} {ends} but its signed head records {count} entries ending in "
+            f"{last[:12]}: entries were deleted or changed; {refuse}"
+        )
+
+    def _write_head(self, key: Ed25519PrivateKey, *, count: int, last: str) -> None:
+        record = {"count": count, "last": last, "sig": _sign(key, _head_message(count, last))}
+        folder = self._head_path.parent
+        try:
+            handle = tempfile.NamedTemporaryFile(
+                "w",
+                encoding="ascii",
+                dir=folder,
+                prefix=f".{self._head_path.name}.",
+                suffix=".tmp",
+                delete=False,
+            )
+            try:
+                with handle:
+                    handle.write(_canonical(record) + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.chmod(handle.name, 0o640)
+                os.replace(handle.name, self._head_path)
+            except BaseException:
+                Path(handle.name).unlink(missing_ok=True)
+                raise
+            directory = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a power cut
+            finally:
+                os.close(directory)
+        except OSError as err:
+            raise AuditError(f"cannot write the audit head record {self._head_path}: {err.strerror}") from err

@@ -1,0 +1,35 @@
+"""Submission helpers: the run config carries the spec exactly; the app is staged lean."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from experiments.spec import ExperimentSpec
+from experiments.submit import RunStatus, find_app_dir, stage_app, write_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_run_config_round_trips_the_canonical_spec(tmp_path: Path) -> None:
+    spec = ExperimentSpec.from_toml(ROOT / "experiments" / "examples" / "hypertension.toml")
+    path = write_run_config(spec, tmp_path / "run.toml", tracking_uri="sqlite:///x.db", output_dir=tmp_path / "out")
+    config = tomllib.loads(path.read_text())
+    assert set(config) == {"spec", "tracking-uri", "output-dir"}
+    assert ExperimentSpec.from_json(config["spec"]).digest() == spec.digest()
+    assert config["output-dir"] == str((tmp_path / "out").resolve())
+
+
+def test_staged_app_holds_the_pyproject_and_our_packages_only(tmp_path: Path) -> None:
+    staged = stage_app(find_app_dir(), tmp_path)
+    names = sorted(p.name for p in staged.iterdir())
+    assert names == ["clients", "experiments", "federation", "imaging", "models", "privacy", "pyproject.toml"]
+    assert (staged / "federation" / "server_app.py").is_file()
+    assert not list(staged.rglob("__pycache__"))
+
+
+def test_run_status_reads_flowers_status_text() -> None:
+    assert RunStatus(1, "finished:completed").succeeded
+    failed = RunStatus(1, "finished:failed", "ServerApp failed with exception: ...")
+    assert failed.finished and not failed.succeeded
+    assert not RunStatus(1, "running").finished

@@ -1,0 +1,118 @@
+"""The imaging task, end to end: a real SuperLink and two SuperNodes learn a lesion on de-identified CT.
+
+Each node de-identifies its synthetic PACS export once, when the dataset is registered;
+the run's messages train from the node's cache. 10% of each hospital's labels disagree
+with the image (as report-derived labels do), which sets the band's upper bound: a
+model that reads the images scores at most the share of validation labels that agree
+with them, give or take one lucky mistake; only a model that saw validation labels, or
+memorised individual patients (what DP-SGD forbids), would score above it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from experiments.cost import plan_privacy
+from experiments.submit import submit, wait_for_run
+from medfed.cluster import LocalCluster, flower_env
+from medfed.demo_imaging import DATASET, imaging_demo_spec, prepare_imaging_alliance, site_tensors
+from tests.clients.hospital_node.conftest import write_node_secret
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N_PATIENTS = 60
+SEED = 11
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("imaging")
+    for index in (1, 2):  # known secrets: the same pseudonyms, hence validation patients, every run
+        write_node_secret(workdir / "homes" / f"hospital_{index}", bytes([index]) * 32)
+    sites = prepare_imaging_alliance(workdir, n_hospitals=2, n_patients=N_PATIENTS, seed=SEED)
+    local = LocalCluster(workdir / "cluster")
+    try:
+        local.start_superlink()
+        for site in sites:
+            local.start_supernode(site.name, site.home)
+        local.wait_for_nodes(len(sites))
+        yield local, sites, workdir
+    finally:
+        pids = local.pids
+        local.stop()
+        assert not [p for p in pids if _alive(p)], "a Flower process outlived the cluster"
+
+
+def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> None:
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    import torch
+
+    from clients.hospital_node.home import NodeHome
+    from models.imaging import build_imaging_model
+    from privacy.ledger import PrivacyLedger
+
+    local, sites, workdir = cluster
+    spec = imaging_demo_spec(rounds=5, n_hospitals=2)
+    plan = plan_privacy(spec)
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    MlflowClient(tracking_uri).search_experiments()  # create the store's schema before the ServerApp does
+    env = flower_env(local.flwr_home)
+
+    run_id = submit(spec, connection=local.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs", env=env)
+    status = wait_for_run(run_id, connection=local.connection, env=env, timeout=900, poll=1.0)
+    assert status.succeeded, status
+
+    client = MlflowClient(tracking_uri)
+    [experiment] = [e for e in client.search_experiments() if e.name == spec.experiment.name]
+    [run] = client.search_runs([experiment.experiment_id], filter_string=f"tags.`flwr.run_id` = '{run_id}'")
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+
+    # The ceiling: the share of validation labels that agree with their images (the lesion
+    # window maps soft tissue to 0 and a lesion to 1, so the image says which is true).
+    agree = total = 0
+    for _, _, x_val, y_val in site_tensors(spec, sites).values():
+        truth = (x_val.reshape(len(x_val), -1).amax(dim=1) > 0.5).float()
+        agree += int((truth == y_val).sum())
+        total += len(y_val)
+    ceiling = agree / total
+    assert total == metrics["eval_num_examples"] == 22
+    assert ceiling < 1  # the label noise reaches validation, so the upper bound means something
+
+    # Final federated accuracy in a band: learned from the images, never above the ceiling.
+    accuracy = metrics["eval_accuracy"]
+    assert 0.68 <= accuracy <= ceiling + 1 / total + 1e-6, (accuracy, ceiling)
+    history = client.get_metric_history(run.info.run_id, "eval_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4, 5]
+
+    for site in sites:
+        home = NodeHome.open(site.home)
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            assert [c.round for c in ledger.charges(DATASET)] == [1, 2, 3, 4, 5]
+            spent = ledger.spent(DATASET, delta=plan.delta, accountant=plan.accountant)
+        assert metrics[f"{site.name}.epsilon"] == pytest.approx(spent)
+        assert spent == pytest.approx(plan.epsilon_per_site, rel=1e-6)
+        # De-identified once, at registration: the run's messages trained from the cache.
+        kinds = [entry.kind for entry in home.audit_log().entries()]
+        assert kinds.count("deidentification") == 1
+
+    # The model is in MLflow, loads, and gives one logit per image.
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    size = spec.imaging.size  # type: ignore[union-attr]
+    expected = build_imaging_model("cnn", size, channels=spec.model.channels or ())
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in expected.parameters())
+    assert tuple(model(torch.zeros(2, 1, size, size)).shape) == (2,)
