@@ -413,7 +413,7 @@ class _Verifier:
         self.lines = self._read_lines(data)
         self.head = self._read_head(head_data)
         self.holders: dict[int, _Line] = {}  # seq -> the line that stands for it
-        self.placeholders = [line.number for line in self.lines if line.parsed is None]
+        self.unparsed = [line.number for line in self.lines if line.parsed is None]
 
     def run(self) -> AuditVerification:
         parsed = [line for line in self.lines if line.parsed is not None]
@@ -572,7 +572,7 @@ class _Verifier:
                 if seq not in self.holders and within_head and self._in_place(line, seq):
                     self.holders[seq] = line
                 else:
-                    self.placeholders.append(line.number)
+                    self.unparsed.append(line.number)
                 continue
             self._place_unsigned(line, seq)
 
@@ -656,7 +656,7 @@ class _Verifier:
             if seq > cursor:
                 gaps.append((cursor, seq - 1))
             cursor = max(cursor, seq + 1)
-        placeholders = sorted(self.placeholders)
+        unparsed = sorted(self.unparsed)
         used: set[int] = set()
         stands_for: dict[int, int] = {}
         for first, last in gaps:
@@ -667,7 +667,7 @@ class _Verifier:
             wanted = last - first + 1
             free: list[int] = []
             # At most one more than wanted: enough to tell whether they match one to one.
-            for number in placeholders[bisect.bisect_right(placeholders, low) :]:
+            for number in unparsed[bisect.bisect_right(unparsed, low) :]:
                 if number >= high or len(free) > wanted:
                     break
                 if number not in used:
