@@ -9,6 +9,7 @@ into one message and exit code 2.
 from __future__ import annotations
 
 import difflib
+import math
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from clients.hospital_node.home import NodeHome
 from privacy.audit import AUDIT_KINDS, AuditLog
 from privacy.keys import fingerprint, load_public_key
 
-__all__ = ["audit_app", "payload_summary"]
+__all__ = ["audit_app", "egress", "payload_summary"]
 
 HOME_ENVVAR = "MEDFED_NODE_HOME"
 
@@ -117,3 +118,42 @@ def verify(
         return
     typer.echo(f"audit log ok: {result.count} entries, head {result.last_hash[:12]}")
     typer.echo(f"signed by node key {fingerprint(key)}")
+
+
+def egress(
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    run: str | None = typer.Option(None, "--run", help="Only what left for this Flower run id."),
+    as_json: bool = typer.Option(False, "--json", help="Print the release records as JSON Lines."),
+) -> None:
+    """Show exactly what left this site: every reply's arrays, size, digest and privacy charge."""
+    node = NodeHome.open(home)
+    releases = [e for e in AuditLog(node.audit_log_path).entries() if e.kind == "release"]
+    if run is not None:
+        releases = [e for e in releases if str(e.payload.get("run")) == run]
+    if as_json:
+        for entry in releases:
+            typer.echo(entry.to_json())
+        return
+    if not releases:
+        typer.echo(f"nothing has left node {node.name!r}" + (f" for run {run}" if run else ""))
+        return
+    table = Table(title=f"what left node {escape(node.name)} (from its signed audit log)")
+    for column in ("time (UTC)", "run", "round", "dataset", "arrays", "values", "bytes", "sha256", "ε spent"):
+        table.add_column(column)
+    for entry in releases:
+        payload = entry.payload
+        shapes = payload.get("arrays", {})
+        values = sum(math.prod(shape) for shape in shapes.values())
+        charge = payload.get("charge", {})
+        table.add_row(
+            entry.time.strftime("%Y-%m-%d %H:%M:%S"),
+            escape(str(payload.get("run", ""))),
+            str(payload.get("round", "")),
+            escape(str(payload.get("dataset", ""))),
+            str(len(shapes)),
+            str(values),
+            str(payload.get("bytes", "")),
+            str(payload.get("sha256", ""))[:12],
+            f"{charge['epsilon_spent']:.3f}" if "epsilon_spent" in charge else "",
+        )
+    Console().print(table)

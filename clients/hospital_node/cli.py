@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from clients.hospital_node.audit_cli import audit_app
+from clients.hospital_node.audit_cli import audit_app, egress
 from clients.hospital_node.errors import NodeError
 from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
 
@@ -25,6 +25,7 @@ app = typer.Typer(help="Run and govern a hospital node.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Register and list the node's datasets.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(audit_app, name="audit")
+app.command("egress")(egress)
 
 _HOME_HELP = "The node home folder (holds node.toml and the privacy ledger)."
 

@@ -178,3 +178,18 @@ def test_a_tabular_instruction_on_an_imaging_dataset_is_refused(imaging_site) ->
         "dataset 'chest_ct' on node 'hospital_7' is of kind 'imaging'; task tabular-classification needs "
         "a dataset of kind 'tabular'",
     )
+
+
+def test_egress_lists_what_left_for_each_run(home: NodeHome) -> None:
+    from typer.testing import CliRunner
+
+    from clients.hospital_node.cli import app
+
+    reply = answer("train", _message(MessageType.TRAIN, _instruction()), {"home": str(home.path)})
+    runner = CliRunner()
+    shown = runner.invoke(app, ["egress", "--home", str(home.path), "--json", "--run", "77"])
+    assert shown.exit_code == 0, shown.output
+    [line] = shown.output.splitlines()
+    assert f'"bytes":{reply.content["arrays"].count_bytes()}' in line
+    other = runner.invoke(app, ["egress", "--home", str(home.path), "--run", "78"])
+    assert other.exit_code == 0 and "nothing has left node 'hospital_9' for run 78" in other.output
