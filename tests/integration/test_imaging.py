@@ -10,29 +10,22 @@ memorised individual patients (what DP-SGD forbids), would score above it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from experiments.cost import plan_privacy
 from experiments.submit import submit, wait_for_run
-from medfed.cluster import LocalCluster, flower_env
+from medfed.cluster import flower_env
 from medfed.demo_imaging import DATASET, imaging_demo_spec, prepare_imaging_alliance, site_tensors
 from tests.clients.hospital_node.conftest import write_node_secret
+
+from .conftest import running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_PATIENTS = 60
 SEED = 11
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +34,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     for index in (1, 2):  # known secrets: the same pseudonyms, hence validation patients, every run
         write_node_secret(workdir / "homes" / f"hospital_{index}", bytes([index]) * 32)
     sites = prepare_imaging_alliance(workdir, n_hospitals=2, n_patients=N_PATIENTS, seed=SEED)
-    local = LocalCluster(workdir / "cluster")
-    try:
-        local.start_superlink()
-        for site in sites:
-            local.start_supernode(site.name, site.home)
-        local.wait_for_nodes(len(sites))
+    with running_cluster(workdir, sites) as local:
         yield local, sites, workdir
-    finally:
-        pids = local.pids
-        local.stop()
-        assert not [p for p in pids if _alive(p)], "a Flower process outlived the cluster"
 
 
 def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> None:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
 import pytest
 
 from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.submit import submit, wait_for_run
-from medfed.cluster import LocalCluster, flower_env
+from medfed.cluster import flower_env
 from medfed.demo import EXAMPLE_SPEC, prepare_alliance
+
+from .conftest import running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,29 +26,12 @@ def _spec(**federation: object) -> ExperimentSpec:
     return ExperimentSpec.from_mapping(mapping, source="test")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("spine")
     sites = prepare_alliance(workdir, n_hospitals=2, seed=11)
-    local = LocalCluster(workdir / "cluster")
-    try:
-        local.start_superlink()
-        for site in sites:
-            local.start_supernode(site.name, site.home)
-        local.wait_for_nodes(len(sites))
+    with running_cluster(workdir, sites) as local:
         yield local, sites, workdir
-    finally:
-        pids = local.pids
-        local.stop()
-        assert not [p for p in pids if _alive(p)], "a Flower process outlived the cluster"
 
 
 def test_two_rounds_train_track_and_account(cluster) -> None:
