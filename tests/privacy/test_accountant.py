@@ -195,7 +195,21 @@ def test_rdp_epsilon_agrees_with_dp_accounting(events: list[DPEvent], delta: flo
     for event in events:
         gaussian = dp_accounting.GaussianDpEvent(event.noise_multiplier)
         reference.compose(dp_accounting.PoissonSampledDpEvent(event.sample_rate, gaussian), event.steps)
-    assert epsilon(events, delta=delta, accountant="rdp") == pytest.approx(reference.get_epsilon(delta), rel=2e-2)
+    ours, theirs = epsilon(events, delta=delta, accountant="rdp"), reference.get_epsilon(delta)
+    if theirs == 0.0:
+        # dp-accounting also bounds delta through the KL divergence (delta >= sqrt(1 - e^-KL)
+        # gives epsilon 0); Opacus' RDP conversion does not, so ours stays a valid, looser bound.
+        assert ours >= 0.0
+    else:
+        assert ours == pytest.approx(theirs, rel=2e-2)
+
+
+def test_rdp_epsilon_is_looser_than_dp_accounting_where_its_kl_bound_gives_zero() -> None:
+    event = DPEvent(1.0, 0.001, 1)
+    reference = RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    reference.compose(dp_accounting.PoissonSampledDpEvent(0.001, dp_accounting.GaussianDpEvent(1.0)), 1)
+    assert reference.get_epsilon(1e-3) == 0.0
+    assert 0.0 < epsilon([event], delta=1e-3, accountant="rdp") < 0.5
 
 
 # ---------------------------------------------------------------- noise for a target
