@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from privacy.accountant import epsilon
-from privacy.errors import AccountingError, LedgerError
+from privacy.errors import AccountingError, BudgetExhaustedError, LedgerError
 from privacy.events import DPEvent
-from privacy.ledger import SCHEMA_VERSION, Charge, PrivacyLedger
+from privacy.ledger import _SCHEMA, SCHEMA_VERSION, Budget, Charge, PrivacyLedger
 
 DELTA = 1e-5
 ROUND = {"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 20}
@@ -254,8 +254,8 @@ def test_the_file_is_a_versioned_wal_database(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
-        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [1]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [2]
     finally:
         conn.close()
 
@@ -296,10 +296,10 @@ def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     PrivacyLedger.open(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 2, newer than this medfed reads")):
+    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 3, newer than this medfed reads")):
         PrivacyLedger.open(path)
 
 
@@ -365,3 +365,224 @@ def test_concurrent_charges_from_processes_land_exactly_once(tmp_path: Path) -> 
         charges = ledger.charges("htn_cohort")
     assert len(charges) == 10 + 4 * 10
     assert sorted(c.round for c in charges if c.run_id == "shared") == list(range(1, 11))
+
+
+# ---------------------------------------------------------------- budgets and reservations
+
+EVENT = DPEvent(**ROUND)
+
+
+def _admissible(budget: Budget, event: DPEvent = EVENT) -> int:
+    """How many copies of `event` fit in `budget` (composed with RDP, as the tests reserve)."""
+    count = 0
+    while epsilon([event] * (count + 1), delta=budget.delta, accountant="rdp") <= budget.epsilon:
+        count += 1
+    return count
+
+
+def test_a_reservation_is_held_until_committed_as_a_charge(ledger: PrivacyLedger) -> None:
+    budget = Budget(epsilon=5.0, delta=DELTA)
+    held = ledger.reserve("htn_cohort", run_id="7", round=1, event=EVENT, budget=budget)
+    assert ledger.reservations("htn_cohort") == [held]
+    assert ledger.held("htn_cohort") == [EVENT]
+    assert ledger.charges("htn_cohort") == []
+    charge = ledger.commit(held)
+    assert (charge.dataset, charge.run_id, charge.round, charge.event) == ("htn_cohort", "7", 1, EVENT)
+    assert ledger.reservations() == []
+    assert ledger.charges("htn_cohort") == [charge]
+    with pytest.raises(LedgerError, match="no open reservation for round 1 of run '7'"):
+        ledger.commit(held)
+    with pytest.raises(LedgerError, match="round 1 of run '7' was already charged to dataset 'htn_cohort'"):
+        ledger.reserve("htn_cohort", run_id="7", round=1, event=EVENT, budget=budget)
+
+
+def test_a_released_reservation_spends_nothing(ledger: PrivacyLedger) -> None:
+    held = ledger.reserve("htn_cohort", run_id="7", round=1, event=EVENT, budget=Budget(5.0, DELTA))
+    assert ledger.release(held) is True
+    assert ledger.release(held) is False
+    assert ledger.held("htn_cohort") == []
+    assert ledger.spent("htn_cohort", delta=DELTA) == 0.0
+
+
+def test_reserving_the_same_round_again_returns_the_open_reservation(ledger: PrivacyLedger) -> None:
+    budget = Budget(5.0, DELTA)
+    first = ledger.reserve("htn_cohort", run_id="7", round=1, event=EVENT, budget=budget)
+    assert ledger.reserve("htn_cohort", run_id="7", round=1, event=EVENT, budget=budget) == first
+    assert len(ledger.reservations()) == 1
+
+
+def test_a_reservation_over_the_budget_is_refused_and_records_nothing(ledger: PrivacyLedger) -> None:
+    budget = Budget(epsilon=6.0, delta=DELTA)
+    fits = _admissible(budget)
+    assert fits >= 2
+    for round_ in range(1, fits + 1):
+        ledger.commit(ledger.reserve("htn_cohort", run_id="7", round=round_, event=EVENT, budget=budget, accountant="rdp"))
+    with pytest.raises(BudgetExhaustedError, match=r"dataset 'htn_cohort' would reach epsilon \d+\.\d+ at delta 1e-05, over its lifetime budget of 6 \(\d\.\d+ spent or reserved\)"):
+        ledger.reserve("htn_cohort", run_id="7", round=fits + 1, event=EVENT, budget=budget, accountant="rdp")
+    assert ledger.reservations() == []
+    assert len(ledger.charges("htn_cohort")) == fits
+    assert ledger.spent("htn_cohort", delta=DELTA, accountant="rdp") <= 6.0
+
+
+def test_open_reservations_count_against_the_budget(ledger: PrivacyLedger) -> None:
+    # Two runs each fit alone; while the first holds its reservation the second must not.
+    budget = Budget(epsilon=epsilon([EVENT], delta=DELTA, accountant="rdp") * 1.1, delta=DELTA)
+    ledger.reserve("htn_cohort", run_id="a", round=1, event=EVENT, budget=budget, accountant="rdp")
+    with pytest.raises(BudgetExhaustedError, match="spent or reserved"):
+        ledger.reserve("htn_cohort", run_id="b", round=1, event=EVENT, budget=budget, accountant="rdp")
+
+
+def test_a_run_cap_limits_the_run_but_not_the_others(ledger: PrivacyLedger) -> None:
+    budget = Budget(epsilon=50.0, delta=DELTA)
+    cap = epsilon([EVENT], delta=DELTA, accountant="rdp") * 1.1
+    ledger.commit(ledger.reserve("htn_cohort", run_id="a", round=1, event=EVENT, budget=budget, run_cap=cap, accountant="rdp"))
+    with pytest.raises(BudgetExhaustedError, match=r"run a would reach epsilon \d\.\d+ on dataset 'htn_cohort', over its cap"):
+        ledger.reserve("htn_cohort", run_id="a", round=2, event=EVENT, budget=budget, run_cap=cap, accountant="rdp")
+    ledger.reserve("htn_cohort", run_id="b", round=1, event=EVENT, budget=budget, run_cap=cap, accountant="rdp")
+
+
+@pytest.mark.parametrize(
+    ("epsilon_", "delta", "message"),
+    [
+        (0.0, DELTA, "budget epsilon must be a finite number > 0; found 0.0"),
+        (float("inf"), DELTA, "budget epsilon must be a finite number > 0; found inf"),
+        (1.0, 1.0, r"budget delta must be in \(0, 1\); found 1.0"),
+    ],
+)
+def test_a_bad_budget_names_the_value(epsilon_: float, delta: float, message: str) -> None:
+    with pytest.raises(AccountingError, match=message):
+        Budget(epsilon_, delta)
+
+
+steps_st = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c"]),  # run
+        st.floats(min_value=0.6, max_value=3.0),  # noise multiplier
+        st.integers(min_value=1, max_value=60),  # steps
+        st.sampled_from(["commit", "release", "leave"]),  # what happens to the reply
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=steps_st, budget_epsilon=st.floats(min_value=0.2, max_value=4.0))
+def test_the_ledger_never_admits_a_charge_over_the_budget(steps: list[tuple[str, float, int, str]], budget_epsilon: float) -> None:
+    budget = Budget(budget_epsilon, DELTA)
+    with PrivacyLedger.in_memory() as ledger:
+        for round_, (run, noise, n_steps, outcome) in enumerate(steps, start=1):
+            event = DPEvent(noise, 0.05, n_steps)
+            try:
+                held = ledger.reserve("d", run_id=run, round=round_, event=event, budget=budget, accountant="rdp")
+            except BudgetExhaustedError:
+                continue
+            if outcome == "commit":
+                ledger.commit(held)
+            elif outcome == "release":
+                ledger.release(held)
+            assert epsilon(ledger.held("d"), delta=DELTA, accountant="rdp") <= budget_epsilon
+        assert ledger.spent("d", delta=DELTA, accountant="rdp") <= budget_epsilon
+
+
+def test_threads_racing_for_one_budget_never_overspend(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    budget = Budget(epsilon=4.5, delta=DELTA)
+    PrivacyLedger.open(path).close()
+    barrier = threading.Barrier(6)
+    admitted: list[int] = []
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            with PrivacyLedger.open(path) as ledger:
+                barrier.wait()
+                for round_ in range(1, 9):
+                    try:
+                        held = ledger.reserve("htn_cohort", run_id=f"run-{worker}", round=round_, event=EVENT, budget=budget, accountant="rdp")
+                    except BudgetExhaustedError:
+                        continue
+                    ledger.commit(held)
+                    admitted.append(worker)
+        except BaseException as err:  # surfaced in the main thread below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    with PrivacyLedger.open(path) as ledger:
+        assert len(ledger.charges("htn_cohort")) == len(admitted) == _admissible(budget)
+        assert ledger.spent("htn_cohort", delta=DELTA, accountant="rdp") <= budget.epsilon
+
+
+def _reserve_from_another_process(path: str, worker: int, start: multiprocessing.synchronize.Event) -> None:
+    # Each message a node answers is its own process: open, reserve, commit, close.
+    start.wait(timeout=60)
+    budget = Budget(epsilon=4.5, delta=DELTA)
+    for round_ in range(1, 5):
+        with PrivacyLedger.open(Path(path)) as ledger:
+            try:
+                held = ledger.reserve("htn_cohort", run_id=f"run-{worker}", round=round_, event=EVENT, budget=budget, accountant="rdp")
+            except BudgetExhaustedError:
+                continue
+            ledger.commit(held)
+
+
+def test_processes_racing_for_one_budget_never_overspend(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    workers = [context.Process(target=_reserve_from_another_process, args=(str(path), i, start)) for i in range(3)]
+    try:
+        for worker in workers:
+            worker.start()
+        start.set()
+        for worker in workers:
+            worker.join(timeout=180)
+        assert [w.exitcode for w in workers] == [0, 0, 0]
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    with PrivacyLedger.open(path) as ledger:
+        assert len(ledger.charges("htn_cohort")) == _admissible(Budget(4.5, DELTA))
+        assert ledger.reservations() == []
+
+
+def test_a_reservation_left_open_by_a_crash_survives_and_still_counts(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    budget = Budget(epsilon=epsilon([EVENT], delta=DELTA, accountant="rdp") * 1.1, delta=DELTA)
+    with PrivacyLedger.open(path) as ledger:
+        held = ledger.reserve("htn_cohort", run_id="7", round=1, event=EVENT, budget=budget, accountant="rdp")
+    # The process died between training and reply: nothing was charged, nothing is hidden.
+    with PrivacyLedger.open(path) as ledger:
+        assert ledger.reservations() == [held]
+        assert ledger.charges("htn_cohort") == []
+        with pytest.raises(BudgetExhaustedError):
+            ledger.reserve("htn_cohort", run_id="8", round=1, event=EVENT, budget=budget, accountant="rdp")
+
+
+def test_a_schema_1_ledger_is_upgraded_in_place_and_keeps_its_charges(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        _SCHEMA
+        + "INSERT INTO ledger_schema VALUES (1, '2026-01-01T00:00:00+00:00');"
+        + "INSERT INTO charges (dataset, run_id, round, mechanism, noise_multiplier, sample_rate, steps, charged_at) "
+        + "VALUES ('htn_cohort', '1', 1, 'poisson-gaussian', 1.0, 0.05, 20, '2026-01-01T00:00:00+00:00');"
+        + "PRAGMA user_version = 1;"
+    )
+    conn.close()
+    with PrivacyLedger.open(path) as ledger:
+        assert ledger.events("htn_cohort") == [EVENT]
+        ledger.reserve("htn_cohort", run_id="2", round=1, event=EVENT, budget=Budget(5.0, DELTA))
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert sorted(row[0] for row in conn.execute("SELECT version FROM ledger_schema")) == [1, 2]
+    finally:
+        conn.close()
