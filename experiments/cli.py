@@ -20,6 +20,7 @@ from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
 from experiments.submit import run_status, submit as submit_run, wait_for_run
 from experiments.tracking import default_tracking_uri
+from privacy.keys import fingerprint, load_private_key
 
 __all__ = ["app"]
 
@@ -64,6 +65,10 @@ def submit(
     output_dir: Path = typer.Option(
         Path(".medfed/runs"), "--output-dir", help="Where the coordinator writes each run's final model."
     ),
+    key: Path = typer.Option(
+        ..., "--key", envvar="MEDFED_SIGNING_KEY",
+        help="Your research partner private key (`medfed keys new`); the nodes accept only specs it signed.",
+    ),
     app_dir: Path | None = typer.Option(None, "--app", help="Folder of medfed's Flower App (its pyproject.toml)."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the run until it finishes."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the run when following it."),
@@ -75,8 +80,12 @@ def submit(
         f"{parsed.experiment.name} ({parsed.digest()[:12]}): each site's dataset '{parsed.data.dataset}' "
         f"will be charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g}"
     )
+    signing_key = load_private_key(key)
+    typer.echo(f"signing spec {parsed.digest()} with {fingerprint(signing_key.public_key())}")
     uri = tracking_uri or default_tracking_uri()
-    run_id = submit_run(parsed, connection=superlink, tracking_uri=uri, output_dir=output_dir, app_dir=app_dir)
+    run_id = submit_run(
+        parsed, connection=superlink, tracking_uri=uri, output_dir=output_dir, signing_key=signing_key, app_dir=app_dir
+    )
     typer.echo(f"submitted as run {run_id}; tracking in {uri}")
     if not wait:
         return

@@ -8,9 +8,10 @@ A spec is a TOML file with five tables, six for an imaging task::
                   intensity, window | window_center + window_width, projection
     [model]       kind, hidden (mlp), channels (cnn)
     [federation]  strategy, rounds, min_nodes, local_epochs, learning_rate, proximal_mu,
-                  server_learning_rate, node_wait_seconds, round_timeout_seconds
+                  server_learning_rate, node_wait_seconds, approval_wait_seconds,
+                  round_timeout_seconds
     [privacy]     delta, max_grad_norm, sample_rate, noise_multiplier | target_epsilon,
-                  accountant
+                  accountant, min_cohort_size
 
 :meth:`ExperimentSpec.from_toml` and :meth:`ExperimentSpec.from_mapping` are the only
 ways in. They report every problem at once, by field (unknown keys with a "did you
@@ -25,7 +26,8 @@ CNN on one preprocessed image per patient, selected and preprocessed as ``[imagi
 says, and its labels come from the node's registration, not from the spec. A key that
 belongs to the other task is a problem, not silently ignored. Keys that only one task
 has are left out of the canonical JSON of the other, so adding the imaging task left
-the digest of every tabular spec unchanged.
+the digest of every tabular spec unchanged; keys added later are likewise left out while
+at their default (``_LATER_KEYS``).
 
 Types are strict where a TOML slip would change meaning: a boolean is never an
 integer or a number, and a string is never a number. An integer is accepted wherever a
@@ -273,6 +275,7 @@ class FederationSection(_Table):
     proximal_mu: NonNegative = 0.0  # FedProx only; must then be > 0
     server_learning_rate: Positive = 0.1  # FedAdam's eta
     node_wait_seconds: Positive = 120.0
+    approval_wait_seconds: Positive = 3600.0  # how long to wait for the officers' approvals
     round_timeout_seconds: Positive = 600.0
 
     @classmethod
@@ -293,6 +296,7 @@ class PrivacySection(_Table):
     noise_multiplier: Positive | None = None
     target_epsilon: Positive | None = None  # per site, for this experiment
     accountant: Accountant = "prv"
+    min_cohort_size: Count | None = None  # tightens each node's policy, never loosens it
 
     @classmethod
     def table_problems(cls, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -385,6 +389,9 @@ class ExperimentSpec(_Table):
         for table, key in _TASK_SPECIFIC_KEYS:
             if mapping[table][key] is None:
                 del mapping[table][key]
+        for (table, key), default in _LATER_KEYS.items():
+            if mapping[table][key] == default:
+                del mapping[table][key]
         return mapping
 
     def canonical_json(self) -> str:
@@ -406,6 +413,12 @@ _TABLES: dict[str, type[_Table]] = {
 }
 _TABLE_ORDER = list(_TABLES)
 _TASK_SPECIFIC_KEYS = (("data", "features"), ("data", "label"), ("model", "channels"))
+# Keys added after specs were first approved: left out of the canonical form while at
+# their default, so the digest (and every approval of it) of an older spec stays the same.
+_LATER_KEYS: dict[tuple[str, str], object] = {
+    ("federation", "approval_wait_seconds"): 3600.0,
+    ("privacy", "min_cohort_size"): None,
+}
 
 
 # ---------------------------------------------------------------- rules between tables

@@ -2,8 +2,8 @@
 
 There is no public Python API for ``flwr run`` in Flower 1.39, so this module drives the
 `flwr` CLI. The validated spec travels as canonical JSON in the run config (a TOML file
-passed with ``--run-config``), together with the MLflow tracking URI and the
-coordinator's output folder.
+passed with ``--run-config``), with the research partner's signature of it, the MLflow
+tracking URI and the coordinator's output folder.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
+from privacy.governance import SpecSignature, sign_spec
 
 __all__ = [
     "RunStatus",
@@ -82,10 +85,14 @@ def stage_app(app_dir: Path, into: Path) -> Path:
     return staged
 
 
-def write_run_config(spec: ExperimentSpec, path: Path, *, tracking_uri: str, output_dir: Path) -> Path:
+def write_run_config(
+    spec: ExperimentSpec, path: Path, *, tracking_uri: str, output_dir: Path, signature: SpecSignature | None = None
+) -> Path:
     """Write the TOML run config for `spec` (JSON strings are valid TOML basic strings)."""
     lines = [
         f"spec = {json.dumps(spec.canonical_json())}",
+        f"spec-signature = {json.dumps(signature.signature if signature else '')}",
+        f"spec-signer = {json.dumps(signature.signer if signature else '')}",
         f"tracking-uri = {json.dumps(tracking_uri)}",
         f"output-dir = {json.dumps(str(output_dir.resolve()))}",
     ]
@@ -124,14 +131,23 @@ def submit(
     connection: str,
     tracking_uri: str,
     output_dir: Path,
+    signing_key: Ed25519PrivateKey | None,
     app_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 300.0,
 ) -> int:
-    """Start a Flower run of `spec` on the SuperLink named `connection`; returns its run id."""
+    """Start a Flower run of `spec` on the SuperLink named `connection`; returns its run id.
+
+    The canonical spec is signed with the research partner's `signing_key`; every node
+    checks that signature against its officer's trusted keys. `None` submits it unsigned,
+    which every node refuses (the command line always signs).
+    """
+    signature = None if signing_key is None else sign_spec(spec.canonical_json(), signing_key)
     with tempfile.TemporaryDirectory(prefix="medfed-submit-") as tmp:
         app = stage_app(app_dir or find_app_dir(), Path(tmp))
-        config = write_run_config(spec, Path(tmp) / "run-config.toml", tracking_uri=tracking_uri, output_dir=output_dir)
+        config = write_run_config(
+            spec, Path(tmp) / "run-config.toml", tracking_uri=tracking_uri, output_dir=output_dir, signature=signature
+        )
         payload = _flwr(["run", str(app), connection, "--run-config", str(config), "--format", "json"], env, timeout)
     return int(str(payload["run-id"]))
 

@@ -3,8 +3,13 @@
 The sequence (DESIGN.md, "Data flow of one experiment"):
 
 1. wait up to ``federation.node_wait_seconds`` for ``federation.min_nodes`` nodes;
-2. a *query* wave: each node says whether it can run the instruction, or why not;
-   fewer acceptances than the minimum stops here, before anything is tracked;
+2. a *query* wave: each node says whether it takes part, or why not. Every message
+   carries the partner-signed spec; each node checks the signature, its officer's
+   approval, its policy and its budget itself. Nodes whose officer has not decided yet
+   answer "awaiting approval"; they are asked again every ``APPROVAL_POLL_SECONDS``
+   until ``federation.approval_wait_seconds`` has passed. Fewer acceptances than the
+   minimum then stops the run with every site's status and reason, before anything is
+   tracked;
 3. the tracked run starts; each round is one *train* wave (nodes evaluate the incoming
    global model, then train it with DP-SGD) aggregated by the spec's strategy;
 4. one *evaluate* wave on the final model; the model, the spec and a privacy summary
@@ -35,6 +40,7 @@ from federation.metrics import aggregate_site_metrics
 from federation.participants import ParticipantGrid
 from federation.protocol import (
     ARRAYS_KEY,
+    AWAITING_APPROVAL,
     CONFIG_KEY,
     EVAL_METRICS,
     IMAGING_TASK,
@@ -42,6 +48,7 @@ from federation.protocol import (
     TRAIN_METRICS,
     ImagingInstruction,
     ProtocolError,
+    SignedSpec,
     TrainInstruction,
     read_metrics,
     read_refusal,
@@ -55,6 +62,11 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "final_model.pt"
 SUMMARY_FILE = "privacy_summary.json"
+APPROVAL_POLL_SECONDS = 5.0
+
+ACCEPTED = "accepted"
+AWAITING = "awaiting approval"
+REFUSED = "refused"
 
 
 @dataclass
@@ -63,7 +75,7 @@ class SiteOutcome:
 
     node_id: int
     site: str
-    status: str = "unknown"  # accepted | refused | no-answer | dropped
+    status: str = "unknown"  # accepted | awaiting approval | refused | no-answer | dropped
     reason: str = ""
     rounds: dict[int, dict[str, float]] = field(default_factory=dict)
     final: dict[str, float] = field(default_factory=dict)
@@ -194,16 +206,18 @@ def _collect(
         outcome = sites.setdefault(node, SiteOutcome(node, f"node-{node}"))
         if reply.has_error():
             outcome.site, reason = read_refusal(reply.error.reason, outcome.site)
-            outcome.status, outcome.reason = "refused", reason or f"error {reply.error.code}"
+            outcome.status = AWAITING if reply.error.code == AWAITING_APPROVAL else REFUSED
+            outcome.reason = reason or f"error {reply.error.code}"
             continue
         try:
             answered[node] = read_metrics(reply.content, allowed)
         except ProtocolError as err:
-            outcome.status, outcome.reason = "refused", f"invalid reply: {err}"
+            outcome.status, outcome.reason = REFUSED, f"invalid reply: {err}"
             continue
         outcome.site = read_site(reply.content, outcome.site)
+        outcome.reason = ""
     for node in expected:
-        if node not in answered and sites[node].status not in ("refused",):
+        if node not in answered and sites[node].status not in (REFUSED, AWAITING):
             sites[node].status = "no-answer" if sites[node].status == "unknown" else "dropped"
             sites[node].reason = sites[node].reason or "no reply before the timeout"
     return answered
@@ -229,10 +243,28 @@ def _round_metrics(step_metrics: Mapping[int, Mapping[str, float]], sites: Mappi
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
+def _query_until_decided(
+    grid: Grid, record: RecordDict, nodes: list[int], sites: dict[int, SiteOutcome], *, timeout: float, wait: float
+) -> dict[int, dict[str, float]]:
+    """The query wave, repeated for nodes awaiting their officer until none is or `wait` is over."""
+    participants = ParticipantGrid(grid, nodes)
+    accepted = _collect(_send(participants, MessageType.QUERY, record, nodes, timeout), sites, nodes, QUERY_METRICS)
+    deadline = time.monotonic() + wait
+    while True:
+        awaiting = [n for n in nodes if sites[n].status == AWAITING]
+        left = deadline - time.monotonic()
+        if not awaiting or left <= 0:
+            return accepted
+        logger.info("waiting for approval at %s (%.0f s left)", ", ".join(sites[n].site for n in awaiting), left)
+        time.sleep(min(APPROVAL_POLL_SECONDS, left))
+        accepted |= _collect(_send(participants, MessageType.QUERY, record, awaiting, timeout), sites, awaiting, QUERY_METRICS)
+
+
 def run_experiment(
     grid: Grid,
     spec: ExperimentSpec,
     *,
+    signed: SignedSpec,
     tracker: Tracker,
     output_dir: Path,
     tags: Mapping[str, str] | None = None,
@@ -243,19 +275,21 @@ def run_experiment(
 
     plan = plan_privacy(spec)
     instruction = instruction_for(spec, plan)
+    if signed.spec_json != spec.canonical_json():
+        raise FederationError("the signed spec is not the spec of this run; submit it again with `medfed experiment submit`")
     fed = spec.federation
     timeout = fed.round_timeout_seconds
 
+    def config(server_round: int = 0):  # type: ignore[no-untyped-def]
+        return signed.add_to(instruction.to_config(server_round))
+
     connected = _wait_for_nodes(grid, fed.min_nodes, fed.node_wait_seconds)
     sites = {n: SiteOutcome(n, f"node-{n}") for n in connected}
-    query = _collect(
-        _send(ParticipantGrid(grid, connected), MessageType.QUERY, RecordDict({CONFIG_KEY: instruction.to_config()}), connected, timeout),
-        sites,
-        connected,
-        QUERY_METRICS,
+    query = _query_until_decided(
+        grid, RecordDict({CONFIG_KEY: config()}), connected, sites, timeout=timeout, wait=fed.approval_wait_seconds
     )
     for node in query:
-        sites[node].status = "accepted"
+        sites[node].status = ACCEPTED
     if len(query) < fed.min_nodes:
         raise NotEnoughNodesError(
             f"{len(query)} of {len(connected)} hospital node(s) accepted the experiment; the spec "
@@ -282,7 +316,7 @@ def run_experiment(
     history: dict[int, dict[str, float]] = {}
     try:
         for server_round in range(1, fed.rounds + 1):
-            messages = strategy.configure_train(server_round, arrays, instruction.to_config(server_round), participants)
+            messages = strategy.configure_train(server_round, arrays, config(server_round), participants)
             replies = list(participants.send_and_receive(messages, timeout=timeout))
             answered = _collect(replies, sites, participants.get_node_ids(), TRAIN_METRICS)
             for node, metrics in answered.items():
@@ -310,7 +344,7 @@ def run_experiment(
         final_replies = _send(
             participants,
             MessageType.EVALUATE,
-            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: instruction.to_config(fed.rounds)}),
+            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config(fed.rounds)}),
             participants.get_node_ids(),
             timeout,
         )

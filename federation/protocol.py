@@ -38,6 +38,7 @@ from flwr.app import ConfigRecord, MetricRecord
 
 __all__ = [
     "ARRAYS_KEY",
+    "AWAITING_APPROVAL",
     "CONFIG_KEY",
     "EVAL_METRICS",
     "IMAGING_TASK",
@@ -51,7 +52,15 @@ __all__ = [
     "REFUSAL_CODES",
     "REFUSED_BAD_INSTRUCTION",
     "REFUSED_BUDGET",
+    "REFUSED_APPROVAL",
     "REFUSED_DATASET",
+    "REFUSED_INTEGRITY",
+    "REFUSED_POLICY",
+    "REFUSED_SIGNATURE",
+    "SIGNATURE_KEY",
+    "SIGNER_KEY",
+    "SPEC_KEY",
+    "SignedSpec",
     "TABULAR_TASK",
     "TASKS",
     "TRAIN_METRICS",
@@ -61,6 +70,7 @@ __all__ = [
     "read_refusal",
     "read_site",
     "refusal_reason",
+    "spec_mismatches",
 ]
 
 ARRAYS_KEY = "arrays"
@@ -82,7 +92,27 @@ PROJECTIONS = ("mip", "middle")
 REFUSED_BAD_INSTRUCTION = 4001
 REFUSED_DATASET = 4002
 REFUSED_BUDGET = 4003
-REFUSAL_CODES = (REFUSED_BAD_INSTRUCTION, REFUSED_DATASET, REFUSED_BUDGET)
+REFUSED_SIGNATURE = 4004  # unsigned, bad signature, unknown signer, instruction not the signed spec
+AWAITING_APPROVAL = 4005  # recorded for the officer; ask again later
+REFUSED_APPROVAL = 4006  # denied, revoked or expired, or over the approval's cap
+REFUSED_POLICY = 4007  # the node's policy forbids it
+REFUSED_INTEGRITY = 4008  # the node's ledger or audit log failed verification
+REFUSAL_CODES = (
+    REFUSED_BAD_INSTRUCTION,
+    REFUSED_DATASET,
+    REFUSED_BUDGET,
+    REFUSED_SIGNATURE,
+    AWAITING_APPROVAL,
+    REFUSED_APPROVAL,
+    REFUSED_POLICY,
+    REFUSED_INTEGRITY,
+)
+
+# The signed spec travels beside the instruction in every message's config record: the
+# node checks the signature and that the instruction is what the signed spec says.
+SPEC_KEY = "medfed.spec"
+SIGNATURE_KEY = "medfed.spec-signature"
+SIGNER_KEY = "medfed.spec-signer"
 
 # The metric keys a reply may carry: a node sends exactly these, the coordinator
 # rejects anything else. "num-examples" is Flower's weighting key.
@@ -290,6 +320,104 @@ class TrainInstruction:
         if not isinstance(text, str):
             raise ProtocolError(f"the message has no '{INSTRUCTION_KEY}' entry in its config")
         return cls.from_json(text)
+
+
+@dataclass(frozen=True)
+class SignedSpec:
+    """The partner-signed spec a run carries: canonical JSON, base64 signature, signer fingerprint.
+
+    Empty signature and signer mean an unsigned submission, which every node refuses.
+    """
+
+    spec_json: str
+    signature: str = ""
+    signer: str = ""
+
+    def add_to(self, config: ConfigRecord) -> ConfigRecord:
+        """`config` with the signed spec's three entries added."""
+        config[SPEC_KEY] = self.spec_json
+        config[SIGNATURE_KEY] = self.signature
+        config[SIGNER_KEY] = self.signer
+        return config
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> SignedSpec:
+        values = [config.get(key, "") for key in (SPEC_KEY, SIGNATURE_KEY, SIGNER_KEY)]
+        if not all(isinstance(v, str) for v in values):
+            raise ProtocolError(f"'{SPEC_KEY}', '{SIGNATURE_KEY}' and '{SIGNER_KEY}' must be strings")
+        if not values[0]:
+            raise ProtocolError(f"the message carries no experiment spec ('{SPEC_KEY}')")
+        return cls(*values)  # type: ignore[arg-type]
+
+    def mapping(self) -> dict[str, Any]:
+        """The spec as plain JSON tables (the node reads it without the coordinator's spec types)."""
+        try:
+            value = json.loads(self.spec_json)
+        except json.JSONDecodeError as err:
+            raise ProtocolError(f"the experiment spec is not valid JSON: {err}") from None
+        if not isinstance(value, dict):
+            raise ProtocolError("the experiment spec is not a JSON object")
+        return value
+
+
+# Where each instruction field comes from in the spec's canonical JSON (table, key).
+_SPEC_FIELDS = {
+    "experiment": ("experiment", "name"),
+    "task": ("experiment", "task"),
+    "dataset": ("data", "dataset"),
+    "model_kind": ("model", "kind"),
+    "local_epochs": ("federation", "local_epochs"),
+    "learning_rate": ("federation", "learning_rate"),
+    "rounds": ("federation", "rounds"),
+    "max_grad_norm": ("privacy", "max_grad_norm"),
+    "sample_rate": ("privacy", "sample_rate"),
+    "delta": ("privacy", "delta"),
+}
+
+
+def spec_mismatches(instruction: TrainInstruction, spec: Mapping[str, Any]) -> list[str]:
+    """Where `instruction` says something other than the signed `spec`; empty when it agrees.
+
+    The noise is checked only when the spec fixes it; a spec with ``target_epsilon``
+    leaves the noise to the coordinator, and the node then checks the cost instead.
+    """
+
+    def get(table: str, key: str) -> Any:
+        section = spec.get(table)
+        return section.get(key) if isinstance(section, Mapping) else None
+
+    problems = []
+    for name, (table, key) in _SPEC_FIELDS.items():
+        if getattr(instruction, name) != get(table, key):
+            problems.append(f"{name} is {getattr(instruction, name)!r}, the signed spec says {table}.{key} = {get(table, key)!r}")
+    if list(instruction.hidden) != get("model", "hidden"):
+        problems.append("hidden layers differ from the signed spec's model.hidden")
+    if instruction.task == TABULAR_TASK:
+        if list(instruction.features) != get("data", "features"):
+            problems.append("features differ from the signed spec's data.features")
+        if instruction.label != get("data", "label"):
+            problems.append(f"label is {instruction.label!r}, the signed spec says data.label = {get('data', 'label')!r}")
+        scaling = {k: [c, s] for k, (c, s) in instruction.scaling.items()}
+        if scaling != (get("data", "scaling") or {}):
+            problems.append("scaling differs from the signed spec's data.scaling")
+        return problems + _noise_mismatch(instruction, get("privacy", "noise_multiplier"))
+    if list(instruction.channels) != get("model", "channels"):
+        problems.append("channels differ from the signed spec's model.channels")
+    signed = spec.get("imaging") if isinstance(spec.get("imaging"), Mapping) else {}
+    assert instruction.imaging is not None  # TrainInstruction checks it
+    for name, value in asdict(instruction.imaging).items():
+        expected = signed.get(name)
+        if expected is None:
+            expected = [] if isinstance(value, list | tuple) else "" if isinstance(value, str) else None
+        if (list(value) if isinstance(value, tuple) else value) != expected:
+            problems.append(f"imaging.{name} differs from the signed spec's imaging.{name}")
+    return problems + _noise_mismatch(instruction, get("privacy", "noise_multiplier"))
+
+
+def _noise_mismatch(instruction: TrainInstruction, noise: Any) -> list[str]:
+    if noise is not None and instruction.noise_multiplier != noise:
+        return [f"noise_multiplier is {instruction.noise_multiplier!r}, the signed spec says privacy.noise_multiplier = {noise!r}"]
+    return []
 
 
 def node_record(site: str) -> ConfigRecord:

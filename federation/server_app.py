@@ -1,7 +1,8 @@
 """The medfed Flower ServerApp: runs one experiment per Flower run.
 
 The run config (written by ``medfed experiment submit``) carries the validated spec as
-canonical JSON, the MLflow tracking URI and the coordinator's output folder. A bad spec
+canonical JSON with the research partner's signature of it, the MLflow tracking URI and
+the coordinator's output folder. A bad spec
 or too few nodes fail the run with a one-line reason that ``flwr ls`` shows as the
 run's status details.
 """
@@ -27,18 +28,22 @@ def main(grid: Grid, context: Context) -> None:
     from experiments.spec import ExperimentSpec
     from experiments.tracking import MlflowTracker, default_tracking_uri
     from federation.experiment import run_experiment
+    from federation.protocol import SignedSpec
 
     config = context.run_config
     spec_json = str(config.get("spec", ""))
     if not spec_json:
         raise ValueError("the run config has no 'spec': submit experiments with `medfed experiment submit`")
     spec = ExperimentSpec.from_json(spec_json)
+    # The nodes check the signature; the coordinator only carries it.
+    signed = SignedSpec(spec_json, str(config.get("spec-signature", "")), str(config.get("spec-signer", "")))
     tracking_uri = str(config.get("tracking-uri", "")) or default_tracking_uri()
     output_root = Path(str(config.get("output-dir", "")) or ".medfed/runs")
     run_id = grid.run.run_id
     result = run_experiment(
         grid,
         spec,
+        signed=signed,
         tracker=MlflowTracker(tracking_uri),
         output_dir=output_root / str(run_id),
         tags={"flwr.run_id": str(run_id)},

@@ -5,8 +5,14 @@ registered, starts a SuperLink and one SuperNode per hospital as processes on lo
 submits the example spec through the same path a research partner uses, follows the run
 round by round from MLflow, and ends with a table comparing the federated model with
 each hospital's local-only model and a pooled model trained on the union of the data,
-all at the same privacy cost per patient. Every process it started is stopped on the way
-out, also on Ctrl-C or failure.
+all at the same privacy cost per patient, and each site's remaining lifetime budget.
+Every process it started is stopped on the way out, also on Ctrl-C or failure.
+
+Each demo node is governed as a real one: its officer trusts the demo research
+partner's key, gives the cohort a lifetime budget and approves the signed spec's digest;
+the nodes check all of it themselves. The alliance is rebuilt on each run, and the node
+homes stay in ``<workdir>/homes`` afterwards for the officer's commands
+(``medfed node budget|requests|audit|report --home ...``).
 
 The local-only and pooled baselines are trained by the demo itself, outside the
 federation, only to show what federation buys; they are not charged to any node's ledger.
@@ -17,7 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,24 +32,34 @@ from rich.console import Console
 from rich.table import Table
 
 from clients.hospital_node.connectors import TabularConnector, TabularData
+from clients.hospital_node.governance import approve, governance_state, set_budget
 from clients.hospital_node.home import DatasetEntry, NodeHome
 from experiments.cost import PrivacyPlan, plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.submit import run_status, submit
 from experiments.tracking import default_tracking_uri
 from medfed.cluster import LocalCluster, flower_env
+from federation.protocol import SignedSpec
 from medfed.errors import DemoError
-from privacy.ledger import PrivacyLedger
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, SITE_COLUMN, write_alliance
+from privacy.accountant import epsilon
+from privacy.governance import sign_spec
+from privacy.keys import generate_keypair, load_private_key
+from privacy.ledger import PrivacyLedger
 
 __all__ = [
     "DATASET",
     "EXAMPLE_SPEC",
     "Site",
+    "approve_everywhere",
     "comparison_table",
     "demo_console",
+    "govern_site",
     "ledger_spent",
+    "partner_key_path",
     "prepare_alliance",
+    "remaining_budgets",
+    "signed_spec",
     "run_demo",
     "run_on_cluster",
     "torch_split",
@@ -57,6 +74,14 @@ DATASET = "htn_cohort"
 EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "experiments" / "examples" / "hypertension.toml"
 
 
+# The demo's research partner (who signs the spec) and the officer of every demo node.
+PARTNER = "alliance_research"
+OFFICER = "demo-officer"
+# Each demo dataset's lifetime budget: several demo-sized experiments fit, not unlimited ones.
+BUDGET_EPSILON = 12.0
+BUDGET_DELTA = 1e-5
+
+
 @dataclass(frozen=True)
 class Site:
     """A synthetic hospital of the demo: its name and its node home."""
@@ -65,9 +90,58 @@ class Site:
     home: Path
 
 
+def partner_key_path(workdir: Path) -> Path:
+    """The demo research partner's private key, created on first use (``<workdir>/partner``)."""
+    path = workdir / "partner" / f"{PARTNER}.key"
+    if not path.exists():
+        generate_keypair(path.parent, PARTNER)
+    return path
+
+
+def govern_site(home: NodeHome, dataset: str, *, partner_public_key: Path, min_cohort_size: int | None = None) -> None:
+    """What a node's officer does once: trust the partner, set the dataset's budget (and the cohort floor)."""
+    trusted = home.trusted_partners()
+    if PARTNER not in {p.name for p in trusted.list()}:
+        trusted.add(PARTNER, partner_public_key, added_by=OFFICER)
+    if min_cohort_size is not None:
+        home.policy_path.write_text(replace(home.policy(), min_cohort_size=min_cohort_size).render())
+    if dataset not in governance_state(home).budgets:
+        set_budget(home, dataset, epsilon_=BUDGET_EPSILON, delta=BUDGET_DELTA, by=OFFICER)
+
+
+def approve_everywhere(sites: list[Site], spec: ExperimentSpec) -> None:
+    """Each site's officer approves exactly this spec (its digest) on the spec's dataset."""
+    for site in sites:
+        approve(NodeHome.open(site.home), spec.digest(), dataset=spec.data.dataset, by=OFFICER)
+
+
+def signed_spec(spec: ExperimentSpec, workdir: Path) -> SignedSpec:
+    """`spec` signed by the demo partner, as `medfed experiment submit --key` signs it."""
+    signature = sign_spec(spec.canonical_json(), load_private_key(partner_key_path(workdir)))
+    return SignedSpec(spec.canonical_json(), signature.signature, signature.signer)
+
+
+def remaining_budgets(sites: list[Site], dataset: str) -> dict[str, tuple[float, float]]:
+    """Each site's (spent, budget) epsilon on `dataset`, at the budget's delta, from its own ledger."""
+    out = {}
+    for site in sites:
+        home = NodeHome.open(site.home)
+        setting = governance_state(home).budgets[dataset]
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            spent = epsilon(ledger.held(dataset), delta=setting.delta, accountant=home.policy().accountant)
+        out[site.name] = (spent, setting.epsilon)
+    return out
+
+
 def prepare_alliance(workdir: Path, *, n_hospitals: int, seed: int) -> list[Site]:
-    """Generate the cohorts and a node home per hospital with the cohort registered."""
+    """Generate the cohorts and a governed node home per hospital with the cohort registered.
+
+    Each node trusts the demo partner's key and gives the cohort a lifetime budget of
+    ``BUDGET_EPSILON`` at ``BUDGET_DELTA``; approving a spec is left to the caller
+    (:func:`approve_everywhere`), as it is to a real officer.
+    """
     cohorts = write_alliance(workdir / "data", n_hospitals=n_hospitals, seed=seed)
+    partner_public_key = partner_key_path(workdir).with_suffix(".pub")
     sites = []
     for cohort in cohorts:
         path = workdir / "homes" / cohort.site
@@ -82,6 +156,7 @@ def prepare_alliance(workdir: Path, *, n_hospitals: int, seed: int) -> list[Site
             site_value=cohort.site,
         )
         home.register_dataset(entry, replace=True)
+        govern_site(home, DATASET, partner_public_key=partner_public_key)
         sites.append(Site(cohort.site, path))
     return sites
 
@@ -272,7 +347,11 @@ def run_on_cluster(
         # Open the store before the ServerApp does: two processes creating a fresh
         # MLflow SQLite schema at once race in its migrations.
         progress = _Progress(tracking_uri)
-        run_id = submit(spec, connection=cluster.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs", env=env)
+        signing_key = load_private_key(partner_key_path(workdir))
+        run_id = submit(
+            spec, connection=cluster.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs",
+            signing_key=signing_key, env=env,
+        )
         console.print(f"  submitted as Flower run {run_id}; tracking in {tracking_uri}")
         progress.follow(run_id)
         while True:
@@ -290,6 +369,25 @@ def run_on_cluster(
     return run_id, progress.mlflow_run_id
 
 
+def report_governance(console: Console, sites: list[Site], spec: ExperimentSpec) -> None:
+    """Each officer approves the signed spec; say so, and where the officers' commands work."""
+    approve_everywhere(sites, spec)
+    console.print(
+        f"  governance: spec signed by partner {PARTNER}; the officer of each of {len(sites)} nodes trusts that key, "
+        f"set '{spec.data.dataset}' a lifetime budget of ε = {BUDGET_EPSILON:g} at δ = {BUDGET_DELTA:g} and "
+        f"approved spec {spec.digest()[:12]}"
+    )
+
+
+def print_budgets(console: Console, sites: list[Site], dataset: str) -> None:
+    """Each site's remaining lifetime budget on `dataset`, from its own ledger."""
+    budgets = remaining_budgets(sites, dataset)
+    line = ", ".join(f"{name} {budget - spent:.2f} of {budget:g}" for name, (spent, budget) in budgets.items())
+    console.print(f"remaining budget on '{dataset}' (ε at δ = {BUDGET_DELTA:g}): {line}")
+    first = sites[0].home
+    console.print(f"officer's view of a node: `medfed node budget --home {first}` (also: requests, audit verify, report)")
+
+
 def demo_console() -> Console:
     """The console the demos print to."""
     console = Console()
@@ -305,9 +403,12 @@ def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int 
     plan = plan_privacy(spec)
     started = time.monotonic()
     console.print(f"[bold]medfed demo[/]: {n_hospitals} synthetic hospitals, {rounds} rounds, spec {spec.experiment.name} ({spec.digest()[:12]})")
+    # A fresh alliance every time: the demo's ledgers and audit logs describe this run only.
+    shutil.rmtree(workdir / "homes", ignore_errors=True)
     sites = prepare_alliance(workdir, n_hospitals=n_hospitals, seed=seed)
     console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g} "
                   f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
+    report_governance(console, sites, spec)
     tracking_uri = default_tracking_uri()
     run_id, mlflow_run_id = run_on_cluster(
         workdir, spec, sites, tracking_uri=tracking_uri, console=console, started=started
@@ -321,5 +422,6 @@ def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int 
         for s in sites
     }
     console.print(comparison_table(spec, plan, tensors, model_path, spent))
+    print_budgets(console, sites, DATASET)
     console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -31,7 +32,18 @@ from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.tracking import default_tracking_uri
 from federation.experiment import instruction_for
-from medfed.demo import Site, comparison_table, demo_console, ledger_spent, run_on_cluster, torch_split
+from medfed.demo import (
+    Site,
+    comparison_table,
+    demo_console,
+    govern_site,
+    ledger_spent,
+    partner_key_path,
+    print_budgets,
+    report_governance,
+    run_on_cluster,
+    torch_split,
+)
 
 __all__ = [
     "DATASET",
@@ -87,6 +99,7 @@ def prepare_imaging_alliance(
     """
     from imaging.synth import write_cohort
 
+    partner_public_key = partner_key_path(workdir).with_suffix(".pub")
     sites = []
     for index in range(n_hospitals):
         name = f"hospital_{index + 1}"
@@ -112,6 +125,8 @@ def prepare_imaging_alliance(
             imaging=ImagingSource(labels=labels.resolve(), modalities=MODALITIES, body_parts=BODY_PARTS, deid=DEID),
         )
         home.register_dataset(entry, replace=True)
+        # Imaging cohorts are small: the officer lowers the policy's cohort floor to fit them.
+        govern_site(home, DATASET, partner_public_key=partner_public_key, min_cohort_size=min(n_patients // 2, 20))
         sites.append(Site(name, path))
     return sites
 
@@ -156,6 +171,7 @@ def run_imaging_demo(
         f"[bold]medfed demo --task imaging[/]: {n_hospitals} synthetic hospitals x {n_patients} CT patients, "
         f"{rounds} rounds, spec {spec.experiment.name} ({spec.digest()[:12]})"
     )
+    shutil.rmtree(workdir / "homes", ignore_errors=True)  # a fresh alliance every time, as in the tabular demo
     sites = prepare_imaging_alliance(workdir, n_hospitals=n_hospitals, n_patients=n_patients, seed=seed)
     console.print(
         f"  each hospital's export de-identified into its node home ({time.monotonic() - started:.0f} s); "
@@ -163,6 +179,7 @@ def run_imaging_demo(
     )
     console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g} "
                   f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
+    report_governance(console, sites, spec)
     tracking_uri = default_tracking_uri()
     run_id, mlflow_run_id = run_on_cluster(
         workdir, spec, sites, tracking_uri=tracking_uri, console=console, started=started, show_accuracy=True
@@ -171,5 +188,6 @@ def run_imaging_demo(
     spent = ledger_spent(sites, DATASET, plan)
     tensors = site_tensors(spec, sites)
     console.print(comparison_table(spec, plan, tensors, model_path, spent, metrics=("accuracy", "auc")))
+    print_budgets(console, sites, DATASET)
     console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

@@ -676,7 +676,7 @@ class PrivacyLedger:
         round: int,
         event: DPEvent,
         budget: Budget,
-        run_cap: float | None = None,
+        run_cap: Budget | None = None,
         accountant: str = "prv",
     ) -> Reservation:
         """Hold `event` against `dataset` for round `round` of run `run_id`, or refuse.
@@ -684,8 +684,8 @@ class PrivacyLedger:
         In one transaction: the composition (at ``budget.delta``) of every charge and open
         reservation on the dataset plus `event` must not exceed ``budget.epsilon``, and
         that of the run's own events plus `event` must not exceed `run_cap` (the
-        approval's or the policy's per-experiment limit). Reserving a key that is already
-        reserved returns that reservation.
+        approval's or the policy's per-experiment limit, at the experiment's delta).
+        Reserving a key that is already reserved returns that reservation.
 
         Raises
         ------
@@ -705,11 +705,11 @@ class PrivacyLedger:
                     f"lifetime budget of {budget.epsilon:g} ({before:.3f} spent or reserved); the release is refused"
                 )
             if run_cap is not None:
-                mine = epsilon([e for r, e in held if r == run_id] + [event], delta=budget.delta, accountant=accountant)
-                if mine > run_cap:
+                mine = epsilon([e for r, e in held if r == run_id] + [event], delta=run_cap.delta, accountant=accountant)
+                if mine > run_cap.epsilon:
                     raise BudgetExhaustedError(
                         f"run {run_id} would reach epsilon {mine:.3f} on dataset '{dataset}', over its cap "
-                        f"of {run_cap:g}; the release is refused"
+                        f"of {run_cap.epsilon:g}; the release is refused"
                     )
 
         return self._store.reserve(Reservation(dataset, run_id, round, event, _now()), check)

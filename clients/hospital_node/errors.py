@@ -25,6 +25,10 @@ class NodeHomeError(NodeError):
     """The node home folder or its ``node.toml`` is missing or invalid."""
 
 
+class GovernanceError(NodeError):
+    """An officer's command cannot be carried out (unknown spec hash, bad reason, revoked approval...)."""
+
+
 class DatasetNotFoundError(NodeError, KeyError):
     """A dataset name is not registered on this node."""
 

@@ -2,7 +2,9 @@
 
 A Flower ClientApp process lives for one message, so everything a node must remember
 lives here, on the hospital's own disk: ``node.toml`` (the node's name and its dataset
-registry), ``ledger.sqlite`` (the privacy ledger), ``audit.jsonl`` (the signed audit log,
+registry), ``policy.toml`` (the officer's limits, :mod:`clients.hospital_node.policy`),
+``trusted_partners.toml`` (the research partners' keys the officer trusts),
+``ledger.sqlite`` (the privacy ledger), ``audit.jsonl`` (the signed audit log,
 with its head record ``audit.jsonl.head``) and ``keys/node_audit.key`` + ``.pub`` (the
 key that signs it, created on first use). ``node.toml`` looks like::
 
@@ -52,12 +54,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clients.hospital_node.errors import DatasetNotFoundError, NodeHomeError
+from clients.hospital_node.policy import POLICY_FILE, NodePolicy
 
 if TYPE_CHECKING:
     from clients.hospital_node.connectors import TabularData
     from clients.hospital_node.imaging_connector import ImagingInventory
     from imaging.deid_config import DeidConfig
     from privacy.audit import AuditLog
+    from privacy.keys import TrustedKeys
 
 __all__ = [
     "AUDIT_KEY_NAME",
@@ -738,6 +742,8 @@ class NodeHome:
             raise NodeHomeError(f"cannot create node home {home}: {reason}") from err
         config = _NodeConfig(name=name, datasets={})
         _write_atomically(config_path, _render_config(config, home))
+        if not (home / POLICY_FILE).exists():
+            _write_atomically(home / POLICY_FILE, NodePolicy().render())
         logger.info("created node home %s for node %s", home, name)
         return cls(home, config)
 
@@ -788,6 +794,21 @@ class NodeHome:
     def audit_public_key_path(self) -> Path:
         """The audit key's public half, for `medfed node audit verify`."""
         return self._path / KEYS_DIR / f"{AUDIT_KEY_NAME}.pub"
+
+    @property
+    def policy_path(self) -> Path:
+        """The officer's node policy (``policy.toml``)."""
+        return self._path / POLICY_FILE
+
+    def policy(self) -> NodePolicy:
+        """The node policy; the defaults if ``policy.toml`` is missing."""
+        return NodePolicy.read(self.policy_path)
+
+    def trusted_partners(self) -> TrustedKeys:
+        """The research partners whose signed specs this node's officer accepts."""
+        from privacy.keys import TrustedKeys
+
+        return TrustedKeys(self._path)
 
     def audit_log(self) -> AuditLog:
         """The node's audit log, open for appending; the first call creates the audit key pair.

@@ -1,11 +1,17 @@
 """What a node does with each message of an experiment: query, train, evaluate.
 
-Every handler follows the same order: parse the instruction, check everything that can
-be checked without touching patient rows (node home, dataset registered, label and
-features declared, privacy parameters consistent, round not already released), then
-read the data, compute, charge the ledger, and only then build the reply. A refusal is
-an error reply with a code from ``federation.protocol.REFUSAL_CODES`` and a one-line
-reason for the researcher; it never contains patient data.
+Every handler follows the same order: parse the instruction, let the node's governance
+admit it (:func:`clients.hospital_node.governance.admit`: signature, approval, policy,
+budget; nothing is read before that), check what else can be checked without touching
+patient rows (dataset registered, label and features declared, privacy parameters
+consistent, round not already released), reserve the round's budget, then read the
+data, compute, charge the ledger, record the release in the audit log, and only then
+build the reply. What leaves passes the egress guard: only the metric keys the protocol
+declares for that message and arrays shaped exactly like the instructed model.
+
+A refusal is an error reply with a code from ``federation.protocol.REFUSAL_CODES`` and a
+one-line reason for the researcher; it never contains patient data, and it is recorded
+in the node's audit log (except "awaiting approval", recorded once as the request).
 """
 
 from __future__ import annotations
@@ -20,23 +26,30 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from clients.hospital_node.errors import ConnectorError, NodeError
+from clients.hospital_node.governance import Admission, Refusal, admit
 from clients.hospital_node.home import NodeHome
 from federation.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    EVAL_METRICS,
     IMAGING_TASK,
     METRICS_KEY,
     NODE_KEY,
+    QUERY_METRICS,
     REFUSED_BAD_INSTRUCTION,
     REFUSED_BUDGET,
     REFUSED_DATASET,
+    REFUSED_POLICY,
+    TRAIN_METRICS,
     ProtocolError,
+    SignedSpec,
     TrainInstruction,
     node_record,
     refusal_reason,
 )
 from privacy.accountant import steps_per_epoch
 from privacy.errors import PrivacyError
+from privacy.events import DPEvent
 from privacy.ledger import PrivacyLedger
 
 if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where they are used
@@ -51,28 +64,59 @@ logger = logging.getLogger(__name__)
 def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
     """Handle one message of `kind` ("query", "train" or "evaluate") and build the reply."""
     home: NodeHome | None = None
+    instruction: TrainInstruction | None = None
     try:
         home = _open_home(node_config)
         config = msg.content.config_records.get(CONFIG_KEY)
         if config is None:
             raise ProtocolError(f"the message has no '{CONFIG_KEY}' ConfigRecord")
         instruction = TrainInstruction.from_config(config)
+        signed = SignedSpec.from_config(config)
+        admission = admit(home, instruction, signed, run_id=str(msg.metadata.run_id), kind=kind)
         _check_accounting(instruction)
-        content = _HANDLERS[kind](home, instruction, msg)
+        content = _HANDLERS[kind](home, instruction, msg, admission)
+        _guard(kind, content)
+    except Refusal as err:
+        return _refuse(msg, home, instruction, err.code, err.reason, record=err.record)
     except ProtocolError as err:
-        return _refuse(msg, home, REFUSED_BAD_INSTRUCTION, str(err))
+        return _refuse(msg, home, instruction, REFUSED_BAD_INSTRUCTION, str(err))
     except NodeError as err:
-        return _refuse(msg, home, REFUSED_DATASET, str(err))
+        return _refuse(msg, home, instruction, REFUSED_DATASET, str(err))
     except PrivacyError as err:
-        return _refuse(msg, home, REFUSED_BUDGET, str(err))
+        return _refuse(msg, home, instruction, REFUSED_BUDGET, str(err))
     content[NODE_KEY] = node_record(home.name)
     return Message(content, reply_to=msg)
 
 
-def _refuse(msg: Message, home: NodeHome | None, code: int, reason: str) -> Message:
-    logger.warning("refused %s message of run %s: %s", msg.metadata.message_type, msg.metadata.run_id, reason)
+def _refuse(
+    msg: Message, home: NodeHome | None, instruction: TrainInstruction | None, code: int, reason: str, *, record: bool = True
+) -> Message:
+    kind, run_id = msg.metadata.message_type, str(msg.metadata.run_id)
+    logger.warning("refused %s message of run %s: %s", kind, run_id, reason)
+    if home is not None and record:
+        payload = {"run": run_id, "message": kind, "code": code, "reason": reason}
+        if instruction is not None:
+            payload |= {"spec_digest": instruction.spec_digest, "dataset": instruction.dataset}
+        try:
+            home.audit_log().append("refusal", payload)
+        except (NodeError, PrivacyError) as err:  # the refusal stands; the log says why it is silent
+            logger.error("could not record the refusal in the audit log: %s", err)
     site = home.name if home is not None else "unconfigured node"
     return Message(Error(code=code, reason=refusal_reason(site, reason)), reply_to=msg)
+
+
+_DECLARED = {"query": QUERY_METRICS, "train": TRAIN_METRICS, "evaluate": EVAL_METRICS}
+
+
+def _guard(kind: str, content: RecordDict) -> None:
+    """The egress guard: nothing leaves but the declared metric keys (and, for train, model arrays)."""
+    unexpected = set(content) - {METRICS_KEY, ARRAYS_KEY if kind == "train" else METRICS_KEY}
+    metrics = content.get(METRICS_KEY)
+    if unexpected or not isinstance(metrics, MetricRecord):
+        raise ProtocolError(f"egress guard: a {kind} reply may carry only '{METRICS_KEY}'" + (" and model arrays" if kind == "train" else ""))
+    undeclared = sorted(set(metrics) - set(_DECLARED[kind]))
+    if undeclared:
+        raise ProtocolError(f"egress guard: undeclared metric(s) {', '.join(undeclared)} in a {kind} reply; nothing was sent")
 
 
 def _open_home(node_config: Mapping[str, Any]) -> NodeHome:
@@ -147,31 +191,65 @@ def _tensors(data: TabularData | ImagingData):  # type: ignore[no-untyped-def]
     )
 
 
-def _query(home: NodeHome, instruction: TrainInstruction, msg: Message) -> RecordDict:
-    # Cheap on purpose: every check short of training, without importing torch or an
-    # accountant, so the query wave costs about Flower's floor for a wave.
+def _check_cohort(data: TabularData | ImagingData, instruction: TrainInstruction, admission: Admission, msg: Message) -> None:
+    """The dataset must have the policy's minimum cohort (or the signed spec's, if stricter)."""
+    spec = SignedSpec.from_config(msg.content[CONFIG_KEY]).mapping()
+    minimum = max(admission.policy.min_cohort_size, int(spec.get("privacy", {}).get("min_cohort_size") or 0))
+    if data.n_train + data.n_val < minimum:
+        # The count itself stays on the node: a small cohort is a disclosure risk.
+        raise Refusal(REFUSED_POLICY, f"dataset '{instruction.dataset}' has fewer patients than the minimum cohort of {minimum}")
+
+
+def _query(home: NodeHome, instruction: TrainInstruction, msg: Message, admission: Admission) -> RecordDict:
+    # Cheap on purpose: every check short of training, without importing torch, so the
+    # query wave costs little more than Flower's floor for a wave.
     data = _load(home, instruction)
+    _check_cohort(data, instruction, admission, msg)
     metrics = {"num-examples": float(data.n_train), "eval-num-examples": float(data.n_val)}
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})
 
 
-def _train(home: NodeHome, instruction: TrainInstruction, msg: Message) -> RecordDict:
-    import torch
-
-    from models.training import evaluate, train_dp
-
+def _train(home: NodeHome, instruction: TrainInstruction, msg: Message, admission: Admission) -> RecordDict:
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     run_id = str(msg.metadata.run_id)
-    if server_round < 1:
-        raise ProtocolError(f"server-round must be >= 1; found {server_round}")
+    if not 1 <= server_round <= instruction.rounds:
+        raise ProtocolError(f"server-round must be in 1..{instruction.rounds} (the signed spec's rounds); found {server_round}")
     with PrivacyLedger.open(home.ledger_path) as ledger:
         if any(c.run_id == run_id and c.round == server_round for c in ledger.charges(instruction.dataset)):
             raise ProtocolError(
                 f"round {server_round} of run {run_id} was already trained and charged on "
                 f"dataset '{instruction.dataset}'; a second release is refused"
             )
+        reservation = ledger.reserve(
+            instruction.dataset,
+            run_id=run_id,
+            round=server_round,
+            event=DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps),
+            budget=admission.budget,
+            run_cap=admission.run_cap,
+            accountant=admission.policy.accountant,
+        )
+    try:
+        return _train_reserved(home, instruction, msg, admission, server_round, run_id, reservation)
+    except BaseException:
+        # Nothing left the node: give the reservation back. (A crash that skips this
+        # leaves it open; it keeps counting and `medfed node budget` lists it.)
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            ledger.release(reservation)
+        raise
+
+
+def _train_reserved(  # type: ignore[no-untyped-def]
+    home: NodeHome, instruction: TrainInstruction, msg: Message, admission: Admission, server_round: int, run_id: str, reservation
+) -> RecordDict:
+    import torch
+
+    from models.training import evaluate, train_dp
+
     data = _load(home, instruction)
+    _check_cohort(data, instruction, admission, msg)
     model = _model(instruction, msg.content.array_records.get(ARRAYS_KEY))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     x_train, y_train, x_val, y_val = _tensors(data)
     incoming = evaluate(model, x_val, y_val)
     # Seed the Poisson sampling from the OS so batches are unpredictable to anyone else.
@@ -188,15 +266,13 @@ def _train(home: NodeHome, instruction: TrainInstruction, msg: Message) -> Recor
         proximal_mu=float(msg.content[CONFIG_KEY].get("proximal-mu", 0.0)),
         generator=generator,
     )
+    if stats.steps != instruction.steps:
+        raise ProtocolError(f"training took {stats.steps} steps, not the {instruction.steps} reserved")
+    arrays = ArrayRecord(model.state_dict())
+    if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
+        raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        ledger.charge(
-            instruction.dataset,
-            run_id=run_id,
-            round=server_round,
-            noise_multiplier=instruction.noise_multiplier,
-            sample_rate=instruction.sample_rate,
-            steps=stats.steps,
-        )
+        ledger.commit(reservation)  # charged as the reply is built: from here on it counts
         epsilon = ledger.spent(instruction.dataset, delta=instruction.delta, accountant=instruction.accountant)
     logger.info(
         "run %s round %s: trained %s steps on dataset '%s'; epsilon spent %.3f",
@@ -209,7 +285,6 @@ def _train(home: NodeHome, instruction: TrainInstruction, msg: Message) -> Recor
         "steps": float(stats.steps),
         "epsilon": epsilon,
     }
-    arrays = ArrayRecord(model.state_dict())
     home.audit_log().append("release", _release_record(run_id, server_round, instruction, arrays, metrics))
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
 
@@ -244,7 +319,7 @@ def _release_record(
     }
 
 
-def _evaluate(home: NodeHome, instruction: TrainInstruction, msg: Message) -> RecordDict:
+def _evaluate(home: NodeHome, instruction: TrainInstruction, msg: Message, admission: Admission) -> RecordDict:
     from models.training import evaluate
 
     data = _load(home, instruction)

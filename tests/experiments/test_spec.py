@@ -74,7 +74,7 @@ def test_defaults_are_filled() -> None:
     assert spec.federation.model_dump() == {
         "strategy": "fedavg", "rounds": 3, "min_nodes": 2, "local_epochs": 1, "learning_rate": 0.1,
         "proximal_mu": 0.0, "server_learning_rate": 0.1, "node_wait_seconds": 120.0,
-        "round_timeout_seconds": 600.0,
+        "approval_wait_seconds": 3600.0, "round_timeout_seconds": 600.0,
     }
     assert (spec.privacy.max_grad_norm, spec.privacy.accountant) == (1.0, "prv")
     assert spec.privacy.target_epsilon == 4.0 and isinstance(spec.privacy.target_epsilon, float)
@@ -106,7 +106,7 @@ def test_four_distinct_problems_are_all_reported_in_field_order() -> None:
         "federation.rounds must be >= 1; found 0",
         "privacy.delta must be < 1; found 1.5",
         "privacy.colour is not a known key; the keys of [privacy] are delta, max_grad_norm, "
-        "sample_rate, noise_multiplier, target_epsilon, accountant",
+        "sample_rate, noise_multiplier, target_epsilon, accountant, min_cohort_size",
     )
     assert str(info.value) == "spec.toml has 4 problems:\n" + "\n".join(f"  {p}" for p in info.value.problems)
 
@@ -395,6 +395,18 @@ def test_adding_the_imaging_task_left_tabular_digests_unchanged() -> None:
     assert ExperimentSpec.from_toml(EXAMPLE).digest() == "97169c267a96dae61f9ef3fa01225acd84c5609cdbf0fbfca3a7130000578912"
     assert "imaging" not in ExperimentSpec.from_toml(EXAMPLE).to_mapping()
     assert "channels" not in ExperimentSpec.from_toml(EXAMPLE).to_mapping()["model"]
+
+
+def test_keys_added_later_stay_out_of_the_digest_at_their_default_and_count_when_set() -> None:
+    mapping = tomllib.loads(EXAMPLE.read_text())
+    base = ExperimentSpec.from_mapping(mapping)
+    assert "approval_wait_seconds" not in base.to_mapping()["federation"]
+    assert "min_cohort_size" not in base.to_mapping()["privacy"]
+    mapping["privacy"]["min_cohort_size"] = 500
+    stricter = ExperimentSpec.from_mapping(mapping)
+    assert stricter.to_mapping()["privacy"]["min_cohort_size"] == 500
+    assert stricter.digest() != base.digest()
+    assert ExperimentSpec.from_json(stricter.canonical_json()) == stricter
 
 
 def test_imaging_canonical_form_fills_defaults_leaves_out_tabular_keys_and_round_trips() -> None:

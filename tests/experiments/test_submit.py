@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import base64
 import tomllib
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from experiments.spec import ExperimentSpec
 from experiments.submit import RunStatus, find_app_dir, stage_app, write_run_config
+from privacy.governance import sign_spec, spec_signing_message
+from privacy.keys import fingerprint, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_run_config_round_trips_the_canonical_spec(tmp_path: Path) -> None:
     spec = ExperimentSpec.from_toml(ROOT / "experiments" / "examples" / "hypertension.toml")
-    path = write_run_config(spec, tmp_path / "run.toml", tracking_uri="sqlite:///x.db", output_dir=tmp_path / "out")
+    key = Ed25519PrivateKey.generate()
+    signature = sign_spec(spec.canonical_json(), key)
+    path = write_run_config(
+        spec, tmp_path / "run.toml", tracking_uri="sqlite:///x.db", output_dir=tmp_path / "out", signature=signature
+    )
     config = tomllib.loads(path.read_text())
-    assert set(config) == {"spec", "tracking-uri", "output-dir"}
+    assert set(config) == {"spec", "spec-signature", "spec-signer", "tracking-uri", "output-dir"}
     assert ExperimentSpec.from_json(config["spec"]).digest() == spec.digest()
     assert config["output-dir"] == str((tmp_path / "out").resolve())
+    assert config["spec-signer"] == fingerprint(key.public_key())
+    # What travels is exactly what the partner signed.
+    verify(key.public_key(), spec_signing_message(config["spec"]), base64.b64decode(config["spec-signature"]))
+
+
+def test_run_config_keys_are_the_apps_declared_config() -> None:
+    # `flwr run` rejects keys the app does not declare in [tool.flwr.app.config].
+    declared = tomllib.loads((find_app_dir() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(declared) == {"spec", "spec-signature", "spec-signer", "tracking-uri", "output-dir"}
 
 
 def test_staged_app_holds_the_pyproject_and_our_packages_only(tmp_path: Path) -> None:

@@ -22,16 +22,24 @@ from experiments.tracking import InMemoryTracker
 from federation.errors import NotEnoughNodesError
 from federation.experiment import run_experiment
 from federation.inprocess_grid import InProcessGrid
-from medfed.demo import DATASET, EXAMPLE_SPEC, prepare_alliance
+from medfed.demo import DATASET, EXAMPLE_SPEC, approve_everywhere, prepare_alliance, signed_spec
 from privacy.ledger import PrivacyLedger
 
 
 def _spec(**sections: dict[str, object]) -> ExperimentSpec:
     mapping = tomllib.loads(EXAMPLE_SPEC.read_text())
-    mapping["federation"].update({"rounds": 2, "min_nodes": 2, "node_wait_seconds": 0.1})
+    mapping["federation"].update({"rounds": 2, "min_nodes": 2, "node_wait_seconds": 0.1, "approval_wait_seconds": 0.1})
     for section, values in sections.items():
         mapping[section].update(values)
     return ExperimentSpec.from_mapping(mapping, source="test")
+
+
+def _run(sites, spec: ExperimentSpec, run_id: int, tracker: InMemoryTracker, output_dir: Path, *, approved: bool = True):
+    """Run `spec` signed by the demo partner, after each site's officer approved it (unless not)."""
+    if approved:
+        approve_everywhere(sites, spec)
+    workdir = sites[0].home.parent.parent
+    return run_experiment(_grid(sites, run_id), spec, signed=signed_spec(spec, workdir), tracker=tracker, output_dir=output_dir)
 
 
 def _handler(home: Path):
@@ -54,7 +62,7 @@ def _grid(sites, run_id: int) -> InProcessGrid:
 def test_rounds_train_charge_and_track(alliance, tmp_path: Path) -> None:
     spec = _spec()
     tracker = InMemoryTracker()
-    result = run_experiment(_grid(alliance, run_id=101), spec, tracker=tracker, output_dir=tmp_path)
+    result = _run(alliance, spec, 101, tracker, tmp_path)
 
     assert tracker.status == "FINISHED"
     assert {o.status for o in result.sites.values()} == {"accepted"}
@@ -78,7 +86,7 @@ def test_a_node_refusing_the_query_is_left_out(alliance, tmp_path: Path) -> None
     spec = _spec(data={"features": ["age", "bmi", "not_a_column"], "scaling": {}})
     tracker = InMemoryTracker()
     with pytest.raises(NotEnoughNodesError, match="0 of 3 hospital node"):
-        run_experiment(_grid(alliance, run_id=102), spec, tracker=tracker, output_dir=tmp_path)
+        _run(alliance, spec, 102, tracker, tmp_path)
     assert tracker.status == "NONE"  # nothing tracked for a run that never started
 
 
@@ -86,7 +94,7 @@ def test_fewer_nodes_than_the_minimum_stops_before_tracking(alliance, tmp_path: 
     spec = _spec(federation={"min_nodes": 4})
     tracker = InMemoryTracker()
     with pytest.raises(NotEnoughNodesError, match="federation.min_nodes = 4"):
-        run_experiment(_grid(alliance, run_id=103), spec, tracker=tracker, output_dir=tmp_path)
+        _run(alliance, spec, 103, tracker, tmp_path)
     assert tracker.status == "NONE"
 
 
@@ -94,12 +102,8 @@ def test_fewer_nodes_than_the_minimum_stops_before_tracking(alliance, tmp_path: 
 def test_other_strategies_run(alliance, tmp_path: Path, strategy: str) -> None:
     extra = {"proximal_mu": 0.1} if strategy == "fedprox" else {"server_learning_rate": 0.3}
     tracker = InMemoryTracker()
-    result = run_experiment(
-        _grid(alliance, run_id=104 if strategy == "fedprox" else 105),
-        _spec(federation={"strategy": strategy, "rounds": 2, **extra}),
-        tracker=tracker,
-        output_dir=tmp_path,
-    )
+    spec = _spec(federation={"strategy": strategy, "rounds": 2, **extra})
+    result = _run(alliance, spec, 104 if strategy == "fedprox" else 105, tracker, tmp_path)
     assert tracker.status == "FINISHED"
     initial = tracker.metrics["eval_auc"][0]
     assert initial + 0.05 <= result.final["eval_auc"] <= 0.95
@@ -126,7 +130,7 @@ def _imaging_spec(**sections: dict[str, object]) -> ExperimentSpec:
     mapping = tomllib.loads(IMAGING_SPEC.read_text())
     # RDP: the same guarantee type, and a fraction of PRV's accounting time at q = 0.25.
     mapping["privacy"]["accountant"] = "rdp"
-    mapping["federation"].update({"rounds": 2, "min_nodes": 2, "node_wait_seconds": 0.1})
+    mapping["federation"].update({"rounds": 2, "min_nodes": 2, "node_wait_seconds": 0.1, "approval_wait_seconds": 0.1})
     for section, values in sections.items():
         mapping[section].update(values)
     return ExperimentSpec.from_mapping(mapping, source="test")
@@ -141,7 +145,7 @@ def test_an_imaging_experiment_trains_a_cnn_across_nodes_and_charges_each(imagin
 
     spec = _imaging_spec()
     tracker = InMemoryTracker()
-    result = run_experiment(_grid(imaging_alliance, run_id=201), spec, tracker=tracker, output_dir=tmp_path)
+    result = _run(imaging_alliance, spec, 201, tracker, tmp_path)
 
     assert tracker.status == "FINISHED"
     assert {o.status for o in result.sites.values()} == {"accepted"}
@@ -175,7 +179,7 @@ def test_an_imaging_experiment_is_refused_by_a_node_whose_dataset_is_tabular(all
     spec = _imaging_spec(data={"dataset": DATASET})
     tracker = InMemoryTracker()
     with pytest.raises(NotEnoughNodesError) as info:
-        run_experiment(_grid(alliance, run_id=202), spec, tracker=tracker, output_dir=tmp_path)
+        _run(alliance, spec, 202, tracker, tmp_path)
     assert "hospital_1: refused (dataset 'htn_cohort' on node 'hospital_1' is of kind 'tabular'; " \
         "task imaging-classification needs a dataset of kind 'imaging')" in str(info.value)
     assert tracker.status == "NONE"

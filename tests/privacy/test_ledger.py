@@ -434,7 +434,7 @@ def test_open_reservations_count_against_the_budget(ledger: PrivacyLedger) -> No
 
 def test_a_run_cap_limits_the_run_but_not_the_others(ledger: PrivacyLedger) -> None:
     budget = Budget(epsilon=50.0, delta=DELTA)
-    cap = epsilon([EVENT], delta=DELTA, accountant="rdp") * 1.1
+    cap = Budget(epsilon([EVENT], delta=DELTA, accountant="rdp") * 1.1, DELTA)
     ledger.commit(ledger.reserve("htn_cohort", run_id="a", round=1, event=EVENT, budget=budget, run_cap=cap, accountant="rdp"))
     with pytest.raises(BudgetExhaustedError, match=r"run a would reach epsilon \d\.\d+ on dataset 'htn_cohort', over its cap"):
         ledger.reserve("htn_cohort", run_id="a", round=2, event=EVENT, budget=budget, run_cap=cap, accountant="rdp")

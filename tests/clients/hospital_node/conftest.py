@@ -5,16 +5,25 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ArrayRecord, Message, RecordDict
 
+from clients.hospital_node.governance import approve, set_budget
 from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
-from federation.protocol import ImagingInstruction
+from experiments.cost import plan_privacy
+from experiments.spec import ExperimentSpec
+from federation.experiment import instruction_for
+from federation.protocol import ImagingInstruction, SignedSpec, TrainInstruction
+from medfed.demo import EXAMPLE_SPEC
+from privacy.governance import sign_spec
 from imaging.synth import SynthCohort, write_cohort
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
 
@@ -135,3 +144,55 @@ def imaging_site(_dicom_export: SynthCohort, tmp_path: Path) -> ImagingSite:
         imaging=ImagingSource(labels=labels, modalities=("CT",), deid={"options": ["clean_descriptors"]}),
     )
     return ImagingSite(home=home, entry=entry, folder=folder, labels=labels, cohort=_dicom_export)
+
+
+# ---------------------------------------------------------------- governance
+
+# The research partner of these tests; every governed test home trusts this key.
+PARTNER_KEY = Ed25519PrivateKey.generate()
+PARTNER = "test_partner"
+OFFICER = "test-officer"
+
+
+def example_spec(path: Path | None = None, **sections: dict[str, Any]) -> ExperimentSpec:
+    """The example spec (tabular unless `path` says otherwise), with tables updated."""
+    mapping = tomllib.loads((path or EXAMPLE_SPEC).read_text())
+    for section, values in sections.items():
+        mapping.setdefault(section, {}).update(values)
+    return ExperimentSpec.from_mapping(mapping, source="test")
+
+
+def sign(spec: ExperimentSpec, key: Ed25519PrivateKey = PARTNER_KEY) -> SignedSpec:
+    signature = sign_spec(spec.canonical_json(), key)
+    return SignedSpec(spec.canonical_json(), signature.signature, signature.signer)
+
+
+def govern(
+    home: NodeHome, dataset: str, *, approve_spec: ExperimentSpec | None = None, budget: float = 50.0, min_cohort_size: int | None = None
+) -> None:
+    """Trust the test partner, give `dataset` a budget, optionally approve a spec: the officer's part."""
+    if PARTNER not in {p.name for p in home.trusted_partners().list()}:
+        home.trusted_partners().add(PARTNER, PARTNER_KEY.public_key(), added_by=OFFICER)
+    set_budget(home, dataset, epsilon_=budget, delta=1e-5, by=OFFICER)
+    if min_cohort_size is not None:
+        home.policy_path.write_text(replace(home.policy(), min_cohort_size=min_cohort_size).render())
+    if approve_spec is not None:
+        approve(home, approve_spec.digest(), dataset=dataset, by=OFFICER)
+
+
+def signed_message(
+    kind: str,
+    spec: ExperimentSpec,
+    *,
+    instruction: TrainInstruction | None = None,
+    signed: SignedSpec | None = None,
+    server_round: int = 1,
+    arrays: ArrayRecord | None = None,
+) -> Message:
+    """A coordinator's message for `spec`: its instruction (or `instruction`) with the signed spec."""
+    instruction = instruction or instruction_for(spec, plan_privacy(spec))
+    config = (signed or sign(spec)).add_to(instruction.to_config(server_round))
+    content = RecordDict({"config": config})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, dst_node_id=5, message_type=kind)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pandas as pd
@@ -23,13 +22,12 @@ from federation.protocol import (
     read_metrics,
     read_refusal,
 )
-from medfed.demo import EXAMPLE_SPEC
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
 from models.tabular import build_tabular_model
 from privacy.keys import load_public_key
 from privacy.ledger import PrivacyLedger
 
-from .conftest import SENTINEL
+from .conftest import SENTINEL, example_spec, govern, signed_message
 
 
 @pytest.fixture(autouse=True)
@@ -45,21 +43,26 @@ def home(tmp_path: Path) -> NodeHome:
     node.register_dataset(
         DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES)
     )
+    govern(node, "htn_cohort", approve_spec=example_spec())
     return node
 
 
 def _instruction(**changes: object) -> TrainInstruction:
-    spec = ExperimentSpec.from_mapping(tomllib.loads(EXAMPLE_SPEC.read_text()), source="test")
+    spec = example_spec()
     values = instruction_for(spec, plan_privacy(spec)).__dict__ | changes
     return TrainInstruction(**values)
 
 
 def _message(kind: str, instruction: TrainInstruction, server_round: int = 1, arrays: bool = True) -> Message:
-    content = RecordDict({"config": instruction.to_config(server_round)})
-    if arrays:
-        model = build_tabular_model(instruction.model_kind, len(instruction.features))
-        content["arrays"] = ArrayRecord(model.state_dict())
-    return Message(content=content, dst_node_id=5, message_type=kind)
+    """A message of the approved example spec, carrying `instruction` (which a test may have altered)."""
+    model = build_tabular_model(instruction.model_kind, len(instruction.features)) if arrays else None
+    return signed_message(
+        kind,
+        example_spec(),
+        instruction=instruction,
+        server_round=server_round,
+        arrays=ArrayRecord(model.state_dict()) if model is not None else None,
+    )
 
 
 def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: NodeHome) -> None:
@@ -95,7 +98,8 @@ def test_a_round_is_released_and_charged_only_once(home: NodeHome) -> None:
 
 
 def test_unknown_dataset_is_refused_with_the_site_name_and_nothing_charged(home: NodeHome) -> None:
-    reply = answer("query", _message(MessageType.QUERY, _instruction(dataset="ecg_cohort"), arrays=False), {"home": str(home.path)})
+    spec = example_spec(data={"dataset": "ecg_cohort"})
+    reply = answer("query", signed_message(MessageType.QUERY, spec), {"home": str(home.path)})
     assert reply.error.code == REFUSED_DATASET
     site, reason = read_refusal(reply.error.reason, "?")
     assert site == "hospital_9"
@@ -141,23 +145,20 @@ def test_bad_cell_values_never_reach_the_refusal(home: NodeHome) -> None:
 # ---------------------------------------------------------------- imaging datasets
 
 
-def _imaging_instruction() -> TrainInstruction:
+def _imaging_spec() -> ExperimentSpec:
     from medfed.demo_imaging import EXAMPLE_SPEC as IMAGING_SPEC
 
-    mapping = tomllib.loads(IMAGING_SPEC.read_text())
-    mapping["imaging"].update({"size": 16, "body_parts": ["CHEST"], "series_description": "axial"})
-    spec = ExperimentSpec.from_mapping(mapping, source="test")
-    return instruction_for(spec, plan_privacy(spec))
+    return example_spec(IMAGING_SPEC, imaging={"size": 16, "body_parts": ["CHEST"], "series_description": "axial"})
 
 
 def test_an_imaging_train_reply_carries_the_cnns_arrays(imaging_site) -> None:  # type: ignore[no-untyped-def]
     from models.imaging import build_imaging_model
 
     imaging_site.home.register_dataset(imaging_site.entry)
-    instruction = _imaging_instruction()
-    content = RecordDict({"config": instruction.to_config(1)})
-    content["arrays"] = ArrayRecord(build_imaging_model("cnn", 16, channels=(8, 16)).state_dict())
-    message = Message(content=content, dst_node_id=5, message_type=MessageType.TRAIN)
+    spec = _imaging_spec()
+    govern(imaging_site.home, "chest_ct", approve_spec=spec, min_cohort_size=10)
+    arrays = ArrayRecord(build_imaging_model("cnn", 16, channels=(8, 16)).state_dict())
+    message = signed_message(MessageType.TRAIN, spec, arrays=arrays)
     reply = answer("train", message, {"home": str(imaging_site.home.path)})
     assert not reply.has_error(), reply.error
     metrics = read_metrics(reply.content, TRAIN_METRICS)
@@ -170,8 +171,9 @@ def test_an_imaging_train_reply_carries_the_cnns_arrays(imaging_site) -> None:  
 
 def test_a_tabular_instruction_on_an_imaging_dataset_is_refused(imaging_site) -> None:  # type: ignore[no-untyped-def]
     imaging_site.home.register_dataset(imaging_site.entry)
-    instruction = _instruction(dataset="chest_ct")
-    reply = answer("query", _message(MessageType.QUERY, instruction, arrays=False), {"home": str(imaging_site.home.path)})
+    spec = example_spec(data={"dataset": "chest_ct"})
+    govern(imaging_site.home, "chest_ct", approve_spec=spec)
+    reply = answer("query", signed_message(MessageType.QUERY, spec), {"home": str(imaging_site.home.path)})
     assert reply.has_error() and reply.error.code == REFUSED_DATASET
     assert read_refusal(reply.error.reason, "") == (
         "hospital_7",

@@ -1,0 +1,377 @@
+"""The node decides: is this run signed, approved, within policy and within budget?
+
+Every message of a run passes :func:`admit` before any patient row is read. It trusts
+nothing the coordinator says about legitimacy; it reads only the node's own state:
+
+1. the audit log verifies against the node key, and every release it records is charged
+   in the ledger (otherwise the ledger or the log was tampered with);
+2. the spec carried by the message is signed by a partner the officer trusts, and the
+   instruction is exactly what that signed spec says;
+3. the node policy allows the task, and secure aggregation if the policy requires it;
+4. the officer approved this spec digest for this dataset, and the approval has not
+   expired or been revoked (an unseen spec is recorded as a pending request);
+5. the experiment's own epsilon fits the approval's cap, the policy's per-experiment cap
+   and the spec's own target; the dataset's lifetime budget can afford the rounds left.
+
+A refusal is a :class:`Refusal` with a protocol code and a one-line reason for the
+researcher. The officer's side (budgets, approvals, denials, revocations) writes the
+same audit log, through the functions at the end of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from clients.hospital_node.errors import GovernanceError
+from clients.hospital_node.home import NodeHome
+from clients.hospital_node.policy import NodePolicy
+from federation.protocol import (
+    AWAITING_APPROVAL,
+    REFUSED_APPROVAL,
+    REFUSED_BUDGET,
+    REFUSED_INTEGRITY,
+    REFUSED_POLICY,
+    REFUSED_SIGNATURE,
+    SignedSpec,
+    TrainInstruction,
+    spec_mismatches,
+)
+from privacy.accountant import epsilon
+from privacy.audit import AuditEntry, AuditLog
+from privacy.errors import KeyFileError, SignatureError
+from privacy.events import DPEvent
+from privacy.governance import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    PENDING,
+    REVOKED,
+    GovernanceState,
+    SpecSignature,
+    spec_digest,
+    verify_spec,
+)
+from privacy.keys import load_public_key
+from privacy.ledger import Budget, PrivacyLedger
+
+__all__ = [
+    "Admission",
+    "Refusal",
+    "admit",
+    "approve",
+    "deny",
+    "governance_state",
+    "revoke",
+    "set_budget",
+]
+
+logger = logging.getLogger(__name__)
+
+# The spec's own target may be met to this relative slack (the coordinator's search for
+# the noise and the node's check compose the same events with the same accountant).
+_TARGET_SLACK = 1e-6
+
+
+class Refusal(Exception):
+    """The node refuses a message: a protocol refusal code and a one-line reason."""
+
+    def __init__(self, code: int, reason: str, *, record: bool = True) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.record = record  # False when the refusal must not (or cannot) go to the audit log
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What an admitted message may do: the dataset's budget and the run's own cap."""
+
+    signer: str
+    spec_digest: str
+    budget: Budget
+    run_cap: Budget
+    cost: float  # this experiment's own epsilon on the dataset, all rounds, at the spec's delta
+    policy: NodePolicy
+
+
+def _round_event(instruction: TrainInstruction) -> DPEvent:
+    return DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps)
+
+
+def verified_entries(home: NodeHome) -> tuple[AuditEntry, ...]:
+    """The audit log's entries, once it has verified against the node key.
+
+    Raises
+    ------
+    Refusal
+        REFUSED_INTEGRITY: the log, its head or the key fails verification.
+    """
+    log = home.audit_log()
+    if not log.path.exists():
+        return ()
+    try:
+        public_key = load_public_key(home.audit_public_key_path)
+    except KeyFileError as err:
+        raise Refusal(REFUSED_INTEGRITY, f"the node's audit key cannot be read ({err})", record=False) from None
+    verification = log.verify(public_key)
+    if not verification.ok:
+        raise Refusal(
+            REFUSED_INTEGRITY,
+            f"the node's audit log failed verification ({len(verification.problems)} problem(s)); "
+            "the node refuses all work until its officer runs `medfed node audit verify`",
+            record=False,
+        )
+    return log.entries()
+
+
+def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[str]:
+    """Releases the audit log records that the ledger does not hold as charges: tampering.
+
+    The other way round is legitimate: a node that crashed after charging and before
+    recording the release has a charge without a release record (spend never hidden).
+    """
+    charged = {(c.dataset, c.run_id, c.round): c.event for d in ledger.datasets() for c in ledger.charges(d)}
+    missing = []
+    for entry in entries:
+        if entry.kind != "release" or entry.payload.get("message") != "train":
+            continue
+        payload = entry.payload
+        key = (str(payload.get("dataset")), str(payload.get("run")), int(payload.get("round", -1)))
+        charge = payload.get("charge", {})
+        event = charged.get(key)
+        if event is None or (event.noise_multiplier, event.sample_rate, event.steps) != (
+            charge.get("noise_multiplier"), charge.get("sample_rate"), charge.get("steps")
+        ):
+            missing.append(f"seq {entry.seq}: run {key[1]} round {key[2]} on dataset '{key[0]}'")
+    return missing
+
+
+def governance_state(home: NodeHome) -> GovernanceState:
+    """The node's budgets, requests and decisions, from its verified audit log."""
+    return GovernanceState.from_entries(verified_entries(home))
+
+
+def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str) -> Admission:
+    """Decide whether this node takes part in `kind` ("query", "train", "evaluate") of the run.
+
+    Raises
+    ------
+    Refusal
+        With the code and the reason; a pending request is recorded on the way.
+    """
+    entries = verified_entries(home)
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        missing = check_ledger(entries, ledger)
+        if missing:
+            raise Refusal(
+                REFUSED_INTEGRITY,
+                f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
+                f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
+                record=False,
+            )
+        held = ledger.held(instruction.dataset)
+        mine = [c.event for c in ledger.charges(instruction.dataset) if c.run_id == run_id]
+        mine += [r.event for r in ledger.reservations(instruction.dataset) if r.run_id == run_id]
+
+    # 2. signed, and the instruction is the signed spec
+    try:
+        partner = verify_spec(signed.spec_json, SpecSignature(signed.signature, signed.signer), home.trusted_partners())
+    except SignatureError as err:
+        raise Refusal(REFUSED_SIGNATURE, str(err)) from None
+    digest = spec_digest(signed.spec_json)
+    if digest != instruction.spec_digest:
+        raise Refusal(REFUSED_SIGNATURE, "the instruction names another spec than the one that was signed")
+    mismatches = spec_mismatches(instruction, signed.mapping())
+    if mismatches:
+        raise Refusal(REFUSED_SIGNATURE, "the instruction is not what the signed spec says: " + "; ".join(mismatches))
+    spec = signed.mapping()
+    home.dataset(instruction.dataset)  # an unregistered dataset is refused, not requested
+
+    # 3. policy
+    policy = home.policy()
+    if instruction.task not in policy.allowed_tasks:
+        raise Refusal(REFUSED_POLICY, f"this node's policy does not allow task {instruction.task}")
+    secure = bool(spec.get("federation", {}).get("secure_aggregation", False))
+    if policy.require_secure_aggregation and not secure:
+        raise Refusal(REFUSED_POLICY, "this node's policy requires secure aggregation; the spec does not use it")
+
+    # 4. the officer's decision
+    state = GovernanceState.from_entries(entries)
+    cost = epsilon([_round_event(instruction)] * instruction.rounds, delta=instruction.delta, accountant=instruction.accountant)
+    status = state.status(digest, instruction.dataset, datetime.now(UTC))
+    if status == PENDING:
+        if state.requests.get((digest, instruction.dataset)) is None:
+            home.audit_log().append("request", _request(instruction, spec, partner.name, signed.signer, cost, run_id))
+            logger.info("recorded a request for spec %s on dataset '%s' by %s", digest[:12], instruction.dataset, partner.name)
+        raise Refusal(
+            AWAITING_APPROVAL,
+            f"awaiting approval by this node's data-governance officer (spec {digest[:12]}, dataset '{instruction.dataset}')",
+            record=False,
+        )
+    decision = state.decision(digest, instruction.dataset)
+    assert decision is not None  # not PENDING
+    if status == DENIED:
+        raise Refusal(REFUSED_APPROVAL, f"denied by this node's officer: {decision.reason}")
+    if status == REVOKED:
+        raise Refusal(REFUSED_APPROVAL, f"approval revoked by this node's officer: {decision.reason}")
+    if status == EXPIRED:
+        assert decision.expires is not None
+        raise Refusal(REFUSED_APPROVAL, f"the officer's approval expired at {decision.expires.isoformat()}")
+
+    # 5. caps and budget
+    target = spec.get("privacy", {}).get("target_epsilon")
+    if target is not None and cost > float(target) * (1 + _TARGET_SLACK):
+        raise Refusal(REFUSED_SIGNATURE, f"the instruction would cost epsilon {cost:.3f}, over the signed target_epsilon {target:g}")
+    caps = [(policy.max_epsilon_per_experiment, REFUSED_POLICY, "this node's policy limit per experiment")]
+    if decision.max_epsilon is not None:
+        caps.append((decision.max_epsilon, REFUSED_APPROVAL, "the officer's approval cap"))
+    for cap, code, what in caps:
+        if cost > cap:
+            raise Refusal(code, f"the experiment would cost epsilon {cost:.3f} on dataset '{instruction.dataset}', over {what} of {cap:g}")
+    setting = state.budgets.get(instruction.dataset)
+    if setting is None:
+        raise Refusal(
+            REFUSED_BUDGET,
+            f"dataset '{instruction.dataset}' has no lifetime privacy budget on this node; "
+            "its officer sets one with `medfed node budget set`",
+        )
+    budget = Budget(setting.epsilon, setting.delta)
+    if kind in ("query", "train"):
+        left = max(instruction.rounds - len(mine), 0)
+        projected = epsilon(held + [_round_event(instruction)] * left, delta=budget.delta, accountant=policy.accountant)
+        if projected > budget.epsilon:
+            raise Refusal(
+                REFUSED_BUDGET,
+                f"the experiment would bring dataset '{instruction.dataset}' to epsilon {projected:.3f}, "
+                f"over its lifetime budget of {budget.epsilon:g}",
+            )
+    run_cap = min(cap for cap, _, _ in caps)
+    if target is not None:
+        run_cap = min(run_cap, float(target) * (1 + _TARGET_SLACK))
+    return Admission(partner.name, digest, budget, Budget(run_cap, instruction.delta), cost, policy)
+
+
+def _request(
+    instruction: TrainInstruction, spec: dict[str, Any], signer: str, fingerprint: str, cost: float, run_id: str
+) -> dict[str, Any]:
+    return {
+        "spec_digest": instruction.spec_digest,
+        "dataset": instruction.dataset,
+        "experiment": instruction.experiment,
+        "description": str(spec.get("experiment", {}).get("description", "")),
+        "signer": signer,
+        "signer_fingerprint": fingerprint,
+        "task": instruction.task,
+        "model": instruction.model_kind,
+        "rounds": instruction.rounds,
+        "delta": instruction.delta,
+        "noise_multiplier": instruction.noise_multiplier,
+        "sample_rate": instruction.sample_rate,
+        "steps_per_round": instruction.steps,
+        "requested_epsilon": spec.get("privacy", {}).get("target_epsilon"),
+        "cost_epsilon": cost,
+        "first_run": run_id,
+        "spec": spec,
+    }
+
+
+# ---------------------------------------------------------------- the officer's side
+
+
+def _officer_log(home: NodeHome) -> tuple[AuditLog, GovernanceState]:
+    """The log to append a decision to, and the state it holds; refuses a log that fails verification."""
+    try:
+        entries = verified_entries(home)
+    except Refusal as err:
+        raise GovernanceError(err.reason) from None
+    return home.audit_log(), GovernanceState.from_entries(entries)
+
+
+def _known_dataset(home: NodeHome, dataset: str) -> None:
+    home.dataset(dataset)  # DatasetNotFoundError names the registered ones
+
+
+def set_budget(home: NodeHome, dataset: str, *, epsilon_: float, delta: float, by: str) -> Budget:
+    """Set `dataset`'s lifetime budget (it may be raised or lowered; both are audited)."""
+    _known_dataset(home, dataset)
+    try:
+        budget = Budget(epsilon_, delta)
+    except ValueError as err:
+        raise GovernanceError(str(err)) from None
+    log, _ = _officer_log(home)
+    log.append("budget", {"dataset": dataset, "epsilon": budget.epsilon, "delta": budget.delta, "by": by})
+    return budget
+
+
+def approve(
+    home: NodeHome,
+    spec_hash: str,
+    *,
+    dataset: str,
+    by: str,
+    max_epsilon: float | None = None,
+    expires: datetime | None = None,
+) -> str:
+    """Approve a spec digest (a recorded request's prefix, or a full digest) for `dataset`; returns the digest."""
+    _known_dataset(home, dataset)
+    log, state = _officer_log(home)
+    digest = _resolve(state, spec_hash)
+    if state.status(digest, dataset) == REVOKED:
+        raise GovernanceError(
+            f"the approval of spec {digest[:12]} on dataset '{dataset}' was revoked; a revocation is final "
+            "(the partner submits a changed spec, which is a new request)"
+        )
+    if max_epsilon is not None and not max_epsilon > 0:
+        raise GovernanceError(f"--max-epsilon must be > 0; found {max_epsilon}")
+    if expires is not None and expires <= datetime.now(UTC):
+        raise GovernanceError(f"--expires {expires.isoformat()} is in the past; give a future date")
+    log.append(
+        "approval",
+        {
+            "spec_digest": digest,
+            "dataset": dataset,
+            "max_epsilon": max_epsilon,
+            "expires": None if expires is None else expires.isoformat(),
+            "by": by,
+        },
+    )
+    return digest
+
+
+def deny(home: NodeHome, spec_hash: str, *, dataset: str, reason: str, by: str) -> str:
+    """Deny a spec digest on `dataset`, with a reason the researcher will see."""
+    return _decide(home, "denial", spec_hash, dataset=dataset, reason=reason, by=by)
+
+
+def revoke(home: NodeHome, spec_hash: str, *, dataset: str, reason: str, by: str) -> str:
+    """Revoke an approval: later messages of that spec on `dataset` are refused."""
+    _known_dataset(home, dataset)
+    _, state = _officer_log(home)
+    digest = _resolve(state, spec_hash)
+    if state.status(digest, dataset) not in (APPROVED, EXPIRED):
+        raise GovernanceError(f"spec {digest[:12]} is not approved on dataset '{dataset}'; there is nothing to revoke")
+    return _decide(home, "revocation", digest, dataset=dataset, reason=reason, by=by)
+
+
+def _decide(home: NodeHome, kind: str, spec_hash: str, *, dataset: str, reason: str, by: str) -> str:
+    _known_dataset(home, dataset)
+    if not reason.strip() or "\n" in reason:
+        raise GovernanceError("--reason must be one non-empty line; the researcher sees it")
+    log, state = _officer_log(home)
+    digest = _resolve(state, spec_hash)
+    log.append(kind, {"spec_digest": digest, "dataset": dataset, "reason": reason.strip(), "by": by})
+    return digest
+
+
+def _resolve(state: GovernanceState, spec_hash: str) -> str:
+    text = spec_hash.strip().lower()
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return text  # a full digest may be approved before the node has seen the spec
+    try:
+        return state.resolve(text)
+    except ValueError as err:
+        raise GovernanceError(str(err)) from None

@@ -1,0 +1,118 @@
+"""The node policy: the officer's standing limits, in ``policy.toml`` in the node home.
+
+::
+
+    [policy]
+    allowed_tasks = ["tabular-classification", "imaging-classification"]
+    min_cohort_size = 100              # patients a dataset must have to take part
+    max_epsilon_per_experiment = 10.0  # one experiment's own epsilon on a dataset
+    require_secure_aggregation = false
+    accountant = "prv"                 # how this node composes its budget ("prv" or "rdp")
+
+Every key is optional; a missing file or key means the default above. A spec may
+tighten these limits (``privacy.min_cohort_size``, ``privacy.target_epsilon``,
+``federation.secure_aggregation``), never loosen them: the node applies the stricter of
+the two. ``medfed node init`` writes this file with the defaults, for the officer to edit.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clients.hospital_node.errors import NodeHomeError
+from federation.protocol import TASKS
+
+__all__ = ["POLICY_FILE", "NodePolicy"]
+
+POLICY_FILE = "policy.toml"
+
+_ACCOUNTANTS = ("prv", "rdp")
+_KEYS = ("allowed_tasks", "min_cohort_size", "max_epsilon_per_experiment", "require_secure_aggregation", "accountant")
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """The officer's standing limits for every experiment on this node."""
+
+    allowed_tasks: tuple[str, ...] = TASKS
+    min_cohort_size: int = 100
+    max_epsilon_per_experiment: float = 10.0
+    require_secure_aggregation: bool = False
+    accountant: str = "prv"
+    source: str = field(default="defaults", compare=False)
+
+    @classmethod
+    def read(cls, path: Path) -> NodePolicy:
+        """The policy in `path`, or the defaults if there is no such file.
+
+        Raises
+        ------
+        NodeHomeError
+            The file is unreadable, not TOML, or has invalid values (every problem at once).
+        """
+        if not path.exists():
+            return cls()
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise NodeHomeError(f"cannot read the node policy {path}: {err.strerror or type(err).__name__}") from err
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise NodeHomeError(f"the node policy {path} is not valid TOML: {err}") from err
+        return cls.from_mapping(raw, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], *, source: str) -> NodePolicy:
+        problems = [f"unknown table [{key}]; the policy lives in [policy]" for key in raw if key != "policy"]
+        table = raw.get("policy", {})
+        if not isinstance(table, Mapping):
+            raise NodeHomeError(f"the node policy {source} is invalid: [policy] must be a table")
+        problems += [f"policy.{key} is not a policy setting; known: {', '.join(_KEYS)}" for key in table if key not in _KEYS]
+        values: dict[str, Any] = {}
+        tasks = table.get("allowed_tasks", TASKS)
+        if not isinstance(tasks, list | tuple) or not all(isinstance(t, str) and t in TASKS for t in tasks):
+            problems.append(f"policy.allowed_tasks must be a list of {', '.join(TASKS)}; found {tasks!r}")
+        else:
+            values["allowed_tasks"] = tuple(tasks)
+        cohort = table.get("min_cohort_size", 100)
+        if isinstance(cohort, bool) or not isinstance(cohort, int) or cohort < 1:
+            problems.append(f"policy.min_cohort_size must be an integer >= 1; found {cohort!r}")
+        else:
+            values["min_cohort_size"] = cohort
+        cap = table.get("max_epsilon_per_experiment", 10.0)
+        if isinstance(cap, bool) or not isinstance(cap, int | float) or not (math.isfinite(cap) and cap > 0):
+            problems.append(f"policy.max_epsilon_per_experiment must be a number > 0; found {cap!r}")
+        else:
+            values["max_epsilon_per_experiment"] = float(cap)
+        secagg = table.get("require_secure_aggregation", False)
+        if not isinstance(secagg, bool):
+            problems.append(f"policy.require_secure_aggregation must be true or false; found {secagg!r}")
+        else:
+            values["require_secure_aggregation"] = secagg
+        accountant = table.get("accountant", "prv")
+        if accountant not in _ACCOUNTANTS:
+            problems.append(f"policy.accountant must be one of {', '.join(_ACCOUNTANTS)}; found {accountant!r}")
+        else:
+            values["accountant"] = accountant
+        if problems:
+            listing = "\n".join(f"  - {p}" for p in problems)
+            raise NodeHomeError(f"the node policy {source} is invalid:\n{listing}")
+        return cls(**values, source=source)
+
+    def render(self) -> str:
+        """The policy as the TOML file ``medfed node init`` writes."""
+        tasks = ", ".join(f'"{t}"' for t in self.allowed_tasks)
+        return (
+            "# The data-governance officer's standing limits for every experiment on this node.\n"
+            "# A spec may tighten them, never loosen them. See `medfed node --help`.\n"
+            "[policy]\n"
+            f"allowed_tasks = [{tasks}]\n"
+            f"min_cohort_size = {self.min_cohort_size}  # patients a dataset needs to take part\n"
+            f"max_epsilon_per_experiment = {self.max_epsilon_per_experiment!r}  # one experiment's own epsilon\n"
+            f"require_secure_aggregation = {'true' if self.require_secure_aggregation else 'false'}\n"
+            f'accountant = "{self.accountant}"  # how the budget is composed: "prv" (tight) or "rdp"\n'
+        )
