@@ -62,6 +62,7 @@ __all__ = [
     "load_node_auth_private_key",
     "load_node_auth_public_key",
     "node_auth_fingerprint",
+    "server_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -419,7 +420,15 @@ def _load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _san_entries(hosts: Sequence[str], addresses: Sequence[str]) -> list[x509.GeneralName]:
+def server_names(hosts: Sequence[str], addresses: Sequence[str]) -> list[x509.GeneralName]:
+    """The subject alternative names of a server certificate: ``hosts`` and ``addresses``,
+    plus ``localhost`` and ``127.0.0.1``.
+
+    Raises
+    ------
+    CertificateError
+        Listing every host name or address that is invalid.
+    """
     problems: list[str] = []
     dns: list[str] = []
     for host in hosts:
@@ -475,7 +484,7 @@ def issue_server_certificate(
         raise CertificateError(f"a server certificate must be valid for at least 1 day; found {days}")
     folder = Path(directory).expanduser()
     cert_path, key_path = folder / SERVER_CERT_FILE, folder / SERVER_KEY_FILE
-    names = _san_entries(hosts, addresses)
+    names = server_names(hosts, addresses)
     if not replace:
         _refuse_existing((key_path, cert_path), CertificateError)
     ca_dir = Path(ca_dir).expanduser()
