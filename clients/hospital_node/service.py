@@ -121,8 +121,7 @@ def tls_handshake(address: str, *, ca_path: Path, timeout: float = 5.0) -> TlsPe
         hint = {
             "unable to get local issuer certificate": "the coordinator's certificate was not signed by the alliance CA "
             f"in {ca_path}; ask the operator for a new enrolment bundle",
-            "certificate has expired": "the coordinator's certificate has expired; the operator must run "
-            "`medfed coordinator renew` and restart",
+            "certificate has expired": "the operator must run `medfed coordinator renew` and restart the coordinator",
         }.get(reason, "")
         raise NodeServiceError(
             f"refusing the coordinator at {address}: its TLS certificate does not verify ({reason})"
