@@ -306,6 +306,18 @@ class LocalCluster:
                 raise ClusterError(f"fewer than {count} SuperNodes came online within {timeout:g} s; see {self.workdir / 'logs'}")
             time.sleep(0.5)
 
+    def wait_for_exit(self, name: str, *, timeout: float = 60.0) -> int:
+        """Wait until the process `name` (``superlink`` or ``supernode-<site>``) exits; its exit code."""
+        [process] = [p for p in self._processes if p.name == name]
+        try:
+            return process.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{name} still runs after {timeout:g} s; see {process.log_path}") from None
+
+    def log_path(self, name: str) -> Path:
+        """The log file of process `name`."""
+        return self.workdir / "logs" / f"{name}.log"
+
     def _check_alive(self, process: _Process) -> None:
         code = process.popen.poll()
         if code is not None:
