@@ -1,13 +1,14 @@
 """Errors of the coordinator side.
 
     FederationError
-    └── NotEnoughNodesError    fewer nodes than the spec's minimum answered in time
+    ├── NotEnoughNodesError    fewer nodes than the spec's minimum answered in time
+    └── CoordinatorError       the coordinator's home, its SuperLink or an enrolment is unusable
 
 (``federation.protocol.ProtocolError`` lives with the wire contract, which a node imports
 on its own.)
 """
 
-__all__ = ["FederationError", "NotEnoughNodesError"]
+__all__ = ["CoordinatorError", "FederationError", "NotEnoughNodesError"]
 
 
 class FederationError(Exception):
@@ -17,3 +18,12 @@ class FederationError(Exception):
 class NotEnoughNodesError(FederationError, RuntimeError):
     """Fewer hospitals than the spec's minimum are connected or accepted the run."""
 
+
+
+class CoordinatorError(FederationError):
+    """The coordinator home, its SuperLink process or an enrolment request cannot be used.
+
+    A missing or invalid ``coordinator.toml``, a SuperLink that is not running (or runs
+    already), a control address off loopback without the explicit opt-in, or a bad
+    enrolment request. The message says what to do next.
+    """

@@ -17,6 +17,7 @@ from clients.hospital_node.cli import app as node_app
 from clients.hospital_node.errors import NodeError
 from experiments.cli import app as experiment_app
 from experiments.errors import ExperimentError
+from federation.coordinator_cli import app as coordinator_app
 from federation.errors import FederationError
 from medfed.errors import MedfedError
 from privacy.cli import keys_app
@@ -40,6 +41,7 @@ app = typer.Typer(
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(node_app, name="node")
 app.add_typer(keys_app, name="keys")
+app.add_typer(coordinator_app, name="coordinator")
 
 
 @app.command()

@@ -2,12 +2,20 @@
 
 Used by ``medfed demo``, the integration tests and the benchmarks. It launches Flower's
 own executables (``flower-superlink``, ``flower-supernode``); it is not a process manager
-for production. Every process gets its own session so it can be stopped as a group
-(Flower's SuperExec children included), and its output goes to a log file, never to a
-pipe we would have to drain.
+for production (``medfed coordinator`` and ``medfed node start`` are). Every process gets
+its own session so it can be stopped as a group (Flower's SuperExec children included),
+and its output goes to a log file, never to a pipe we would have to drain.
 
-Readiness: the SuperLink is ready when ``GET /health`` on its HTTP port answers 200; the
-SuperNodes are ready when ``flwr supernode ls`` lists the expected number as online.
+Secure by default, as a real alliance runs: a throwaway CA and server certificate in
+``<workdir>/pki`` (``privacy.pki``), the SuperLink with TLS and
+``--enable-supernode-auth``, and every SuperNode with its own EC key, registered with
+``flwr supernode register`` before it starts. ``LocalCluster(workdir, insecure=True)``
+runs without TLS or node authentication and warns every time it starts.
+
+Readiness: the SuperLink is ready when ``GET /health`` on its HTTP port answers 200 (over
+HTTPS verified against the CA when secure; a certificate that does not verify fails at
+once); the SuperNodes are ready when ``flwr supernode ls`` lists the expected number as
+online.
 """
 
 from __future__ import annotations
@@ -15,24 +23,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from medfed.errors import ClusterError
+from privacy.errors import CertificateError
+from privacy.pki import (
+    CA_CERT_FILE,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+    check_certificate,
+    create_ca,
+    generate_node_auth_key,
+    issue_server_certificate,
+)
 
-__all__ = ["LocalCluster", "free_port", "flower_env"]
+__all__ = ["LocalCluster", "flower_env", "free_port", "parse_register_output", "wait_for_health"]
 
 logger = logging.getLogger(__name__)
 
 CONNECTION = "medfed-local"
+#: The name of each SuperNode's Fleet authentication key in its cluster folder.
+NODE_AUTH_KEY = "fleet_auth"
 
 
 def free_port() -> int:
@@ -61,13 +83,29 @@ class _Process:
 
 
 class LocalCluster:
-    """A SuperLink and SuperNodes on loopback, stopped together by `stop()` (or `with`)."""
+    """A SuperLink and SuperNodes on loopback, stopped together by `stop()` (or `with`).
 
-    def __init__(self, workdir: Path) -> None:
+    Parameters
+    ----------
+    workdir
+        Logs, the SuperLink's state, the ``flwr`` CLI's home, the PKI and node keys.
+    insecure
+        Run without TLS and node authentication (warns on every start).
+    pki_dir
+        Use the CA and server certificate in this folder (``ca.crt``, ``server.pem``,
+        ``server.key``) as they are, instead of a throwaway PKI in ``<workdir>/pki``.
+    """
+
+    def __init__(self, workdir: Path, *, insecure: bool = False, pki_dir: Path | None = None) -> None:
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.workdir / "flwr-home"
         self.flwr_home.mkdir(exist_ok=True)
+        self.insecure = insecure
+        if insecure and pki_dir is not None:
+            raise ClusterError("an insecure cluster has no PKI; pass insecure=True or pki_dir, not both")
+        self.pki_dir = (pki_dir or self.workdir / "pki").resolve()
+        self._own_pki = pki_dir is None
         self.http_port = 0
         self.fleet_port = 0
         self._processes: list[_Process] = []
@@ -92,6 +130,27 @@ class LocalCluster:
     def fleet_address(self) -> str:
         return f"127.0.0.1:{self.fleet_port}"
 
+    @property
+    def ca_path(self) -> Path:
+        """The CA certificate that signed the SuperLink's certificate (secure mode)."""
+        return self.pki_dir / CA_CERT_FILE
+
+    def _ensure_pki(self) -> None:
+        """A CA and server certificate for loopback: reused while valid, else made afresh."""
+        if not self._own_pki:
+            return
+        server = self.pki_dir / SERVER_CERT_FILE
+        if server.exists():
+            try:
+                if not check_certificate(server, ca_path=self.ca_path).expires_soon:
+                    return
+            except CertificateError as err:
+                logger.info("replacing the local cluster's throwaway PKI: %s", err)
+            # Ours alone, made for this cluster: replacing it loses nothing.
+            shutil.rmtree(self.pki_dir)
+        create_ca(self.pki_dir, common_name="medfed local cluster CA", days=90)
+        issue_server_certificate(self.pki_dir, ca_dir=self.pki_dir, days=90)
+
     def _spawn(self, name: str, argv: Sequence[str], flwr_home: Path) -> _Process:
         log_path = self.workdir / "logs" / f"{name}.log"
         log_path.parent.mkdir(exist_ok=True)
@@ -111,17 +170,39 @@ class LocalCluster:
         return process
 
     def start_superlink(self, *, timeout: float = 60.0) -> None:
-        """Start ``flower-superlink`` (insecure, loopback only) and wait for its health check."""
+        """Start ``flower-superlink`` on loopback and wait for its health check.
+
+        Raises
+        ------
+        ClusterError
+            If it exits, does not answer in time, or (secure mode) presents a certificate
+            that does not verify against the CA; the process is then still stopped by
+            :meth:`stop`.
+        """
         self.http_port, self.fleet_port = free_port(), free_port()
+        if self.insecure:
+            logger.warning("the local cluster runs WITHOUT TLS or node authentication (insecure=True)")
+            security = ["--insecure"]
+            connection = "insecure = true"
+        else:
+            self._ensure_pki()
+            security = [
+                "--ssl-ca-certfile", str(self.ca_path),
+                "--ssl-certfile", str(self.pki_dir / SERVER_CERT_FILE),
+                "--ssl-keyfile", str(self.pki_dir / SERVER_KEY_FILE),
+                "--enable-supernode-auth",
+            ]
+            # Flower resolves a relative path against the config file's folder; be explicit.
+            connection = f"root-certificates = {json.dumps(str(self.ca_path))}"
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f'[superlink.{CONNECTION}]\naddress = "{self.control_address}"\ninsecure = true\n'
+            f'[superlink.{CONNECTION}]\naddress = "{self.control_address}"\n{connection}\n'
         )
         process = self._spawn(
             "superlink",
             [
                 "flower-superlink",
-                "--insecure",
+                *security,
                 "--host", "127.0.0.1",
                 "--port", str(self.http_port),
                 "--fleet-api-address", self.fleet_address,
@@ -130,31 +211,63 @@ class LocalCluster:
             ],
             self.flwr_home,
         )
-        deadline = time.monotonic() + timeout
-        url = f"http://{self.control_address}/health"
-        while True:
-            self._check_alive(process)
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise ClusterError(f"the SuperLink did not answer {url} within {timeout:g} s; see {process.log_path}")
-            time.sleep(0.2)
+        scheme = "http" if self.insecure else "https"
+        context = None if self.insecure else ssl.create_default_context(cafile=str(self.ca_path))
+        wait_for_health(
+            f"{scheme}://{self.control_address}/health",
+            context=context,
+            timeout=timeout,
+            alive=lambda: self._check_alive(process),
+            log_path=process.log_path,
+        )
 
-    def start_supernode(self, name: str, home: Path) -> None:
-        """Start ``flower-supernode`` for the node home `home`, dialling the SuperLink's Fleet port."""
+    def node_auth_key(self, name: str) -> Path:
+        """The private Fleet auth key of SuperNode `name` (created on first use)."""
+        folder = self.workdir / "nodes" / name / "keys"
+        key = folder / f"{NODE_AUTH_KEY}.key"
+        if not key.exists():
+            generate_node_auth_key(folder, NODE_AUTH_KEY)
+        return key
+
+    def register_node(self, public_key: Path, name: str) -> int | None:
+        """Register a SuperNode's public key; returns its node id, or None if it was registered already."""
+        out = self.flwr("supernode", "register", str(public_key), CONNECTION, "--name", name, "--format", "json", timeout=60)
+        return parse_register_output(out, what=f"SuperNode {name!r}")
+
+    def start_supernode(
+        self,
+        name: str,
+        home: Path,
+        *,
+        auth_key: Path | None = None,
+        register: bool = True,
+        root_certificates: Path | None = None,
+    ) -> None:
+        """Start ``flower-supernode`` for the node home `home`, dialling the SuperLink's Fleet port.
+
+        In secure mode the node authenticates with `auth_key` (default: its own key in the
+        cluster folder), registered first unless `register` is false, and trusts
+        `root_certificates` (default: the cluster's CA).
+        """
         if not self.fleet_port:
             raise ClusterError("start the SuperLink before any SuperNode")
         node_flwr_home = self.workdir / "nodes" / name
         node_flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.insecure:
+            security = ["--insecure"]
+        else:
+            key = (auth_key or self.node_auth_key(name)).resolve()
+            if register:
+                self.register_node(key.with_suffix(".pub"), name)
+            security = [
+                "--root-certificates", str((root_certificates or self.ca_path).resolve()),
+                "--auth-supernode-private-key", str(key),
+            ]
         self._spawn(
             f"supernode-{name}",
             [
                 "flower-supernode",
-                "--insecure",
+                *security,
                 "--superlink", self.fleet_address,
                 "--port", str(free_port()),
                 "--node-config", f'home="{home.resolve()}"',
@@ -193,6 +306,18 @@ class LocalCluster:
                 raise ClusterError(f"fewer than {count} SuperNodes came online within {timeout:g} s; see {self.workdir / 'logs'}")
             time.sleep(0.5)
 
+    def wait_for_exit(self, name: str, *, timeout: float = 60.0) -> int:
+        """Wait until the process `name` (``superlink`` or ``supernode-<site>``) exits; its exit code."""
+        [process] = [p for p in self._processes if p.name == name]
+        try:
+            return process.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{name} still runs after {timeout:g} s; see {process.log_path}") from None
+
+    def log_path(self, name: str) -> Path:
+        """The log file of process `name`."""
+        return self.workdir / "logs" / f"{name}.log"
+
     def _check_alive(self, process: _Process) -> None:
         code = process.popen.poll()
         if code is not None:
@@ -217,6 +342,61 @@ class LocalCluster:
             # Children of the group (SuperExec, app processes) may outlive the leader.
             _signal_group(process.popen, signal.SIGKILL)
         self._processes.clear()
+
+
+def parse_register_output(out: subprocess.CompletedProcess[str], *, what: str) -> int | None:
+    """The node id from ``flwr supernode register --format json``; None if the key was registered already.
+
+    `flwr` exits 0 whether or not it succeeded, so the JSON decides.
+
+    Raises
+    ------
+    ClusterError
+        If the registration failed for any other reason.
+    """
+    try:
+        answer = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        answer = {}
+    if isinstance(answer, dict) and answer.get("success"):
+        return int(answer["node-id"])
+    message = str(answer.get("error-message", "") if isinstance(answer, dict) else "") or out.stderr.strip()
+    if "already in use" in message:
+        return None
+    last = message.strip().splitlines()[-1] if message.strip() else f"flwr exited with code {out.returncode}"
+    raise ClusterError(f"could not register {what} with the SuperLink: {last}")
+
+
+def wait_for_health(
+    url: str,
+    *,
+    context: ssl.SSLContext | None,
+    timeout: float,
+    alive: Callable[[], None],
+    log_path: Path,
+) -> None:
+    """Poll ``GET url`` until it answers 200; `alive` raises if the process died.
+
+    A TLS certificate that does not verify is final, not a reason to wait: it raises at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive()
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, ssl.SSLCertVerificationError):
+                raise ClusterError(
+                    f"the SuperLink at {url} presents a certificate that does not verify: "
+                    f"{err.reason.verify_message}; see {log_path}"
+                ) from None
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            pass
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the SuperLink did not answer {url} within {timeout:g} s; see {log_path}")
+        time.sleep(0.2)
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -341,7 +341,7 @@ def run_on_cluster(
         for site in sites:
             cluster.start_supernode(site.name, site.home)
         cluster.wait_for_nodes(len(sites))
-        console.print(f"  SuperLink on {cluster.fleet_address} (gRPC Fleet) and {cluster.control_address} (control); "
+        console.print(f"  SuperLink on {cluster.fleet_address} (gRPC Fleet, {'insecure' if cluster.insecure else 'TLS + node authentication'}) and {cluster.control_address} (control); "
                       f"{len(sites)} SuperNodes online after {time.monotonic() - started:.0f} s")
         env = flower_env(cluster.flwr_home)
         # Open the store before the ServerApp does: two processes creating a fresh

@@ -5,6 +5,8 @@
     ├── BudgetExhaustedError   a release would take a dataset over its budget
     ├── LedgerError            the ledger's storage is unreadable, corrupt or inconsistent
     ├── KeyFileError           a key file (or key text) is missing, malformed, too open or taken
+    ├── CertificateError       a TLS certificate is missing, malformed, expired or from another CA
+    ├── EnrolmentError         an enrolment request or bundle file is missing or invalid
     ├── TrustedKeysError       the trusted-partner registry is malformed or refuses a change
     ├── SignatureError         a signature does not verify, or its signer is not trusted
     └── AuditError             the audit log cannot be read, locked or extended
@@ -18,6 +20,8 @@ __all__ = [
     "AuditEntryError",
     "AuditError",
     "BudgetExhaustedError",
+    "CertificateError",
+    "EnrolmentError",
     "KeyFileError",
     "LedgerError",
     "PrivacyError",
@@ -80,3 +84,21 @@ class AuditError(PrivacyError):
 
 class AuditEntryError(AuditError, ValueError):
     """An audit entry's kind is unknown or its payload is not a JSON object."""
+
+
+class CertificateError(PrivacyError):
+    """A TLS certificate or certificate authority cannot be used.
+
+    Missing, unreadable or malformed files (a key where a certificate belongs), a
+    certificate that this alliance's CA did not sign, one that has expired or is not
+    valid yet, bad host names or addresses, and files that would be overwritten. The
+    message names the path and what to do next (often ``medfed coordinator renew``).
+    """
+
+
+class EnrolmentError(PrivacyError, ValueError):
+    """An enrolment request (node to coordinator) or bundle (back) is missing or invalid.
+
+    Every problem is reported at once, by field, as
+    ``enrolment_request.auth_public_key is not an OpenSSH public key``.
+    """

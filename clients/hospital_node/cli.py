@@ -16,6 +16,8 @@ from rich.table import Table
 from clients.hospital_node.audit_cli import audit_app, egress
 from clients.hospital_node.errors import NodeError
 from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
+from clients.hospital_node.service import NodeService
+from clients.hospital_node.service_cli import doctor, enrol, start, status, stop
 
 __all__ = ["app", "dataset_app"]
 
@@ -26,6 +28,8 @@ dataset_app = typer.Typer(help="Register and list the node's datasets.", no_args
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(audit_app, name="audit")
 app.command("egress")(egress)
+for _command in (enrol, start, stop, status, doctor):
+    app.command(_command.__name__)(_command)
 
 _HOME_HELP = "The node home folder (holds node.toml and the privacy ledger)."
 
@@ -35,9 +39,16 @@ def init(
     home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
     name: str = typer.Option(..., "--name", help="The node's name, e.g. hospital_1."),
 ) -> None:
-    """Create a node home with an empty dataset registry."""
+    """Create a node home, its keys and the enrolment request to send to the alliance operator."""
     node = NodeHome.create(home, name=name)
+    service = NodeService(node)
+    request = service.prepare_enrolment()
     typer.echo(f"created node home {node.path} for node {node.name!r}")
+    typer.echo(f"  auth key {service.auth_key_path} ({request.auth_fingerprint})")
+    typer.echo(f"  audit key {node.audit_key_path} ({request.audit_fingerprint})")
+    typer.echo(f"enrolment request {service.request_path}: send it to the alliance operator "
+               "(`medfed coordinator enrol`):")
+    typer.echo(request.to_toml().rstrip())
 
 
 def _feature_list(features: str) -> list[str]:

@@ -4,7 +4,8 @@
     ├── NodeHomeError          the node home or its node.toml is missing or invalid
     ├── DatasetNotFoundError   a dataset name is not registered on this node (also a KeyError)
     ├── ConnectorError         a dataset file cannot be read or fails validation (also a ValueError)
-    └── AuditVerificationError the audit log failed verification: edited, deleted, reordered ...
+    ├── AuditVerificationError the audit log failed verification: edited, deleted, reordered ...
+    └── NodeServiceError       enrolment, the SuperNode process or the coordinator's TLS refused
 
 Messages name files, fields and columns, and give counts; they never hold a value read
 from patient data.
@@ -14,7 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-__all__ = ["AuditVerificationError", "ConnectorError", "DatasetNotFoundError", "NodeError", "NodeHomeError"]
+__all__ = [
+    "AuditVerificationError",
+    "ConnectorError",
+    "DatasetNotFoundError",
+    "NodeError",
+    "NodeHomeError",
+    "NodeServiceError",
+]
 
 
 class NodeError(Exception):
@@ -80,3 +88,11 @@ class AuditVerificationError(NodeError):
 
     def __reduce__(self) -> tuple[object, tuple[str, tuple[str, ...]]]:
         return (type(self), (self.log, self.problems))
+
+
+class NodeServiceError(NodeError):
+    """The node cannot be enrolled or started, or the coordinator was refused.
+
+    Not enrolled, a bundle for another node or key, a SuperNode that runs already or
+    exits, or a coordinator whose TLS certificate does not verify against the alliance CA.
+    """

@@ -43,8 +43,13 @@ def add_args(home: Path, file: Path, *extra: str, name: str = "htn_cohort") -> l
 def test_init_creates_the_node_home(tmp_path: Path) -> None:
     result = runner.invoke(app, ["init", "--home", str(tmp_path / "h"), "--name", "hospital_1"])
     assert result.exit_code == 0
-    assert result.output.strip() == f"created node home {(tmp_path / 'h').resolve()} for node 'hospital_1'"
+    lines = result.output.splitlines()
+    assert lines[0] == f"created node home {(tmp_path / 'h').resolve()} for node 'hospital_1'"
     assert NodeHome.open(tmp_path / "h").name == "hospital_1"
+    # ... with its Fleet auth key and the enrolment request for the operator, printed too.
+    assert (tmp_path / "h" / "keys" / "fleet_auth.key").exists()
+    assert "[enrolment_request]" in result.output
+    assert (tmp_path / "h" / "enrolment-request.toml").exists()
 
 
 def test_init_twice_is_a_node_home_error(home: Path) -> None:
