@@ -64,7 +64,10 @@ from experiments.cost import PrivacyPlan, plan_privacy  # noqa: E402
 from experiments.spec import ExperimentSpec  # noqa: E402
 from experiments.submit import submit, wait_for_run  # noqa: E402
 from medfed.cluster import LocalCluster, flower_env  # noqa: E402
-from medfed.demo import demo_spec, prepare_alliance  # noqa: E402
+from clients.hospital_node.governance import set_budget  # noqa: E402
+from clients.hospital_node.home import NodeHome  # noqa: E402
+from medfed.demo import DATASET, approve_everywhere, demo_spec, partner_key_path, prepare_alliance  # noqa: E402
+from privacy.keys import load_private_key  # noqa: E402
 from plainfed.config import PlainConfig  # noqa: E402
 
 GOAL = 1.10
@@ -328,7 +331,8 @@ def run_once(
     started = time.monotonic()
     if variant.app == "medfed":
         run_id = submit(spec, connection=cluster.connection, tracking_uri=tracking_uri,
-                        output_dir=workdir / "runs", env=env, app_dir=ROOT)
+                        output_dir=workdir / "runs", env=env, app_dir=ROOT,
+                        signing_key=load_private_key(partner_key_path(workdir)))
     else:
         config_path = workdir / "run-configs" / f"{variant.name}-{repeat}.toml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -535,6 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="medfed-overhead-"))).resolve()
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     sites = prepare_alliance(workdir, n_hospitals=args.nodes, seed=args.seed)
+    # The officers approve the benchmark's spec and give room for every repeat.
+    for site in sites:
+        set_budget(NodeHome.open(site.home), DATASET, epsilon_=1000.0, delta=1e-5, by="benchmark")
+    approve_everywhere(sites, spec)
     _prewarm(tracking_uri)
     results: list[RunResult] = []
     loads: list[float] = []

@@ -215,7 +215,7 @@ def _collect(
             outcome.status, outcome.reason = REFUSED, f"invalid reply: {err}"
             continue
         outcome.site = read_site(reply.content, outcome.site)
-        outcome.reason = ""
+        outcome.status, outcome.reason = ACCEPTED, ""
     for node in expected:
         if node not in answered and sites[node].status not in (REFUSED, AWAITING):
             sites[node].status = "no-answer" if sites[node].status == "unknown" else "dropped"
@@ -288,8 +288,6 @@ def run_experiment(
     query = _query_until_decided(
         grid, RecordDict({CONFIG_KEY: config()}), connected, sites, timeout=timeout, wait=fed.approval_wait_seconds
     )
-    for node in query:
-        sites[node].status = ACCEPTED
     if len(query) < fed.min_nodes:
         raise NotEnoughNodesError(
             f"{len(query)} of {len(connected)} hospital node(s) accepted the experiment; the spec "

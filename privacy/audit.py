@@ -259,11 +259,13 @@ def _parse_line(raw: bytes) -> _Parsed | str:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
         return "not ASCII text"
-    pairs: list[tuple[str, Any]] = []
+    repeated = False
 
     def keep(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        pairs.extend(items)
-        return dict(items)
+        nonlocal repeated
+        obj = dict(items)
+        repeated = repeated or len(obj) != len(items)  # within one object; nested objects may reuse names
+        return obj
 
     try:
         record = json.loads(text, object_pairs_hook=keep)
@@ -271,7 +273,7 @@ def _parse_line(raw: bytes) -> _Parsed | str:
         return "not a JSON object"
     if not isinstance(record, dict):
         return "not a JSON object"
-    if len({key for key, _ in pairs}) != len(pairs):
+    if repeated:
         return "a field appears twice"
     if tuple(sorted(record)) != _FIELDS:
         missing = sorted(set(_FIELDS) - set(record))

@@ -16,6 +16,7 @@ from rich.table import Table
 from clients.hospital_node.audit_cli import audit_app, egress
 from clients.hospital_node.errors import NodeError
 from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
+from clients.hospital_node.officer_cli import budget_app, decision_commands, partners_app, report
 from clients.hospital_node.service import NodeService
 from clients.hospital_node.service_cli import doctor, enrol, start, status, stop
 
@@ -28,8 +29,10 @@ dataset_app = typer.Typer(help="Register and list the node's datasets.", no_args
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(audit_app, name="audit")
 app.command("egress")(egress)
-for _command in (enrol, start, stop, status, doctor):
+for _command in (enrol, start, stop, status, doctor, *decision_commands, report):
     app.command(_command.__name__)(_command)
+app.add_typer(partners_app, name="partners")
+app.add_typer(budget_app, name="budget")
 
 _HOME_HELP = "The node home folder (holds node.toml and the privacy ledger)."
 

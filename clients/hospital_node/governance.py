@@ -51,6 +51,7 @@ from privacy.governance import (
     PENDING,
     REVOKED,
     GovernanceState,
+    Request,
     SpecSignature,
     spec_digest,
     verify_spec,
@@ -60,11 +61,15 @@ from privacy.ledger import Budget, PrivacyLedger
 
 __all__ = [
     "Admission",
+    "DatasetBudget",
+    "PendingRequest",
     "Refusal",
     "admit",
     "approve",
+    "budget_status",
     "deny",
     "governance_state",
+    "pending_requests",
     "revoke",
     "set_budget",
 ]
@@ -375,3 +380,85 @@ def _resolve(state: GovernanceState, spec_hash: str) -> str:
         return state.resolve(text)
     except ValueError as err:
         raise GovernanceError(str(err)) from None
+
+
+# ---------------------------------------------------------------- the officer's views
+
+
+@dataclass(frozen=True)
+class DatasetBudget:
+    """One dataset's budget position, composed from the ledger at the budget's delta."""
+
+    dataset: str
+    budget: Budget | None
+    spent: float  # charges only
+    held: float  # charges and open reservations: what a new request is checked against
+    charges: int
+    open_reservations: int
+    uncharged_releases: int  # charges with no release record: a node stopped before its reply left
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.budget is None else max(self.budget.epsilon - self.held, 0.0)
+
+
+def budget_status(home: NodeHome, entries: Sequence[AuditEntry] | None = None) -> list[DatasetBudget]:
+    """Every registered dataset's budget, spend, reservations and remaining epsilon."""
+    entries = verified_entries(home) if entries is None else entries
+    state = GovernanceState.from_entries(entries)
+    accountant = home.policy().accountant
+    released = {
+        (str(e.payload.get("dataset")), str(e.payload.get("run")), e.payload.get("round"))
+        for e in entries
+        if e.kind == "release"
+    }
+    rows = []
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        for dataset in sorted(set(home.datasets()) | set(ledger.datasets())):
+            setting = state.budgets.get(dataset)
+            budget = None if setting is None else Budget(setting.epsilon, setting.delta)
+            delta = budget.delta if budget is not None else 1e-5
+            charges = ledger.charges(dataset)
+            reservations = ledger.reservations(dataset)
+            rows.append(
+                DatasetBudget(
+                    dataset=dataset,
+                    budget=budget,
+                    spent=epsilon([c.event for c in charges], delta=delta, accountant=accountant),
+                    held=epsilon(ledger.held(dataset), delta=delta, accountant=accountant),
+                    charges=len(charges),
+                    open_reservations=len(reservations),
+                    uncharged_releases=sum((c.dataset, c.run_id, c.round) not in released for c in charges),
+                )
+            )
+    return rows
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """A request awaiting the officer, with what approving it would do to the budget."""
+
+    request: Request
+    cost: float  # the experiment's own epsilon at its delta, as the node computed it
+    position: DatasetBudget | None
+    projected: float | None  # the dataset's epsilon at its budget's delta if the experiment runs
+
+
+def pending_requests(home: NodeHome) -> list[PendingRequest]:
+    """Requests the officer has not decided, with cost and budget position, oldest first."""
+    entries = verified_entries(home)
+    state = GovernanceState.from_entries(entries)
+    positions = {row.dataset: row for row in budget_status(home, entries)}
+    accountant = home.policy().accountant
+    out = []
+    for request in state.pending():
+        payload = request.payload
+        position = positions.get(request.dataset)
+        projected = None
+        if position is not None and position.budget is not None:
+            event = DPEvent(float(payload["noise_multiplier"]), float(payload["sample_rate"]), int(payload["steps_per_round"]))
+            with PrivacyLedger.open(home.ledger_path) as ledger:
+                held = ledger.held(request.dataset)
+            projected = epsilon(held + [event] * int(payload["rounds"]), delta=position.budget.delta, accountant=accountant)
+        out.append(PendingRequest(request, float(payload.get("cost_epsilon", float("nan"))), position, projected))
+    return out

@@ -183,3 +183,72 @@ def test_an_imaging_experiment_is_refused_by_a_node_whose_dataset_is_tabular(all
     assert "hospital_1: refused (dataset 'htn_cohort' on node 'hospital_1' is of kind 'tabular'; " \
         "task imaging-classification needs a dataset of kind 'imaging')" in str(info.value)
     assert tracker.status == "NONE"
+
+
+# ---------------------------------------------------------------- governance
+
+
+def test_the_run_waits_for_approvals_and_goes_on_when_the_officers_approve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import federation.experiment
+
+    from clients.hospital_node.governance import approve, pending_requests
+
+    monkeypatch.setattr(federation.experiment, "APPROVAL_POLL_SECONDS", 0.01)
+    sites = prepare_alliance(tmp_path / "alliance", n_hospitals=2, seed=5)
+    spec = _spec(federation={"rounds": 1, "approval_wait_seconds": 60.0})
+    asked: dict[int, int] = {}
+
+    def officer_reads_the_request_then_approves(node_id: int, site) -> object:  # type: ignore[no-untyped-def]
+        handle = _handler(site.home)
+
+        def answer_then_decide(message: Message) -> Message:
+            reply = handle(message)
+            asked[node_id] = asked.get(node_id, 0) + 1
+            home = NodeHome.open(site.home)
+            if asked[node_id] == 2:  # the officer decides between the coordinator's second and third ask
+                [request] = pending_requests(home)
+                approve(home, request.request.spec_digest[:12], dataset=DATASET, by="officer")
+            return reply
+
+        return answer_then_decide
+
+    grid = InProcessGrid({10 + i: officer_reads_the_request_then_approves(10 + i, s) for i, s in enumerate(sites)}, run_id=301)
+    tracker = InMemoryTracker()
+    result = run_experiment(grid, spec, signed=signed_spec(spec, tmp_path / "alliance"), tracker=tracker, output_dir=tmp_path / "out")
+    assert tracker.status == "FINISHED"
+    assert {o.status for o in result.sites.values()} == {"accepted"}
+    # Two "awaiting approval" answers and the accepting third query, then one train and one evaluate.
+    assert asked == {10: 5, 11: 5}
+
+
+def test_unapproved_sites_are_reported_as_awaiting_and_nothing_is_tracked(alliance, tmp_path: Path) -> None:
+    spec = _spec(federation={"rounds": 1}, experiment={"name": "never-approved"})
+    tracker = InMemoryTracker()
+    with pytest.raises(NotEnoughNodesError) as info:
+        _run(alliance, spec, 302, tracker, tmp_path, approved=False)
+    for site in alliance:
+        assert f"{site.name}: awaiting approval (awaiting approval by this node's data-governance officer (spec {spec.digest()[:12]}" in str(info.value)
+    assert tracker.status == "NONE"
+
+
+def test_a_spec_signed_by_a_stranger_trains_nowhere(alliance, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from federation.protocol import SignedSpec
+    from privacy.governance import sign_spec
+
+    spec = _spec(federation={"rounds": 1}, experiment={"name": "stranger"})
+    approve_everywhere(alliance, spec)  # even an approved hash needs a trusted signature
+    signature = sign_spec(spec.canonical_json(), Ed25519PrivateKey.generate())
+    signed = SignedSpec(spec.canonical_json(), signature.signature, signature.signer)
+    def charges() -> dict[str, int]:
+        counts = {}
+        for site in alliance:
+            with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
+                counts[site.name] = len(ledger.charges(DATASET))
+        return counts
+
+    before = charges()
+    with pytest.raises(NotEnoughNodesError, match="is not a trusted partner of this node"):
+        run_experiment(_grid(alliance, 303), spec, signed=signed, tracker=InMemoryTracker(), output_dir=tmp_path)
+    assert charges() == before

@@ -17,7 +17,9 @@ import pytest
 from experiments.cost import plan_privacy
 from experiments.submit import submit, wait_for_run
 from medfed.cluster import flower_env
+from medfed.demo import approve_everywhere, partner_key_path
 from medfed.demo_imaging import DATASET, imaging_demo_spec, prepare_imaging_alliance, site_tensors
+from privacy.keys import load_private_key
 from tests.clients.hospital_node.conftest import write_node_secret
 
 from .conftest import running_cluster
@@ -55,7 +57,11 @@ def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> No
     MlflowClient(tracking_uri).search_experiments()  # create the store's schema before the ServerApp does
     env = flower_env(local.flwr_home)
 
-    run_id = submit(spec, connection=local.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs", env=env)
+    approve_everywhere(sites, spec)
+    run_id = submit(
+        spec, connection=local.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs",
+        signing_key=load_private_key(partner_key_path(workdir)), env=env,
+    )
     status = wait_for_run(run_id, connection=local.connection, env=env, timeout=900, poll=1.0)
     assert status.succeeded, status
 

@@ -13,7 +13,8 @@ from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.submit import submit, wait_for_run
 from medfed.cluster import flower_env
-from medfed.demo import EXAMPLE_SPEC, prepare_alliance
+from medfed.demo import EXAMPLE_SPEC, approve_everywhere, partner_key_path, prepare_alliance
+from privacy.keys import load_private_key
 
 from .conftest import running_cluster
 
@@ -45,7 +46,11 @@ def test_two_rounds_train_track_and_account(cluster) -> None:
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     env = flower_env(local.flwr_home)
 
-    run_id = submit(spec, connection=local.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs", env=env)
+    approve_everywhere(sites, spec)
+    run_id = submit(
+        spec, connection=local.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs",
+        signing_key=load_private_key(partner_key_path(workdir)), env=env,
+    )
     status = wait_for_run(run_id, connection=local.connection, env=env, timeout=600, poll=1.0)
     assert status.succeeded, status
 
@@ -84,7 +89,10 @@ def test_too_few_nodes_fails_before_tracking(cluster) -> None:
     spec = _spec(min_nodes=3, node_wait_seconds=3)
     tracking_uri = f"sqlite:///{workdir / 'mlflow-few.db'}"
     env = flower_env(local.flwr_home)
-    run_id = submit(spec, connection=local.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs", env=env)
+    run_id = submit(
+        spec, connection=local.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs",
+        signing_key=load_private_key(partner_key_path(workdir)), env=env,
+    )
     status = wait_for_run(run_id, connection=local.connection, env=env, timeout=300, poll=1.0)
     assert status.status == "finished:failed"
     assert "federation.min_nodes = 3" in status.details
@@ -107,6 +115,7 @@ def test_cli_submit_of_an_unknown_dataset_fails_with_each_sites_reason(cluster, 
             "--superlink", local.connection,
             "--tracking-uri", f"sqlite:///{workdir / 'mlflow-bad.db'}",
             "--output-dir", str(workdir / "runs"),
+            "--key", str(partner_key_path(workdir)),
             "--timeout", "300",
         ],
         capture_output=True, text=True, env=flower_env(local.flwr_home), timeout=400, check=False,

@@ -586,3 +586,27 @@ def test_a_schema_1_ledger_is_upgraded_in_place_and_keeps_its_charges(tmp_path: 
         assert sorted(row[0] for row in conn.execute("SELECT version FROM ledger_schema")) == [1, 2]
     finally:
         conn.close()
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    rounds=st.lists(
+        st.tuples(st.floats(min_value=0.8, max_value=3.0), st.floats(min_value=0.01, max_value=0.1), st.integers(min_value=1, max_value=50)),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_the_ledgers_composed_epsilon_agrees_with_dp_accounting(rounds: list[tuple[float, float, int]]) -> None:
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+    from opacus.accountants import RDPAccountant
+
+    reference = RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    with PrivacyLedger.in_memory() as ledger:
+        for round_, (noise, rate, steps) in enumerate(rounds, start=1):
+            ledger.commit(ledger.reserve("d", run_id="r", round=round_, event=DPEvent(noise, rate, steps), budget=Budget(1e6, DELTA)))
+            reference.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), steps)
+        theirs = reference.get_epsilon(DELTA)
+        ours = ledger.spent("d", delta=DELTA, accountant="rdp")
+    # Two independent RDP implementations (their orders and numerics differ slightly).
+    assert ours == pytest.approx(theirs, rel=2e-2)

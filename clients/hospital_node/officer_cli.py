@@ -1,0 +1,305 @@
+"""The data-governance officer's commands on a node.
+
+``medfed node partners add|list|remove``  the research partners whose signed specs count
+``medfed node requests``                 pending requests, with their cost and the budget left
+``medfed node approve|deny|revoke``      decide on one spec hash for one dataset
+``medfed node budget [set]``             each dataset's lifetime budget, spend and what remains
+``medfed node report --out DIR``         the evidence pack (:mod:`clients.hospital_node.report`)
+
+Every decision is an entry of the node's signed audit log, which is the only place the
+node reads decisions from. User mistakes raise :class:`~clients.hospital_node.errors.NodeError`
+subclasses; ``medfed`` prints them as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import getpass
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from clients.hospital_node import governance
+from clients.hospital_node.errors import GovernanceError, NodeError
+from clients.hospital_node.home import NodeHome
+from privacy.errors import PrivacyError
+
+__all__ = ["budget_app", "decision_commands", "partners_app", "report", "requests"]
+
+HOME_ENVVAR = "MEDFED_NODE_HOME"
+_HOME_HELP = "The node home folder."
+
+partners_app = typer.Typer(help="The research partners whose signed experiment specs this node accepts.", no_args_is_help=True)
+budget_app = typer.Typer(help="Each dataset's lifetime privacy budget: show it, or set it.", invoke_without_command=True)
+
+
+def _officer() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "officer"
+
+
+_BY_HELP = "Who decides (recorded in the audit log); default: your user name."
+
+
+@contextmanager
+def _governed() -> Iterator[None]:
+    """Governance refusals and privacy errors, as one-line node errors for the CLI."""
+    try:
+        yield
+    except governance.Refusal as err:
+        raise GovernanceError(err.reason) from None
+    except PrivacyError as err:
+        raise GovernanceError(str(err)) from None
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------- partners
+
+
+@partners_app.command("add")
+def partners_add(
+    name: str = typer.Argument(..., help="The partner's name, e.g. acme_research."),
+    public_key: Path = typer.Argument(..., help="The partner's public key file (<name>.pub from `medfed keys new`)."),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Trust a research partner's key; compare its fingerprint with the partner's first."""
+    node = NodeHome.open(home)
+    with _governed():
+        partner = node.trusted_partners().add(name, public_key, added_by=by or _officer())
+        node.audit_log().append("key", {"action": "trust", "partner": name, "fingerprint": partner.fingerprint, "by": by or _officer()})
+    typer.echo(f"node {node.name!r} now trusts partner {name!r} ({partner.fingerprint})")
+
+
+@partners_app.command("remove")
+def partners_remove(
+    name: str = typer.Argument(..., help="The partner to stop trusting."),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Stop trusting a partner: their specs are refused from the next message on."""
+    node = NodeHome.open(home)
+    with _governed():
+        partner = node.trusted_partners().remove(name)
+        node.audit_log().append("key", {"action": "distrust", "partner": name, "fingerprint": partner.fingerprint, "by": by or _officer()})
+    typer.echo(f"node {node.name!r} no longer trusts partner {name!r} ({partner.fingerprint})")
+
+
+@partners_app.command("list")
+def partners_list(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP)) -> None:
+    """The trusted partners, with their key fingerprints."""
+    node = NodeHome.open(home)
+    with _governed():
+        partners = node.trusted_partners().list()
+    if not partners:
+        typer.echo(f"node {node.name!r} trusts no research partner yet; add one with `medfed node partners add`")
+        return
+    table = Table(title=f"trusted partners of node {escape(node.name)}")
+    for column in ("partner", "fingerprint", "added (UTC)", "by"):
+        table.add_column(column)
+    for partner in partners:
+        table.add_row(escape(partner.name), partner.fingerprint, partner.added_at.isoformat(), escape(partner.added_by or "-"))
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- requests and decisions
+
+
+def requests(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP)) -> None:
+    """Pending requests: who asks, for what, what it costs and what the budget would be after."""
+    node = NodeHome.open(home)
+    with _governed():
+        pending = governance.pending_requests(node)
+    if not pending:
+        typer.echo(f"no pending requests on node {node.name!r}")
+        return
+    console = Console()
+    for item in pending:
+        payload, position = item.request.payload, item.position
+        budget = position.budget if position is not None else None
+        after = _fmt(item.projected)
+        if budget is not None and item.projected is not None and item.projected > budget.epsilon:
+            after += " (over the budget: approving it would not let it run)"
+        table = Table(title=f"request {item.request.spec_digest}", show_header=False, title_justify="left")
+        table.add_column("field")
+        table.add_column("value", overflow="fold")
+        for field, value in (
+            ("experiment", item.request.experiment),
+            ("description", str(payload.get("description", ""))),
+            ("signed by", f"{item.request.signer} ({payload.get('signer_fingerprint', '')})"),
+            ("asked at (UTC)", item.request.at.isoformat()),
+            ("task, model", f"{payload.get('task', '')}, {payload.get('model', '')}"),
+            ("dataset", item.request.dataset),
+            ("rounds", str(payload.get("rounds", ""))),
+            ("cost of this experiment", f"ε {_fmt(item.cost)} at δ {payload.get('delta', '')}"),
+            ("dataset budget", "not set" if budget is None else f"ε {budget.epsilon:g} at δ {budget.delta:g}"),
+            ("spent or reserved now", f"ε {_fmt(position.held if position is not None else None)}"),
+            ("after this experiment", f"ε {after}"),
+        ):
+            table.add_row(field, escape(value))
+        console.print(table)
+    typer.echo("decide with `medfed node approve|deny <spec hash> --dataset <dataset>`")
+
+
+def _expiry(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise GovernanceError(f"--expires {text!r} is not a date; use YYYY-MM-DD or an ISO date-time") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def approve(
+    spec_hash: str = typer.Argument(..., help="The spec hash (at least 8 hex characters of a request, or all 64)."),
+    dataset: str = typer.Option(..., "--dataset", help="The dataset the approval covers."),
+    max_epsilon: float | None = typer.Option(None, "--max-epsilon", help="Cap on this experiment's own epsilon."),
+    expires: str | None = typer.Option(None, "--expires", help="When the approval lapses (YYYY-MM-DD, UTC)."),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Approve exactly this spec on a dataset; any change to the spec is a new request."""
+    node = NodeHome.open(home)
+    with _governed():
+        digest = governance.approve(
+            node, spec_hash, dataset=dataset, by=by or _officer(), max_epsilon=max_epsilon, expires=_expiry(expires)
+        )
+    limits = []
+    if max_epsilon is not None:
+        limits.append(f"capped at ε {max_epsilon:g}")
+    if expires is not None:
+        limits.append(f"until {expires}")
+    typer.echo(f"approved spec {digest[:16]} on dataset {dataset!r}" + (f" ({', '.join(limits)})" if limits else ""))
+
+
+def _dataset_of(node: NodeHome, digest_prefix: str, dataset: str | None) -> str:
+    if dataset is not None:
+        return dataset
+    state = governance.governance_state(node)
+    try:
+        digest = state.resolve(digest_prefix)
+    except ValueError as err:
+        raise GovernanceError(str(err)) from None
+    datasets = sorted({d for (h, d) in set(state.requests) | set(state.decisions) if h == digest})
+    if len(datasets) != 1:
+        raise GovernanceError(f"spec {digest[:16]} concerns datasets {', '.join(datasets)}; name one with --dataset")
+    return datasets[0]
+
+
+def deny(
+    spec_hash: str = typer.Argument(..., help="The spec hash (at least 8 hex characters)."),
+    reason: str = typer.Option(..., "--reason", help="One line the researcher will see."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Needed only if the spec asked for several datasets."),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Deny a request; the researcher sees the reason."""
+    node = NodeHome.open(home)
+    with _governed():
+        name = _dataset_of(node, spec_hash, dataset)
+        digest = governance.deny(node, spec_hash, dataset=name, reason=reason, by=by or _officer())
+    typer.echo(f"denied spec {digest[:16]} on dataset {name!r}")
+
+
+def revoke(
+    spec_hash: str = typer.Argument(..., help="The spec hash (at least 8 hex characters)."),
+    reason: str = typer.Option(..., "--reason", help="One line the researcher will see."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Needed only if the spec was approved on several datasets."),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Revoke an approval: every later message of that spec on the dataset is refused."""
+    node = NodeHome.open(home)
+    with _governed():
+        name = _dataset_of(node, spec_hash, dataset)
+        digest = governance.revoke(node, spec_hash, dataset=name, reason=reason, by=by or _officer())
+    typer.echo(f"revoked the approval of spec {digest[:16]} on dataset {name!r}")
+
+
+decision_commands = (requests, approve, deny, revoke)
+
+
+# ---------------------------------------------------------------- budgets
+
+
+@budget_app.callback()
+def budget_show(
+    ctx: typer.Context,
+    home: Path = typer.Option(None, "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+) -> None:
+    """Per dataset: lifetime budget, spent, reserved, remaining, and the number of charges."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if home is None:
+        raise NodeError("--home is required (or set MEDFED_NODE_HOME)")
+    node = NodeHome.open(home)
+    with _governed():
+        rows = governance.budget_status(node)
+    table = Table(title=f"privacy budgets of node {escape(node.name)} ({node.policy().accountant.upper()} accountant)")
+    table.add_column("dataset", no_wrap=True)
+    for column in ("budget ε", "δ", "spent ε", "reserved ε", "remaining ε", "charges"):
+        table.add_column(column)
+    notes = []
+    for row in rows:
+        if row.open_reservations:
+            notes.append(f"{row.dataset}: {row.open_reservations} open reservation(s): a release in progress, or cut off by a crash (counted as spent)")
+        if row.uncharged_releases:
+            notes.append(f"{row.dataset}: {row.uncharged_releases} charge(s) without a release record: the node stopped before the reply left (counted)")
+        if row.budget is None:
+            notes.append(f"{row.dataset}: no budget, so every request is refused; set one with `medfed node budget set`")
+        table.add_row(
+            escape(row.dataset),
+            "-" if row.budget is None else f"{row.budget.epsilon:g}",
+            "-" if row.budget is None else f"{row.budget.delta:g}",
+            _fmt(row.spent),
+            _fmt(row.held - row.spent),
+            _fmt(row.remaining),
+            str(row.charges),
+        )
+    Console().print(table)
+    for note in notes:
+        typer.echo(note)
+
+
+@budget_app.command("set")
+def budget_set(
+    dataset: str = typer.Argument(..., help="The registered dataset."),
+    epsilon_: float = typer.Option(..., "--epsilon", help="Lifetime epsilon the dataset may reach."),
+    delta: float = typer.Option(..., "--delta", help="The delta that epsilon is measured at, e.g. 1e-5."),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Set (or change) a dataset's lifetime budget; the change is audited."""
+    node = NodeHome.open(home)
+    with _governed():
+        budget = governance.set_budget(node, dataset, epsilon_=epsilon_, delta=delta, by=by or _officer())
+    typer.echo(f"dataset {dataset!r} on node {node.name!r}: lifetime budget ε {budget.epsilon:g} at δ {budget.delta:g}")
+
+
+# ---------------------------------------------------------------- the evidence pack
+
+
+def report(
+    out: Path = typer.Option(..., "--out", help="Folder to write the evidence pack into (created; must be empty)."),
+    spec_hash: str | None = typer.Option(None, "--spec", help="Only this experiment (a spec hash); default: the whole node."),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+) -> None:
+    """Write the evidence pack: approvals, charges, what left, audit verification, ε over time."""
+    from clients.hospital_node.report import write_report
+
+    node = NodeHome.open(home)
+    with _governed():
+        written = write_report(node, out, spec_hash=spec_hash)
+    typer.echo(f"evidence pack for node {node.name!r} written to {out}: " + ", ".join(p.name for p in written))

@@ -1,0 +1,199 @@
+"""The officer's evidence pack: what this node decided, charged and released, and proof of it.
+
+``medfed node report --out DIR [--spec HASH]`` writes, for the whole node or one
+experiment:
+
+``report.html``              the pack for a reader: verification, budgets, decisions,
+                             charges, releases, refusals, and the plot
+``epsilon.png``              cumulative epsilon over time per dataset (composed, at the
+                             budget's delta), with each budget as a line
+``evidence.json``            the same facts, machine-readable
+``audit_verification.txt``   the audit log's verification result and its head hash, to
+                             keep outside the node as an anchor against a rolled-back log
+
+Everything comes from the node's own ledger and audit log; nothing contains patient data
+(audit payloads never do). The pack is written into a temporary folder beside `out` and
+renamed into place, so a failure leaves no half-written pack.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from clients.hospital_node.errors import GovernanceError
+from clients.hospital_node.home import NodeHome
+from privacy.accountant import epsilon
+from privacy.audit import AuditEntry, AuditLog
+from privacy.governance import GovernanceState
+from privacy.keys import fingerprint, load_public_key
+from privacy.ledger import Charge, PrivacyLedger
+
+__all__ = ["write_report"]
+
+_DECISION_KINDS = ("request", "approval", "denial", "revocation")
+
+
+def _curve(charges: Sequence[Charge], *, delta: float, accountant: str) -> list[tuple[datetime, float]]:
+    """(time, composed epsilon after that charge), oldest first."""
+    ordered = sorted(charges, key=lambda c: c.charged_at)
+    return [(c.charged_at, epsilon([x.event for x in ordered[: i + 1]], delta=delta, accountant=accountant)) for i, c in enumerate(ordered)]
+
+
+def _plot(curves: Mapping[str, list[tuple[datetime, float]]], budgets: Mapping[str, float], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    try:
+        for index, (dataset, points) in enumerate(sorted(curves.items())):
+            colour = f"C{index % 10}"
+            if points:
+                times, values = zip(*points, strict=True)
+                axes.step(times, values, where="post", marker="o", markersize=3, color=colour, label=f"{dataset} spent")
+            if dataset in budgets:
+                axes.axhline(budgets[dataset], color=colour, linestyle="--", linewidth=1, label=f"{dataset} budget")
+        axes.set_xlabel("time (UTC)")
+        axes.set_ylabel("cumulative ε")
+        axes.set_title(title)
+        axes.set_ylim(bottom=0)
+        if curves or budgets:
+            axes.legend(loc="upper left", fontsize="small")
+        figure.autofmt_xdate()
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    finally:
+        plt.close(figure)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body or '<tr><td colspan=99>none</td></tr>'}</tbody></table>"
+
+
+def _entry_rows(entries: Iterable[AuditEntry], keys: Sequence[str]) -> list[list[Any]]:
+    return [[e.seq, e.time.isoformat(), e.kind, *[e.payload.get(k, "") for k in keys]] for e in entries]
+
+
+def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> list[Path]:
+    """Write the evidence pack into `out` (new or empty); returns the files written.
+
+    Raises
+    ------
+    GovernanceError
+        `out` is a non-empty folder or a file, or `spec_hash` matches no experiment.
+    """
+    out = Path(out).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise GovernanceError(f"--out {out} exists and is not an empty folder; choose a new folder")
+    log = AuditLog(home.audit_log_path)
+    public_key = load_public_key(home.audit_public_key_path) if home.audit_public_key_path.exists() else None
+    verification = log.verify(public_key) if public_key is not None and log.path.exists() else None
+    entries = log.entries() if log.path.exists() else ()
+    state = GovernanceState.from_entries(entries)
+    digest = None
+    if spec_hash is not None:
+        try:
+            digest = state.resolve(spec_hash)
+        except ValueError as err:
+            raise GovernanceError(str(err)) from None
+
+    def mine(entry: AuditEntry) -> bool:
+        return digest is None or entry.payload.get("spec_digest") == digest
+
+    decisions = [e for e in entries if e.kind in _DECISION_KINDS and mine(e)]
+    releases = [e for e in entries if e.kind == "release" and mine(e)]
+    refusals = [e for e in entries if e.kind == "refusal" and mine(e)]
+    budget_changes = [e for e in entries if e.kind == "budget"]
+    runs = {str(e.payload.get("run")) for e in releases}
+    policy = home.policy()
+
+    curves: dict[str, list[tuple[datetime, float]]] = {}
+    budgets: dict[str, float] = {}
+    charge_rows = []
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        for dataset in sorted(set(ledger.datasets()) | set(state.budgets)):
+            setting = state.budgets.get(dataset)
+            delta = setting.delta if setting is not None else 1e-5
+            if setting is not None:
+                budgets[dataset] = setting.epsilon
+            charges = ledger.charges(dataset)
+            curves[dataset] = _curve(charges, delta=delta, accountant=policy.accountant)
+            for charge in charges:
+                if digest is None or charge.run_id in runs:
+                    event = charge.event
+                    charge_rows.append([dataset, charge.run_id, charge.round, charge.charged_at.isoformat(),
+                                        event.noise_multiplier, event.sample_rate, event.steps])
+        reservations = [[r.dataset, r.run_id, r.round, r.reserved_at.isoformat()] for r in ledger.reservations()]
+
+    head = "" if verification is None else (verification.last_hash or "")
+    if verification is None:
+        verdict = "no audit log yet: nothing was decided or released on this node"
+    elif verification.ok:
+        verdict = f"OK: {verification.count} entries, every one signed by the node key and chained; head hash {head}"
+    else:
+        verdict = f"FAILED: {len(verification.problems)} problem(s)\n" + "\n".join(str(p) for p in verification.problems)
+    key_line = f"node audit key {fingerprint(public_key)}" if public_key is not None else "no node audit key"
+
+    scope = f"experiment {digest}" if digest else "the whole node"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "audit_verification.txt").write_text(f"node {home.name}\n{key_line}\n{verdict}\n", encoding="utf-8")
+        _plot(curves, budgets, tmp / "epsilon.png", f"node {home.name}: cumulative ε per dataset ({policy.accountant.upper()})")
+        evidence = {
+            "node": home.name,
+            "scope": scope,
+            "generated_at": datetime.now().astimezone().isoformat(),
+            "audit": {"key": key_line, "ok": None if verification is None else verification.ok, "head_hash": head,
+                      "problems": [] if verification is None else [str(p) for p in verification.problems]},
+            "policy": {k: v for k, v in vars(policy).items() if k != "source"},
+            "budgets": {d: {"epsilon": s.epsilon, "delta": s.delta, "set_at": s.at.isoformat(), "by": s.by} for d, s in state.budgets.items()},
+            "cumulative_epsilon": {d: [[t.isoformat(), v] for t, v in points] for d, points in curves.items()},
+            "decisions": [json.loads(e.to_json()) for e in decisions],
+            "charges": [dict(zip(("dataset", "run", "round", "charged_at", "noise_multiplier", "sample_rate", "steps"), row, strict=True)) for row in charge_rows],
+            "open_reservations": [dict(zip(("dataset", "run", "round", "reserved_at"), row, strict=True)) for row in reservations],
+            "releases": [json.loads(e.to_json()) for e in releases],
+            "refusals": [json.loads(e.to_json()) for e in refusals],
+        }
+        (tmp / "evidence.json").write_text(json.dumps(evidence, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        png = base64.b64encode((tmp / "epsilon.png").read_bytes()).decode("ascii")
+        page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>medfed evidence pack: {html.escape(home.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border:1px solid #ccc;padding:.25em .5em;font-size:.9em;text-align:left}} pre{{background:#f4f4f4;padding:.5em}}</style></head>
+<body><h1>Evidence pack: node {html.escape(home.name)}</h1>
+<p>Scope: {html.escape(scope)}. Generated {html.escape(evidence['generated_at'])}. Every figure comes from the node's own
+privacy ledger and signed audit log.</p>
+<h2>Audit log verification</h2><p>{html.escape(key_line)}</p><pre>{html.escape(verdict)}</pre>
+<h2>Policy</h2>{_table(["setting", "value"], sorted(evidence["policy"].items()))}
+<h2>Cumulative ε per dataset</h2><img alt="cumulative epsilon over time per dataset" src="data:image/png;base64,{png}">
+<h2>Budgets</h2>{_table(["seq", "time (UTC)", "kind", "dataset", "epsilon", "delta", "by"], _entry_rows(budget_changes, ["dataset", "epsilon", "delta", "by"]))}
+<h2>Requests and decisions</h2>{_table(["seq", "time (UTC)", "kind", "spec", "dataset", "experiment", "signer", "max ε", "expires", "reason", "by"],
+    _entry_rows(decisions, ["spec_digest", "dataset", "experiment", "signer", "max_epsilon", "expires", "reason", "by"]))}
+<h2>Charges</h2>{_table(["dataset", "run", "round", "charged at (UTC)", "noise multiplier", "sample rate", "steps"], charge_rows)}
+<h2>Open reservations</h2>{_table(["dataset", "run", "round", "reserved at (UTC)"], reservations)}
+<h2>What left the site</h2>{_table(["seq", "time (UTC)", "kind", "run", "round", "dataset", "bytes", "sha256"],
+    _entry_rows(releases, ["run", "round", "dataset", "bytes", "sha256"]))}
+<h2>Refusals</h2>{_table(["seq", "time (UTC)", "kind", "run", "message", "dataset", "reason"],
+    _entry_rows(refusals, ["run", "message", "dataset", "reason"]))}
+</body></html>
+"""
+        (tmp / "report.html").write_text(page, encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(out.iterdir())

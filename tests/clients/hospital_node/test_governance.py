@@ -1,0 +1,443 @@
+"""The node decides: signatures, approvals, policy, caps and budgets, and hostile input of each kind.
+
+Each test sends the node's real handler (`rounds.answer`) a message as the coordinator
+would, with a spec signed by the test partner, and checks the refusal code, the reason
+the researcher sees, the audit log and the ledger. Where a refusal must come before any
+data is read, the cohort file is deleted first: a connector error would then show that
+the node had tried to read it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ArrayRecord, Message, MessageType
+from flwr.supercore.task_identity import TaskIdentity
+from typer.testing import CliRunner
+
+from clients.hospital_node import governance
+from clients.hospital_node.cli import app
+from clients.hospital_node.errors import DatasetNotFoundError, GovernanceError
+from clients.hospital_node.home import DatasetEntry, NodeHome
+from clients.hospital_node.policy import NodePolicy
+from clients.hospital_node.rounds import answer
+from experiments.cost import plan_privacy
+from experiments.spec import ExperimentSpec
+from federation.experiment import instruction_for
+from federation.protocol import (
+    AWAITING_APPROVAL,
+    QUERY_METRICS,
+    REFUSED_APPROVAL,
+    REFUSED_BUDGET,
+    REFUSED_INTEGRITY,
+    REFUSED_POLICY,
+    REFUSED_SIGNATURE,
+    SignedSpec,
+    read_metrics,
+    read_refusal,
+)
+from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
+from models.tabular import build_tabular_model
+from privacy.accountant import epsilon
+from privacy.events import DPEvent
+from privacy.ledger import Budget, PrivacyLedger
+
+from .conftest import OFFICER, PARTNER, example_spec, govern, sign, signed_message
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 31, 1, 1
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> NodeHome:
+    path = tmp_path / "cohort.csv"
+    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
+    node = NodeHome.create(tmp_path / "home", name="hospital_4")
+    node.register_dataset(
+        DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES)
+    )
+    govern(node, "htn_cohort")  # trusted partner and a budget; no approval yet
+    return node
+
+
+SPEC = example_spec(federation={"rounds": 2})
+
+
+def _ask(home: NodeHome, message: Message, kind: str = "query") -> Message:
+    return answer(kind, message, {"home": str(home.path)})
+
+
+def _refusal(reply: Message) -> tuple[int, str]:
+    assert reply.has_error(), "the node answered instead of refusing"
+    site, reason = read_refusal(reply.error.reason, "?")
+    assert site == "hospital_4"
+    return reply.error.code, reason
+
+
+def _kinds(home: NodeHome) -> list[str]:
+    return [e.kind for e in home.audit_log().entries()]
+
+
+def _train(home: NodeHome, spec: ExperimentSpec, server_round: int = 1) -> Message:
+    arrays = ArrayRecord(build_tabular_model("logistic", len(FEATURES)).state_dict())
+    return _ask(home, signed_message(MessageType.TRAIN, spec, server_round=server_round, arrays=arrays), "train")
+
+
+def _hide_the_data(home: NodeHome) -> None:
+    home.dataset("htn_cohort").path.unlink()
+
+
+# ---------------------------------------------------------------- approvals
+
+
+def test_an_unseen_spec_is_recorded_once_as_a_request_and_awaits_the_officer(home: NodeHome) -> None:
+    _hide_the_data(home)
+    for _ in range(2):
+        code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
+        assert code == AWAITING_APPROVAL
+        assert reason == f"awaiting approval by this node's data-governance officer (spec {SPEC.digest()[:12]}, dataset 'htn_cohort')"
+    assert _kinds(home).count("request") == 1
+    [pending] = governance.pending_requests(home)
+    assert pending.request.spec_digest == SPEC.digest()
+    assert pending.request.signer == PARTNER
+    plan = plan_privacy(SPEC)
+    assert pending.cost == pytest.approx(plan.epsilon_per_site, rel=1e-6)
+    assert pending.position is not None and pending.position.budget == Budget(50.0, 1e-5)
+    assert pending.projected == pytest.approx(plan.epsilon_per_site, rel=0.05)
+
+
+def test_after_approval_the_same_spec_is_accepted(home: NodeHome) -> None:
+    _ask(home, signed_message(MessageType.QUERY, SPEC))
+    governance.approve(home, SPEC.digest()[:10], dataset="htn_cohort", by=OFFICER)
+    reply = _ask(home, signed_message(MessageType.QUERY, SPEC))
+    assert not reply.has_error(), reply.error
+    assert read_metrics(reply.content, QUERY_METRICS)["num-examples"] > 100
+    assert governance.pending_requests(home) == []
+
+
+def test_a_changed_spec_is_a_new_request_even_with_an_old_approval(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    changed = example_spec(federation={"rounds": 3})
+    code, _ = _refusal(_ask(home, signed_message(MessageType.QUERY, changed)))
+    assert code == AWAITING_APPROVAL
+    assert [p.request.spec_digest for p in governance.pending_requests(home)] == [changed.digest()]
+
+
+def test_a_denial_reaches_the_researcher_with_its_reason(home: NodeHome) -> None:
+    _ask(home, signed_message(MessageType.QUERY, SPEC))
+    governance.deny(home, SPEC.digest()[:12], dataset="htn_cohort", reason="no secondary use of maternal data", by=OFFICER)
+    _hide_the_data(home)
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
+    assert (code, reason) == (REFUSED_APPROVAL, "denied by this node's officer: no secondary use of maternal data")
+    assert _kinds(home)[-1] == "refusal"
+
+
+def test_a_revoked_approval_stops_the_next_round_and_is_final(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    assert not _train(home, SPEC, 1).has_error()
+    governance.revoke(home, SPEC.digest()[:12], dataset="htn_cohort", reason="consent withdrawn", by=OFFICER)
+    code, reason = _refusal(_train(home, SPEC, 2))
+    assert (code, reason) == (REFUSED_APPROVAL, "approval revoked by this node's officer: consent withdrawn")
+    with pytest.raises(GovernanceError, match="revocation is final"):
+        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [c.round for c in ledger.charges("htn_cohort")] == [1]
+
+
+def test_an_expired_approval_is_refused(home: NodeHome) -> None:
+    past = (datetime.now(UTC) - timedelta(days=1)).isoformat()
+    home.audit_log().append(
+        "approval", {"spec_digest": SPEC.digest(), "dataset": "htn_cohort", "max_epsilon": None, "expires": past, "by": OFFICER}
+    )
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
+    assert code == REFUSED_APPROVAL and reason.startswith("the officer's approval expired at ")
+    with pytest.raises(GovernanceError, match="is in the past"):
+        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, expires=datetime.fromisoformat(past))
+
+
+def test_a_forged_approved_flag_in_the_message_changes_nothing(home: NodeHome) -> None:
+    message = signed_message(MessageType.QUERY, SPEC)
+    message.content["config"]["approved"] = True
+    message.content["config"]["medfed.approved"] = "yes"
+    code, _ = _refusal(_ask(home, message))
+    assert code == AWAITING_APPROVAL
+
+
+def test_an_approval_cap_below_the_experiments_cost_is_refused(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, max_epsilon=0.5)
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
+    assert code == REFUSED_APPROVAL
+    assert "over the officer's approval cap of 0.5" in reason
+
+
+def test_officer_mistakes_get_one_line_messages(home: NodeHome) -> None:
+    with pytest.raises(GovernanceError, match="no request or decision for a spec hash starting with 'deadbeef'"):
+        governance.approve(home, "deadbeef", dataset="htn_cohort", by=OFFICER)
+    with pytest.raises(GovernanceError, match="too short"):
+        governance.approve(home, "abc", dataset="htn_cohort", by=OFFICER)
+    with pytest.raises(DatasetNotFoundError, match="dataset 'ecg' is not registered"):
+        governance.approve(home, SPEC.digest(), dataset="ecg", by=OFFICER)
+    with pytest.raises(GovernanceError, match="one non-empty line"):
+        governance.deny(home, SPEC.digest(), dataset="htn_cohort", reason="  ", by=OFFICER)
+    with pytest.raises(GovernanceError, match="nothing to revoke"):
+        governance.revoke(home, SPEC.digest(), dataset="htn_cohort", reason="x", by=OFFICER)
+
+
+# ---------------------------------------------------------------- signatures
+
+
+def test_an_unsigned_spec_is_refused_before_any_data_is_read(home: NodeHome) -> None:
+    _hide_the_data(home)
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, signed=SignedSpec(SPEC.canonical_json()))))
+    assert code == REFUSED_SIGNATURE
+    assert reason == "the experiment spec is not signed; the research partner must submit it with their key"
+    [refusal] = [e for e in home.audit_log().entries() if e.kind == "refusal"]
+    assert refusal.payload["code"] == REFUSED_SIGNATURE and refusal.payload["spec_digest"] == SPEC.digest()
+    assert "request" not in _kinds(home)
+
+
+def test_a_spec_signed_by_an_unknown_key_is_refused(home: NodeHome) -> None:
+    stranger = Ed25519PrivateKey.generate()
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, signed=sign(SPEC, stranger))))
+    assert code == REFUSED_SIGNATURE
+    assert "is not a trusted partner of this node" in reason
+
+
+def test_a_damaged_signature_is_refused(home: NodeHome) -> None:
+    good = sign(SPEC)
+    raw = bytearray(base64.b64decode(good.signature))
+    raw[0] ^= 1
+    forged = SignedSpec(good.spec_json, base64.b64encode(bytes(raw)).decode(), good.signer)
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, signed=forged)))
+    assert code == REFUSED_SIGNATURE and "does not verify with the key of trusted partner 'test_partner'" in reason
+
+
+def test_a_coordinator_that_alters_the_signed_spec_or_the_instruction_is_refused(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    # A spec edited after signing: the signature no longer verifies.
+    good = sign(SPEC)
+    edited = json.loads(good.spec_json)
+    edited["privacy"]["noise_multiplier"] = 0.3
+    tampered = SignedSpec(json.dumps(edited, sort_keys=True, separators=(",", ":")), good.signature, good.signer)
+    code, _ = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, signed=tampered)))
+    assert code == REFUSED_SIGNATURE
+    # The signed spec intact, but an instruction that spends more than it says.
+    instruction = instruction_for(SPEC, plan_privacy(SPEC))
+    greedy = type(instruction)(**(instruction.__dict__ | {"noise_multiplier": 0.3}))
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, instruction=greedy)))
+    assert code == REFUSED_SIGNATURE
+    assert "noise_multiplier is 0.3, the signed spec says privacy.noise_multiplier = 1.0" in reason
+
+
+def test_a_target_epsilon_spec_cannot_be_given_less_noise_than_its_target_needs(home: NodeHome) -> None:
+    spec = example_spec(federation={"rounds": 2}, privacy={"noise_multiplier": None, "target_epsilon": 2.0})
+    governance.approve(home, spec.digest(), dataset="htn_cohort", by=OFFICER)
+    honest = instruction_for(spec, plan_privacy(spec))
+    assert not _ask(home, signed_message(MessageType.QUERY, spec, instruction=honest)).has_error()
+    greedy = type(honest)(**(honest.__dict__ | {"noise_multiplier": honest.noise_multiplier * 0.8}))
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, spec, instruction=greedy)))
+    assert code == REFUSED_SIGNATURE and "over the signed target_epsilon 2" in reason
+
+
+# ---------------------------------------------------------------- policy and budget
+
+
+def _policy(home: NodeHome, **changes: object) -> None:
+    from dataclasses import replace
+
+    home.policy_path.write_text(replace(NodePolicy(), **changes).render())
+
+
+def test_policy_refusals_name_the_rule(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    _policy(home, allowed_tasks=("imaging-classification",))
+    assert _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC))) == (
+        REFUSED_POLICY, "this node's policy does not allow task tabular-classification"
+    )
+    _policy(home, require_secure_aggregation=True)
+    assert _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))[1] == (
+        "this node's policy requires secure aggregation; the spec does not use it"
+    )
+    _policy(home, max_epsilon_per_experiment=0.5)
+    assert "over this node's policy limit per experiment of 0.5" in _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))[1]
+    _policy(home, min_cohort_size=100_000)
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
+    assert (code, reason) == (REFUSED_POLICY, "dataset 'htn_cohort' has fewer patients than the minimum cohort of 100000")
+
+
+def test_a_spec_may_tighten_the_policy_but_not_loosen_it(home: NodeHome) -> None:
+    _policy(home, min_cohort_size=10)
+    stricter = example_spec(federation={"rounds": 2}, privacy={"min_cohort_size": 100_000})
+    governance.approve(home, stricter.digest(), dataset="htn_cohort", by=OFFICER)
+    assert "minimum cohort of 100000" in _refusal(_ask(home, signed_message(MessageType.QUERY, stricter)))[1]
+    _policy(home, min_cohort_size=100_000)
+    looser = example_spec(federation={"rounds": 2}, privacy={"min_cohort_size": 1})
+    governance.approve(home, looser.digest(), dataset="htn_cohort", by=OFFICER)
+    assert "minimum cohort of 100000" in _refusal(_ask(home, signed_message(MessageType.QUERY, looser)))[1]
+
+
+def test_a_bad_policy_file_is_reported_by_field(home: NodeHome) -> None:
+    home.policy_path.write_text('[policy]\nmin_cohort_size = 0\nallowed_tasks = ["x"]\ncolour = 1\n')
+    with pytest.raises(Exception, match=r"(?s)policy.colour is not a policy setting.*allowed_tasks must be a list.*min_cohort_size must be an integer >= 1"):
+        home.policy()
+
+
+def test_a_dataset_without_a_budget_is_refused(tmp_path: Path, home: NodeHome) -> None:
+    path = tmp_path / "other.csv"
+    generate_cohort(1, n_hospitals=3, seed=7).to_csv(path, index=False)
+    home.register_dataset(DatasetEntry(name="other", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES))
+    spec = example_spec(data={"dataset": "other"})
+    governance.approve(home, spec.digest(), dataset="other", by=OFFICER)
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, spec)))
+    assert code == REFUSED_BUDGET and "has no lifetime privacy budget on this node" in reason
+
+
+def test_a_request_beyond_the_budget_is_refused_before_reading_and_a_round_beyond_it_is_not_charged(home: NodeHome) -> None:
+    plan = plan_privacy(SPEC)
+    one_round = epsilon([DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], delta=1e-5)
+    governance.set_budget(home, "htn_cohort", epsilon_=one_round * 1.05, delta=1e-5, by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
+    assert code == REFUSED_BUDGET and "over its lifetime budget of" in reason
+    # A coordinator that skips the query and trains anyway: round 1 fits, round 2 does not.
+    governance.set_budget(home, "htn_cohort", epsilon_=one_round * 1.05, delta=1e-5, by=OFFICER)
+    assert _refusal(_train(home, SPEC, 1))[0] == REFUSED_BUDGET  # the whole experiment would not fit
+    governance.set_budget(home, "htn_cohort", epsilon_=50.0, delta=1e-5, by=OFFICER)
+    assert not _train(home, SPEC, 1).has_error()
+    governance.set_budget(home, "htn_cohort", epsilon_=one_round * 1.05, delta=1e-5, by=OFFICER)
+    assert _refusal(_train(home, SPEC, 2))[0] == REFUSED_BUDGET
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [c.round for c in ledger.charges("htn_cohort")] == [1]
+        assert ledger.reservations() == []
+
+
+def test_a_failure_during_training_gives_the_reservation_back(home: NodeHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    import models.training
+
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(models.training, "train_dp", broken)
+    with pytest.raises(RuntimeError):
+        _train(home, SPEC, 1)
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert ledger.charges("htn_cohort") == [] and ledger.reservations() == []
+
+
+def test_a_reservation_cut_off_by_a_crash_shows_in_the_budget_and_keeps_counting(home: NodeHome) -> None:
+    plan = plan_privacy(SPEC)
+    event = DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        ledger.reserve("htn_cohort", run_id="9", round=1, event=event, budget=Budget(50.0, 1e-5))
+    [row] = governance.budget_status(home)
+    assert (row.charges, row.open_reservations, row.spent) == (0, 1, 0.0)
+    assert row.held == pytest.approx(epsilon([event], delta=1e-5), rel=1e-6)
+    assert row.remaining == pytest.approx(50.0 - row.held)
+
+
+# ---------------------------------------------------------------- tampering
+
+
+def test_a_tampered_audit_log_stops_all_work(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    lines = home.audit_log_path.read_text().splitlines()
+    edited = json.loads(lines[-1])
+    edited["payload"]["max_epsilon"] = 1000.0
+    home.audit_log_path.write_text("\n".join([*lines[:-1], json.dumps(edited, sort_keys=True, separators=(",", ":"))]) + "\n")
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
+    assert code == REFUSED_INTEGRITY
+    assert reason.startswith("the node's audit log failed verification (1 problem(s))")
+    with pytest.raises(GovernanceError, match="audit log failed verification"):
+        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+
+
+def test_a_charge_deleted_from_the_ledger_stops_all_work(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    assert not _train(home, SPEC, 1).has_error()
+    conn = sqlite3.connect(home.ledger_path)
+    conn.execute("DROP TRIGGER charges_are_never_deleted")
+    conn.execute("DELETE FROM charges")
+    conn.commit()
+    conn.close()
+    code, reason = _refusal(_train(home, SPEC, 2))
+    assert code == REFUSED_INTEGRITY
+    assert "lacks 1 charge(s) its audit log records (first: seq" in reason
+
+
+# ---------------------------------------------------------------- the officer's commands
+
+
+def _cli(*args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(app, list(args))
+
+
+def test_the_officer_reviews_approves_and_reads_the_budget_from_the_command_line(home: NodeHome, tmp_path: Path) -> None:
+    _ask(home, signed_message(MessageType.QUERY, SPEC))
+    shown = _cli("requests", "--home", str(home.path))
+    assert shown.exit_code == 0, shown.output
+    assert SPEC.digest()[:16] in shown.output and PARTNER in shown.output
+    approved = _cli("approve", SPEC.digest()[:12], "--dataset", "htn_cohort", "--max-epsilon", "9", "--expires", "2099-01-01", "--home", str(home.path), "--by", "j.doe")
+    assert approved.exit_code == 0, approved.output
+    assert f"approved spec {SPEC.digest()[:16]} on dataset 'htn_cohort' (capped at ε 9, until 2099-01-01)" in approved.output
+    assert not _train(home, SPEC, 1).has_error()
+    budget = _cli("budget", "--home", str(home.path))
+    assert budget.exit_code == 0, budget.output
+    [row] = governance.budget_status(home)
+    assert "htn_cohort" in budget.output and f"{row.spent:.3f}" in budget.output and f"{row.remaining:.3f}" in budget.output
+    changed = _cli("budget", "set", "htn_cohort", "--epsilon", "8", "--delta", "1e-6", "--home", str(home.path))
+    assert changed.exit_code == 0 and "lifetime budget ε 8 at δ 1e-06" in changed.output
+    assert governance.governance_state(home).budgets["htn_cohort"].delta == 1e-6
+    bad = _cli("approve", "0123456789", "--dataset", "htn_cohort", "--home", str(home.path))
+    assert isinstance(bad.exception, GovernanceError)
+    bad_date = _cli("approve", SPEC.digest(), "--dataset", "htn_cohort", "--expires", "next week", "--home", str(home.path))
+    assert isinstance(bad_date.exception, GovernanceError) and "is not a date" in str(bad_date.exception)
+
+
+def test_the_evidence_pack_holds_decisions_charges_releases_and_a_plot(home: NodeHome, tmp_path: Path) -> None:
+    _ask(home, signed_message(MessageType.QUERY, SPEC))
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    assert not _train(home, SPEC, 1).has_error()
+    assert not _train(home, SPEC, 2).has_error()
+    out = tmp_path / "pack"
+    made = _cli("report", "--out", str(out), "--home", str(home.path))
+    assert made.exit_code == 0, made.output
+    assert sorted(p.name for p in out.iterdir()) == ["audit_verification.txt", "epsilon.png", "evidence.json", "report.html"]
+    assert (out / "epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    evidence = json.loads((out / "evidence.json").read_text())
+    assert evidence["audit"]["ok"] is True
+    assert [d["kind"] for d in evidence["decisions"]] == ["request", "approval"]
+    assert [(c["run"], c["round"]) for c in evidence["charges"]] == [("31", 1), ("31", 2)]
+    assert len(evidence["releases"]) == 2
+    curve = [v for _, v in evidence["cumulative_epsilon"]["htn_cohort"]]
+    assert len(curve) == 2 and 0 < curve[0] < curve[1] <= 50.0
+    assert "OK: " in (out / "audit_verification.txt").read_text()
+    assert "What left the site" in (out / "report.html").read_text()
+    again = _cli("report", "--out", str(out), "--home", str(home.path))
+    assert isinstance(again.exception, GovernanceError) and "is not an empty folder" in str(again.exception)
+    other = _cli("report", "--out", str(tmp_path / "one"), "--spec", SPEC.digest()[:12], "--home", str(home.path))
+    assert other.exit_code == 0, other.output
+    assert json.loads((tmp_path / "one" / "evidence.json").read_text())["scope"] == f"experiment {SPEC.digest()}"
+
+
+def test_partners_are_added_listed_and_removed_with_an_audit_entry(home: NodeHome, tmp_path: Path) -> None:
+    from privacy.keys import generate_keypair
+
+    pair = generate_keypair(tmp_path / "keys", "acme")
+    added = _cli("partners", "add", "acme", str(pair.public_key_path), "--home", str(home.path))
+    assert added.exit_code == 0 and pair.fingerprint in added.output
+    listed = _cli("partners", "list", "--home", str(home.path))
+    assert "acme" in listed.output and PARTNER in listed.output
+    removed = _cli("partners", "remove", "acme", "--home", str(home.path))
+    assert removed.exit_code == 0
+    keys = [e.payload for e in home.audit_log().entries() if e.kind == "key"]
+    assert [(k["action"], k["partner"]) for k in keys] == [("trust", "acme"), ("distrust", "acme")]
