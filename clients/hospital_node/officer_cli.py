@@ -198,33 +198,41 @@ def _dataset_of(node: NodeHome, digest_prefix: str, dataset: str | None) -> str:
     return datasets[0]
 
 
-def deny(
-    spec_hash: str = typer.Argument(..., help="The spec hash (at least 8 hex characters)."),
-    reason: str = typer.Option(..., "--reason", help="One line the researcher will see."),
-    dataset: str | None = typer.Option(None, "--dataset", help="Needed only if the spec asked for several datasets."),
-    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
-    by: str = typer.Option(None, "--by", help=_BY_HELP),
-) -> None:
-    """Deny a request; the researcher sees the reason."""
+_HASH_ARGUMENT = typer.Argument(..., help="The spec hash (at least 8 hex characters).")
+_REASON_OPTION = typer.Option(..., "--reason", help="One line the researcher will see.")
+_DATASET_OPTION = typer.Option(None, "--dataset", help="Needed only if the spec concerns several datasets.")
+_HOME_OPTION = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP)
+_BY_OPTION = typer.Option(None, "--by", help=_BY_HELP)
+
+
+def _decide(decide, home: Path, spec_hash: str, dataset: str | None, reason: str, by: str | None) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     node = NodeHome.open(home)
     with _governed():
         name = _dataset_of(node, spec_hash, dataset)
-        digest = governance.deny(node, spec_hash, dataset=name, reason=reason, by=by or _officer())
+        return decide(node, spec_hash, dataset=name, reason=reason, by=by or _officer()), name
+
+
+def deny(
+    spec_hash: str = _HASH_ARGUMENT,
+    reason: str = _REASON_OPTION,
+    dataset: str | None = _DATASET_OPTION,
+    home: Path = _HOME_OPTION,
+    by: str = _BY_OPTION,
+) -> None:
+    """Deny a request; the researcher sees the reason."""
+    digest, name = _decide(governance.deny, home, spec_hash, dataset, reason, by)
     typer.echo(f"denied spec {digest[:16]} on dataset {name!r}")
 
 
 def revoke(
-    spec_hash: str = typer.Argument(..., help="The spec hash (at least 8 hex characters)."),
-    reason: str = typer.Option(..., "--reason", help="One line the researcher will see."),
-    dataset: str | None = typer.Option(None, "--dataset", help="Needed only if the spec was approved on several datasets."),
-    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
-    by: str = typer.Option(None, "--by", help=_BY_HELP),
+    spec_hash: str = _HASH_ARGUMENT,
+    reason: str = _REASON_OPTION,
+    dataset: str | None = _DATASET_OPTION,
+    home: Path = _HOME_OPTION,
+    by: str = _BY_OPTION,
 ) -> None:
     """Revoke an approval: every later message of that spec on the dataset is refused."""
-    node = NodeHome.open(home)
-    with _governed():
-        name = _dataset_of(node, spec_hash, dataset)
-        digest = governance.revoke(node, spec_hash, dataset=name, reason=reason, by=by or _officer())
+    digest, name = _decide(governance.revoke, home, spec_hash, dataset, reason, by)
     typer.echo(f"revoked the approval of spec {digest[:16]} on dataset {name!r}")
 
 

@@ -441,3 +441,14 @@ def test_partners_are_added_listed_and_removed_with_an_audit_entry(home: NodeHom
     assert removed.exit_code == 0
     keys = [e.payload for e in home.audit_log().entries() if e.kind == "key"]
     assert [(k["action"], k["partner"]) for k in keys] == [("trust", "acme"), ("distrust", "acme")]
+
+
+def test_deny_and_revoke_from_the_command_line_find_the_dataset_from_the_request(home: NodeHome) -> None:
+    _ask(home, signed_message(MessageType.QUERY, SPEC))
+    denied = _cli("deny", SPEC.digest()[:10], "--reason", "not in our remit", "--home", str(home.path))
+    assert denied.exit_code == 0 and f"denied spec {SPEC.digest()[:16]} on dataset 'htn_cohort'" in denied.output
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    revoked = _cli("revoke", SPEC.digest()[:10], "--reason", "consent withdrawn", "--home", str(home.path))
+    assert revoked.exit_code == 0, revoked.output
+    state = governance.governance_state(home)
+    assert [d.status for d in state.history] == ["denied", "approved", "revoked"]
