@@ -105,12 +105,9 @@ def partners_list(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, h
     if not partners:
         typer.echo(f"node {node.name!r} trusts no research partner yet; add one with `medfed node partners add`")
         return
-    table = Table(title=f"trusted partners of node {escape(node.name)}")
-    for column in ("partner", "fingerprint", "added (UTC)", "by"):
-        table.add_column(column)
+    typer.echo(f"trusted partners of node {node.name!r}:")
     for partner in partners:
-        table.add_row(escape(partner.name), partner.fingerprint, partner.added_at.isoformat(), escape(partner.added_by or "-"))
-    Console().print(table)
+        typer.echo(f"  {partner.name}  {partner.fingerprint}  added {partner.added_at:%Y-%m-%d %H:%M} UTC by {partner.added_by or '-'}")
 
 
 # ---------------------------------------------------------------- requests and decisions
