@@ -125,7 +125,7 @@ def egress(
     run: str | None = typer.Option(None, "--run", help="Only what left for this Flower run id."),
     as_json: bool = typer.Option(False, "--json", help="Print the release records as JSON Lines."),
 ) -> None:
-    """Show exactly what left this site: every reply's arrays, size, digest and privacy charge."""
+    """Show exactly what left this site: every reply (query, train, evaluate), its arrays, size, digest and charge."""
     node = NodeHome.open(home)
     releases = [e for e in AuditLog(node.audit_log_path).entries() if e.kind == "release"]
     if run is not None:
@@ -138,7 +138,7 @@ def egress(
         typer.echo(f"nothing has left node {node.name!r}" + (f" for run {run}" if run else ""))
         return
     table = Table(title=f"what left node {escape(node.name)} (from its signed audit log)")
-    for column in ("time (UTC)", "run", "round", "dataset", "arrays", "values", "bytes", "sha256", "ε spent"):
+    for column in ("time (UTC)", "run", "round", "reply", "dataset", "arrays", "values", "bytes", "sha256", "ε spent"):
         table.add_column(column)
     for entry in releases:
         payload = entry.payload
@@ -149,6 +149,7 @@ def egress(
             entry.time.strftime("%Y-%m-%d %H:%M:%S"),
             escape(str(payload.get("run", ""))),
             str(payload.get("round", "")),
+            escape(str(payload.get("message", ""))),
             escape(str(payload.get("dataset", ""))),
             str(len(shapes)),
             str(values),

@@ -17,6 +17,7 @@ in the node's audit log (except "awaiting approval", recorded once as the reques
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -76,6 +77,8 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
         _check_accounting(instruction)
         content = _HANDLERS[kind](home, instruction, msg, admission)
         _guard(kind, content)
+        if kind != "train":  # a training reply records itself, with its charge, before it is built
+            home.audit_log().append("release", _reply_record(kind, msg, instruction, content))
     except Refusal as err:
         return _refuse(msg, home, instruction, err.code, err.reason, record=err.record)
     except ProtocolError as err:
@@ -287,6 +290,24 @@ def _train_reserved(  # type: ignore[no-untyped-def]
     }
     home.audit_log().append("release", _release_record(run_id, server_round, instruction, arrays, metrics))
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
+
+
+def _reply_record(kind: str, msg: Message, instruction: TrainInstruction, content: RecordDict) -> dict[str, object]:
+    """What leaves with a query or evaluate reply: its metric names, size and digest."""
+    metrics = content[METRICS_KEY]
+    values = json.dumps({k: metrics[k] for k in sorted(metrics)}, sort_keys=True, separators=(",", ":"))
+    return {
+        "run": str(msg.metadata.run_id),
+        "round": int(msg.content[CONFIG_KEY].get("server-round", 0)),
+        "message": kind,
+        "experiment": instruction.experiment,
+        "spec_digest": instruction.spec_digest,
+        "dataset": instruction.dataset,
+        "arrays": {},
+        "metrics": sorted(metrics),
+        "bytes": metrics.count_bytes(),
+        "sha256": hashlib.sha256(values.encode()).hexdigest(),
+    }
 
 
 def _release_record(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -195,3 +197,35 @@ def test_egress_lists_what_left_for_each_run(home: NodeHome) -> None:
     assert f'"bytes":{reply.content["arrays"].count_bytes()}' in line
     other = runner.invoke(app, ["egress", "--home", str(home.path), "--run", "78"])
     assert other.exit_code == 0 and "nothing has left node 'hospital_9' for run 78" in other.output
+
+
+def test_every_reply_is_recorded_query_and_evaluate_included(home: NodeHome) -> None:
+    config = {"home": str(home.path)}
+    query = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), config)
+    evaluate = answer("evaluate", _message(MessageType.EVALUATE, _instruction(), server_round=5), config)
+    assert not query.has_error() and not evaluate.has_error(), (query.error, evaluate.error)
+    records = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
+    assert [(r["message"], r["round"]) for r in records] == [("query", 1), ("evaluate", 5)]
+    assert records[0]["metrics"] == ["eval-num-examples", "num-examples"]
+    assert records[0]["bytes"] == query.content["metrics"].count_bytes()
+    assert records[1]["arrays"] == {} and "eval-auc" in records[1]["metrics"]
+    # The digest is of the values that left, so an officer can match it to the coordinator's copy.
+    sent = {k: evaluate.content["metrics"][k] for k in sorted(evaluate.content["metrics"])}
+    assert records[1]["sha256"] == hashlib.sha256(json.dumps(sent, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def test_the_egress_guard_refuses_an_undeclared_metric(home: NodeHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clients.hospital_node.rounds as rounds
+
+    real = rounds._HANDLERS["query"]
+
+    def leaky(*args):  # type: ignore[no-untyped-def]
+        content = real(*args)
+        content["metrics"]["mean-age"] = 57.0  # not in the protocol: must not leave
+        return content
+
+    monkeypatch.setitem(rounds._HANDLERS, "query", leaky)
+    reply = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
+    assert reply.error.code == REFUSED_BAD_INSTRUCTION
+    assert "egress guard: undeclared metric(s) mean-age in a query reply; nothing was sent" in reply.error.reason
+    assert not [e for e in home.audit_log().entries() if e.kind == "release"]
