@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -159,6 +160,12 @@ def test_coordinator_and_node_commands_enrol_start_and_stop(tmp_path: Path) -> N
         assert "ok    registration: SuperNode" in doctor.stdout
         status = run("coordinator", "status", "--home", str(coord))
         assert "1 SuperNodes registered, 1 online" in status.stdout, status.stdout
+        # From the "site" side (another loopback address) the Fleet port answers, the control port does not.
+        site_side = "127.0.0.2"
+        with socket.create_connection((site_side, fleet_port), timeout=5):
+            pass
+        with pytest.raises(OSError):
+            socket.create_connection((site_side, int(control.rsplit(":", 1)[1])), timeout=5).close()
     finally:
         run("node", "stop", "--home", str(node))
         stopped = run("coordinator", "stop", "--home", str(coord))
