@@ -440,6 +440,7 @@ class NodeService:
         yield from self._dataset_checks()
         yield self._audit_check()
         yield self._ledger_check()
+        yield from self._governance_checks()
         yield self._disk_check()
 
     def _coordinator_checks(self, bundle: EnrolmentBundle, *, connect: bool) -> Iterator[Check]:
@@ -502,6 +503,48 @@ class NodeService:
         except (PrivacyError, OSError) as err:
             return Check("fail", "privacy ledger", str(err))
         return Check("ok", "privacy ledger", f"{self.node.ledger_path} opens")
+
+    def _governance_checks(self) -> Iterator[Check]:
+        """Policy readable, partners trusted, budgets set, the ledger holding every recorded charge."""
+        from clients.hospital_node import governance
+        from privacy.ledger import PrivacyLedger
+
+        try:
+            policy = self.node.policy()
+        except NodeError as err:
+            yield Check("fail", "policy", str(err))
+            return
+        yield Check("ok", "policy", f"tasks {', '.join(policy.allowed_tasks)}; cohort >= {policy.min_cohort_size}; "
+                                    f"ε <= {policy.max_epsilon_per_experiment:g} per experiment")
+        try:
+            partners = self.node.trusted_partners().list()
+        except PrivacyError as err:
+            yield Check("fail", "trusted partners", str(err))
+        else:
+            yield Check("ok" if partners else "warn", "trusted partners",
+                        f"{len(partners)} trusted" if partners else "none: every spec is refused; `medfed node partners add`")
+        try:
+            entries = governance.verified_entries(self.node)
+            rows = governance.budget_status(self.node, entries)
+            with PrivacyLedger.open(self.node.ledger_path) as ledger:
+                missing = governance.check_ledger(entries, ledger)
+        except governance.Refusal as err:
+            yield Check("fail", "budgets", err.reason)
+            return
+        except (NodeError, PrivacyError) as err:
+            yield Check("fail", "budgets", str(err))
+            return
+        if missing:
+            yield Check("fail", "ledger vs audit log", f"the ledger lacks {len(missing)} recorded charge(s) (first: {missing[0]})")
+        for row in rows:
+            what = f"budget {row.dataset!r}"
+            if row.budget is None:
+                yield Check("warn", what, "not set: every request on it is refused; `medfed node budget set`")
+            elif row.open_reservations:
+                yield Check("warn", what, f"{row.open_reservations} open reservation(s) (a release in progress or cut off); "
+                                          f"ε {row.remaining:.3f} of {row.budget.epsilon:g} left")
+            else:
+                yield Check("ok", what, f"ε {row.remaining:.3f} of {row.budget.epsilon:g} left at δ {row.budget.delta:g}")
 
     def _disk_check(self) -> Check:
         free = shutil.disk_usage(self.node.path).free

@@ -202,3 +202,21 @@ def test_doctor_fails_a_dataset_whose_file_is_gone(service: NodeService, cohort,
     path.unlink()
     [check] = [c for c in service.checks(connect=False) if c.what.startswith("dataset")]
     assert check.level == "fail" and "cohort.csv" in check.detail
+
+
+def test_doctor_reports_policy_partners_budgets_and_a_ledger_missing_charges(service: NodeService, cohort, make_entry) -> None:  # type: ignore[no-untyped-def]
+    from .conftest import govern
+
+    entry = make_entry()
+    cohort.to_csv(entry.path, index=False)
+    service.node.register_dataset(entry)
+    checks = {c.what: c for c in service.checks(connect=False)}
+    assert checks["trusted partners"].level == "warn"
+    assert checks["budget 'htn_cohort'"].level == "warn" and "not set" in checks["budget 'htn_cohort'"].detail
+    govern(service.node, "htn_cohort")
+    checks = {c.what: c for c in service.checks(connect=False)}
+    assert (checks["trusted partners"].level, checks["trusted partners"].detail) == ("ok", "1 trusted")
+    assert checks["budget 'htn_cohort'"].detail == "ε 50.000 of 50 left at δ 1e-05"
+    assert checks["policy"].level == "ok"
+    service.node.policy_path.write_text("[policy]\nmin_cohort_size = -1\n")
+    assert {c.what: c for c in service.checks(connect=False)}["policy"].level == "fail"
