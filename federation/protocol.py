@@ -6,14 +6,18 @@ so a node imports it cheaply.
 
 One experiment is three kinds of message wave:
 
-``query``     before anything runs: can the node run this instruction (dataset
-              registered and readable, features present)? Reply: counts and the
-              node's current spend, no arrays.
+``query``     before anything runs: will the node take part (signature, its officer's
+              approval, policy, budget; dataset registered and readable, features
+              present)? Reply: counts, no arrays; or a refusal, of which
+              ``AWAITING_APPROVAL`` means "ask again later".
 ``train``     one per round: the node evaluates the incoming global model on its
               validation split, then trains it with DP-SGD and charges its ledger.
               Reply: the trained arrays and metrics.
 ``evaluate``  once, after the last round: the node evaluates the final model.
 
+Every message's config carries the instruction and the research partner's
+:class:`SignedSpec`; the node checks the signature and that the instruction is what the
+signed spec says (:func:`spec_mismatches`), and trusts nothing else the coordinator adds.
 A node that refuses answers with an error reply whose code is one of
 ``REFUSAL_CODES`` and whose reason is a one-line message meant for the researcher.
 
