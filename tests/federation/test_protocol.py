@@ -171,3 +171,62 @@ def test_every_imaging_problem_is_listed_at_once() -> None:
 def test_a_tabular_instruction_refuses_imaging_parameters() -> None:
     with pytest.raises(ProtocolError, match="imaging and channels apply only to task imaging-classification"):
         _instruction(imaging=_imaging())
+
+
+# ---------------------------------------------------------------- the signed spec
+
+
+def _example(path: str = "hypertension.toml", **sections: dict[str, object]):  # type: ignore[no-untyped-def]
+    import json
+    import tomllib
+    from pathlib import Path
+
+    from experiments.cost import plan_privacy
+    from experiments.spec import ExperimentSpec
+    from federation.experiment import instruction_for
+
+    mapping = tomllib.loads((Path(__file__).resolve().parents[2] / "experiments" / "examples" / path).read_text())
+    for section, values in sections.items():
+        mapping[section].update(values)
+    spec = ExperimentSpec.from_mapping(mapping, source="test")
+    return spec, instruction_for(spec, plan_privacy(spec)), json.loads(spec.canonical_json())
+
+
+def test_the_signed_spec_travels_in_the_config_record() -> None:
+    from federation.protocol import SignedSpec
+
+    signed = SignedSpec('{"a":1}', "c2ln", "SHA256:x")
+    config = signed.add_to(ConfigRecord({"server-round": 2}))
+    assert SignedSpec.from_config(config) == signed
+    assert signed.mapping() == {"a": 1}
+    with pytest.raises(ProtocolError, match="carries no experiment spec"):
+        SignedSpec.from_config(ConfigRecord({"server-round": 2}))
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        SignedSpec("{nope", "", "").mapping()
+
+
+def test_an_instruction_made_from_the_spec_matches_it_and_each_change_is_named() -> None:
+    from dataclasses import replace
+
+    from federation.protocol import spec_mismatches
+
+    spec, instruction, mapping = _example()
+    assert spec_mismatches(instruction, mapping) == []
+    changed = replace(instruction, learning_rate=5.0, features=instruction.features[:-1], scaling={}, rounds=50)
+    problems = spec_mismatches(changed, mapping)
+    assert "learning_rate is 5.0, the signed spec says federation.learning_rate = 0.5" in problems
+    assert "rounds is 50, the signed spec says federation.rounds = 5" in problems
+    assert "features differ from the signed spec's data.features" in problems
+    assert "scaling differs from the signed spec's data.scaling" in problems
+
+
+def test_an_imaging_instruction_is_checked_field_by_field() -> None:
+    from dataclasses import replace
+
+    from federation.protocol import spec_mismatches
+
+    _, instruction, mapping = _example("imaging.toml")
+    assert spec_mismatches(instruction, mapping) == []
+    assert instruction.imaging is not None
+    wider = replace(instruction, imaging=replace(instruction.imaging, size=64))
+    assert spec_mismatches(wider, mapping) == ["imaging.size differs from the signed spec's imaging.size"]
