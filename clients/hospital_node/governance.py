@@ -97,10 +97,12 @@ class Admission:
 
     signer: str
     spec_digest: str
-    budget: Budget
-    run_cap: Budget
-    cost: float  # this experiment's own epsilon on the dataset, all rounds, at the spec's delta
     policy: NodePolicy
+    # None for an evaluate message, which releases no DP-charged arrays and is admitted
+    # on signature, approval and policy alone (so it imports no accountant).
+    budget: Budget | None = None
+    run_cap: Budget | None = None
+    cost: float | None = None  # this experiment's own epsilon on the dataset, all rounds, at the spec's delta
 
 
 def _round_event(instruction: TrainInstruction) -> DPEvent:
@@ -163,6 +165,9 @@ def governance_state(home: NodeHome) -> GovernanceState:
 def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str) -> Admission:
     """Decide whether this node takes part in `kind` ("query", "train", "evaluate") of the run.
 
+    Query and train are checked against every cap and the budget; evaluate (no DP-charged
+    release) against signature, approval and policy.
+
     Raises
     ------
     Refusal
@@ -206,11 +211,14 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
 
     # 4. the officer's decision
     state = GovernanceState.from_entries(entries)
-    cost = epsilon([_round_event(instruction)] * instruction.rounds, delta=instruction.delta, accountant=instruction.accountant)
+
+    def experiment_cost() -> float:
+        return epsilon([_round_event(instruction)] * instruction.rounds, delta=instruction.delta, accountant=instruction.accountant)
+
     status = state.status(digest, instruction.dataset, datetime.now(UTC))
     if status == PENDING:
         if state.requests.get((digest, instruction.dataset)) is None:
-            home.audit_log().append("request", _request(instruction, spec, partner.name, signed.signer, cost, run_id))
+            home.audit_log().append("request", _request(instruction, spec, partner.name, signed.signer, experiment_cost(), run_id))
             logger.info("recorded a request for spec %s on dataset '%s' by %s", digest[:12], instruction.dataset, partner.name)
         raise Refusal(
             AWAITING_APPROVAL,
@@ -227,7 +235,11 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         assert decision.expires is not None
         raise Refusal(REFUSED_APPROVAL, f"the officer's approval expired at {decision.expires.isoformat()}")
 
+    if kind == "evaluate":
+        return Admission(partner.name, digest, policy)
+
     # 5. caps and budget
+    cost = experiment_cost()
     target = spec.get("privacy", {}).get("target_epsilon")
     if target is not None and cost > float(target) * (1 + _TARGET_SLACK):
         raise Refusal(REFUSED_SIGNATURE, f"the instruction would cost epsilon {cost:.3f}, over the signed target_epsilon {target:g}")
@@ -245,19 +257,18 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
             "its officer sets one with `medfed node budget set`",
         )
     budget = Budget(setting.epsilon, setting.delta)
-    if kind in ("query", "train"):
-        left = max(instruction.rounds - len(mine), 0)
-        projected = epsilon(held + [_round_event(instruction)] * left, delta=budget.delta, accountant=policy.accountant)
-        if projected > budget.epsilon:
-            raise Refusal(
-                REFUSED_BUDGET,
-                f"the experiment would bring dataset '{instruction.dataset}' to epsilon {projected:.3f}, "
-                f"over its lifetime budget of {budget.epsilon:g}",
-            )
+    left = max(instruction.rounds - len(mine), 0)
+    projected = epsilon(held + [_round_event(instruction)] * left, delta=budget.delta, accountant=policy.accountant)
+    if projected > budget.epsilon:
+        raise Refusal(
+            REFUSED_BUDGET,
+            f"the experiment would bring dataset '{instruction.dataset}' to epsilon {projected:.3f}, "
+            f"over its lifetime budget of {budget.epsilon:g}",
+        )
     run_cap = min(cap for cap, _, _ in caps)
     if target is not None:
         run_cap = min(run_cap, float(target) * (1 + _TARGET_SLACK))
-    return Admission(partner.name, digest, budget, Budget(run_cap, instruction.delta), cost, policy)
+    return Admission(partner.name, digest, policy, budget, Budget(run_cap, instruction.delta), cost)
 
 
 def _request(

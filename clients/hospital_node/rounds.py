@@ -223,6 +223,7 @@ def _train(home: NodeHome, instruction: TrainInstruction, msg: Message, admissio
                 f"round {server_round} of run {run_id} was already trained and charged on "
                 f"dataset '{instruction.dataset}'; a second release is refused"
             )
+        assert admission.budget is not None  # admitted for training: budget and caps were checked
         reservation = ledger.reserve(
             instruction.dataset,
             run_id=run_id,

@@ -452,3 +452,27 @@ def test_deny_and_revoke_from_the_command_line_find_the_dataset_from_the_request
     assert revoked.exit_code == 0, revoked.output
     state = governance.governance_state(home)
     assert [d.status for d in state.history] == ["denied", "approved", "revoked"]
+
+
+def test_an_evaluate_message_is_admitted_on_approval_without_importing_an_accountant(home: NodeHome) -> None:
+    import subprocess
+    import sys
+
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    script = (
+        "import sys\n"
+        "from clients.hospital_node.governance import admit\n"
+        "from clients.hospital_node.home import NodeHome\n"
+        "from federation.protocol import SignedSpec, TrainInstruction\n"
+        f"instruction = TrainInstruction.from_json(sys.argv[1])\n"
+        f"signed = SignedSpec(sys.argv[2], sys.argv[3], sys.argv[4])\n"
+        f"admission = admit(NodeHome.open(sys.argv[5]), instruction, signed, run_id='1', kind='evaluate')\n"
+        "print(admission.budget is None, 'opacus' in sys.modules, 'torch' in sys.modules)\n"
+    )
+    signed = sign(SPEC)
+    instruction = instruction_for(SPEC, plan_privacy(SPEC))
+    done = subprocess.run(
+        [sys.executable, "-c", script, instruction.to_json(), signed.spec_json, signed.signature, signed.signer, str(home.path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.stdout.split() == ["True", "False", "False"], done.stderr
