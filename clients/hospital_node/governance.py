@@ -212,8 +212,9 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     # 4. the officer's decision
     state = GovernanceState.from_entries(entries)
 
-    def experiment_cost() -> float:
-        return epsilon([_round_event(instruction)] * instruction.rounds, delta=instruction.delta, accountant=instruction.accountant)
+    def experiment_cost(accountant: str = policy.accountant) -> float:
+        """This experiment's own epsilon, all rounds, at the spec's delta (by this node's accountant)."""
+        return epsilon([_round_event(instruction)] * instruction.rounds, delta=instruction.delta, accountant=accountant)
 
     status = state.status(digest, instruction.dataset, datetime.now(UTC))
     if status == PENDING:
@@ -241,8 +242,13 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     # 5. caps and budget
     cost = experiment_cost()
     target = spec.get("privacy", {}).get("target_epsilon")
-    if target is not None and cost > float(target) * (1 + _TARGET_SLACK):
-        raise Refusal(REFUSED_SIGNATURE, f"the instruction would cost epsilon {cost:.3f}, over the signed target_epsilon {target:g}")
+    if target is not None:
+        # Judged by the spec's own accountant: the one the coordinator derived the noise with.
+        signed_cost = experiment_cost(instruction.accountant)
+        if signed_cost > float(target) * (1 + _TARGET_SLACK):
+            raise Refusal(
+                REFUSED_SIGNATURE, f"the instruction would cost epsilon {signed_cost:.3f}, over the signed target_epsilon {target:g}"
+            )
     caps = [(policy.max_epsilon_per_experiment, REFUSED_POLICY, "this node's policy limit per experiment")]
     if decision.max_epsilon is not None:
         caps.append((decision.max_epsilon, REFUSED_APPROVAL, "the officer's approval cap"))

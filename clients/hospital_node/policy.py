@@ -7,7 +7,7 @@
     min_cohort_size = 100              # patients a dataset must have to take part
     max_epsilon_per_experiment = 10.0  # one experiment's own epsilon on a dataset
     require_secure_aggregation = false
-    accountant = "prv"                 # how this node composes its budget ("prv" or "rdp")
+    accountant = "pld"                 # how this node composes its budget: "pld", "prv" or "rdp"
 
 Every key is optional; a missing file or key means the default above. A spec may
 tighten these limits (``privacy.min_cohort_size``, ``privacy.target_epsilon``,
@@ -26,12 +26,12 @@ from typing import Any
 
 from clients.hospital_node.errors import NodeHomeError
 from federation.protocol import TASKS
+from privacy.accountant import LEDGER_ACCOUNTANTS
 
 __all__ = ["POLICY_FILE", "NodePolicy"]
 
 POLICY_FILE = "policy.toml"
 
-_ACCOUNTANTS = ("prv", "rdp")
 _KEYS = ("allowed_tasks", "min_cohort_size", "max_epsilon_per_experiment", "require_secure_aggregation", "accountant")
 
 
@@ -43,7 +43,7 @@ class NodePolicy:
     min_cohort_size: int = 100
     max_epsilon_per_experiment: float = 10.0
     require_secure_aggregation: bool = False
-    accountant: str = "prv"
+    accountant: str = "pld"
     source: str = field(default="defaults", compare=False)
 
     @classmethod
@@ -93,9 +93,9 @@ class NodePolicy:
             problems.append(f"policy.require_secure_aggregation must be true or false; found {secagg!r}")
         else:
             values["require_secure_aggregation"] = secagg
-        accountant = table.get("accountant", "prv")
-        if accountant not in _ACCOUNTANTS:
-            problems.append(f"policy.accountant must be one of {', '.join(_ACCOUNTANTS)}; found {accountant!r}")
+        accountant = table.get("accountant", "pld")
+        if accountant not in LEDGER_ACCOUNTANTS:
+            problems.append(f"policy.accountant must be one of {', '.join(LEDGER_ACCOUNTANTS)}; found {accountant!r}")
         else:
             values["accountant"] = accountant
         if problems:
@@ -114,5 +114,5 @@ class NodePolicy:
             f"min_cohort_size = {self.min_cohort_size}  # patients a dataset needs to take part\n"
             f"max_epsilon_per_experiment = {self.max_epsilon_per_experiment!r}  # one experiment's own epsilon\n"
             f"require_secure_aggregation = {'true' if self.require_secure_aggregation else 'false'}\n"
-            f'accountant = "{self.accountant}"  # how the budget is composed: "prv" (tight) or "rdp"\n'
+            f'accountant = "{self.accountant}"  # how the budget is composed: "pld" or "prv" (tight) or "rdp"\n'
         )

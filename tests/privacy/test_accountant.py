@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privacy.accountant import ACCOUNTANTS, epsilon, noise_for_target, opacus_history, steps_per_epoch
+from privacy.accountant import ACCOUNTANTS, LEDGER_ACCOUNTANTS, epsilon, noise_for_target, opacus_history, steps_per_epoch
 from privacy.errors import AccountingError, PrivacyError
 from privacy.events import DPEvent
 
@@ -155,7 +155,7 @@ def test_prv_failure_falls_back_to_the_rdp_bound_with_a_warning(caplog: pytest.L
     [
         ({"delta": 1.5}, r"delta must be in \(0, 1\); found 1.5"),
         ({"delta": 0}, r"delta must be in \(0, 1\); found 0"),
-        ({"accountant": "gdp"}, "accountant must be one of 'prv', 'rdp'; found 'gdp'"),
+        ({"accountant": "gdp"}, "accountant must be one of 'pld', 'prv', 'rdp'; found 'gdp'"),
     ],
 )
 def test_epsilon_rejects_bad_parameters_by_name(kwargs: dict[str, object], message: str) -> None:
@@ -164,8 +164,29 @@ def test_epsilon_rejects_bad_parameters_by_name(kwargs: dict[str, object], messa
         epsilon([DPEvent(1.0, 0.05, 20)], **params)  # type: ignore[arg-type]
 
 
-def test_the_accountants_are_prv_and_rdp() -> None:
+def test_the_accountants_are_prv_and_rdp_and_a_ledger_may_also_use_pld() -> None:
     assert ACCOUNTANTS == ("prv", "rdp")
+    assert LEDGER_ACCOUNTANTS == ("pld", "prv", "rdp")
+
+
+@settings(max_examples=10, deadline=None)
+@given(events=st.lists(converging_events_st, min_size=1, max_size=4), delta=deltas_st)
+def test_pld_agrees_with_prv_and_never_exceeds_rdp(events: list[DPEvent], delta: float) -> None:
+    pld = epsilon(events, delta=delta, accountant="pld")
+    assert pld == pytest.approx(epsilon(events, delta=delta, accountant="prv"), rel=3e-2, abs=2e-2)
+    assert pld <= epsilon(events, delta=delta, accountant="rdp") * (1 + 1e-6)
+
+
+def test_pld_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom privacy.accountant import epsilon\nfrom privacy.events import DPEvent\n"
+        "print(round(epsilon([DPEvent(1.0, 0.05, 100)], delta=1e-5, accountant='pld'), 2), 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.split() == ["3.5", "False"], done.stderr
 
 
 # ---------------------------------------------------------------- properties

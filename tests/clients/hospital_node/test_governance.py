@@ -109,7 +109,8 @@ def test_an_unseen_spec_is_recorded_once_as_a_request_and_awaits_the_officer(hom
     assert pending.request.spec_digest == SPEC.digest()
     assert pending.request.signer == PARTNER
     plan = plan_privacy(SPEC)
-    assert pending.cost == pytest.approx(plan.epsilon_per_site, rel=1e-6)
+    # The node's own accountant (PLD by default policy) agrees with the researcher's PRV cost.
+    assert pending.cost == pytest.approx(plan.epsilon_per_site, rel=2e-2)
     assert pending.position is not None and pending.position.budget == Budget(50.0, 1e-5)
     assert pending.projected == pytest.approx(plan.epsilon_per_site, rel=0.05)
 
@@ -341,7 +342,7 @@ def test_a_reservation_cut_off_by_a_crash_shows_in_the_budget_and_keeps_counting
         ledger.reserve("htn_cohort", run_id="9", round=1, event=event, budget=Budget(50.0, 1e-5))
     [row] = governance.budget_status(home)
     assert (row.charges, row.open_reservations, row.spent) == (0, 1, 0.0)
-    assert row.held == pytest.approx(epsilon([event], delta=1e-5), rel=1e-6)
+    assert row.held == pytest.approx(epsilon([event], delta=1e-5, accountant=home.policy().accountant), rel=1e-6)
     assert row.remaining == pytest.approx(50.0 - row.held)
 
 
@@ -454,7 +455,9 @@ def test_deny_and_revoke_from_the_command_line_find_the_dataset_from_the_request
     assert [d.status for d in state.history] == ["denied", "approved", "revoked"]
 
 
-def test_an_evaluate_message_is_admitted_on_approval_without_importing_an_accountant(home: NodeHome) -> None:
+@pytest.mark.parametrize("kind", ["query", "evaluate"])
+def test_query_and_evaluate_are_admitted_without_importing_torch(home: NodeHome, kind: str) -> None:
+    # Each message is a fresh ClientApp process: Opacus and torch would add ~3 s to it.
     import subprocess
     import sys
 
@@ -466,13 +469,13 @@ def test_an_evaluate_message_is_admitted_on_approval_without_importing_an_accoun
         "from federation.protocol import SignedSpec, TrainInstruction\n"
         f"instruction = TrainInstruction.from_json(sys.argv[1])\n"
         f"signed = SignedSpec(sys.argv[2], sys.argv[3], sys.argv[4])\n"
-        f"admission = admit(NodeHome.open(sys.argv[5]), instruction, signed, run_id='1', kind='evaluate')\n"
+        f"admission = admit(NodeHome.open(sys.argv[5]), instruction, signed, run_id='1', kind=sys.argv[6])\n"
         "print(admission.budget is None, 'opacus' in sys.modules, 'torch' in sys.modules)\n"
     )
     signed = sign(SPEC)
     instruction = instruction_for(SPEC, plan_privacy(SPEC))
     done = subprocess.run(
-        [sys.executable, "-c", script, instruction.to_json(), signed.spec_json, signed.signature, signed.signer, str(home.path)],
+        [sys.executable, "-c", script, instruction.to_json(), signed.spec_json, signed.signature, signed.signer, str(home.path), kind],
         capture_output=True, text=True, timeout=120, check=False,
     )
-    assert done.stdout.split() == ["True", "False", "False"], done.stderr
+    assert done.stdout.split() == [str(kind == "evaluate"), "False", "False"], done.stderr
