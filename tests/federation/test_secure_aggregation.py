@@ -123,6 +123,14 @@ def test_a_secure_round_aggregates_to_plain_fedavg_of_the_released_updates(allia
         with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
             assert [c.round for c in ledger.charges(DATASET) if c.run_id == "501"] == [1, 2]
     assert result.privacy_summary()["secure_aggregation"] is True
+    # `medfed node egress` tells the officer that the updates left masked.
+    from typer.testing import CliRunner
+
+    from clients.hospital_node.cli import app as node_cli
+
+    shown = CliRunner().invoke(node_cli, ["egress", "--home", str(alliance[0].home), "--run", "501"], env={"COLUMNS": "250"})
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("SecAgg+ masked") == 2
 
 
 def test_a_node_that_drops_out_mid_round_is_recovered_and_the_run_finishes(alliance, tmp_path: Path) -> None:
