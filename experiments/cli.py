@@ -37,6 +37,7 @@ def validate(spec: Path = SPEC_ARGUMENT) -> None:
     """Check SPEC and list every problem at once; print its name and digest when it is valid."""
     parsed = ExperimentSpec.from_toml(spec)
     typer.echo(f"ok: {parsed.experiment.name} ({parsed.digest()[:12]})")
+    typer.echo(f"secure aggregation: {parsed.secure_aggregation_summary()}")
 
 
 @app.command()
@@ -48,7 +49,13 @@ def cost(
     parsed = ExperimentSpec.from_toml(spec)
     plan = plan_privacy(parsed)
     if as_json:
-        typer.echo(json.dumps(asdict(plan), indent=2, sort_keys=True))
+        fed = parsed.federation
+        secagg = {
+            "enabled": fed.secure_aggregation,
+            "num_shares": fed.secagg_num_shares,
+            "reconstruction_threshold": fed.secagg_reconstruction_threshold,
+        }
+        typer.echo(json.dumps({**asdict(plan), "secure_aggregation": secagg}, indent=2, sort_keys=True))
         return
     Console().print(_table(parsed, plan))
 
@@ -125,5 +132,6 @@ def _table(spec: ExperimentSpec, plan: PrivacyPlan) -> Table:
     table.add_row("δ", f"{plan.delta:g}")
     table.add_row("accountant", plan.accountant.upper())
     table.add_row("ε charged per site", f"{plan.epsilon_per_site:.3f}")
+    table.add_row("secure aggregation", spec.secure_aggregation_summary())
     table.caption = "ε composes with each dataset's earlier spend (not by adding); nodes keep the total."
     return table

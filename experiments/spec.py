@@ -9,7 +9,8 @@ A spec is a TOML file with five tables, six for an imaging task::
     [model]       kind, hidden (mlp), channels (cnn)
     [federation]  strategy, rounds, min_nodes, local_epochs, learning_rate, proximal_mu,
                   server_learning_rate, node_wait_seconds, approval_wait_seconds,
-                  round_timeout_seconds
+                  round_timeout_seconds, secure_aggregation, secagg_num_shares,
+                  secagg_reconstruction_threshold
     [privacy]     delta, max_grad_norm, sample_rate, noise_multiplier | target_epsilon,
                   accountant, min_cohort_size
 
@@ -97,6 +98,7 @@ Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Strict(), Field(ge=1)]
+Flag = Annotated[bool, Strict()]
 ImageSize = Annotated[int, Strict(), Field(ge=8, le=512)]
 WindowWidth = Annotated[float, Strict(), Field(ge=1, allow_inf_nan=False)]
 
@@ -277,14 +279,67 @@ class FederationSection(_Table):
     node_wait_seconds: Positive = 120.0
     approval_wait_seconds: Positive = 3600.0  # how long to wait for the officers' approvals
     round_timeout_seconds: Positive = 600.0
+    # SecAgg+ (Flower's SecAggPlusWorkflow): the coordinator sees only the sum of the
+    # updates. Each node's private-key shares go to `secagg_num_shares` nodes (default:
+    # every node of the round); `secagg_reconstruction_threshold` of them (default: a
+    # majority) recover a node that drops out, and no fewer can unmask anything.
+    secure_aggregation: Flag = False
+    secagg_num_shares: Annotated[int, Strict(), Field(ge=3)] | None = None
+    secagg_reconstruction_threshold: Annotated[int, Strict(), Field(ge=2)] | None = None
 
     @classmethod
     def table_problems(cls, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+        problems = []
         mu = raw.get("proximal_mu", 0.0)
         if raw.get("strategy") == "fedprox" and _is_number(mu) and mu == 0:
             found = "0 (the default)" if "proximal_mu" not in raw else _show(mu)
-            return [("proximal_mu", f"federation.proximal_mu must be > 0 when strategy = 'fedprox'; found {found}")]
-        return []
+            problems.append(("proximal_mu", f"federation.proximal_mu must be > 0 when strategy = 'fedprox'; found {found}"))
+        return problems + _secagg_problems(raw)
+
+
+def _secagg_problems(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The rules of secure aggregation between the keys of ``[federation]``."""
+    secure = raw.get("secure_aggregation", False)
+    shares, threshold = raw.get("secagg_num_shares"), raw.get("secagg_reconstruction_threshold")
+    min_nodes = raw.get("min_nodes", 2)
+    if secure is not True:
+        return [
+            (key, f"federation.{key} applies only when federation.secure_aggregation = true")
+            for key in ("secagg_num_shares", "secagg_reconstruction_threshold")
+            if raw.get(key) is not None
+        ]
+    problems = []
+    strategy = raw.get("strategy", "fedavg")
+    if strategy in STRATEGIES and strategy != "fedavg":
+        problems.append((
+            "strategy",
+            f"federation.secure_aggregation = true works with strategy = 'fedavg' only; found {_show(strategy)} "
+            "(SecAgg+ reveals only the weighted sum of the updates, which FedAvg alone aggregates)",
+        ))
+    min_ok = _is_int(min_nodes) and min_nodes >= 1
+    if min_ok and min_nodes < 2:
+        problems.append(("min_nodes", f"federation.min_nodes must be >= 2 with secure aggregation; found {min_nodes}"))
+    if _is_int(shares) and shares >= 3 and min_ok and shares > min_nodes:
+        problems.append((
+            "secagg_num_shares",
+            f"federation.secagg_num_shares must be <= federation.min_nodes ({min_nodes}), the fewest nodes a round "
+            f"may have; found {shares}",
+        ))
+    if _is_int(threshold) and threshold >= 2:
+        if _is_int(shares) and shares >= 3:
+            if threshold >= shares:
+                problems.append((
+                    "secagg_reconstruction_threshold",
+                    f"federation.secagg_reconstruction_threshold must be < federation.secagg_num_shares ({shares}) "
+                    f"so that a node may drop out; found {threshold}",
+                ))
+        elif shares is None and min_ok and threshold >= min_nodes:
+            problems.append((
+                "secagg_reconstruction_threshold",
+                f"federation.secagg_reconstruction_threshold must be < federation.min_nodes ({min_nodes}) when "
+                f"every node of a round holds a share (secagg_num_shares unset); found {threshold}",
+            ))
+    return problems
 
 
 class PrivacySection(_Table):
@@ -394,6 +449,17 @@ class ExperimentSpec(_Table):
                 del mapping[table][key]
         return mapping
 
+    def secure_aggregation_summary(self) -> str:
+        """One line on how the updates are combined, for `medfed experiment validate` and `cost`."""
+        fed = self.federation
+        if not fed.secure_aggregation:
+            return "off (the coordinator sees each site's DP-noised update)"
+        shares = f"{fed.secagg_num_shares} nodes" if fed.secagg_num_shares else "every node of the round"
+        threshold = (
+            str(fed.secagg_reconstruction_threshold) if fed.secagg_reconstruction_threshold else "a majority of the shares"
+        )
+        return f"SecAgg+ (key shares to {shares}, reconstruction threshold {threshold}; the coordinator sees only the sum)"
+
     def canonical_json(self) -> str:
         """The spec as the system understands it: sorted keys, no whitespace, all defaults."""
         return json.dumps(self.to_mapping(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
@@ -418,6 +484,9 @@ _TASK_SPECIFIC_KEYS = (("data", "features"), ("data", "label"), ("model", "chann
 _LATER_KEYS: dict[tuple[str, str], object] = {
     ("federation", "approval_wait_seconds"): 3600.0,
     ("privacy", "min_cohort_size"): None,
+    ("federation", "secure_aggregation"): False,
+    ("federation", "secagg_num_shares"): None,
+    ("federation", "secagg_reconstruction_threshold"): None,
 }
 
 
@@ -515,6 +584,8 @@ def _message(loc: tuple[Any, ...], error: Any, raw: Mapping[str, Any]) -> str:
         return f"{where} is required"
     if len(loc) == 3 and loc[:2] == ("data", "scaling") and kind in ("too_long", "too_short", "tuple_type"):
         return f"{where} must be a pair [center, scale]; found {_show(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{where} must be true or false; found {_show(value)}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"{where} must be an integer; found {_show(value)}"
     if kind in ("float_type", "float_parsing"):

@@ -11,7 +11,10 @@ The sequence (DESIGN.md, "Data flow of one experiment"):
    minimum then stops the run with every site's status and reason, before anything is
    tracked;
 3. the tracked run starts; each round is one *train* wave (nodes evaluate the incoming
-   global model, then train it with DP-SGD) aggregated by the spec's strategy;
+   global model, then train it with DP-SGD) aggregated by the spec's strategy; with
+   ``federation.secure_aggregation`` the round is Flower's SecAgg+ workflow instead
+   (:mod:`federation.secure_aggregation`: three more waves, and the coordinator sees
+   only the sum of the updates), collected, checked and tracked the same way;
 4. one *evaluate* wave on the final model; the model, the spec and a privacy summary
    are saved and logged.
 
@@ -41,6 +44,7 @@ from federation.participants import ParticipantGrid
 from federation.protocol import (
     ARRAYS_KEY,
     AWAITING_APPROVAL,
+    REFUSAL_CODES,
     CONFIG_KEY,
     EVAL_METRICS,
     IMAGING_TASK,
@@ -54,6 +58,7 @@ from federation.protocol import (
     read_refusal,
     read_site,
 )
+from federation.secure_aggregation import SecureRound, node_of, senders_of
 from federation.strategies import build_strategy
 
 __all__ = ["ExperimentResult", "SiteOutcome", "build_model", "instruction_for", "run_experiment"]
@@ -109,6 +114,7 @@ class ExperimentResult:
             "steps_per_round": self.plan.steps_per_round,
             "rounds": self.plan.rounds,
             "epsilon_charged_by_this_experiment": self.plan.epsilon_per_site,
+            "secure_aggregation": self.spec.federation.secure_aggregation,
             "sites": {
                 o.site: {"status": o.status, "reason": o.reason, "epsilon_spent_on_dataset": o.epsilon}
                 for o in self.sites.values()
@@ -188,9 +194,11 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0)
         time.sleep(poll)
 
 
-def _send(grid: Grid, kind: str, record: RecordDict, node_ids: Iterable[int], timeout: float) -> list[Message]:
+def _send(grid: Grid, kind: str, record: RecordDict, node_ids: Iterable[int], timeout: float) -> tuple[list[Message], dict[str, int]]:
+    """Replies of one wave, and whom each sent message went to (see `senders_of`)."""
     messages = [Message(content=record, dst_node_id=n, message_type=kind) for n in node_ids]
-    return list(grid.send_and_receive(messages, timeout=timeout))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    return replies, senders_of(messages)
 
 
 def _collect(
@@ -198,13 +206,17 @@ def _collect(
     sites: dict[int, SiteOutcome],
     expected: Iterable[int],
     allowed: tuple[str, ...],
+    senders: Mapping[str, int] | None = None,
 ) -> dict[int, dict[str, float]]:
-    """Per-node metrics of the valid replies; records refusals and silences in `sites`."""
+    """Per-node metrics of the valid replies; records refusals, failures and silences in `sites`."""
     answered: dict[int, dict[str, float]] = {}
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = node_of(reply, dict(senders or {}))
         outcome = sites.setdefault(node, SiteOutcome(node, f"node-{node}"))
         if reply.has_error():
+            if reply.error.code not in REFUSAL_CODES:  # Flower's own: the node or its app failed
+                outcome.status, outcome.reason = "dropped", f"error {reply.error.code}: {reply.error.reason}"
+                continue
             outcome.site, reason = read_refusal(reply.error.reason, outcome.site)
             outcome.status = AWAITING if reply.error.code == AWAITING_APPROVAL else REFUSED
             outcome.reason = reason or f"error {reply.error.code}"
@@ -217,10 +229,18 @@ def _collect(
         outcome.site = read_site(reply.content, outcome.site)
         outcome.status, outcome.reason = ACCEPTED, ""
     for node in expected:
-        if node not in answered and sites[node].status not in (REFUSED, AWAITING):
+        if node not in answered and sites[node].status not in (REFUSED, AWAITING, "dropped"):
             sites[node].status = "no-answer" if sites[node].status == "unknown" else "dropped"
             sites[node].reason = sites[node].reason or "no reply before the timeout"
     return answered
+
+
+def _wave(
+    grid: Grid, kind: str, record: RecordDict, nodes: list[int], sites: dict[int, SiteOutcome], allowed: tuple[str, ...], timeout: float
+) -> dict[int, dict[str, float]]:
+    """Send `record` to `nodes` and collect the replies (see `_collect`)."""
+    replies, senders = _send(grid, kind, record, nodes, timeout)
+    return _collect(replies, sites, nodes, allowed, senders)
 
 
 def _site_report(sites: Mapping[int, SiteOutcome]) -> str:
@@ -248,7 +268,7 @@ def _query_until_decided(
 ) -> dict[int, dict[str, float]]:
     """The query wave, repeated for nodes awaiting their officer until none is or `wait` is over."""
     participants = ParticipantGrid(grid, nodes)
-    accepted = _collect(_send(participants, MessageType.QUERY, record, nodes, timeout), sites, nodes, QUERY_METRICS)
+    accepted = _wave(participants, MessageType.QUERY, record, nodes, sites, QUERY_METRICS, timeout)
     deadline = time.monotonic() + wait
     while True:
         awaiting = [n for n in nodes if sites[n].status == AWAITING]
@@ -257,7 +277,67 @@ def _query_until_decided(
             return accepted
         logger.info("waiting for approval at %s (%.0f s left)", ", ".join(sites[n].site for n in awaiting), left)
         time.sleep(min(APPROVAL_POLL_SECONDS, left))
-        accepted |= _collect(_send(participants, MessageType.QUERY, record, awaiting, timeout), sites, awaiting, QUERY_METRICS)
+        accepted |= _wave(participants, MessageType.QUERY, record, awaiting, sites, QUERY_METRICS, timeout)
+
+
+RoundRunner = Callable[[int, ArrayRecord, Any, dict[int, SiteOutcome]], tuple[dict[int, dict[str, float]], ArrayRecord | None]]
+
+
+def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Mapping[int, Mapping[str, float]], timeout: float) -> RoundRunner:
+    """One training round of `spec`: its strategy's train wave, or a SecAgg+ round.
+
+    Either returns the valid replies' metrics per node (refusals and silences recorded
+    in the sites) and the new global model; fewer answers than the minimum stop the run.
+    """
+    fed = spec.federation
+
+    def enough(server_round: int, answered: Mapping[int, object], sites: dict[int, SiteOutcome]) -> None:
+        if len(answered) < fed.min_nodes:
+            raise NotEnoughNodesError(
+                f"round {server_round}: {len(answered)} node(s) replied, fewer than "
+                f"federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
+            )
+
+    if fed.secure_aggregation:
+        secure = SecureRound(
+            num_shares=fed.secagg_num_shares,
+            reconstruction_threshold=fed.secagg_reconstruction_threshold,
+            max_weight=max(float(m.get("num-examples", 0.0)) for m in query.values()) or 1.0,
+            timeout=timeout,
+        )
+
+        def secure_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome]):  # type: ignore[no-untyped-def]
+            result = secure.run(participants, server_round, arrays, config)
+            answered = _collect(result.replies, sites, result.sampled, TRAIN_METRICS, result.senders)
+            if result.arrays is None:
+                raise FederationError(
+                    f"round {server_round}: secure aggregation stopped after {result.waves} of its 4 waves: "
+                    f"{len(answered)} of {len(result.sampled)} node(s) sent a masked update; SecAgg+ needs at least "
+                    f"2 and the reconstruction threshold of {result.threshold} share holders. Per site: {_site_report(sites)}"
+                )
+            enough(server_round, answered, sites)
+            return answered, result.arrays
+
+        return secure_round
+
+    strategy = build_strategy(
+        fed.strategy,
+        min_nodes=fed.min_nodes,
+        proximal_mu=fed.proximal_mu,
+        server_learning_rate=fed.server_learning_rate,
+        client_learning_rate=fed.learning_rate,
+    )
+
+    def plain_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome]):  # type: ignore[no-untyped-def]
+        messages = list(strategy.configure_train(server_round, arrays, config, participants))
+        replies = list(participants.send_and_receive(messages, timeout=timeout))
+        answered = _collect(replies, sites, participants.get_node_ids(), TRAIN_METRICS, senders_of(messages))
+        enough(server_round, answered, sites)
+        valid = [r for r in replies if not r.has_error() and r.metadata.src_node_id in answered]
+        new_arrays, _ = strategy.aggregate_train(server_round, valid)
+        return answered, new_arrays
+
+    return plain_round
 
 
 def run_experiment(
@@ -298,13 +378,7 @@ def run_experiment(
     model, input_example = build_model(spec)
     arrays = ArrayRecord(model.state_dict())
     participants = ParticipantGrid(grid, query)
-    strategy = build_strategy(
-        fed.strategy,
-        min_nodes=fed.min_nodes,
-        proximal_mu=fed.proximal_mu,
-        server_learning_rate=fed.server_learning_rate,
-        client_learning_rate=fed.learning_rate,
-    )
+    train_round = _round_runner(spec, participants, query, timeout)
     run_id = tracker.start(
         experiment=spec.experiment.mlflow_experiment or spec.experiment.name,
         run_name=spec.experiment.name,
@@ -314,18 +388,9 @@ def run_experiment(
     history: dict[int, dict[str, float]] = {}
     try:
         for server_round in range(1, fed.rounds + 1):
-            messages = strategy.configure_train(server_round, arrays, config(server_round), participants)
-            replies = list(participants.send_and_receive(messages, timeout=timeout))
-            answered = _collect(replies, sites, participants.get_node_ids(), TRAIN_METRICS)
+            answered, new_arrays = train_round(server_round, arrays, config(server_round), sites)
             for node, metrics in answered.items():
                 sites[node].rounds[server_round] = metrics
-            if len(answered) < fed.min_nodes:
-                raise NotEnoughNodesError(
-                    f"round {server_round}: {len(answered)} node(s) replied, fewer than "
-                    f"federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
-                )
-            valid = [r for r in replies if not r.has_error() and r.metadata.src_node_id in answered]
-            new_arrays, _ = strategy.aggregate_train(server_round, valid)
             if new_arrays is None:
                 raise FederationError(f"round {server_round}: the strategy produced no model")
             arrays = new_arrays
@@ -339,14 +404,9 @@ def run_experiment(
             if on_round is not None:
                 on_round(server_round, history[server_round - 1] | history[server_round])
 
-        final_replies = _send(
-            participants,
-            MessageType.EVALUATE,
-            RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config(fed.rounds)}),
-            participants.get_node_ids(),
-            timeout,
-        )
-        final_sites = _collect(final_replies, sites, participants.get_node_ids(), EVAL_METRICS)
+        final_record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config(fed.rounds)})
+        nodes = list(participants.get_node_ids())
+        final_sites = _wave(participants, MessageType.EVALUATE, final_record, nodes, sites, EVAL_METRICS, timeout)
         for node, metrics in final_sites.items():
             sites[node].final = metrics
         final = _round_metrics(final_sites, sites, EVAL_METRICS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -62,11 +63,14 @@ class InProcessGrid(Grid):
         ids = []
         for message in messages:
             # As Flower's grids do: a message's id is its content-addressed object id.
-            message.metadata.__dict__["_message_id"] = message.object_id
-            ids.append(message.object_id)
+            message_id = message.object_id
+            message.metadata.__dict__["_message_id"] = message_id
+            ids.append(message_id)
             node = message.metadata.dst_node_id
             if node in self._connected:
-                self._replies[message.object_id] = self._handlers[node](message)
+                # A node receives its own copy, as over the wire: Flower's workflows send
+                # one content object to many nodes, and mods change what they receive.
+                self._replies[message_id] = self._handlers[node](message_from_proto(message_to_proto(message)))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

@@ -18,6 +18,19 @@ One experiment is three kinds of message wave:
 Every message's config carries the instruction and the research partner's
 :class:`SignedSpec`; the node checks the signature and that the instruction is what the
 signed spec says (:func:`spec_mismatches`), and trusts nothing else the coordinator adds.
+
+With ``federation.secure_aggregation`` a train wave runs through Flower's SecAgg+
+(``SecAggPlusWorkflow`` on the coordinator, ``secaggplus_mod`` on the node), which only
+knows Flower's legacy fit layout: the instruction's config travels as
+``LEGACY_FIT_CONFIG`` with the global model as the numbered arrays of
+``LEGACY_FIT_ARRAYS`` (in the model's ``state_dict`` order), and the node answers with
+a legacy fit result whose arrays the mod masks before they leave. The SecAgg+ weighting
+and clipping the coordinator chose ride in the same config (``SECAGG_MAX_WEIGHT_KEY``,
+``SECAGG_CLIPPING_KEY``) so the node can refuse an update the protocol would clip. The
+reply's ``METRICS_KEY`` and ``NODE_KEY`` records travel in plain, beside the masked
+vector: per-site loss, AUC of the incoming model and epsilon are the researcher's
+per-site report, not part of the update that SecAgg+ hides.
+
 A node that refuses answers with an error reply whose code is one of
 ``REFUSAL_CODES`` and whose reason is a one-line message meant for the researcher.
 
@@ -48,6 +61,8 @@ __all__ = [
     "IMAGING_TASK",
     "INSTRUCTION_KEY",
     "ImagingInstruction",
+    "LEGACY_FIT_ARRAYS",
+    "LEGACY_FIT_CONFIG",
     "METRICS_KEY",
     "MODEL_KINDS_BY_TASK",
     "NODE_KEY",
@@ -61,6 +76,8 @@ __all__ = [
     "REFUSED_INTEGRITY",
     "REFUSED_POLICY",
     "REFUSED_SIGNATURE",
+    "SECAGG_CLIPPING_KEY",
+    "SECAGG_MAX_WEIGHT_KEY",
     "SIGNATURE_KEY",
     "SIGNER_KEY",
     "SPEC_KEY",
@@ -111,6 +128,12 @@ REFUSAL_CODES = (
     REFUSED_POLICY,
     REFUSED_INTEGRITY,
 )
+
+# Secure aggregation: Flower's legacy fit layout, and the SecAgg+ settings a node checks.
+LEGACY_FIT_CONFIG = "fitins.config"
+LEGACY_FIT_ARRAYS = "fitins.parameters"
+SECAGG_CLIPPING_KEY = "medfed.secagg-clipping-range"
+SECAGG_MAX_WEIGHT_KEY = "medfed.secagg-max-weight"
 
 # The signed spec travels beside the instruction in every message's config record: the
 # node checks the signature and that the instruction is what the signed spec says.

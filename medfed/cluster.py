@@ -314,6 +314,18 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             raise ClusterError(f"{name} still runs after {timeout:g} s; see {process.log_path}") from None
 
+    def kill(self, name: str, *, timeout: float = 30.0) -> None:
+        """SIGKILL the process group of `name` (``supernode-<site>``), as a crash or power cut would.
+
+        The process stays listed, so :meth:`stop` still reaps whatever is left of its group.
+        """
+        [process] = [p for p in self._processes if p.name == name]
+        _signal_group(process.popen, signal.SIGKILL)
+        try:
+            process.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{name} survived SIGKILL for {timeout:g} s") from None
+
     def log_path(self, name: str) -> Path:
         """The log file of process `name`."""
         return self.workdir / "logs" / f"{name}.log"

@@ -125,7 +125,11 @@ def egress(
     run: str | None = typer.Option(None, "--run", help="Only what left for this Flower run id."),
     as_json: bool = typer.Option(False, "--json", help="Print the release records as JSON Lines."),
 ) -> None:
-    """Show exactly what left this site: every reply (query, train, evaluate), its arrays, size, digest and charge."""
+    """Show exactly what left this site: every reply (query, train, evaluate), its arrays, size, digest, masking and charge.
+
+    Under secure aggregation the sizes and digest are those of the update before
+    SecAgg+ masked it; only the masked vector left.
+    """
     node = NodeHome.open(home)
     releases = [e for e in AuditLog(node.audit_log_path).entries() if e.kind == "release"]
     if run is not None:
@@ -138,7 +142,7 @@ def egress(
         typer.echo(f"nothing has left node {node.name!r}" + (f" for run {run}" if run else ""))
         return
     table = Table(title=f"what left node {escape(node.name)} (from its signed audit log)")
-    for column in ("time (UTC)", "run", "round", "reply", "dataset", "arrays", "values", "bytes", "sha256", "ε spent"):
+    for column in ("time (UTC)", "run", "round", "reply", "dataset", "arrays", "values", "bytes", "sha256", "left as", "ε spent"):
         table.add_column(column)
     for entry in releases:
         payload = entry.payload
@@ -155,6 +159,7 @@ def egress(
             str(values),
             str(payload.get("bytes", "")),
             str(payload.get("sha256", ""))[:12],
+            "SecAgg+ masked" if payload.get("secure_aggregation", {}).get("masked") else "plain",
             f"{charge['epsilon_spent']:.3f}" if "epsilon_spent" in charge else "",
         )
     Console().print(table)

@@ -4,12 +4,17 @@ Flower starts a fresh process for every message, so this module imports only Flo
 record types; torch, Opacus and pandas are imported inside the handlers (see
 ``clients.hospital_node.rounds``). The node's durable state (dataset registry, privacy
 ledger) lives in its home folder, named by the SuperNode's ``--node-config home=...``.
+
+The train handler also serves secure aggregation: ``secure_aggregation_mod`` sends
+SecAgg+ messages through Flower's ``secaggplus_mod`` and lets plain ones pass.
 """
 
 from __future__ import annotations
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+
+from clients.hospital_node.secure_aggregation import secure_aggregation_mod
 
 __all__ = ["app"]
 
@@ -24,7 +29,7 @@ def query(msg: Message, context: Context) -> Message:
     return answer("query", msg, context.node_config)
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     """Evaluate the incoming global model, then train it with DP-SGD and charge the ledger."""
     from clients.hospital_node.rounds import answer

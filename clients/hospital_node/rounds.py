@@ -9,6 +9,14 @@ data, compute, charge the ledger, record the release in the audit log, and only 
 build the reply. What leaves passes the egress guard: only the metric keys the protocol
 declares for that message and arrays shaped exactly like the instructed model.
 
+A train message may come in Flower's legacy fit layout, through ``secaggplus_mod``
+(secure aggregation, :mod:`clients.hospital_node.secure_aggregation`): the same checks,
+budget reservation, charge and audit record apply; the reply is then a legacy fit
+result whose arrays the mod masks before anything leaves, and the release record says
+so (with the shapes, size and digest of the update before masking). A node home with a
+``debug-kept-updates`` folder also keeps each released update there (tests compare the
+coordinator's aggregate against them); the node warns on every use.
+
 A refusal is an error reply with a code from ``federation.protocol.REFUSAL_CODES`` and a
 one-line reason for the researcher; it never contains patient data, and it is recorded
 in the node's audit log (except "awaiting approval", recorded once as the request).
@@ -19,12 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from clients.hospital_node.errors import ConnectorError, NodeError
 from clients.hospital_node.governance import Admission, Refusal, admit
@@ -34,6 +44,8 @@ from federation.protocol import (
     CONFIG_KEY,
     EVAL_METRICS,
     IMAGING_TASK,
+    LEGACY_FIT_ARRAYS,
+    LEGACY_FIT_CONFIG,
     METRICS_KEY,
     NODE_KEY,
     QUERY_METRICS,
@@ -41,6 +53,8 @@ from federation.protocol import (
     REFUSED_BUDGET,
     REFUSED_DATASET,
     REFUSED_POLICY,
+    SECAGG_CLIPPING_KEY,
+    SECAGG_MAX_WEIGHT_KEY,
     TRAIN_METRICS,
     ProtocolError,
     SignedSpec,
@@ -57,9 +71,32 @@ if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where t
     from clients.hospital_node.connectors import TabularData
     from clients.hospital_node.imaging_connector import ImagingData
 
-__all__ = ["answer"]
+__all__ = ["KEPT_UPDATES_DIR", "answer", "update_digest"]
 
 logger = logging.getLogger(__name__)
+
+#: A folder of this name in the node home makes the node keep every update it releases.
+KEPT_UPDATES_DIR = "debug-kept-updates"
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One message's parts, whichever layout it came in."""
+
+    config: ConfigRecord
+    arrays: ArrayRecord | None
+    run_id: str
+    secure: bool  # Flower's legacy fit layout under SecAgg+: numbered arrays, legacy reply
+
+
+def _request(kind: str, msg: Message) -> _Request:
+    records = msg.content.config_records
+    secure = kind == "train" and LEGACY_FIT_CONFIG in records
+    config = records.get(LEGACY_FIT_CONFIG if secure else CONFIG_KEY)
+    if config is None:
+        raise ProtocolError(f"the message has no '{CONFIG_KEY}' ConfigRecord")
+    arrays = msg.content.array_records.get(LEGACY_FIT_ARRAYS if secure else ARRAYS_KEY)
+    return _Request(config, arrays, str(msg.metadata.run_id), secure)
 
 
 def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
@@ -68,17 +105,15 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
     instruction: TrainInstruction | None = None
     try:
         home = _open_home(node_config)
-        config = msg.content.config_records.get(CONFIG_KEY)
-        if config is None:
-            raise ProtocolError(f"the message has no '{CONFIG_KEY}' ConfigRecord")
-        instruction = TrainInstruction.from_config(config)
-        signed = SignedSpec.from_config(config)
-        admission = admit(home, instruction, signed, run_id=str(msg.metadata.run_id), kind=kind)
+        request = _request(kind, msg)
+        instruction = TrainInstruction.from_config(request.config)
+        signed = SignedSpec.from_config(request.config)
+        admission = admit(home, instruction, signed, run_id=request.run_id, kind=kind)
         _check_accounting(instruction)
-        content = _HANDLERS[kind](home, instruction, msg, admission)
-        _guard(kind, content)
+        content = _HANDLERS[kind](home, instruction, request, admission)
+        _guard(kind, content, secure=request.secure)
         if kind != "train":  # a training reply records itself, with its charge, before it is built
-            home.audit_log().append("release", _reply_record(kind, msg, instruction, content))
+            home.audit_log().append("release", _reply_record(kind, request, instruction, content))
     except Refusal as err:
         return _refuse(msg, home, instruction, err.code, err.reason, record=err.record)
     except ProtocolError as err:
@@ -111,9 +146,16 @@ def _refuse(
 _DECLARED = {"query": QUERY_METRICS, "train": TRAIN_METRICS, "evaluate": EVAL_METRICS}
 
 
-def _guard(kind: str, content: RecordDict) -> None:
+# Flower's legacy fit result, as `fitres_to_recorddict` writes it; secaggplus_mod masks its arrays.
+_LEGACY_FIT_RESULT = {"fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status"}
+
+
+def _guard(kind: str, content: RecordDict, *, secure: bool = False) -> None:
     """The egress guard: nothing leaves but the declared metric keys (and, for train, model arrays)."""
-    unexpected = set(content) - {METRICS_KEY, ARRAYS_KEY if kind == "train" else METRICS_KEY}
+    arrays = _LEGACY_FIT_RESULT if secure else {ARRAYS_KEY}
+    unexpected = set(content) - {METRICS_KEY, *(arrays if kind == "train" else ())}
+    if secure and content.get("fitres.metrics"):
+        unexpected.add("fitres.metrics")  # metrics travel in METRICS_KEY only, where they are checked
     metrics = content.get(METRICS_KEY)
     if unexpected or not isinstance(metrics, MetricRecord):
         raise ProtocolError(f"egress guard: a {kind} reply may carry only '{METRICS_KEY}'" + (" and model arrays" if kind == "train" else ""))
@@ -163,7 +205,7 @@ def _load(home: NodeHome, instruction: TrainInstruction) -> TabularData | Imagin
     return TabularConnector(entry).load().select(instruction.features, instruction.scaling)
 
 
-def _model(instruction: TrainInstruction, arrays: ArrayRecord | None):  # type: ignore[no-untyped-def]
+def _model(instruction: TrainInstruction, arrays: ArrayRecord | None, *, numbered: bool = False):  # type: ignore[no-untyped-def]
     if instruction.task == IMAGING_TASK:
         from models.imaging import build_imaging_model
 
@@ -173,14 +215,30 @@ def _model(instruction: TrainInstruction, arrays: ArrayRecord | None):  # type: 
         from models.tabular import build_tabular_model
 
         model = build_tabular_model(instruction.model_kind, len(instruction.features), hidden=instruction.hidden)
-    if arrays is not None:
+    if arrays is not None and numbered:
+        state = _numbered_state(model, arrays)
+    elif arrays is not None:
         state = arrays.to_torch_state_dict()
+    if arrays is not None:
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         received = {k: tuple(v.shape) for k, v in state.items()}
         if expected != received:
             raise ProtocolError("the received model arrays do not match the instructed model")
         model.load_state_dict(state)
     return model
+
+
+def _numbered_state(model, arrays: ArrayRecord):  # type: ignore[no-untyped-def]
+    """A legacy layout's arrays ("0", "1", ...: the model's state_dict order) as a state dict."""
+    import torch
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
+
+    values = parameters_to_ndarrays(arrayrecord_to_parameters(arrays, keep_input=True))
+    names = list(model.state_dict())
+    if len(values) != len(names):
+        raise ProtocolError("the received model arrays do not match the instructed model")
+    return {name: torch.from_numpy(value.copy()) for name, value in zip(names, values, strict=True)}
 
 
 def _tensors(data: TabularData | ImagingData):  # type: ignore[no-untyped-def]
@@ -194,27 +252,27 @@ def _tensors(data: TabularData | ImagingData):  # type: ignore[no-untyped-def]
     )
 
 
-def _check_cohort(data: TabularData | ImagingData, instruction: TrainInstruction, admission: Admission, msg: Message) -> None:
+def _check_cohort(data: TabularData | ImagingData, instruction: TrainInstruction, admission: Admission, request: _Request) -> None:
     """The dataset must have the policy's minimum cohort (or the signed spec's, if stricter)."""
-    spec = SignedSpec.from_config(msg.content[CONFIG_KEY]).mapping()
+    spec = SignedSpec.from_config(request.config).mapping()
     minimum = max(admission.policy.min_cohort_size, int(spec.get("privacy", {}).get("min_cohort_size") or 0))
     if data.n_train + data.n_val < minimum:
         # The count itself stays on the node: a small cohort is a disclosure risk.
         raise Refusal(REFUSED_POLICY, f"dataset '{instruction.dataset}' has fewer patients than the minimum cohort of {minimum}")
 
 
-def _query(home: NodeHome, instruction: TrainInstruction, msg: Message, admission: Admission) -> RecordDict:
+def _query(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
     # Cheap on purpose: every check short of training, without importing torch, so the
     # query wave costs little more than Flower's floor for a wave.
     data = _load(home, instruction)
-    _check_cohort(data, instruction, admission, msg)
+    _check_cohort(data, instruction, admission, request)
     metrics = {"num-examples": float(data.n_train), "eval-num-examples": float(data.n_val)}
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})
 
 
-def _train(home: NodeHome, instruction: TrainInstruction, msg: Message, admission: Admission) -> RecordDict:
-    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
-    run_id = str(msg.metadata.run_id)
+def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
+    server_round = int(request.config.get("server-round", 0))
+    run_id = request.run_id
     if not 1 <= server_round <= instruction.rounds:
         raise ProtocolError(f"server-round must be in 1..{instruction.rounds} (the signed spec's rounds); found {server_round}")
     with PrivacyLedger.open(home.ledger_path) as ledger:
@@ -234,7 +292,7 @@ def _train(home: NodeHome, instruction: TrainInstruction, msg: Message, admissio
             accountant=admission.policy.accountant,
         )
     try:
-        return _train_reserved(home, instruction, msg, admission, server_round, run_id, reservation)
+        return _train_reserved(home, instruction, request, admission, server_round, reservation)
     except BaseException:
         # Nothing left the node: give the reservation back. (A crash that skips this
         # leaves it open; it keeps counting and `medfed node budget` lists it.)
@@ -244,15 +302,16 @@ def _train(home: NodeHome, instruction: TrainInstruction, msg: Message, admissio
 
 
 def _train_reserved(  # type: ignore[no-untyped-def]
-    home: NodeHome, instruction: TrainInstruction, msg: Message, admission: Admission, server_round: int, run_id: str, reservation
+    home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission, server_round: int, reservation
 ) -> RecordDict:
     import torch
 
     from models.training import evaluate, train_dp
 
+    run_id = request.run_id
     data = _load(home, instruction)
-    _check_cohort(data, instruction, admission, msg)
-    model = _model(instruction, msg.content.array_records.get(ARRAYS_KEY))
+    _check_cohort(data, instruction, admission, request)
+    model = _model(instruction, request.arrays, numbered=request.secure)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     x_train, y_train, x_val, y_val = _tensors(data)
     incoming = evaluate(model, x_val, y_val)
@@ -267,7 +326,7 @@ def _train_reserved(  # type: ignore[no-untyped-def]
         sample_rate=instruction.sample_rate,
         steps=instruction.steps,
         learning_rate=instruction.learning_rate,
-        proximal_mu=float(msg.content[CONFIG_KEY].get("proximal-mu", 0.0)),
+        proximal_mu=float(request.config.get("proximal-mu", 0.0)),
         generator=generator,
     )
     if stats.steps != instruction.steps:
@@ -275,6 +334,7 @@ def _train_reserved(  # type: ignore[no-untyped-def]
     arrays = ArrayRecord(model.state_dict())
     if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
         raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
+    secagg = _check_secagg_range(request, arrays, data.n_train) if request.secure else None
     with PrivacyLedger.open(home.ledger_path) as ledger:
         ledger.commit(reservation)  # charged as the reply is built: from here on it counts
         epsilon = ledger.spent(instruction.dataset, delta=instruction.delta, accountant=instruction.accountant)
@@ -289,17 +349,23 @@ def _train_reserved(  # type: ignore[no-untyped-def]
         "steps": float(stats.steps),
         "epsilon": epsilon,
     }
-    home.audit_log().append("release", _release_record(run_id, server_round, instruction, arrays, metrics))
+    record = _release_record(run_id, server_round, instruction, arrays, metrics)
+    if secagg is not None:
+        record["secure_aggregation"] = secagg
+    home.audit_log().append("release", record)
+    _keep_update(home, run_id, server_round, arrays)
+    if request.secure:
+        return _legacy_fit_result(arrays, data.n_train, metrics)
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
 
 
-def _reply_record(kind: str, msg: Message, instruction: TrainInstruction, content: RecordDict) -> dict[str, object]:
+def _reply_record(kind: str, request: _Request, instruction: TrainInstruction, content: RecordDict) -> dict[str, object]:
     """What leaves with a query or evaluate reply: its metric names, size and digest."""
     metrics = content[METRICS_KEY]
     values = json.dumps({k: metrics[k] for k in sorted(metrics)}, sort_keys=True, separators=(",", ":"))
     return {
-        "run": str(msg.metadata.run_id),
-        "round": int(msg.content[CONFIG_KEY].get("server-round", 0)),
+        "run": request.run_id,
+        "round": int(request.config.get("server-round", 0)),
         "message": kind,
         "experiment": instruction.experiment,
         "spec_digest": instruction.spec_digest,
@@ -311,14 +377,67 @@ def _reply_record(kind: str, msg: Message, instruction: TrainInstruction, conten
     }
 
 
-def _release_record(
-    run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float]
-) -> dict[str, object]:
-    """What leaves the site with a training reply: names, shapes, size and digest, never values."""
+def _check_secagg_range(request: _Request, arrays: ArrayRecord, n_train: int) -> dict[str, object]:
+    """The update must survive SecAgg+'s weighting and clipping intact; what the audit records of it.
+
+    ``secaggplus_mod`` multiplies the update by ``n_train / max_weight`` and clips it to
+    ``[-clipping_range, clipping_range]`` before quantising; an update it would clip, or a
+    weight above 1, would silently change the aggregate, so nothing is sent instead.
+    """
+    clipping, max_weight = request.config.get(SECAGG_CLIPPING_KEY), request.config.get(SECAGG_MAX_WEIGHT_KEY)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (clipping, max_weight)):
+        raise ProtocolError(f"a secure-aggregation train message needs positive '{SECAGG_CLIPPING_KEY}' and '{SECAGG_MAX_WEIGHT_KEY}'")
+    weight = n_train / float(max_weight)  # type: ignore[arg-type]
+    if weight > 1:
+        raise ProtocolError(
+            "the coordinator's SecAgg+ max_weight is below this node's training size (it changed since the query); "
+            "nothing was sent"
+        )
+    largest = max((float(abs(a.numpy()).max()) for a in arrays.values() if a.numpy().size), default=0.0)
+    if largest * weight > float(clipping):  # type: ignore[arg-type]
+        raise ProtocolError(
+            f"egress guard: the trained model has a weighted parameter beyond the SecAgg+ clipping range "
+            f"of {float(clipping):g} and would be clipped; nothing was sent"  # type: ignore[arg-type]
+        )
+    return {"protocol": "SecAgg+", "masked": True, "clipping_range": float(clipping), "max_weight": float(max_weight)}  # type: ignore[arg-type]
+
+
+def _legacy_fit_result(arrays: ArrayRecord, n_train: int, metrics: dict[str, float]) -> RecordDict:
+    """Flower's legacy fit result (arrays in the model's order, weighted by `n_train`) plus our metrics."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    parameters = ndarrays_to_parameters([array.numpy() for array in arrays.values()])
+    content = fitres_to_recorddict(FitRes(Status(Code.OK, "ok"), parameters, n_train, {}), keep_input=False)
+    content[METRICS_KEY] = MetricRecord(metrics)
+    return content
+
+
+def _keep_update(home: NodeHome, run_id: str, server_round: int, arrays: ArrayRecord) -> None:
+    """Debugging and tests only: keep the released update on this node, if its home asks for it."""
+    folder = home.path / KEPT_UPDATES_DIR
+    if not folder.is_dir():
+        return
+    import numpy as np
+
+    path = folder / f"run{run_id}-round{server_round}.npz"
+    logger.warning("debug: keeping the update released in run %s round %s at %s (remove %s to stop)", run_id, server_round, path, folder)
+    np.savez(path, **{name: array.numpy() for name, array in arrays.items()})
+
+
+def update_digest(arrays: ArrayRecord) -> str:
+    """SHA-256 over the arrays' names and bytes, in name order: what a release record holds."""
     digest = hashlib.sha256()
     for name, array in sorted(arrays.items()):
         digest.update(name.encode())
         digest.update(array.data)
+    return digest.hexdigest()
+
+
+def _release_record(
+    run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float]
+) -> dict[str, object]:
+    """What leaves the site with a training reply: names, shapes, size and digest, never values."""
     return {
         "run": run_id,
         "round": server_round,
@@ -328,7 +447,7 @@ def _release_record(
         "dataset": instruction.dataset,
         "arrays": {name: list(array.shape) for name, array in sorted(arrays.items())},
         "bytes": arrays.count_bytes(),
-        "sha256": digest.hexdigest(),
+        "sha256": update_digest(arrays),
         "metrics": sorted(metrics),
         "charge": {
             "noise_multiplier": instruction.noise_multiplier,
@@ -341,11 +460,11 @@ def _release_record(
     }
 
 
-def _evaluate(home: NodeHome, instruction: TrainInstruction, msg: Message, admission: Admission) -> RecordDict:
+def _evaluate(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
     from models.training import evaluate
 
     data = _load(home, instruction)
-    model = _model(instruction, msg.content.array_records.get(ARRAYS_KEY))
+    model = _model(instruction, request.arrays)
     _, _, x_val, y_val = _tensors(data)
     metrics = evaluate(model, x_val, y_val).as_dict()
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})

@@ -34,7 +34,25 @@ def test_validate_prints_the_name_and_the_digest() -> None:
     result = runner.invoke(app, ["validate", str(EXAMPLE)])
     assert result.exit_code == 0, result.output
     spec = ExperimentSpec.from_toml(EXAMPLE)
-    assert result.output == f"ok: htn-onset-logistic ({spec.digest()[:12]})\n"
+    assert result.output == (
+        f"ok: htn-onset-logistic ({spec.digest()[:12]})\n"
+        "secure aggregation: off (the coordinator sees each site's DP-noised update)\n"
+    )
+
+
+def test_validate_and_cost_show_secure_aggregation(tmp_path: Path) -> None:
+    path = tmp_path / "secagg.toml"
+    text = EXAMPLE.read_text().replace("min_nodes = 2", "min_nodes = 3\nsecure_aggregation = true\nsecagg_reconstruction_threshold = 2")
+    path.write_text(text)
+    shown = "SecAgg+ (key shares to every node of the round, reconstruction threshold 2; the coordinator sees only the sum)"
+    validated = runner.invoke(app, ["validate", str(path)])
+    assert validated.exit_code == 0, validated.output
+    assert validated.output.splitlines()[1] == f"secure aggregation: {shown}"
+    costed = runner.invoke(app, ["cost", str(path)], env={"COLUMNS": "200"})
+    assert costed.exit_code == 0, costed.output
+    assert "secure aggregation" in costed.output and "SecAgg+ (key shares to every node" in costed.output
+    as_json = json.loads(runner.invoke(app, ["cost", "--json", str(path)]).output)
+    assert as_json["secure_aggregation"] == {"enabled": True, "num_shares": None, "reconstruction_threshold": 2}
 
 
 def test_validate_raises_the_spec_error_with_every_problem(bad_spec: Path) -> None:
@@ -62,6 +80,7 @@ def test_cost_prints_the_plan_as_a_table() -> None:
         "δ": "1e-05",
         "accountant": "PRV",
         "ε charged per site": f"{plan.epsilon_per_site:.3f}",
+        "secure aggregation": "off (the coordinator sees each site's DP-noised update)",
     }
 
 
@@ -78,7 +97,9 @@ def test_cost_names_the_target_the_noise_came_from(tmp_path: Path) -> None:
 def test_cost_json_is_the_plan() -> None:
     result = runner.invoke(app, ["cost", "--json", str(EXAMPLE)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == asdict(plan_privacy(ExperimentSpec.from_toml(EXAMPLE)))
+    expected = asdict(plan_privacy(ExperimentSpec.from_toml(EXAMPLE)))
+    expected["secure_aggregation"] = {"enabled": False, "num_shares": None, "reconstruction_threshold": None}
+    assert json.loads(result.output) == expected
 
 
 def test_no_arguments_show_the_commands() -> None:

@@ -75,6 +75,7 @@ def test_defaults_are_filled() -> None:
         "strategy": "fedavg", "rounds": 3, "min_nodes": 2, "local_epochs": 1, "learning_rate": 0.1,
         "proximal_mu": 0.0, "server_learning_rate": 0.1, "node_wait_seconds": 120.0,
         "approval_wait_seconds": 3600.0, "round_timeout_seconds": 600.0,
+        "secure_aggregation": False, "secagg_num_shares": None, "secagg_reconstruction_threshold": None,
     }
     assert (spec.privacy.max_grad_norm, spec.privacy.accountant) == (1.0, "prv")
     assert spec.privacy.target_epsilon == 4.0 and isinstance(spec.privacy.target_epsilon, float)
@@ -226,6 +227,73 @@ def test_fedprox_without_a_proximal_term_is_refused() -> None:
     )
     spec = ExperimentSpec.from_mapping(with_changes(federation={"strategy": "fedprox", "proximal_mu": 0.01}))
     assert spec.federation.proximal_mu == 0.01
+
+
+def test_secure_aggregation_is_off_by_default_and_out_of_the_digest() -> None:
+    spec = ExperimentSpec.from_mapping(example())
+    assert spec.federation.secure_aggregation is False
+    assert spec.federation.secagg_num_shares is None and spec.federation.secagg_reconstruction_threshold is None
+    assert "secure_aggregation" not in spec.to_mapping()["federation"]
+    assert spec.digest() == "97169c267a96dae61f9ef3fa01225acd84c5609cdbf0fbfca3a7130000578912"
+    assert ExperimentSpec.from_mapping(with_changes(federation={"secure_aggregation": False})).digest() == spec.digest()
+
+
+def test_secure_aggregation_enters_the_digest_when_set() -> None:
+    base = ExperimentSpec.from_mapping(example())
+    secure = ExperimentSpec.from_mapping(
+        with_changes(federation={"secure_aggregation": True, "min_nodes": 5, "secagg_num_shares": 5, "secagg_reconstruction_threshold": 3})
+    )
+    federation = secure.to_mapping()["federation"]
+    assert (federation["secure_aggregation"], federation["secagg_num_shares"], federation["secagg_reconstruction_threshold"]) == (True, 5, 3)
+    assert secure.digest() != base.digest()
+    assert ExperimentSpec.from_json(secure.canonical_json()) == secure
+
+
+@pytest.mark.parametrize(
+    ("federation", "problem"),
+    [
+        ({"secure_aggregation": 1}, "federation.secure_aggregation must be true or false; found 1"),
+        ({"secure_aggregation": "yes"}, "federation.secure_aggregation must be true or false; found 'yes'"),
+        ({"secagg_num_shares": 3}, "federation.secagg_num_shares applies only when federation.secure_aggregation = true"),
+        (
+            {"secagg_reconstruction_threshold": 2},
+            "federation.secagg_reconstruction_threshold applies only when federation.secure_aggregation = true",
+        ),
+        ({"secure_aggregation": True, "secagg_num_shares": 2}, "federation.secagg_num_shares must be >= 3; found 2"),
+        (
+            {"secure_aggregation": True, "secagg_reconstruction_threshold": 1},
+            "federation.secagg_reconstruction_threshold must be >= 2; found 1",
+        ),
+        (
+            {"secure_aggregation": True, "min_nodes": 3, "secagg_num_shares": 4},
+            "federation.secagg_num_shares must be <= federation.min_nodes (3), the fewest nodes a round may have; found 4",
+        ),
+        (
+            {"secure_aggregation": True, "min_nodes": 5, "secagg_num_shares": 3, "secagg_reconstruction_threshold": 3},
+            "federation.secagg_reconstruction_threshold must be < federation.secagg_num_shares (3) so that a node may "
+            "drop out; found 3",
+        ),
+        (
+            {"secure_aggregation": True, "min_nodes": 3, "secagg_reconstruction_threshold": 3},
+            "federation.secagg_reconstruction_threshold must be < federation.min_nodes (3) when every node of a round "
+            "holds a share (secagg_num_shares unset); found 3",
+        ),
+        (
+            {"secure_aggregation": True, "min_nodes": 1},
+            "federation.min_nodes must be >= 2 with secure aggregation; found 1",
+        ),
+    ],
+)
+def test_secure_aggregation_settings_are_checked_by_field(federation: dict[str, Any], problem: str) -> None:
+    assert problems_of(with_changes(federation=federation)) == (problem,)
+
+
+@pytest.mark.parametrize(("strategy", "extra"), [("fedprox", {"proximal_mu": 0.1}), ("fedadam", {})])
+def test_secure_aggregation_refuses_strategies_other_than_fedavg(strategy: str, extra: dict[str, Any]) -> None:
+    assert problems_of(with_changes(federation={"secure_aggregation": True, "strategy": strategy, **extra})) == (
+        f"federation.secure_aggregation = true works with strategy = 'fedavg' only; found '{strategy}' "
+        "(SecAgg+ reveals only the weighted sum of the updates, which FedAvg alone aggregates)",
+    )
 
 
 def test_rules_between_fields_are_reported_beside_field_problems_of_the_same_table() -> None:

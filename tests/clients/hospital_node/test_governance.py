@@ -274,6 +274,15 @@ def test_policy_refusals_name_the_rule(home: NodeHome) -> None:
     assert (code, reason) == (REFUSED_POLICY, "dataset 'htn_cohort' has fewer patients than the minimum cohort of 100000")
 
 
+def test_a_node_that_requires_secure_aggregation_accepts_a_spec_that_uses_it(home: NodeHome) -> None:
+    _policy(home, require_secure_aggregation=True)
+    secure = example_spec(federation={"rounds": 2, "secure_aggregation": True, "min_nodes": 3})
+    governance.approve(home, secure.digest(), dataset="htn_cohort", by=OFFICER)
+    reply = _ask(home, signed_message(MessageType.QUERY, secure))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert read_metrics(reply.content, QUERY_METRICS)["num-examples"] > 0
+
+
 def test_a_spec_may_tighten_the_policy_but_not_loosen_it(home: NodeHome) -> None:
     _policy(home, min_cohort_size=10)
     stricter = example_spec(federation={"rounds": 2}, privacy={"min_cohort_size": 100_000})

@@ -1,0 +1,222 @@
+"""One training round under SecAgg+: Flower's legacy ``SecAggPlusWorkflow`` over the participants.
+
+Flower 1.39 offers SecAgg+ only on its legacy path, so a secure round builds what that
+path expects and runs its fit workflow once: a ``LegacyContext`` whose client manager
+lists the experiment's participants, the legacy ``flwr.server.strategy.FedAvg`` sending
+our instruction and signed spec as the fit config, and the global model as the numbered
+legacy parameters. The workflow adds three waves to the round (setup, share keys, then
+the train wave that collects masked vectors, then unmask) and hands the strategy only
+the unmasked *sum*.
+
+Weighting: each node multiplies its update by ``num_examples / max_weight`` (quantised
+to ``2**-22``) and also sends that weight, both masked; the workflow divides the sum of
+the weighted updates by the sum of the weights, which is FedAvg's average by
+``num_examples``. Every node's result then carries that same average, so the legacy
+FedAvg's own weighting returns it unchanged. ``max_weight`` is the largest training
+size the nodes reported in the query wave, so no weight exceeds 1; each node refuses an
+update that SecAgg+'s clipping (``CLIPPING_RANGE`` after weighting) would change.
+Quantisation leaves the average within about ``1e-5`` of plain FedAvg's.
+
+The per-site metrics ride in plain beside the masked vector of the collect wave (see
+``federation.protocol``); this module returns those replies, and each node's refusal or
+failure from any stage, for the experiment loop to collect as in a plain round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from federation.protocol import METRICS_KEY, SECAGG_CLIPPING_KEY, SECAGG_MAX_WEIGHT_KEY
+
+__all__ = ["CLIPPING_RANGE", "SecureRound", "SecureRoundResult", "node_of", "senders_of"]
+
+logger = logging.getLogger(__name__)
+
+#: SecAgg+'s clipping range for weighted parameters (Flower's default).
+CLIPPING_RANGE = 8.0
+# The order of the workflow's waves (SecAggPlusWorkflow's stages).
+_STAGES = ("setup", "share keys", "collect masked vectors", "unmask")
+_COLLECT = 2
+
+
+class _RecordingGrid(Grid):
+    """Delegates to `grid`, keeping the replies of each wave (one wave per SecAgg+ stage)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.waves: list[list[Message]] = []
+        self.senders: dict[str, int] = {}  # message id -> the node it was sent to
+
+    def set_run(self, run: Run) -> None:  # pragma: no cover - the real grid is already set
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(  # noqa: PLR0913 - Flower's signature
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.senders |= senders_of(messages)
+        self.waves.append(replies)
+        logger.debug("SecAgg+ %s: %d repl(ies)", _STAGES[min(len(self.waves) - 1, 3)], len(replies))
+        return replies
+
+
+@dataclass
+class SecureRoundResult:
+    """What a secure round produced: the aggregate (None if the protocol stopped) and the replies to collect."""
+
+    arrays: ArrayRecord | None
+    replies: list[Message]
+    sampled: list[int]
+    threshold: int
+    waves: int
+    senders: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """SecAgg+ settings of an experiment: shares and threshold (None: defaults), weights' bound.
+
+    Parameters
+    ----------
+    num_shares
+        Nodes each private key is shared with; None: every node of the round.
+    reconstruction_threshold
+        Shares that recover a dropped node's masks; None: a majority of the shares (>= 2).
+    max_weight
+        The largest training size among the participants (from the query wave).
+    timeout
+        Seconds each of the protocol's waves may take.
+    """
+
+    num_shares: int | None
+    reconstruction_threshold: int | None
+    max_weight: float
+    timeout: float
+
+    def threshold_for(self, nodes: int) -> int:
+        """The reconstruction threshold of a round over `nodes` nodes."""
+        if self.reconstruction_threshold is not None:
+            return self.reconstruction_threshold
+        return max(2, (self.num_shares or nodes) // 2 + 1)
+
+    def run(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> SecureRoundResult:
+        """Run round `server_round` from the global model `arrays` over the nodes of `grid`."""
+        import flwr.compat.common.recorddict_compat as compat
+        from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+        from flwr.server.client_manager import SimpleClientManager
+        from flwr.server.compat.grid_client_proxy import GridClientProxy
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.server_config import ServerConfig
+        from flwr.server.workflow import SecAggPlusWorkflow
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+        nodes = sorted(grid.get_node_ids())
+        recording = _RecordingGrid(grid)
+        manager = SimpleClientManager()
+        for node in nodes:
+            manager.register(GridClientProxy(node, recording, grid.run.run_id))
+        fit_config = {**dict(config), SECAGG_CLIPPING_KEY: CLIPPING_RANGE, SECAGG_MAX_WEIGHT_KEY: float(self.max_weight)}
+        strategy = _AggregateOnce(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=max(len(nodes), 1),
+            min_evaluate_clients=0,
+            min_available_clients=max(len(nodes), 1),
+            on_fit_config_fn=lambda _round: fit_config,
+            accept_failures=True,
+        )
+        empty = Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        context = LegacyContext(empty, config=ServerConfig(num_rounds=server_round), strategy=strategy, client_manager=manager)
+        names = list(arrays)
+        dtypes = [arrays[name].numpy().dtype for name in names]
+        parameters = ndarrays_to_parameters([arrays[name].numpy() for name in names])
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, keep_input=True)
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+        threshold = self.threshold_for(len(nodes))
+        workflow = SecAggPlusWorkflow(
+            # A float is Flower's "this share of the round's nodes": 1.0 is every node.
+            num_shares=self.num_shares if self.num_shares is not None else 1.0,
+            reconstruction_threshold=threshold,
+            max_weight=float(self.max_weight),
+            clipping_range=CLIPPING_RANGE,
+            timeout=self.timeout,
+        )
+        if len(nodes) >= 2:
+            workflow(recording, context)
+        aggregate = None
+        if strategy.aggregated:
+            legacy = context.state.array_records[MAIN_PARAMS_RECORD]
+            values = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy, keep_input=True))
+            aggregate = ArrayRecord(
+                {name: Array(value.astype(dtype)) for name, value, dtype in zip(names, values, dtypes, strict=True)}
+            )
+        return SecureRoundResult(
+            arrays=aggregate,
+            replies=_decisive(recording.waves, recording.senders),
+            sampled=nodes,
+            threshold=threshold,
+            waves=len(recording.waves),
+            senders=recording.senders,
+        )
+
+
+def senders_of(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of sent messages: whom a reply is about.
+
+    The SuperLink answers for an unreachable node itself (its own id as the sender), so
+    a reply's node is the destination of the message it replies to.
+    """
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+
+
+def node_of(reply: Message, senders: dict[str, int]) -> int:
+    """The node a reply is about."""
+    return senders.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def _decisive(waves: list[list[Message]], senders: dict[str, int]) -> list[Message]:
+    """Per node: its collect-wave reply with metrics, else its first error reply of any wave."""
+    chosen: dict[int, Message] = {}
+    if len(waves) > _COLLECT:
+        for reply in waves[_COLLECT]:
+            if not reply.has_error() and METRICS_KEY in reply.content:
+                chosen[node_of(reply, senders)] = reply
+    for wave in waves:
+        for reply in wave:
+            if reply.has_error():
+                chosen.setdefault(node_of(reply, senders), reply)
+    return list(chosen.values())
+
+
+class _AggregateOnce(LegacyFedAvg):
+    """Flower's legacy FedAvg, noting whether the workflow reached aggregation."""
+
+    aggregated = False
+
+    def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+        self.aggregated = bool(results)
+        return super().aggregate_fit(server_round, results, failures)
