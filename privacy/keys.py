@@ -57,6 +57,7 @@ __all__ = [
     "generate_keypair",
     "load_private_key",
     "load_public_key",
+    "read_private_file",
     "sign",
     "verify",
 ]
@@ -229,6 +230,32 @@ def generate_keypair(directory: Path, name: str) -> KeyPair:
     )
 
 
+def read_private_file(path: Path, what: str, error: type[Exception]) -> bytes:
+    """The bytes of a secret file that only its owner may read; `error` names `what` and the path.
+
+    A missing or unreadable file, something other than a regular file, or a file that
+    group or others may read (fix with ``chmod 600``) raises `error`.
+    """
+    path = Path(path).expanduser()
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {_reason(err)}") from err
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} {path} is not a regular file")
+    if os.name == "posix" and info.st_mode & 0o077:
+        raise error(
+            f"{what} {path} is readable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+            f"run `chmod 600 {path}`"
+        )
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {_reason(err)}") from err
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read an unencrypted PKCS#8 PEM Ed25519 private key that only its owner can read.
 
@@ -239,23 +266,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         ``chmod 600``), encrypted, malformed, or not an Ed25519 key.
     """
     path = Path(path).expanduser()
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise KeyFileError(f"private key {path} does not exist") from None
-    except OSError as err:
-        raise KeyFileError(f"cannot read private key {path}: {_reason(err)}") from err
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"private key {path} is not a regular file")
-    if os.name == "posix" and info.st_mode & 0o077:
-        raise KeyFileError(
-            f"private key {path} is readable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
-            f"run `chmod 600 {path}`"
-        )
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise KeyFileError(f"cannot read private key {path}: {_reason(err)}") from err
+    data = read_private_file(path, "private key", KeyFileError)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy.errors import CertificateError, KeyFileError
+from privacy.keys import read_private_file
 
 __all__ = [
     "CA_CERT_FILE",
@@ -157,27 +158,6 @@ def _write_pair(
         if isinstance(err, FileExistsError):
             raise error(f"{other_path} already exists; it is never overwritten") from None
         raise error(f"cannot write {other_path}: {_reason(err)}") from err
-
-
-def _read_private_file(path: Path, what: str, error: type[Exception]) -> bytes:
-    path = Path(path).expanduser()
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist") from None
-    except OSError as err:
-        raise error(f"cannot read {what} {path}: {_reason(err)}") from err
-    if not stat.S_ISREG(info.st_mode):
-        raise error(f"{what} {path} is not a regular file")
-    if os.name == "posix" and info.st_mode & 0o077:
-        raise error(
-            f"{what} {path} is readable by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
-            f"run `chmod 600 {path}`"
-        )
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise error(f"cannot read {what} {path}: {_reason(err)}") from err
 
 
 # ---------------------------------------------------------------- certificates
@@ -410,7 +390,7 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    data = _read_private_file(path, "CA key", CertificateError)
+    data = read_private_file(path, "CA key", CertificateError)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -647,7 +627,7 @@ def load_node_auth_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
         If it is missing, readable by others, not an OpenSSH private key, or not EC/NIST.
     """
     path = Path(path).expanduser()
-    data = _read_private_file(path, "node auth key", KeyFileError)
+    data = read_private_file(path, "node auth key", KeyFileError)
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except TypeError:
