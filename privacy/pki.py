@@ -29,7 +29,6 @@ import ipaddress
 import logging
 import os
 import re
-import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field

@@ -46,7 +46,6 @@ from privacy.pki import (
     generate_node_auth_key,
     load_node_auth_private_key,
     load_node_auth_public_key,
-    node_auth_fingerprint,
 )
 
 __all__ = [
