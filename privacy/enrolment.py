@@ -85,6 +85,16 @@ def _read_table(path: Path, table: str, what: str) -> tuple[Mapping[str, Any], l
     return body, problems
 
 
+def _key_problems(body: Mapping[str, Any], prefix: str, keys: tuple[str, ...]) -> list[str]:
+    """Unknown and missing keys of a table, and a node name that breaks the naming rule."""
+    problems = [_unknown(f"{prefix}.{k}", k, keys) for k in body if k not in keys]
+    problems += [f"{prefix}.{k} is missing" for k in keys if k not in body]
+    node = body.get("node", "")
+    if "node" in body and not (isinstance(node, str) and _NAME.fullmatch(node)):
+        problems.append(f"{prefix}.node must be 1-64 letters, digits, '_' or '-'; found {node!r}")
+    return problems
+
+
 def _write_new(path: Path, text: str, what: str) -> None:
     path = Path(path).expanduser()
     try:
@@ -152,11 +162,8 @@ class EnrolmentRequest:
         """
         body, problems = _read_table(path, "enrolment_request", "enrolment request")
         prefix = "enrolment_request"
-        problems += [_unknown(f"{prefix}.{k}", k, _REQUEST_KEYS) for k in body if k not in _REQUEST_KEYS]
-        problems += [f"{prefix}.{k} is missing" for k in _REQUEST_KEYS if k not in body]
+        problems += _key_problems(body, prefix, _REQUEST_KEYS)
         node = body.get("node", "")
-        if "node" in body and not (isinstance(node, str) and _NAME.fullmatch(node)):
-            problems.append(f"{prefix}.node must be 1-64 letters, digits, '_' or '-'; found {node!r}")
         auth_key: ec.EllipticCurvePublicKey | None = None
         audit_key: Ed25519PublicKey | None = None
         if isinstance(body.get("auth_public_key"), str):
@@ -223,11 +230,8 @@ class EnrolmentBundle:
         """
         body, problems = _read_table(path, "enrolment", "enrolment bundle")
         prefix = "enrolment"
-        problems += [_unknown(f"{prefix}.{k}", k, _BUNDLE_KEYS) for k in body if k not in _BUNDLE_KEYS]
-        problems += [f"{prefix}.{k} is missing" for k in _BUNDLE_KEYS if k not in body]
+        problems += _key_problems(body, prefix, _BUNDLE_KEYS)
         node = body.get("node", "")
-        if "node" in body and not (isinstance(node, str) and _NAME.fullmatch(node)):
-            problems.append(f"{prefix}.node must be 1-64 letters, digits, '_' or '-'; found {node!r}")
         node_id = body.get("node_id", 0)
         if "node_id" in body and (isinstance(node_id, bool) or not isinstance(node_id, int) or node_id <= 0):
             problems.append(f"{prefix}.node_id must be a positive integer; found {node_id!r}")

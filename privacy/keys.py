@@ -59,6 +59,7 @@ __all__ = [
     "load_public_key",
     "read_private_file",
     "sign",
+    "toml_string",
     "verify",
 ]
 
@@ -357,8 +358,8 @@ class TrustedKey:
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
-def _toml_string(value: str) -> str:
-    # privacy is a leaf, so it keeps its own copy of this TOML 1.0 basic-string escaper.
+def toml_string(value: str) -> str:
+    """``value`` as a TOML basic string, escaped as the TOML 1.0 grammar requires."""
     out = ['"']
     for char in value:
         code = ord(char)
@@ -427,11 +428,11 @@ def _render(partners: Mapping[str, TrustedKey]) -> str:
         lines += [
             "",
             f"[partners.{name}]",
-            f"public_key = {_toml_string(partner.openssh)}",
+            f"public_key = {toml_string(partner.openssh)}",
             f"added_at = {partner.added_at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}",
         ]
         if partner.added_by is not None:
-            lines.append(f"added_by = {_toml_string(partner.added_by)}")
+            lines.append(f"added_by = {toml_string(partner.added_by)}")
     return "\n".join(lines) + "\n"
 
 

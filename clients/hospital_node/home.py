@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 from clients.hospital_node.errors import DatasetNotFoundError, NodeHomeError
 from clients.hospital_node.policy import POLICY_FILE, NodePolicy
+from privacy.keys import toml_string
 
 if TYPE_CHECKING:
     from clients.hospital_node.connectors import TabularData
@@ -576,26 +577,6 @@ def _read_config(home: Path) -> _NodeConfig:
     if config is None:
         raise NodeHomeError(_listing(f"{config_path} is invalid", problems))
     return config
-
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-def toml_string(value: str) -> str:
-    """``value`` as a TOML basic string, escaped as the TOML 1.0 grammar requires."""
-    out = ['"']
-    for char in value:
-        code = ord(char)
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04X}")
-        elif 0xD800 <= code <= 0xDFFF:
-            raise ValueError("a lone surrogate cannot be written to TOML")
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
 
 
 def _stored_path(path: Path, home: Path) -> str:
