@@ -14,7 +14,7 @@ sum of the parts). Only the node's ledger knows the total.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from experiments.errors import SpecError
 from experiments.spec import ExperimentSpec
@@ -22,12 +22,12 @@ from privacy.accountant import epsilon, noise_for_target, steps_per_epoch
 from privacy.errors import AccountingError
 from privacy.events import DPEvent
 
-__all__ = ["PrivacyPlan", "plan_privacy"]
+__all__ = ["PrivacyPlan", "PrivacySchedule", "plan_privacy", "privacy_schedule"]
 
 
 @dataclass(frozen=True)
-class PrivacyPlan:
-    """The DP-SGD parameters every site uses and the epsilon each site is charged.
+class PrivacySchedule:
+    """The DP-SGD parameters every site trains with: what a node's instruction carries.
 
     Attributes
     ----------
@@ -41,9 +41,7 @@ class PrivacyPlan:
     rounds, total_steps
         Federated rounds, and ``rounds * steps_per_round``.
     delta, accountant
-        Where epsilon is read off, and by which Opacus accountant.
-    epsilon_per_site
-        Composed epsilon of this experiment's events on one site's dataset.
+        Where epsilon is read off, and by which accountant.
     noise_from_target
         Whether the noise was derived from the spec's ``target_epsilon``.
     target_epsilon
@@ -57,13 +55,25 @@ class PrivacyPlan:
     total_steps: int
     delta: float
     accountant: str
-    epsilon_per_site: float
     noise_from_target: bool
     target_epsilon: float | None = None
 
 
-def plan_privacy(spec: ExperimentSpec) -> PrivacyPlan:
-    """Work out the noise and the per-site epsilon of `spec`.
+@dataclass(frozen=True, kw_only=True)
+class PrivacyPlan(PrivacySchedule):
+    """A schedule and the epsilon each site is charged for it.
+
+    Attributes
+    ----------
+    epsilon_per_site
+        Composed epsilon of this experiment's events on one site's dataset.
+    """
+
+    epsilon_per_site: float
+
+
+def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
+    """The noise and steps of `spec`; composes epsilon only to find a target's noise.
 
     Raises
     ------
@@ -87,10 +97,7 @@ def plan_privacy(spec: ExperimentSpec) -> PrivacyPlan:
     else:
         assert privacy.noise_multiplier is not None  # the spec holds exactly one of the two
         noise = privacy.noise_multiplier
-    rounds = [
-        DPEvent(noise_multiplier=noise, sample_rate=privacy.sample_rate, steps=steps_per_round)
-    ] * federation.rounds
-    return PrivacyPlan(
+    return PrivacySchedule(
         noise_multiplier=noise,
         sample_rate=privacy.sample_rate,
         steps_per_round=steps_per_round,
@@ -98,7 +105,22 @@ def plan_privacy(spec: ExperimentSpec) -> PrivacyPlan:
         total_steps=total_steps,
         delta=privacy.delta,
         accountant=privacy.accountant,
-        epsilon_per_site=epsilon(rounds, delta=privacy.delta, accountant=privacy.accountant),
         noise_from_target=privacy.target_epsilon is not None,
         target_epsilon=privacy.target_epsilon,
+    )
+
+
+def plan_privacy(spec: ExperimentSpec, schedule: PrivacySchedule | None = None) -> PrivacyPlan:
+    """Work out the noise and the per-site epsilon of `spec` (from `schedule` if given).
+
+    Raises
+    ------
+    SpecError
+        The spec's ``target_epsilon`` cannot be reached with any noise multiplier.
+    """
+    schedule = schedule or privacy_schedule(spec)
+    event = DPEvent(noise_multiplier=schedule.noise_multiplier, sample_rate=schedule.sample_rate, steps=schedule.steps_per_round)
+    return PrivacyPlan(
+        **asdict(schedule),
+        epsilon_per_site=epsilon([event] * schedule.rounds, delta=schedule.delta, accountant=schedule.accountant),
     )

@@ -40,7 +40,13 @@ def default_tracking_uri(base: Path | None = None) -> str:
 class Tracker(Protocol):
     """What the coordinator records about one experiment run."""
 
+    def prepare(self) -> None:
+        """Load what tracking needs, writing nothing (called while the nodes answer the query)."""
+        ...
+
     def start(self, *, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
 
@@ -83,12 +89,18 @@ class InMemoryTracker:
     status: str = "NONE"
     reason: str = ""
 
+    def prepare(self) -> None:
+        return None
+
     def start(self, *, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         self.experiment, self.run_name = experiment, run_name
         self.params = flatten_params(params)
         self.tags = dict(tags)
         self.status = "RUNNING"
         return "in-memory"
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(flatten_params(params))
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         for key, value in _finite(metrics).items():
@@ -113,11 +125,21 @@ class MlflowTracker:
     """
 
     def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self._mlflow_client: Any = None
+        self._run_id: str | None = None
+
+    def prepare(self) -> None:
+        """Import MLflow's client (seconds); opens no store."""
         from mlflow.tracking import MlflowClient
 
-        self.tracking_uri = tracking_uri
-        self._client = MlflowClient(tracking_uri)
-        self._run_id: str | None = None
+        if self._mlflow_client is None:
+            self._mlflow_client = MlflowClient(self.tracking_uri)
+
+    @property
+    def _client(self) -> Any:
+        self.prepare()
+        return self._mlflow_client
 
     @property
     def run_id(self) -> str:
@@ -133,8 +155,6 @@ class MlflowTracker:
         return (database.parent / "mlartifacts" / experiment).resolve().as_uri()
 
     def start(self, *, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        from mlflow.entities import Param
-
         found = self._client.get_experiment_by_name(experiment)
         experiment_id = (
             found.experiment_id
@@ -143,9 +163,14 @@ class MlflowTracker:
         )
         run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
         self._run_id = run.info.run_id
+        self.log_params(params)
+        return self.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
         flat = flatten_params(params)
         self._client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in sorted(flat.items())])
-        return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         from mlflow.entities import Metric

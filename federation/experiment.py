@@ -10,13 +10,16 @@ The sequence (DESIGN.md, "Data flow of one experiment"):
    until ``federation.approval_wait_seconds`` has passed. Fewer acceptances than the
    minimum then stops the run with every site's status and reason, before anything is
    tracked;
-3. the tracked run starts; each round is one *train* wave (nodes evaluate the incoming
+   The coordinator's own slow start (importing torch and MLflow, building the model)
+   happens while the first query wave is out;
+3. the tracked run starts (the plan's epsilon, which imports Opacus, is composed and
+   logged while the first train wave is out); each round is one *train* wave (nodes evaluate the incoming
    global model, then train it with DP-SGD) aggregated by the spec's strategy; with
    ``federation.secure_aggregation`` the round is Flower's SecAgg+ workflow instead
    (:mod:`federation.secure_aggregation`: three more waves, and the coordinator sees
    only the sum of the updates), collected, checked and tracked the same way;
-4. one *evaluate* wave on the final model; the model, the spec and a privacy summary
-   are saved and logged.
+4. one *evaluate* wave on the final model, during which the model and the spec are
+   saved and logged; then the final metrics and a privacy summary.
 
 Any failure after step 3 marks the tracked run FAILED with its reason.
 """
@@ -35,7 +38,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from experiments.cost import PrivacyPlan, plan_privacy
+from experiments.cost import PrivacyPlan, PrivacySchedule, plan_privacy, privacy_schedule
 from experiments.spec import ExperimentSpec
 from experiments.tracking import Tracker
 from federation.errors import FederationError, NotEnoughNodesError
@@ -122,7 +125,7 @@ class ExperimentResult:
         }
 
 
-def instruction_for(spec: ExperimentSpec, plan: PrivacyPlan) -> TrainInstruction:
+def instruction_for(spec: ExperimentSpec, plan: PrivacySchedule) -> TrainInstruction:
     """The node-facing instruction of a spec: every value explicit."""
     imaging = None
     if spec.imaging is not None:
@@ -194,10 +197,17 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0)
         time.sleep(poll)
 
 
-def _send(grid: Grid, kind: str, record: RecordDict, node_ids: Iterable[int], timeout: float) -> tuple[list[Message], dict[str, int]]:
+def _send(
+    grid: ParticipantGrid,
+    kind: str,
+    record: RecordDict,
+    node_ids: Iterable[int],
+    timeout: float,
+    meanwhile: Callable[[], object] | None = None,
+) -> tuple[list[Message], dict[str, int]]:
     """Replies of one wave, and whom each sent message went to (see `senders_of`)."""
     messages = [Message(content=record, dst_node_id=n, message_type=kind) for n in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = list(grid.send_and_receive(messages, timeout=timeout, meanwhile=meanwhile))
     return replies, senders_of(messages)
 
 
@@ -235,11 +245,18 @@ def _collect(
     return answered
 
 
-def _wave(
-    grid: Grid, kind: str, record: RecordDict, nodes: list[int], sites: dict[int, SiteOutcome], allowed: tuple[str, ...], timeout: float
+def _wave(  # noqa: PLR0913
+    grid: ParticipantGrid,
+    kind: str,
+    record: RecordDict,
+    nodes: list[int],
+    sites: dict[int, SiteOutcome],
+    allowed: tuple[str, ...],
+    timeout: float,
+    meanwhile: Callable[[], object] | None = None,
 ) -> dict[int, dict[str, float]]:
-    """Send `record` to `nodes` and collect the replies (see `_collect`)."""
-    replies, senders = _send(grid, kind, record, nodes, timeout)
+    """Send `record` to `nodes`, call `meanwhile`, and collect the replies (see `_collect`)."""
+    replies, senders = _send(grid, kind, record, nodes, timeout, meanwhile)
     return _collect(replies, sites, nodes, allowed, senders)
 
 
@@ -263,12 +280,22 @@ def _round_metrics(step_metrics: Mapping[int, Mapping[str, float]], sites: Mappi
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
-def _query_until_decided(
-    grid: Grid, record: RecordDict, nodes: list[int], sites: dict[int, SiteOutcome], *, timeout: float, wait: float
+def _query_until_decided(  # noqa: PLR0913
+    grid: Grid,
+    record: RecordDict,
+    nodes: list[int],
+    sites: dict[int, SiteOutcome],
+    *,
+    timeout: float,
+    wait: float,
+    meanwhile: Callable[[], object] | None = None,
 ) -> dict[int, dict[str, float]]:
-    """The query wave, repeated for nodes awaiting their officer until none is or `wait` is over."""
+    """The query wave, repeated for nodes awaiting their officer until none is or `wait` is over.
+
+    `meanwhile` is called once, while the first wave is out.
+    """
     participants = ParticipantGrid(grid, nodes)
-    accepted = _wave(participants, MessageType.QUERY, record, nodes, sites, QUERY_METRICS, timeout)
+    accepted = _wave(participants, MessageType.QUERY, record, nodes, sites, QUERY_METRICS, timeout, meanwhile)
     deadline = time.monotonic() + wait
     while True:
         awaiting = [n for n in nodes if sites[n].status == AWAITING]
@@ -280,7 +307,10 @@ def _query_until_decided(
         accepted |= _wave(participants, MessageType.QUERY, record, awaiting, sites, QUERY_METRICS, timeout)
 
 
-RoundRunner = Callable[[int, ArrayRecord, Any, dict[int, SiteOutcome]], tuple[dict[int, dict[str, float]], ArrayRecord | None]]
+RoundRunner = Callable[
+    [int, ArrayRecord, Any, dict[int, SiteOutcome], Callable[[], object] | None],
+    tuple[dict[int, dict[str, float]], ArrayRecord | None],
+]
 
 
 def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Mapping[int, Mapping[str, float]], timeout: float) -> RoundRunner:
@@ -288,6 +318,7 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
 
     Either returns the valid replies' metrics per node (refusals and silences recorded
     in the sites) and the new global model; fewer answers than the minimum stop the run.
+    A runner calls its last argument, if any, while its first wave is out.
     """
     fed = spec.federation
 
@@ -306,7 +337,9 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
             timeout=timeout,
         )
 
-        def secure_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome]):  # type: ignore[no-untyped-def]
+        def secure_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome], meanwhile=None):  # type: ignore[no-untyped-def]
+            if meanwhile is not None:  # the SecAgg+ workflow drives its own waves
+                meanwhile()
             result = secure.run(participants, server_round, arrays, config)
             answered = _collect(result.replies, sites, result.sampled, TRAIN_METRICS, result.senders)
             if result.arrays is None:
@@ -328,9 +361,9 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
         client_learning_rate=fed.learning_rate,
     )
 
-    def plain_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome]):  # type: ignore[no-untyped-def]
+    def plain_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome], meanwhile=None):  # type: ignore[no-untyped-def]
         messages = list(strategy.configure_train(server_round, arrays, config, participants))
-        replies = list(participants.send_and_receive(messages, timeout=timeout))
+        replies = list(participants.send_and_receive(messages, timeout=timeout, meanwhile=meanwhile))
         answered = _collect(replies, sites, participants.get_node_ids(), TRAIN_METRICS, senders_of(messages))
         enough(server_round, answered, sites)
         valid = [r for r in replies if not r.has_error() and r.metadata.src_node_id in answered]
@@ -351,10 +384,8 @@ def run_experiment(
     on_round: Callable[[int, Mapping[str, float]], None] | None = None,
 ) -> ExperimentResult:
     """Run `spec` over the nodes of `grid`; see the module docstring for the sequence."""
-    import torch
-
-    plan = plan_privacy(spec)
-    instruction = instruction_for(spec, plan)
+    schedule = privacy_schedule(spec)
+    instruction = instruction_for(spec, schedule)
     if signed.spec_json != spec.canonical_json():
         raise FederationError("the signed spec is not the spec of this run; submit it again with `medfed experiment submit`")
     fed = spec.federation
@@ -363,10 +394,30 @@ def run_experiment(
     def config(server_round: int = 0):  # type: ignore[no-untyped-def]
         return signed.add_to(instruction.to_config(server_round))
 
+    prepared: list[tuple[Any, Any]] = []
+
+    def start_up() -> None:
+        """The coordinator's slow start, while the nodes answer the query: nothing is written."""
+        prepared.append(build_model(spec))
+        tracker.prepare()
+
+    planned: list[PrivacyPlan] = []
+
+    def plan_and_log() -> None:
+        """The plan's epsilon (Opacus, seconds), while the nodes train the first round."""
+        planned.append(plan_privacy(spec, schedule))
+        tracker.log_params({"plan": asdict(planned[0])})
+
     connected = _wait_for_nodes(grid, fed.min_nodes, fed.node_wait_seconds)
     sites = {n: SiteOutcome(n, f"node-{n}") for n in connected}
     query = _query_until_decided(
-        grid, RecordDict({CONFIG_KEY: config()}), connected, sites, timeout=timeout, wait=fed.approval_wait_seconds
+        grid,
+        RecordDict({CONFIG_KEY: config()}),
+        connected,
+        sites,
+        timeout=timeout,
+        wait=fed.approval_wait_seconds,
+        meanwhile=start_up,
     )
     if len(query) < fed.min_nodes:
         raise NotEnoughNodesError(
@@ -375,20 +426,20 @@ def run_experiment(
         )
     logger.info("experiment %s: %d site(s) accepted: %s", spec.experiment.name, len(query), _site_report(sites))
 
-    model, input_example = build_model(spec)
+    ((model, input_example),) = prepared
     arrays = ArrayRecord(model.state_dict())
     participants = ParticipantGrid(grid, query)
     train_round = _round_runner(spec, participants, query, timeout)
     run_id = tracker.start(
         experiment=spec.experiment.mlflow_experiment or spec.experiment.name,
         run_name=spec.experiment.name,
-        params={**spec.to_mapping(), "plan": asdict(plan)},
+        params=spec.to_mapping(),
         tags={"medfed.spec_digest": spec.digest(), **(tags or {})},
     )
     history: dict[int, dict[str, float]] = {}
     try:
         for server_round in range(1, fed.rounds + 1):
-            answered, new_arrays = train_round(server_round, arrays, config(server_round), sites)
+            answered, new_arrays = train_round(server_round, arrays, config(server_round), sites, plan_and_log if server_round == 1 else None)
             for node, metrics in answered.items():
                 sites[node].rounds[server_round] = metrics
             if new_arrays is None:
@@ -404,24 +455,29 @@ def run_experiment(
             if on_round is not None:
                 on_round(server_round, history[server_round - 1] | history[server_round])
 
+        def save_model() -> None:
+            """Save and log the final model while the nodes evaluate it."""
+            import torch
+
+            model.load_state_dict(arrays.to_torch_state_dict())
+            output_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), output_dir / MODEL_FILE)
+            tracker.log_text(spec.canonical_json(), "spec.json")
+            tracker.log_model(model, input_example=input_example.numpy())
+
         final_record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config(fed.rounds)})
         nodes = list(participants.get_node_ids())
-        final_sites = _wave(participants, MessageType.EVALUATE, final_record, nodes, sites, EVAL_METRICS, timeout)
+        final_sites = _wave(participants, MessageType.EVALUATE, final_record, nodes, sites, EVAL_METRICS, timeout, save_model)
         for node, metrics in final_sites.items():
             sites[node].final = metrics
         final = _round_metrics(final_sites, sites, EVAL_METRICS)
         tracker.log_metrics(final, step=fed.rounds)
         history[fed.rounds] = {**history.get(fed.rounds, {}), **final}
 
-        model.load_state_dict(arrays.to_torch_state_dict())
-        result = ExperimentResult(spec, plan, sites, history, final, arrays, run_id)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), output_dir / MODEL_FILE)
+        result = ExperimentResult(spec, planned[0], sites, history, final, arrays, run_id)
         summary = json.dumps(result.privacy_summary(), indent=2, sort_keys=True)
         (output_dir / SUMMARY_FILE).write_text(summary + "\n")
         tracker.log_text(summary, SUMMARY_FILE)
-        tracker.log_text(spec.canonical_json(), "spec.json")
-        tracker.log_model(model, input_example=input_example.numpy())
     except BaseException as err:
         tracker.finish(failed=True, reason=str(err))
         raise

@@ -7,12 +7,15 @@ of the grid that lists only the participants still connected.
 Flower 1.39's ``send_and_receive`` sleeps 3 s between pulls, so a wave whose replies
 are all in after 3.1 s is noticed at 6 s. Replies are pulled here every
 ``poll_interval`` seconds instead (one small HTTP request to the SuperLink each time).
+A wave takes seconds however light the nodes' work (Flower's floor), so the coordinator
+can do its own slow work (imports, saving the model) *while* a wave is out: pass it as
+``meanwhile``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -55,10 +58,22 @@ class ParticipantGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push `messages`, then pull until every reply is in or `timeout` seconds pass."""
+    def send_and_receive(
+        self,
+        messages: Iterable[Message],
+        *,
+        timeout: float | None = None,
+        meanwhile: Callable[[], object] | None = None,
+    ) -> Iterable[Message]:
+        """Push `messages`, call `meanwhile`, then pull until every reply is in or `timeout` seconds pass.
+
+        The timeout counts from the push, `meanwhile`'s time included. If `meanwhile`
+        raises, its error propagates and the replies are left unread.
+        """
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
+        if meanwhile is not None:
+            meanwhile()
         replies: list[Message] = []
         while pending:
             received = list(self.pull_messages(pending))

@@ -252,3 +252,66 @@ def test_a_spec_signed_by_a_stranger_trains_nowhere(alliance, tmp_path: Path) ->
     with pytest.raises(NotEnoughNodesError, match="is not a trusted partner of this node"):
         run_experiment(_grid(alliance, 303), spec, signed=signed, tracker=InMemoryTracker(), output_dir=tmp_path)
     assert charges() == before
+
+
+class _TimelineTracker(InMemoryTracker):
+    """Records when the coordinator prepares tracking and logs the model, beside the nodes' messages."""
+
+    def __init__(self, timeline: list[str]) -> None:
+        super().__init__()
+        self.timeline = timeline
+
+    def prepare(self) -> None:
+        self.timeline.append("coordinator prepares")
+
+    def start(self, **kwargs) -> str:  # type: ignore[no-untyped-def]
+        self.timeline.append("coordinator starts the tracked run")
+        return super().start(**kwargs)
+
+    def log_params(self, params) -> None:  # type: ignore[no-untyped-def]
+        self.timeline.append(f"coordinator logs {', '.join(params)}")
+        super().log_params(params)
+
+    def log_model(self, model, *, input_example, name: str = "model") -> None:  # type: ignore[no-untyped-def]
+        self.timeline.append("coordinator logs the model")
+        super().log_model(model, input_example=input_example, name=name)
+
+    def log_metrics(self, metrics, *, step: int) -> None:  # type: ignore[no-untyped-def]
+        if "eval_auc" in metrics and step == 1:
+            self.timeline.append("coordinator logs the final metrics")
+        super().log_metrics(metrics, step=step)
+
+
+def test_the_coordinator_starts_up_and_saves_the_model_while_a_wave_is_out(alliance, tmp_path: Path) -> None:
+    spec = _spec(federation={"rounds": 1}, experiment={"name": "overlap"})
+    approve_everywhere(alliance, spec)
+    timeline: list[str] = []
+
+    def recorded(home: Path):  # type: ignore[no-untyped-def]
+        handle = _handler(home)
+
+        def handler(message: Message) -> Message:
+            timeline.append(f"node answers {message.metadata.message_type}")
+            return handle(message)
+
+        return handler
+
+    grid = InProcessGrid({i + 10: recorded(site.home) for i, site in enumerate(alliance)}, run_id=304)
+    tracker = _TimelineTracker(timeline)
+    run_experiment(grid, spec, signed=signed_spec(spec, alliance[0].home.parent.parent), tracker=tracker, output_dir=tmp_path)
+
+    # The in-process grid answers while the messages are pushed, so "meanwhile" work
+    # comes after the wave's answers and before anything that needs them.
+    assert timeline == [
+        *["node answers query"] * 3,
+        "coordinator prepares",
+        "coordinator starts the tracked run",
+        *["node answers train"] * 3,
+        "coordinator logs plan",
+        *["node answers evaluate"] * 3,
+        "coordinator logs the model",
+        "coordinator logs the final metrics",
+    ]
+    assert tracker.status == "FINISHED" and "model" in tracker.models
+    assert float(tracker.params["plan.epsilon_per_site"]) == pytest.approx(plan_privacy(spec).epsilon_per_site)
+    assert (tmp_path / "final_model.pt").is_file()
