@@ -9,15 +9,15 @@ The sequence (DESIGN.md, "Data flow of one experiment"):
    answer "awaiting approval"; they are asked again every ``APPROVAL_POLL_SECONDS``
    until ``federation.approval_wait_seconds`` has passed. Fewer acceptances than the
    minimum then stops the run with every site's status and reason, before anything is
-   tracked;
-   The coordinator's own slow start (importing torch and MLflow, building the model)
+   tracked. The coordinator's own slow start (importing torch and MLflow, building the model)
    happens while the first query wave is out;
-3. the tracked run starts (the plan's epsilon, which imports Opacus, is composed and
-   logged while the first train wave is out); each round is one *train* wave (nodes evaluate the incoming
+3. the tracked run starts; each round is one *train* wave (nodes evaluate the incoming
    global model, then train it with DP-SGD) aggregated by the spec's strategy; with
    ``federation.secure_aggregation`` the round is Flower's SecAgg+ workflow instead
    (:mod:`federation.secure_aggregation`: three more waves, and the coordinator sees
-   only the sum of the updates), collected, checked and tracked the same way;
+   only the sum of the updates), collected, checked and tracked the same way. The
+   plan's epsilon (which imports Opacus) is composed and logged while the first train
+   wave is out;
 4. one *evaluate* wave on the final model, during which the model and the spec are
    saved and logged; then the final metrics and a privacy summary.
 
