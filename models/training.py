@@ -4,9 +4,9 @@
 step independently with probability ``sample_rate``), per-sample gradients clipped to
 ``max_grad_norm`` over all parameters jointly, Gaussian noise of standard deviation
 ``noise_multiplier * max_grad_norm`` added to the sum, divided by the expected batch
-size ``round(sample_rate * n)``. An empty batch still takes a pure-noise step. Opacus
-computes the per-sample gradients (or their norms), clips and noises; this module only
-decides how to drive it cheaply:
+size ``round(sample_rate * n)``. An empty batch still takes a pure-noise step. Opacus's
+``DPOptimizer`` clips and noises (on the ghost-clipping path Opacus also computes the
+per-sample gradient norms); this module decides how to drive it cheaply:
 
 - **Tensors, not a DataLoader.** Poisson masks for many steps are drawn in one call on
   the tensors already in memory; Opacus's Poisson DataLoader collates patient by
@@ -16,10 +16,14 @@ decides how to drive it cheaply:
   descheduled worker) costs more than the work. Measured on a shared 2-core host: two
   threads were never faster (0.84-1.1x the time of one while it was quiet) and up to
   40x slower while it was busy. The caller's setting is restored afterwards.
-- **Expanded weights for small all-Linear models** (Opacus ``grad_sample_mode="ew"``):
-  PyTorch's built-in per-sample gradients avoid Opacus's Python forward/backward module
-  hooks. Opacus's EW path refuses an empty batch, so one is given the zero-length
-  per-sample gradients that Opacus's hooks produce for it.
+- **One flat parameter for small linear chains** (the tabular models, which declare
+  their layers with ``linear_chain()``): the layers' weights are copied into one vector,
+  per-sample gradients of the whole chain are computed in closed form (a few batched
+  operations per layer, no autograd graph and no module hooks) into one reused
+  ``batch x parameters`` matrix, and Opacus's ``DPOptimizer`` clips, noises and scales
+  that single tensor, as it would the model's own parameters flattened and
+  concatenated. The trained vector is copied back into the model's parameters, whose
+  names and shapes are what leaves the node.
 - **Ghost clipping for everything else** (``grad_sample_mode="ghost"``): per-sample
   gradient *norms* from activations and backprops, then a second backward pass with
   the clipping coefficients, never materialising ``batch x parameters`` floats. It
@@ -56,7 +60,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -72,8 +76,8 @@ if TYPE_CHECKING:  # Opacus is imported on first use: a ClientApp module imports
 __all__ = ["EvalMetrics", "TrainStats", "auc_score", "evaluate", "train_dp", "train_plain"]
 
 # Per-sample gradient entries per step (trainable parameters x expected batch size) up
-# to which a step counts as small: one intra-op thread, and expanded weights where the
-# model allows. Around here ghost clipping's second backward pass starts to cost less
+# to which a step counts as small: one intra-op thread, and the flat linear chain where
+# the model allows. Around here ghost clipping's second backward pass starts to cost less
 # than materialising per-sample gradients (MLP (128, 64), batch 100: ~1.0M entries,
 # both ~45 ms/epoch; (256, 128): 3.7M, ghost 71 vs 120 ms).
 _SMALL_STEP_ENTRIES = 1 << 20
@@ -163,61 +167,188 @@ def _is_small_step(model: nn.Module, expected_batch_size: int) -> bool:
     return entries <= _SMALL_STEP_ENTRIES
 
 
-def _only_linear_layers(model: nn.Module) -> bool:
-    """Whether every module holding trainable parameters is an ``nn.Linear``."""
-    return all(
-        isinstance(module, nn.Linear)
-        for module in model.modules()
-        if any(p.requires_grad for p in module.parameters(recurse=False))
-    )
+def _linear_chain(model: nn.Module) -> tuple[nn.Module, ...] | None:
+    """The model's layers if it declares them as a chain of ``nn.Linear`` and ``nn.ReLU``.
+
+    A model qualifies when it has a ``linear_chain()`` method (its ``forward`` applies
+    those layers in turn and squeezes out one logit), the chain ends in a linear layer
+    of one output, and the chain holds every trainable parameter of the model.
+    """
+    declared = getattr(model, "linear_chain", None)
+    if not callable(declared):
+        return None
+    layers = tuple(declared())
+    if not layers or not all(type(m) in (nn.Linear, nn.ReLU) for m in layers):
+        return None
+    last = layers[-1]
+    if not isinstance(last, nn.Linear) or last.out_features != 1:
+        return None
+    in_chain = [p for m in layers for p in m.parameters(recurse=False)]
+    trainable = _trainable(model)
+    if not all(p.requires_grad for p in in_chain) or {id(p) for p in in_chain} != {id(p) for p in trainable}:
+        return None
+    return layers
 
 
 @dataclass(frozen=True)
 class _PrivateStep:
-    """Opacus objects of one `train_dp` call, for one grad-sample mode.
+    """Opacus objects of one `train_dp` call, for one way of getting per-sample gradients.
 
-    ``backward(x, y)`` leaves in the parameters what ``optimizer.pre_step()`` needs to
-    clip, noise and scale, and returns the summed loss of the batch.
+    ``backward(x, y)`` leaves in ``params`` what ``optimizer.pre_step()`` needs to clip,
+    noise and scale; ``optimizer`` wraps the SGD that updates ``params``.
+    ``summed_loss()`` is the loss summed over every patient of every batch so far, each
+    at the weights of its step. ``close()`` leaves the trained weights in the model and
+    no Opacus state on it.
     """
 
     optimizer: DPOptimizer
-    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    params: list[torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor], None]
+    summed_loss: Callable[[], float]
     close: Callable[[], None]
 
 
-def _expanded_weights_step(
-    model: nn.Module, sgd: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int
+class _FlatLinearChain:
+    """Per-sample gradients of a chain of linear and ReLU layers, in one flat tensor.
+
+    The chain's parameters are copied into a single vector ``flat`` (in the order of
+    ``parameters()``, each weight then its bias) and the layers run on views into it.
+    For the summed binary cross-entropy, the gradient at the logit of patient ``i`` is
+    ``sigmoid(z_i) - y_i``; it is carried back layer by layer (through a ReLU: zero where
+    the unit was off, as autograd does; through a linear layer: times its weight), and
+    each linear layer's per-sample gradient is the outer product of that patient's
+    gradient at its output and its input (its bias: the gradient at its output), which
+    is Opacus's own rule for ``nn.Linear``. All patients of a batch go through each
+    operation at once, so a step costs a few small tensor operations per layer whatever
+    the batch size, and ``DPOptimizer`` clips, noises and scales one tensor instead of
+    one per parameter.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        self.layers = tuple(layers)
+        self.targets = [p for m in self.layers for p in m.parameters(recurse=False)]
+        self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.targets]))
+        data = self.flat.detach()
+        # Per layer, in order: a linear layer's (weight, bias) as views into `flat`, or
+        # None for a ReLU. Backwards: (layer index, weight, the columns of its weight and
+        # bias in a per-sample gradient row), weight None for a ReLU.
+        self._forward: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+        self._backward: list[tuple[int, torch.Tensor | None, slice, slice | None]] = []
+        offset = 0
+        for index, module in enumerate(self.layers):
+            if not isinstance(module, nn.Linear):
+                self._forward.append(None)
+                self._backward.append((index, None, slice(0), None))
+                continue
+            weight_cols = slice(offset, offset + module.weight.numel())
+            weight = data[weight_cols].view_as(module.weight)
+            offset = weight_cols.stop
+            bias, bias_cols = None, None
+            if module.bias is not None:
+                bias_cols = slice(offset, offset + module.bias.numel())
+                bias = data[bias_cols]
+                offset = bias_cols.stop
+            self._forward.append((weight, bias))
+            self._backward.append((index, weight, weight_cols, bias_cols))
+        self._backward.reverse()
+        self.size = offset
+        # Reused from step to step: fresh memory of this size every step costs more than
+        # the arithmetic that fills it.
+        self._rows = data.new_empty((0, self.size))
+
+    @torch.no_grad()
+    def per_sample_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of a batch and each patient's gradient of the summed loss.
+
+        The gradients, ``(len(x), size)``, live in a buffer that the next call overwrites.
+        """
+        saved: list[torch.Tensor] = []  # a linear layer's input, a ReLU's output
+        a = x
+        for linear in self._forward:
+            if linear is None:
+                a = torch.relu(a)
+                saved.append(a)
+            else:
+                saved.append(a)
+                a = F.linear(a, *linear)
+        grad = torch.sigmoid(a).sub_(y.unsqueeze(-1))  # (batch, 1): at the logit
+        batch = len(x)
+        if batch > len(self._rows):
+            self._rows = self._rows.new_empty((max(batch, 2 * len(self._rows)), self.size))
+        per_sample = self._rows[:batch]
+        for index, weight, weight_cols, bias_cols in self._backward:
+            if weight is None:
+                grad = torch.ops.aten.threshold_backward(grad, saved[index], 0)
+                continue
+            rows = per_sample[:, weight_cols].view(batch, *weight.shape)
+            torch.mul(grad.unsqueeze(2), saved[index].unsqueeze(1), out=rows)
+            if bias_cols is not None:
+                per_sample[:, bias_cols] = grad
+            if index:
+                grad = grad @ weight
+        return a.squeeze(-1), per_sample
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the trained flat vector into the chain's own parameters."""
+        offset = 0
+        for p in self.targets:
+            p.copy_(self.flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _flat_chain_step(
+    model: nn.Module,
+    *,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
 ) -> _PrivateStep:
-    """Per-sample gradients from PyTorch's expanded weights; Opacus's flat clipping."""
-    from opacus.grad_sample import GradSampleModuleExpandedWeights
+    """Closed-form per-sample gradients of a linear chain; Opacus's flat clipping and noise."""
     from opacus.optimizers import DPOptimizer
 
-    gsm = GradSampleModuleExpandedWeights(model, loss_reduction="sum")
+    layers = _linear_chain(model)
+    assert layers is not None
+    chain = _FlatLinearChain(layers)
+    flat = chain.flat
     optimizer = DPOptimizer(
-        sgd,
+        torch.optim.SGD([flat], lr=learning_rate),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
     )
-    params = _trainable(model)
+    # The loss is reported, never differentiated: it is computed once, at the end.
+    logits: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
 
-    def backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        if len(xb) == 0:
-            # Expanded weights need a batch of at least one; an empty Poisson batch has no
-            # per-sample gradients, which is what Opacus's hooks record for it as well.
-            for p in params:
-                p.grad_sample = p.new_zeros((0, *p.shape))
-            return xb.new_zeros(())
-        loss = F.binary_cross_entropy_with_logits(gsm(xb), yb, reduction="sum")
-        loss.backward()
-        return loss.detach()
+    def backward(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        batch_logits, flat.grad_sample = chain.per_sample_gradients(xb, yb)
+        logits.append(batch_logits)
+        labels.append(yb)
 
-    return _PrivateStep(optimizer, backward, gsm._close)
+    def summed_loss() -> float:
+        if not logits:
+            return 0.0
+        return float(F.binary_cross_entropy_with_logits(torch.cat(logits), torch.cat(labels), reduction="sum"))
+
+    def close() -> None:
+        chain.write_back()
+        for attr in ("grad_sample", "summed_grad"):
+            if hasattr(flat, attr):
+                delattr(flat, attr)
+
+    return _PrivateStep(optimizer, [flat], backward, summed_loss, close)
 
 
 def _ghost_clipping_step(
-    model: nn.Module, sgd: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int
+    model: nn.Module,
+    *,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
 ) -> _PrivateStep:
     """Opacus ghost clipping: per-sample norms, then a backward pass of clipped losses."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -227,8 +358,9 @@ def _ghost_clipping_step(
     gsm = GradSampleModuleFastGradientClipping(
         model, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True
     )
+    params = _trainable(model)
     optimizer = DPOptimizerFastGradientClipping(
-        sgd,
+        torch.optim.SGD(params, lr=learning_rate),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
@@ -238,7 +370,9 @@ def _ghost_clipping_step(
         gsm, optimizer, nn.BCEWithLogitsLoss(reduction="mean"), loss_reduction="mean"
     )
 
-    def backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    losses: list[torch.Tensor] = []
+
+    def backward(xb: torch.Tensor, yb: torch.Tensor) -> None:
         loss = criterion(gsm(xb), yb)
         with warnings.catch_warnings():
             # The first layer's input is data, which needs no gradient; torch warns that
@@ -246,9 +380,18 @@ def _ghost_clipping_step(
             # Opacus reads.
             warnings.filterwarnings("ignore", message="Full backward hook", category=UserWarning)
             loss.backward()
-        return loss.loss_per_sample.detach().sum()
+        losses.append(loss.loss_per_sample.detach().sum())
 
-    return _PrivateStep(optimizer, backward, gsm._close)
+    def summed_loss() -> float:
+        return float(torch.stack(losses).sum()) if losses else 0.0
+
+    def close() -> None:
+        gsm._close()
+        for param in params:
+            if hasattr(param, "summed_grad"):
+                del param.summed_grad
+
+    return _PrivateStep(optimizer, params, backward, summed_loss, close)
 
 
 def train_dp(
@@ -286,26 +429,24 @@ def train_dp(
     model.train()
     # What PrivacyEngine.make_private checks: no layer that mixes patients (BatchNorm).
     ModuleValidator.validate(model, strict=True)
-    params = _trainable(model)
-    reference = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     small = _is_small_step(model, expected_batch_size)
-    build = _expanded_weights_step if small and _only_linear_layers(model) else _ghost_clipping_step
+    build = _flat_chain_step if small and _linear_chain(model) is not None else _ghost_clipping_step
 
-    sgd = torch.optim.SGD(params, lr=learning_rate)
-    losses: list[torch.Tensor] = []
     seen = 0
     with _intra_op_threads(1 if small else None):
         private = build(
             model,
-            sgd,
+            learning_rate=learning_rate,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size,
         )
+        params, sgd = private.params, private.optimizer.original_optimizer
+        reference = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         try:
             for batch in _poisson_batches(n, sample_rate, steps, generator):
                 private.optimizer.zero_grad(set_to_none=True)
-                losses.append(private.backward(x[batch], y[batch]))
+                private.backward(x[batch], y[batch])
                 # Clip per sample, add noise to the sum, divide by the expected batch size.
                 # An empty batch still releases a pure-noise step, as the accountant assumes.
                 private.optimizer.pre_step()
@@ -315,12 +456,10 @@ def train_dp(
                 sgd.step()
                 seen += len(batch)
         finally:
+            # Leaves the trained weights in the model and no Opacus state on it.
             private.close()
-            # Leave no Opacus state on the caller's parameters.
-            for param in params:
-                if hasattr(param, "summed_grad"):
-                    del param.summed_grad
-    return TrainStats(steps=steps, mean_loss=float(torch.stack(losses).sum()) / max(seen, 1))
+        summed_loss = private.summed_loss()
+    return TrainStats(steps=steps, mean_loss=summed_loss / max(seen, 1))
 
 
 def train_plain(
