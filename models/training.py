@@ -63,6 +63,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -298,7 +299,7 @@ class _FlatLinearChain:
 
 
 def _flat_chain_step(
-    model: nn.Module,
+    layers: Sequence[nn.Module],
     *,
     learning_rate: float,
     noise_multiplier: float,
@@ -308,8 +309,6 @@ def _flat_chain_step(
     """Closed-form per-sample gradients of a linear chain; Opacus's flat clipping and noise."""
     from opacus.optimizers import DPOptimizer
 
-    layers = _linear_chain(model)
-    assert layers is not None
     chain = _FlatLinearChain(layers)
     flat = chain.flat
     optimizer = DPOptimizer(
@@ -430,12 +429,12 @@ def train_dp(
     # What PrivacyEngine.make_private checks: no layer that mixes patients (BatchNorm).
     ModuleValidator.validate(model, strict=True)
     small = _is_small_step(model, expected_batch_size)
-    build = _flat_chain_step if small and _linear_chain(model) is not None else _ghost_clipping_step
+    layers = _linear_chain(model) if small else None
 
+    build = partial(_ghost_clipping_step, model) if layers is None else partial(_flat_chain_step, layers)
     seen = 0
     with _intra_op_threads(1 if small else None):
         private = build(
-            model,
             learning_rate=learning_rate,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,

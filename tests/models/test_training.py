@@ -322,7 +322,7 @@ def opacus_private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
 def flat_private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip: float, noise: float,
                           expected_batch_size: int) -> torch.Tensor:
     """train_dp's DP gradient of one step on the flat path (before the SGD update)."""
-    private = _flat_chain_step(model, learning_rate=0.1, noise_multiplier=noise, max_grad_norm=clip,
+    private = _flat_chain_step(model.linear_chain(), learning_rate=0.1, noise_multiplier=noise, max_grad_norm=clip,
                                expected_batch_size=expected_batch_size)
     private.optimizer.zero_grad(set_to_none=True)
     private.backward(x, y)
