@@ -209,95 +209,6 @@ class _PrivateStep:
     close: Callable[[], None]
 
 
-class _FlatLinearChain:
-    """Per-sample gradients of a chain of linear and ReLU layers, in one flat tensor.
-
-    The chain's parameters are copied into a single vector ``flat`` (in the order of
-    ``parameters()``, each weight then its bias) and the layers run on views into it.
-    For the summed binary cross-entropy, the gradient at the logit of patient ``i`` is
-    ``sigmoid(z_i) - y_i``; it is carried back layer by layer (through a ReLU: zero where
-    the unit was off, as autograd does; through a linear layer: times its weight), and
-    each linear layer's per-sample gradient is the outer product of that patient's
-    gradient at its output and its input (its bias: the gradient at its output), which
-    is Opacus's own rule for ``nn.Linear``. All patients of a batch go through each
-    operation at once, so a step costs a few small tensor operations per layer whatever
-    the batch size, and ``DPOptimizer`` clips, noises and scales one tensor instead of
-    one per parameter.
-    """
-
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
-        self.layers = tuple(layers)
-        self.targets = [p for m in self.layers for p in m.parameters(recurse=False)]
-        self.flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in self.targets]))
-        data = self.flat.detach()
-        # Per layer, in order: a linear layer's (weight, bias) as views into `flat`, or
-        # None for a ReLU. Backwards: (layer index, weight, the columns of its weight and
-        # bias in a per-sample gradient row), weight None for a ReLU.
-        self._forward: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
-        self._backward: list[tuple[int, torch.Tensor | None, slice, slice | None]] = []
-        offset = 0
-        for index, module in enumerate(self.layers):
-            if not isinstance(module, nn.Linear):
-                self._forward.append(None)
-                self._backward.append((index, None, slice(0), None))
-                continue
-            weight_cols = slice(offset, offset + module.weight.numel())
-            weight = data[weight_cols].view_as(module.weight)
-            offset = weight_cols.stop
-            bias, bias_cols = None, None
-            if module.bias is not None:
-                bias_cols = slice(offset, offset + module.bias.numel())
-                bias = data[bias_cols]
-                offset = bias_cols.stop
-            self._forward.append((weight, bias))
-            self._backward.append((index, weight, weight_cols, bias_cols))
-        self._backward.reverse()
-        self.size = offset
-        # Reused from step to step: fresh memory of this size every step costs more than
-        # the arithmetic that fills it.
-        self._rows = data.new_empty((0, self.size))
-
-    @torch.no_grad()
-    def per_sample_gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits of a batch and each patient's gradient of the summed loss.
-
-        The gradients, ``(len(x), size)``, live in a buffer that the next call overwrites.
-        """
-        saved: list[torch.Tensor] = []  # a linear layer's input, a ReLU's output
-        a = x
-        for linear in self._forward:
-            if linear is None:
-                a = torch.relu(a)
-                saved.append(a)
-            else:
-                saved.append(a)
-                a = F.linear(a, *linear)
-        grad = torch.sigmoid(a).sub_(y.unsqueeze(-1))  # (batch, 1): at the logit
-        batch = len(x)
-        if batch > len(self._rows):
-            self._rows = self._rows.new_empty((max(batch, 2 * len(self._rows)), self.size))
-        per_sample = self._rows[:batch]
-        for index, weight, weight_cols, bias_cols in self._backward:
-            if weight is None:
-                grad = torch.ops.aten.threshold_backward(grad, saved[index], 0)
-                continue
-            rows = per_sample[:, weight_cols].view(batch, *weight.shape)
-            torch.mul(grad.unsqueeze(2), saved[index].unsqueeze(1), out=rows)
-            if bias_cols is not None:
-                per_sample[:, bias_cols] = grad
-            if index:
-                grad = grad @ weight
-        return a.squeeze(-1), per_sample
-
-    @torch.no_grad()
-    def write_back(self) -> None:
-        """Copy the trained flat vector into the chain's own parameters."""
-        offset = 0
-        for p in self.targets:
-            p.copy_(self.flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-
 def _flat_chain_step(
     layers: Sequence[nn.Module],
     *,
@@ -307,11 +218,11 @@ def _flat_chain_step(
     expected_batch_size: int,
 ) -> _PrivateStep:
     """Closed-form per-sample gradients of a linear chain; Opacus's flat clipping and noise."""
-    from opacus.optimizers import DPOptimizer
+    from models.flat_chain import FlatDPOptimizer, FlatLinearChain
 
-    chain = _FlatLinearChain(layers)
+    chain = FlatLinearChain(layers)
     flat = chain.flat
-    optimizer = DPOptimizer(
+    optimizer = FlatDPOptimizer(
         torch.optim.SGD([flat], lr=learning_rate),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

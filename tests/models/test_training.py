@@ -15,10 +15,10 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.nn import functional as F
 
+from models.flat_chain import FlatLinearChain
 from models.tabular import LogisticRegression, build_tabular_model
 from models.training import (
     TrainStats,
-    _FlatLinearChain,
     _flat_chain_step,
     _is_small_step,
     _linear_chain,
@@ -292,17 +292,7 @@ def test_train_dp_refuses_mismatched_shapes() -> None:
         dp(build_tabular_model("logistic", 16), x, y[:-1])
 
 
-# ---------------------------------------------------------------- the flat linear chain against Opacus
-
-
-def opacus_per_sample_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Opacus's reference: GradSampleModule hooks, rows in the order of ``parameters()``."""
-    gsm = GradSampleModule(model, loss_reduction="sum")
-    try:
-        F.binary_cross_entropy_with_logits(gsm(x), y, reduction="sum").backward()
-        return torch.cat([p.grad_sample.reshape(len(x), -1) for p in model.parameters()], dim=1)
-    finally:
-        gsm._close()
+# ---------------------------------------------------------------- the flat path against Opacus's reference
 
 
 def opacus_private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip: float, noise: float,
@@ -345,17 +335,6 @@ def chain_model(kind: str, *, seed: int = 0) -> nn.Module:
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 @pytest.mark.parametrize("kind", list(MODELS))
-def test_flat_per_sample_gradients_equal_opacus_grad_sample_module(kind: str) -> None:
-    model = chain_model(kind, seed=5)
-    x, y = cohort(64, seed=1)
-    x, y = x.double() * 3, y.double()
-    logits, rows = _FlatLinearChain(model.linear_chain()).per_sample_gradients(x, y)
-    torch.testing.assert_close(logits, model(x).detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(rows, opacus_per_sample_gradients(model, x, y), rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.filterwarnings("ignore:Full backward hook")
-@pytest.mark.parametrize("kind", list(MODELS))
 def test_the_clipped_gradient_before_noise_equals_opacus_per_parameter_reference(kind: str) -> None:
     # Inputs this large push most per-sample gradients over the clip norm, so the flat
     # vector must be clipped by each patient's norm over all parameters jointly.
@@ -363,15 +342,9 @@ def test_the_clipped_gradient_before_noise_equals_opacus_per_parameter_reference
     x, y = x.double(), y.double()
     reference = opacus_private_gradient(chain_model(kind), x, y, clip=0.7, noise=0.0, expected_batch_size=100)
     private = flat_private_gradient(chain_model(kind), x, y, clip=0.7, noise=0.0, expected_batch_size=100)
-    norms = opacus_per_sample_gradients(chain_model(kind), x, y).norm(dim=1)
+    norms = FlatLinearChain(chain_model(kind).linear_chain()).per_sample_gradients(x, y)[1].norm(dim=1)
     assert int((norms > 0.7).sum()) > 40
     torch.testing.assert_close(private, reference, rtol=1e-10, atol=1e-12)
-
-
-def test_an_empty_batch_gives_opacus_no_per_sample_gradient() -> None:
-    chain = _FlatLinearChain(chain_model("mlp").linear_chain())
-    logits, rows = chain.per_sample_gradients(torch.zeros(0, 16, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
-    assert logits.shape == (0,) and rows.shape == (0, chain.size)
 
 
 @settings(max_examples=30, deadline=None)
@@ -387,7 +360,7 @@ def test_each_patients_flat_gradient_is_clipped_to_the_bound_and_keeps_its_direc
     model = chain_model(kind, seed=seed % 7)
     x, y = cohort(6, seed=seed, scale=scale)
     x, y = x.double(), y.double()
-    _, rows = _FlatLinearChain(model.linear_chain()).per_sample_gradients(x, y)
+    _, rows = FlatLinearChain(model.linear_chain()).per_sample_gradients(x, y)
     rows = rows.clone()
     for i in range(len(x)):
         # One patient per batch: what is released before noise is that patient's clipped gradient.
