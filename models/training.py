@@ -29,28 +29,28 @@ per-sample gradient norms); this module decides how to drive it cheaply:
   the clipping coefficients, never materialising ``batch x parameters`` floats. It
   costs two backward passes, so it only wins once per-sample gradients are large.
 
-Measured with ``python benchmarks/dp_epoch.py --repeats 25`` (16 features,
-``sample_rate=0.05``, 20 steps; shared 2-core x86 CPU, torch 2.13, Opacus 1.6; all on
-one thread), median milliseconds per epoch and the ratio to `train_plain`:
+Measured with ``python benchmarks/dp_epoch.py --repeats 25 --warmup 3`` (16 features,
+``sample_rate=0.05``, 20 steps; shared 2-core x86 CPU at load 1.1-1.5, torch 2.13,
+Opacus 1.6; all on one thread), median milliseconds per epoch over four runs and the
+range of the ratio to `train_plain` across them:
 
-==================  ===========  ============  ======================  ==================
-model, patients     train_plain  train_dp      GradSampleModule hooks  PrivacyEngine with
-                                               (the previous loop)     DataLoader
-==================  ===========  ============  ======================  ==================
-logistic, 1000      3.8          12.0 (3.2x)   14.5 (3.9x)             19.2 (5.1x)
-logistic, 2500      5.2          14.3 (2.7x)   16.7 (3.2x)             28.1 (5.4x)
-MLP (32, 16), 1000  7.4          25.8 (3.5x)   33.0 (4.5x)             39.7 (5.4x)
-MLP (32, 16), 2500  8.5          28.8 (3.4x)   38.2 (4.5x)             49.8 (5.9x)
-==================  ===========  ============  ======================  ==================
+==================  ===========  ================  =================  ==================
+model, patients     train_plain  train_dp          expanded weights   PrivacyEngine with
+                                                   (the previous      DataLoader
+                                                   loop)
+==================  ===========  ================  =================  ==================
+logistic, 1000      3.6          4.3 (1.16-1.21x)  11.5 (3.20-3.26x)  18.0 (4.99-5.08x)
+logistic, 2500      3.7          4.4 (1.17-1.20x)  11.5 (3.06-3.11x)  22.8 (6.05-6.16x)
+MLP (32, 16), 1000  5.5          6.5 (1.16-1.21x)  20.8 (3.75-3.85x)  32.0 (5.71-5.81x)
+MLP (32, 16), 2500  6.4          9.3 (1.44-1.48x)  23.3 (3.43-3.75x)  40.7 (5.92-6.49x)
+==================  ===========  ================  =================  ==================
 
-With torch's default two threads on that busy host, the previous loop and Opacus's
-default took 3-50x a one-thread plain epoch, varying with the host's load. What
-remains is Opacus's per-parameter Python work: for the MLP, per-sample gradients add
-about 8 ms to a 4 ms forward and backward, and ``DPOptimizer``'s clipping, noise and
-scaling take another 8 ms, more than a whole plain epoch. So 1.5x plain is out of reach
-while Opacus clips and noises models this small. Per round in a fresh process, as a
-Flower ClientApp runs, the epoch is minor: imports and first-call set-up take about
-1.9 s with `train_plain` and 2.6 s with `train_dp` (importing Opacus: ~1.3 s).
+For the MLP at 2500 patients (expected batch 125), an epoch's closed-form per-sample
+gradients take about 3.0 ms against 4.0 ms of forward and backward in `train_plain`;
+what is left above plain is ``DPOptimizer``'s clipping, noise and scaling of the
+``125 x 1089`` per-sample matrix (about 3.2 ms). Per round in a fresh process, as a
+Flower ClientApp runs, the epoch is minor: imports and the first epoch take about
+1.8 s with `train_plain` and 2.4 s with `train_dp` (importing Opacus: ~1.2 s).
 
 Privacy accounting is *not* done here: the caller charges its ledger with
 ``(noise_multiplier, sample_rate, steps)`` for exactly the steps this function ran.
