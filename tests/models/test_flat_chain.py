@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from opacus.accountants import RDPAccountant
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
@@ -108,3 +109,21 @@ def test_the_flat_optimizer_refuses_per_sample_gradients_it_has_already_clipped(
     optimizer.pre_step()
     with pytest.raises(ValueError, match="Gradients haven't been cleared since the last optimizer step"):
         optimizer.pre_step()
+
+
+@pytest.mark.parametrize("steps", [1, 20])
+def test_opacus_accountant_hooked_to_the_flat_optimizer_counts_one_step_per_release(steps: int) -> None:
+    chain = FlatLinearChain(CHAINS["mlp"]().double().linear_chain())
+    optimizer = FlatDPOptimizer(torch.optim.SGD([chain.flat], lr=0.1), noise_multiplier=1.1, max_grad_norm=1.0,
+                                expected_batch_size=5, loss_reduction="mean")
+    accountant = RDPAccountant()
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=0.05))
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        _, chain.flat.grad_sample = chain.per_sample_gradients(*batch(step % 3 * 4, seed=step))  # some empty
+        optimizer.pre_step()
+    # What the node's ledger charges for the run: (sigma, q, steps), one event.
+    assert accountant.history == [(1.1, 0.05, steps)]
+    expected = RDPAccountant()
+    expected.history = [(1.1, 0.05, steps)]
+    assert accountant.get_epsilon(delta=1e-5) == expected.get_epsilon(delta=1e-5)

@@ -106,16 +106,6 @@ def test_a_chain_that_leaves_out_a_trainable_parameter_does_not_take_the_flat_pa
     assert _linear_chain(model) is not None
 
 
-@pytest.mark.parametrize("kind", ["logistic", "mlp"])
-def test_a_tabular_models_declared_chain_computes_its_forward(kind: str) -> None:
-    model = build_tabular_model(kind, 16, seed=3)
-    x, _ = cohort(40)
-    out = x
-    for layer in model.linear_chain():
-        out = layer(out)
-    torch.testing.assert_close(out.squeeze(-1), model(x), rtol=0, atol=0)
-
-
 # ---------------------------------------------------------------- sampling
 
 
