@@ -2,14 +2,15 @@
 
 A hospital node trains one local epoch per round: ``ceil(1 / sample_rate)`` Poisson
 steps over 1000-2500 patients with 16 features. This measures, for each tabular model,
-seconds per epoch (median of ``--repeats`` after ``--warmup`` untimed epochs) of
+the time per epoch (median of ``--repeats`` after ``--warmup`` untimed epochs; printed
+in milliseconds, in seconds in the JSON) of
 
 - ``plain``: `models.training.train_plain`, the baseline every ratio is taken against;
 - ``train_dp``: `models.training.train_dp`;
 - ``opacus-default``: ``PrivacyEngine().make_private`` over ``DataLoader(TensorDataset)``
   with Poisson sampling, as Opacus's tutorials write it (grad_sample_mode "hooks");
 - variants over in-memory tensors, each through Opacus's own classes: the grad-sample
-  modes ``hooks`` (the previous `train_dp`), ``functorch``, ``ew`` (expanded weights)
+  modes ``hooks``, ``functorch``, ``ew`` (expanded weights: the previous `train_dp`)
   and ``ghost`` (ghost clipping), and torch's default thread count against one thread.
 
 Every variant includes its per-call setup (wrapping the model, building the optimizer),
@@ -207,11 +208,11 @@ def tensors_mode(mode: str, count: int | None) -> Epoch:
 def phases(w: Workload, *, repeats: int, seed: int) -> dict[str, dict[str, float]]:
     """Milliseconds per epoch spent in each part of a plain and a DP step (one thread).
 
-    The DP step is `train_dp`'s for these models (expanded weights), driven piece by
-    piece through Opacus's public ``DPOptimizer`` methods so each can be timed.
+    The DP step is `train_dp`'s for these models (one flat parameter, closed-form
+    per-sample gradients), driven piece by piece through Opacus's public ``DPOptimizer``
+    methods so each can be timed.
     """
-    from opacus.grad_sample import GradSampleModuleExpandedWeights
-    from opacus.optimizers import DPOptimizer
+    from models.training import _flat_chain_step
 
     x, y = cohort(w, seed)
     model = build_tabular_model(w.model, w.features)
@@ -219,17 +220,6 @@ def phases(w: Workload, *, repeats: int, seed: int) -> dict[str, dict[str, float
     with threads(1):
         for kind, parts in totals.items():
             for round_ in range(repeats + 1):
-                sgd = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-                gsm, optimizer = model, sgd
-                if kind == "dp":
-                    gsm = GradSampleModuleExpandedWeights(model, loss_reduction="sum")
-                    optimizer = DPOptimizer(
-                        sgd,
-                        noise_multiplier=NOISE_MULTIPLIER,
-                        max_grad_norm=MAX_GRAD_NORM,
-                        expected_batch_size=w.expected_batch_size,
-                        loss_reduction="mean",
-                    )
                 laps: dict[str, float] = {}
 
                 def lap(part: str, since: float) -> float:
@@ -237,30 +227,48 @@ def phases(w: Workload, *, repeats: int, seed: int) -> dict[str, dict[str, float
                     laps[part] = laps.get(part, 0.0) + now - since
                     return now
 
+                t = time.perf_counter()
+                if kind == "dp":
+                    private = _flat_chain_step(
+                        model.linear_chain(),
+                        learning_rate=LEARNING_RATE,
+                        noise_multiplier=NOISE_MULTIPLIER,
+                        max_grad_norm=MAX_GRAD_NORM,
+                        expected_batch_size=w.expected_batch_size,
+                    )
+                    optimizer = private.optimizer
+                    sgd = optimizer.original_optimizer
+                    t = lap("setup", t)
+                else:
+                    sgd = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
                 for _ in range(w.steps):
-                    t = time.perf_counter()
                     batch = (torch.rand(w.n) < w.sample_rate).nonzero().squeeze(1)
                     xb, yb = x[batch], y[batch]
                     t = lap("sample", t)
-                    optimizer.zero_grad(set_to_none=True)
-                    t = lap("zero_grad", t)
-                    if len(xb) == 0:
-                        continue
-                    loss = F.binary_cross_entropy_with_logits(gsm(xb), yb, reduction="sum")
-                    t = lap("forward", t)
-                    (loss / w.expected_batch_size if kind == "plain" else loss).backward()
-                    t = lap("backward", t)
-                    if isinstance(optimizer, DPOptimizer):
+                    if kind == "dp":
+                        optimizer.zero_grad(set_to_none=True)
+                        t = lap("zero_grad", t)
+                        private.backward(xb, yb)
+                        t = lap("per-sample gradients", t)
                         optimizer.clip_and_accumulate()
                         t = lap("opacus clip", t)
                         optimizer.add_noise()
                         t = lap("opacus noise", t)
                         optimizer.scale_grad()
                         t = lap("opacus scale", t)
+                    else:
+                        sgd.zero_grad(set_to_none=True)
+                        t = lap("zero_grad", t)
+                        loss = F.binary_cross_entropy_with_logits(model(xb), yb, reduction="sum")
+                        t = lap("forward", t)
+                        (loss / w.expected_batch_size).backward()
+                        t = lap("backward", t)
                     sgd.step()
-                    lap("sgd step", t)
+                    t = lap("sgd step", t)
                 if kind == "dp":
-                    gsm._close()
+                    private.summed_loss()
+                    private.close()
+                    lap("loss and close", t)
                 if round_:  # the first round warms up
                     for part, seconds in laps.items():
                         parts[part] = parts.get(part, 0.0) + seconds * 1e3 / repeats
@@ -290,13 +298,13 @@ def variants() -> dict[str, Variant]:
         ),
         "opacus-default-1t": Variant("PrivacyEngine + DataLoader, hooks, 1 thread", opacus_default(1)),
         "hooks": Variant(
-            f"tensors, GradSampleModule hooks, {DEFAULT_THREADS} threads (previous train_dp)",
+            f"tensors, GradSampleModule hooks, {DEFAULT_THREADS} threads",
             tensors_mode("hooks", None),
             many,
         ),
         "hooks-1t": Variant("tensors, GradSampleModule hooks, 1 thread", tensors_mode("hooks", 1)),
         "functorch-1t": Variant("tensors, GradSampleModule functorch, 1 thread", tensors_mode("functorch", 1)),
-        "ew-1t": Variant("tensors, expanded weights, 1 thread", tensors_mode("ew", 1)),
+        "ew-1t": Variant("tensors, expanded weights, 1 thread (the previous train_dp)", tensors_mode("ew", 1)),
         "ghost-1t": Variant("tensors, ghost clipping, 1 thread", tensors_mode("ghost", 1)),
     }
 
@@ -428,10 +436,10 @@ def main(argv: list[str] | None = None) -> None:
             w = Workload(model=kind, n=n, features=args.features, sample_rate=args.sample_rate)
             print(f"\n{kind}, n={n}, {w.features} features, q={w.sample_rate}, {w.steps} steps/epoch, "
                   f"expected batch {w.expected_batch_size}, median of {args.repeats}")
-            print(f"  {'variant':22s} {'s/epoch':>9s} {'x plain':>8s}  description")
+            print(f"  {'variant':22s} {'ms/epoch':>9s} {'x plain':>8s}  description")
             for r in measure(w, chosen, repeats=args.repeats, warmup=args.warmup, seed=args.seed):
                 results.append(r)
-                print(f"  {r.variant:22s} {r.seconds_median:9.4f} {r.ratio_to_plain:8.2f}  {r.description}")
+                print(f"  {r.variant:22s} {r.seconds_median * 1e3:9.2f} {r.ratio_to_plain:8.2f}  {r.description}")
     phase_rows: list[dict[str, object]] = []
     if args.phases:
         n = max(args.sizes)

@@ -1,7 +1,10 @@
 """Tabular risk models: logistic regression and a small MLP, both valid for Opacus.
 
 Each returns one logit per patient. Neither uses BatchNorm or any layer that mixes
-samples, so per-sample gradients (and therefore DP-SGD) are well defined.
+samples, so per-sample gradients (and therefore DP-SGD) are well defined. Each also
+names its layers in order (``linear_chain``): ``forward`` applies them in turn and
+squeezes the single output column, which lets DP-SGD compute per-sample gradients of
+these all-linear models in closed form.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ class LogisticRegression(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x).squeeze(-1)
 
+    def linear_chain(self) -> tuple[nn.Module, ...]:
+        """The layers `forward` applies in turn before squeezing out the logit."""
+        return (self.linear,)
+
 
 class TabularMLP(nn.Module):
     """A small multilayer perceptron with ReLU activations producing a logit."""
@@ -42,6 +49,10 @@ class TabularMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
+
+    def linear_chain(self) -> tuple[nn.Module, ...]:
+        """The layers `forward` applies in turn before squeezing out the logit."""
+        return tuple(self.net)
 
 
 def build_tabular_model(

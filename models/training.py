@@ -4,9 +4,9 @@
 step independently with probability ``sample_rate``), per-sample gradients clipped to
 ``max_grad_norm`` over all parameters jointly, Gaussian noise of standard deviation
 ``noise_multiplier * max_grad_norm`` added to the sum, divided by the expected batch
-size ``round(sample_rate * n)``. An empty batch still takes a pure-noise step. Opacus
-computes the per-sample gradients (or their norms), clips and noises; this module only
-decides how to drive it cheaply:
+size ``round(sample_rate * n)``. An empty batch still takes a pure-noise step. Opacus's
+``DPOptimizer`` clips and noises (on the ghost-clipping path Opacus also computes the
+per-sample gradient norms); this module decides how to drive it cheaply:
 
 - **Tensors, not a DataLoader.** Poisson masks for many steps are drawn in one call on
   the tensors already in memory; Opacus's Poisson DataLoader collates patient by
@@ -16,37 +16,41 @@ decides how to drive it cheaply:
   descheduled worker) costs more than the work. Measured on a shared 2-core host: two
   threads were never faster (0.84-1.1x the time of one while it was quiet) and up to
   40x slower while it was busy. The caller's setting is restored afterwards.
-- **Expanded weights for small all-Linear models** (Opacus ``grad_sample_mode="ew"``):
-  PyTorch's built-in per-sample gradients avoid Opacus's Python forward/backward module
-  hooks. Opacus's EW path refuses an empty batch, so one is given the zero-length
-  per-sample gradients that Opacus's hooks produce for it.
+- **One flat parameter for small linear chains** (the tabular models, which declare
+  their layers with ``linear_chain()``): the layers' weights are copied into one vector,
+  per-sample gradients of the whole chain are computed in closed form (a few batched
+  operations per layer, no autograd graph and no module hooks) into one reused
+  ``batch x parameters`` matrix, and Opacus's ``DPOptimizer`` clips, noises and scales
+  that single tensor, as it would the model's own parameters flattened and
+  concatenated. The trained vector is copied back into the model's parameters, whose
+  names and shapes are what leaves the node.
 - **Ghost clipping for everything else** (``grad_sample_mode="ghost"``): per-sample
   gradient *norms* from activations and backprops, then a second backward pass with
   the clipping coefficients, never materialising ``batch x parameters`` floats. It
   costs two backward passes, so it only wins once per-sample gradients are large.
 
-Measured with ``python benchmarks/dp_epoch.py --repeats 25`` (16 features,
-``sample_rate=0.05``, 20 steps; shared 2-core x86 CPU, torch 2.13, Opacus 1.6; all on
-one thread), median milliseconds per epoch and the ratio to `train_plain`:
+Measured with ``python benchmarks/dp_epoch.py --repeats 25 --warmup 3`` (16 features,
+``sample_rate=0.05``, 20 steps; shared 2-core x86 CPU at load 1.1-1.5, torch 2.13,
+Opacus 1.6; all on one thread), median milliseconds per epoch over four runs and the
+range of the ratio to `train_plain` across them:
 
-==================  ===========  ============  ======================  ==================
-model, patients     train_plain  train_dp      GradSampleModule hooks  PrivacyEngine with
-                                               (the previous loop)     DataLoader
-==================  ===========  ============  ======================  ==================
-logistic, 1000      3.8          12.0 (3.2x)   14.5 (3.9x)             19.2 (5.1x)
-logistic, 2500      5.2          14.3 (2.7x)   16.7 (3.2x)             28.1 (5.4x)
-MLP (32, 16), 1000  7.4          25.8 (3.5x)   33.0 (4.5x)             39.7 (5.4x)
-MLP (32, 16), 2500  8.5          28.8 (3.4x)   38.2 (4.5x)             49.8 (5.9x)
-==================  ===========  ============  ======================  ==================
+==================  ===========  ================  =================  ==================
+model, patients     train_plain  train_dp          expanded weights   PrivacyEngine with
+                                                   (the previous      DataLoader
+                                                   loop)
+==================  ===========  ================  =================  ==================
+logistic, 1000      3.6          4.3 (1.16-1.21x)  11.5 (3.20-3.26x)  18.0 (4.99-5.08x)
+logistic, 2500      3.7          4.4 (1.17-1.20x)  11.5 (3.06-3.11x)  22.8 (6.05-6.16x)
+MLP (32, 16), 1000  5.5          6.5 (1.16-1.21x)  20.8 (3.75-3.85x)  32.0 (5.71-5.81x)
+MLP (32, 16), 2500  6.4          9.3 (1.44-1.48x)  23.3 (3.43-3.75x)  40.7 (5.92-6.49x)
+==================  ===========  ================  =================  ==================
 
-With torch's default two threads on that busy host, the previous loop and Opacus's
-default took 3-50x a one-thread plain epoch, varying with the host's load. What
-remains is Opacus's per-parameter Python work: for the MLP, per-sample gradients add
-about 8 ms to a 4 ms forward and backward, and ``DPOptimizer``'s clipping, noise and
-scaling take another 8 ms, more than a whole plain epoch. So 1.5x plain is out of reach
-while Opacus clips and noises models this small. Per round in a fresh process, as a
-Flower ClientApp runs, the epoch is minor: imports and first-call set-up take about
-1.9 s with `train_plain` and 2.6 s with `train_dp` (importing Opacus: ~1.3 s).
+For the MLP at 2500 patients (expected batch 125), an epoch's closed-form per-sample
+gradients take about 3.0 ms against 4.0 ms of forward and backward in `train_plain`;
+what is left above plain is ``DPOptimizer``'s clipping, noise and scaling of the
+``125 x 1089`` per-sample matrix (about 3.2 ms). Per round in a fresh process, as a
+Flower ClientApp runs, the epoch is minor: imports and the first epoch take about
+1.8 s with `train_plain` and 2.4 s with `train_dp` (importing Opacus: ~1.2 s).
 
 Privacy accounting is *not* done here: the caller charges its ledger with
 ``(noise_multiplier, sample_rate, steps)`` for exactly the steps this function ran.
@@ -56,9 +60,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -72,8 +77,8 @@ if TYPE_CHECKING:  # Opacus is imported on first use: a ClientApp module imports
 __all__ = ["EvalMetrics", "TrainStats", "auc_score", "evaluate", "train_dp", "train_plain"]
 
 # Per-sample gradient entries per step (trainable parameters x expected batch size) up
-# to which a step counts as small: one intra-op thread, and expanded weights where the
-# model allows. Around here ghost clipping's second backward pass starts to cost less
+# to which a step counts as small: one intra-op thread, and the flat linear chain where
+# the model allows. Around here ghost clipping's second backward pass starts to cost less
 # than materialising per-sample gradients (MLP (128, 64), batch 100: ~1.0M entries,
 # both ~45 ms/epoch; (256, 128): 3.7M, ghost 71 vs 120 ms).
 _SMALL_STEP_ENTRIES = 1 << 20
@@ -163,61 +168,97 @@ def _is_small_step(model: nn.Module, expected_batch_size: int) -> bool:
     return entries <= _SMALL_STEP_ENTRIES
 
 
-def _only_linear_layers(model: nn.Module) -> bool:
-    """Whether every module holding trainable parameters is an ``nn.Linear``."""
-    return all(
-        isinstance(module, nn.Linear)
-        for module in model.modules()
-        if any(p.requires_grad for p in module.parameters(recurse=False))
-    )
+def _linear_chain(model: nn.Module) -> tuple[nn.Module, ...] | None:
+    """The model's layers if it declares them as a chain of ``nn.Linear`` and ``nn.ReLU``.
+
+    A model qualifies when it has a ``linear_chain()`` method (its ``forward`` applies
+    those layers in turn and squeezes out one logit), the chain ends in a linear layer
+    of one output, and the chain holds every trainable parameter of the model.
+    """
+    declared = getattr(model, "linear_chain", None)
+    if not callable(declared):
+        return None
+    layers = tuple(declared())
+    if not layers or not all(type(m) in (nn.Linear, nn.ReLU) for m in layers):
+        return None
+    last = layers[-1]
+    if not isinstance(last, nn.Linear) or last.out_features != 1:
+        return None
+    in_chain = [p for m in layers for p in m.parameters(recurse=False)]
+    trainable = _trainable(model)
+    if not all(p.requires_grad for p in in_chain) or {id(p) for p in in_chain} != {id(p) for p in trainable}:
+        return None
+    return layers
 
 
 @dataclass(frozen=True)
 class _PrivateStep:
-    """Opacus objects of one `train_dp` call, for one grad-sample mode.
+    """Opacus objects of one `train_dp` call, for one way of getting per-sample gradients.
 
-    ``backward(x, y)`` leaves in the parameters what ``optimizer.pre_step()`` needs to
-    clip, noise and scale, and returns the summed loss of the batch.
+    ``backward(x, y)`` leaves in ``params`` what ``optimizer.pre_step()`` needs to clip,
+    noise and scale; ``optimizer`` wraps the SGD that updates ``params``.
+    ``summed_loss()`` is the loss summed over every patient of every batch so far, each
+    at the weights of its step. ``close()`` leaves the trained weights in the model and
+    no Opacus state on it.
     """
 
     optimizer: DPOptimizer
-    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    params: list[torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor], None]
+    summed_loss: Callable[[], float]
     close: Callable[[], None]
 
 
-def _expanded_weights_step(
-    model: nn.Module, sgd: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int
+def _flat_chain_step(
+    layers: Sequence[nn.Module],
+    *,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
 ) -> _PrivateStep:
-    """Per-sample gradients from PyTorch's expanded weights; Opacus's flat clipping."""
-    from opacus.grad_sample import GradSampleModuleExpandedWeights
-    from opacus.optimizers import DPOptimizer
+    """Closed-form per-sample gradients of a linear chain; Opacus's flat clipping and noise."""
+    from models.flat_chain import FlatDPOptimizer, FlatLinearChain
 
-    gsm = GradSampleModuleExpandedWeights(model, loss_reduction="sum")
-    optimizer = DPOptimizer(
-        sgd,
+    chain = FlatLinearChain(layers)
+    flat = chain.flat
+    optimizer = FlatDPOptimizer(
+        torch.optim.SGD([flat], lr=learning_rate),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
     )
-    params = _trainable(model)
+    # The loss is reported, never differentiated: it is computed once, at the end.
+    logits: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
 
-    def backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        if len(xb) == 0:
-            # Expanded weights need a batch of at least one; an empty Poisson batch has no
-            # per-sample gradients, which is what Opacus's hooks record for it as well.
-            for p in params:
-                p.grad_sample = p.new_zeros((0, *p.shape))
-            return xb.new_zeros(())
-        loss = F.binary_cross_entropy_with_logits(gsm(xb), yb, reduction="sum")
-        loss.backward()
-        return loss.detach()
+    def backward(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        batch_logits, flat.grad_sample = chain.per_sample_gradients(xb, yb)
+        logits.append(batch_logits)
+        labels.append(yb)
 
-    return _PrivateStep(optimizer, backward, gsm._close)
+    def summed_loss() -> float:
+        if not logits:
+            return 0.0
+        return float(F.binary_cross_entropy_with_logits(torch.cat(logits), torch.cat(labels), reduction="sum"))
+
+    def close() -> None:
+        chain.write_back()
+        for attr in ("grad_sample", "summed_grad"):
+            if hasattr(flat, attr):
+                delattr(flat, attr)
+
+    return _PrivateStep(optimizer, [flat], backward, summed_loss, close)
 
 
 def _ghost_clipping_step(
-    model: nn.Module, sgd: torch.optim.Optimizer, *, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int
+    model: nn.Module,
+    *,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
 ) -> _PrivateStep:
     """Opacus ghost clipping: per-sample norms, then a backward pass of clipped losses."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
@@ -227,8 +268,9 @@ def _ghost_clipping_step(
     gsm = GradSampleModuleFastGradientClipping(
         model, loss_reduction="mean", max_grad_norm=max_grad_norm, use_ghost_clipping=True
     )
+    params = _trainable(model)
     optimizer = DPOptimizerFastGradientClipping(
-        sgd,
+        torch.optim.SGD(params, lr=learning_rate),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size,
@@ -238,7 +280,9 @@ def _ghost_clipping_step(
         gsm, optimizer, nn.BCEWithLogitsLoss(reduction="mean"), loss_reduction="mean"
     )
 
-    def backward(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    losses: list[torch.Tensor] = []
+
+    def backward(xb: torch.Tensor, yb: torch.Tensor) -> None:
         loss = criterion(gsm(xb), yb)
         with warnings.catch_warnings():
             # The first layer's input is data, which needs no gradient; torch warns that
@@ -246,9 +290,18 @@ def _ghost_clipping_step(
             # Opacus reads.
             warnings.filterwarnings("ignore", message="Full backward hook", category=UserWarning)
             loss.backward()
-        return loss.loss_per_sample.detach().sum()
+        losses.append(loss.loss_per_sample.detach().sum())
 
-    return _PrivateStep(optimizer, backward, gsm._close)
+    def summed_loss() -> float:
+        return float(torch.stack(losses).sum()) if losses else 0.0
+
+    def close() -> None:
+        gsm._close()
+        for param in params:
+            if hasattr(param, "summed_grad"):
+                del param.summed_grad
+
+    return _PrivateStep(optimizer, params, backward, summed_loss, close)
 
 
 def train_dp(
@@ -286,26 +339,24 @@ def train_dp(
     model.train()
     # What PrivacyEngine.make_private checks: no layer that mixes patients (BatchNorm).
     ModuleValidator.validate(model, strict=True)
-    params = _trainable(model)
-    reference = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     small = _is_small_step(model, expected_batch_size)
-    build = _expanded_weights_step if small and _only_linear_layers(model) else _ghost_clipping_step
+    layers = _linear_chain(model) if small else None
 
-    sgd = torch.optim.SGD(params, lr=learning_rate)
-    losses: list[torch.Tensor] = []
+    build = partial(_ghost_clipping_step, model) if layers is None else partial(_flat_chain_step, layers)
     seen = 0
     with _intra_op_threads(1 if small else None):
         private = build(
-            model,
-            sgd,
+            learning_rate=learning_rate,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size,
         )
+        params, sgd = private.params, private.optimizer.original_optimizer
+        reference = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         try:
             for batch in _poisson_batches(n, sample_rate, steps, generator):
                 private.optimizer.zero_grad(set_to_none=True)
-                losses.append(private.backward(x[batch], y[batch]))
+                private.backward(x[batch], y[batch])
                 # Clip per sample, add noise to the sum, divide by the expected batch size.
                 # An empty batch still releases a pure-noise step, as the accountant assumes.
                 private.optimizer.pre_step()
@@ -315,12 +366,10 @@ def train_dp(
                 sgd.step()
                 seen += len(batch)
         finally:
+            # Leaves the trained weights in the model and no Opacus state on it.
             private.close()
-            # Leave no Opacus state on the caller's parameters.
-            for param in params:
-                if hasattr(param, "summed_grad"):
-                    del param.summed_grad
-    return TrainStats(steps=steps, mean_loss=float(torch.stack(losses).sum()) / max(seen, 1))
+        summed_loss = private.summed_loss()
+    return TrainStats(steps=steps, mean_loss=summed_loss / max(seen, 1))
 
 
 def train_plain(

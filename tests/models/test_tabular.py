@@ -54,3 +54,20 @@ def test_unknown_kind_is_refused() -> None:
 def test_no_features_is_refused() -> None:
     with pytest.raises(ValueError, match="n_features must be >= 1; found 0"):
         build_tabular_model("logistic", 0)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_the_declared_linear_chain_computes_the_models_forward(kind: str) -> None:
+    model = build_tabular_model(kind, 16, hidden=(8, 4), seed=3)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(0))
+    out = x
+    for layer in model.linear_chain():
+        out = layer(out)
+    torch.testing.assert_close(out.squeeze(-1), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_the_declared_linear_chain_holds_every_parameter_in_order(kind: str) -> None:
+    model = build_tabular_model(kind, 16)
+    in_chain = [p for layer in model.linear_chain() for p in layer.parameters()]
+    assert all(a is b for a, b in zip(in_chain, model.parameters(), strict=True))

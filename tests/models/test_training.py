@@ -8,13 +8,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
+from torch.nn import functional as F
 
+from models.flat_chain import FlatLinearChain
 from models.tabular import LogisticRegression, build_tabular_model
 from models.training import (
+    TrainStats,
+    _flat_chain_step,
     _is_small_step,
-    _only_linear_layers,
+    _linear_chain,
     _poisson_batches,
     auc_score,
     evaluate,
@@ -37,12 +44,12 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, **overrides: float) -> None:
+def dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, **overrides: float) -> TrainStats:
     """train_dp with seeded sampling and noise; keyword overrides replace the defaults."""
     params = dict(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, steps=3, learning_rate=0.1, proximal_mu=0.0)
     params.update(overrides)
     torch.manual_seed(seed)  # Opacus draws its noise from torch's default generator
-    train_dp(
+    return train_dp(
         model,
         x,
         y,
@@ -59,15 +66,44 @@ def dp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int = 0, **o
 # ---------------------------------------------------------------- which Opacus path runs
 
 
-def test_tabular_models_take_expanded_weights_and_wide_ones_ghost_clipping() -> None:
+def test_tabular_models_take_the_flat_linear_chain_and_wide_ones_ghost_clipping() -> None:
     for kind in ("logistic", "mlp"):
         model = build_tabular_model(kind, 16)
-        assert _only_linear_layers(model) and _is_small_step(model, expected_batch_size=125)
+        assert _linear_chain(model) is not None and _is_small_step(model, expected_batch_size=125)
     assert not _is_small_step(build_tabular_model("mlp", 16, hidden=WIDE), expected_batch_size=1)
 
 
-def test_a_layer_other_than_linear_is_not_given_expanded_weights() -> None:
-    assert not _only_linear_layers(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 1)))
+class _Declared(nn.Module):
+    """A model declaring `layers` as its chain (forward is irrelevant to the check)."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def linear_chain(self) -> tuple[nn.Module, ...]:
+        return tuple(self.layers)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)),  # declares no chain
+        _Declared(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 1)),  # a layer other than Linear, ReLU
+        _Declared(nn.Linear(4, 4), nn.ReLU()),  # does not end in one logit
+        _Declared(nn.Linear(4, 2)),
+    ],
+    ids=["undeclared", "layernorm", "relu-last", "two-outputs"],
+)
+def test_a_model_that_is_not_a_declared_linear_chain_does_not_take_the_flat_path(model: nn.Module) -> None:
+    assert _linear_chain(model) is None
+
+
+def test_a_chain_that_leaves_out_a_trainable_parameter_does_not_take_the_flat_path() -> None:
+    model = _Declared(nn.Linear(4, 1))
+    model.extra = nn.Linear(4, 4)
+    assert _linear_chain(model) is None
+    model.extra.requires_grad_(False)
+    assert _linear_chain(model) is not None
 
 
 # ---------------------------------------------------------------- sampling
@@ -100,7 +136,7 @@ def test_train_dp_changes_the_weights(hidden: tuple[int, ...] | None) -> None:
     assert not torch.equal(flat(model), before)
 
 
-@pytest.mark.parametrize("hidden", [(32, 16), WIDE], ids=["expanded-weights", "ghost-clipping"])
+@pytest.mark.parametrize("hidden", [(32, 16), WIDE], ids=["flat-chain", "ghost-clipping"])
 def test_without_clipping_or_noise_a_dp_step_is_a_plain_sgd_step(hidden: tuple[int, ...]) -> None:
     x, y = cohort(300)
     private, plain = build_tabular_model("mlp", 16, hidden=hidden), build_tabular_model("mlp", 16, hidden=hidden)
@@ -153,7 +189,7 @@ def test_the_clipping_bound_is_reached_when_every_gradient_is_clipped_and_aligne
     assert float(flat(model).norm()) == pytest.approx(1.0 * 0.5 * batch / 20, rel=1e-4)
 
 
-@pytest.mark.parametrize("hidden", [(32, 16), WIDE], ids=["expanded-weights", "ghost-clipping"])
+@pytest.mark.parametrize("hidden", [(32, 16), WIDE], ids=["flat-chain", "ghost-clipping"])
 def test_an_empty_batch_takes_a_pure_noise_step_of_the_calibrated_size(hidden: tuple[int, ...]) -> None:
     model = build_tabular_model("mlp", 16, hidden=hidden)
     before = flat(model)
@@ -180,7 +216,7 @@ def test_the_proximal_term_is_added_after_the_noise_and_pulls_towards_the_receiv
     assert (flat(with_prox) - received).norm() < (flat(without) - received).norm()
 
 
-@pytest.mark.parametrize("hidden", [(32, 16), WIDE], ids=["expanded-weights", "ghost-clipping"])
+@pytest.mark.parametrize("hidden", [(32, 16), WIDE], ids=["flat-chain", "ghost-clipping"])
 def test_train_dp_reports_its_steps_and_mean_loss_and_leaves_no_opacus_state(hidden: tuple[int, ...]) -> None:
     x, y = cohort(200)
     model = build_tabular_model("mlp", 16, hidden=hidden)
@@ -244,6 +280,128 @@ def test_train_dp_refuses_mismatched_shapes() -> None:
     x, y = cohort(20)
     with pytest.raises(ValueError, match=r"expected x of shape \(n, \.\.\.\) and y of shape \(n,\); found \(20, 16\) and \(19,\)"):
         dp(build_tabular_model("logistic", 16), x, y[:-1])
+
+
+# ---------------------------------------------------------------- the flat path against Opacus's reference
+
+
+def opacus_private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip: float, noise: float,
+                            expected_batch_size: int) -> torch.Tensor:
+    """Opacus's reference DP gradient: GradSampleModule hooks and a DPOptimizer per parameter."""
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=noise, max_grad_norm=clip,
+                            expected_batch_size=expected_batch_size, loss_reduction="mean")
+    try:
+        F.binary_cross_entropy_with_logits(gsm(x), y, reduction="sum").backward()
+        optimizer.pre_step()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    finally:
+        gsm._close()
+
+
+def flat_private_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, clip: float, noise: float,
+                          expected_batch_size: int) -> torch.Tensor:
+    """train_dp's DP gradient of one step on the flat path (before the SGD update)."""
+    private = _flat_chain_step(model.linear_chain(), learning_rate=0.1, noise_multiplier=noise, max_grad_norm=clip,
+                               expected_batch_size=expected_batch_size)
+    private.optimizer.zero_grad(set_to_none=True)
+    private.backward(x, y)
+    private.optimizer.pre_step()
+    (flat_param,) = private.params
+    gradient = flat_param.grad.clone()
+    private.close()
+    return gradient
+
+
+MODELS = {"logistic": None, "mlp": (32, 16), "deep-mlp": (8, 8, 4)}
+
+
+def chain_model(kind: str, *, seed: int = 0) -> nn.Module:
+    hidden = MODELS[kind]
+    model = build_tabular_model("logistic", 16, seed=seed) if hidden is None else build_tabular_model(
+        "mlp", 16, hidden=hidden, seed=seed)
+    return model.double()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_the_clipped_gradient_before_noise_equals_opacus_per_parameter_reference(kind: str) -> None:
+    # Inputs this large push most per-sample gradients over the clip norm, so the flat
+    # vector must be clipped by each patient's norm over all parameters jointly.
+    x, y = cohort(80, seed=2, scale=20.0)
+    x, y = x.double(), y.double()
+    reference = opacus_private_gradient(chain_model(kind), x, y, clip=0.7, noise=0.0, expected_batch_size=100)
+    private = flat_private_gradient(chain_model(kind), x, y, clip=0.7, noise=0.0, expected_batch_size=100)
+    norms = FlatLinearChain(chain_model(kind).linear_chain()).per_sample_gradients(x, y)[1].norm(dim=1)
+    assert int((norms > 0.7).sum()) > 40
+    torch.testing.assert_close(private, reference, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(list(MODELS)),
+    scale=st.floats(min_value=0.01, max_value=100.0),
+    clip=st.floats(min_value=0.01, max_value=10.0),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_each_patients_flat_gradient_is_clipped_to_the_bound_and_keeps_its_direction(
+    kind: str, scale: float, clip: float, seed: int
+) -> None:
+    model = chain_model(kind, seed=seed % 7)
+    x, y = cohort(6, seed=seed, scale=scale)
+    x, y = x.double(), y.double()
+    _, rows = FlatLinearChain(model.linear_chain()).per_sample_gradients(x, y)
+    rows = rows.clone()
+    for i in range(len(x)):
+        # One patient per batch: what is released before noise is that patient's clipped gradient.
+        clipped = flat_private_gradient(model, x[i : i + 1], y[i : i + 1], clip=clip, noise=0.0, expected_batch_size=1)
+        norm = float(rows[i].norm())
+        assert float(clipped.norm()) <= clip * (1 + 1e-9)
+        # Opacus's factor min(1, C / (norm + 1e-6)).
+        assert float(clipped.norm()) == pytest.approx(norm * min(1.0, clip / (norm + 1e-6)), rel=1e-9, abs=1e-15)
+        if norm > 0:
+            assert float(torch.dot(clipped, rows[i])) == pytest.approx(float(clipped.norm()) * norm, rel=1e-9)
+
+
+def test_each_step_adds_gaussian_noise_of_sigma_times_clip_over_the_expected_batch_size() -> None:
+    model = build_tabular_model("mlp", 16)
+    before = flat(model)
+    x, y = cohort(1000)
+    # Expected batch 50; noise std per coordinate 400 * 0.5 / 50 = 4. The clipped signal
+    # adds at most 0.5 * (batch / 50) to the step's norm, spread over 1089 coordinates.
+    dp(model, x, y, noise_multiplier=400.0, max_grad_norm=0.5, sample_rate=0.05, steps=1, learning_rate=1.0, seed=3)
+    step = flat(model) - before
+    std = 400.0 * 0.5 / 50
+    assert float(step.std()) == pytest.approx(std, rel=0.08)
+    assert abs(float(step.mean())) < 4 * std / math.sqrt(len(step))
+    assert float((step.abs() < std).double().mean()) == pytest.approx(0.6827, abs=0.05)  # Gaussian, not uniform
+
+
+@pytest.mark.parametrize("steps", [1, 4, 9])
+def test_every_step_is_one_noisy_release_so_the_ledger_charges_the_steps_it_ran(steps: int) -> None:
+    model = build_tabular_model("mlp", 16)
+    before = flat(model)
+    x, y = cohort(50)
+    # No patient is drawn (expected batch 1): the model moves by pure noise, `steps`
+    # independent draws of std sigma * C each, which the accountant composes.
+    stats = dp(model, x, y, noise_multiplier=2.0, max_grad_norm=0.5, sample_rate=1e-9, steps=steps, learning_rate=0.1,
+               seed=steps)
+    assert stats.steps == steps
+    assert float(((flat(model) - before) / 0.1).std()) == pytest.approx(2.0 * 0.5 * math.sqrt(steps), rel=0.1)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_train_dp_updates_the_models_own_parameters_and_keeps_what_leaves_the_node(kind: str) -> None:
+    model = build_tabular_model(kind, 16)
+    params = list(model.parameters())
+    layout = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    before = flat(model)
+    x, y = cohort(200)
+    dp(model, x, y)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
+    assert not torch.equal(flat(model), before)
+    assert ModuleValidator.validate(model, strict=True) == []
 
 
 # ---------------------------------------------------------------- evaluation
