@@ -57,6 +57,7 @@ from imaging.profile import ProfileOption, ProfileTable, TagKind, load_profile_t
 from imaging.pseudonyms import Keyring
 from imaging.report import DeidReport, FileOutcome, FileStatus
 from imaging.scrub import TextScrubber
+from imaging.splicing import Chunk, ElementCache, splice
 
 __all__ = ["DatasetResult", "Deidentifier"]
 
@@ -250,6 +251,7 @@ class Deidentifier:
         self._needs_scrubber = bool(selected & _SCRUB_OPTIONS)
         self._safe_private = {(s.creator.upper(), s.group, s.element) for s in self._config.safe_private}
         self._vr_cache: dict[int, str] = {}
+        self._encoded = ElementCache()
 
     @property
     def table(self) -> ProfileTable:
@@ -625,42 +627,43 @@ class Deidentifier:
         from replacement values only. Raises DeidentificationError for an input that must
         not produce output.
         """
+        chunks, result, name = self._deidentify_chunks(data)
+        return b"".join(chunks), result, name
+
+    def _deidentify_chunks(self, data: bytes) -> tuple[list[Chunk], DatasetResult, str]:
+        """As :meth:`deidentify_bytes`, the encoding in pieces, some of them views of ``data``."""
         ds = _parse(data)
+        originals = {int(t): e for t, e in ds.items() if isinstance(e, RawDataElement)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's warnings may quote values
             result = self.deidentify_dataset(ds)
             for tag in [t for t in ds.keys() if t >> 16 == 0]:
                 del ds[tag]  # DIMSE command elements have no place in a stored file
-            buffer = io.BytesIO()
-            try:
+            chunks = None
+            if result.pixels is None:  # cleaned pixels are new; nothing to reuse
                 try:
-                    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-                except (TypeError, ValueError):
-                    # Raw elements still in another encoding (the transfer syntax changed,
-                    # or the file lied about it): decode them all, then encode afresh.
-                    for _ in ds.iterall():
-                        pass
-                    buffer = io.BytesIO()
-                    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-            except Exception as exc:
-                raise DeidentificationError(
-                    "unwritable", f"the de-identified data set could not be encoded ({type(exc).__name__})"
-                ) from None
+                    chunks = splice(ds, memoryview(data), originals, self._encoded)
+                except Exception:  # dcmwrite decides, and words the error, below
+                    chunks = None
+            if chunks is None:
+                chunks = [_encode(ds)]
         study = str(ds.get("StudyInstanceUID", "") or "no-study")
         series = str(ds.get("SeriesInstanceUID", "") or "no-series")
         name = f"{result.patient_pseudonym}/{study}/{series}/{ds.SOPInstanceUID}.dcm"
-        return buffer.getvalue(), result, name
+        return chunks, result, name
 
-    def deidentify_file(self, source: Path, destination_root: Path) -> tuple[FileOutcome, DatasetResult | None]:
+    def deidentify_file(
+        self, source: Path, destination_root: Path, *, _folders: set[Path] | None = None
+    ) -> tuple[FileOutcome, DatasetResult | None]:
         """De-identify one file into ``destination_root``; never raises for a bad input."""
         data, digest, problem = _load(Path(source))
         if data is None:
             return FileOutcome(digest, FileStatus.EXCLUDED, reason="unreadable", detail=problem), None
         try:
-            encoded, result, name = self.deidentify_bytes(data)
+            chunks, result, name = self._deidentify_chunks(data)
         except (DeidentificationError, DicomReadError) as exc:
             return FileOutcome(digest, FileStatus.EXCLUDED, reason=exc.code, detail=str(exc)), None
-        output_digest = _store(Path(destination_root) / name, encoded)
+        output_digest = _store(Path(destination_root) / name, chunks, _folders)
         outcome = FileOutcome(
             input_sha256=digest,
             status=FileStatus.WRITTEN,
@@ -712,8 +715,9 @@ class Deidentifier:
 
     def _run_sequential(self, files: list[Path], destination: Path) -> list[tuple[FileOutcome, dict[str, int]]]:
         results = []
+        folders: set[Path] = set()
         for path in files:
-            outcome, result = self.deidentify_file(path, destination)
+            outcome, result = self.deidentify_file(path, destination, _folders=folders)
             results.append((outcome, dict(result.counts) if result is not None else {}))
         return results
 
@@ -745,6 +749,26 @@ def _worker_file(job: tuple[str, str]) -> tuple[FileOutcome, dict[str, int]]:
     return outcome, dict(result.counts) if result is not None else {}
 
 
+def _encode(ds: Dataset) -> bytes:
+    """The Part 10 encoding of ``ds`` by pydicom (the general path)."""
+    buffer = io.BytesIO()
+    try:
+        try:
+            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        except (TypeError, ValueError):
+            # Raw elements still in another encoding (the transfer syntax changed,
+            # or the file lied about it): decode them all, then encode afresh.
+            for _ in ds.iterall():
+                pass
+            buffer = io.BytesIO()
+            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    except Exception as exc:
+        raise DeidentificationError(
+            "unwritable", f"the de-identified data set could not be encoded ({type(exc).__name__})"
+        ) from None
+    return buffer.getvalue()
+
+
 def _load(path: Path) -> tuple[bytes | None, str, str]:
     """A file's bytes and SHA-256, or None and why it could not be read."""
     try:
@@ -754,10 +778,16 @@ def _load(path: Path) -> tuple[bytes | None, str, str]:
     return data, hashlib.sha256(data).hexdigest(), ""
 
 
-def _store(target: Path, data: bytes) -> str:
-    """Write ``data`` atomically at ``target``; returns its SHA-256."""
-    _write_atomically(target, data)
-    return hashlib.sha256(data).hexdigest()
+def _store(target: Path, chunks: list[Chunk], folders: set[Path] | None = None) -> str:
+    """Write the concatenated ``chunks`` atomically at ``target``; returns their SHA-256.
+
+    ``folders`` remembers the folders this run has already made.
+    """
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    _write_atomically(target, chunks, folders)
+    return digest.hexdigest()
 
 
 def _parse(data: bytes) -> Dataset:
@@ -799,13 +829,31 @@ def _iter_files(root: Path, skip: Path) -> list[Path]:
     return files
 
 
-def _write_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _write_atomically(target: Path, chunks: list[Chunk], folders: set[Path] | None = None) -> None:
+    folder = target.parent
+    if folders is None or folder not in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        if folders is not None:
+            folders.add(folder)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        with open(temporary, "wb") as fp:
-            fp.write(data)
+        with open(temporary, "wb", buffering=0) as fp:
+            _write_all(fp.fileno(), chunks)
         os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_all(fd: int, chunks: list[Chunk]) -> None:
+    """Write ``chunks`` in order with as few system calls and copies as the OS allows."""
+    if hasattr(os, "writev") and len(chunks) <= 512:
+        done = os.writev(fd, chunks)
+        total = sum(len(c) for c in chunks)
+        if done == total:
+            return
+        rest = memoryview(b"".join(chunks))[done:]
+    else:
+        rest = memoryview(b"".join(chunks))
+    while rest:
+        rest = rest[os.write(fd, rest) :]
