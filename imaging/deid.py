@@ -31,9 +31,11 @@ import io
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from imaging.decoding import check_pixel_length, transfer_syntax_of
@@ -190,6 +193,12 @@ def _empty_value(vr: str) -> object:
 def _put(ds: Dataset, tag: int, vr: str, value: object) -> None:
     """Replace an element without decoding the old one; our values are valid by construction."""
     ds[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
+
+
+def _elements(*specs: tuple[int, str, object]) -> dict[BaseTag, DataElement]:
+    """New elements keyed by tag, ready to make a data set from (as ``_put`` makes them)."""
+    made = (DataElement(tag, vr, value, validation_mode=config.IGNORE) for tag, vr, value in specs)
+    return {elem.tag: elem for elem in made}
 
 
 def _strings(ds: Dataset, tag: int) -> list[str]:
@@ -382,43 +391,44 @@ class Deidentifier:
     def _walk(self, ds: Dataset, run: _Run, *, clean: bool) -> None:
         keep_private = self._safe_private_tags(ds)
         overlay_groups: set[int] = set()
-        for tag in list(ds.keys()):
-            tag = int(tag)
+        counts = run.counts
+        actions = self._actions
+        # A snapshot: each step below changes only its own element (or, for a sequence,
+        # the items inside it), so the elements still ahead are as listed here.
+        for key, elem in list(ds.items()):
+            tag = int(key)
             group = tag >> 16
             if group & 1:
                 if tag in keep_private:
-                    run.counts["C"] += 1
+                    counts["C"] += 1
                 else:
-                    del ds[tag]
-                    run.counts["X"] += 1
+                    del ds[key]
+                    counts["X"] += 1
                 continue
-            if tag & 0xFFFF == 0:  # group length, stale once anything changes
-                del ds[tag]
+            if not tag & 0xFFFF:  # group length, stale once anything changes
+                del ds[key]
                 continue
-            if 0x5000 <= group <= 0x50FF:
-                self._curve_element(ds, tag, run)
-                continue
-            if 0x6000 <= group <= 0x60FF:
-                overlay_groups.add(group)
-                continue
-            elem = ds.get_item(tag)
-            vr = getattr(elem, "VR", None)
+            if 0x5000 <= group <= 0x60FF:
+                if group <= 0x50FF:
+                    self._curve_element(ds, tag, run)
+                    continue
+                if group >= 0x6000:
+                    overlay_groups.add(group)
+                    continue
+            vr = elem.VR
             if not vr or vr == "UN":
                 vr = self._vr_cache.get(tag) or self._vr_cache.setdefault(tag, _vr_of(None, tag))
-            code = self._actions.get(tag)
+            code = actions.get(tag)
             if code is None:
                 self._unlisted(ds, tag, vr, run, clean)
             else:
-                self._apply(ds, tag, vr, _resolve(code, vr), code, run, clean)
+                counts[self._perform(ds, tag, vr, _resolve(code, vr), code, run, clean)] += 1
         for group in sorted(overlay_groups):
             self._overlay_group(ds, group, run)
 
     def _recurse(self, ds: Dataset, tag: int, run: _Run, clean: bool) -> None:
         for item in ds[tag].value or ():
             self._walk(item, run, clean=clean)
-
-    def _apply(self, ds: Dataset, tag: int, vr: str, action: str, code: str, run: _Run, clean: bool) -> None:
-        run.counts[self._perform(ds, tag, vr, action, code, run, clean)] += 1
 
     def _perform(self, ds: Dataset, tag: int, vr: str, action: str, code: str, run: _Run, clean: bool) -> str:
         """Carry out one resolved action; returns the code of what was actually done."""
@@ -594,13 +604,16 @@ class Deidentifier:
         if pixels == "cleaned":
             codes.append(("113101", "Clean Pixel Data Option"))
         codes += [table.option_codes[o] for o in ProfileOption if o in self._config.options]
-        items = []
-        for code_value, code_meaning in codes:
-            item = Dataset()
-            _put(item, 0x00080100, "SH", code_value)
-            _put(item, 0x00080102, "SH", scheme)
-            _put(item, 0x00080104, "LO", code_meaning)
-            items.append(item)
+        items = [
+            Dataset(
+                _elements(
+                    (0x00080100, "SH", code_value),
+                    (0x00080102, "SH", scheme),
+                    (0x00080104, "LO", code_meaning),
+                )
+            )
+            for code_value, code_meaning in codes
+        ]
         _put(ds, 0x00120064, "SQ", Sequence(items))  # De-identification Method Code Sequence
         _put(
             ds,
@@ -608,13 +621,16 @@ class Deidentifier:
             "CS",
             "UNMODIFIED" if self._full_dates else "MODIFIED" if self._modified_dates else "REMOVED",
         )
-        meta = FileMetaDataset()
-        _put(meta, 0x00020001, "OB", b"\x00\x01")
-        _put(meta, 0x00020002, "UI", str(ds.SOPClassUID))
-        _put(meta, 0x00020003, "UI", str(ds.SOPInstanceUID))
-        _put(meta, 0x00020010, "UI", transfer_syntax_of(ds))
-        _put(meta, 0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID)
-        _put(meta, 0x00020013, "SH", "MEDFED_DEID")
+        meta = FileMetaDataset(
+            _elements(
+                (0x00020001, "OB", b"\x00\x01"),
+                (0x00020002, "UI", str(ds.SOPClassUID)),
+                (0x00020003, "UI", str(ds.SOPInstanceUID)),
+                (0x00020010, "UI", transfer_syntax_of(ds)),
+                (0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID),
+                (0x00020013, "SH", "MEDFED_DEID"),
+            )
+        )
         ds.file_meta = meta
         ds.preamble = b"\x00" * 128
 
@@ -652,18 +668,23 @@ class Deidentifier:
         name = f"{result.patient_pseudonym}/{study}/{series}/{ds.SOPInstanceUID}.dcm"
         return chunks, result, name
 
-    def deidentify_file(
-        self, source: Path, destination_root: Path, *, _folders: set[Path] | None = None
-    ) -> tuple[FileOutcome, DatasetResult | None]:
+    def deidentify_file(self, source: Path, destination_root: Path) -> tuple[FileOutcome, DatasetResult | None]:
         """De-identify one file into ``destination_root``; never raises for a bad input."""
-        data, digest, problem = _load(Path(source))
+        root = Path(destination_root)
+        return self._deidentify_one(Path(source), lambda name, chunks: _store(root / name, chunks))
+
+    def _deidentify_one(
+        self, source: Path, store: Callable[[str, list[Chunk]], str]
+    ) -> tuple[FileOutcome, DatasetResult | None]:
+        """De-identify ``source``; ``store`` writes the output by name and returns its SHA-256."""
+        data, digest, problem = _load(source)
         if data is None:
             return FileOutcome(digest, FileStatus.EXCLUDED, reason="unreadable", detail=problem), None
         try:
             chunks, result, name = self._deidentify_chunks(data)
         except (DeidentificationError, DicomReadError) as exc:
             return FileOutcome(digest, FileStatus.EXCLUDED, reason=exc.code, detail=str(exc)), None
-        output_digest = _store(Path(destination_root) / name, chunks, _folders)
+        output_digest = store(name, chunks)
         outcome = FileOutcome(
             input_sha256=digest,
             status=FileStatus.WRITTEN,
@@ -715,10 +736,13 @@ class Deidentifier:
 
     def _run_sequential(self, files: list[Path], destination: Path) -> list[tuple[FileOutcome, dict[str, int]]]:
         results = []
-        folders: set[Path] = set()
-        for path in files:
-            outcome, result = self.deidentify_file(path, destination, _folders=folders)
-            results.append((outcome, dict(result.counts) if result is not None else {}))
+        staging = _Staging(destination)
+        try:
+            for path in files:
+                outcome, result = self._deidentify_one(path, staging.write)
+                results.append((outcome, dict(result.counts) if result is not None else {}))
+        finally:
+            staging.commit()
         return results
 
     def _run_processes(
@@ -778,16 +802,71 @@ def _load(path: Path) -> tuple[bytes | None, str, str]:
     return data, hashlib.sha256(data).hexdigest(), ""
 
 
-def _store(target: Path, chunks: list[Chunk], folders: set[Path] | None = None) -> str:
-    """Write the concatenated ``chunks`` atomically at ``target``; returns their SHA-256.
+def _store(target: Path, chunks: list[Chunk]) -> str:
+    """Write the concatenated ``chunks`` atomically at ``target``; returns their SHA-256."""
+    _write_atomically(target, chunks)
+    return _digest(chunks)
 
-    ``folders`` remembers the folders this run has already made.
-    """
+
+def _digest(chunks: list[Chunk]) -> str:
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
-    _write_atomically(target, chunks, folders)
     return digest.hexdigest()
+
+
+class _Staging:
+    """A run's outputs, written into a hidden folder of the destination, moved in at the end.
+
+    Only complete files are ever left in the staging folder (a failed write removes its
+    own), and they reach the destination by rename, a whole new patient folder at a
+    time where it can: the destination holds whole files or none, as with one temporary
+    file per output, for a rename per folder instead of one per file.
+    """
+
+    def __init__(self, destination: Path) -> None:
+        self.destination = str(destination)
+        self.root = tempfile.mkdtemp(prefix=".deid-", suffix=".partial", dir=self.destination)
+        self._folders: set[str] = set()
+
+    def write(self, name: str, chunks: list[Chunk]) -> str:
+        """Write one output under its relative ``name``; returns its SHA-256."""
+        path = os.path.join(self.root, name)
+        folder = os.path.dirname(path)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        digest = _digest(chunks)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            try:
+                _write_all(fd, chunks)
+            finally:
+                os.close(fd)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return digest
+
+    def commit(self) -> None:
+        """Move every staged output into the destination, then remove the staging folder."""
+        try:
+            _move_tree(self.root, self.destination)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _move_tree(source: str, destination: str) -> None:
+    for entry in os.scandir(source):
+        target = os.path.join(destination, entry.name)
+        if not entry.is_dir(follow_symlinks=False):
+            os.replace(entry.path, target)
+            continue
+        try:
+            os.rename(entry.path, target)  # the whole folder, when the destination has none
+        except OSError:
+            os.makedirs(target, exist_ok=True)
+            _move_tree(entry.path, target)
 
 
 def _parse(data: bytes) -> Dataset:
@@ -829,12 +908,8 @@ def _iter_files(root: Path, skip: Path) -> list[Path]:
     return files
 
 
-def _write_atomically(target: Path, chunks: list[Chunk], folders: set[Path] | None = None) -> None:
-    folder = target.parent
-    if folders is None or folder not in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        if folders is not None:
-            folders.add(folder)
+def _write_atomically(target: Path, chunks: list[Chunk]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         with open(temporary, "wb", buffering=0) as fp:

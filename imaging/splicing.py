@@ -19,8 +19,8 @@ encodes it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
-from typing import Union
+from collections.abc import Callable, Mapping
+from typing import NamedTuple, Union
 
 from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
@@ -45,6 +45,22 @@ _META_TAGS = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x0002
 _LARGEST_CACHED_VALUE = 256
 
 
+class _Packers(NamedTuple):
+    implicit: Callable[..., bytes]
+    short: Callable[..., bytes]
+    long: Callable[..., bytes]
+
+
+# Element headers: implicit VR (tag, length), explicit VR with a 16-bit length, and
+# explicit VR with reserved bytes and a 32-bit length; by little endianness.
+_PACKERS = {
+    little: _Packers(
+        struct.Struct(f"{order}HHL").pack, struct.Struct(f"{order}HH2sH").pack, struct.Struct(f"{order}HH2sHL").pack
+    )
+    for little, order in ((True, "<"), (False, ">"))
+}
+
+
 class ElementCache:
     """Encoded elements by tag, value and encoding; replacement values repeat a lot.
 
@@ -57,7 +73,7 @@ class ElementCache:
         self._encoded: dict[tuple[object, ...], bytes] = {}
 
     def encode(self, elem: DataElement | RawDataElement, encoding: tuple[bool, bool], charset: object) -> bytes:
-        value_key = _value_key(elem)
+        value_key = _value_key(elem, encoding)
         key = None
         if value_key is not None:
             key = (int(elem.tag), value_key, encoding, charset)
@@ -75,13 +91,14 @@ class ElementCache:
         return encoded
 
 
-def _value_key(elem: DataElement | RawDataElement) -> object | None:
+def _value_key(elem: DataElement | RawDataElement, encoding: tuple[bool, bool]) -> object | None:
     """What pydicom's encoding of ``elem`` depends on besides its tag, or None if unsure.
 
     Decoded elements of an unambiguous VR with a plain value (text, UID, integer, short
-    bytes, empty) qualify, and sequences whose items hold only such elements; raw
-    elements, ambiguous VRs and values carrying their own encoding (person names, decimal
-    strings keeping their original text, multiple values) do not.
+    bytes, empty) qualify, and sequences whose items hold only such elements or raw
+    elements pydicom writes as read; other raw elements, ambiguous VRs and values
+    carrying their own encoding (person names, decimal strings keeping their original
+    text, multiple values) do not.
     """
     if elem.is_raw:
         return None
@@ -89,9 +106,14 @@ def _value_key(elem: DataElement | RawDataElement) -> object | None:
     if vr == "SQ":
         items = []
         for item in elem.value:
+            # pydicom writes an item's raw elements as read unless it must re-encode them
+            raw_as_read = item.original_encoding == encoding and item.original_character_set == item._character_set
             entries = []
             for tag, child in item.items():
-                child_key = _value_key(child)
+                if child.is_raw and raw_as_read and child.value is not None:
+                    child_key: object = ("raw", child.VR, child.value, child.length == _UNDEFINED)
+                else:
+                    child_key = _value_key(child, encoding)
                 if child_key is None:
                     return None
                 entries.append((int(tag), child_key))
@@ -145,20 +167,19 @@ def _span(raw: RawDataElement, source: memoryview, encoding: tuple[bool, bool]) 
     undefined = raw.length == _UNDEFINED
     if not undefined and raw.length != len(value):
         return None
-    order = "<" if little else ">"
+    packers = _PACKERS[little]
     tag = int(raw.tag)
-    header = struct.pack(f"{order}HH", tag >> 16, tag & 0xFFFF)
     length = _UNDEFINED if undefined else len(value)
     if implicit:
-        header += struct.pack(f"{order}L", length)
+        header = packers.implicit(tag >> 16, tag & 0xFFFF, length)
     elif not isinstance(vr, str) or len(vr) != 2 or not vr.isascii():
         return None
     elif vr in EXPLICIT_VR_LENGTH_32:
-        header += vr.encode("ascii") + struct.pack(f"{order}HL", 0, length)
+        header = packers.long(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), 0, length)
     elif undefined or length > 0xFFFF:
         return None
     else:
-        header += vr.encode("ascii") + struct.pack(f"{order}H", length)
+        header = packers.short(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), length)
     start = raw.value_tell - len(header)
     end = raw.value_tell + len(value)
     if start < 0 or source[start : raw.value_tell] != header:
@@ -240,6 +261,8 @@ def splice(
         if tag & 0xFFFF == 0 and tag >> 16 > 6:  # retired group lengths are never written
             continue
         elem = elements[tag]
+        if elem.is_raw and elem.value is None:  # get_item reads it as dcmwrite does
+            elem = ds.get_item(tag)
         span = _span(elem, source, encoding) if elem is originals.get(tag) else None  # type: ignore[arg-type]
         if span is not None and span[0] == run_end:
             run_end = span[1]

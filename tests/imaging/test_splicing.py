@@ -121,7 +121,7 @@ def test_most_pydicom_test_files_take_the_spliced_path() -> None:
                 taken += _spliced(deidentifier, path.read_bytes()) is not None
         except Exception:  # noqa: BLE001 - deidentify_bytes takes the general path then
             pass
-    assert taken >= 40
+    assert taken >= 55
 
 
 def _resaved(path: Path, transfer_syntax: UID) -> bytes:
