@@ -43,6 +43,7 @@ _CACHE_LIMIT = 8192
 _META_ENCODING = (False, True)
 _META_TAGS = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013)
 _LARGEST_CACHED_VALUE = 256
+_LARGEST_CACHED_ENCODING = 4096
 
 
 class _Packers(NamedTuple):
@@ -84,7 +85,7 @@ class ElementCache:
         buffer.is_implicit_VR, buffer.is_little_endian = encoding
         write_data_element(buffer, elem, _charset_argument(charset))
         encoded = buffer.getvalue()
-        if key is not None:
+        if key is not None and len(encoded) <= _LARGEST_CACHED_ENCODING:
             if len(self._encoded) >= _CACHE_LIMIT:
                 self._encoded.clear()
             self._encoded[key] = encoded
@@ -111,6 +112,8 @@ def _value_key(elem: DataElement | RawDataElement, encoding: tuple[bool, bool]) 
             entries = []
             for tag, child in item.items():
                 if child.is_raw and raw_as_read and child.value is not None:
+                    if len(child.value) > _LARGEST_CACHED_VALUE:
+                        return None
                     child_key: object = ("raw", child.VR, child.value, child.length == _UNDEFINED)
                 else:
                     child_key = _value_key(child, encoding)
