@@ -261,6 +261,7 @@ class Deidentifier:
         self._safe_private = {(s.creator.upper(), s.group, s.element) for s in self._config.safe_private}
         self._vr_cache: dict[int, str] = {}
         self._encoded = ElementCache()
+        self._shared_marks: dict[str | None, dict[BaseTag, DataElement]] = {}
 
     @property
     def table(self) -> ProfileTable:
@@ -286,6 +287,13 @@ class Deidentifier:
             When the data set must not be written: its ``code`` says why
             (``not_an_instance``, ``truncated``, ``missing_pixel_data``, a burned-in
             reason, ``no_cleaning_rule``, ``pixel_decoder_missing``, ``malformed_attribute``).
+        """
+        return self._deidentify(ds, shared_marks=False)
+
+    def _deidentify(self, ds: Dataset, *, shared_marks: bool) -> DatasetResult:
+        """As :meth:`deidentify_dataset`; with ``shared_marks`` the de-identification marks
+        are element objects shared by every such data set, for one that is encoded and
+        then dropped (never handed out, where a change to one would show in all).
         """
         for keyword in ("SOPClassUID", "SOPInstanceUID"):
             if not str(ds.get(keyword, "") or "").strip():
@@ -314,7 +322,7 @@ class Deidentifier:
             raise DeidentificationError(
                 "malformed_attribute", f"an attribute could not be processed ({type(exc).__name__})"
             ) from None
-        self._mark(ds, pixels)
+        self._mark(ds, pixels, shared=shared_marks)
         return DatasetResult(counts=MappingProxyType(dict(run.counts)), pixels=pixels, patient_pseudonym=run.pseudonym)
 
     def _check_pixels(self, ds: Dataset) -> None:
@@ -594,11 +602,9 @@ class Deidentifier:
                 self._scrub(ds, tag, _vr_of(ds.get_item(tag), tag), run)
                 run.counts["C"] += 1
 
-    def _mark(self, ds: Dataset, pixels: str | None) -> None:
-        """Record what was done, in the attributes PS3.15 E.1.1 and PS3.3 C.12.1 define."""
+    def _marks(self, pixels: str | None) -> dict[BaseTag, DataElement]:
+        """New elements marking a data set de-identified, and how (the same in every file)."""
         table = self._table
-        _put(ds, 0x00120062, "CS", "YES")  # Patient Identity Removed
-        _put(ds, 0x00120063, "LO", f"{table.standard} {table.edition} {_METHOD}"[:64])
         value, scheme, meaning = table.profile_code
         codes = [(value, meaning)]
         if pixels == "cleaned":
@@ -614,13 +620,26 @@ class Deidentifier:
             )
             for code_value, code_meaning in codes
         ]
-        _put(ds, 0x00120064, "SQ", Sequence(items))  # De-identification Method Code Sequence
-        _put(
-            ds,
-            0x00280303,  # Longitudinal Temporal Information Modified
-            "CS",
-            "UNMODIFIED" if self._full_dates else "MODIFIED" if self._modified_dates else "REMOVED",
+        return _elements(
+            (0x00120062, "CS", "YES"),  # Patient Identity Removed
+            (0x00120063, "LO", f"{table.standard} {table.edition} {_METHOD}"[:64]),  # De-identification Method
+            (0x00120064, "SQ", Sequence(items)),  # De-identification Method Code Sequence
+            (
+                0x00280303,  # Longitudinal Temporal Information Modified
+                "CS",
+                "UNMODIFIED" if self._full_dates else "MODIFIED" if self._modified_dates else "REMOVED",
+            ),
         )
+
+    def _mark(self, ds: Dataset, pixels: str | None, *, shared: bool = False) -> None:
+        """Record what was done, in the attributes PS3.15 E.1.1 and PS3.3 C.12.1 define."""
+        marks = self._shared_marks.get(pixels) if shared else None
+        if marks is None:
+            marks = self._marks(pixels)
+            if shared:
+                self._shared_marks[pixels] = marks
+        for tag, elem in marks.items():
+            ds[tag] = elem
         meta = FileMetaDataset(
             _elements(
                 (0x00020001, "OB", b"\x00\x01"),
@@ -652,7 +671,7 @@ class Deidentifier:
         originals = {int(t): e for t, e in ds.items() if isinstance(e, RawDataElement)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's warnings may quote values
-            result = self.deidentify_dataset(ds)
+            result = self._deidentify(ds, shared_marks=True)
             for tag in [t for t in ds.keys() if t >> 16 == 0]:
                 del ds[tag]  # DIMSE command elements have no place in a stored file
             chunks = None
@@ -893,7 +912,7 @@ def _parse(data: bytes) -> Dataset:
 
 
 def _last_value_short(ds: Dataset) -> bool:
-    last = ds.get_item(max(ds.keys()))
+    last = ds.get_item(max(ds.keys(), key=int))
     if not isinstance(last, RawDataElement) or last.value is None or last.length == 0xFFFFFFFF:
         return False
     return len(last.value) < last.length

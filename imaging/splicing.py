@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, PersonName
 
 __all__ = ["Chunk", "ElementCache", "splice"]
 
@@ -96,10 +96,10 @@ def _value_key(elem: DataElement | RawDataElement, encoding: tuple[bool, bool]) 
     """What pydicom's encoding of ``elem`` depends on besides its tag, or None if unsure.
 
     Decoded elements of an unambiguous VR with a plain value (text, UID, integer, short
-    bytes, empty) qualify, and sequences whose items hold only such elements or raw
+    bytes, empty, a person name made from text) qualify, and sequences whose items hold only such elements or raw
     elements pydicom writes as read; other raw elements, ambiguous VRs and values
-    carrying their own encoding (person names, decimal strings keeping their original
-    text, multiple values) do not.
+    carrying their own encoding (person names as read, decimal strings keeping their
+    original text, multiple values) do not.
     """
     if elem.is_raw:
         return None
@@ -126,6 +126,11 @@ def _value_key(elem: DataElement | RawDataElement, encoding: tuple[bool, bool]) 
         return None
     value = elem.value
     kind = type(value)
+    if kind is PersonName:
+        # A name made from text (not read from a file) is encoded from its text alone.
+        if value.original_string is None and value.encodings is None:
+            return (vr, kind, str(value))
+        return None
     if kind not in _CACHEABLE or (kind is bytes and len(value) > _LARGEST_CACHED_VALUE):
         return None
     return (vr, kind, value)

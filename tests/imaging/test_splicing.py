@@ -226,3 +226,20 @@ def test_leak_oracle_finds_nothing_in_spliced_output(cohort_factory: CohortFacto
     assert outputs
     for path in outputs:
         assert cohort.find_leaks(path.read_bytes()) == ()
+
+
+def test_data_sets_handed_out_do_not_share_their_marks(cohort_factory: CohortFactory) -> None:
+    cohort = cohort_factory(hospital="north", modality="CT", n_patients=1, size=32, slices=2, seed=30, burned_in_fraction=0.0)
+    deidentifier = Deidentifier(secret=SECRET)
+    data = cohort.files[0].read_bytes()
+    before, _, _ = deidentifier.deidentify_bytes(data)
+    first, second = (pydicom.dcmread(io.BytesIO(f.read_bytes())) for f in cohort.files)
+    deidentifier.deidentify_dataset(first)
+    deidentifier.deidentify_dataset(second)
+
+    assert first[0x00120064] is not second[0x00120064]
+    first.DeidentificationMethodCodeSequence[0].CodeMeaning = "QZXCHANGED"
+    first.PatientIdentityRemoved = "NO"
+    assert second.DeidentificationMethodCodeSequence[0].CodeMeaning != "QZXCHANGED"
+    after, _, _ = deidentifier.deidentify_bytes(data)
+    assert after == before
