@@ -719,9 +719,11 @@ class Deidentifier:
         """De-identify every file under ``source_root`` into ``destination_root``.
 
         Bad files are excluded with a reason code and the rest proceeds. Outputs are
-        written atomically: a file appears complete or not at all. With ``workers`` > 1
-        files are shared among that many processes; the report is the same, in the same
-        order, as with one.
+        written atomically: a file appears complete or not at all. With one process
+        they are staged in a hidden folder of ``destination_root`` and moved into place
+        when the run ends, or stops on an error. With ``workers`` > 1 files are shared
+        among that many processes; the report is the same, in the same order, as with
+        one.
         """
         source_root, destination_root = Path(source_root), Path(destination_root)
         if not source_root.is_dir():
