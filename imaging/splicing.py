@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from pydicom.charset import default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
@@ -32,7 +32,7 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, PersonName
 
 __all__ = ["Chunk", "ElementCache", "splice"]
 
-Chunk = Union[bytes, memoryview]
+Chunk = bytes | memoryview
 
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
@@ -245,7 +245,7 @@ def splice(
         return None
     elements = {int(t): e for t, e in ds.items()}
     tags = sorted(elements)
-    if tags and (tags[0] >> 16 in (0, 2) or any(t >> 16 == 2 for t in tags)):
+    if tags and tags[0] >> 16 <= 2:  # command or file meta elements: dcmwrite refuses them
         return None
     if ds.original_character_set != ds._character_set:  # pydicom would decode and re-encode all
         return None
