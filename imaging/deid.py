@@ -31,9 +31,11 @@ import io
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 
 from imaging.decoding import check_pixel_length, transfer_syntax_of
@@ -57,6 +60,7 @@ from imaging.profile import ProfileOption, ProfileTable, TagKind, load_profile_t
 from imaging.pseudonyms import Keyring
 from imaging.report import DeidReport, FileOutcome, FileStatus
 from imaging.scrub import TextScrubber
+from imaging.splicing import Chunk, ElementCache, splice
 
 __all__ = ["DatasetResult", "Deidentifier"]
 
@@ -191,6 +195,12 @@ def _put(ds: Dataset, tag: int, vr: str, value: object) -> None:
     ds[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
 
 
+def _elements(*specs: tuple[int, str, object]) -> dict[BaseTag, DataElement]:
+    """New elements keyed by tag, ready to make a data set from (as ``_put`` makes them)."""
+    made = (DataElement(tag, vr, value, validation_mode=config.IGNORE) for tag, vr, value in specs)
+    return {elem.tag: elem for elem in made}
+
+
 def _strings(ds: Dataset, tag: int) -> list[str]:
     """An element's values as text, read from its undecoded bytes when it is still raw.
 
@@ -250,6 +260,8 @@ class Deidentifier:
         self._needs_scrubber = bool(selected & _SCRUB_OPTIONS)
         self._safe_private = {(s.creator.upper(), s.group, s.element) for s in self._config.safe_private}
         self._vr_cache: dict[int, str] = {}
+        self._encoded = ElementCache()
+        self._shared_marks: dict[str | None, dict[BaseTag, DataElement]] = {}
 
     @property
     def table(self) -> ProfileTable:
@@ -275,6 +287,13 @@ class Deidentifier:
             When the data set must not be written: its ``code`` says why
             (``not_an_instance``, ``truncated``, ``missing_pixel_data``, a burned-in
             reason, ``no_cleaning_rule``, ``pixel_decoder_missing``, ``malformed_attribute``).
+        """
+        return self._deidentify(ds, shared_marks=False)
+
+    def _deidentify(self, ds: Dataset, *, shared_marks: bool) -> DatasetResult:
+        """As :meth:`deidentify_dataset`; with ``shared_marks`` the de-identification marks
+        are element objects shared by every such data set, for one that is encoded and
+        then dropped (never handed out, where a change to one would show in all).
         """
         for keyword in ("SOPClassUID", "SOPInstanceUID"):
             if not str(ds.get(keyword, "") or "").strip():
@@ -303,7 +322,7 @@ class Deidentifier:
             raise DeidentificationError(
                 "malformed_attribute", f"an attribute could not be processed ({type(exc).__name__})"
             ) from None
-        self._mark(ds, pixels)
+        self._mark(ds, pixels, shared=shared_marks)
         return DatasetResult(counts=MappingProxyType(dict(run.counts)), pixels=pixels, patient_pseudonym=run.pseudonym)
 
     def _check_pixels(self, ds: Dataset) -> None:
@@ -380,43 +399,44 @@ class Deidentifier:
     def _walk(self, ds: Dataset, run: _Run, *, clean: bool) -> None:
         keep_private = self._safe_private_tags(ds)
         overlay_groups: set[int] = set()
-        for tag in list(ds.keys()):
-            tag = int(tag)
+        counts = run.counts
+        actions = self._actions
+        # A snapshot: each step below changes only its own element (or, for a sequence,
+        # the items inside it), so the elements still ahead are as listed here.
+        for key, elem in list(ds.items()):
+            tag = int(key)
             group = tag >> 16
             if group & 1:
                 if tag in keep_private:
-                    run.counts["C"] += 1
+                    counts["C"] += 1
                 else:
-                    del ds[tag]
-                    run.counts["X"] += 1
+                    del ds[key]
+                    counts["X"] += 1
                 continue
-            if tag & 0xFFFF == 0:  # group length, stale once anything changes
-                del ds[tag]
+            if not tag & 0xFFFF:  # group length, stale once anything changes
+                del ds[key]
                 continue
-            if 0x5000 <= group <= 0x50FF:
-                self._curve_element(ds, tag, run)
-                continue
-            if 0x6000 <= group <= 0x60FF:
-                overlay_groups.add(group)
-                continue
-            elem = ds.get_item(tag)
-            vr = getattr(elem, "VR", None)
+            if 0x5000 <= group <= 0x60FF:
+                if group <= 0x50FF:
+                    self._curve_element(ds, tag, run)
+                    continue
+                if group >= 0x6000:
+                    overlay_groups.add(group)
+                    continue
+            vr = elem.VR
             if not vr or vr == "UN":
                 vr = self._vr_cache.get(tag) or self._vr_cache.setdefault(tag, _vr_of(None, tag))
-            code = self._actions.get(tag)
+            code = actions.get(tag)
             if code is None:
                 self._unlisted(ds, tag, vr, run, clean)
             else:
-                self._apply(ds, tag, vr, _resolve(code, vr), code, run, clean)
+                counts[self._perform(ds, tag, vr, _resolve(code, vr), code, run, clean)] += 1
         for group in sorted(overlay_groups):
             self._overlay_group(ds, group, run)
 
     def _recurse(self, ds: Dataset, tag: int, run: _Run, clean: bool) -> None:
         for item in ds[tag].value or ():
             self._walk(item, run, clean=clean)
-
-    def _apply(self, ds: Dataset, tag: int, vr: str, action: str, code: str, run: _Run, clean: bool) -> None:
-        run.counts[self._perform(ds, tag, vr, action, code, run, clean)] += 1
 
     def _perform(self, ds: Dataset, tag: int, vr: str, action: str, code: str, run: _Run, clean: bool) -> str:
         """Carry out one resolved action; returns the code of what was actually done."""
@@ -582,37 +602,54 @@ class Deidentifier:
                 self._scrub(ds, tag, _vr_of(ds.get_item(tag), tag), run)
                 run.counts["C"] += 1
 
-    def _mark(self, ds: Dataset, pixels: str | None) -> None:
-        """Record what was done, in the attributes PS3.15 E.1.1 and PS3.3 C.12.1 define."""
+    def _marks(self, pixels: str | None) -> dict[BaseTag, DataElement]:
+        """New elements marking a data set de-identified, and how (the same in every file)."""
         table = self._table
-        _put(ds, 0x00120062, "CS", "YES")  # Patient Identity Removed
-        _put(ds, 0x00120063, "LO", f"{table.standard} {table.edition} {_METHOD}"[:64])
         value, scheme, meaning = table.profile_code
         codes = [(value, meaning)]
         if pixels == "cleaned":
             codes.append(("113101", "Clean Pixel Data Option"))
         codes += [table.option_codes[o] for o in ProfileOption if o in self._config.options]
-        items = []
-        for code_value, code_meaning in codes:
-            item = Dataset()
-            _put(item, 0x00080100, "SH", code_value)
-            _put(item, 0x00080102, "SH", scheme)
-            _put(item, 0x00080104, "LO", code_meaning)
-            items.append(item)
-        _put(ds, 0x00120064, "SQ", Sequence(items))  # De-identification Method Code Sequence
-        _put(
-            ds,
-            0x00280303,  # Longitudinal Temporal Information Modified
-            "CS",
-            "UNMODIFIED" if self._full_dates else "MODIFIED" if self._modified_dates else "REMOVED",
+        items = [
+            Dataset(
+                _elements(
+                    (0x00080100, "SH", code_value),
+                    (0x00080102, "SH", scheme),
+                    (0x00080104, "LO", code_meaning),
+                )
+            )
+            for code_value, code_meaning in codes
+        ]
+        return _elements(
+            (0x00120062, "CS", "YES"),  # Patient Identity Removed
+            (0x00120063, "LO", f"{table.standard} {table.edition} {_METHOD}"[:64]),  # De-identification Method
+            (0x00120064, "SQ", Sequence(items)),  # De-identification Method Code Sequence
+            (
+                0x00280303,  # Longitudinal Temporal Information Modified
+                "CS",
+                "UNMODIFIED" if self._full_dates else "MODIFIED" if self._modified_dates else "REMOVED",
+            ),
         )
-        meta = FileMetaDataset()
-        _put(meta, 0x00020001, "OB", b"\x00\x01")
-        _put(meta, 0x00020002, "UI", str(ds.SOPClassUID))
-        _put(meta, 0x00020003, "UI", str(ds.SOPInstanceUID))
-        _put(meta, 0x00020010, "UI", transfer_syntax_of(ds))
-        _put(meta, 0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID)
-        _put(meta, 0x00020013, "SH", "MEDFED_DEID")
+
+    def _mark(self, ds: Dataset, pixels: str | None, *, shared: bool = False) -> None:
+        """Record what was done, in the attributes PS3.15 E.1.1 and PS3.3 C.12.1 define."""
+        marks = self._shared_marks.get(pixels) if shared else None
+        if marks is None:
+            marks = self._marks(pixels)
+            if shared:
+                self._shared_marks[pixels] = marks
+        for tag, elem in marks.items():
+            ds[tag] = elem
+        meta = FileMetaDataset(
+            _elements(
+                (0x00020001, "OB", b"\x00\x01"),
+                (0x00020002, "UI", str(ds.SOPClassUID)),
+                (0x00020003, "UI", str(ds.SOPInstanceUID)),
+                (0x00020010, "UI", transfer_syntax_of(ds)),
+                (0x00020012, "UI", PYDICOM_IMPLEMENTATION_UID),
+                (0x00020013, "SH", "MEDFED_DEID"),
+            )
+        )
         ds.file_meta = meta
         ds.preamble = b"\x00" * 128
 
@@ -625,42 +662,48 @@ class Deidentifier:
         from replacement values only. Raises DeidentificationError for an input that must
         not produce output.
         """
+        chunks, result, name = self._deidentify_chunks(data)
+        return b"".join(chunks), result, name
+
+    def _deidentify_chunks(self, data: bytes) -> tuple[list[Chunk], DatasetResult, str]:
+        """As :meth:`deidentify_bytes`, the encoding in pieces, some of them views of ``data``."""
         ds = _parse(data)
+        originals = {int(t): e for t, e in ds.items() if isinstance(e, RawDataElement)}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's warnings may quote values
-            result = self.deidentify_dataset(ds)
+            result = self._deidentify(ds, shared_marks=True)
             for tag in [t for t in ds.keys() if t >> 16 == 0]:
                 del ds[tag]  # DIMSE command elements have no place in a stored file
-            buffer = io.BytesIO()
-            try:
+            chunks = None
+            if result.pixels is None:  # cleaned pixels are new; nothing to reuse
                 try:
-                    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-                except (TypeError, ValueError):
-                    # Raw elements still in another encoding (the transfer syntax changed,
-                    # or the file lied about it): decode them all, then encode afresh.
-                    for _ in ds.iterall():
-                        pass
-                    buffer = io.BytesIO()
-                    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-            except Exception as exc:
-                raise DeidentificationError(
-                    "unwritable", f"the de-identified data set could not be encoded ({type(exc).__name__})"
-                ) from None
+                    chunks = splice(ds, memoryview(data), originals, self._encoded)
+                except Exception:  # dcmwrite decides, and words the error, below
+                    chunks = None
+            if chunks is None:
+                chunks = [_encode(ds)]
         study = str(ds.get("StudyInstanceUID", "") or "no-study")
         series = str(ds.get("SeriesInstanceUID", "") or "no-series")
         name = f"{result.patient_pseudonym}/{study}/{series}/{ds.SOPInstanceUID}.dcm"
-        return buffer.getvalue(), result, name
+        return chunks, result, name
 
     def deidentify_file(self, source: Path, destination_root: Path) -> tuple[FileOutcome, DatasetResult | None]:
         """De-identify one file into ``destination_root``; never raises for a bad input."""
-        data, digest, problem = _load(Path(source))
+        root = Path(destination_root)
+        return self._deidentify_one(Path(source), lambda name, chunks: _store(root / name, chunks))
+
+    def _deidentify_one(
+        self, source: Path, store: Callable[[str, list[Chunk]], str]
+    ) -> tuple[FileOutcome, DatasetResult | None]:
+        """De-identify ``source``; ``store`` writes the output by name and returns its SHA-256."""
+        data, digest, problem = _load(source)
         if data is None:
             return FileOutcome(digest, FileStatus.EXCLUDED, reason="unreadable", detail=problem), None
         try:
-            encoded, result, name = self.deidentify_bytes(data)
+            chunks, result, name = self._deidentify_chunks(data)
         except (DeidentificationError, DicomReadError) as exc:
             return FileOutcome(digest, FileStatus.EXCLUDED, reason=exc.code, detail=str(exc)), None
-        output_digest = _store(Path(destination_root) / name, encoded)
+        output_digest = store(name, chunks)
         outcome = FileOutcome(
             input_sha256=digest,
             status=FileStatus.WRITTEN,
@@ -676,9 +719,11 @@ class Deidentifier:
         """De-identify every file under ``source_root`` into ``destination_root``.
 
         Bad files are excluded with a reason code and the rest proceeds. Outputs are
-        written atomically: a file appears complete or not at all. With ``workers`` > 1
-        files are shared among that many processes; the report is the same, in the same
-        order, as with one.
+        written atomically: a file appears complete or not at all. With one process
+        they are staged in a hidden folder of ``destination_root`` and moved into place
+        when the run ends, or stops on an error. With ``workers`` > 1 files are shared
+        among that many processes; the report is the same, in the same order, as with
+        one.
         """
         source_root, destination_root = Path(source_root), Path(destination_root)
         if not source_root.is_dir():
@@ -712,9 +757,13 @@ class Deidentifier:
 
     def _run_sequential(self, files: list[Path], destination: Path) -> list[tuple[FileOutcome, dict[str, int]]]:
         results = []
-        for path in files:
-            outcome, result = self.deidentify_file(path, destination)
-            results.append((outcome, dict(result.counts) if result is not None else {}))
+        staging = _Staging(destination)
+        try:
+            for path in files:
+                outcome, result = self._deidentify_one(path, staging.write)
+                results.append((outcome, dict(result.counts) if result is not None else {}))
+        finally:
+            staging.commit()
         return results
 
     def _run_processes(
@@ -745,6 +794,26 @@ def _worker_file(job: tuple[str, str]) -> tuple[FileOutcome, dict[str, int]]:
     return outcome, dict(result.counts) if result is not None else {}
 
 
+def _encode(ds: Dataset) -> bytes:
+    """The Part 10 encoding of ``ds`` by pydicom (the general path)."""
+    buffer = io.BytesIO()
+    try:
+        try:
+            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+        except (TypeError, ValueError):
+            # Raw elements still in another encoding (the transfer syntax changed,
+            # or the file lied about it): decode them all, then encode afresh.
+            for _ in ds.iterall():
+                pass
+            buffer = io.BytesIO()
+            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    except Exception as exc:
+        raise DeidentificationError(
+            "unwritable", f"the de-identified data set could not be encoded ({type(exc).__name__})"
+        ) from None
+    return buffer.getvalue()
+
+
 def _load(path: Path) -> tuple[bytes | None, str, str]:
     """A file's bytes and SHA-256, or None and why it could not be read."""
     try:
@@ -754,10 +823,71 @@ def _load(path: Path) -> tuple[bytes | None, str, str]:
     return data, hashlib.sha256(data).hexdigest(), ""
 
 
-def _store(target: Path, data: bytes) -> str:
-    """Write ``data`` atomically at ``target``; returns its SHA-256."""
-    _write_atomically(target, data)
-    return hashlib.sha256(data).hexdigest()
+def _store(target: Path, chunks: list[Chunk]) -> str:
+    """Write the concatenated ``chunks`` atomically at ``target``; returns their SHA-256."""
+    _write_atomically(target, chunks)
+    return _digest(chunks)
+
+
+def _digest(chunks: list[Chunk]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _Staging:
+    """A run's outputs, written into a hidden folder of the destination, moved in at the end.
+
+    Only complete files are ever left in the staging folder (a failed write removes its
+    own), and they reach the destination by rename, a whole new patient folder at a
+    time where it can: the destination holds whole files or none, as with one temporary
+    file per output, for a rename per folder instead of one per file.
+    """
+
+    def __init__(self, destination: Path) -> None:
+        self.destination = str(destination)
+        self.root = tempfile.mkdtemp(prefix=".deid-", suffix=".partial", dir=self.destination)
+        self._folders: set[str] = set()
+
+    def write(self, name: str, chunks: list[Chunk]) -> str:
+        """Write one output under its relative ``name``; returns its SHA-256."""
+        path = os.path.join(self.root, name)
+        folder = os.path.dirname(path)
+        if folder not in self._folders:
+            os.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        digest = _digest(chunks)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            try:
+                _write_all(fd, chunks)
+            finally:
+                os.close(fd)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return digest
+
+    def commit(self) -> None:
+        """Move every staged output into the destination, then remove the staging folder."""
+        try:
+            _move_tree(self.root, self.destination)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _move_tree(source: str, destination: str) -> None:
+    for entry in os.scandir(source):
+        target = os.path.join(destination, entry.name)
+        if not entry.is_dir(follow_symlinks=False):
+            os.replace(entry.path, target)
+            continue
+        try:
+            os.rename(entry.path, target)  # the whole folder, when the destination has none
+        except OSError:
+            os.makedirs(target, exist_ok=True)
+            _move_tree(entry.path, target)
 
 
 def _parse(data: bytes) -> Dataset:
@@ -784,7 +914,7 @@ def _parse(data: bytes) -> Dataset:
 
 
 def _last_value_short(ds: Dataset) -> bool:
-    last = ds.get_item(max(ds.keys()))
+    last = ds.get_item(max(ds.keys(), key=int))
     if not isinstance(last, RawDataElement) or last.value is None or last.length == 0xFFFFFFFF:
         return False
     return len(last.value) < last.length
@@ -799,13 +929,27 @@ def _iter_files(root: Path, skip: Path) -> list[Path]:
     return files
 
 
-def _write_atomically(target: Path, data: bytes) -> None:
+def _write_atomically(target: Path, chunks: list[Chunk]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        with open(temporary, "wb") as fp:
-            fp.write(data)
+        with open(temporary, "wb", buffering=0) as fp:
+            _write_all(fp.fileno(), chunks)
         os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_all(fd: int, chunks: list[Chunk]) -> None:
+    """Write ``chunks`` in order with as few system calls and copies as the OS allows."""
+    if hasattr(os, "writev") and len(chunks) <= 512:
+        done = os.writev(fd, chunks)
+        total = sum(len(c) for c in chunks)
+        if done == total:
+            return
+        rest = memoryview(b"".join(chunks))[done:]
+    else:
+        rest = memoryview(b"".join(chunks))
+    while rest:
+        rest = rest[os.write(fd, rest) :]

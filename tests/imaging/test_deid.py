@@ -442,3 +442,50 @@ def test_the_basic_profile_empties_structured_content(deidentifier: Deidentifier
     ds = _report_with_text()
     deidentifier.deidentify_dataset(ds)
     assert len(ds.ContentSequence) == 0
+
+
+def test_a_second_run_into_the_same_folder_merges_and_replaces_outputs(
+    cohort_factory: CohortFactory, tmp_path: Path
+) -> None:
+    cohort = cohort_factory(hospital="north", modality="CT", n_patients=3, size=16, slices=2, seed=15, burned_in_fraction=0)
+    first = Deidentifier(secret=SECRET).deidentify_folder(cohort.root, tmp_path / "out")
+    (tmp_path / "out" / first.written[0].output_name).write_bytes(b"stale")  # type: ignore[operator]
+
+    second = Deidentifier(secret=SECRET).deidentify_folder(cohort.root, tmp_path / "out")
+
+    assert first.to_dict() == second.to_dict()
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in _outputs(tmp_path / "out"))
+    assert names == sorted(f.output_name for f in second.written)  # type: ignore[type-var]
+    for outcome in second.written:
+        data = (tmp_path / "out" / outcome.output_name).read_bytes()  # type: ignore[operator]
+        assert hashlib.sha256(data).hexdigest() == outcome.output_sha256
+
+
+class _InterruptedAfter(Deidentifier):
+    """Stops the run (as Ctrl-C would) when asked for its n-th file."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(secret=SECRET)
+        self._left = n
+
+    def _deidentify_chunks(self, data: bytes):  # type: ignore[no-untyped-def]
+        self._left -= 1
+        if self._left < 0:
+            raise KeyboardInterrupt
+        return super()._deidentify_chunks(data)
+
+
+def test_an_interrupted_run_leaves_whole_files_and_no_staging(cohort_factory: CohortFactory, tmp_path: Path) -> None:
+    cohort = cohort_factory(hospital="north", modality="CT", n_patients=2, size=16, slices=3, seed=16, burned_in_fraction=0)
+    with pytest.raises(KeyboardInterrupt):
+        _InterruptedAfter(4).deidentify_folder(cohort.root, tmp_path / "out")
+
+    everything = list((tmp_path / "out").rglob("*"))
+    assert not [p for p in everything if p.name.startswith(".")]
+    outputs = _outputs(tmp_path / "out")
+    assert len(outputs) == 4
+    complete = Deidentifier(secret=SECRET).deidentify_folder(cohort.root, tmp_path / "again")
+    expected = {f.output_name: f.output_sha256 for f in complete.written}
+    for path in outputs:
+        name = str(path.relative_to(tmp_path / "out"))
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == expected[name]
