@@ -31,6 +31,7 @@ import io
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -69,6 +70,8 @@ logger = logging.getLogger(__name__)
 PATIENT_NAME = 0x00100010
 PATIENT_ID = 0x00100020
 _DICOM_ROOT = "1.2.840.10008."
+# PS3.5 9.1: digits in components without leading zeros, separated by dots, 64 at most.
+_WELL_FORMED_UID = re.compile(r"(?=.{1,64}$)(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _TEXT_VRS = frozenset({"LO", "LT", "ST", "SH", "UT", "UC"})
 _BINARY_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
 _NUMBER_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT"})
@@ -514,7 +517,8 @@ class Deidentifier:
             _put(ds, tag, vr, _empty_value(vr))
 
     def _map_uid(self, value: str) -> str:
-        if not value or value.startswith(_DICOM_ROOT):
+        """A keyed replacement; the standard's own UIDs (a SOP class) are kept when well formed."""
+        if not value or (value.startswith(_DICOM_ROOT) and _WELL_FORMED_UID.fullmatch(value)):
             return value
         return self._keys.uid(value)
 
@@ -682,9 +686,9 @@ class Deidentifier:
                     chunks = None
             if chunks is None:
                 chunks = [_encode(ds)]
-        study = str(ds.get("StudyInstanceUID", "") or "no-study")
-        series = str(ds.get("SeriesInstanceUID", "") or "no-series")
-        name = f"{result.patient_pseudonym}/{study}/{series}/{ds.SOPInstanceUID}.dcm"
+        study = _name_part(ds.get("StudyInstanceUID", ""), "no-study")
+        series = _name_part(ds.get("SeriesInstanceUID", ""), "no-series")
+        name = f"{result.patient_pseudonym}/{study}/{series}/{_name_part(ds.get('SOPInstanceUID', ''), 'no-instance')}.dcm"
         return chunks, result, name
 
     def deidentify_file(self, source: Path, destination_root: Path) -> tuple[FileOutcome, DatasetResult | None]:
@@ -911,6 +915,16 @@ def _parse(data: bytes) -> Dataset:
     if not len(ds) or _last_value_short(ds) or any("End of file" in str(w.message) for w in caught):
         raise DeidentificationError("truncated", "the file ends inside its data set")
     return ds
+
+
+def _name_part(uid: object, missing: str) -> str:
+    """A UID as a file or folder name: only a well-formed UID (digits and dots) is used."""
+    text = str(uid or "")
+    if not text:
+        return missing
+    if not _WELL_FORMED_UID.fullmatch(text):  # cannot happen after remapping; never a path
+        raise DeidentificationError("bad_uid", "an instance UID is not well formed after de-identification")
+    return text
 
 
 def _last_value_short(ds: Dataset) -> bool:

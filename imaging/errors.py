@@ -14,9 +14,14 @@ ImagingError
 
 Messages name tags like ``(0010,0010)``, codes, counts and digests; they never carry a
 value read from patient data, nor a file name (PACS exports name folders after patients).
+pydicom's own log messages can quote a value it found invalid (a name in a date field);
+importing this module puts a filter on pydicom's loggers that keeps each record's level
+and logger but replaces its words (:func:`withhold_pydicom_messages`).
 """
 
 from __future__ import annotations
+
+import logging
 
 __all__ = [
     "CacheError",
@@ -28,6 +33,7 @@ __all__ = [
     "PreprocessError",
     "ProfileError",
     "SeriesError",
+    "withhold_pydicom_messages",
     "UnsupportedTransferSyntaxError",
 ]
 
@@ -102,3 +108,32 @@ class PreprocessError(ImagingError, ValueError):
 
 class CacheError(ImagingError):
     """The preprocessed-array cache is unusable (not a directory, not writable, ...)."""
+
+
+# pydicom's loggers: "pydicom" for values and files, its pixel modules' own for decoding.
+_PYDICOM_LOGGERS = (
+    "pydicom",
+    "pydicom.pixels.decoders.base",
+    "pydicom.pixels.encoders.base",
+    "pydicom.pixels.utils",
+)
+WITHHELD = "pydicom reported a problem with an element; its words are withheld because they may quote a value"
+
+
+class _WithholdValues(logging.Filter):
+    """Keeps a pydicom record (level, logger, time) and replaces its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = WITHHELD, ()
+        return True
+
+
+def withhold_pydicom_messages() -> None:
+    """Put the value-withholding filter on each of pydicom's loggers, once."""
+    for name in _PYDICOM_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _WithholdValues) for f in logger.filters):
+            logger.addFilter(_WithholdValues())
+
+
+withhold_pydicom_messages()

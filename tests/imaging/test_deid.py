@@ -489,3 +489,45 @@ def test_an_interrupted_run_leaves_whole_files_and_no_staging(cohort_factory: Co
     for path in outputs:
         name = str(path.relative_to(tmp_path / "out"))
         assert hashlib.sha256(path.read_bytes()).hexdigest() == expected[name]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # what the crafted export says
+def test_a_crafted_uid_cannot_place_an_output_outside_the_destination(
+    cohort_factory: CohortFactory, tmp_path: Path
+) -> None:
+    cohort = cohort_factory(hospital="north", modality="CT", n_patients=1, size=16, slices=2, seed=21, burned_in_fraction=0)
+    source = tmp_path / "export"
+    source.mkdir()
+    crafted = "1.2.840.10008.9/../../../../escaped"
+    for index, path in enumerate(cohort.files):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = crafted  # under the standard's root, so never taken as its own UID
+        ds.SeriesInstanceUID = "1.2.840.10008.1.2/.."
+        ds.save_as(source / f"{index}.dcm")
+    out = tmp_path / "deep" / "out"
+
+    report = Deidentifier(secret=SECRET).deidentify_folder(source, out)
+
+    assert len(report.written) == 2 and not report.excluded
+    inputs = (source, cohort.root)
+    everything = sorted(p for p in tmp_path.rglob("*") if p.is_file() and not any(p.is_relative_to(i) for i in inputs))
+    assert everything and all(p.resolve().is_relative_to(out.resolve()) for p in everything)
+    for path in everything:
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID.startswith("2.25.") and ds.SeriesInstanceUID.startswith("2.25.")
+        assert ds.SOPClassUID.startswith("1.2.840.10008.")  # a well-formed standard UID is kept
+        assert "escaped" not in str(path) and ".." not in path.relative_to(out).parts
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")
+def test_pydicom_log_messages_about_bad_values_do_not_quote_them(caplog: pytest.LogCaptureFixture) -> None:
+    from pydicom.valuerep import validate_value
+
+    import imaging.errors
+
+    with caplog.at_level(logging.DEBUG):
+        validate_value("DA", "QZXLEAKDATE", pydicom_config.WARN)  # pydicom's message quotes the value
+    [record] = [r for r in caplog.records if r.name == "pydicom"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == imaging.errors.WITHHELD
+    assert "QZXLEAK" not in caplog.text
