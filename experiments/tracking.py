@@ -46,8 +46,6 @@ class Tracker(Protocol):
 
     def start(self, *, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
 
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
 
     def log_text(self, text: str, artifact_file: str) -> None: ...
@@ -98,9 +96,6 @@ class InMemoryTracker:
         self.tags = dict(tags)
         self.status = "RUNNING"
         return "in-memory"
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.params.update(flatten_params(params))
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         for key, value in _finite(metrics).items():
@@ -155,6 +150,8 @@ class MlflowTracker:
         return (database.parent / "mlartifacts" / experiment).resolve().as_uri()
 
     def start(self, *, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        from mlflow.entities import Param
+
         found = self._client.get_experiment_by_name(experiment)
         experiment_id = (
             found.experiment_id
@@ -163,14 +160,9 @@ class MlflowTracker:
         )
         run = self._client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
         self._run_id = run.info.run_id
-        self.log_params(params)
-        return self.run_id
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         flat = flatten_params(params)
         self._client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in sorted(flat.items())])
+        return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         from mlflow.entities import Metric

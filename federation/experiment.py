@@ -9,15 +9,14 @@ The sequence (DESIGN.md, "Data flow of one experiment"):
    answer "awaiting approval"; they are asked again every ``APPROVAL_POLL_SECONDS``
    until ``federation.approval_wait_seconds`` has passed. Fewer acceptances than the
    minimum then stops the run with every site's status and reason, before anything is
-   tracked. The coordinator's own slow start (importing torch and MLflow, building the model)
-   happens while the first query wave is out;
+   tracked. The coordinator's own slow start (importing torch, MLflow and Opacus,
+   building the model, composing the plan's epsilon) happens while the first query wave
+   is out;
 3. the tracked run starts; each round is one *train* wave (nodes evaluate the incoming
    global model, then train it with DP-SGD) aggregated by the spec's strategy; with
    ``federation.secure_aggregation`` the round is Flower's SecAgg+ workflow instead
    (:mod:`federation.secure_aggregation`: three more waves, and the coordinator sees
-   only the sum of the updates), collected, checked and tracked the same way. The
-   plan's epsilon (which imports Opacus) is composed and logged while the first train
-   wave is out;
+   only the sum of the updates), collected, checked and tracked the same way;
 4. one *evaluate* wave on the final model, during which the model and the spec are
    saved and logged; then the final metrics and a privacy summary.
 
@@ -307,10 +306,7 @@ def _query_until_decided(  # noqa: PLR0913
         accepted |= _wave(participants, MessageType.QUERY, record, awaiting, sites, QUERY_METRICS, timeout)
 
 
-RoundRunner = Callable[
-    [int, ArrayRecord, Any, dict[int, SiteOutcome], Callable[[], object] | None],
-    tuple[dict[int, dict[str, float]], ArrayRecord | None],
-]
+RoundRunner = Callable[[int, ArrayRecord, Any, dict[int, SiteOutcome]], tuple[dict[int, dict[str, float]], ArrayRecord | None]]
 
 
 def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Mapping[int, Mapping[str, float]], timeout: float) -> RoundRunner:
@@ -318,7 +314,6 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
 
     Either returns the valid replies' metrics per node (refusals and silences recorded
     in the sites) and the new global model; fewer answers than the minimum stop the run.
-    A runner calls its last argument, if any, while its first wave is out.
     """
     fed = spec.federation
 
@@ -337,9 +332,7 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
             timeout=timeout,
         )
 
-        def secure_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome], meanwhile=None):  # type: ignore[no-untyped-def]
-            if meanwhile is not None:  # the SecAgg+ workflow drives its own waves
-                meanwhile()
+        def secure_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome]):  # type: ignore[no-untyped-def]
             result = secure.run(participants, server_round, arrays, config)
             answered = _collect(result.replies, sites, result.sampled, TRAIN_METRICS, result.senders)
             if result.arrays is None:
@@ -361,9 +354,9 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
         client_learning_rate=fed.learning_rate,
     )
 
-    def plain_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome], meanwhile=None):  # type: ignore[no-untyped-def]
+    def plain_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome]):  # type: ignore[no-untyped-def]
         messages = list(strategy.configure_train(server_round, arrays, config, participants))
-        replies = list(participants.send_and_receive(messages, timeout=timeout, meanwhile=meanwhile))
+        replies = list(participants.send_and_receive(messages, timeout=timeout))
         answered = _collect(replies, sites, participants.get_node_ids(), TRAIN_METRICS, senders_of(messages))
         enough(server_round, answered, sites)
         valid = [r for r in replies if not r.has_error() and r.metadata.src_node_id in answered]
@@ -394,19 +387,13 @@ def run_experiment(
     def config(server_round: int = 0):  # type: ignore[no-untyped-def]
         return signed.add_to(instruction.to_config(server_round))
 
-    prepared: list[tuple[Any, Any]] = []
+    prepared: list[tuple[Any, Any, PrivacyPlan]] = []
 
     def start_up() -> None:
         """The coordinator's slow start, while the nodes answer the query: nothing is written."""
-        prepared.append(build_model(spec))
+        model, input_example = build_model(spec)
         tracker.prepare()
-
-    planned: list[PrivacyPlan] = []
-
-    def plan_and_log() -> None:
-        """The plan's epsilon (Opacus, seconds), while the nodes train the first round."""
-        planned.append(plan_privacy(spec, schedule))
-        tracker.log_params({"plan": asdict(planned[0])})
+        prepared.append((model, input_example, plan_privacy(spec, schedule)))  # Opacus: seconds
 
     connected = _wait_for_nodes(grid, fed.min_nodes, fed.node_wait_seconds)
     sites = {n: SiteOutcome(n, f"node-{n}") for n in connected}
@@ -426,20 +413,20 @@ def run_experiment(
         )
     logger.info("experiment %s: %d site(s) accepted: %s", spec.experiment.name, len(query), _site_report(sites))
 
-    ((model, input_example),) = prepared
+    ((model, input_example, plan),) = prepared
     arrays = ArrayRecord(model.state_dict())
     participants = ParticipantGrid(grid, query)
     train_round = _round_runner(spec, participants, query, timeout)
     run_id = tracker.start(
         experiment=spec.experiment.mlflow_experiment or spec.experiment.name,
         run_name=spec.experiment.name,
-        params=spec.to_mapping(),
+        params={**spec.to_mapping(), "plan": asdict(plan)},
         tags={"medfed.spec_digest": spec.digest(), **(tags or {})},
     )
     history: dict[int, dict[str, float]] = {}
     try:
         for server_round in range(1, fed.rounds + 1):
-            answered, new_arrays = train_round(server_round, arrays, config(server_round), sites, plan_and_log if server_round == 1 else None)
+            answered, new_arrays = train_round(server_round, arrays, config(server_round), sites)
             for node, metrics in answered.items():
                 sites[node].rounds[server_round] = metrics
             if new_arrays is None:
@@ -474,7 +461,7 @@ def run_experiment(
         tracker.log_metrics(final, step=fed.rounds)
         history[fed.rounds] = {**history.get(fed.rounds, {}), **final}
 
-        result = ExperimentResult(spec, planned[0], sites, history, final, arrays, run_id)
+        result = ExperimentResult(spec, plan, sites, history, final, arrays, run_id)
         summary = json.dumps(result.privacy_summary(), indent=2, sort_keys=True)
         (output_dir / SUMMARY_FILE).write_text(summary + "\n")
         tracker.log_text(summary, SUMMARY_FILE)

@@ -73,7 +73,7 @@ def test_two_rounds_train_track_and_account(cluster) -> None:
     for site in sites:
         assert metrics[f"{site.name}.epsilon"] == pytest.approx(epsilon, rel=1e-6)
     assert plan.epsilon_per_site == pytest.approx(epsilon, rel=1e-6)
-    # The coordinator composed the same plan while the first round trained, and logged it.
+    # The coordinator composed the same plan while the nodes answered the query, and logged it.
     assert float(run.data.params["plan.epsilon_per_site"]) == pytest.approx(epsilon, rel=1e-6)
 
     # The model is in MLflow and loads.
