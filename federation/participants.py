@@ -21,16 +21,14 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-__all__ = ["ParticipantGrid"]
+__all__ = ["DelegatingGrid", "ParticipantGrid"]
 
 
-class ParticipantGrid(Grid):
-    """Delegates to `grid`, listing only `participants` among its connected nodes."""
+class DelegatingGrid(Grid):
+    """A Grid that passes every call to `grid`; subclasses change what they need."""
 
-    def __init__(self, grid: Grid, participants: Iterable[int], *, poll_interval: float = 0.2) -> None:
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.participants = frozenset(participants)
-        self.poll_interval = poll_interval
 
     def set_run(self, run: Run) -> None:  # pragma: no cover - the real grid is already set
         self._grid.set_run(run)
@@ -50,13 +48,28 @@ class ParticipantGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return [n for n in self._grid.get_node_ids() if n in self.participants]
+        return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class ParticipantGrid(DelegatingGrid):
+    """Delegates to `grid`, listing only `participants` among its connected nodes."""
+
+    def __init__(self, grid: Grid, participants: Iterable[int], *, poll_interval: float = 0.2) -> None:
+        super().__init__(grid)
+        self.participants = frozenset(participants)
+        self.poll_interval = poll_interval
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self._grid.get_node_ids() if n in self.participants]
 
     def send_and_receive(
         self,

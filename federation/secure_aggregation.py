@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
+from federation.participants import DelegatingGrid
 from federation.protocol import METRICS_KEY, SECAGG_CLIPPING_KEY, SECAGG_MAX_WEIGHT_KEY
 
 __all__ = ["CLIPPING_RANGE", "SecureRound", "SecureRoundResult", "node_of", "senders_of"]
@@ -46,34 +46,13 @@ _STAGES = ("setup", "share keys", "collect masked vectors", "unmask")
 _COLLECT = 2
 
 
-class _RecordingGrid(Grid):
+class _RecordingGrid(DelegatingGrid):
     """Delegates to `grid`, keeping the replies of each wave (one wave per SecAgg+ stage)."""
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.waves: list[list[Message]] = []
         self.senders: dict[str, int] = {}  # message id -> the node it was sent to
-
-    def set_run(self, run: Run) -> None:  # pragma: no cover - the real grid is already set
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(  # noqa: PLR0913 - Flower's signature
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
