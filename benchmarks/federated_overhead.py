@@ -331,7 +331,7 @@ def run_once(
     started = time.monotonic()
     if variant.app == "medfed":
         run_id = submit(spec, connection=cluster.connection, tracking_uri=tracking_uri,
-                        output_dir=workdir / "runs", env=env, app_dir=ROOT,
+                        output_dir=workdir / "runs", env=env,
                         signing_key=load_private_key(partner_key_path(workdir)))
     else:
         config_path = workdir / "run-configs" / f"{variant.name}-{repeat}.toml"

@@ -112,7 +112,7 @@ def run_once(variant: str, repeat: int, spec: ExperimentSpec, *, cluster: LocalC
     env = flower_env(cluster.flwr_home)
     started = time.monotonic()
     run_id = submit(spec, connection=cluster.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs",
-                    env=env, app_dir=ROOT, signing_key=load_private_key(partner_key_path(workdir)))
+                    env=env, signing_key=load_private_key(partner_key_path(workdir)))
     status = wait_for_run(run_id, connection=cluster.connection, env=env, timeout=3600, poll=poll)
     wall = time.monotonic() - started
     elapsed = float(flower_row(cluster, run_id)["elapsed"])  # type: ignore[arg-type]

@@ -76,7 +76,6 @@ def submit(
         ..., "--key", envvar="MEDFED_SIGNING_KEY",
         help="Your research partner private key (`medfed keys new`); the nodes accept only specs it signed.",
     ),
-    app_dir: Path | None = typer.Option(None, "--app", help="Folder of medfed's Flower App (its pyproject.toml)."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the run until it finishes."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the run when following it."),
 ) -> None:
@@ -91,7 +90,7 @@ def submit(
     typer.echo(f"signing spec {parsed.digest()} with {fingerprint(signing_key.public_key())}")
     uri = tracking_uri or default_tracking_uri()
     run_id = submit_run(
-        parsed, connection=superlink, tracking_uri=uri, output_dir=output_dir, signing_key=signing_key, app_dir=app_dir
+        parsed, connection=superlink, tracking_uri=uri, output_dir=output_dir, signing_key=signing_key
     )
     typer.echo(f"submitted as run {run_id}; tracking in {uri}")
     if not wait:

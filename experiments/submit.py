@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
+from federation.release import BundleError, stage_release
 from privacy.governance import SpecSignature, sign_spec
 
 __all__ = [
     "RunStatus",
-    "find_app_dir",
     "run_status",
-    "stage_app",
     "submit",
     "wait_for_run",
     "write_run_config",
@@ -51,38 +49,6 @@ class RunStatus:
     @property
     def succeeded(self) -> bool:
         return self.status == "finished:completed"
-
-
-def find_app_dir() -> Path:
-    """The folder holding medfed's Flower App (its pyproject.toml)."""
-    root = Path(__file__).resolve().parents[1]
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise SubmissionError(
-            f"cannot find medfed's Flower App beside {root}; pass --app with the folder that "
-            "holds medfed's pyproject.toml (a source checkout)"
-        )
-    return root
-
-
-def stage_app(app_dir: Path, into: Path) -> Path:
-    """Copy the Flower App's pyproject.toml and packages into `into`; return that folder.
-
-    ``flwr run`` walks every file under the folder it is given before filtering by the
-    app's ``fab-include`` patterns; a source checkout with its virtual environment holds
-    tens of thousands of files (measured: 1.8 s per submission). Staging only the packages
-    the patterns name keeps that walk to the app itself.
-    """
-    pyproject = app_dir / "pyproject.toml"
-    patterns = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"].get("fab-include", [])
-    packages = sorted({p.split("/", 1)[0] for p in patterns if "/" in p})
-    staged = into / "app"
-    staged.mkdir(parents=True)
-    shutil.copy2(pyproject, staged / "pyproject.toml")
-    for package in packages:
-        if (app_dir / package).is_dir():
-            shutil.copytree(app_dir / package, staged / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return staged
 
 
 def write_run_config(
@@ -132,11 +98,14 @@ def submit(
     tracking_uri: str,
     output_dir: Path,
     signing_key: Ed25519PrivateKey | None,
-    app_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 300.0,
 ) -> int:
     """Start a Flower run of `spec` on the SuperLink named `connection`; returns its run id.
+
+    The run's app bundle is the medfed release installed here
+    (:func:`federation.release.stage_release`): hospital nodes serve only releases on
+    their allow-list, and never run the bundle's code themselves.
 
     The canonical spec is signed with the research partner's `signing_key`; every node
     checks that signature against its officer's trusted keys. `None` submits it unsigned,
@@ -144,7 +113,10 @@ def submit(
     """
     signature = None if signing_key is None else sign_spec(spec.canonical_json(), signing_key)
     with tempfile.TemporaryDirectory(prefix="medfed-submit-") as tmp:
-        app = stage_app(app_dir or find_app_dir(), Path(tmp))
+        try:
+            app = stage_release(Path(tmp))
+        except BundleError as err:
+            raise SubmissionError(str(err)) from None
         config = write_run_config(
             spec, Path(tmp) / "run-config.toml", tracking_uri=tracking_uri, output_dir=output_dir, signature=signature
         )

@@ -71,6 +71,7 @@ __all__ = [
     "REFUSAL_CODES",
     "REFUSED_BAD_INSTRUCTION",
     "REFUSED_BUDGET",
+    "REFUSED_APP",
     "REFUSED_APPROVAL",
     "REFUSED_DATASET",
     "REFUSED_INTEGRITY",
@@ -118,6 +119,7 @@ AWAITING_APPROVAL = 4005  # recorded for the officer; ask again later
 REFUSED_APPROVAL = 4006  # denied, revoked or expired, or over the approval's cap
 REFUSED_POLICY = 4007  # the node's policy forbids it
 REFUSED_INTEGRITY = 4008  # the node's ledger or audit log failed verification
+REFUSED_APP = 4009  # the run's app bundle is not a release on the node's allow-list
 REFUSAL_CODES = (
     REFUSED_BAD_INSTRUCTION,
     REFUSED_DATASET,
@@ -127,6 +129,7 @@ REFUSAL_CODES = (
     REFUSED_APPROVAL,
     REFUSED_POLICY,
     REFUSED_INTEGRITY,
+    REFUSED_APP,
 )
 
 # Secure aggregation: Flower's legacy fit layout, and the SecAgg+ settings a node checks.

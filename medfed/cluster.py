@@ -242,38 +242,44 @@ class LocalCluster:
         auth_key: Path | None = None,
         register: bool = True,
         root_certificates: Path | None = None,
+        plain_flower: bool = False,
     ) -> None:
-        """Start ``flower-supernode`` for the node home `home`, dialling the SuperLink's Fleet port.
+        """Start the node service for the node home `home`, dialling the SuperLink's Fleet port.
 
-        In secure mode the node authenticates with `auth_key` (default: its own key in the
+        The node service (:mod:`clients.hospital_node.runtime.supervisor`) is what
+        `medfed node start` runs: a ``flower-supernode`` that executes no app bundle, and
+        the node executor serving its tasks with the installed medfed ClientApp. In
+        secure mode the node authenticates with `auth_key` (default: its own key in the
         cluster folder), registered first unless `register` is false, and trusts
-        `root_certificates` (default: the cluster's CA).
+        `root_certificates` (default: the cluster's CA). `plain_flower` starts a stock
+        ``flower-supernode`` instead, which installs and runs each run's bundle: only for
+        benchmarks of plain Flower apps, never for a medfed node home.
         """
+        from clients.hospital_node.runtime.supervisor import SupervisorConfig, supervisor_argv
+
         if not self.fleet_port:
             raise ClusterError("start the SuperLink before any SuperNode")
         node_flwr_home = self.workdir / "nodes" / name
         node_flwr_home.mkdir(parents=True, exist_ok=True)
-        if self.insecure:
-            security = ["--insecure"]
-        else:
+        key: Path | None = None
+        if not self.insecure:
             key = (auth_key or self.node_auth_key(name)).resolve()
             if register:
                 self.register_node(key.with_suffix(".pub"), name)
-            security = [
-                "--root-certificates", str((root_certificates or self.ca_path).resolve()),
-                "--auth-supernode-private-key", str(key),
+        ca = None if self.insecure else (root_certificates or self.ca_path).resolve()
+        if plain_flower:
+            security = ["--insecure"] if ca is None else ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
+            argv = [
+                "flower-supernode", *security, "--superlink", self.fleet_address,
+                "--port", str(free_port()), "--node-config", f'home="{home.resolve()}"',
             ]
-        self._spawn(
-            f"supernode-{name}",
-            [
-                "flower-supernode",
-                *security,
-                "--superlink", self.fleet_address,
-                "--port", str(free_port()),
-                "--node-config", f'home="{home.resolve()}"',
-            ],
-            node_flwr_home,
-        )
+        else:
+            argv = supervisor_argv(
+                SupervisorConfig(
+                    home=home.resolve(), superlink=self.fleet_address, root_certificates=ca, auth_key=key, insecure=ca is None
+                )
+            )
+        self._spawn(f"supernode-{name}", argv, node_flwr_home)
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run the `flwr` CLI against this SuperLink."""

@@ -85,6 +85,7 @@ AUDIT_KINDS: tuple[str, ...] = (
     "deidentification",
     "key",
     "budget",
+    "app",
 )
 PROBLEM_KINDS: tuple[str, ...] = (
     "edited",

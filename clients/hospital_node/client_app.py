@@ -1,9 +1,12 @@
-"""The hospital node's Flower ClientApp.
+"""The hospital node's Flower ClientApp: the one installed with medfed, never one from a run's bundle.
 
-Flower starts a fresh process for every message, so this module imports only Flower's
-record types; torch, Opacus and pandas are imported inside the handlers (see
-``clients.hospital_node.rounds``). The node's durable state (dataset registry, privacy
-ledger) lives in its home folder, named by the SuperNode's ``--node-config home=...``.
+The node executor (:mod:`clients.hospital_node.runtime.executor`) calls :data:`app` in its
+long-lived process for every task of an allowed run; no SuperNode of a medfed node
+imports a ClientApp from an app bundle. This module still imports only Flower's record
+types, so that the executor starts fast; torch, Opacus and pandas are imported inside the
+handlers (see ``clients.hospital_node.rounds``) and stay imported between messages. The
+node's durable state (dataset registry, privacy ledger) lives in its home folder, which
+the executor passes as the ``home`` node config.
 
 The train handler also serves secure aggregation: ``secure_aggregation_mod`` sends
 SecAgg+ messages through Flower's ``secaggplus_mod`` and lets plain ones pass.

@@ -5,8 +5,10 @@ lives here, on the hospital's own disk: ``node.toml`` (the node's name and its d
 registry), ``policy.toml`` (the officer's limits, :mod:`clients.hospital_node.policy`),
 ``trusted_partners.toml`` (the research partners' keys the officer trusts),
 ``ledger.sqlite`` (the privacy ledger), ``audit.jsonl`` (the signed audit log,
-with its head record ``audit.jsonl.head``) and ``keys/node_audit.key`` + ``.pub`` (the
-key that signs it, created on first use). ``node.toml`` looks like::
+with its head record ``audit.jsonl.head``), ``keys/node_audit.key`` + ``.pub`` (the
+key that signs it, created on first use) and ``allowed_apps.toml`` (the releases whose
+runs the node serves, :mod:`clients.hospital_node.runtime.allowed_apps`; a new home
+allows the medfed release installed here). ``node.toml`` looks like::
 
     [node]
     name = "hospital_1"
@@ -685,6 +687,16 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def _allow_installed_release(home: Path) -> None:
+    """A new home serves runs of the medfed release installed here, and no other app."""
+    from clients.hospital_node.runtime.allowed_apps import AllowedApps
+    from federation.release import installed_identity
+
+    apps = AllowedApps(home)
+    if not apps.path.exists():
+        apps.add(installed_identity(), by="medfed node init")
+
+
 class NodeHome:
     """A hospital node's home folder and its dataset registry.
 
@@ -725,6 +737,7 @@ class NodeHome:
         _write_atomically(config_path, _render_config(config, home))
         if not (home / POLICY_FILE).exists():
             _write_atomically(home / POLICY_FILE, NodePolicy().render())
+        _allow_installed_release(home)
         logger.info("created node home %s for node %s", home, name)
         return cls(home, config)
 

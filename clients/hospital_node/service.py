@@ -38,6 +38,7 @@ from pathlib import Path
 
 from clients.hospital_node.errors import NodeError, NodeServiceError
 from clients.hospital_node.home import DatasetEntry, NodeHome
+from clients.hospital_node.runtime.supervisor import SERVICE_PREFIX
 from privacy.enrolment import EnrolmentBundle, EnrolmentRequest
 from privacy.errors import CertificateError, KeyFileError, PrivacyError
 from privacy.pki import (
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 AUTH_KEY_NAME = "fleet_auth"
 REQUEST_FILE = "enrolment-request.toml"
 ENROLMENT_FILE = "enrolment.toml"
-DEFAULT_RUNTIME_PORT = 9094
 _NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
 _LOW_DISK_WARN = 1 << 30
 _LOW_DISK_FAIL = 100 << 20
@@ -279,42 +279,53 @@ class NodeService:
             pass
         return pid
 
-    def supernode_argv(self, bundle: EnrolmentBundle, runtime_port: int) -> list[str]:
-        return [
-            "flower-supernode",
-            "--superlink", bundle.fleet_address,
-            "--root-certificates", str(self.ca_path),
-            "--auth-supernode-private-key", str(self.auth_key_path),
-            "--port", str(runtime_port),
-            "--node-config", f"home={json.dumps(str(self.node.path))}",
-        ]
+    def service_argv(self, bundle: EnrolmentBundle, runtime_port: int = 0) -> list[str]:
+        """The node service command: a SuperNode that runs no app bundle, and the node executor."""
+        from clients.hospital_node.runtime.supervisor import SupervisorConfig, supervisor_argv
 
-    def start(self, *, runtime_port: int = DEFAULT_RUNTIME_PORT, foreground: bool = False, timeout: float = 60.0) -> int:
-        """Check the keys and the coordinator's certificate, start the SuperNode, wait until it is accepted.
+        return supervisor_argv(
+            SupervisorConfig(
+                home=self.node.path,
+                superlink=bundle.fleet_address,
+                root_certificates=self.ca_path,
+                auth_key=self.auth_key_path,
+                runtime_port=runtime_port,
+            )
+        )
 
-        Returns its process id; with ``foreground`` it returns only once the SuperNode has
-        exited (a SIGTERM or Ctrl-C to us stops it first).
+    def start(self, *, runtime_port: int = 0, foreground: bool = False, timeout: float = 60.0) -> int:
+        """Check the keys and the coordinator's certificate, start the node service, wait until it is accepted.
+
+        The node service (:mod:`clients.hospital_node.runtime.supervisor`) runs
+        ``flower-supernode`` in ``process`` isolation, so that it never installs or runs
+        a run's app bundle, and the node executor that serves its tasks with the medfed
+        ClientApp installed here. `runtime_port` is the SuperNode's loopback runtime port;
+        0 (the default) picks a free one, so several nodes share a host without choosing.
+
+        Returns the service's process id; with ``foreground`` it returns only once the
+        service has exited (a SIGTERM or Ctrl-C to us stops it first).
 
         Raises
         ------
         NodeServiceError
             If the node is not enrolled, runs already, the coordinator's certificate does not
-            verify, or the SuperNode exits or is not accepted in time (with its reason).
+            verify, or the service exits or is not accepted in time (with its reason).
         """
         bundle = self.enrolment()
         running = self.pid()
         if running is not None:
-            raise NodeServiceError(f"the SuperNode runs already (pid {running}); stop it with `medfed node stop`")
+            raise NodeServiceError(f"the node service runs already (pid {running}); stop it with `medfed node stop`")
         self.auth_key()
         peer = tls_handshake(bundle.fleet_address, ca_path=self.ca_path)
         if peer.days_left < EXPIRY_WARNING_DAYS:
             logger.warning("the coordinator's certificate expires in %d days; tell the alliance operator", peer.days_left)
+        self._check_allowed_release()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             popen = subprocess.Popen(
-                self.supernode_argv(bundle, runtime_port),
+                self.service_argv(bundle, runtime_port),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=flower_env(self.flwr_home), cwd=self.node.path, start_new_session=True,
             )
@@ -334,8 +345,20 @@ class NodeService:
             return 0
         self.pid_path.unlink(missing_ok=True)
         if code != 0:
-            raise NodeServiceError(f"flower-supernode exited with code {code}: {self._last_error(offset)}")
+            raise NodeServiceError(f"the node service exited with code {code}: {self._last_error(offset)}")
         return code
+
+    def _check_allowed_release(self) -> None:
+        """Starting a node that would refuse every medfed run is a mistake worth stopping for."""
+        from clients.hospital_node.runtime.allowed_apps import AllowedApps
+        from federation.release import installed_identity
+
+        installed = installed_identity()
+        if not AllowedApps(self.node.path).allows(installed):
+            raise NodeServiceError(
+                f"the medfed release installed here, {installed}, is not on this node's allow-list, so the node "
+                f"would refuse every run; allow it with `medfed node apps allow --home {self.node.path}`"
+            )
 
     def _new_log(self, offset: int) -> str:
         try:
@@ -346,12 +369,18 @@ class NodeService:
             return ""
 
     def _last_error(self, offset: int) -> str:
+        """The most telling line of what the service printed since `offset`: Flower's reason, else ours."""
         text = _ANSI.sub("", self._new_log(offset))
-        for pattern in (r"\[code: \d+\][^\n]*", r"CERTIFICATE_VERIFY_FAILED: [^:\n]*", r"Exit Code: \d+[^\n]*"):
+        for pattern in (r"\[code: \d+\][^\n]*", r"CERTIFICATE_VERIFY_FAILED: [^:\n]*", r"error while attempting to bind on address[^\n]*"):
             match = re.search(pattern, text)
             if match:
                 return match.group(0).strip()
-        return f"see {self.log_path}"
+        ours = [line.removeprefix(SERVICE_PREFIX).strip() for line in text.splitlines() if line.startswith(SERVICE_PREFIX)]
+        ours = [line for line in ours if not line.startswith("SuperNode (pid")]
+        if ours:
+            return ours[-1]
+        match = re.search(r"Exit Code: \d+[^\n]*", text)
+        return match.group(0).strip() if match else f"see {self.log_path}"
 
     def _wait_accepted(self, popen: subprocess.Popen[bytes], bundle: EnrolmentBundle, offset: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -366,10 +395,7 @@ class NodeService:
                 return
             code = popen.poll()
             if code is not None:
-                raise NodeServiceError(
-                    f"the coordinator refused this node (flower-supernode exited with code {code}): "
-                    f"{self._last_error(offset)}; see {self.log_path}"
-                )
+                raise NodeServiceError(f"the node service stopped (exit code {code}): {self._last_error(offset)}; see {self.log_path}")
             if time.monotonic() > deadline:
                 raise NodeServiceError(f"the SuperNode was not accepted within {timeout:g} s; see {self.log_path}")
             time.sleep(0.2)
@@ -436,6 +462,7 @@ class NodeService:
                 yield Check("ok", "auth key", f"{key.fingerprint}, mode 0600")
         if bundle is not None:
             yield from self._coordinator_checks(bundle, connect=connect)
+        yield self._apps_check()
         yield from self._dataset_checks()
         yield self._audit_check()
         yield self._ledger_check()
@@ -472,6 +499,22 @@ class NodeService:
         else:
             yield Check("fail", "registration", f"the SuperNode (pid {pid}) has not been accepted as {bundle.node_id}; "
                                                 f"see {self.log_path}")
+
+    def _apps_check(self) -> Check:
+        """The installed release must be on the allow-list, or the node refuses every run."""
+        from clients.hospital_node.runtime.allowed_apps import AllowedApps
+        from federation.release import BundleError, installed_identity
+
+        try:
+            apps = AllowedApps(self.node.path).list()
+            installed = installed_identity()
+        except (NodeError, BundleError) as err:
+            return Check("fail", "allowed apps", str(err))
+        if not any(app.identity == installed for app in apps):
+            return Check("fail", "allowed apps", f"the installed release {installed} is not allowed, so every run is refused; "
+                                                 "`medfed node apps allow` allows it")
+        others = len(apps) - 1
+        return Check("ok", "allowed apps", f"serves {installed}" + (f" and {others} other release(s)" if others else ""))
 
     def _dataset_checks(self) -> Iterator[Check]:
         datasets = self.node.datasets()

@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from clients.hospital_node.home import NodeHome
-from clients.hospital_node.service import DEFAULT_RUNTIME_PORT, NodeService
+from clients.hospital_node.service import NodeService
 
 __all__ = ["doctor", "enrol", "start", "status", "stop"]
 
@@ -34,18 +34,21 @@ def enrol(
 
 def start(
     home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
-    port: int = typer.Option(DEFAULT_RUNTIME_PORT, "--port", help="Local port of the SuperNode's own runtime API."),
+    port: int = typer.Option(
+        0, "--port", min=0, max=65535,
+        help="Loopback port of the SuperNode's runtime API; default: a free one (several nodes may share a host).",
+    ),
     foreground: bool = typer.Option(False, "--foreground", help="Stay in the foreground (for systemd)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the coordinator to accept the node."),
 ) -> None:
-    """Start flower-supernode with TLS and the node's auth key; wait until the coordinator accepts it."""
+    """Start the node service (a SuperNode that runs no app bundle, and the node executor); wait until accepted."""
     service = NodeService(NodeHome.open(home))
     if foreground:
-        typer.echo(f"starting the SuperNode in the foreground; log {service.log_path}")
+        typer.echo(f"starting the node service in the foreground; log {service.log_path}")
         service.start(runtime_port=port, foreground=True, timeout=timeout)
         return
     pid = service.start(runtime_port=port, timeout=timeout)
-    typer.echo(f"SuperNode running (pid {pid}), accepted by {service.enrolment().fleet_address}; log {service.log_path}")
+    typer.echo(f"node service running (pid {pid}), accepted by {service.enrolment().fleet_address}; log {service.log_path}")
 
 
 def stop(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP)) -> None:

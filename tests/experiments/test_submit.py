@@ -9,7 +9,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from experiments.spec import ExperimentSpec
-from experiments.submit import RunStatus, find_app_dir, stage_app, write_run_config
+from experiments.submit import RunStatus, write_run_config
+from federation.release import FLOWER_APP, stage_release
 from privacy.governance import sign_spec, spec_signing_message
 from privacy.keys import fingerprint, verify
 
@@ -34,16 +35,17 @@ def test_run_config_round_trips_the_canonical_spec(tmp_path: Path) -> None:
 
 def test_run_config_keys_are_the_apps_declared_config() -> None:
     # `flwr run` rejects keys the app does not declare in [tool.flwr.app.config].
-    declared = tomllib.loads((find_app_dir() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    declared = FLOWER_APP["config"]
     assert set(declared) == {"spec", "spec-signature", "spec-signer", "tracking-uri", "output-dir"}
 
 
 def test_staged_app_holds_the_pyproject_and_our_packages_only(tmp_path: Path) -> None:
-    staged = stage_app(find_app_dir(), tmp_path)
+    staged = stage_release(tmp_path)
     names = sorted(p.name for p in staged.iterdir())
     assert names == ["clients", "experiments", "federation", "imaging", "models", "privacy", "pyproject.toml"]
     assert (staged / "federation" / "server_app.py").is_file()
     assert not list(staged.rglob("__pycache__"))
+    assert tomllib.loads((staged / "pyproject.toml").read_text())["tool"]["flwr"]["app"] == FLOWER_APP
 
 
 def test_run_status_reads_flowers_status_text() -> None:

@@ -244,7 +244,7 @@ def test_failed_registration_leaves_node_toml_untouched(
         home.register_dataset(make_entry(name="bad", path=tmp_path / "bad.csv"))
     assert SENTINEL not in str(caught.value)
     assert home.config_path.read_bytes() == before
-    assert sorted(p.name for p in home.path.iterdir()) == ["node.toml", "policy.toml"]
+    assert sorted(p.name for p in home.path.iterdir()) == ["allowed_apps.toml", "node.toml", "policy.toml"]
     assert list(home.datasets()) == ["htn_cohort"]
 
 

@@ -1,0 +1,284 @@
+"""The node service process: one ``flower-supernode`` that runs no app, and the node executor beside it.
+
+``medfed node start`` (and ``medfed.cluster.LocalCluster`` for the demo and the tests)
+starts this process in a session of its own; it starts and watches its two children:
+
+- ``flower-supernode --isolation process`` dials out to the coordinator. In ``process``
+  isolation the SuperNode starts no SuperExec and so never installs or imports a run's
+  app bundle; its runtime API (loopback only, on a free port unless one is given)
+  answers only callers holding the SuperExec auth secret this process writes afresh at
+  every start (``run/superexec.secret`` in the node home, 0600, removed at stop);
+- the node executor (:mod:`clients.hospital_node.runtime.executor`), which serves every
+  task with the medfed ClientApp installed here, for allowed releases only.
+
+If the executor dies (killed for memory, a crash in a native library) it is started
+again, after a pause that grows while it keeps dying; the task it held gets Flower's
+"ClientApp crashed" reply once its token expires, so the SuperNode never stalls. If the
+SuperNode exits, the executor is stopped and this process exits with the SuperNode's
+code, after one line saying why (``medfed node service: ...``), for systemd or the
+launcher to act on. SIGTERM or Ctrl-C stops both children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SERVICE_PREFIX", "SupervisorConfig", "main", "supervisor_argv"]
+
+logger = logging.getLogger(__name__)
+
+#: Each line this process prints about the service starts with it (the launcher quotes them).
+SERVICE_PREFIX = "medfed node service:"
+RUN_DIR = "run"
+SECRET_FILE = "superexec.secret"
+RUNTIME_FILE = "runtime.json"
+_PORT_ATTEMPTS = 5
+_READY_SECONDS = 30.0
+_BACKOFF_MAX = 30.0
+_STOP_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """How to start the node's SuperNode: where the coordinator is and how the node proves itself."""
+
+    home: Path
+    superlink: str
+    root_certificates: Path | None = None
+    auth_key: Path | None = None
+    insecure: bool = False
+    runtime_port: int = 0  # 0: a free loopback port, chosen at start
+
+    def __post_init__(self) -> None:
+        if self.insecure == (self.root_certificates is not None):
+            raise ValueError("give either root_certificates (TLS) or insecure=True")
+
+
+def supervisor_argv(config: SupervisorConfig) -> list[str]:
+    """The command that starts the node service for `config` (with this interpreter)."""
+    argv = [sys.executable, "-m", "clients.hospital_node.runtime.supervisor", "--home", str(config.home), "--superlink", config.superlink]
+    if config.insecure:
+        argv.append("--insecure")
+    else:
+        argv += ["--root-certificates", str(config.root_certificates)]
+    if config.auth_key is not None:
+        argv += ["--auth-key", str(config.auth_key)]
+    if config.runtime_port:
+        argv += ["--runtime-port", str(config.runtime_port)]
+    return argv
+
+
+def _say(text: str) -> None:
+    print(f"{SERVICE_PREFIX} {text}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _child_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("FLWR_HOME", str(home / "flwr-home"))
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+class Supervisor:
+    """Starts, watches and stops the SuperNode and the executor of one node home."""
+
+    def __init__(self, config: SupervisorConfig) -> None:
+        self.config = config
+        self.run_dir = config.home / RUN_DIR
+        self.secret_path = self.run_dir / SECRET_FILE
+        self.port = config.runtime_port
+        self.supernode: subprocess.Popen[bytes] | None = None
+        self.executor: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------------ start
+    def _write_secret(self) -> None:
+        self.run_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)
+        self.secret_path.unlink(missing_ok=True)
+        fd = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+
+    def _supernode_argv(self) -> list[str]:
+        config = self.config
+        argv = ["flower-supernode", "--isolation", "process", "--superexec-auth-secret-file", str(self.secret_path)]
+        if config.insecure:
+            argv.append("--insecure")
+        else:
+            argv += ["--root-certificates", str(config.root_certificates)]
+        if config.auth_key is not None:
+            argv += ["--auth-supernode-private-key", str(config.auth_key)]
+        argv += ["--superlink", config.superlink, "--host", "127.0.0.1", "--port", str(self.port)]
+        argv += ["--node-config", f"home={json.dumps(str(config.home))}"]
+        return argv
+
+    def _start_supernode(self) -> None:
+        """Start the SuperNode; on a free port that another process took first, try another."""
+        chosen = not self.config.runtime_port
+        for _attempt in range(_PORT_ATTEMPTS):
+            if chosen:
+                self.port = _free_port()
+            elif _port_taken(self.port):
+                raise _Fatal(f"the runtime port {self.port} on 127.0.0.1 is in use; give another with --port, or none")
+            self.supernode = subprocess.Popen(self._supernode_argv(), env=_child_env(self.config.home), stdin=subprocess.DEVNULL)
+            deadline = time.monotonic() + _READY_SECONDS
+            while time.monotonic() < deadline:
+                if _listening(self.port):
+                    (self.run_dir / RUNTIME_FILE).write_text(json.dumps({"runtime_port": self.port, "pid": os.getpid()}) + "\n")
+                    return
+                code = self.supernode.poll()
+                if code is not None:
+                    if chosen and _port_taken(self.port):
+                        _say(f"runtime port {self.port} was taken before the SuperNode bound it; trying another")
+                        break
+                    raise _Fatal(f"flower-supernode exited with code {code} before its runtime API opened (see the lines above)")
+                self._stopping.wait(0.1)
+                if self._stopping.is_set():
+                    return
+            else:
+                raise _Fatal(f"flower-supernode did not open its runtime API on 127.0.0.1:{self.port} within {_READY_SECONDS:g} s")
+        else:
+            raise _Fatal(f"no free runtime port after {_PORT_ATTEMPTS} attempts")
+
+    def _start_executor(self) -> subprocess.Popen[bytes]:
+        argv = [
+            sys.executable, "-m", "clients.hospital_node.runtime.executor",
+            "--home", str(self.config.home),
+            "--runtime-api", f"127.0.0.1:{self.port}",
+            "--secret-file", str(self.secret_path),
+        ]
+        return subprocess.Popen(argv, env=_child_env(self.config.home), stdin=subprocess.DEVNULL)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> int:
+        """Start both children and watch them until the SuperNode exits or we are told to stop."""
+        self._write_secret()
+        try:
+            self._start_supernode()
+            if self._stopping.is_set():
+                return 0
+            self.executor = self._start_executor()
+            _say(f"SuperNode (pid {self.supernode.pid}) runs no app; node executor (pid {self.executor.pid}) "
+                 f"serves its runtime API on 127.0.0.1:{self.port}")
+            return self._watch()
+        except _Fatal as err:
+            _say(str(err))
+            return 1
+        finally:
+            self._stop_children()
+            self.secret_path.unlink(missing_ok=True)
+
+    def _watch(self) -> int:
+        assert self.supernode is not None and self.executor is not None
+        backoff, started = 1.0, time.monotonic()
+        while not self._stopping.is_set():
+            code = self.supernode.poll()
+            if code is not None:
+                _say(f"flower-supernode exited with code {code}; stopping the node executor")
+                return code or 1
+            executor_code = self.executor.poll()
+            if executor_code is not None:
+                if time.monotonic() - started > 5 * _BACKOFF_MAX:
+                    backoff = 1.0  # it ran a good while: a fresh failure, not a crash loop
+                _say(f"the node executor exited with code {executor_code}; starting it again in {backoff:g} s")
+                if self._stopping.wait(backoff):
+                    break
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                self.executor, started = self._start_executor(), time.monotonic()
+            self._stopping.wait(0.2)
+        return 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _stop_children(self) -> None:
+        children = [p for p in (self.executor, self.supernode) if p is not None and p.poll() is None]
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + _STOP_GRACE
+        for child in children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait(timeout=5)
+
+
+class _Fatal(Exception):
+    """The service cannot run; the message says why."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medfed-node-service", description=__doc__.splitlines()[0])
+    parser.add_argument("--home", required=True, type=Path)
+    parser.add_argument("--superlink", required=True, help="the coordinator's Fleet API, HOST:PORT")
+    parser.add_argument("--root-certificates", type=Path, help="the alliance CA certificate (TLS)")
+    parser.add_argument("--auth-key", type=Path, help="the node's Fleet auth private key (OpenSSH)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
+    parser.add_argument("--runtime-port", type=int, default=0, help="the SuperNode's loopback runtime port (default: a free one)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s medfed-service: %(message)s", stream=sys.stdout)
+    try:
+        config = SupervisorConfig(
+            home=args.home.resolve(),
+            superlink=args.superlink,
+            root_certificates=args.root_certificates.resolve() if args.root_certificates else None,
+            auth_key=args.auth_key.resolve() if args.auth_key else None,
+            insecure=args.insecure,
+            runtime_port=args.runtime_port,
+        )
+    except ValueError as err:
+        _say(str(err))
+        return 2
+    supervisor = Supervisor(config)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        supervisor.stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

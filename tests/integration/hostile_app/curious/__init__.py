@@ -1,0 +1,1 @@
+"""An outsider's app: it must never run on a medfed node."""
