@@ -18,7 +18,16 @@ from rich.table import Table
 from experiments.cost import PrivacyPlan, plan_privacy
 from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
-from experiments.submit import run_status, submit as submit_run, wait_for_run
+from experiments.progress import RunProgress, results_table, round_line, site_results
+from experiments.submit import (
+    DEFAULT_SUBMISSIONS_DIR,
+    RunStatus,
+    SubmissionRecord,
+    follow,
+    prepare_submission,
+    run_status,
+    start_run,
+)
 from experiments.tracking import default_tracking_uri
 from privacy.keys import fingerprint, load_private_key
 
@@ -60,26 +69,32 @@ def cost(
     Console().print(_table(parsed, plan))
 
 
+_SUBMISSIONS_HELP = "Where your signed submissions are kept, to follow or resume them."
+
+
 @app.command()
 def submit(
     spec: Path = SPEC_ARGUMENT,
     superlink: str = typer.Option(
-        ..., "--superlink", help="The SuperLink's connection name in $FLWR_HOME/config.toml."
+        ..., "--superlink",
+        help="The coordinator's connection name: a [superlink.<name>] table in $FLWR_HOME/config.toml "
+        "(the alliance operator gives you one; `medfed coordinator init` writes it).",
     ),
     tracking_uri: str = typer.Option(
         "", "--tracking-uri", help="MLflow tracking URI; default: sqlite:///<cwd>/.medfed/mlflow.db."
     ),
     output_dir: Path = typer.Option(
-        Path(".medfed/runs"), "--output-dir", help="Where the coordinator writes each run's final model."
+        Path(".medfed/runs"), "--output-dir", help="Where the coordinator keeps each submission's checkpoint and final model."
     ),
     key: Path = typer.Option(
         ..., "--key", envvar="MEDFED_SIGNING_KEY",
-        help="Your research partner private key (`medfed keys new`); the nodes accept only specs it signed.",
+        help="Your research partner private key (`medfed keys new`); the nodes accept only submissions it signed.",
     ),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the run until it finishes."),
+    submissions_dir: Path = typer.Option(DEFAULT_SUBMISSIONS_DIR, "--submissions-dir", help=_SUBMISSIONS_HELP),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the run until it ends, through coordinator restarts."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the run when following it."),
 ) -> None:
-    """Validate SPEC, show what each site will be charged, and start it on a SuperLink."""
+    """Validate SPEC, show what each site will be charged, sign a submission of it and start it."""
     parsed = ExperimentSpec.from_toml(spec)
     plan = plan_privacy(parsed)
     typer.echo(
@@ -87,18 +102,81 @@ def submit(
         f"will be charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g}"
     )
     signing_key = load_private_key(key)
-    typer.echo(f"signing spec {parsed.digest()} with {fingerprint(signing_key.public_key())}")
     uri = tracking_uri or default_tracking_uri()
-    run_id = submit_run(
-        parsed, connection=superlink, tracking_uri=uri, output_dir=output_dir, signing_key=signing_key
-    )
-    typer.echo(f"submitted as run {run_id}; tracking in {uri}")
-    if not wait:
-        return
-    status = wait_for_run(run_id, connection=superlink, timeout=timeout)
+    record = prepare_submission(parsed, signing_key=signing_key, tracking_uri=uri, output_dir=output_dir)
+    typer.echo(f"signed submission {record.submission_id} of spec {parsed.digest()} with {fingerprint(signing_key.public_key())}")
+    progress = RunProgress(uri) if wait else None  # opens the store before the coordinator does
+    run_id = start_run(record, connection=superlink)
+    record = record.with_run(run_id)
+    record.save(submissions_dir)
+    typer.echo(f"started as Flower run {run_id}; tracking in {uri}")
+    if progress is not None:
+        _follow(record, run_id, superlink=superlink, progress=progress, rounds=parsed.federation.rounds,
+                submissions_dir=submissions_dir, timeout=timeout)
+    else:
+        typer.echo(f"follow it with `medfed experiment resume {record.submission_id[:12]} --superlink {superlink}`")
+
+
+@app.command()
+def resume(
+    submission: str = typer.Argument(..., help="The submission id `submit` printed (its first 6+ characters)."),
+    superlink: str = typer.Option(..., "--superlink", help="The coordinator's connection name."),
+    submissions_dir: Path = typer.Option(DEFAULT_SUBMISSIONS_DIR, "--submissions-dir", help=_SUBMISSIONS_HELP),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the run until it ends."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the run when following it."),
+) -> None:
+    """Continue a submission after a coordinator restart, from its last completed round.
+
+    Starts a new Flower run of the same signed submission: each node recognises it as the
+    run continuing (its officer's approval is not spent again), and the coordinator goes
+    on from its checkpoint. A finished submission is not run again.
+    """
+    record = SubmissionRecord.load(submissions_dir, submission)
+    rounds = ExperimentSpec.from_json(record.spec_json).federation.rounds
+    progress = RunProgress(record.tracking_uri) if wait else None
+    run_id = start_run(record, connection=superlink)
+    record = record.with_run(run_id)
+    record.save(submissions_dir)
+    typer.echo(f"submission {record.submission_id} continues as Flower run {run_id}")
+    if progress is not None:
+        _follow(record, run_id, superlink=superlink, progress=progress, rounds=rounds, submissions_dir=submissions_dir, timeout=timeout)
+
+
+def _follow(
+    record: SubmissionRecord, run_id: int, *, superlink: str, progress: RunProgress, rounds: int, submissions_dir: Path, timeout: float
+) -> None:
+    """Print each round as it ends, follow through coordinator restarts, end with the final table."""
+    console = Console()
+    progress.follow(record.submission_id)
+    unreachable = [False]
+
+    def tick(status: RunStatus | None) -> None:
+        if status is None and not unreachable[0]:
+            console.print("  the coordinator does not answer; waiting for it to come back")
+        unreachable[0] = status is None
+        for step, metrics in progress.new_rounds():
+            console.print(f"  {round_line(step, rounds, metrics)}")
+
+    def resumed(lost: RunStatus, new_run: int) -> None:
+        console.print(f"  run {lost.run_id} died with the coordinator ({lost.details}); "
+                      f"submission {record.submission_id[:12]} continues as run {new_run} from its last checkpoint")
+
+    status, record = follow(record, run_id, connection=superlink, timeout=timeout, on_tick=tick, on_resume=resumed)
+    record.save(submissions_dir)
+    tick(status)
     if not status.succeeded:
-        raise SubmissionError(f"run {run_id} ended {status.status}: {status.details or 'see `flwr log`'}")
-    typer.echo(f"run {run_id} finished; results in MLflow ({uri})")
+        raise SubmissionError(f"run {status.run_id} ended {status.status}: {status.details or 'see `flwr log`'}")
+    mlflow_run = progress.mlflow_run_id
+    if mlflow_run is not None:
+        results = site_results(record.tracking_uri, mlflow_run)
+        row = {"federated model (validation AUC at each site)": [_metric(r.metrics.get("eval_auc")) for r in results.values()]}
+        console.print(results_table(f"submission {record.submission_id[:12]}: final model", row, results))
+    typer.echo(f"submission {record.submission_id} finished in run {status.run_id}; results in MLflow run {mlflow_run} "
+               f"({record.tracking_uri})")
+
+
+def _metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command()

@@ -1,21 +1,31 @@
-"""Submitting an experiment to a Flower SuperLink and following its run.
+"""Submitting an experiment to a Flower SuperLink, following its run, and resuming it.
 
 There is no public Python API for ``flwr run`` in Flower 1.39, so this module drives the
-`flwr` CLI. The validated spec travels as canonical JSON in the run config (a TOML file
-passed with ``--run-config``), with the research partner's signature of it, the MLflow
-tracking URI and the coordinator's output folder.
+`flwr` CLI. A research partner signs not the spec but a *submission* of it
+(:class:`privacy.governance.Submission`: the spec's digest, a random submission id and the
+signing time). The run config carries the spec as canonical JSON, the submission, its
+signature, the MLflow tracking URI and the coordinator's output folder.
+
+Each submission is kept in the partner's submissions folder
+(``.medfed/submissions/<submission id>.json``, mode 0600) so that it can be followed and,
+after the coordinator restarts, resumed: resuming starts a new Flower run of the *same*
+signed submission, which every node recognises as the run continuing (not a new run) and
+which the ServerApp continues from its last checkpoint. :func:`follow` does this by
+itself when a run dies of a coordinator restart ("No heartbeat received from the task"),
+and waits through the SuperLink being unreachable meanwhile.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,15 +33,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
 from federation.release import BundleError, stage_release
-from privacy.governance import SpecSignature, sign_spec
+from privacy.governance import Submission, sign_submission
 
 __all__ = [
+    "RESTART_FAILURES",
     "RunStatus",
+    "SubmissionRecord",
+    "follow",
+    "prepare_submission",
     "run_status",
+    "start_run",
     "submit",
     "wait_for_run",
     "write_run_config",
 ]
+
+#: Flower's status details for a run whose ServerApp died with the coordinator: resumable.
+RESTART_FAILURES = ("No heartbeat received from the task",)
+DEFAULT_SUBMISSIONS_DIR = Path(".medfed/submissions")
 
 
 @dataclass(frozen=True)
@@ -50,17 +69,99 @@ class RunStatus:
     def succeeded(self) -> bool:
         return self.status == "finished:completed"
 
+    @property
+    def lost_with_the_coordinator(self) -> bool:
+        """Failed because its ServerApp died with the coordinator (resumable), not for a reason of its own."""
+        return self.status == "finished:failed" and any(text in self.details for text in RESTART_FAILURES)
 
-def write_run_config(
-    spec: ExperimentSpec, path: Path, *, tracking_uri: str, output_dir: Path, signature: SpecSignature | None = None
-) -> Path:
-    """Write the TOML run config for `spec` (JSON strings are valid TOML basic strings)."""
+
+@dataclass(frozen=True)
+class SubmissionRecord:
+    """A signed submission as the partner keeps it, to follow and resume it.
+
+    ``signature`` and ``signer`` are empty for an unsigned submission (every node refuses
+    it; only tests make one).
+    """
+
+    spec_json: str
+    submission_json: str
+    signature: str
+    signer: str
+    tracking_uri: str
+    output_dir: str
+    flower_runs: tuple[int, ...] = field(default=())
+
+    @property
+    def submission_id(self) -> str:
+        return Submission.from_json(self.submission_json).submission_id
+
+    def with_run(self, run_id: int) -> SubmissionRecord:
+        return replace(self, flower_runs=(*self.flower_runs, run_id))
+
+    def save(self, folder: Path) -> Path:
+        """Write the record to ``<folder>/<submission id>.json`` (0600), atomically."""
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = folder / f"{self.submission_id}.json"
+        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump({**asdict(self), "flower_runs": list(self.flower_runs)}, handle, indent=1, sort_keys=True)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, folder: Path, submission_id: str) -> SubmissionRecord:
+        """The record of `submission_id` (or the one unique id starting with it) in `folder`.
+
+        Raises
+        ------
+        SubmissionError
+            No such submission, an ambiguous prefix, or an unreadable record.
+        """
+        prefix = submission_id.strip().lower()
+        matches = sorted(folder.glob(f"{prefix}*.json")) if len(prefix) >= 6 and prefix.isalnum() else []
+        if len(matches) != 1:
+            what = "no submission" if not matches else f"{len(matches)} submissions"
+            raise SubmissionError(
+                f"{what} in {folder} start with {submission_id!r}; give 6 or more characters of the id that "
+                "`medfed experiment submit` printed (and --submissions-dir if you used one)"
+            )
+        try:
+            raw = json.loads(matches[0].read_text(encoding="utf-8"))
+            return cls(**{**raw, "flower_runs": tuple(int(r) for r in raw.get("flower_runs", ()))})
+        except (OSError, ValueError, TypeError) as err:
+            raise SubmissionError(f"the submission record {matches[0]} is unreadable ({err})") from None
+
+
+def prepare_submission(
+    spec: ExperimentSpec, *, signing_key: Ed25519PrivateKey | None, tracking_uri: str, output_dir: Path
+) -> SubmissionRecord:
+    """A fresh submission of `spec` (a new id, signed now) with where its run records results."""
+    spec_json = spec.canonical_json()
+    submission = Submission.new(spec_json)
+    signature = None if signing_key is None else sign_submission(submission, signing_key)
+    return SubmissionRecord(
+        spec_json=spec_json,
+        submission_json=submission.to_json(),
+        signature=signature.signature if signature else "",
+        signer=signature.signer if signature else "",
+        tracking_uri=tracking_uri,
+        output_dir=str(output_dir.resolve()),
+    )
+
+
+def write_run_config(record: SubmissionRecord, path: Path) -> Path:
+    """Write the TOML run config of `record` (JSON strings are valid TOML basic strings)."""
     lines = [
-        f"spec = {json.dumps(spec.canonical_json())}",
-        f"spec-signature = {json.dumps(signature.signature if signature else '')}",
-        f"spec-signer = {json.dumps(signature.signer if signature else '')}",
-        f"tracking-uri = {json.dumps(tracking_uri)}",
-        f"output-dir = {json.dumps(str(output_dir.resolve()))}",
+        f"spec = {json.dumps(record.spec_json)}",
+        f"submission = {json.dumps(record.submission_json)}",
+        f"spec-signature = {json.dumps(record.signature)}",
+        f"spec-signer = {json.dumps(record.signer)}",
+        f"tracking-uri = {json.dumps(record.tracking_uri)}",
+        f"output-dir = {json.dumps(record.output_dir)}",
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -91,6 +192,24 @@ def _flwr(args: list[str], env: Mapping[str, str] | None, timeout: float) -> dic
     return payload
 
 
+def start_run(record: SubmissionRecord, *, connection: str, env: Mapping[str, str] | None = None, timeout: float = 300.0) -> int:
+    """Start a Flower run of the signed submission `record`; returns its run id.
+
+    The run's app bundle is the medfed release installed here
+    (:func:`federation.release.stage_release`): hospital nodes serve only releases on
+    their allow-list, and never run the bundle's code themselves. Starting the same
+    record again continues the same submission.
+    """
+    with tempfile.TemporaryDirectory(prefix="medfed-submit-") as tmp:
+        try:
+            app = stage_release(Path(tmp))
+        except BundleError as err:
+            raise SubmissionError(str(err)) from None
+        config = write_run_config(record, Path(tmp) / "run-config.toml")
+        payload = _flwr(["run", str(app), connection, "--run-config", str(config), "--format", "json"], env, timeout)
+    return int(str(payload["run-id"]))
+
+
 def submit(
     spec: ExperimentSpec,
     *,
@@ -101,27 +220,13 @@ def submit(
     env: Mapping[str, str] | None = None,
     timeout: float = 300.0,
 ) -> int:
-    """Start a Flower run of `spec` on the SuperLink named `connection`; returns its run id.
+    """Sign a fresh submission of `spec` and start it on the SuperLink named `connection`; its run id.
 
-    The run's app bundle is the medfed release installed here
-    (:func:`federation.release.stage_release`): hospital nodes serve only releases on
-    their allow-list, and never run the bundle's code themselves.
-
-    The canonical spec is signed with the research partner's `signing_key`; every node
-    checks that signature against its officer's trusted keys. `None` submits it unsigned,
-    which every node refuses (the command line always signs).
+    Every node checks the signature against its officer's trusted keys; `signing_key`
+    None submits it unsigned, which every node refuses (the command line always signs).
     """
-    signature = None if signing_key is None else sign_spec(spec.canonical_json(), signing_key)
-    with tempfile.TemporaryDirectory(prefix="medfed-submit-") as tmp:
-        try:
-            app = stage_release(Path(tmp))
-        except BundleError as err:
-            raise SubmissionError(str(err)) from None
-        config = write_run_config(
-            spec, Path(tmp) / "run-config.toml", tracking_uri=tracking_uri, output_dir=output_dir, signature=signature
-        )
-        payload = _flwr(["run", str(app), connection, "--run-config", str(config), "--format", "json"], env, timeout)
-    return int(str(payload["run-id"]))
+    record = prepare_submission(spec, signing_key=signing_key, tracking_uri=tracking_uri, output_dir=output_dir)
+    return start_run(record, connection=connection, env=env, timeout=timeout)
 
 
 def run_status(run_id: int, *, connection: str, env: Mapping[str, str] | None = None) -> RunStatus:
@@ -150,4 +255,58 @@ def wait_for_run(
             return status
         if time.monotonic() > deadline:
             raise SubmissionError(f"run {run_id} did not finish within {timeout:g} s (status {status.status})")
+        time.sleep(poll)
+
+
+def follow(
+    record: SubmissionRecord,
+    run_id: int,
+    *,
+    connection: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 3600.0,
+    poll: float = 2.0,
+    max_resumes: int = 3,
+    on_tick: Callable[[RunStatus | None], None] | None = None,
+    on_resume: Callable[[RunStatus, int], None] | None = None,
+) -> tuple[RunStatus, SubmissionRecord]:
+    """Follow the submission's run to its end, through coordinator restarts.
+
+    While the SuperLink does not answer, keep asking (`on_tick` gets None). A run that
+    died with the coordinator (:attr:`RunStatus.lost_with_the_coordinator`) is resumed as
+    a new Flower run of the same submission, at most `max_resumes` times; `on_resume`
+    gets the lost status and the new run id. Returns the last status and the record with
+    every run started for it.
+
+    Raises
+    ------
+    SubmissionError
+        The submission did not end within `timeout`.
+    """
+    deadline = time.monotonic() + timeout
+    resumes = 0
+    while True:
+        try:
+            status: RunStatus | None = run_status(run_id, connection=connection, env=env)
+        except SubmissionError:
+            status = None  # the coordinator is restarting, or unreachable for a moment
+        if on_tick is not None:
+            on_tick(status)
+        if status is not None and status.lost_with_the_coordinator and resumes < max_resumes:
+            try:
+                new_run = start_run(record, connection=connection, env=env)
+            except SubmissionError:
+                new_run = None  # not ready yet: try again at the next poll
+            if new_run is not None:
+                resumes += 1
+                record = record.with_run(new_run)
+                if on_resume is not None:
+                    on_resume(status, new_run)
+                run_id = new_run
+                continue
+        elif status is not None and status.finished:
+            return status, record
+        if time.monotonic() > deadline:
+            shown = status.status if status is not None else "the SuperLink does not answer"
+            raise SubmissionError(f"submission {record.submission_id[:12]} did not end within {timeout:g} s ({shown})")
         time.sleep(poll)

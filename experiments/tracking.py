@@ -46,6 +46,10 @@ class Tracker(Protocol):
 
     def start(self, *, experiment: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
 
+    def resume(self, run_id: str) -> None:
+        """Continue recording into the run `run_id` that an earlier coordinator started."""
+        ...
+
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
 
     def log_text(self, text: str, artifact_file: str) -> None: ...
@@ -86,6 +90,7 @@ class InMemoryTracker:
     models: dict[str, Any] = field(default_factory=dict)
     status: str = "NONE"
     reason: str = ""
+    resumed: str = ""
 
     def prepare(self) -> None:
         return None
@@ -96,6 +101,10 @@ class InMemoryTracker:
         self.tags = dict(tags)
         self.status = "RUNNING"
         return "in-memory"
+
+    def resume(self, run_id: str) -> None:
+        self.status = "RUNNING"
+        self.resumed = run_id
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         for key, value in _finite(metrics).items():
@@ -163,6 +172,13 @@ class MlflowTracker:
         flat = flatten_params(params)
         self._client.log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in sorted(flat.items())])
         return self.run_id
+
+    def resume(self, run_id: str) -> None:
+        """Record into `run_id` again: a restarted coordinator continues the submission's run."""
+        self._client.get_run(run_id)  # raises if the store does not know it
+        self._run_id = run_id
+        self._client.update_run(run_id, status="RUNNING")
+        self._client.set_tag(run_id, "medfed.resumed", "true")
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         from mlflow.entities import Metric

@@ -20,6 +20,13 @@ The sequence (DESIGN.md, "Data flow of one experiment"):
 4. one *evaluate* wave on the final model, during which the model and the spec are
    saved and logged; then the final metrics and a privacy summary.
 
+After the tracked run starts and after every round the coordinator checkpoints the
+submission (:mod:`federation.checkpoint`) in its output folder. A Flower run of the same
+submission after a coordinator restart (``medfed experiment resume``, or ``submit
+--wait`` by itself) finds the checkpoint, asks the nodes again (each recognises the
+submission as the run continuing) and goes on from the round after the last completed
+one, into the same tracked run; a finished submission is not run twice.
+
 Any failure after step 3 marks the tracked run FAILED with its reason.
 """
 
@@ -40,6 +47,7 @@ from flwr.serverapp import Grid
 from experiments.cost import PrivacyPlan, PrivacySchedule, plan_privacy, privacy_schedule
 from experiments.spec import ExperimentSpec
 from experiments.tracking import Tracker
+from federation.checkpoint import Checkpoint
 from federation.errors import FederationError, NotEnoughNodesError
 from federation.metrics import aggregate_site_metrics
 from federation.participants import ParticipantGrid
@@ -165,7 +173,19 @@ def instruction_for(spec: ExperimentSpec, plan: PrivacySchedule) -> TrainInstruc
 
 
 def build_model(spec: ExperimentSpec):  # type: ignore[no-untyped-def]
-    """The spec's initial model and an input example (two zero samples) for MLflow."""
+    """The spec's initial model and an input example (two zero samples) for MLflow.
+
+    The initial weights are drawn from a generator seeded with the spec's digest: the
+    same spec starts from the same model, whichever coordinator (or restart) builds it.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(spec.digest()[:15], 16))
+        return _build_model(spec)
+
+
+def _build_model(spec: ExperimentSpec):  # type: ignore[no-untyped-def]
     import torch
 
     if spec.experiment.task == IMAGING_TASK:
@@ -375,12 +395,28 @@ def run_experiment(
     output_dir: Path,
     tags: Mapping[str, str] | None = None,
     on_round: Callable[[int, Mapping[str, float]], None] | None = None,
+    flower_run_id: int | None = None,
 ) -> ExperimentResult:
-    """Run `spec` over the nodes of `grid`; see the module docstring for the sequence."""
+    """Run `spec` over the nodes of `grid`; see the module docstring for the sequence.
+
+    `output_dir` is the submission's folder: a checkpoint there (:mod:`federation.checkpoint`)
+    means this run continues the submission after a coordinator restart, from the round
+    after the last one completed, into the same tracked run.
+    """
     schedule = privacy_schedule(spec)
     instruction = instruction_for(spec, schedule)
     if signed.spec_json != spec.canonical_json():
         raise FederationError("the signed spec is not the spec of this run; submit it again with `medfed experiment submit`")
+    submission_id = signed.submission_id
+    checkpoint = Checkpoint.load(output_dir)
+    if checkpoint is not None:
+        if checkpoint.finished:
+            raise FederationError(
+                f"submission {submission_id[:12]} already finished (Flower runs {', '.join(map(str, checkpoint.flower_runs))}); "
+                f"its results are in MLflow run {checkpoint.tracking_run_id}. Submit the spec again for a new run"
+            )
+        if (checkpoint.submission_id, checkpoint.spec_digest) != (submission_id, spec.digest()):
+            raise FederationError(f"the checkpoint in {output_dir} belongs to another submission; use another output folder")
     fed = spec.federation
     timeout = fed.round_timeout_seconds
 
@@ -414,18 +450,31 @@ def run_experiment(
     logger.info("experiment %s: %d site(s) accepted: %s", spec.experiment.name, len(query), _site_report(sites))
 
     ((model, input_example, plan),) = prepared
-    arrays = ArrayRecord(model.state_dict())
     participants = ParticipantGrid(grid, query)
     train_round = _round_runner(spec, participants, query, timeout)
-    run_id = tracker.start(
-        experiment=spec.experiment.mlflow_experiment or spec.experiment.name,
-        run_name=spec.experiment.name,
-        params={**spec.to_mapping(), "plan": asdict(plan)},
-        tags={"medfed.spec_digest": spec.digest(), **(tags or {})},
-    )
-    history: dict[int, dict[str, float]] = {}
+    if checkpoint is None:
+        run_id = tracker.start(
+            experiment=spec.experiment.mlflow_experiment or spec.experiment.name,
+            run_name=spec.experiment.name,
+            params={**spec.to_mapping(), "plan": asdict(plan)},
+            tags={"medfed.spec_digest": spec.digest(), "medfed.submission_id": submission_id, **(tags or {})},
+        )
+        checkpoint = Checkpoint(submission_id, spec.digest(), 0, run_id, arrays=ArrayRecord(model.state_dict()))
+    else:
+        run_id = checkpoint.tracking_run_id
+        tracker.resume(run_id)
+        by_name = {outcome.site: node for node, outcome in sites.items()}
+        for site, rounds in checkpoint.site_rounds.items():
+            if site in by_name:
+                sites[by_name[site]].rounds.update(rounds)
+        logger.info("submission %s continues after round %d of %d", submission_id[:12], checkpoint.round, fed.rounds)
+    if flower_run_id is not None:
+        checkpoint.flower_runs.append(flower_run_id)
+    checkpoint.save(output_dir)
+    arrays = checkpoint.arrays if checkpoint.arrays is not None else ArrayRecord(model.state_dict())
+    history: dict[int, dict[str, float]] = checkpoint.history
     try:
-        for server_round in range(1, fed.rounds + 1):
+        for server_round in range(checkpoint.round + 1, fed.rounds + 1):
             answered, new_arrays = train_round(server_round, arrays, config(server_round), sites)
             for node, metrics in answered.items():
                 sites[node].rounds[server_round] = metrics
@@ -439,6 +488,9 @@ def run_experiment(
             tracker.log_metrics(trained, step=server_round)
             history[server_round - 1] = {**history.get(server_round - 1, {}), **incoming}
             history[server_round] = {**history.get(server_round, {}), **trained}
+            checkpoint.round, checkpoint.arrays = server_round, arrays
+            checkpoint.site_rounds = {o.site: dict(o.rounds) for o in sites.values() if o.rounds}
+            checkpoint.save(output_dir)
             if on_round is not None:
                 on_round(server_round, history[server_round - 1] | history[server_round])
 
@@ -465,6 +517,8 @@ def run_experiment(
         summary = json.dumps(result.privacy_summary(), indent=2, sort_keys=True)
         (output_dir / SUMMARY_FILE).write_text(summary + "\n")
         tracker.log_text(summary, SUMMARY_FILE)
+        checkpoint.finished = True
+        checkpoint.save(output_dir)
     except BaseException as err:
         tracker.finish(failed=True, reason=str(err))
         raise

@@ -76,11 +76,13 @@ __all__ = [
     "REFUSED_DATASET",
     "REFUSED_INTEGRITY",
     "REFUSED_POLICY",
+    "REFUSED_REPLAY",
     "REFUSED_SIGNATURE",
     "SECAGG_CLIPPING_KEY",
     "SECAGG_MAX_WEIGHT_KEY",
     "SIGNATURE_KEY",
     "SIGNER_KEY",
+    "SUBMISSION_KEY",
     "SPEC_KEY",
     "SignedSpec",
     "TABULAR_TASK",
@@ -120,6 +122,7 @@ REFUSED_APPROVAL = 4006  # denied, revoked or expired, or over the approval's ca
 REFUSED_POLICY = 4007  # the node's policy forbids it
 REFUSED_INTEGRITY = 4008  # the node's ledger or audit log failed verification
 REFUSED_APP = 4009  # the run's app bundle is not a release on the node's allow-list
+REFUSED_REPLAY = 4010  # a stale submission, or one whose approval has no run left
 REFUSAL_CODES = (
     REFUSED_BAD_INSTRUCTION,
     REFUSED_DATASET,
@@ -130,6 +133,7 @@ REFUSAL_CODES = (
     REFUSED_POLICY,
     REFUSED_INTEGRITY,
     REFUSED_APP,
+    REFUSED_REPLAY,
 )
 
 # Secure aggregation: Flower's legacy fit layout, and the SecAgg+ settings a node checks.
@@ -143,6 +147,7 @@ SECAGG_MAX_WEIGHT_KEY = "medfed.secagg-max-weight"
 SPEC_KEY = "medfed.spec"
 SIGNATURE_KEY = "medfed.spec-signature"
 SIGNER_KEY = "medfed.spec-signer"
+SUBMISSION_KEY = "medfed.submission"
 
 # The metric keys a reply may carry: a node sends exactly these, the coordinator
 # rejects anything else. "num-examples" is Flower's weighting key.
@@ -354,30 +359,46 @@ class TrainInstruction:
 
 @dataclass(frozen=True)
 class SignedSpec:
-    """The partner-signed spec a run carries: canonical JSON, base64 signature, signer fingerprint.
+    """The partner-signed submission a run carries: the spec, the submission envelope, its signature.
 
-    Empty signature and signer mean an unsigned submission, which every node refuses.
+    ``spec_json`` is the spec's canonical JSON; ``submission`` the canonical JSON of the
+    partner's submission envelope (spec digest, submission id, signing time; see
+    ``privacy.governance.Submission``), which ``signature`` (base64 Ed25519) signs and
+    ``signer`` (key fingerprint) names. Empty signature and signer mean an unsigned
+    submission, which every node refuses.
     """
 
     spec_json: str
     signature: str = ""
     signer: str = ""
+    submission: str = ""
 
     def add_to(self, config: ConfigRecord) -> ConfigRecord:
-        """`config` with the signed spec's three entries added."""
+        """`config` with the signed submission's four entries added."""
         config[SPEC_KEY] = self.spec_json
         config[SIGNATURE_KEY] = self.signature
         config[SIGNER_KEY] = self.signer
+        config[SUBMISSION_KEY] = self.submission
         return config
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> SignedSpec:
-        values = [config.get(key, "") for key in (SPEC_KEY, SIGNATURE_KEY, SIGNER_KEY)]
+        keys = (SPEC_KEY, SIGNATURE_KEY, SIGNER_KEY, SUBMISSION_KEY)
+        values = [config.get(key, "") for key in keys]
         if not all(isinstance(v, str) for v in values):
-            raise ProtocolError(f"'{SPEC_KEY}', '{SIGNATURE_KEY}' and '{SIGNER_KEY}' must be strings")
+            raise ProtocolError(f"{', '.join(repr(k) for k in keys)} must be strings")
         if not values[0]:
             raise ProtocolError(f"the message carries no experiment spec ('{SPEC_KEY}')")
         return cls(*values)  # type: ignore[arg-type]
+
+    @property
+    def submission_id(self) -> str:
+        """The envelope's submission id as sent (unverified; the node verifies the envelope first)."""
+        try:
+            value = json.loads(self.submission).get("submission_id", "")
+        except (json.JSONDecodeError, AttributeError):
+            return ""
+        return value if isinstance(value, str) else ""
 
     def mapping(self) -> dict[str, Any]:
         """The spec as plain JSON tables (the node reads it without the coordinator's spec types)."""

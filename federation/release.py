@@ -72,6 +72,7 @@ FLOWER_APP: Mapping[str, Any] = {
     },
     "config": {
         "spec": "",
+        "submission": "",
         "spec-signature": "",
         "spec-signer": "",
         "tracking-uri": "",

@@ -1,8 +1,9 @@
 """The medfed Flower ServerApp: runs one experiment per Flower run.
 
 The run config (written by ``medfed experiment submit``) carries the validated spec as
-canonical JSON with the research partner's signature of it, the MLflow tracking URI and
-the coordinator's output folder. A bad spec
+canonical JSON, the research partner's signed submission of it, the MLflow tracking URI
+and the coordinator's output folder, in which each submission has its own folder (its
+checkpoint, so that a restarted coordinator continues it; its final model and summary). A bad spec
 or too few nodes fail the run with a one-line reason that ``flwr ls`` shows as the
 run's status details.
 """
@@ -29,6 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     from experiments.tracking import MlflowTracker, default_tracking_uri
     from federation.experiment import run_experiment
     from federation.protocol import SignedSpec
+    from privacy.governance import Submission
 
     config = context.run_config
     spec_json = str(config.get("spec", ""))
@@ -36,7 +38,11 @@ def main(grid: Grid, context: Context) -> None:
         raise ValueError("the run config has no 'spec': submit experiments with `medfed experiment submit`")
     spec = ExperimentSpec.from_json(spec_json)
     # The nodes check the signature; the coordinator only carries it.
-    signed = SignedSpec(spec_json, str(config.get("spec-signature", "")), str(config.get("spec-signer", "")))
+    signed = SignedSpec(
+        spec_json, str(config.get("spec-signature", "")), str(config.get("spec-signer", "")), str(config.get("submission", ""))
+    )
+    # A well-formed envelope (its id names a folder below); the nodes check its signature.
+    submission = Submission.from_json(signed.submission)
     tracking_uri = str(config.get("tracking-uri", "")) or default_tracking_uri()
     output_root = Path(str(config.get("output-dir", "")) or ".medfed/runs")
     run_id = grid.run.run_id
@@ -45,8 +51,9 @@ def main(grid: Grid, context: Context) -> None:
         spec,
         signed=signed,
         tracker=MlflowTracker(tracking_uri),
-        output_dir=output_root / str(run_id),
+        output_dir=output_root / submission.submission_id,  # one per submission: its checkpoint, its model
         tags={"flwr.run_id": str(run_id)},
+        flower_run_id=run_id,
     )
     logger.info(
         "experiment %s finished: final AUC %.3f on %d site(s); MLflow run %s",

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,14 +37,15 @@ from clients.hospital_node.governance import approve, governance_state, set_budg
 from clients.hospital_node.home import DatasetEntry, NodeHome
 from experiments.cost import PrivacyPlan, plan_privacy
 from experiments.spec import ExperimentSpec
-from experiments.submit import run_status, submit
+from experiments.progress import RunProgress, SiteResult, results_table, round_line, site_results
+from experiments.submit import follow, prepare_submission, start_run
 from experiments.tracking import default_tracking_uri
 from medfed.cluster import LocalCluster, flower_env
 from federation.protocol import SignedSpec
 from medfed.errors import DemoError
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, SITE_COLUMN, write_alliance
 from privacy.accountant import epsilon
-from privacy.governance import sign_spec
+from privacy.governance import Submission, sign_submission
 from privacy.keys import generate_keypair, load_private_key
 from privacy.ledger import PrivacyLedger
 
@@ -55,7 +57,6 @@ __all__ = [
     "comparison_table",
     "demo_console",
     "govern_site",
-    "ledger_spent",
     "partner_key_path",
     "prepare_alliance",
     "remaining_budgets",
@@ -116,9 +117,10 @@ def approve_everywhere(sites: list[Site], spec: ExperimentSpec) -> None:
 
 
 def signed_spec(spec: ExperimentSpec, workdir: Path) -> SignedSpec:
-    """`spec` signed by the demo partner, as `medfed experiment submit --key` signs it."""
-    signature = sign_spec(spec.canonical_json(), load_private_key(partner_key_path(workdir)))
-    return SignedSpec(spec.canonical_json(), signature.signature, signature.signer)
+    """A fresh submission of `spec` signed by the demo partner, as `medfed experiment submit --key` signs it."""
+    submission = Submission.new(spec.canonical_json())
+    signature = sign_submission(submission, load_private_key(partner_key_path(workdir)))
+    return SignedSpec(spec.canonical_json(), signature.signature, signature.signer, submission.to_json())
 
 
 def remaining_budgets(sites: list[Site], dataset: str) -> dict[str, tuple[float, float]]:
@@ -171,58 +173,6 @@ def demo_spec(rounds: int, n_hospitals: int) -> ExperimentSpec:
     return ExperimentSpec.from_mapping(mapping, source=str(EXAMPLE_SPEC))
 
 
-class _Progress:
-    """Reads a run's per-round metrics from MLflow while it runs."""
-
-    def __init__(self, tracking_uri: str) -> None:
-        from mlflow.tracking import MlflowClient
-
-        # MLflow configures its loggers on import; its database set-up chatter is not progress.
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        self._client = MlflowClient(tracking_uri)
-        self._client.search_experiments()  # creates the schema of a new store now
-        self._flwr_run_id: int | None = None
-        self._run_id: str | None = None
-        self.shown = 0
-
-    def follow(self, flwr_run_id: int) -> None:
-        self._flwr_run_id = flwr_run_id
-        self._run_id = None
-        self.shown = 0
-
-    def _find_run(self) -> str | None:
-        if self._run_id is None and self._flwr_run_id is not None:
-            experiments = self._client.search_experiments()
-            runs = self._client.search_runs(
-                [e.experiment_id for e in experiments],
-                filter_string=f"tags.`flwr.run_id` = '{self._flwr_run_id}'",
-                max_results=1,
-            ) if experiments else []
-            self._run_id = runs[0].info.run_id if runs else None
-        return self._run_id
-
-    @property
-    def mlflow_run_id(self) -> str | None:
-        return self._find_run()
-
-    def new_rounds(self) -> list[tuple[int, dict[str, float]]]:
-        run_id = self._find_run()
-        if run_id is None:
-            return []
-        losses = {m.step: m.value for m in self._client.get_metric_history(run_id, "train_loss")}
-        out = []
-        for step in sorted(s for s in losses if s > self.shown):
-            metrics = {"train_loss": losses[step]}
-            for key in ("eval_auc", "eval_accuracy", "epsilon"):
-                history = {m.step: m.value for m in self._client.get_metric_history(run_id, key)}
-                wanted = step - 1 if key.startswith("eval") else step
-                if wanted in history:
-                    metrics[key] = history[wanted]
-            out.append((step, metrics))
-            self.shown = step
-        return out
-
-
 def torch_split(data: TabularData | ImagingData):  # type: ignore[no-untyped-def]
     """A connector's four arrays (x_train, y_train, x_val, y_val) as tensors."""
     import torch
@@ -264,15 +214,17 @@ def comparison_table(
     plan: PrivacyPlan,
     tensors: dict[str, tuple],  # type: ignore[type-arg]
     model_path: Path,
-    spent: dict[str, float],
+    results: Mapping[str, SiteResult],
     *,
     metrics: tuple[str, ...] = ("auc",),
 ) -> Table:
-    """Federated vs local-only vs pooled models on each site's validation split.
+    """Federated vs local-only vs pooled models on each site's validation split, and each site's ε.
 
-    `tensors` holds each site's ``(x_train, y_train, x_val, y_val)``. The local-only and
-    pooled models are trained here with the federated run's DP-SGD parameters and step
-    count, so every model costs each patient the same epsilon.
+    The table `medfed experiment submit --wait` ends with (:func:`experiments.progress.results_table`),
+    with the baselines a research partner cannot have: `tensors` holds each site's
+    ``(x_train, y_train, x_val, y_val)``; the local-only and pooled models are trained here
+    with the federated run's DP-SGD parameters and step count, so every model costs each
+    patient the same epsilon. `results` are the sites' ε as their ledgers reported them.
     """
     import torch
 
@@ -291,33 +243,16 @@ def comparison_table(
     y_all = torch.cat([t[1] for t in tensors.values()])
     models["pooled (centralised)"] = _train_baseline(spec, plan, x_all, y_all, seed=99)
 
-    shown = " / ".join(_METRIC_NAMES[m] for m in metrics)
-    table = Table(title=f"Validation {shown} at ε ≈ {plan.epsilon_per_site:.2f} per patient (δ = {plan.delta:g})")
-    table.add_column("model")
-    for name in tensors:
-        table.add_column(f"{name} {shown}", justify="right")
-    table.add_column(f"all sites {shown}", justify="right")
-
     def cell(model, x, y) -> str:  # type: ignore[no-untyped-def]
         result = evaluate(model, x, y)
         return " / ".join(f"{getattr(result, m):.3f}" for m in metrics)
 
-    for label, model in models.items():
-        cells = [cell(model, t[2], t[3]) for t in tensors.values()]
-        cells.append(cell(model, x_val_all, y_val_all))
-        table.add_row(label, *cells)
-    table.add_section()
-    table.add_row("ε spent on the dataset (ledger)", *[f"{spent.get(n, math.nan):.2f}" for n in tensors], "")
-    return table
-
-
-def ledger_spent(sites: list[Site], dataset: str, plan: PrivacyPlan) -> dict[str, float]:
-    """Each site's composed epsilon on `dataset`, read from its own ledger."""
-    spent = {}
-    for site in sites:
-        with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
-            spent[site.name] = ledger.spent(dataset, delta=plan.delta, accountant=plan.accountant)
-    return spent
+    rows = {label: [cell(model, t[2], t[3]) for t in tensors.values()] for label, model in models.items()}
+    pooled = {label: cell(model, x_val_all, y_val_all) for label, model in models.items()}
+    shown = " / ".join(_METRIC_NAMES[m] for m in metrics)
+    ordered = {name: results.get(name, SiteResult({}, math.nan, math.nan)) for name in tensors}
+    title = f"Validation {shown} at ε ≈ {plan.epsilon_per_site:.2f} per patient (δ = {plan.delta:g})"
+    return results_table(title, rows, ordered, all_sites=pooled)
 
 
 def run_on_cluster(
@@ -329,10 +264,10 @@ def run_on_cluster(
     console: Console,
     started: float,
     show_accuracy: bool = False,
-) -> tuple[int, str | None]:
-    """Start a SuperLink and a SuperNode per site, submit `spec`, print its rounds as they end.
+) -> tuple[str, str | None]:
+    """Start a SuperLink and a node service per site, submit `spec`, print its rounds as they end.
 
-    Returns the Flower run id and the MLflow run id; every process is stopped on the way
+    Returns the submission id and the MLflow run id; every process is stopped on the way
     out. Raises DemoError if the run does not succeed.
     """
     rounds = spec.federation.rounds
@@ -342,31 +277,25 @@ def run_on_cluster(
             cluster.start_supernode(site.name, site.home)
         cluster.wait_for_nodes(len(sites))
         console.print(f"  SuperLink on {cluster.fleet_address} (gRPC Fleet, {'insecure' if cluster.insecure else 'TLS + node authentication'}) and {cluster.control_address} (control); "
-                      f"{len(sites)} SuperNodes online after {time.monotonic() - started:.0f} s")
+                      f"{len(sites)} hospital nodes online after {time.monotonic() - started:.0f} s")
         env = flower_env(cluster.flwr_home)
-        # Open the store before the ServerApp does: two processes creating a fresh
-        # MLflow SQLite schema at once race in its migrations.
-        progress = _Progress(tracking_uri)
-        signing_key = load_private_key(partner_key_path(workdir))
-        run_id = submit(
-            spec, connection=cluster.connection, tracking_uri=tracking_uri, output_dir=workdir / "runs",
-            signing_key=signing_key, env=env,
+        progress = RunProgress(tracking_uri)  # opens the store before the ServerApp does
+        record = prepare_submission(
+            spec, signing_key=load_private_key(partner_key_path(workdir)), tracking_uri=tracking_uri, output_dir=workdir / "runs"
         )
-        console.print(f"  submitted as Flower run {run_id}; tracking in {tracking_uri}")
-        progress.follow(run_id)
-        while True:
-            status = run_status(run_id, connection=cluster.connection, env=env)
+        run_id = start_run(record, connection=cluster.connection, env=env)
+        console.print(f"  submission {record.submission_id[:12]} started as Flower run {run_id}; tracking in {tracking_uri}")
+        progress.follow(record.submission_id)
+
+        def tick(_status: object) -> None:
             for step, metrics in progress.new_rounds():
-                auc = metrics.get("eval_auc", math.nan)
-                accuracy = f"accuracy {metrics.get('eval_accuracy', math.nan):.3f}, " if show_accuracy else ""
-                console.print(f"  round {step}/{rounds}: train loss {metrics['train_loss']:.3f}, "
-                              f"{accuracy}AUC of the model it started from {auc:.3f}, ε max {metrics.get('epsilon', math.nan):.3f}")
-            if status.finished:
-                break
-            time.sleep(1.0)
+                console.print(f"  {round_line(step, rounds, metrics, accuracy=show_accuracy)}")
+
+        status, record = follow(record, run_id, connection=cluster.connection, env=env, poll=1.0, on_tick=tick, max_resumes=0)
+        tick(status)
         if not status.succeeded:
-            raise DemoError(f"the experiment run {run_id} ended {status.status}: {status.details or 'see ' + str(cluster.workdir / 'logs')}")
-    return run_id, progress.mlflow_run_id
+            raise DemoError(f"the experiment run {status.run_id} ended {status.status}: {status.details or 'see ' + str(cluster.workdir / 'logs')}")
+    return record.submission_id, progress.mlflow_run_id
 
 
 def report_governance(console: Console, sites: list[Site], spec: ExperimentSpec) -> None:
@@ -410,18 +339,18 @@ def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int 
                   f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
     report_governance(console, sites, spec)
     tracking_uri = default_tracking_uri()
-    run_id, mlflow_run_id = run_on_cluster(
+    submission_id, mlflow_run_id = run_on_cluster(
         workdir, spec, sites, tracking_uri=tracking_uri, console=console, started=started
     )
-    model_path = workdir / "runs" / str(run_id) / "final_model.pt"
-    spent = ledger_spent(sites, DATASET, plan)
+    model_path = workdir / "runs" / submission_id / "final_model.pt"
+    results = site_results(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
     tensors = {
         s.name: torch_split(
             TabularConnector(NodeHome.open(s.home).dataset(DATASET)).load().select(spec.data.features or (), spec.data.scaling)
         )
         for s in sites
     }
-    console.print(comparison_table(spec, plan, tensors, model_path, spent))
+    console.print(comparison_table(spec, plan, tensors, model_path, results))
     print_budgets(console, sites, DATASET)
     console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

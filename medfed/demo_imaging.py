@@ -32,12 +32,12 @@ from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.tracking import default_tracking_uri
 from federation.experiment import instruction_for
+from experiments.progress import site_results
 from medfed.demo import (
     Site,
     comparison_table,
     demo_console,
     govern_site,
-    ledger_spent,
     partner_key_path,
     print_budgets,
     report_governance,
@@ -181,13 +181,13 @@ def run_imaging_demo(
                   f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
     report_governance(console, sites, spec)
     tracking_uri = default_tracking_uri()
-    run_id, mlflow_run_id = run_on_cluster(
+    submission_id, mlflow_run_id = run_on_cluster(
         workdir, spec, sites, tracking_uri=tracking_uri, console=console, started=started, show_accuracy=True
     )
-    model_path = workdir / "runs" / str(run_id) / "final_model.pt"
-    spent = ledger_spent(sites, DATASET, plan)
+    model_path = workdir / "runs" / submission_id / "final_model.pt"
+    results = site_results(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
     tensors = site_tensors(spec, sites)
-    console.print(comparison_table(spec, plan, tensors, model_path, spent, metrics=("accuracy", "auc")))
+    console.print(comparison_table(spec, plan, tensors, model_path, results, metrics=("accuracy", "auc")))
     print_budgets(console, sites, DATASET)
     console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

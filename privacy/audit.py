@@ -86,6 +86,7 @@ AUDIT_KINDS: tuple[str, ...] = (
     "key",
     "budget",
     "app",
+    "submission",
 )
 PROBLEM_KINDS: tuple[str, ...] = (
     "edited",

@@ -9,16 +9,22 @@ passed :meth:`~privacy.audit.AuditLog.verify`. The entry kinds it reads:
 ``request``     ``{spec_digest, experiment, signer, signer_fingerprint, task, dataset,
                 rounds, delta, requested_epsilon, cost_epsilon, ...}``: a signed spec the
                 node met for the first time.
-``approval``    ``{spec_digest, dataset, max_epsilon, expires, by}``.
+``approval``    ``{spec_digest, dataset, max_epsilon, expires, runs, by}``: ``runs``
+                submissions may spend it (1 when absent).
 ``denial``      ``{spec_digest, dataset, reason, by}``.
 ``revocation``  ``{spec_digest, dataset, reason, by}``.
+``submission``  ``{submission_id, spec_digest, dataset, signer, signed_at, run}``: a
+                submission spent one run of the approval in force.
 
 An approval binds one spec digest and one dataset; a later denial or revocation of the
-same pair replaces it, and a later approval replaces a denial (a revocation is final).
+same pair replaces it, and a later approval replaces a denial (a revocation is final)
+and allows its own ``runs`` afresh.
 
-Specs are signed by research partners over :func:`spec_signing_message`, which prefixes
-the canonical JSON with a context string so a spec signature can never pass for any
-other signature the same key makes.
+A research partner does not sign a spec but a :class:`Submission` of it: the spec's
+digest, a random submission id and the signing time, signed over
+:func:`submission_signing_message` (a context line, so the signature can never pass for
+any other signature the same key makes). Each submission spends one run of an approval;
+the node refuses it replayed once it finished, and refuses a stale one.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
+import re
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -47,13 +56,17 @@ __all__ = [
     "Request",
     "REVOKED",
     "SpecSignature",
-    "sign_spec",
+    "Submission",
+    "SubmissionUse",
+    "sign_submission",
     "spec_digest",
-    "spec_signing_message",
-    "verify_spec",
+    "submission_signing_message",
+    "verify_submission",
 ]
 
-_SPEC_CONTEXT = b"medfed experiment spec v1\n"
+_SUBMISSION_CONTEXT = b"medfed submission v1\n"
+# How far a submission's signing time may lie ahead of the node's clock (clock skew).
+_FUTURE_SKEW = timedelta(minutes=10)
 
 APPROVED = "approved"
 DENIED = "denied"
@@ -62,38 +75,104 @@ EXPIRED = "expired"
 PENDING = "pending"
 
 
-def spec_signing_message(spec_json: str) -> bytes:
-    """The bytes a partner signs for a spec: a context line, then its canonical JSON."""
-    return _SPEC_CONTEXT + spec_json.encode("utf-8")
-
-
 def spec_digest(spec_json: str) -> str:
     """SHA-256 (hex) of the canonical JSON: the hash approvals bind."""
     return hashlib.sha256(spec_json.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
+class Submission:
+    """What a research partner signs to run a spec once: its digest, a unique id, and when.
+
+    The id makes every submission distinct, so a node can spend an approval on exactly
+    one of them and refuse it replayed; the signing time lets a node refuse a stale one.
+    """
+
+    spec_digest: str
+    submission_id: str
+    signed_at: datetime
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not re.fullmatch(r"[0-9a-f]{64}", self.spec_digest):
+            problems.append(f"spec_digest must be 64 hex characters; found {self.spec_digest!r}")
+        if not re.fullmatch(r"[0-9a-f]{32}", self.submission_id):
+            problems.append(f"submission_id must be 32 hex characters; found {self.submission_id!r}")
+        if self.signed_at.tzinfo is None:
+            problems.append("signed_at must carry a time zone")
+        if problems:
+            raise SignatureError("malformed submission: " + "; ".join(problems))
+
+    @classmethod
+    def new(cls, spec_json: str, *, now: datetime | None = None) -> Submission:
+        """A fresh submission of `spec_json`: a random id, signed now."""
+        signed_at = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+        return cls(spec_digest(spec_json), uuid.uuid4().hex, signed_at)
+
+    def to_json(self) -> str:
+        """The canonical JSON a partner signs (sorted keys, no spaces)."""
+        payload = {"signed_at": self.signed_at.isoformat(), "spec_digest": self.spec_digest, "submission_id": self.submission_id}
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Submission:
+        """Parse a submission's canonical JSON.
+
+        Raises
+        ------
+        SignatureError
+            It is not a submission (missing fields, malformed values).
+        """
+        try:
+            payload = json.loads(text)
+            if not isinstance(payload, dict) or set(payload) != {"signed_at", "spec_digest", "submission_id"}:
+                raise ValueError("expected exactly signed_at, spec_digest and submission_id")
+            return cls(str(payload["spec_digest"]), str(payload["submission_id"]), _parse_time(str(payload["signed_at"])))
+        except (ValueError, TypeError) as err:
+            raise SignatureError(f"the run carries no valid submission envelope ({err}); submit it again with `medfed experiment submit`") from None
+
+    def age_problem(self, now: datetime, max_age: timedelta) -> str | None:
+        """Why this submission may not start a run now (stale, or signed in the future), or None."""
+        if self.signed_at > now + _FUTURE_SKEW:
+            return f"submission {self.submission_id[:12]} is signed {self.signed_at.isoformat()}, in the future of this node's clock"
+        if now - self.signed_at > max_age:
+            hours = max_age.total_seconds() / 3600
+            return (
+                f"submission {self.submission_id[:12]} was signed {self.signed_at.isoformat()}, more than {hours:g} h ago; "
+                "it is stale: submit the spec again"
+            )
+        return None
+
+
+def submission_signing_message(submission_json: str) -> bytes:
+    """The bytes a partner signs for a submission: a context line, then its canonical JSON."""
+    return _SUBMISSION_CONTEXT + submission_json.encode("utf-8")
+
+
+@dataclass(frozen=True)
 class SpecSignature:
-    """A partner's signature of a spec: base64 Ed25519 signature and the signer's key fingerprint."""
+    """A partner's signature of a submission: base64 Ed25519 signature and the signer's key fingerprint."""
 
     signature: str
     signer: str
 
 
-def sign_spec(spec_json: str, private_key: Ed25519PrivateKey) -> SpecSignature:
-    """Sign the canonical JSON of a spec with a research partner's key."""
-    raw = sign(private_key, spec_signing_message(spec_json))
+def sign_submission(submission: Submission, private_key: Ed25519PrivateKey) -> SpecSignature:
+    """Sign a submission (and through its digest, the spec) with a research partner's key."""
+    raw = sign(private_key, submission_signing_message(submission.to_json()))
     return SpecSignature(base64.b64encode(raw).decode("ascii"), fingerprint(private_key.public_key()))
 
 
-def verify_spec(spec_json: str, signature: SpecSignature, trusted: TrustedKeys) -> TrustedKey:
-    """The trusted partner who signed `spec_json`.
+def verify_submission(
+    spec_json: str, submission_json: str, signature: SpecSignature, trusted: TrustedKeys
+) -> tuple[TrustedKey, Submission]:
+    """The trusted partner who signed the submission of `spec_json`, and the submission.
 
     Raises
     ------
     SignatureError
-        The spec is unsigned, the signature is malformed or does not verify, or the
-        signer is not one of the node's trusted partners.
+        Unsigned, a malformed or non-verifying signature, a signer who is not one of the
+        node's trusted partners, or a submission of another spec.
     """
     if not signature.signature or not signature.signer:
         raise SignatureError("the experiment spec is not signed; the research partner must submit it with their key")
@@ -101,7 +180,11 @@ def verify_spec(spec_json: str, signature: SpecSignature, trusted: TrustedKeys) 
         raw = base64.b64decode(signature.signature, validate=True)
     except (binascii.Error, ValueError):
         raise SignatureError("the spec signature is not base64; it was damaged on the way") from None
-    return trusted.verify(spec_signing_message(spec_json), raw, signer=signature.signer)
+    partner = trusted.verify(submission_signing_message(submission_json), raw, signer=signature.signer)
+    submission = Submission.from_json(submission_json)
+    if submission.spec_digest != spec_digest(spec_json):
+        raise SignatureError("the signed submission names another spec than the one the run carries")
+    return partner, submission
 
 
 @dataclass(frozen=True)
@@ -134,6 +217,8 @@ class Decision:
     max_epsilon: float | None = None
     expires: datetime | None = None
     reason: str = ""
+    runs: int = 1  # how many submissions an approval allows
+    seq: int = 0  # its audit entry's place in the log
 
     def status_at(self, now: datetime) -> str:
         """APPROVED, DENIED, REVOKED, or EXPIRED for an approval past its expiry."""
@@ -153,14 +238,27 @@ class BudgetSetting:
     by: str
 
 
+@dataclass(frozen=True)
+class SubmissionUse:
+    """A submission that spent a run of an approval on this node, and when."""
+
+    submission_id: str
+    spec_digest: str
+    dataset: str
+    at: datetime
+    first_run: str
+    seq: int
+
+
 class GovernanceState:
-    """Budgets, requests and decisions, replayed in order from verified audit entries."""
+    """Budgets, requests, decisions and spent submissions, replayed in order from verified audit entries."""
 
     def __init__(self) -> None:
         self.budgets: dict[str, BudgetSetting] = {}
         self.requests: dict[tuple[str, str], Request] = {}
         self.decisions: dict[tuple[str, str], Decision] = {}
         self.history: list[Decision] = []
+        self.submissions: dict[tuple[str, str], SubmissionUse] = {}
 
     @classmethod
     def from_entries(cls, entries: Iterable[AuditEntry]) -> GovernanceState:
@@ -176,6 +274,13 @@ class GovernanceState:
             self.budgets[dataset] = BudgetSetting(
                 dataset, float(payload["epsilon"]), float(payload["delta"]), entry.time, str(payload.get("by", ""))
             )
+            return
+        if entry.kind == "submission":
+            use = SubmissionUse(
+                str(payload["submission_id"]), str(payload["spec_digest"]), str(payload["dataset"]), entry.time,
+                str(payload.get("run", "")), entry.seq,
+            )
+            self.submissions.setdefault((use.submission_id, use.dataset), use)
             return
         if entry.kind not in ("request", "approval", "denial", "revocation"):
             return
@@ -197,6 +302,8 @@ class GovernanceState:
             max_epsilon=None if cap is None else float(cap),
             expires=None if not expires else _parse_time(str(expires)),
             reason=str(payload.get("reason", "")),
+            runs=int(payload.get("runs") or 1),
+            seq=entry.seq,
         )
         self.decisions[key] = decision
         self.history.append(decision)
@@ -210,6 +317,20 @@ class GovernanceState:
         if decision is None:
             return PENDING
         return decision.status_at(now or datetime.now(UTC))
+
+    def submission(self, submission_id: str, dataset: str) -> SubmissionUse | None:
+        """The record of `submission_id` having spent a run on `dataset`, if it did."""
+        return self.submissions.get((submission_id, dataset))
+
+    def spent_runs(self, spec_digest: str, dataset: str) -> list[SubmissionUse]:
+        """Submissions that spent a run of the approval now in force for this spec and dataset."""
+        decision = self.decision(spec_digest, dataset)
+        if decision is None or decision.status != APPROVED:
+            return []
+        return [
+            use for use in self.submissions.values()
+            if use.spec_digest == spec_digest and use.dataset == dataset and use.seq > decision.seq
+        ]
 
     def pending(self) -> list[Request]:
         """Requests the officer has not decided, oldest first."""

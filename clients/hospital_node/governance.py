@@ -5,12 +5,18 @@ nothing the coordinator says about legitimacy; it reads only the node's own stat
 
 1. the audit log verifies against the node key, and every release it records is charged
    in the ledger (otherwise the ledger or the log was tampered with);
-2. the spec carried by the message is signed by a partner the officer trusts, and the
-   instruction is exactly what that signed spec says;
+2. the run carries a submission of its spec signed by a partner the officer trusts
+   (:class:`privacy.governance.Submission`: spec digest, submission id, signing time),
+   and the instruction is exactly what that spec says;
 3. the node policy allows the task, and secure aggregation if the policy requires it;
 4. the officer approved this spec digest for this dataset, and the approval has not
    expired or been revoked (an unseen spec is recorded as a pending request);
-5. the experiment's own epsilon fits the approval's cap, the policy's per-experiment cap
+5. the submission may spend the approval: a submission this node admitted before is the
+   same run continuing (after a coordinator restart, say); a new one must be fresh
+   (signed within the policy's ``max_submission_age_hours``) and the approval must have
+   a run left (``approve --runs``, 1 by default). A replayed submission is therefore never
+   a new run, and the node records which submission spent the approval;
+6. the experiment's own epsilon fits the approval's cap, the policy's per-experiment cap
    and the spec's own target; the dataset's lifetime budget can afford the rounds left.
 
 A refusal is a :class:`Refusal` with a protocol code and a one-line reason for the
@@ -23,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from clients.hospital_node.errors import GovernanceError
@@ -35,6 +41,7 @@ from federation.protocol import (
     REFUSED_BUDGET,
     REFUSED_INTEGRITY,
     REFUSED_POLICY,
+    REFUSED_REPLAY,
     REFUSED_SIGNATURE,
     SignedSpec,
     TrainInstruction,
@@ -48,13 +55,15 @@ from privacy.governance import (
     APPROVED,
     DENIED,
     EXPIRED,
+    Decision,
     PENDING,
     REVOKED,
     GovernanceState,
     Request,
     SpecSignature,
+    Submission,
     spec_digest,
-    verify_spec,
+    verify_submission,
 )
 from privacy.keys import load_public_key
 from privacy.ledger import Budget, PrivacyLedger
@@ -98,6 +107,7 @@ class Admission:
     signer: str
     spec_digest: str
     policy: NodePolicy
+    submission: Submission
     # None for an evaluate message, which releases no DP-charged arrays and is admitted
     # on signature, approval and policy alone (so it imports no accountant).
     budget: Budget | None = None
@@ -187,9 +197,11 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         mine = [c.event for c in ledger.charges(instruction.dataset) if c.run_id == run_id]
         mine += [r.event for r in ledger.reservations(instruction.dataset) if r.run_id == run_id]
 
-    # 2. signed, and the instruction is the signed spec
+    # 2. a signed submission, and the instruction is its spec
     try:
-        partner = verify_spec(signed.spec_json, SpecSignature(signed.signature, signed.signer), home.trusted_partners())
+        partner, submission = verify_submission(
+            signed.spec_json, signed.submission, SpecSignature(signed.signature, signed.signer), home.trusted_partners()
+        )
     except SignatureError as err:
         raise Refusal(REFUSED_SIGNATURE, str(err)) from None
     digest = spec_digest(signed.spec_json)
@@ -236,10 +248,15 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         assert decision.expires is not None
         raise Refusal(REFUSED_APPROVAL, f"the officer's approval expired at {decision.expires.isoformat()}")
 
-    if kind == "evaluate":
-        return Admission(partner.name, digest, policy)
+    # 5. the submission may spend the approval (or continues one that did)
+    spent_by = state.submission(submission.submission_id, instruction.dataset)
+    if spent_by is None:
+        _check_new_submission(state, decision, submission, kind, policy, instruction.dataset)
 
-    # 5. caps and budget
+    if kind == "evaluate":
+        return Admission(partner.name, digest, policy, submission)
+
+    # 6. caps and budget
     cost = experiment_cost()
     target = spec.get("privacy", {}).get("target_epsilon")
     if target is not None:
@@ -274,7 +291,39 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     run_cap = min(cap for cap, _, _ in caps)
     if target is not None:
         run_cap = min(run_cap, float(target) * (1 + _TARGET_SLACK))
-    return Admission(partner.name, digest, policy, budget, Budget(run_cap, instruction.delta), cost)
+    if spent_by is None:
+        home.audit_log().append(
+            "submission",
+            {
+                "submission_id": submission.submission_id,
+                "spec_digest": digest,
+                "dataset": instruction.dataset,
+                "signer": partner.name,
+                "signed_at": submission.signed_at.isoformat(),
+                "run": run_id,
+            },
+        )
+        logger.info("submission %s spends a run of the approval of spec %s", submission.submission_id[:12], digest[:12])
+    return Admission(partner.name, digest, policy, submission, budget, Budget(run_cap, instruction.delta), cost)
+
+
+def _check_new_submission(
+    state: GovernanceState, decision: Decision, submission: Submission, kind: str, policy: NodePolicy, dataset: str
+) -> None:
+    """A submission this node has not admitted yet must be fresh, and the approval must have a run left."""
+    if kind == "evaluate":
+        raise Refusal(REFUSED_REPLAY, f"submission {submission.submission_id[:12]} never trained on this node; nothing to evaluate")
+    problem = submission.age_problem(datetime.now(UTC), timedelta(hours=policy.max_submission_age_hours))
+    if problem is not None:
+        raise Refusal(REFUSED_REPLAY, problem)
+    spent = state.spent_runs(submission.spec_digest, dataset)
+    if len(spent) >= decision.runs:
+        used = ", ".join(use.submission_id[:12] for use in spent)
+        raise Refusal(
+            REFUSED_REPLAY,
+            f"the officer's approval of spec {submission.spec_digest[:12]} on dataset '{dataset}' allows "
+            f"{decision.runs} run(s), spent by submission(s) {used}; ask the officer to approve it again",
+        )
 
 
 def _request(
@@ -337,8 +386,12 @@ def approve(
     by: str,
     max_epsilon: float | None = None,
     expires: datetime | None = None,
+    runs: int = 1,
 ) -> str:
-    """Approve a spec digest (a recorded request's prefix, or a full digest) for `dataset`; returns the digest."""
+    """Approve a spec digest (a recorded request's prefix, or a full digest) for `dataset`; returns the digest.
+
+    The approval allows `runs` submissions of the spec; each that starts training spends one.
+    """
     _known_dataset(home, dataset)
     log, state = _officer_log(home)
     digest = _resolve(state, spec_hash)
@@ -351,6 +404,8 @@ def approve(
         raise GovernanceError(f"--max-epsilon must be > 0; found {max_epsilon}")
     if expires is not None and expires <= datetime.now(UTC):
         raise GovernanceError(f"--expires {expires.isoformat()} is in the past; give a future date")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise GovernanceError(f"--runs must be an integer >= 1; found {runs!r}")
     log.append(
         "approval",
         {
@@ -358,6 +413,7 @@ def approve(
             "dataset": dataset,
             "max_epsilon": max_epsilon,
             "expires": None if expires is None else expires.isoformat(),
+            "runs": runs,
             "by": by,
         },
     )

@@ -164,16 +164,17 @@ def approve(
     dataset: str = typer.Option(..., "--dataset", help="The dataset the approval covers."),
     max_epsilon: float | None = typer.Option(None, "--max-epsilon", help="Cap on this experiment's own epsilon."),
     expires: str | None = typer.Option(None, "--expires", help="When the approval lapses (YYYY-MM-DD, UTC)."),
+    runs: int = typer.Option(1, "--runs", min=1, help="How many submissions of the spec may run on it (each is spent once)."),
     home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
     by: str = typer.Option(None, "--by", help=_BY_HELP),
 ) -> None:
-    """Approve exactly this spec on a dataset; any change to the spec is a new request."""
+    """Approve exactly this spec on a dataset for a number of runs; any change to the spec is a new request."""
     node = NodeHome.open(home)
     with _governed():
         digest = governance.approve(
-            node, spec_hash, dataset=dataset, by=by or _officer(), max_epsilon=max_epsilon, expires=_expiry(expires)
+            node, spec_hash, dataset=dataset, by=by or _officer(), max_epsilon=max_epsilon, expires=_expiry(expires), runs=runs
         )
-    limits = []
+    limits = [f"{runs} run{'s' if runs != 1 else ''}"]
     if max_epsilon is not None:
         limits.append(f"capped at ε {max_epsilon:g}")
     if expires is not None:

@@ -8,6 +8,7 @@
     max_epsilon_per_experiment = 10.0  # one experiment's own epsilon on a dataset
     require_secure_aggregation = false
     accountant = "pld"                 # how this node composes its budget: "pld", "prv" or "rdp"
+    max_submission_age_hours = 72.0    # a submission signed longer ago cannot start a run
 
 Every key is optional; a missing file or key means the default above. A spec may
 tighten these limits (``privacy.min_cohort_size``, ``privacy.target_epsilon``,
@@ -32,7 +33,14 @@ __all__ = ["POLICY_FILE", "NodePolicy"]
 
 POLICY_FILE = "policy.toml"
 
-_KEYS = ("allowed_tasks", "min_cohort_size", "max_epsilon_per_experiment", "require_secure_aggregation", "accountant")
+_KEYS = (
+    "allowed_tasks",
+    "min_cohort_size",
+    "max_epsilon_per_experiment",
+    "require_secure_aggregation",
+    "accountant",
+    "max_submission_age_hours",
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class NodePolicy:
     max_epsilon_per_experiment: float = 10.0
     require_secure_aggregation: bool = False
     accountant: str = "pld"
+    max_submission_age_hours: float = 72.0
     source: str = field(default="defaults", compare=False)
 
     @classmethod
@@ -98,6 +107,11 @@ class NodePolicy:
             problems.append(f"policy.accountant must be one of {', '.join(LEDGER_ACCOUNTANTS)}; found {accountant!r}")
         else:
             values["accountant"] = accountant
+        age = table.get("max_submission_age_hours", 72.0)
+        if isinstance(age, bool) or not isinstance(age, int | float) or not (math.isfinite(age) and age > 0):
+            problems.append(f"policy.max_submission_age_hours must be a number of hours > 0; found {age!r}")
+        else:
+            values["max_submission_age_hours"] = float(age)
         if problems:
             listing = "\n".join(f"  - {p}" for p in problems)
             raise NodeHomeError(f"the node policy {source} is invalid:\n{listing}")
@@ -115,4 +129,5 @@ class NodePolicy:
             f"max_epsilon_per_experiment = {self.max_epsilon_per_experiment!r}  # one experiment's own epsilon\n"
             f"require_secure_aggregation = {'true' if self.require_secure_aggregation else 'false'}\n"
             f'accountant = "{self.accountant}"  # how the budget is composed: "pld" or "prv" (tight) or "rdp"\n'
+            f"max_submission_age_hours = {self.max_submission_age_hours!r}  # older submissions cannot start a run\n"
         )

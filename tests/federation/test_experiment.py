@@ -235,12 +235,13 @@ def test_a_spec_signed_by_a_stranger_trains_nowhere(alliance, tmp_path: Path) ->
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from federation.protocol import SignedSpec
-    from privacy.governance import sign_spec
+    from privacy.governance import Submission, sign_submission
 
     spec = _spec(federation={"rounds": 1}, experiment={"name": "stranger"})
     approve_everywhere(alliance, spec)  # even an approved hash needs a trusted signature
-    signature = sign_spec(spec.canonical_json(), Ed25519PrivateKey.generate())
-    signed = SignedSpec(spec.canonical_json(), signature.signature, signature.signer)
+    submission = Submission.new(spec.canonical_json())
+    signature = sign_submission(submission, Ed25519PrivateKey.generate())
+    signed = SignedSpec(spec.canonical_json(), signature.signature, signature.signer, submission.to_json())
     def charges() -> dict[str, int]:
         counts = {}
         for site in alliance:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -117,8 +118,10 @@ def test_content_digest_orders_by_path() -> None:
 @pytest.mark.slow
 def test_a_wheel_carries_the_same_release(tmp_path: Path) -> None:
     """A wheel install has no pyproject: its files alone must give the installed identity."""
+    source = tmp_path / "source"  # a copy: an in-tree build would leave build/ in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests", "benchmarks"))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert built.returncode == 0, built.stderr[-2000:]

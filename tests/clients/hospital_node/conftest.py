@@ -23,7 +23,7 @@ from experiments.spec import ExperimentSpec
 from federation.experiment import instruction_for
 from federation.protocol import ImagingInstruction, SignedSpec, TrainInstruction
 from medfed.demo import EXAMPLE_SPEC
-from privacy.governance import sign_spec
+from privacy.governance import Submission, sign_submission
 from imaging.synth import SynthCohort, write_cohort
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
 
@@ -162,9 +162,19 @@ def example_spec(path: Path | None = None, **sections: dict[str, Any]) -> Experi
     return ExperimentSpec.from_mapping(mapping, source="test")
 
 
-def sign(spec: ExperimentSpec, key: Ed25519PrivateKey = PARTNER_KEY) -> SignedSpec:
-    signature = sign_spec(spec.canonical_json(), key)
-    return SignedSpec(spec.canonical_json(), signature.signature, signature.signer)
+_SUBMISSIONS: dict[tuple[str, bytes], SignedSpec] = {}
+
+
+def sign(spec: ExperimentSpec, key: Ed25519PrivateKey = PARTNER_KEY, *, fresh: bool = False) -> SignedSpec:
+    """A signed submission of `spec`: the same one for every message of a test's run, unless `fresh`."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    cache_key = (spec.digest(), key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    if fresh or cache_key not in _SUBMISSIONS:
+        submission = Submission.new(spec.canonical_json())
+        signature = sign_submission(submission, key)
+        _SUBMISSIONS[cache_key] = SignedSpec(spec.canonical_json(), signature.signature, signature.signer, submission.to_json())
+    return _SUBMISSIONS[cache_key]
 
 
 def govern(

@@ -477,14 +477,17 @@ def test_query_and_evaluate_are_admitted_without_importing_torch(home: NodeHome,
         "from clients.hospital_node.home import NodeHome\n"
         "from federation.protocol import SignedSpec, TrainInstruction\n"
         f"instruction = TrainInstruction.from_json(sys.argv[1])\n"
-        f"signed = SignedSpec(sys.argv[2], sys.argv[3], sys.argv[4])\n"
+        f"signed = SignedSpec(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[7])\n"
         f"admission = admit(NodeHome.open(sys.argv[5]), instruction, signed, run_id='1', kind=sys.argv[6])\n"
         "print(admission.budget is None, 'opacus' in sys.modules, 'torch' in sys.modules)\n"
     )
-    signed = sign(SPEC)
+    signed = sign(SPEC, fresh=True)
     instruction = instruction_for(SPEC, plan_privacy(SPEC))
+    if kind == "evaluate":  # only a submission the node admitted to train has anything to evaluate
+        governance.admit(home, instruction, signed, run_id="1", kind="query")
     done = subprocess.run(
-        [sys.executable, "-c", script, instruction.to_json(), signed.spec_json, signed.signature, signed.signer, str(home.path), kind],
+        [sys.executable, "-c", script, instruction.to_json(), signed.spec_json, signed.signature, signed.signer, str(home.path), kind,
+         signed.submission],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.stdout.split() == [str(kind == "evaluate"), "False", "False"], done.stderr
