@@ -11,7 +11,7 @@ Each submission is kept in the partner's submissions folder
 after the coordinator restarts, resumed: resuming starts a new Flower run of the *same*
 signed submission, which every node recognises as the run continuing (not a new run) and
 which the ServerApp continues from its last checkpoint. :func:`follow` does this by
-itself when a run dies of a coordinator restart ("No heartbeat received from the task"),
+itself when a run dies of a coordinator restart (:data:`RESTART_FAILURES`),
 and waits through the SuperLink being unreachable meanwhile.
 """
 
@@ -48,8 +48,10 @@ __all__ = [
     "write_run_config",
 ]
 
-#: Flower's status details for a run whose ServerApp died with the coordinator: resumable.
-RESTART_FAILURES = ("No heartbeat received from the task",)
+#: Flower's status details for a run whose ServerApp died with the coordinator (killed with
+#: it, or stopped by its signal before it could say why): resumable. A ServerApp that
+#: failed on its own reports its reason instead.
+RESTART_FAILURES = ("No heartbeat received from the task", "Task failed with unknown error.")
 DEFAULT_SUBMISSIONS_DIR = Path(".medfed/submissions")
 
 

@@ -7,7 +7,8 @@ After every completed round the ServerApp writes, into the submission's output f
 ``checkpoint.json``   the round, the per-round metric history, each site's per-round
                       metrics by site name (node ids may change when a SuperLink restarts
                       without node authentication), the MLflow run id, the Flower runs of
-                      the submission so far, and whether the submission finished.
+                      the submission so far, whether the submission finished, and
+                      whether it is held between rounds (the operator's ``HOLD`` file).
 
 ``checkpoint.json`` is replaced atomically and only after its arrays file is complete,
 so a coordinator killed at any moment leaves the previous checkpoint or the new one,
@@ -47,6 +48,7 @@ class Checkpoint:
     site_rounds: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)
     flower_runs: list[int] = field(default_factory=list)
     finished: bool = False
+    held: bool = False  # waiting between rounds on the operator's HOLD file
 
     def save(self, folder: Path) -> Path:
         """Write the checkpoint into `folder`, atomically (see the module docstring)."""
@@ -65,6 +67,7 @@ class Checkpoint:
             "site_rounds": {site: {str(r): m for r, m in rounds.items()} for site, rounds in self.site_rounds.items()},
             "flower_runs": [str(run) for run in self.flower_runs],
             "finished": self.finished,
+            "held": self.held,
         }
         text = json.dumps(state, indent=1, sort_keys=True).encode()
         path = folder / CHECKPOINT_FILE
@@ -106,6 +109,7 @@ class Checkpoint:
             site_rounds={site: {int(r): dict(m) for r, m in rounds.items()} for site, rounds in state.get("site_rounds", {}).items()},
             flower_runs=[int(run) for run in state.get("flower_runs", [])],
             finished=bool(state.get("finished", False)),
+            held=bool(state.get("held", False)),
         )
 
 

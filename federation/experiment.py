@@ -78,6 +78,8 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "final_model.pt"
 SUMMARY_FILE = "privacy_summary.json"
 APPROVAL_POLL_SECONDS = 5.0
+HOLD_FILE = "HOLD"
+HOLD_POLL_SECONDS = 1.0
 
 ACCEPTED = "accepted"
 AWAITING = "awaiting approval"
@@ -386,6 +388,38 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
     return plain_round
 
 
+def _hold_requested(output_dir: Path, completed: int) -> Path | None:
+    """The hold file that asks to stop after round `completed`, if any (see :func:`_hold_if_asked`)."""
+    for path in (output_dir / HOLD_FILE, output_dir.parent / HOLD_FILE):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if not text or (text.isdigit() and completed >= int(text)):
+            return path
+    return None
+
+
+def _hold_if_asked(output_dir: Path, checkpoint: Checkpoint) -> None:
+    """Wait between rounds while the operator holds submissions (before restarting the coordinator, say).
+
+    A file ``HOLD`` in the submission's folder, or in the output folder for every
+    submission, holds the run before its next round; holding "N" holds it once round N
+    is done. The checkpoint says it is held; the run goes on when the file is removed,
+    or a restarted coordinator continues it from the checkpoint.
+    """
+    path = _hold_requested(output_dir, checkpoint.round)
+    if path is None:
+        return
+    logger.warning("submission %s held after round %d by %s; remove it to go on", checkpoint.submission_id[:12], checkpoint.round, path)
+    checkpoint.held = True
+    checkpoint.save(output_dir)
+    while _hold_requested(output_dir, checkpoint.round) is not None:
+        time.sleep(HOLD_POLL_SECONDS)
+    checkpoint.held = False
+    checkpoint.save(output_dir)
+
+
 def run_experiment(
     grid: Grid,
     spec: ExperimentSpec,
@@ -475,6 +509,7 @@ def run_experiment(
     history: dict[int, dict[str, float]] = checkpoint.history
     try:
         for server_round in range(checkpoint.round + 1, fed.rounds + 1):
+            _hold_if_asked(output_dir, checkpoint)
             answered, new_arrays = train_round(server_round, arrays, config(server_round), sites)
             for node, metrics in answered.items():
                 sites[node].rounds[server_round] = metrics

@@ -179,7 +179,8 @@ class LocalCluster:
             that does not verify against the CA; the process is then still stopped by
             :meth:`stop`.
         """
-        self.http_port, self.fleet_port = free_port(), free_port()
+        if not self.http_port:  # a restart keeps the ports the SuperNodes dial and the control API's
+            self.http_port, self.fleet_port = free_port(), free_port()
         if self.insecure:
             logger.warning("the local cluster runs WITHOUT TLS or node authentication (insecure=True)")
             security = ["--insecure"]
@@ -220,6 +221,21 @@ class LocalCluster:
             alive=lambda: self._check_alive(process),
             log_path=process.log_path,
         )
+
+    def stop_superlink(self, *, grace: float = 10.0) -> None:
+        """Stop the SuperLink (its ServerApps die with it), as a coordinator restart does; the nodes keep dialling.
+
+        :meth:`start_superlink` starts it again on the same ports and state database.
+        """
+        [process] = [p for p in self._processes if p.name == "superlink"]
+        _signal_group(process.popen, signal.SIGTERM)
+        try:
+            process.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.popen, signal.SIGKILL)
+            process.popen.wait(timeout=5)
+        _signal_group(process.popen, signal.SIGKILL)  # the SuperExec and ServerApp children too
+        self._processes.remove(process)
 
     def node_auth_key(self, name: str) -> Path:
         """The private Fleet auth key of SuperNode `name` (created on first use)."""

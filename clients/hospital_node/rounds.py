@@ -71,12 +71,14 @@ if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where t
     from clients.hospital_node.connectors import TabularData
     from clients.hospital_node.imaging_connector import ImagingData
 
-__all__ = ["KEPT_UPDATES_DIR", "answer", "update_digest"]
+__all__ = ["DEBUG_NOISE_SEED_FILE", "KEPT_UPDATES_DIR", "answer", "update_digest"]
 
 logger = logging.getLogger(__name__)
 
 #: A folder of this name in the node home makes the node keep every update it releases.
 KEPT_UPDATES_DIR = "debug-kept-updates"
+#: A file of this name in the node home seeds its DP-SGD noise (tests only; see `_sampling_generator`).
+DEBUG_NOISE_SEED_FILE = "debug-noise-seed"
 
 
 @dataclass(frozen=True)
@@ -304,8 +306,6 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
 def _train_reserved(  # type: ignore[no-untyped-def]
     home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission, server_round: int, reservation
 ) -> RecordDict:
-    import torch
-
     from models.training import evaluate, train_dp
 
     run_id = request.run_id
@@ -315,8 +315,7 @@ def _train_reserved(  # type: ignore[no-untyped-def]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     x_train, y_train, x_val, y_val = _tensors(data)
     incoming = evaluate(model, x_val, y_val)
-    # Seed the Poisson sampling from the OS so batches are unpredictable to anyone else.
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    generator = _sampling_generator(home, instruction.dataset, server_round)
     stats = train_dp(
         model,
         x_train,
@@ -411,6 +410,26 @@ def _legacy_fit_result(arrays: ArrayRecord, n_train: int, metrics: dict[str, flo
     content = fitres_to_recorddict(FitRes(Status(Code.OK, "ok"), parameters, n_train, {}), keep_input=False)
     content[METRICS_KEY] = MetricRecord(metrics)
     return content
+
+
+def _sampling_generator(home: NodeHome, dataset: str, server_round: int):  # type: ignore[no-untyped-def]
+    """The generator of the round's Poisson sampling, seeded from the OS: unpredictable to anyone else.
+
+    Tests only: a node home with a ``debug-noise-seed`` file (an integer) seeds the
+    sampling *and* torch's default generator, from which Opacus draws the noise, from
+    that seed, the dataset and the round, so two runs of a spec train identically. The
+    seed lives on the node, never in a spec or a message: a coordinator that chose the
+    noise could subtract it. The node warns on every use.
+    """
+    import torch
+
+    path = home.path / DEBUG_NOISE_SEED_FILE
+    if not path.is_file():
+        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    seed = int(hashlib.sha256(f"{path.read_text().strip()}|{dataset}|{server_round}".encode()).hexdigest()[:15], 16)
+    logger.warning("debug: round %s on dataset '%s' trains with noise seeded from %s (remove it to stop)", server_round, dataset, path)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 def _keep_update(home: NodeHome, run_id: str, server_round: int, arrays: ArrayRecord) -> None:

@@ -19,7 +19,7 @@ from clients.hospital_node.rounds import answer
 from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.tracking import InMemoryTracker
-from federation.errors import NotEnoughNodesError
+from federation.errors import FederationError, NotEnoughNodesError
 from federation.experiment import run_experiment
 from federation.inprocess_grid import InProcessGrid
 from medfed.demo import DATASET, EXAMPLE_SPEC, approve_everywhere, prepare_alliance, signed_spec
@@ -311,3 +311,54 @@ def test_the_coordinator_starts_up_and_saves_the_model_while_a_wave_is_out(allia
     assert tracker.status == "FINISHED" and "model" in tracker.models
     assert float(tracker.params["plan.epsilon_per_site"]) == pytest.approx(plan_privacy(spec).epsilon_per_site)
     assert (tmp_path / "final_model.pt").is_file()
+
+
+# ---------------------------------------------------------------- a coordinator restart
+
+
+class _CoordinatorDied(Exception):
+    """Stands for the ServerApp process dying with its SuperLink."""
+
+
+def test_a_submission_continues_from_its_checkpoint_and_ends_as_an_uninterrupted_run(alliance, tmp_path: Path) -> None:
+    from clients.hospital_node.rounds import DEBUG_NOISE_SEED_FILE
+
+    for site in alliance:  # the nodes' test-only hook: the same noise in every run of a round
+        (site.home / DEBUG_NOISE_SEED_FILE).write_text("2026\n")
+    try:
+        spec = _spec(federation={"rounds": 4}, experiment={"name": "restarted"})
+        approve_everywhere(alliance, spec)
+        workdir = alliance[0].home.parent.parent
+        signed = signed_spec(spec, workdir)
+        tracker = InMemoryTracker()
+
+        def die_after_round_2(server_round: int, _metrics: object) -> None:
+            if server_round == 2:
+                raise _CoordinatorDied
+
+        with pytest.raises(_CoordinatorDied):
+            run_experiment(_grid(alliance, 201), spec, signed=signed, tracker=tracker, output_dir=tmp_path / "a", on_round=die_after_round_2)
+        resumed = run_experiment(_grid(alliance, 202), spec, signed=signed, tracker=tracker, output_dir=tmp_path / "a", flower_run_id=202)
+        assert tracker.resumed == "in-memory" and tracker.status == "FINISHED"
+        assert sorted(tracker.metrics["train_loss"]) == [1, 2, 3, 4]  # one tracked run across both
+        for site in alliance:
+            with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
+                charged = [(c.run_id, c.round) for c in ledger.charges(DATASET) if c.run_id in ("201", "202")]
+            assert charged == [("201", 1), ("201", 2), ("202", 3), ("202", 4)]
+
+        approve_everywhere(alliance, spec)  # a second run of the same spec, uninterrupted
+        whole = run_experiment(_grid(alliance, 203), spec, signed=signed_spec(spec, workdir), tracker=InMemoryTracker(), output_dir=tmp_path / "b")
+        for name, array in whole.arrays.items():
+            assert resumed.arrays[name].numpy() == pytest.approx(array.numpy(), abs=1e-6)
+    finally:
+        for site in alliance:
+            (site.home / DEBUG_NOISE_SEED_FILE).unlink(missing_ok=True)
+
+
+def test_a_finished_submission_is_not_run_again(alliance, tmp_path: Path) -> None:
+    spec = _spec(federation={"rounds": 1}, experiment={"name": "once"})
+    approve_everywhere(alliance, spec)
+    signed = signed_spec(spec, alliance[0].home.parent.parent)
+    run_experiment(_grid(alliance, 301), spec, signed=signed, tracker=InMemoryTracker(), output_dir=tmp_path, flower_run_id=301)
+    with pytest.raises(FederationError, match=r"already finished \(Flower runs 301\)"):
+        run_experiment(_grid(alliance, 302), spec, signed=signed, tracker=InMemoryTracker(), output_dir=tmp_path, flower_run_id=302)
