@@ -173,7 +173,7 @@ class NodeExecutor:
     def serve_task(self, token: str, task: Any) -> None:
         """Serve one acquired task: refuse it, or run the installed ClientApp; always reply."""
         from flwr.app import Error, Message
-        from flwr.common.constant import SubStatus
+        from flwr.common.constant import ErrorCode, SubStatus
         from flwr.common.serde import context_from_proto, context_to_proto, fab_from_proto, message_from_proto, run_from_proto
         from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest, PushTaskOutputRequest
         from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -191,6 +191,8 @@ class NodeExecutor:
             retry_invoker=make_simple_http_retry_invoker(),
         )
         context: Context | None = None
+        header: Message | None = None
+        replied = False
         sub_status, details = SubStatus.FAILED, "the node executor could not serve the task"
         try:
             with _Heartbeat(client) as heartbeat:
@@ -207,6 +209,7 @@ class NodeExecutor:
                 verdict = self.judge(str(task.type), run, fab_from_proto(task_input.fab))
                 if not verdict.allowed:
                     self._record_refusal(run.run_id, header.metadata.message_type, verdict)
+                    self._discard(client, tree.object_id, context)
                     reply = Message(Error(code=REFUSED_APP, reason=refusal_reason(self._site(), verdict.reason)), reply_to=header)
                     sub_status, details = SubStatus.COMPLETED, "refused: app not on the node's allow-list"
                 else:
@@ -216,9 +219,17 @@ class NodeExecutor:
                     details = "the task's token expired while it ran; the reply was not sent"
                     return
                 push_message(client, reply, context)
+                replied = True
         except Exception as err:  # noqa: BLE001 - one task's failure must not stop the node
             logger.error("serving task %s failed: %s", getattr(task, "task_id", "?"), type(err).__name__)
             logger.debug("%s", "".join(traceback.format_tb(err.__traceback__)))
+            if header is not None and context is not None and not replied:
+                # The SuperNode takes no next message before this one has a reply.
+                reason = "the node executor could not serve this message; the hospital's IT finds why in the node's log"
+                try:
+                    push_message(client, Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=header), context)
+                except Exception as again:  # noqa: BLE001
+                    logger.error("could not send the error reply either: %s", type(again).__name__)
         finally:
             try:
                 client.PushTaskOutput(
@@ -231,6 +242,16 @@ class NodeExecutor:
             except Exception as err:  # noqa: BLE001
                 logger.error("could not report the task's end to the SuperNode: %s", type(err).__name__)
             client.close()
+
+    @staticmethod
+    def _discard(client: RuntimeHttpClient, message_object_id: str, context: Context) -> None:
+        """Let the SuperNode drop a refused message's content unread (a flood must not fill its memory)."""
+        from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest
+        from flwr.proto.node_pb2 import Node
+
+        client.ConfirmMessageReceived(
+            ConfirmMessageReceivedRequest(node=Node(node_id=context.node_id), run_id=context.run_id, message_object_id=message_object_id)
+        )
 
     # ------------------------------------------------------------------ the gate
     def judge(self, task_type: str, run: Any, fab: Any) -> Verdict:
