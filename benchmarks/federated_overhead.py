@@ -57,6 +57,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -549,6 +550,8 @@ def _prewarm(tracking_uri: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM stops the clusters on the way out, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     info = machine()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     spec = demo_spec(args.rounds, args.nodes)
