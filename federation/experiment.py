@@ -55,6 +55,7 @@ from federation.protocol import (
     ARRAYS_KEY,
     AWAITING_APPROVAL,
     REFUSAL_CODES,
+    RELEASE_ACTION,
     CONFIG_KEY,
     EVAL_METRICS,
     IMAGING_TASK,
@@ -388,6 +389,23 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
     return plain_round
 
 
+def _release(grid: Grid, nodes: list[int], config: Any, timeout: float) -> None:
+    """Tell the nodes that accepted a run that ended early to give back what they reserved for it.
+
+    Best effort: a node that does not hear it lets the reservation expire after its hold time.
+    """
+    if not nodes:
+        return
+    kind = f"{MessageType.QUERY}.{RELEASE_ACTION}"
+    try:
+        replies = _send(ParticipantGrid(grid, nodes), kind, RecordDict({CONFIG_KEY: config}), nodes, min(timeout, 60.0))[0]
+    except Exception as err:  # noqa: BLE001 - the run has failed already; say why the release did not go out
+        logger.warning("could not ask %d node(s) to release their reservations: %s", len(nodes), err)
+        return
+    refused = [r.metadata.src_node_id for r in replies if r.has_error()]
+    logger.info("asked %d node(s) to release the run's reservations; %d answered, %d refused", len(nodes), len(replies), len(refused))
+
+
 def _hold_requested(output_dir: Path, completed: int) -> Path | None:
     """The hold file that asks to stop after round `completed`, if any (see :func:`_hold_if_asked`)."""
     for path in (output_dir / HOLD_FILE, output_dir.parent / HOLD_FILE):
@@ -477,6 +495,7 @@ def run_experiment(
         meanwhile=start_up,
     )
     if len(query) < fed.min_nodes:
+        _release(grid, list(query), config(), timeout)
         raise NotEnoughNodesError(
             f"{len(query)} of {len(connected)} hospital node(s) accepted the experiment; the spec "
             f"requires federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
@@ -554,8 +573,13 @@ def run_experiment(
         tracker.log_text(summary, SUMMARY_FILE)
         checkpoint.finished = True
         checkpoint.save(output_dir)
-    except BaseException as err:
+    except Exception as err:
         tracker.finish(failed=True, reason=str(err))
+        _release(grid, list(query), config(), timeout)
+        raise
+    except BaseException as err:
+        # Stopped with the coordinator (a signal): the submission resumes, its reservations stand.
+        tracker.finish(failed=True, reason=str(err) or type(err).__name__)
         raise
     tracker.finish()
     return result

@@ -69,6 +69,8 @@ __all__ = [
     "ProtocolError",
     "QUERY_METRICS",
     "REFUSAL_CODES",
+    "RELEASE_ACTION",
+    "RELEASE_METRICS",
     "REFUSED_BAD_INSTRUCTION",
     "REFUSED_BUDGET",
     "REFUSED_APP",
@@ -169,6 +171,12 @@ QUERY_METRICS = (
     "num-examples",
     "eval-num-examples",
 )
+# A run that ends before its last round tells the nodes that accepted it (a query message
+# with this action, type "query.release"): each gives back the budget it reserved for the
+# rounds that will not come, and takes no further message of that submission. The reply
+# carries no number.
+RELEASE_ACTION = "release"
+RELEASE_METRICS: tuple[str, ...] = ()
 
 
 class ProtocolError(ValueError):
