@@ -189,6 +189,12 @@ def add_imaging(
         f"{excluded} excluded{f' ({reasons})' if reasons else ''}; "
         f"{inventory.patients_with_images} patients with images, {inventory.patients_labelled} of them labelled"
     )
+    if inventory.deid.links_not_followed:
+        typer.secho(
+            f"{inventory.deid.links_not_followed} symbolic link(s) in the folder lead out of it and were not followed; "
+            "copy those files into the folder if they belong to the dataset",
+            fg=typer.colors.YELLOW,
+        )
 
 
 @dataset_app.command("list")
