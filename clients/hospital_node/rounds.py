@@ -360,9 +360,10 @@ def _train_reserved(  # type: ignore[no-untyped-def]
 
 
 def _reply_record(kind: str, request: _Request, instruction: TrainInstruction, content: RecordDict) -> dict[str, object]:
-    """What leaves with a query or evaluate reply: its metric names, size and digest."""
+    """What leaves with a query or evaluate reply: every metric with its value, size and digest."""
     metrics = content[METRICS_KEY]
-    values = json.dumps({k: metrics[k] for k in sorted(metrics)}, sort_keys=True, separators=(",", ":"))
+    sent = {k: metrics[k] for k in sorted(metrics)}
+    values = json.dumps(sent, sort_keys=True, separators=(",", ":"))
     return {
         "run": request.run_id,
         "round": int(request.config.get("server-round", 0)),
@@ -372,6 +373,7 @@ def _reply_record(kind: str, request: _Request, instruction: TrainInstruction, c
         "dataset": instruction.dataset,
         "arrays": {},
         "metrics": sorted(metrics),
+        "metric_values": sent,  # aggregates of the data: the officer sees each number that left
         "bytes": metrics.count_bytes(),
         "sha256": hashlib.sha256(values.encode()).hexdigest(),
     }
@@ -437,7 +439,8 @@ def update_digest(arrays: ArrayRecord) -> str:
 def _release_record(
     run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float]
 ) -> dict[str, object]:
-    """What leaves the site with a training reply: names, shapes, size and digest, never values."""
+    """What leaves the site with a training reply: the arrays' names, shapes, size and digest (never
+    their values: a model, not data), and every metric with its value."""
     return {
         "run": run_id,
         "round": server_round,
@@ -449,6 +452,7 @@ def _release_record(
         "bytes": arrays.count_bytes(),
         "sha256": update_digest(arrays),
         "metrics": sorted(metrics),
+        "metric_values": dict(sorted(metrics.items())),
         "charge": {
             "noise_multiplier": instruction.noise_multiplier,
             "sample_rate": instruction.sample_rate,
