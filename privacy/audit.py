@@ -86,6 +86,7 @@ AUDIT_KINDS: tuple[str, ...] = (
     "deidentification",
     "key",
     "budget",
+    "policy",
 )
 PROBLEM_KINDS: tuple[str, ...] = (
     "edited",

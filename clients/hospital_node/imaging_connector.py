@@ -405,6 +405,18 @@ class ImagingConnector:
             deid=sync,
         )
 
+    def labelled_patients(self) -> int | None:
+        """Labelled patients with a de-identified image, as the cache's manifest last recorded
+        them; None if the dataset was never prepared. Nothing is de-identified or written
+        (an officer's view calls it). An experiment's own series selection may leave fewer.
+        """
+        manifest = self._stored_manifest()
+        if not manifest:
+            return None
+        written = {e["pseudonym"] for e in manifest["files"].values() if e["status"] == "written"}
+        mapped, _ = self._map_labels(self._read_labels(), manifest)
+        return len(written & set(mapped))
+
     def load(self, request: ImagingInstruction) -> ImagingData:
         """One labelled image per patient, as the experiment's `request` asks, split by pseudonym.
 

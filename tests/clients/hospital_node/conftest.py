@@ -177,7 +177,7 @@ def govern(
     if min_cohort_size is not None:
         home.policy_path.write_text(replace(home.policy(), min_cohort_size=min_cohort_size).render())
     if approve_spec is not None:
-        approve(home, approve_spec.digest(), dataset=dataset, by=OFFICER)
+        approve(home, approve_spec.digest(), dataset=dataset, by=OFFICER, not_yet_requested=True)
 
 
 def signed_message(
