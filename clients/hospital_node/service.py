@@ -553,7 +553,6 @@ class NodeService:
     def _governance_checks(self) -> Iterator[Check]:
         """Policy readable, partners trusted, budgets set, the ledger holding every recorded charge."""
         from clients.hospital_node import governance
-        from privacy.ledger import PrivacyLedger
 
         try:
             policy = self.node.policy()
@@ -572,8 +571,7 @@ class NodeService:
         try:
             entries = governance.verified_entries(self.node)
             rows = governance.budget_status(self.node, entries)
-            with PrivacyLedger.open(self.node.ledger_path) as ledger:
-                missing = governance.check_ledger(entries, ledger)
+            missing = governance.ledger_disagreement(self.node, entries)
         except governance.Refusal as err:
             yield Check("fail", "budgets", err.reason)
             return
