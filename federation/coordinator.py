@@ -539,11 +539,23 @@ class Coordinator:
 
     # ------------------------------------------------------------------ control API
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run the `flwr` CLI against this coordinator's control API."""
-        return subprocess.run(
-            ["flwr", *args], capture_output=True, text=True, env=flower_env(self.flwr_home),
-            cwd=self.home, timeout=timeout, check=False, umask=0o077,
-        )
+        """Run the `flwr` CLI against this coordinator's control API.
+
+        Raises
+        ------
+        CoordinatorError
+            `flwr` did not answer within `timeout` seconds (an overloaded host or a stuck SuperLink).
+        """
+        try:
+            return subprocess.run(
+                ["flwr", *args], capture_output=True, text=True, env=flower_env(self.flwr_home),
+                cwd=self.home, timeout=timeout, check=False, umask=0o077,
+            )
+        except subprocess.TimeoutExpired:
+            raise CoordinatorError(
+                f"`flwr {' '.join(args[:2])}` did not answer within {timeout:g} s; the SuperLink may be overloaded "
+                f"or stuck: see {self.log_path}, and try again"
+            ) from None
 
     def _require_running(self) -> None:
         if self.pid() is None:
