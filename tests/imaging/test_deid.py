@@ -7,10 +7,7 @@ import io
 import json
 import logging
 import os
-import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -28,6 +25,7 @@ from imaging.report import FileStatus
 from imaging.synth import SynthCohort
 from tests.imaging.conftest import CohortFactory
 from tests.imaging.planting import OTHER_SECRET, SECRET
+from tests.paused_process import kill_when_paused
 
 CLEAN_TOP_ROWS = BurnedInPolicy(
     mode=BurnedInMode.CLEAN, rules=(CleaningRule(regions=(Region(top=0, left=0, bottom=8, right=4096),)),)
@@ -541,45 +539,17 @@ def test_pydicom_log_messages_about_bad_values_do_not_quote_them(caplog: pytest.
 
 # ---------------------------------------------------------------- interrupted runs
 
-_ROOT = Path(__file__).resolve().parents[2]
-
-# A real run of deidentify_folder, paused inside its third file: the hook says so on
-# stdout and waits on stdin, which nobody writes; the test then kills it.
-_PAUSED_RUN = """
-import sys
-from pathlib import Path
-from imaging.deid import Deidentifier
-from tests.imaging.planting import SECRET
-original = Deidentifier._deidentify_chunks
-calls = 0
-def paused(self, data):
-    global calls
-    calls += 1
-    if calls == 3:
-        print("paused", flush=True)
-        sys.stdin.read()
-    return original(self, data)
-Deidentifier._deidentify_chunks = paused
-Deidentifier(secret=SECRET).deidentify_folder(Path(sys.argv[1]), Path(sys.argv[2]))
-"""
-
-
 def test_a_killed_run_leaves_only_a_hidden_staging_folder_that_the_next_run_removes(
     cohort_factory: CohortFactory, tmp_path: Path
 ) -> None:
     cohort = cohort_factory(hospital="north", modality="CT", n_patients=3, size=16, slices=2, seed=31, burned_in_fraction=0.0)
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED_RUN, str(cohort.root), str(out)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=_ROOT,
+    # A real run of deidentify_folder, SIGKILLed inside its third file.
+    code = (
+        "from pathlib import Path\nfrom imaging.deid import Deidentifier\nfrom tests.imaging.planting import SECRET\n"
+        "Deidentifier(secret=SECRET).deidentify_folder(Path(sys.argv[1]), Path(sys.argv[2]))\n"
     )
-    try:
-        line = process.stdout.readline() if process.stdout else ""
-        assert line == "paused\n", process.stderr.read() if process.stderr else ""
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.communicate()
+    kill_when_paused("imaging.deid:Deidentifier._deidentify_chunks", 3, code, [str(cohort.root), str(out)])
     [staging] = [p for p in out.iterdir()]
     assert staging.name.startswith(".deid-") and staging.name.endswith(".partial")
     assert len([p for p in staging.rglob("*.dcm")]) == 2  # what the killed run had written

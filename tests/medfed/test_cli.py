@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from clients.hospital_node.home import DatasetEntry, NodeHome
-from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
+from clients.hospital_node.home import NodeHome
+from medfed.synth import FEATURES, ID_COLUMN, LABEL
 from privacy.keys import generate_keypair
-from tests.clients.hospital_node.conftest import example_spec, govern
+from tests.clients.hospital_node.conftest import example_spec, governed_home
 
 ROOT = Path(__file__).resolve().parents[2]
 MEDFED = str(Path(sys.executable).parent / "medfed")
@@ -39,13 +39,7 @@ def node(tmp_path: Path) -> NodeHome:
     from tests.clients.hospital_node.conftest import signed_message
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 5, 1, 1
-    cohort = tmp_path / "cohort.csv"
-    generate_cohort(2, n_hospitals=3, seed=7).to_csv(cohort, index=False)
-    home = NodeHome.create(tmp_path / "home", name="hospital_6")
-    home.register_dataset(
-        DatasetEntry(name="htn_cohort", path=cohort, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES)
-    )
-    govern(home, "htn_cohort")
+    home = governed_home(tmp_path, "hospital_6")
     answer("query", signed_message(MessageType.QUERY, example_spec()), {"home": str(home.path)})
     return home
 

@@ -170,20 +170,14 @@ def released(tmp_path: Path) -> tuple[NodeHome, dict[str, dict[str, float]]]:
     from flwr.app import ArrayRecord, MessageType
     from flwr.supercore.task_identity import TaskIdentity
 
-    from clients.hospital_node.home import DatasetEntry
     from clients.hospital_node.rounds import answer
-    from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
+    from medfed.synth import FEATURES
     from models.tabular import build_tabular_model
 
-    from .conftest import example_spec, govern, signed_message
+    from .conftest import example_spec, govern, governed_home, signed_message
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 77, 1, 1
-    path = tmp_path / "cohort.csv"
-    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
-    home = NodeHome.create(tmp_path / "home", name="hospital_9")
-    home.register_dataset(
-        DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES)
-    )
+    home = governed_home(tmp_path, "hospital_9")
     spec = example_spec()
     govern(home, "htn_cohort", approve_spec=spec)
     config = {"home": str(home.path)}

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from clients.hospital_node.imaging_connector import (
 )
 from imaging.deid import Deidentifier
 from imaging.synth import SynthCohort
+from tests.paused_process import kill_when_paused
 
 from .conftest import IMAGING_REQUEST, ImagingSite, write_imaging_labels
 
@@ -372,27 +372,6 @@ def test_a_split_that_leaves_a_side_empty_is_refused(imaging_site: ImagingSite, 
 
 # ---------------------------------------------------------------- crash consistency
 
-# Runs `medfed node dataset add-imaging` for real, paused inside its 5th file: the hook
-# tells the test on stdout and waits on stdin, which nobody ever writes.
-_PAUSED_INGESTION = """
-import sys
-from imaging.deid import Deidentifier
-original = Deidentifier.deidentify_bytes
-calls = 0
-def paused(self, data):
-    global calls
-    calls += 1
-    if calls == 5:
-        print("paused", flush=True)
-        sys.stdin.read()
-    return original(self, data)
-Deidentifier.deidentify_bytes = paused
-from medfed.cli import main
-sys.argv = ["medfed", *sys.argv[1:]]
-main()
-"""
-
-
 def _add_imaging_argv(site: ImagingSite) -> list[str]:
     return [
         "node", "dataset", "add-imaging", site.entry.name, "--home", str(site.home.path), "--folder", str(site.folder),
@@ -401,18 +380,9 @@ def _add_imaging_argv(site: ImagingSite) -> list[str]:
 
 
 def _kill_ingestion_midway(site: ImagingSite) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED_INGESTION, *_add_imaging_argv(site)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        line = process.stdout.readline() if process.stdout else ""
-        assert line == "paused\n", process.stderr.read() if process.stderr else ""
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.communicate()
-    assert process.returncode == -signal.SIGKILL
+    """A real `medfed node dataset add-imaging`, SIGKILLed inside its 5th file."""
+    code = "from medfed.cli import main\nsys.argv = ['medfed', *sys.argv[1:]]\nmain()\n"
+    kill_when_paused("imaging.deid:Deidentifier.deidentify_bytes", 5, code, _add_imaging_argv(site))
 
 
 def test_a_killed_ingestion_leaves_nothing_that_is_used_and_a_rerun_cleans_up(imaging_site: ImagingSite) -> None:

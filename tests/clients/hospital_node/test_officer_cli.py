@@ -15,12 +15,12 @@ from typer.testing import CliRunner, Result
 from clients.hospital_node import governance
 from clients.hospital_node.cli import app
 from clients.hospital_node.errors import GovernanceError, NodeHomeError
-from clients.hospital_node.home import DatasetEntry, NodeHome
+from clients.hospital_node.home import NodeHome
 from clients.hospital_node.rounds import answer
-from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
+from medfed.synth import FEATURES, generate_cohort
 from models.tabular import build_tabular_model
 
-from .conftest import OFFICER, example_spec, govern, signed_message
+from .conftest import OFFICER, example_spec, govern, governed_home, signed_message
 
 SPEC = example_spec(federation={"rounds": 2})
 
@@ -32,14 +32,7 @@ def _task_identity() -> None:
 
 @pytest.fixture
 def home(tmp_path: Path) -> NodeHome:
-    path = tmp_path / "cohort.csv"
-    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
-    node = NodeHome.create(tmp_path / "home", name="hospital_5")
-    node.register_dataset(
-        DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES)
-    )
-    govern(node, "htn_cohort")
-    return node
+    return governed_home(tmp_path, "hospital_5")
 
 
 def _cli(*args: str) -> Result:
