@@ -57,7 +57,8 @@ def what_left(entry: AuditEntry) -> list[str]:
     lines.append(f"{payload.get('bytes', '')} bytes, sha256 {str(payload.get('sha256', ''))[:16]}")
     recorded = payload.get("metric_values")
     if isinstance(recorded, Mapping):
-        lines += [f"{name} = {json.dumps(value)}" for name, value in sorted(recorded.items())]
+        # A number that was not finite is recorded as its text ('nan'): shown bare, as it left.
+        lines += [f"{name} = {value if isinstance(value, str) else json.dumps(value)}" for name, value in sorted(recorded.items())]
     else:  # a record written before release records held the values
         lines += [f"{name} = (value not recorded)" for name in payload.get("metrics", [])]
     return lines

@@ -359,6 +359,16 @@ def _train_reserved(  # type: ignore[no-untyped-def]
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
 
 
+def _audited(value: Any) -> Any:
+    """A metric's value as the audit log can hold it: a number that is not finite (the AUC of
+    a validation split with one class is NaN) as its text, 'nan', 'inf' or '-inf'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_audited(item) for item in value]
+    return value
+
+
 def _reply_record(kind: str, request: _Request, instruction: TrainInstruction, content: RecordDict) -> dict[str, object]:
     """What leaves with a query or evaluate reply: every metric with its value, size and digest."""
     metrics = content[METRICS_KEY]
@@ -373,7 +383,7 @@ def _reply_record(kind: str, request: _Request, instruction: TrainInstruction, c
         "dataset": instruction.dataset,
         "arrays": {},
         "metrics": sorted(metrics),
-        "metric_values": sent,  # aggregates of the data: the officer sees each number that left
+        "metric_values": {k: _audited(v) for k, v in sent.items()},  # the officer sees each number that left
         "bytes": metrics.count_bytes(),
         "sha256": hashlib.sha256(values.encode()).hexdigest(),
     }
@@ -452,7 +462,7 @@ def _release_record(
         "bytes": arrays.count_bytes(),
         "sha256": update_digest(arrays),
         "metrics": sorted(metrics),
-        "metric_values": dict(sorted(metrics.items())),
+        "metric_values": {k: _audited(v) for k, v in sorted(metrics.items())},
         "charge": {
             "noise_multiplier": instruction.noise_multiplier,
             "sample_rate": instruction.sample_rate,

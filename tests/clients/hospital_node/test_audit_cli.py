@@ -221,3 +221,11 @@ def test_egress_shows_each_reply_kind_and_value_at_80_columns(released) -> None:
     assert replies.count("train") == 2 and "refused" in replies and "query" in replies and "evaluate" in replies
     assert "server-round must be in 1.." in result.output.replace("\n", " ") or "server-roundmustbein1.." in left
     assert "77" in column(result.output, 1, 4)
+
+
+def test_a_number_that_was_not_finite_is_shown_as_it_left(tmp_path: Path) -> None:
+    home = NodeHome.create(tmp_path / "node", name="hospital_3")
+    home.audit_log().append("release", {"run": "5", "round": 1, "message": "evaluate", "dataset": "d", "arrays": {},
+                                        "metrics": ["eval-auc"], "metric_values": {"eval-auc": "nan"}, "bytes": 8, "sha256": "0" * 64})
+    shown = runner.invoke(node_cli.app, ["egress", "--home", str(home.path)], env={"COLUMNS": "80"})
+    assert "eval-auc = nan" in shown.output
