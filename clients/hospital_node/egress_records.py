@@ -53,7 +53,7 @@ def what_left(entry: AuditEntry) -> list[str]:
     if shapes:
         values = sum(math.prod(shape) for shape in shapes.values())
         masked = payload.get("secure_aggregation", {}).get("masked")
-        lines.append(f"{len(shapes)} arrays, {values} values, " + ("masked by SecAgg+" if masked else "plain"))
+        lines.append(f"{len(shapes)} arrays, {values} values, " + ("SecAgg+ masked" if masked else "plain"))
     lines.append(f"{payload.get('bytes', '')} bytes, sha256 {str(payload.get('sha256', ''))[:16]}")
     recorded = payload.get("metric_values")
     if isinstance(recorded, Mapping):
