@@ -488,3 +488,14 @@ def test_the_cache_is_owner_only_whatever_the_umask(imaging_site: ImagingSite) -
     paths = [cache, *cache.rglob("*")]
     assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {0o700}
     assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o600}
+
+
+def test_the_officers_count_of_labelled_patients_reads_the_manifest_and_writes_nothing(imaging_site: ImagingSite) -> None:
+    connector = ImagingConnector(imaging_site.home, imaging_site.entry)
+    assert connector.labelled_patients() is None  # never prepared: nothing to count yet
+    connector.prepare()
+    before = sorted((p, p.stat().st_mtime_ns) for p in connector.root.rglob("*"))
+    (imaging_site.folder / "new.dcm").write_bytes(b"not yet de-identified")
+    assert connector.labelled_patients() == N_PATIENTS
+    assert sorted((p, p.stat().st_mtime_ns) for p in connector.root.rglob("*")) == before
+    assert len(_deid_entries(imaging_site.home)) == 1

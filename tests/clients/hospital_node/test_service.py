@@ -292,3 +292,11 @@ def test_doctor_sums_up_beyond_ten_loose_paths(service: NodeService) -> None:
     assert flagged[-1].detail == (
         f"2 more paths in {service.node.path} are open to other users; run `chmod -R go-rwx {service.node.path}`"
     )
+
+
+def test_init_makes_an_existing_folder_the_owners_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "chosen"
+    folder.mkdir()
+    folder.chmod(0o755)
+    NodeHome.create(folder, name="hospital_2")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
