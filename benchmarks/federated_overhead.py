@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     for site in sites:
         home = NodeHome.open(site.home)
         set_budget(home, DATASET, epsilon_=1000.0, delta=1e-5, by="benchmark")
-        approve(home, spec.digest(), dataset=DATASET, by="benchmark", runs=max(medfed_runs, 1))
+        approve(home, spec.digest(), dataset=DATASET, by="benchmark", runs=max(medfed_runs, 1), not_yet_requested=True)
     _prewarm(tracking_uri)
     results: list[RunResult] = []
     loads: list[float] = []

@@ -18,7 +18,6 @@ and waits through the SuperLink being unreachable meanwhile.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
 from federation.release import BundleError, stage_release
 from privacy.governance import Submission, sign_submission
+from privacy.private_files import make_private_folder, publish
 
 __all__ = [
     "RESTART_FAILURES",
@@ -101,17 +101,10 @@ class SubmissionRecord:
         return replace(self, flower_runs=(*self.flower_runs, run_id))
 
     def save(self, folder: Path) -> Path:
-        """Write the record to ``<folder>/<submission id>.json`` (0600), atomically."""
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Write the record to ``<folder>/<submission id>.json`` (0600, folder 0700), atomically."""
+        make_private_folder(folder)
         path = folder / f"{self.submission_id}.json"
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({**asdict(self), "flower_runs": list(self.flower_runs)}, handle, indent=1, sort_keys=True)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        publish(path, json.dumps({**asdict(self), "flower_runs": list(self.flower_runs)}, indent=1, sort_keys=True))
         return path
 
     @classmethod

@@ -10,7 +10,8 @@ After every completed round the ServerApp writes, into the submission's output f
                       the submission so far, whether the submission finished, and
                       whether it is held between rounds (the operator's ``HOLD`` file).
 
-``checkpoint.json`` is replaced atomically and only after its arrays file is complete,
+``checkpoint.json`` is replaced atomically (files 0600 in a 0700 folder: the
+coordinator's state is its operator's alone) and only after its arrays file is complete,
 so a coordinator killed at any moment leaves the previous checkpoint or the new one,
 never half of one. Older arrays files are removed once a newer checkpoint stands.
 Nothing in it is patient data: the model, aggregate and per-site metrics, and ids.
@@ -18,9 +19,8 @@ Nothing in it is patient data: the model, aggregate and per-site metrics, and id
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord
 
 from federation.errors import FederationError
+from privacy.private_files import make_private_folder, publish
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint"]
 
@@ -51,12 +52,12 @@ class Checkpoint:
     held: bool = False  # waiting between rounds on the operator's HOLD file
 
     def save(self, folder: Path) -> Path:
-        """Write the checkpoint into `folder`, atomically (see the module docstring)."""
-        folder.mkdir(parents=True, exist_ok=True)
+        """Write the checkpoint into `folder` (0700; files 0600), atomically (see the module docstring)."""
+        make_private_folder(folder)
         arrays_file = None
         if self.arrays is not None:
             arrays_file = f"round-{self.round}.npz"
-            _atomic(folder / arrays_file, lambda handle: _save_arrays(handle, self.arrays))  # type: ignore[arg-type]
+            publish(folder / arrays_file, _arrays_bytes(self.arrays))
         state = {
             "submission_id": self.submission_id,
             "spec_digest": self.spec_digest,
@@ -69,9 +70,8 @@ class Checkpoint:
             "finished": self.finished,
             "held": self.held,
         }
-        text = json.dumps(state, indent=1, sort_keys=True).encode()
         path = folder / CHECKPOINT_FILE
-        _atomic(path, lambda handle: handle.write(text))
+        publish(path, json.dumps(state, indent=1, sort_keys=True))
         for old in folder.glob("round-*.npz"):
             if old.name != arrays_file:
                 old.unlink(missing_ok=True)
@@ -113,11 +113,13 @@ class Checkpoint:
         )
 
 
-def _save_arrays(handle: Any, arrays: ArrayRecord) -> None:
+def _arrays_bytes(arrays: ArrayRecord) -> bytes:
     import numpy as np
 
     names = list(arrays)
-    np.savez(handle, __names__=np.array(names), **{f"a{i}": arrays[name].numpy() for i, name in enumerate(names)})
+    buffer = io.BytesIO()
+    np.savez(buffer, __names__=np.array(names), **{f"a{i}": arrays[name].numpy() for i, name in enumerate(names)})
+    return buffer.getvalue()
 
 
 def _load_arrays(path: Path) -> ArrayRecord:
@@ -126,16 +128,3 @@ def _load_arrays(path: Path) -> ArrayRecord:
     with np.load(path, allow_pickle=False) as data:
         names = [str(name) for name in data["__names__"]]
         return ArrayRecord({name: Array(data[f"a{i}"]) for i, name in enumerate(names)})
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

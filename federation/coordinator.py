@@ -11,7 +11,13 @@ no telemetry. A coordinator home holds::
     superlink.pid          the running SuperLink's process id
     logs/superlink.log     its output
     flwr-home/config.toml  the `flwr` CLI's connection to the control API
+    partner/               the research partners' connection: a FLWR_HOME (config.toml, ca.crt)
     nodes/<name>.toml      each enrolled node: its auth and audit key fingerprints, node id
+
+The home and everything in it is the operator's alone (folders 0700, files 0600; the
+certificates 0644), created so whatever the umask; the SuperLink runs with umask 077 and
+its state database is created 0600 before it opens it. ``status`` lists any looser mode
+with the ``chmod`` that fixes it.
 
 ``coordinator.toml``::
 
@@ -62,13 +68,24 @@ from privacy.pki import (
     issue_server_certificate,
     server_names,
 )
+from privacy.private_files import (
+    FILE_MODE,
+    FOLDER_MODE,
+    LooseMode,
+    create_private,
+    loose_modes,
+    make_private_folder,
+    publish,
+)
 
 __all__ = [
     "CONFIG_FILE",
     "CONNECTION",
+    "PARTNER_DIR",
     "Coordinator",
     "CoordinatorConfig",
     "CoordinatorStatus",
+    "flwr_connection",
     "is_loopback",
 ]
 
@@ -76,6 +93,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "coordinator.toml"
 CONNECTION = "medfed-coordinator"
+PARTNER_DIR = "partner"
+STATE_DB = "state.db"
 DEFAULT_FLEET_PORT = 9092
 DEFAULT_CONTROL_ADDRESS = "127.0.0.1:9093"
 _KEYS = ("hosts", "addresses", "fleet_bind", "fleet_address", "control_address")
@@ -169,6 +188,7 @@ class CoordinatorStatus:
     certificate: CertificateInfo | None
     certificate_problem: str | None
     nodes: tuple[dict[str, Any], ...]
+    loose_modes: tuple[LooseMode, ...] = ()  # paths of the home others may use, with their fix
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -218,6 +238,11 @@ class Coordinator:
     def nodes_dir(self) -> Path:
         return self.home / "nodes"
 
+    @property
+    def state_db_path(self) -> Path:
+        """The SuperLink's state database (``flower-superlink --database``)."""
+        return self.home / STATE_DB
+
     # ------------------------------------------------------------------ set-up
     @classmethod
     def init(
@@ -257,17 +282,19 @@ class Coordinator:
         # Check names and addresses before anything is written.
         if (home / "pki").exists() and any((home / "pki").iterdir()):
             raise CoordinatorError(f"{home / 'pki'} already holds files; choose an empty folder")
+        server_names(config.hosts, config.addresses)  # every bad name, before anything is written
         try:
-            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_folder(home)
+            os.chmod(home, FOLDER_MODE)  # it becomes the coordinator's home now, even if it existed
         except OSError as err:
             raise CoordinatorError(f"cannot create coordinator home {home}: {err.strerror or err}") from None
         pki = home / "pki"
-        server_names(config.hosts, config.addresses)  # every bad name, before anything is written
         create_ca(pki)
         issue_server_certificate(pki, ca_dir=pki, hosts=config.hosts, addresses=config.addresses)
-        (home / CONFIG_FILE).write_text(config.to_toml(), encoding="utf-8")
         coordinator = cls(home, config)
+        coordinator._write(home / CONFIG_FILE, config.to_toml())
         coordinator._write_flwr_config(config.control_address)
+        coordinator._write_partner_connection(config.control_address)
         logger.info("created coordinator home %s", home)
         return coordinator
 
@@ -294,19 +321,27 @@ class Coordinator:
             raise CoordinatorError(f"{path} is not valid TOML: {err}") from None
         return cls(home, CoordinatorConfig.from_mapping(raw, source=str(path)))
 
+    @property
+    def partner_home(self) -> Path:
+        """The research partners' FLWR_HOME: a ``config.toml`` naming this SuperLink, and the CA."""
+        return self.home / PARTNER_DIR
+
+    def _write(self, path: Path, text: str) -> None:
+        """Write a file of this home whole and owner only."""
+        try:
+            make_private_folder(path.parent)
+            publish(path, text)
+        except OSError as err:
+            raise CoordinatorError(f"cannot write {path}: {err.strerror or err}") from None
+
     def _write_flwr_config(self, control_address: str) -> None:
-        self.flwr_home.mkdir(exist_ok=True)
-        host, port = _split(control_address, "control address")
-        # The certificate names 127.0.0.1 and localhost; a wildcard bind is reached on loopback.
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-            f"[superlink.{CONNECTION}]\naddress = {json.dumps(address)}\n"
-            f"root-certificates = {json.dumps(str(self.ca_path))}\n",
-            encoding="utf-8",
-        )
+        self._write(self.flwr_home / "config.toml", flwr_connection(control_address, self.ca_path))
+
+    def _write_partner_connection(self, control_address: str) -> None:
+        """The connection a research partner's `flwr` (and `medfed experiment submit`) uses."""
+        ca = self.partner_home / CA_CERT_FILE
+        self._write(ca, self.ca_path.read_text(encoding="ascii"))
+        self._write(self.partner_home / "config.toml", flwr_connection(control_address, ca))
 
     # ------------------------------------------------------------------ certificate
     def check_certificate(self) -> CertificateInfo:
@@ -365,7 +400,7 @@ class Coordinator:
             "--host", host,
             "--port", str(port),
             "--fleet-api-address", self.config.fleet_bind,
-            "--database", str(self.home / "state.db"),
+            "--database", str(self.state_db_path),
             "--disable-runtime-dependency-installation",
         ]
 
@@ -398,8 +433,14 @@ class Coordinator:
         if info.expires_soon:
             logger.warning("the server certificate expires in %d days; run `medfed coordinator renew`", info.days_left)
         self._write_flwr_config(control)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
+        try:
+            # SQLite gives the database's -wal and -shm files its mode: created 0600 first.
+            create_private(self.state_db_path)
+            make_private_folder(self.log_path.parent)
+            log_fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        except OSError as err:
+            raise CoordinatorError(f"cannot prepare {self.home} for the SuperLink: {err.strerror or err}") from None
+        with os.fdopen(log_fd, "ab") as log:
             popen = subprocess.Popen(
                 self.superlink_argv(control),
                 stdout=log,
@@ -408,8 +449,9 @@ class Coordinator:
                 env=flower_env(self.flwr_home),
                 cwd=self.home,
                 start_new_session=True,
+                umask=0o077,  # whatever Flower writes (its state, its executors' files) is ours alone
             )
-        self.pid_path.write_text(f"{popen.pid}\n")
+        self._write(self.pid_path, f"{popen.pid}\n")
         try:
             self._wait_ready(popen, control, timeout)
         except BaseException:
@@ -497,11 +539,23 @@ class Coordinator:
 
     # ------------------------------------------------------------------ control API
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run the `flwr` CLI against this coordinator's control API."""
-        return subprocess.run(
-            ["flwr", *args], capture_output=True, text=True, env=flower_env(self.flwr_home),
-            cwd=self.home, timeout=timeout, check=False,
-        )
+        """Run the `flwr` CLI against this coordinator's control API.
+
+        Raises
+        ------
+        CoordinatorError
+            `flwr` did not answer within `timeout` seconds (an overloaded host or a stuck SuperLink).
+        """
+        try:
+            return subprocess.run(
+                ["flwr", *args], capture_output=True, text=True, env=flower_env(self.flwr_home),
+                cwd=self.home, timeout=timeout, check=False, umask=0o077,
+            )
+        except subprocess.TimeoutExpired:
+            raise CoordinatorError(
+                f"`flwr {' '.join(args[:2])}` did not answer within {timeout:g} s; the SuperLink may be overloaded "
+                f"or stuck: see {self.log_path}, and try again"
+            ) from None
 
     def _require_running(self) -> None:
         if self.pid() is None:
@@ -539,8 +593,7 @@ class Coordinator:
                 f"auth key {recorded.get('auth_key_fingerprint')}); remove {record_path} and unregister it first"
             )
         key_file = self.home / "nodes" / f".{request.node}.pub"
-        self.nodes_dir.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(request.auth_openssh + "\n", encoding="ascii")
+        self._write(key_file, request.auth_openssh + "\n")
         try:
             result = self.flwr("supernode", "register", str(key_file), CONNECTION, "--name", request.node, "--format", "json")
         finally:
@@ -566,7 +619,8 @@ class Coordinator:
             ca_certificate=self.ca_path.read_text(encoding="ascii"),
         )
         bundle.write(out)
-        record_path.write_text(
+        self._write(
+            record_path,
             "[node]\n"
             f"name = {json.dumps(request.node)}\n"
             f"node_id = {node_id}\n"
@@ -574,7 +628,6 @@ class Coordinator:
             f"auth_public_key = {json.dumps(request.auth_openssh)}\n"
             f"audit_key_fingerprint = {json.dumps(request.audit_fingerprint)}\n"
             f"enrolled_at = {datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}\n",
-            encoding="utf-8",
         )
         logger.info("enrolled node %s as SuperNode %d (%s)", request.node, node_id, request.auth_fingerprint)
         return bundle
@@ -603,7 +656,34 @@ class Coordinator:
                     nodes = self.nodes()
                 except CoordinatorError as err:
                     logger.warning("%s", err)
-        return CoordinatorStatus(pid is not None, pid, healthy, certificate, problem, nodes)
+        return CoordinatorStatus(pid is not None, pid, healthy, certificate, problem, nodes, self.loose_modes())
+
+    def loose_modes(self) -> tuple[LooseMode, ...]:
+        """Every path of the home that other users may read or change (certificates may be read).
+
+        Reported, never changed behind the operator's back: `medfed coordinator status`
+        prints each with the ``chmod`` that fixes it.
+        """
+        certificates = {self.ca_path, self.server_cert_path}
+        return tuple(loose_modes(self.home, public=lambda path: path in certificates))
+
+
+def flwr_connection(control_address: str, ca_path: Path) -> str:
+    """A `flwr` ``config.toml`` whose default connection, :data:`CONNECTION`, is this SuperLink's control API.
+
+    Flower requires ``root-certificates`` to be an absolute path: a copy of the file
+    moved elsewhere needs that line changed to where ``ca.crt`` then lies.
+    """
+    host, port = _split(control_address, "control address")
+    # The certificate names 127.0.0.1 and localhost; a wildcard bind is reached on loopback.
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\naddress = {json.dumps(address)}\n"
+        f"root-certificates = {json.dumps(str(ca_path.resolve()))}\n"
+    )
 
 
 def _flwr_error(out: subprocess.CompletedProcess[str], answer: Mapping[str, Any]) -> str:

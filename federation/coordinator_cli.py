@@ -7,16 +7,19 @@ exits with code 2.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
 
-from federation.coordinator import DEFAULT_CONTROL_ADDRESS, DEFAULT_FLEET_PORT, Coordinator
+from federation.coordinator import CONNECTION, DEFAULT_CONTROL_ADDRESS, DEFAULT_FLEET_PORT, Coordinator
+from privacy.pki import CA_CERT_FILE
 
 __all__ = ["app"]
 
 HOME_ENVVAR = "MEDFED_COORDINATOR_HOME"
 _HOME_HELP = "The coordinator home folder (holds coordinator.toml, the PKI and the SuperLink state)."
+_MODES_SHOWN = 10
 
 app = typer.Typer(help="Run the alliance coordinator (Flower SuperLink with TLS and node authentication).",
                   no_args_is_help=True)
@@ -28,6 +31,10 @@ def init(
     host: list[str] = typer.Option([], "--host", help="A DNS name hospitals dial (repeatable)."),
     address: list[str] = typer.Option([], "--address", help="An IP address hospitals dial (repeatable)."),
     fleet_port: int = typer.Option(DEFAULT_FLEET_PORT, "--fleet-port", help="Port of the gRPC Fleet API."),
+    fleet_bind: str | None = typer.Option(
+        None, "--fleet-bind",
+        help="HOST:PORT the gRPC Fleet API listens on (default: 0.0.0.0:<fleet port>, every interface).",
+    ),
     fleet_address: str | None = typer.Option(
         None, "--fleet-address", help="HOST:PORT the nodes dial (default: the first --host or --address)."
     ),
@@ -35,17 +42,23 @@ def init(
         DEFAULT_CONTROL_ADDRESS, "--control-address", help="Loopback HOST:PORT of the unauthenticated control API."
     ),
 ) -> None:
-    """Create the alliance CA, the SuperLink's certificate and coordinator.toml."""
+    """Create the alliance CA, the SuperLink's certificate, coordinator.toml and the partners' connection."""
     coordinator = Coordinator.init(
-        home, hosts=host, addresses=address, fleet_port=fleet_port, fleet_address=fleet_address,
-        control_address=control_address,
+        home, hosts=host, addresses=address, fleet_port=fleet_port, fleet_bind=fleet_bind,
+        fleet_address=fleet_address, control_address=control_address,
     )
     info = coordinator.check_certificate()
+    partner = coordinator.partner_home
     typer.echo(f"created coordinator home {coordinator.home}")
     typer.echo(f"  CA certificate {coordinator.ca_path}")
     typer.echo(f"  server certificate for {', '.join(info.dns_names + info.ip_addresses)}, "
                f"valid until {info.not_after:%Y-%m-%d} ({info.days_left} days)")
-    typer.echo(f"  nodes dial {coordinator.config.fleet_address}; control API on {coordinator.config.control_address}")
+    typer.echo(f"  Fleet API listens on {coordinator.config.fleet_bind}; nodes dial {coordinator.config.fleet_address}; "
+               f"control API on {coordinator.config.control_address}")
+    typer.echo(f"research partners' connection {partner} (config.toml and {CA_CERT_FILE}); to submit from this host:")
+    typer.echo(f"  FLWR_HOME={partner} medfed experiment submit SPEC --superlink {CONNECTION} --key PARTNER.key")
+    typer.echo(f"  copied elsewhere, set root-certificates in config.toml to the absolute path of its {CA_CERT_FILE}; "
+               "the control API must be reachable from there (`medfed coordinator start --expose-control-on`)")
 
 
 @app.command()
@@ -121,6 +134,16 @@ def status(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HO
     if report.healthy:
         online = sum(1 for n in report.nodes if str(n.get("status", "")).lower() == "online")
         typer.echo(f"ok    {len(report.nodes)} SuperNodes registered, {online} online")
+    if report.loose_modes:
+        failed = True
+        for loose in report.loose_modes[:_MODES_SHOWN]:
+            typer.echo(f"fail  file modes: {loose}")
+        rest = len(report.loose_modes) - _MODES_SHOWN
+        if rest > 0:
+            typer.echo(f"fail  file modes: {rest} more paths in {coordinator.home} are open to other users; "
+                       f"run `chmod -R go-rwx {shlex.quote(str(coordinator.home))}`")
+    else:
+        typer.echo(f"ok    file modes: {coordinator.home} and everything in it are the operator's alone")
     if failed:
         raise typer.Exit(1)
 

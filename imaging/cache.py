@@ -5,6 +5,7 @@ preprocessing parameters, so nothing in the cache's names is an original identif
 change of parameters never returns a stale array. Only instances marked de-identified
 (Patient Identity Removed = YES) are admitted. Writes go to a temporary file in the same
 folder and are renamed into place: an entry is whole or absent, never half-written.
+Entries are owner only (files 0600, folders 0700).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from imaging.errors import CacheError
+from imaging.owner_only import make_folders
 from imaging.preprocess import PreprocessConfig, preprocess_dataset
 
 __all__ = ["PreprocessCache"]
@@ -38,7 +40,7 @@ class PreprocessCache:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            make_folders(self.root)
         except OSError as exc:
             raise CacheError(f"the cache folder cannot be created ({type(exc).__name__})") from None
         if not self.root.is_dir():
@@ -67,8 +69,8 @@ class PreprocessCache:
     def put(self, sop_instance_uid: str, config: PreprocessConfig, array: np.ndarray) -> Path:
         """Store ``array`` atomically; returns its path."""
         path = self.path_for(self.key(sop_instance_uid, config))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")
+        make_folders(path.parent)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".partial")  # mode 0600
         try:
             with os.fdopen(fd, "wb") as fp:
                 np.save(fp, np.ascontiguousarray(array), allow_pickle=False)

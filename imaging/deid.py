@@ -26,6 +26,7 @@ Choices the table leaves open, fixed here:
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import io
 import logging
@@ -56,6 +57,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID
 from imaging.decoding import check_pixel_length, transfer_syntax_of
 from imaging.deid_config import DeidConfig
 from imaging.errors import DeidentificationError, DicomReadError, UnsupportedTransferSyntaxError
+from imaging.owner_only import FILE_MODE, make_folders, open_new
 from imaging.pixels import BurnedInMode, blank_overlay, blank_regions, burned_in_reasons, matching_rule
 from imaging.profile import ProfileOption, ProfileTable, TagKind, load_profile_table, parse_profile_table
 from imaging.pseudonyms import Keyring
@@ -63,7 +65,7 @@ from imaging.report import DeidReport, FileOutcome, FileStatus
 from imaging.scrub import TextScrubber
 from imaging.splicing import Chunk, ElementCache, splice
 
-__all__ = ["DatasetResult", "Deidentifier"]
+__all__ = ["DatasetResult", "Deidentifier", "remove_stale_staging"]
 
 logger = logging.getLogger(__name__)
 
@@ -723,23 +725,32 @@ class Deidentifier:
         """De-identify every file under ``source_root`` into ``destination_root``.
 
         Bad files are excluded with a reason code and the rest proceeds. Outputs are
-        written atomically: a file appears complete or not at all. With one process
-        they are staged in a hidden folder of ``destination_root`` and moved into place
-        when the run ends, or stops on an error. With ``workers`` > 1 files are shared
-        among that many processes; the report is the same, in the same order, as with
-        one.
+        staged in a hidden ``.deid-*.partial`` folder of ``destination_root`` and moved
+        into place when the run ends, or stops on an error: the destination holds whole
+        files or none. A run killed outright (SIGKILL, power cut) leaves its staging
+        folder behind; the next run into the same destination removes it, and nothing
+        that reads the destination takes a hidden folder for data. With ``workers`` > 1
+        files are shared among that many processes; the report is the same, in the
+        same order, as with one. Outputs are owner only (0600 files, 0700 folders).
         """
         source_root, destination_root = Path(source_root), Path(destination_root)
         if not source_root.is_dir():
             raise NotADirectoryError("the de-identification source is not a directory")
         if workers < 1:
             raise ValueError(f"workers must be >= 1; found {workers}")
-        destination_root.mkdir(parents=True, exist_ok=True)
+        make_folders(destination_root)
+        stale = remove_stale_staging(destination_root)
+        if stale:
+            logger.warning("removed %d staging folder(s) left by an interrupted de-identification", stale)
         files = _iter_files(source_root, destination_root.resolve())
-        if workers == 1 or len(files) < 2:
-            results = self._run_sequential(files, destination_root)
-        else:
-            results = self._run_processes(files, destination_root, workers)
+        staging = _Staging(destination_root)
+        try:
+            if workers == 1 or len(files) < 2:
+                results = self._run_sequential(files, staging)
+            else:
+                results = self._run_processes(files, Path(staging.root), workers)
+        finally:
+            staging.commit()
         counts: Counter[str] = Counter()
         for index, (outcome, file_counts) in enumerate(results):
             counts.update(file_counts)
@@ -759,15 +770,11 @@ class Deidentifier:
         )
         return report
 
-    def _run_sequential(self, files: list[Path], destination: Path) -> list[tuple[FileOutcome, dict[str, int]]]:
+    def _run_sequential(self, files: list[Path], staging: _Staging) -> list[tuple[FileOutcome, dict[str, int]]]:
         results = []
-        staging = _Staging(destination)
-        try:
-            for path in files:
-                outcome, result = self._deidentify_one(path, staging.write)
-                results.append((outcome, dict(result.counts) if result is not None else {}))
-        finally:
-            staging.commit()
+        for path in files:
+            outcome, result = self._deidentify_one(path, staging.write)
+            results.append((outcome, dict(result.counts) if result is not None else {}))
         return results
 
     def _run_processes(
@@ -840,6 +847,12 @@ def _digest(chunks: list[Chunk]) -> str:
     return digest.hexdigest()
 
 
+_STAGING_PREFIX = ".deid-"
+_STAGING_SUFFIX = ".partial"
+_STARTING_SUFFIX = ".starting"
+_STAGING_LOCK = ".owner.lock"
+
+
 class _Staging:
     """A run's outputs, written into a hidden folder of the destination, moved in at the end.
 
@@ -847,11 +860,26 @@ class _Staging:
     own), and they reach the destination by rename, a whole new patient folder at a
     time where it can: the destination holds whole files or none, as with one temporary
     file per output, for a rename per folder instead of one per file.
+
+    The folder is made under a ``.starting`` name, with a lock file that this process
+    holds (``flock``) for as long as the run lasts, and only then renamed to
+    ``.deid-*.partial``. The kernel drops a lock when its holder dies, SIGKILL
+    included, so a staging folder whose lock another process can take was left by a
+    run that died: :func:`remove_stale_staging` removes exactly those.
     """
 
     def __init__(self, destination: Path) -> None:
         self.destination = str(destination)
-        self.root = tempfile.mkdtemp(prefix=".deid-", suffix=".partial", dir=self.destination)
+        starting = tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=_STARTING_SUFFIX, dir=self.destination)  # 0700
+        self._lock = os.open(os.path.join(starting, _STAGING_LOCK), os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            self.root = starting[: -len(_STARTING_SUFFIX)] + _STAGING_SUFFIX
+            os.rename(starting, self.root)
+        except BaseException:
+            os.close(self._lock)
+            shutil.rmtree(starting, ignore_errors=True)
+            raise
         self._folders: set[str] = set()
 
     def write(self, name: str, chunks: list[Chunk]) -> str:
@@ -859,10 +887,10 @@ class _Staging:
         path = os.path.join(self.root, name)
         folder = os.path.dirname(path)
         if folder not in self._folders:
-            os.makedirs(folder, exist_ok=True)
+            make_folders(folder)
             self._folders.add(folder)
         digest = _digest(chunks)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = open_new(path)
         try:
             try:
                 _write_all(fd, chunks)
@@ -876,13 +904,55 @@ class _Staging:
     def commit(self) -> None:
         """Move every staged output into the destination, then remove the staging folder."""
         try:
-            _move_tree(self.root, self.destination)
+            _move_tree(self.root, self.destination, skip=_STAGING_LOCK)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            os.close(self._lock)
 
 
-def _move_tree(source: str, destination: str) -> None:
+def remove_stale_staging(destination: Path | str) -> int:
+    """Remove the staging folders in `destination` that a de-identification killed mid-run left; how many.
+
+    Only folders named as :class:`_Staging` names them whose owner's lock is free are
+    removed: a run in progress, in this process or another, keeps its folder. A
+    ``.starting`` folder without its lock file yet is being made this instant (or is
+    empty), and is left alone.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(destination))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(_STAGING_PREFIX) and name.endswith((_STAGING_SUFFIX, _STARTING_SUFFIX))):
+            continue
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(os.path.join(entry.path, _STAGING_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if name.endswith(_STARTING_SUFFIX):
+                continue
+            fd = None  # a staging folder from a release without locks: no live run of this one owns it
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # its run is alive
+            shutil.rmtree(entry.path)
+            removed += 1
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return removed
+
+
+def _move_tree(source: str, destination: str, *, skip: str | None = None) -> None:
     for entry in os.scandir(source):
+        if entry.name == skip:
+            continue
         target = os.path.join(destination, entry.name)
         if not entry.is_dir(follow_symlinks=False):
             os.replace(entry.path, target)
@@ -890,7 +960,7 @@ def _move_tree(source: str, destination: str) -> None:
         try:
             os.rename(entry.path, target)  # the whole folder, when the destination has none
         except OSError:
-            os.makedirs(target, exist_ok=True)
+            make_folders(target)
             _move_tree(entry.path, target)
 
 
@@ -944,11 +1014,14 @@ def _iter_files(root: Path, skip: Path) -> list[Path]:
 
 
 def _write_atomically(target: Path, chunks: list[Chunk]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(target.parent)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        with open(temporary, "wb", buffering=0) as fp:
-            _write_all(fp.fileno(), chunks)
+        fd = open_new(temporary)
+        try:
+            _write_all(fd, chunks)
+        finally:
+            os.close(fd)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)

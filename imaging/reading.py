@@ -19,7 +19,7 @@ import re
 import struct
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -44,6 +44,7 @@ __all__ = [
     "SeriesRecord",
     "SliceRef",
     "StudyRecord",
+    "scan_files",
     "scan_folder",
     "select_series",
     "series_problems",
@@ -332,20 +333,33 @@ def _last_value_short(ds: Dataset) -> bool:
 
 
 def _iter_files(root: Path) -> Iterator[Path]:
+    """Every file under `root`, hidden ones excluded: temporary files and staging folders
+    (``.<name>.partial``, ``.deid-*.partial``) of a write in progress, or cut off, are never data."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            yield Path(dirpath) / name
+            if not name.startswith("."):
+                yield Path(dirpath) / name
 
 
 def scan_folder(root: Path | str) -> ScanReport:
     """Walk ``root`` and index every readable DICOM instance; report the rest per file.
 
-    Never raises for a bad file; raises NotADirectoryError if ``root`` is not a folder.
+    Hidden files and folders are skipped. Never raises for a bad file; raises
+    NotADirectoryError if ``root`` is not a folder.
     """
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError("the scan root is not a directory")
+    return scan_files(_iter_files(root))
+
+
+def scan_files(paths: Iterable[Path]) -> ScanReport:
+    """Index every readable DICOM instance among `paths`, in their order; report the rest per file.
+
+    For a reader that knows which files it may use (a manifest), rather than whatever
+    a folder holds. Never raises for a bad file.
+    """
     grouped: dict[tuple[str, str], dict[str, dict[str, list[InstanceRecord]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
@@ -353,7 +367,8 @@ def scan_folder(root: Path | str) -> ScanReport:
     issues: list[FileIssue] = []
     seen_sop: set[str] = set()
     files_seen = 0
-    for path in _iter_files(root):
+    for path in paths:
+        path = Path(path)
         files_seen += 1
         ds, issue, state = _read_header(path)
         if ds is not None:

@@ -2,13 +2,23 @@
 
 Every package has one error root (see its ``errors`` module). A user mistake raises
 one of them; here it becomes ``error: <message>`` on stderr and exit code 2, never a
-traceback. Anything else is a bug and keeps its traceback.
+traceback. So does a disk that refuses a write (read-only, full, over a quota or a file
+size limit, or owned by another user): the message names the path, and the hint says
+what to do. Anything else is a bug and keeps its traceback.
+
+Library warnings (Opacus's alpha-range warning on every ``experiment cost``, pydicom's)
+are for developers, not for the people at the terminal: unless Python is run with
+``-W`` or ``PYTHONWARNINGS``, they are silenced, so that ``--json`` output is one clean
+JSON document on stdout and stderr holds only what medfed means to say.
 """
 
 from __future__ import annotations
 
+import errno
 import signal
+import sqlite3
 import sys
+import warnings
 from enum import Enum
 
 import typer
@@ -102,14 +112,68 @@ def _interrupt_on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+_DISK_HINTS = {
+    errno.EROFS: "the file system is read-only: remount it read-write, or move the folder to a writable disk",
+    errno.ENOSPC: "the disk is full: free space on it (see `df -h`) and run the command again",
+    errno.EDQUOT: "the disk quota is used up: free space or ask for a larger quota",
+    errno.EFBIG: "a file reached the size limit (see `ulimit -f`) or the disk is full: free space or raise the limit",
+    errno.EACCES: "permission denied: run medfed as the user that owns the folder, or give that user write access",
+    errno.EPERM: "not permitted: run medfed as the user that owns the folder",
+}
+# SQLite reports the same causes in its own words.
+_SQLITE_HINTS = (
+    ("readonly database", "the database or its folder cannot be written by this user, or the disk is read-only: "
+                          "run medfed as the user that owns the node home, or make it writable"),
+    ("disk is full", _DISK_HINTS[errno.ENOSPC]),
+    ("unable to open database file", "the database or its folder cannot be opened for writing: check that the "
+                                     "folder exists, is writable by this user and is not on a read-only disk"),
+)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def disk_hint(err: BaseException) -> str | None:
+    """What to do about a refused write behind `err` (it or its causes), or None if it is not one."""
+    for cause in _chain(err):
+        if isinstance(cause, OSError) and cause.errno in _DISK_HINTS:
+            return _DISK_HINTS[cause.errno]
+        if isinstance(cause, sqlite3.Error):
+            text = str(cause).lower()
+            for pattern, hint in _SQLITE_HINTS:
+                if pattern in text:
+                    return hint
+    return None
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    sys.exit(2)
+
+
 def main() -> None:
     """Entry point of the `medfed` console script."""
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore")
     try:
         app()
     except USER_ERRORS as err:
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-        sys.exit(2)
+        hint = disk_hint(err)
+        _fail(f"{err}; {hint}" if hint else str(err))
+    except (OSError, sqlite3.Error) as err:
+        hint = disk_hint(err)
+        if hint is None:
+            raise  # not the disk: a bug, with its traceback
+        where = getattr(err, "filename", None)
+        what = getattr(err, "strerror", None) or str(err)
+        _fail(f"cannot write {where}: {what}; {hint}" if where else f"{what}; {hint}")
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         sys.exit(130)

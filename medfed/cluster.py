@@ -246,8 +246,20 @@ class LocalCluster:
         return key
 
     def register_node(self, public_key: Path, name: str) -> int | None:
-        """Register a SuperNode's public key; returns its node id, or None if it was registered already."""
-        out = self.flwr("supernode", "register", str(public_key), CONNECTION, "--name", name, "--format", "json", timeout=60)
+        """Register a SuperNode's public key; returns its node id, or None if it was registered already.
+
+        A `flwr` call that times out under load is tried again (a registration that
+        went through the first time then reads as "registered already").
+
+        Raises
+        ------
+        ClusterError
+            The registration failed, or `flwr` did not answer in time, every try.
+        """
+        out = self.flwr(
+            "supernode", "register", str(public_key), CONNECTION, "--name", name, "--format", "json",
+            timeout=60, attempts=3,
+        )
         return parse_register_output(out, what=f"SuperNode {name!r}")
 
     def start_supernode(
@@ -297,21 +309,43 @@ class LocalCluster:
             )
         self._spawn(f"supernode-{name}", argv, node_flwr_home)
 
-    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """Run the `flwr` CLI against this SuperLink."""
-        return subprocess.run(
-            ["flwr", *args],
-            capture_output=True,
-            text=True,
-            env=flower_env(self.flwr_home),
-            cwd=self.workdir,
-            timeout=timeout,
-            check=False,
+    def flwr(self, *args: str, timeout: float = 120.0, attempts: int = 1) -> subprocess.CompletedProcess[str]:
+        """Run the `flwr` CLI against this SuperLink, trying up to `attempts` times if it does not answer.
+
+        Raises
+        ------
+        ClusterError
+            `flwr` did not answer within `timeout` seconds, `attempts` times (an
+            overloaded machine, or a SuperLink that stopped answering).
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return subprocess.run(
+                    ["flwr", *args],
+                    capture_output=True,
+                    text=True,
+                    env=flower_env(self.flwr_home),
+                    cwd=self.workdir,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:  # run() has killed and reaped the `flwr` process
+                logger.warning("`flwr %s` did not answer within %g s (try %d of %d)", " ".join(args[:2]), timeout, attempt, attempts)
+        tries = "once" if attempts == 1 else f"{attempts} times"
+        raise ClusterError(
+            f"`flwr {' '.join(args[:2])}` did not answer within {timeout:g} s, {tries}: the machine may be overloaded "
+            f"or the SuperLink stuck; see {self.log_path('superlink')}"
         )
 
-    def online_nodes(self) -> int:
-        """How many SuperNodes the SuperLink lists as online."""
-        out = self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=30)
+    def online_nodes(self, *, timeout: float = 30.0) -> int:
+        """How many SuperNodes the SuperLink lists as online.
+
+        Raises
+        ------
+        ClusterError
+            `flwr supernode ls` did not answer within `timeout` seconds.
+        """
+        out = self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=timeout)
         try:
             nodes = json.loads(out.stdout).get("nodes", [])
         except json.JSONDecodeError:
@@ -319,13 +353,32 @@ class LocalCluster:
         return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
 
     def wait_for_nodes(self, count: int, *, timeout: float = 90.0) -> None:
-        """Wait until `count` SuperNodes are online; fail early if a node process died."""
+        """Wait until `count` SuperNodes are online; fail early if a node process died.
+
+        A listing that does not answer under load is asked again until the deadline.
+
+        Raises
+        ------
+        ClusterError
+            A process died, or fewer than `count` nodes were online by the deadline (with
+            the last reason the listing gave, if it did not answer).
+        """
         deadline = time.monotonic() + timeout
-        while self.online_nodes() < count:
+        problem = ""
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if self.online_nodes(timeout=max(1.0, min(30.0, remaining))) >= count:
+                    return
+                problem = ""
+            except ClusterError as err:
+                problem = f" ({err})"
             for process in self._processes:
                 self._check_alive(process)
             if time.monotonic() > deadline:
-                raise ClusterError(f"fewer than {count} SuperNodes came online within {timeout:g} s; see {self.workdir / 'logs'}")
+                raise ClusterError(
+                    f"fewer than {count} SuperNodes came online within {timeout:g} s{problem}; see {self.workdir / 'logs'}"
+                )
             time.sleep(0.5)
 
     def wait_for_exit(self, name: str, *, timeout: float = 60.0) -> int:

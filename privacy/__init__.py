@@ -8,6 +8,7 @@ Import-light: Opacus (and torch) load only when an epsilon is first computed.
 - ``ledger``: PrivacyLedger, the per-node record of every charge, SQLite or in memory.
 - ``keys``: Ed25519 key pairs, signatures, fingerprints, the trusted-partner registry.
 - ``audit``: AuditLog, the node's append-only, hash-chained, signed audit log.
+- ``private_files``: files and folders only their owner may use, created so and checked so.
 - ``cli``: `medfed keys` (imported by the `medfed` command only).
 """
 

@@ -60,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from privacy.errors import AuditEntryError, AuditError
 from privacy.keys import fingerprint
+from privacy.private_files import FILE_MODE
 
 __all__ = [
     "AUDIT_KINDS",
@@ -87,6 +88,7 @@ AUDIT_KINDS: tuple[str, ...] = (
     "budget",
     "app",
     "submission",
+    "policy",
 )
 PROBLEM_KINDS: tuple[str, ...] = (
     "edited",
@@ -913,7 +915,7 @@ class AuditLog:
             )
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT if write else os.O_RDONLY
         try:
-            fd = os.open(self._path, flags, 0o640)
+            fd = os.open(self._path, flags, FILE_MODE)  # owner only, whatever the umask (it can only remove bits)
         except OSError as err:
             raise AuditError(f"cannot open the audit log {self._path}: {err.strerror}") from err
         try:
@@ -1051,7 +1053,7 @@ class AuditLog:
                     handle.write(_canonical(record) + "\n")
                     handle.flush()
                     os.fsync(handle.fileno())
-                os.chmod(handle.name, 0o640)
+                os.chmod(handle.name, FILE_MODE)
                 os.replace(handle.name, self._head_path)
             except BaseException:
                 Path(handle.name).unlink(missing_ok=True)

@@ -30,7 +30,6 @@ exclusively: an existing file is never replaced.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -47,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from privacy.errors import EnrolmentError, KeyFileError
 from privacy.keys import fingerprint, format_public_key, load_public_key
 from privacy.pki import format_node_auth_public_key, load_node_auth_public_key, node_auth_fingerprint
+from privacy.private_files import publish
 
 __all__ = ["EnrolmentBundle", "EnrolmentRequest"]
 
@@ -96,15 +96,14 @@ def _key_problems(body: Mapping[str, Any], prefix: str, keys: tuple[str, ...]) -
 
 
 def _write_new(path: Path, text: str, what: str) -> None:
+    """Write a new file whole, owner only (it says who may join the alliance); never replace one."""
     path = Path(path).expanduser()
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        publish(path, text, replace=False)
     except FileExistsError:
         raise EnrolmentError(f"{what} {path} already exists; move it away or choose another file") from None
     except OSError as err:
         raise EnrolmentError(f"cannot write {what} {path}: {err.strerror or err}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
 
 
 def _timestamp(body: Mapping[str, Any], key: str, prefix: str, problems: list[str]) -> datetime:

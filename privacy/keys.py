@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import stat
-import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -44,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privacy.errors import KeyFileError, SignatureError, TrustedKeysError
+from privacy.private_files import FILE_MODE, PUBLIC_FILE_MODE, make_private_folder, publish
 
 __all__ = [
     "KeyPair",
@@ -149,29 +149,6 @@ class KeyPair:
         return fingerprint(self.public_key)
 
 
-def _create_exclusively(path: Path, data: bytes, mode: int) -> None:
-    """Publish a new, complete file at ``path``; never replace one.
-
-    The content is written to a temporary file first and hard-linked into place, so a
-    concurrent reader sees no file or the whole file, and an existing file wins
-    (:class:`FileExistsError`). The mode is set explicitly, whatever the umask.
-    """
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(temporary, path)
-    finally:
-        os.unlink(temporary)
-
-
 def generate_keypair(directory: Path, name: str) -> KeyPair:
     """Create a new Ed25519 key pair as ``<directory>/<name>.key`` and ``<name>.pub``.
 
@@ -195,7 +172,7 @@ def generate_keypair(directory: Path, name: str) -> KeyPair:
                 "Choose another --name or folder, or move the old key away first"
             )
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_folder(folder)
     except OSError as err:
         raise KeyFileError(f"cannot create key folder {folder}: {_reason(err)}") from err
 
@@ -208,13 +185,13 @@ def generate_keypair(directory: Path, name: str) -> KeyPair:
     )
     public_line = format_public_key(public_key, comment=name) + "\n"
     try:
-        _create_exclusively(private_path, pem, 0o600)
+        publish(private_path, pem, mode=FILE_MODE, replace=False)
     except FileExistsError:
         raise KeyFileError(f"{private_path} already exists; keys are never overwritten") from None
     except OSError as err:
         raise KeyFileError(f"cannot write private key {private_path}: {_reason(err)}") from err
     try:
-        _create_exclusively(public_path, public_line.encode("ascii"), 0o644)
+        publish(public_path, public_line.encode("ascii"), mode=PUBLIC_FILE_MODE, replace=False)
     except OSError as err:
         # Leave no private key without its public half (and no half-made pair).
         private_path.unlink(missing_ok=True)
@@ -623,31 +600,10 @@ class TrustedKeys:
         return partners
 
     def _write(self, partners: Mapping[str, TrustedKey]) -> None:
-        text = _render(partners)
         try:
-            handle = tempfile.NamedTemporaryFile(
-                "w",
-                encoding="utf-8",
-                dir=self._directory,
-                prefix=f".{TRUSTED_KEYS_FILE}.",
-                suffix=".tmp",
-                delete=False,
-            )
+            publish(self._path, _render(partners))  # owner only: who the node trusts is its officer's business
         except OSError as err:
             raise TrustedKeysError(f"cannot write {self._path}: {_reason(err)}") from err
-        try:
-            with handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(handle.name, 0o644)
-            os.replace(handle.name, self._path)
-        except OSError as err:
-            Path(handle.name).unlink(missing_ok=True)
-            raise TrustedKeysError(f"cannot write {self._path}: {_reason(err)}") from err
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -657,7 +613,7 @@ class TrustedKeys:
             )
         lock_path = self._directory / f".{TRUSTED_KEYS_FILE}.lock"
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as err:
             raise TrustedKeysError(f"cannot lock {self._path}: {_reason(err)}") from err
         try:

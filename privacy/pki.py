@@ -27,9 +27,7 @@ import base64
 import hashlib
 import ipaddress
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from privacy.errors import CertificateError, KeyFileError
 from privacy.keys import read_private_file
+from privacy.private_files import FILE_MODE, PUBLIC_FILE_MODE, make_private_folder, publish
 
 __all__ = [
     "CA_CERT_FILE",
@@ -108,33 +107,9 @@ def _refuse_existing(paths: Sequence[Path], error: type[Exception]) -> None:
             )
 
 
-def _publish(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
-    """Write ``data`` to a temporary file with ``mode``, then move it into place.
-
-    Readers see the old file or the whole new one. Without ``replace`` an existing file
-    wins (:class:`FileExistsError`); the mode is set explicitly, whatever the umask.
-    """
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
 def _make_folder(folder: Path, error: type[Exception]) -> None:
     try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_folder(folder)
     except OSError as err:
         raise error(f"cannot create folder {folder}: {_reason(err)}") from err
 
@@ -144,13 +119,13 @@ def _write_pair(
 ) -> None:
     """Write a private key (0600) and its public half or certificate (0644) as a pair."""
     try:
-        _publish(key_path, key_bytes, 0o600, replace=replace)
+        publish(key_path, key_bytes, mode=FILE_MODE, replace=replace)
     except FileExistsError:
         raise error(f"{key_path} already exists; keys are never overwritten") from None
     except OSError as err:
         raise error(f"cannot write private key {key_path}: {_reason(err)}") from err
     try:
-        _publish(other_path, other_bytes, 0o644, replace=replace)
+        publish(other_path, other_bytes, mode=PUBLIC_FILE_MODE, replace=replace)
     except OSError as err:
         if not replace:
             key_path.unlink(missing_ok=True)  # no private key without its other half

@@ -9,9 +9,8 @@ into one message and exit code 2.
 from __future__ import annotations
 
 import difflib
-import math
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +19,56 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from clients.hospital_node.egress_records import recorded_replies, reply_kind, what_left
 from clients.hospital_node.errors import AuditVerificationError, NodeError, NodeHomeError
 from clients.hospital_node.home import NodeHome
-from privacy.audit import AUDIT_KINDS, AuditLog
+from privacy.audit import AUDIT_KINDS, AuditEntry, AuditLog
 from privacy.keys import fingerprint, load_public_key
 
-__all__ = ["audit_app", "egress", "payload_summary"]
+__all__ = ["audit_app", "egress", "payload_lines"]
 
 HOME_ENVVAR = "MEDFED_NODE_HOME"
 
 audit_app = typer.Typer(help="Read and verify the node's signed audit log.", no_args_is_help=True)
 
 _HOME_HELP = "The node home folder (holds the audit log and its key)."
-_SUMMARY_WIDTH = 80
-_VALUE_WIDTH = 24
+# A nested value (a spec, a list of arrays) longer than this is shortened in the table;
+# scalars are never cut, only folded onto more lines. `--json` shows everything whole.
+_NESTED_WIDTH = 60
+_SHORTENED_NOTE = "… marks a nested value shortened here; --json shows every value whole"
 
 
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 1] + "…"
+def _value(value: Any) -> tuple[str, bool]:
+    """A payload value as shown, and whether it was shortened."""
+    if isinstance(value, str):
+        return value, False
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(value, (dict, list)) and len(text) > _NESTED_WIDTH:
+        return text[: _NESTED_WIDTH - 1] + "…", True
+    return text, False
 
 
-def payload_summary(payload: Mapping[str, Any], *, width: int = _SUMMARY_WIDTH) -> str:
-    """``key=value`` pairs of a payload, sorted by key, each value and the whole line shortened."""
-    text = ", ".join(f"{key}={_short(payload[key])}" for key in sorted(payload))
-    return text if len(text) <= width else text[: width - 1] + "…"
+def payload_lines(payload: Mapping[str, Any]) -> tuple[list[str], bool]:
+    """``key = value`` lines of a payload, sorted by key, and whether a nested value was shortened."""
+    lines, shortened = [], False
+    for key in sorted(payload):
+        text, cut = _value(payload[key])
+        lines.append(f"{key} = {text}")
+        shortened |= cut
+    return lines, shortened
+
+
+def _time_cell(entry: AuditEntry) -> str:
+    # Date and time on two lines: narrow, and never cut.
+    return entry.time.strftime("%Y-%m-%d\n%H:%M:%S")
+
+
+def _print_json(entries: Sequence[AuditEntry]) -> None:
+    """One JSON array on stdout whose elements are the entries exactly as stored."""
+    if not entries:
+        typer.echo("[]")
+        return
+    typer.echo("[\n" + ",\n".join(entry.to_json() for entry in entries) + "\n]")
 
 
 @audit_app.command("show")
@@ -54,7 +78,7 @@ def show(
         None, "--kind", help=f"Only entries of this kind: {', '.join(AUDIT_KINDS)}."
     ),
     last: int | None = typer.Option(None, "--last", min=1, help="Only the last N entries (after --kind)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the entries as JSON Lines, as stored."),
+    as_json: bool = typer.Option(False, "--json", help="Print the entries as one JSON array, each as stored."),
 ) -> None:
     """List the audit log's entries (without checking them; see `verify`)."""
     node = NodeHome.open(home)
@@ -68,23 +92,24 @@ def show(
     if last is not None:
         entries = entries[-last:]
     if as_json:
-        for entry in entries:
-            typer.echo(entry.to_json())
+        _print_json(entries)
         return
     if not entries:
         what = f"{kind} entries" if kind else "entries"
         typer.echo(f"no audit {what} on node {node.name!r}")
         return
-    table = Table(title=f"audit log of node {escape(node.name)}")
-    for column in ("seq", "time (UTC)", "kind", "payload"):
-        table.add_column(column)
+    table = Table(title=f"audit log of node {escape(node.name)}", show_lines=True)
+    table.add_column("seq", justify="right", no_wrap=True)
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("payload", overflow="fold", ratio=1)
+    shortened = False
     for entry in entries:
-        table.add_row(
-            str(entry.seq),
-            entry.time.strftime("%Y-%m-%d %H:%M:%S"),
-            entry.kind,
-            escape(payload_summary(entry.payload)),
-        )
+        lines, cut = payload_lines(entry.payload)
+        shortened |= cut
+        table.add_row(str(entry.seq), _time_cell(entry), entry.kind, escape("\n".join(lines)))
+    if shortened:
+        table.caption = _SHORTENED_NOTE
     Console().print(table)
 
 
@@ -123,43 +148,30 @@ def verify(
 def egress(
     home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
     run: str | None = typer.Option(None, "--run", help="Only what left for this Flower run id."),
-    as_json: bool = typer.Option(False, "--json", help="Print the release records as JSON Lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as one JSON array, each as stored."),
 ) -> None:
-    """Show exactly what left this site: every reply (query, train, evaluate), its arrays, size, digest, masking and charge.
+    """Show exactly what left this site: every reply (query, train, evaluate, refusals), each number in it, size, digest, masking.
 
     Under secure aggregation the sizes and digest are those of the update before
     SecAgg+ masked it; only the masked vector left.
     """
     node = NodeHome.open(home)
-    releases = [e for e in AuditLog(node.audit_log_path).entries() if e.kind == "release"]
-    if run is not None:
-        releases = [e for e in releases if str(e.payload.get("run")) == run]
+    replies = recorded_replies(AuditLog(node.audit_log_path).entries(), run=run)
     if as_json:
-        for entry in releases:
-            typer.echo(entry.to_json())
+        _print_json(replies)
         return
-    if not releases:
+    if not replies:
         typer.echo(f"nothing has left node {node.name!r}" + (f" for run {run}" if run else ""))
         return
-    table = Table(title=f"what left node {escape(node.name)} (from its signed audit log)")
-    for column in ("time (UTC)", "run", "round", "reply", "dataset", "arrays", "values", "bytes", "sha256", "left as", "ε spent"):
-        table.add_column(column)
-    for entry in releases:
+    table = Table(title=f"what left node {escape(node.name)} (from its signed audit log)", show_lines=True)
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("run, round", overflow="fold", max_width=20)
+    table.add_column("reply", no_wrap=True)
+    table.add_column("what left", overflow="fold", ratio=1)
+    for entry in replies:
         payload = entry.payload
-        shapes = payload.get("arrays", {})
-        values = sum(math.prod(shape) for shape in shapes.values())
-        charge = payload.get("charge", {})
-        table.add_row(
-            entry.time.strftime("%Y-%m-%d %H:%M:%S"),
-            escape(str(payload.get("run", ""))),
-            str(payload.get("round", "")),
-            escape(str(payload.get("message", ""))),
-            escape(str(payload.get("dataset", ""))),
-            str(len(shapes)),
-            str(values),
-            str(payload.get("bytes", "")),
-            str(payload.get("sha256", ""))[:12],
-            "SecAgg+ masked" if payload.get("secure_aggregation", {}).get("masked") else "plain",
-            f"{charge['epsilon_spent']:.3f}" if "epsilon_spent" in charge else "",
-        )
+        where = str(payload.get("run", payload.get("first_run", "")))
+        if "round" in payload:
+            where += f"\nround {payload['round']}"
+        table.add_row(_time_cell(entry), escape(where), reply_kind(entry).replace(" ", "\n"), escape("\n".join(what_left(entry))))
     Console().print(table)

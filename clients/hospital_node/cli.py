@@ -16,7 +16,7 @@ from rich.table import Table
 from clients.hospital_node.audit_cli import audit_app, egress
 from clients.hospital_node.errors import NodeError
 from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
-from clients.hospital_node.officer_cli import budget_app, decision_commands, partners_app, report
+from clients.hospital_node.officer_cli import budget_app, decision_commands, partners_app, policy_app, report
 from clients.hospital_node.runtime.apps_cli import apps_app
 from clients.hospital_node.service import NodeService
 from clients.hospital_node.service_cli import doctor, enrol, start, status, stop
@@ -35,6 +35,7 @@ for _command in (enrol, start, stop, status, doctor, *decision_commands, report)
 app.add_typer(partners_app, name="partners")
 app.add_typer(budget_app, name="budget")
 app.add_typer(apps_app, name="apps")
+app.add_typer(policy_app, name="policy")
 
 _HOME_HELP = "The node home folder (holds node.toml and the privacy ledger)."
 
@@ -191,6 +192,12 @@ def add_imaging(
         f"{excluded} excluded{f' ({reasons})' if reasons else ''}; "
         f"{inventory.patients_with_images} patients with images, {inventory.patients_labelled} of them labelled"
     )
+    if inventory.deid.links_not_followed:
+        typer.secho(
+            f"{inventory.deid.links_not_followed} symbolic link(s) in the folder lead out of it and were not followed; "
+            "copy those files into the folder if they belong to the dataset",
+            fg=typer.colors.YELLOW,
+        )
 
 
 @dataset_app.command("list")

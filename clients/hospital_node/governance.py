@@ -27,16 +27,17 @@ same audit log, through the functions at the end of this module.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from clients.hospital_node.errors import GovernanceError
+from clients.hospital_node.errors import GovernanceError, NodeError
 from clients.hospital_node.home import NodeHome
 from clients.hospital_node.policy import NodePolicy
 from federation.protocol import (
     AWAITING_APPROVAL,
+    IMAGING_TASK,
     REFUSED_APPROVAL,
     REFUSED_BUDGET,
     REFUSED_INTEGRITY,
@@ -75,12 +76,16 @@ __all__ = [
     "Refusal",
     "admit",
     "approve",
+    "audited_policy",
     "budget_status",
     "deny",
+    "foreseen_refusals",
     "governance_state",
+    "ledger_disagreement",
     "pending_requests",
     "revoke",
     "set_budget",
+    "set_policy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,6 +170,13 @@ def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[s
         ):
             missing.append(f"seq {entry.seq}: run {key[1]} round {key[2]} on dataset '{key[0]}'")
     return missing
+
+
+def ledger_disagreement(home: NodeHome, entries: Sequence[AuditEntry]) -> list[str]:
+    """:func:`check_ledger` against the node's own ledger: the disagreement admission refuses
+    all work on, which no officer view may hide either. Empty when they agree."""
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        return check_ledger(entries, ledger)
 
 
 def governance_state(home: NodeHome) -> GovernanceState:
@@ -378,6 +390,47 @@ def set_budget(home: NodeHome, dataset: str, *, epsilon_: float, delta: float, b
     return budget
 
 
+def set_policy(home: NodeHome, changes: Mapping[str, Any], *, by: str) -> tuple[NodePolicy, dict[str, Any]]:
+    """Change the node policy: validated by field, audited as a ``policy`` entry, then written (0600, whole).
+
+    Starts from the file's settings as written, so that a hand-broken file can be put
+    right field by field. The audit entry comes first: a failed write leaves an audited
+    intent that ``medfed node policy show`` reports as not in force, never an unaudited
+    change. Returns the new policy and what changed (``{field: {"from", "to"}}``).
+
+    Raises
+    ------
+    NodeHomeError
+        An invalid value or unknown setting (every problem, by field), or an unwritable file.
+    GovernanceError
+        Nothing would change, or the audit log fails verification.
+    """
+    before = {**NodePolicy().to_mapping(), **NodePolicy.settings_in(home.policy_path)}
+    updated = NodePolicy.from_mapping({"policy": {**before, **changes}}, source="the policy change")
+    after = updated.to_mapping()
+    changed = {key: {"from": before[key], "to": after[key]} for key in after if before[key] != after[key]}
+    if not changed and home.policy_path.exists():
+        raise GovernanceError(f"the node policy already says that; nothing changed ({home.policy_path})")
+    log, _ = _officer_log(home)
+    log.append("policy", {"changes": changed, "policy": after, "by": by})
+    updated.write(home.policy_path)
+    return updated, changed
+
+
+def audited_policy(home: NodeHome) -> tuple[AuditEntry | None, bool]:
+    """The last ``policy`` entry of the verified audit log (None if the policy was never set
+    through it), and whether ``policy.toml`` still says what that entry recorded."""
+    entries = [e for e in verified_entries(home) if e.kind == "policy"]
+    if not entries:
+        return None, False
+    last = entries[-1]
+    try:
+        in_force = home.policy().to_mapping() == last.payload.get("policy")
+    except NodeError:
+        in_force = False
+    return last, in_force
+
+
 def approve(
     home: NodeHome,
     spec_hash: str,
@@ -387,14 +440,24 @@ def approve(
     max_epsilon: float | None = None,
     expires: datetime | None = None,
     runs: int = 1,
+    not_yet_requested: bool = False,
 ) -> str:
     """Approve a spec digest (a recorded request's prefix, or a full digest) for `dataset`; returns the digest.
 
     The approval allows `runs` submissions of the spec; each that starts training spends one.
+    A full digest that no request or earlier decision on `dataset` names is refused unless
+    `not_yet_requested` says the officer means it: a mistyped or foreign hash must not
+    become an approval. Approving an approved spec again allows its `runs` afresh.
     """
     _known_dataset(home, dataset)
     log, state = _officer_log(home)
     digest = _resolve(state, spec_hash)
+    known = (digest, dataset) in state.requests or state.decision(digest, dataset) is not None
+    if not known and not not_yet_requested:
+        raise GovernanceError(
+            f"nobody has requested spec {digest} on dataset '{dataset}' on this node; check the hash with the "
+            "research partner, and pass --not-yet-requested to approve it before its request arrives"
+        )
     if state.status(digest, dataset) == REVOKED:
         raise GovernanceError(
             f"the approval of spec {digest[:12]} on dataset '{dataset}' was revoked; a revocation is final "
@@ -456,6 +519,69 @@ def _resolve(state: GovernanceState, spec_hash: str) -> str:
 
 
 # ---------------------------------------------------------------- the officer's views
+
+
+def foreseen_refusals(home: NodeHome, spec_digest: str, dataset: str, *, max_epsilon: float | None = None) -> list[str]:
+    """Why this node's own checks would refuse the request for `spec_digest` on `dataset` when it runs.
+
+    The checks admission and the query make that need no run: the policy's tasks, secure
+    aggregation and per-experiment cap (and `max_epsilon`, an approval cap being set),
+    and the minimum cohort, against the dataset's patient count, which is never shown
+    (a small count is itself a disclosure risk). Empty when none would refuse, or when
+    no request for it has been recorded (there is no signed spec to check yet).
+    """
+    request = GovernanceState.from_entries(verified_entries(home)).requests.get((spec_digest, dataset))
+    if request is None:
+        return []
+    payload = request.payload
+    spec = payload.get("spec", {})
+    policy = home.policy()
+    reasons = []
+    task = str(payload.get("task", ""))
+    if task not in policy.allowed_tasks:
+        reasons.append(f"this node's policy does not allow task {task}")
+    if policy.require_secure_aggregation and not spec.get("federation", {}).get("secure_aggregation", False):
+        reasons.append("this node's policy requires secure aggregation; the spec does not use it")
+    cost = float(payload.get("cost_epsilon", float("nan")))
+    caps = [(policy.max_epsilon_per_experiment, "this node's policy limit per experiment")]
+    if max_epsilon is not None:
+        caps.append((max_epsilon, "the approval cap being set"))
+    reasons += [
+        f"the experiment would cost epsilon {cost:.3f} on dataset '{dataset}', over {what} of {cap:g}"
+        for cap, what in caps
+        if cost > cap
+    ]
+    kind = home.dataset(dataset).kind
+    wanted = "imaging" if task == IMAGING_TASK else "tabular"
+    if kind != wanted:
+        reasons.append(f"dataset '{dataset}' is of kind '{kind}'; task {task} needs a dataset of kind '{wanted}'")
+        return reasons
+    minimum = max(policy.min_cohort_size, int(spec.get("privacy", {}).get("min_cohort_size") or 0))
+    reasons += _cohort_refusals(home, dataset, minimum)
+    return reasons
+
+
+def _cohort_refusals(home: NodeHome, dataset: str, minimum: int) -> list[str]:
+    """The query's cohort check, run ahead: the count stays on the node and out of the message."""
+    entry = home.dataset(dataset)
+    try:
+        if entry.kind == "imaging":
+            from clients.hospital_node.imaging_connector import ImagingConnector
+
+            patients = ImagingConnector(home, entry).labelled_patients()
+            if patients is None:
+                return [f"dataset '{dataset}' has not been de-identified yet; register it with "
+                        "`medfed node dataset add-imaging`"]
+        else:
+            from clients.hospital_node.connectors import TabularConnector
+
+            data = TabularConnector(entry).load()
+            patients = data.n_train + data.n_val
+    except NodeError as err:
+        return [f"dataset '{dataset}' cannot be read: {err}"]
+    if patients < minimum:
+        return [f"dataset '{dataset}' has fewer patients than the minimum cohort of {minimum}"]
+    return []
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 from clients.hospital_node.errors import DatasetNotFoundError, NodeHomeError
 from clients.hospital_node.policy import POLICY_FILE, NodePolicy
 from privacy.keys import toml_string
+from privacy.private_files import FOLDER_MODE, create_private, make_private_folder, publish
 
 if TYPE_CHECKING:
     from clients.hospital_node.connectors import TabularData
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUDIT_KEY_NAME",
     "AUDIT_LOG_FILE",
+    "CACHE_DIR",
     "CONFIG_FILE",
     "DATASET_KINDS",
     "KEYS_DIR",
@@ -85,6 +86,7 @@ CONFIG_FILE = "node.toml"
 LEDGER_FILE = "ledger.sqlite"
 AUDIT_LOG_FILE = "audit.jsonl"
 KEYS_DIR = "keys"
+CACHE_DIR = "imaging-cache"  # de-identified images and what is derived from them, per dataset
 AUDIT_KEY_NAME = "node_audit"
 
 # Node and dataset names appear in paths, TOML table headers and audit records.
@@ -672,19 +674,11 @@ def _render_config(config: _NodeConfig, home: Path) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: readers see the old file or the new one, never half."""
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
+    """Replace ``path`` with ``text``: readers see the old file or the new one, never half, and never a looser mode."""
     try:
-        with handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+        publish(path, text)
+    except OSError as err:
+        raise NodeHomeError(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def _allow_installed_release(home: Path) -> None:
@@ -729,7 +723,9 @@ class NodeHome:
                 "(open it, or choose another folder)"
             )
         try:
-            home.mkdir(parents=True, exist_ok=True)
+            make_private_folder(home)
+            # The folder becomes a node home now: owner only, even if it existed before.
+            os.chmod(home, FOLDER_MODE)
         except OSError as err:
             reason = err.strerror or type(err).__name__
             raise NodeHomeError(f"cannot create node home {home}: {reason}") from err
@@ -771,8 +767,23 @@ class NodeHome:
 
     @property
     def ledger_path(self) -> Path:
-        """The node's privacy ledger database in the home."""
-        return self._path / LEDGER_FILE
+        """The node's privacy ledger database in the home, created empty with mode 0600 if missing.
+
+        SQLite creates a database file with the umask's mode and gives its ``-wal`` and
+        ``-shm`` files the database file's mode; created 0600 first, none of the three is
+        ever readable by others. (An empty file is an empty database to SQLite.)
+
+        Raises
+        ------
+        NodeHomeError
+            If the file is missing and cannot be created (a read-only or full disk).
+        """
+        path = self._path / LEDGER_FILE
+        try:
+            create_private(path)
+        except OSError as err:
+            raise NodeHomeError(f"cannot create the privacy ledger {path}: {err.strerror or err}") from err
+        return path
 
     @property
     def audit_log_path(self) -> Path:

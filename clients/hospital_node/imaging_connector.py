@@ -50,6 +50,7 @@ another secret gives other pseudonyms and the whole folder is de-identified agai
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -71,8 +72,9 @@ import numpy as np
 
 from clients.hospital_node.connectors import split_fraction
 from clients.hospital_node.errors import ConnectorError, NodeHomeError
-from clients.hospital_node.home import KEYS_DIR, DatasetEntry, NodeHome
+from clients.hospital_node.home import CACHE_DIR, KEYS_DIR, DatasetEntry, NodeHome
 from federation.protocol import ImagingInstruction
+from privacy.private_files import FILE_MODE, make_private_folder, publish
 
 if TYPE_CHECKING:  # imaging pulls in pydicom: imported where it is used
     from imaging.deid import Deidentifier
@@ -93,7 +95,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR = "imaging-cache"
 DEID_SECRET_FILE = "deid.secret"  # in the node home's keys folder
 MIN_PATIENTS = 10
 
@@ -102,6 +103,8 @@ _MANIFEST_VERSION = 1
 _SAMPLES_VERSION = 1
 _LABEL_COLUMNS = ("patient_id", "label")
 _ISSUER_COLUMN = "issuer"
+_INGESTING_MARK = ".ingesting"
+_PARTIAL = ".partial"
 
 
 # ---------------------------------------------------------------- the node secret
@@ -143,21 +146,12 @@ def node_secret(home: NodeHome) -> bytes:
 
 def _create_secret(path: Path) -> None:
     """Write a new secret whole, then link it into place unless another process did first."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".deid-secret.", suffix=".tmp")
+    make_private_folder(path.parent)
     try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(os.urandom(_SECRET_BYTES))
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)  # atomic, and refuses to replace an existing secret
-        except FileExistsError:
-            return
-        logger.info("created the node's de-identification secret in %s", path.parent)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+        publish(path, os.urandom(_SECRET_BYTES), replace=False)  # atomic, and never replaces a secret
+    except FileExistsError:
+        return
+    logger.info("created the node's de-identification secret in %s", path.parent)
 
 
 # ---------------------------------------------------------------- results
@@ -169,6 +163,8 @@ class DeidSync:
 
     ``report_sha256`` names the full report in ``deid-reports/`` and is None when nothing
     changed (then nothing was de-identified and nothing was audited).
+    ``links_not_followed`` counts the symbolic links that lead out of the registered
+    folder: never read, and never named (a target's path may name a patient).
     """
 
     files_seen: int
@@ -176,6 +172,7 @@ class DeidSync:
     files_unchanged: int
     files_removed: int
     report_sha256: str | None = None
+    links_not_followed: int = 0  # symbolic links that lead out of the registered folder
 
 
 @dataclass(frozen=True)
@@ -219,8 +216,8 @@ class ImagingData:
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:40]}.", suffix=".partial")
+    make_private_folder(target.parent)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:40]}.", suffix=_PARTIAL)  # 0600
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -228,6 +225,16 @@ def _write_atomically(target: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of the regular file `path`; a symbolic link put in its place since it was
+    listed, a FIFO or a device is refused (without blocking on it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return handle.read()
 
 
 def _canonical(value: object) -> str:
@@ -319,16 +326,54 @@ class ImagingConnector:
     def samples_dir(self) -> Path:
         return self.root / "samples"
 
+    @property
+    def _ingesting_path(self) -> Path:
+        """Present while an ingestion changes the cache; found under the lock, its process died."""
+        return self.root / _INGESTING_MARK
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """One process at a time per dataset: ClientApp processes may overlap."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        """One process at a time per dataset: ClientApp processes may overlap.
+
+        The lock is an ``flock``, which the kernel drops when its holder dies (SIGKILL
+        included): whoever holds it is the only process writing this dataset's cache.
+        """
+        make_private_folder(self.root)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if self._ingesting_path.exists():
+                self._clean_interrupted()
+            os.close(os.open(self._ingesting_path, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+            yield
+            # Only a holder that finished takes the mark away; after an error or a kill
+            # the next holder cleans up what this one may have left.
+            self._ingesting_path.unlink()
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _clean_interrupted(self) -> None:
+        """Remove what a holder of the lock that died left: temporary files, and
+        de-identified files the manifest does not record (never audited, never used)."""
+        recorded = {
+            e["output"] for e in self._stored_manifest().get("files", {}).values() if e.get("status") == "written"
+        }
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.root):
+            here = Path(dirpath)
+            for name in filenames:
+                path = here / name
+                temporary = name.startswith(".") and name.endswith((_PARTIAL, ".tmp"))
+                stray = here.is_relative_to(self.deid_dir) and path.relative_to(self.deid_dir).as_posix() not in recorded
+                if temporary or stray:
+                    path.unlink(missing_ok=True)
+                    _remove_empty_parents(path, self.root)
+                    removed += 1
+        logger.warning(
+            "%s: cleaned up after an interrupted ingestion (%s removed); nothing it left was used",
+            self._where,
+            _plural(removed, "file"),
+        )
 
     # ------------------------------------------------------------ public steps
 
@@ -360,6 +405,18 @@ class ImagingConnector:
             deid=sync,
         )
 
+    def labelled_patients(self) -> int | None:
+        """Labelled patients with a de-identified image, as the cache's manifest last recorded
+        them; None if the dataset was never prepared. Nothing is de-identified or written
+        (an officer's view calls it). An experiment's own series selection may leave fewer.
+        """
+        manifest = self._stored_manifest()
+        if not manifest:
+            return None
+        written = {e["pseudonym"] for e in manifest["files"].values() if e["status"] == "written"}
+        mapped, _ = self._map_labels(self._read_labels(), manifest)
+        return len(written & set(mapped))
+
     def load(self, request: ImagingInstruction) -> ImagingData:
         """One labelled image per patient, as the experiment's `request` asks, split by pseudonym.
 
@@ -385,16 +442,25 @@ class ImagingConnector:
 
     # ------------------------------------------------------------ 1. de-identification
 
+    def _stored_manifest(self) -> dict[str, Any]:
+        """The manifest as stored; empty if there is none or it is unreadable."""
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="ascii"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            logger.warning("%s: the cache manifest is unreadable; de-identifying the folder again", self._where)
+            return {}
+        return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else {}
+
     def _read_manifest(self, fingerprint: str, deid_digest: str) -> dict[str, Any]:
         empty: dict[str, Any] = {
             "version": _MANIFEST_VERSION, "key_fingerprint": fingerprint, "deid_digest": deid_digest, "files": {}
         }
-        try:
-            manifest = json.loads(self.manifest_path.read_text(encoding="ascii"))
-        except FileNotFoundError:
-            return empty
-        except (OSError, ValueError):
-            logger.warning("%s: the cache manifest is unreadable; de-identifying the folder again", self._where)
+        manifest: dict[str, Any] | None = self._stored_manifest()
+        if not manifest:
+            if not self.manifest_path.exists():
+                return empty
             manifest = None
         if (
             not isinstance(manifest, dict)
@@ -409,20 +475,45 @@ class ImagingConnector:
             return empty
         return manifest
 
-    def _source_files(self) -> list[tuple[str, Path]]:
+    def _source_files(self) -> tuple[list[tuple[str, Path]], int]:
+        """(relative name, path to read) of every file in the registered folder, and how many
+        symbolic links lead out of it (never followed).
+
+        A link to a file inside the folder is read at its target; a link to a folder is
+        never walked into (os.walk's default), and counted if it leads out.
+        """
         folder = self.entry.path
         if not folder.is_dir():
             what = "does not exist" if not folder.exists() else "is not a folder"
             raise ConnectorError(f"{self._where}: the DICOM folder {folder} {what}")
+        inside = folder.resolve()
         skip = {self.home.path.resolve()}
         files: list[tuple[str, Path]] = []
+        outside = 0
         for dirpath, dirnames, filenames in os.walk(folder):
             here = Path(dirpath)
-            dirnames[:] = sorted(d for d in dirnames if (here / d).resolve() not in skip)
+            kept = []
+            for name in sorted(dirnames):
+                path = here / name
+                if path.is_symlink():
+                    outside += not path.resolve().is_relative_to(inside)
+                elif path.resolve() not in skip:
+                    kept.append(name)
+            dirnames[:] = kept
             for name in sorted(filenames):
                 path = here / name
-                files.append((path.relative_to(folder).as_posix(), path))
-        return files
+                if path.is_symlink():
+                    target = path.resolve()
+                    if not target.is_relative_to(inside):
+                        outside += 1
+                        continue
+                    path = target
+                files.append(((here / name).relative_to(folder).as_posix(), path))
+        if outside:
+            logger.warning(
+                "%s: %d symbolic link(s) lead out of the registered folder and were not followed", self._where, outside
+            )
+        return files, outside
 
     def _sync(self) -> tuple[dict[str, Any], DeidSync]:
         """Bring ``deid/`` and the manifest up to date with the source folder (under the lock)."""
@@ -437,7 +528,8 @@ class ImagingConnector:
         known: dict[str, dict[str, Any]] = manifest["files"]
         seen: dict[str, dict[str, Any]] = {}
         todo: list[tuple[str, Path, os.stat_result | None]] = []
-        for relative, path in self._source_files():
+        sources, links_not_followed = self._source_files()
+        for relative, path in sources:
             token = keys.token("source-path", relative, 32)
             try:
                 info: os.stat_result | None = path.stat()
@@ -468,6 +560,7 @@ class ImagingConnector:
             files_processed=len(processed),
             files_unchanged=len(seen),
             files_removed=len(removed),
+            links_not_followed=links_not_followed,
         )
         if processed or removed:
             shutil.rmtree(self.samples_dir, ignore_errors=True)  # derived from the old set of patients
@@ -496,7 +589,7 @@ class ImagingConnector:
         reason = "the file cannot be read (FileNotFoundError)"
         if info is not None:
             try:
-                data = path.read_bytes()
+                data = _read_regular(path)
             except OSError as err:
                 reason = f"the file cannot be read ({type(err).__name__})"
         base = {"stat": _signature(info)}
@@ -569,6 +662,7 @@ class ImagingConnector:
             dataset=self.entry.name,
             files_unchanged=sync.files_unchanged,
             files_removed=sync.files_removed,
+            links_not_followed=sync.links_not_followed,
             report_sha256=report_sha256,
             report_file=(self.reports_dir / f"{report_sha256}.json").relative_to(self.home.path).as_posix(),
         )
@@ -588,6 +682,7 @@ class ImagingConnector:
             files_unchanged=sync.files_unchanged,
             files_removed=sync.files_removed,
             report_sha256=report_sha256,
+            links_not_followed=sync.links_not_followed,
         )
 
     # ------------------------------------------------------------ 2. one image per patient
@@ -626,7 +721,9 @@ class ImagingConnector:
         except (OSError, ValueError, KeyError):
             logger.warning("%s: dropping an unreadable samples file", self._where)
             path.unlink(missing_ok=True)
-        pseudonyms, images, skipped = self._build_samples(config, request)
+        pseudonyms, images, skipped = self._build_samples(config, request, manifest)
+        if "file_missing_or_changed" in skipped:
+            return pseudonyms, images, skipped  # not kept: the manifest's files may come back
         buffer = io.BytesIO()
         np.savez(
             buffer,
@@ -637,19 +734,45 @@ class ImagingConnector:
         _write_atomically(path, buffer.getvalue())
         return pseudonyms, images, skipped
 
+    def _recorded_outputs(self, manifest: Mapping[str, Any]) -> tuple[list[Path], int]:
+        """The de-identified files the manifest records whose bytes still have the recorded digest,
+        and how many do not (missing or changed since: never used)."""
+        paths: list[Path] = []
+        broken = 0
+        for entry in sorted(manifest["files"].values(), key=lambda e: e["output"] or ""):
+            if entry["status"] != "written":
+                continue
+            path = self.deid_dir / entry["output"]
+            try:
+                data = _read_regular(path)
+            except OSError:
+                broken += 1
+                continue
+            if hashlib.sha256(data).hexdigest() != entry["output_sha256"]:
+                broken += 1
+                continue
+            paths.append(path)
+        if broken:
+            logger.warning("%s: %s in the cache missing or changed since de-identification; not used",
+                           self._where, _plural(broken, "file"))
+        return paths, broken
+
     def _build_samples(
-        self, config: PreprocessConfig, request: ImagingInstruction
+        self, config: PreprocessConfig, request: ImagingInstruction, manifest: Mapping[str, Any]
     ) -> tuple[list[str], np.ndarray, dict[str, int]]:
+        """Training reads only what a completed, audited ingestion recorded: the manifest's
+        files, each checked against its digest, never whatever else the folder holds."""
         from imaging.cache import PreprocessCache
         from imaging.errors import CacheError, ImagingError
-        from imaging.reading import scan_folder, select_series, series_problems, sort_slices
+        from imaging.reading import scan_files, select_series, series_problems, sort_slices
         from imaging.volumes import series_volume
 
         skipped: Counter[str] = Counter()
         size = request.size
-        if not self.deid_dir.is_dir():
-            return [], np.zeros((0, size, size), np.float32), {}
-        scan = scan_folder(self.deid_dir)
+        paths, broken = self._recorded_outputs(manifest)
+        if broken:
+            skipped["file_missing_or_changed"] = broken
+        scan = scan_files(paths)
         skipped.update({f"file_{code}": n for code, n in scan.counts().items()})
 
         def chosen(modalities: tuple[str, ...], parts: tuple[str, ...], pattern: str) -> set[str]:

@@ -4,16 +4,25 @@
 ``medfed node requests``                 pending requests, with their cost and the budget left
 ``medfed node approve|deny|revoke``      decide on one spec hash for one dataset
 ``medfed node budget [set]``             each dataset's lifetime budget, spend and what remains
+``medfed node policy show|set``          the node policy, changed field by field and audited
 ``medfed node report --out DIR``         the evidence pack (:mod:`clients.hospital_node.report`)
 
 Every decision is an entry of the node's signed audit log, which is the only place the
 node reads decisions from. User mistakes raise :class:`~clients.hospital_node.errors.NodeError`
 subclasses; ``medfed`` prints them as one line and exits with code 2.
+
+The views never show a figure the node itself would not act on. When the ledger lacks
+charges the audit log records (the disagreement admission refuses all work on), they
+warn in red, keep showing what is there (the officer needs it to repair the node), mark
+each spend as a lower bound and what remains as unknown, and exit 1. Each pending
+request and each approval says which of the node's own checks would refuse it at run
+time (policy, cohort), without showing the cohort's size.
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,15 +37,17 @@ from rich.table import Table
 from clients.hospital_node import governance
 from clients.hospital_node.errors import GovernanceError, NodeError
 from clients.hospital_node.home import NodeHome
+from clients.hospital_node.policy import POLICY_FIELDS, NodePolicy, parse_settings
 from privacy.errors import PrivacyError
 
-__all__ = ["budget_app", "decision_commands", "partners_app", "report", "requests"]
+__all__ = ["budget_app", "decision_commands", "partners_app", "policy_app", "report", "requests"]
 
 HOME_ENVVAR = "MEDFED_NODE_HOME"
 _HOME_HELP = "The node home folder."
 
 partners_app = typer.Typer(help="The research partners whose signed experiment specs this node accepts.", no_args_is_help=True)
 budget_app = typer.Typer(help="Each dataset's lifetime privacy budget: show it, or set it.", invoke_without_command=True)
+policy_app = typer.Typer(help="The node policy: every experiment's standing limits. Show it, or set fields.", no_args_is_help=True)
 
 
 def _officer() -> str:
@@ -62,6 +73,20 @@ def _governed() -> Iterator[None]:
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _warn(text: str) -> None:
+    """A warning the officer cannot miss: red, on stderr (stdout keeps the view)."""
+    Console(stderr=True).print(f"[bold red]warning:[/] {escape(text)}", style="red")
+
+
+def _disagreement(node: NodeHome, missing: list[str]) -> None:
+    _warn(
+        f"the privacy ledger {node.ledger_path} lacks {len(missing)} charge(s) that the signed audit log records "
+        f"(first: {missing[0]}). Spend below comes from the incomplete ledger and is too low; what remains is "
+        "unknown. The node refuses all work until the ledger is restored from backup; `medfed node doctor` "
+        "lists the charges"
+    )
 
 
 # ---------------------------------------------------------------- partners
@@ -118,9 +143,14 @@ def requests(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_
     node = NodeHome.open(home)
     with _governed():
         pending = governance.pending_requests(node)
+        missing = governance.ledger_disagreement(node, governance.verified_entries(node))
+        refusals = {(i.request.spec_digest, i.request.dataset): governance.foreseen_refusals(
+            node, i.request.spec_digest, i.request.dataset) for i in pending}
+    if missing:
+        _disagreement(node, missing)
     if not pending:
         typer.echo(f"no pending requests on node {node.name!r}")
-        return
+        raise typer.Exit(1 if missing else 0)
     console = Console()
     for item in pending:
         payload, position = item.request.payload, item.position
@@ -128,9 +158,13 @@ def requests(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_
         after = _fmt(item.projected)
         if budget is not None and item.projected is not None and item.projected > budget.epsilon:
             after += " (over the budget: approving it would not let it run)"
+        held = f"ε {_fmt(position.held if position is not None else None)}"
+        if missing:
+            held, after = f"at least {held} (the ledger is incomplete)", "unknown: the ledger disagrees with the audit log"
         table = Table(title=f"request {item.request.spec_digest}", show_header=False, title_justify="left")
         table.add_column("field")
         table.add_column("value", overflow="fold")
+        foreseen = refusals[(item.request.spec_digest, item.request.dataset)]
         for field, value in (
             ("experiment", item.request.experiment),
             ("description", str(payload.get("description", ""))),
@@ -141,12 +175,18 @@ def requests(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_
             ("rounds", str(payload.get("rounds", ""))),
             ("cost of this experiment", f"ε {_fmt(item.cost)} at δ {payload.get('delta', '')}"),
             ("dataset budget", "not set" if budget is None else f"ε {budget.epsilon:g} at δ {budget.delta:g}"),
-            ("spent or reserved now", f"ε {_fmt(position.held if position is not None else None)}"),
-            ("after this experiment", f"ε {after}"),
+            ("spent or reserved now", held),
+            ("after this experiment", after if missing else f"ε {after}"),
         ):
             table.add_row(field, escape(value))
+        if foreseen:
+            table.add_row("[red]the node will refuse it[/]", "[red]" + escape("\n".join(foreseen)) + "[/]")
+        else:
+            table.add_row("node checks", "policy and cohort size allow it")
         console.print(table)
     typer.echo("decide with `medfed node approve|deny <spec hash> --dataset <dataset>`")
+    if missing:
+        raise typer.Exit(1)
 
 
 def _expiry(text: str | None) -> datetime | None:
@@ -165,6 +205,10 @@ def approve(
     max_epsilon: float | None = typer.Option(None, "--max-epsilon", help="Cap on this experiment's own epsilon."),
     expires: str | None = typer.Option(None, "--expires", help="When the approval lapses (YYYY-MM-DD, UTC)."),
     runs: int = typer.Option(1, "--runs", min=1, help="How many submissions of the spec may run on it (each is spent once)."),
+    not_yet_requested: bool = typer.Option(
+        False, "--not-yet-requested",
+        help="Approve a full spec hash that no request on this node names yet (check it with the partner first).",
+    ),
     home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
     by: str = typer.Option(None, "--by", help=_BY_HELP),
 ) -> None:
@@ -172,14 +216,20 @@ def approve(
     node = NodeHome.open(home)
     with _governed():
         digest = governance.approve(
-            node, spec_hash, dataset=dataset, by=by or _officer(), max_epsilon=max_epsilon, expires=_expiry(expires), runs=runs
+            node, spec_hash, dataset=dataset, by=by or _officer(), max_epsilon=max_epsilon, expires=_expiry(expires),
+            runs=runs, not_yet_requested=not_yet_requested,
         )
+        foreseen = governance.foreseen_refusals(node, digest, dataset, max_epsilon=max_epsilon)
     limits = [f"{runs} run{'s' if runs != 1 else ''}"]
     if max_epsilon is not None:
         limits.append(f"capped at ε {max_epsilon:g}")
     if expires is not None:
         limits.append(f"until {expires}")
     typer.echo(f"approved spec {digest[:16]} on dataset {dataset!r}" + (f" ({', '.join(limits)})" if limits else ""))
+    if foreseen:
+        _warn("this node will still refuse it when it runs: " + "; ".join(foreseen))
+    elif not_yet_requested:
+        typer.echo("no request for it has arrived yet: the node checks its policy and cohort size when it does")
 
 
 def _dataset_of(node: NodeHome, digest_prefix: str, dataset: str | None) -> str:
@@ -252,7 +302,11 @@ def budget_show(
         raise NodeError("--home is required (or set MEDFED_NODE_HOME)")
     node = NodeHome.open(home)
     with _governed():
-        rows = governance.budget_status(node)
+        entries = governance.verified_entries(node)
+        rows = governance.budget_status(node, entries)
+        missing = governance.ledger_disagreement(node, entries)
+    if missing:
+        _disagreement(node, missing)
     table = Table(title=f"privacy budgets of node {escape(node.name)} ({node.policy().accountant.upper()} accountant)")
     table.add_column("dataset", no_wrap=True)
     for column in ("budget ε", "δ", "spent ε", "reserved ε", "remaining ε", "charges"):
@@ -269,14 +323,16 @@ def budget_show(
             escape(row.dataset),
             "-" if row.budget is None else f"{row.budget.epsilon:g}",
             "-" if row.budget is None else f"{row.budget.delta:g}",
-            _fmt(row.spent),
+            f"[red]≥ {_fmt(row.spent)}[/]" if missing else _fmt(row.spent),
             _fmt(row.held - row.spent),
-            _fmt(row.remaining),
+            "[red]unknown[/]" if missing and row.budget is not None else _fmt(row.remaining),
             str(row.charges),
         )
     Console().print(table)
     for note in notes:
         typer.echo(note)
+    if missing:
+        raise typer.Exit(1)
 
 
 @budget_app.command("set")
@@ -307,5 +363,72 @@ def report(
 
     node = NodeHome.open(home)
     with _governed():
-        written = write_report(node, out, spec_hash=spec_hash)
-    typer.echo(f"evidence pack for node {node.name!r} written to {out}: " + ", ".join(p.name for p in written))
+        pack = write_report(node, out, spec_hash=spec_hash)
+    typer.echo(f"evidence pack for node {node.name!r} written to {out}: " + ", ".join(p.name for p in pack.files))
+    # Written anyway (it is the evidence), and headed by the problem; the exit code says it too.
+    if pack.audit_ok is False:
+        _warn("the audit log FAILED verification; the pack records each problem. Run `medfed node audit verify`")
+    if pack.ledger_missing:
+        _disagreement(node, pack.ledger_missing)
+    if pack.audit_ok is False or pack.ledger_missing:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- policy
+
+
+@policy_app.command("show")
+def policy_show(
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the settings as one JSON object."),
+) -> None:
+    """Every policy setting in force, and whether it is what the audit log last recorded."""
+    node = NodeHome.open(home)
+    policy = node.policy()
+    with _governed():
+        last, in_force = governance.audited_policy(node)
+    if as_json:
+        typer.echo(json.dumps(policy.to_mapping(), indent=2, sort_keys=True))
+        return
+    defaults = NodePolicy().to_mapping()
+    table = Table(title=f"policy of node {escape(node.name)} ({escape(str(node.policy_path))})")
+    for column in ("setting", "value", "default"):
+        table.add_column(column, overflow="fold")
+    for key, value in policy.to_mapping().items():
+        table.add_row(key, escape(_setting(value)), escape(_setting(defaults[key])))
+    Console().print(table)
+    if last is None:
+        typer.echo("no policy change is recorded in the audit log yet: these are the defaults or a hand edit; "
+                   "change settings with `medfed node policy set FIELD=VALUE ...`")
+    elif in_force:
+        typer.echo(f"as recorded in the audit log (seq {last.seq}, {last.time:%Y-%m-%d %H:%M} UTC, by {last.payload.get('by', '-')})")
+    else:
+        _warn(f"{node.policy_path} differs from the policy the audit log last recorded (seq {last.seq}): it was edited "
+              "by hand or its last change was not written. Set it again with `medfed node policy set`")
+
+
+def _setting(value: object) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@policy_app.command("set")
+def policy_set(
+    settings: list[str] = typer.Argument(
+        ..., metavar="FIELD=VALUE...",
+        help=f"Settings to change, e.g. min_cohort_size=200 allowed_tasks=tabular-classification "
+             f"require_secure_aggregation=true. Fields: {', '.join(POLICY_FIELDS)}.",
+    ),
+    home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Change policy settings: each validated, the change audited, policy.toml rewritten whole (0600)."""
+    node = NodeHome.open(home)
+    with _governed():
+        _, changed = governance.set_policy(node, parse_settings(settings), by=by or _officer())
+    for key, change in changed.items():
+        typer.echo(f"policy.{key}: {_setting(change['from'])} -> {_setting(change['to'])}")
+    typer.echo(f"node {node.name!r}: policy written to {node.policy_path} and recorded in the audit log")

@@ -13,14 +13,17 @@
 Every key is optional; a missing file or key means the default above. A spec may
 tighten these limits (``privacy.min_cohort_size``, ``privacy.target_epsilon``,
 ``federation.secure_aggregation``), never loosen them: the node applies the stricter of
-the two. ``medfed node init`` writes this file with the defaults, for the officer to edit.
+the two. ``medfed node init`` writes this file with the defaults; the officer changes it with
+``medfed node policy set``, which validates each field and records the change in the
+node's signed audit log (a hand edit is not audited, and ``policy show`` says so).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +31,13 @@ from typing import Any
 from clients.hospital_node.errors import NodeHomeError
 from federation.protocol import TASKS
 from privacy.accountant import LEDGER_ACCOUNTANTS
+from privacy.private_files import publish
 
-__all__ = ["POLICY_FILE", "NodePolicy"]
+__all__ = ["POLICY_FIELDS", "POLICY_FILE", "NodePolicy", "parse_settings"]
 
 POLICY_FILE = "policy.toml"
 
-_KEYS = (
+_KEYS = POLICY_FIELDS = (
     "allowed_tasks",
     "min_cohort_size",
     "max_epsilon_per_experiment",
@@ -41,6 +45,55 @@ _KEYS = (
     "accountant",
     "max_submission_age_hours",
 )
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _typed(name: str, text: str) -> Any:
+    """`text` as the type of setting `name`; left as text when it does not parse, so that
+    validation names the field and what it found."""
+    default = getattr(NodePolicy(), name)
+    if isinstance(default, tuple):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        return True if lowered in _TRUE else False if lowered in _FALSE else text
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                return text
+    return text.strip()
+
+
+def parse_settings(assignments: Sequence[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (``min_cohort_size=50``, ``allowed_tasks=a,b``) as typed settings.
+
+    Raises
+    ------
+    NodeHomeError
+        Every pair that is not ``FIELD=VALUE`` or names no setting, at once, with a hint.
+    """
+    problems: list[str] = []
+    settings: dict[str, Any] = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            problems.append(f"{assignment!r} is not FIELD=VALUE; fields: {', '.join(_KEYS)}")
+        elif name not in _KEYS:
+            close = difflib.get_close_matches(name, _KEYS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"fields: {', '.join(_KEYS)}"
+            problems.append(f"policy.{name} is not a policy setting; {hint}")
+        elif name in settings:
+            problems.append(f"policy.{name} is given twice")
+        else:
+            settings[name] = _typed(name, text)
+    if problems:
+        raise NodeHomeError("the policy change is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+    return settings
 
 
 @dataclass(frozen=True)
@@ -116,6 +169,34 @@ class NodePolicy:
             listing = "\n".join(f"  - {p}" for p in problems)
             raise NodeHomeError(f"the node policy {source} is invalid:\n{listing}")
         return cls(**values, source=source)
+
+    @staticmethod
+    def settings_in(path: Path) -> dict[str, Any]:
+        """The known settings `path` holds as written, valid or not ({} if it is missing or not TOML):
+        what a change starts from, so that a broken file can be put right field by field."""
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8")).get("policy", {})
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return {}
+        return {key: table[key] for key in _KEYS if isinstance(table, Mapping) and key in table}
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The settings as plain values (what ``[policy]`` holds and the audit log records)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in
+                ((key, getattr(self, key)) for key in _KEYS)}
+
+    def write(self, path: Path) -> None:
+        """Replace the policy file with this policy: whole, owner only (0600).
+
+        Raises
+        ------
+        NodeHomeError
+            If the file cannot be written (a read-only or full disk).
+        """
+        try:
+            publish(path, self.render())
+        except OSError as err:
+            raise NodeHomeError(f"cannot write the node policy {path}: {err.strerror or err}") from err
 
     def render(self) -> str:
         """The policy as the TOML file ``medfed node init`` writes."""

@@ -14,6 +14,11 @@ experiment:
 Everything comes from the node's own ledger and audit log; nothing contains patient data
 (audit payloads never do). The pack is written into a temporary folder beside `out` and
 renamed into place, so a failure leaves no half-written pack.
+
+A pack is evidence, so it is written even when the node's records disagree, and says so
+first: an audit log that fails verification, or a ledger that lacks charges the audit
+log records (the check admission refuses all work on; its spend figures are then too
+low), heads the page and ``evidence.json`` and is returned to the caller.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from clients.hospital_node.egress_records import recorded_replies, reply_kind, what_left
 from clients.hospital_node.errors import GovernanceError
+from clients.hospital_node.governance import check_ledger
 from clients.hospital_node.home import NodeHome
 from privacy.accountant import epsilon
 from privacy.audit import AuditEntry, AuditLog
@@ -36,7 +44,7 @@ from privacy.governance import GovernanceState
 from privacy.keys import fingerprint, load_public_key
 from privacy.ledger import Charge, PrivacyLedger
 
-__all__ = ["write_report"]
+__all__ = ["EvidencePack", "write_report"]
 
 _DECISION_KINDS = ("request", "approval", "denial", "revocation")
 
@@ -85,8 +93,22 @@ def _entry_rows(entries: Iterable[AuditEntry], keys: Sequence[str]) -> list[list
     return [[e.seq, e.time.isoformat(), e.kind, *[e.payload.get(k, "") for k in keys]] for e in entries]
 
 
-def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> list[Path]:
-    """Write the evidence pack into `out` (new or empty); returns the files written.
+def _reply_rows(entries: Iterable[AuditEntry]) -> list[list[Any]]:
+    return [[e.seq, e.time.isoformat(), e.payload.get("run", e.payload.get("first_run", "")), e.payload.get("round", ""),
+             reply_kind(e), "\n".join(what_left(e))] for e in entries]
+
+
+@dataclass(frozen=True)
+class EvidencePack:
+    """What :func:`write_report` wrote, and what the caller must not let go unnoticed."""
+
+    files: list[Path]
+    audit_ok: bool | None  # None: nothing audited yet
+    ledger_missing: list[str] = field(default_factory=list)  # releases the ledger does not hold as charges
+
+
+def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> EvidencePack:
+    """Write the evidence pack into `out` (new or empty); returns what was written and any disagreement found.
 
     Raises
     ------
@@ -114,6 +136,7 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
     decisions = [e for e in entries if e.kind in _DECISION_KINDS and mine(e)]
     releases = [e for e in entries if e.kind == "release" and mine(e)]
     refusals = [e for e in entries if e.kind == "refusal" and mine(e)]
+    replies = [e for e in recorded_replies(entries) if mine(e)]
     budget_changes = [e for e in entries if e.kind == "budget"]
     runs = {str(e.payload.get("run")) for e in releases}
     policy = home.policy()
@@ -135,6 +158,7 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
                     charge_rows.append([dataset, charge.run_id, charge.round, charge.charged_at.isoformat(),
                                         event.noise_multiplier, event.sample_rate, event.steps])
         reservations = [[r.dataset, r.run_id, r.round, r.reserved_at.isoformat()] for r in ledger.reservations()]
+        missing = check_ledger(entries, ledger)
 
     head = "" if verification is None else (verification.last_hash or "")
     if verification is None:
@@ -144,19 +168,34 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
     else:
         verdict = f"FAILED: {len(verification.problems)} problem(s)\n" + "\n".join(str(p) for p in verification.problems)
     key_line = f"node audit key {fingerprint(public_key)}" if public_key is not None else "no node audit key"
+    if missing:
+        ledger_verdict = (
+            f"DISAGREES: the ledger lacks {len(missing)} charge(s) the audit log records, so every ε below "
+            "is too low and what remains of each budget is unknown; the node refuses all work until its "
+            "ledger is restored from backup.\n" + "\n".join(missing)
+        )
+    else:
+        ledger_verdict = "OK: the ledger holds a charge for every training release the audit log records"
+    warnings = [text for text in (
+        None if verification is None or verification.ok else "the audit log FAILED verification",
+        f"the privacy ledger lacks {len(missing)} charge(s) the audit log records" if missing else None,
+    ) if text]
 
     scope = f"experiment {digest}" if digest else "the whole node"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "audit_verification.txt").write_text(f"node {home.name}\n{key_line}\n{verdict}\n", encoding="utf-8")
-        _plot(curves, budgets, tmp / "epsilon.png", f"node {home.name}: cumulative ε per dataset ({policy.accountant.upper()})")
+        title = f"node {home.name}: cumulative ε per dataset ({policy.accountant.upper()})"
+        _plot(curves, budgets, tmp / "epsilon.png", title + (" - LEDGER INCOMPLETE: too low" if missing else ""))
         evidence = {
             "node": home.name,
             "scope": scope,
             "generated_at": datetime.now().astimezone().isoformat(),
             "audit": {"key": key_line, "ok": None if verification is None else verification.ok, "head_hash": head,
                       "problems": [] if verification is None else [str(p) for p in verification.problems]},
+            "ledger_check": {"ok": not missing, "missing_charges": missing},
+            "warnings": warnings,
             "policy": {k: v for k, v in vars(policy).items() if k != "source"},
             "budgets": {d: {"epsilon": s.epsilon, "delta": s.delta, "set_at": s.at.isoformat(), "by": s.by} for d, s in state.budgets.items()},
             "cumulative_epsilon": {d: [[t.isoformat(), v] for t, v in points] for d, points in curves.items()},
@@ -165,17 +204,25 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
             "open_reservations": [dict(zip(("dataset", "run", "round", "reserved_at"), row, strict=True)) for row in reservations],
             "releases": [json.loads(e.to_json()) for e in releases],
             "refusals": [json.loads(e.to_json()) for e in refusals],
+            "replies": [
+                {"seq": e.seq, "time": e.time.isoformat(), "reply": reply_kind(e), "run": e.payload.get("run", e.payload.get("first_run")),
+                 "round": e.payload.get("round"), "dataset": e.payload.get("dataset"), "what_left": what_left(e)}
+                for e in replies
+            ],
         }
         (tmp / "evidence.json").write_text(json.dumps(evidence, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
         png = base64.b64encode((tmp / "epsilon.png").read_bytes()).decode("ascii")
         page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>medfed evidence pack: {html.escape(home.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
-td,th{{border:1px solid #ccc;padding:.25em .5em;font-size:.9em;text-align:left}} pre{{background:#f4f4f4;padding:.5em}}</style></head>
+td,th{{border:1px solid #ccc;padding:.25em .5em;font-size:.9em;text-align:left;white-space:pre-line}} pre{{background:#f4f4f4;padding:.5em}}
+.warning{{color:#b00;font-weight:bold}}</style></head>
 <body><h1>Evidence pack: node {html.escape(home.name)}</h1>
+{"".join(f'<p class="warning">WARNING: {html.escape(w)}; see below.</p>' for w in warnings)}
 <p>Scope: {html.escape(scope)}. Generated {html.escape(evidence['generated_at'])}. Every figure comes from the node's own
 privacy ledger and signed audit log.</p>
 <h2>Audit log verification</h2><p>{html.escape(key_line)}</p><pre>{html.escape(verdict)}</pre>
+<h2>Ledger against the audit log</h2><pre>{html.escape(ledger_verdict)}</pre>
 <h2>Policy</h2>{_table(["setting", "value"], sorted(evidence["policy"].items()))}
 <h2>Cumulative ε per dataset</h2><img alt="cumulative epsilon over time per dataset" src="data:image/png;base64,{png}">
 <h2>Budgets</h2>{_table(["seq", "time (UTC)", "kind", "dataset", "epsilon", "delta", "by"], _entry_rows(budget_changes, ["dataset", "epsilon", "delta", "by"]))}
@@ -183,10 +230,8 @@ privacy ledger and signed audit log.</p>
     _entry_rows(decisions, ["spec_digest", "dataset", "experiment", "signer", "max_epsilon", "expires", "reason", "by"]))}
 <h2>Charges</h2>{_table(["dataset", "run", "round", "charged at (UTC)", "noise multiplier", "sample rate", "steps"], charge_rows)}
 <h2>Open reservations</h2>{_table(["dataset", "run", "round", "reserved at (UTC)"], reservations)}
-<h2>What left the site</h2>{_table(["seq", "time (UTC)", "kind", "run", "round", "dataset", "bytes", "sha256"],
-    _entry_rows(releases, ["run", "round", "dataset", "bytes", "sha256"]))}
-<h2>Refusals</h2>{_table(["seq", "time (UTC)", "kind", "run", "message", "dataset", "reason"],
-    _entry_rows(refusals, ["run", "message", "dataset", "reason"]))}
+<h2>What left the site: every reply</h2>{_table(["seq", "time (UTC)", "run", "round", "reply", "what left (every number, or the refusal)"],
+    _reply_rows(replies))}
 </body></html>
 """
         (tmp / "report.html").write_text(page, encoding="utf-8")
@@ -196,4 +241,4 @@ privacy ledger and signed audit log.</p>
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return sorted(out.iterdir())
+    return EvidencePack(sorted(out.iterdir()), None if verification is None else verification.ok, missing)

@@ -358,10 +358,21 @@ def _train_reserved(  # type: ignore[no-untyped-def]
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
 
 
+def _audited(value: Any) -> Any:
+    """A metric's value as the audit log can hold it: a number that is not finite (the AUC of
+    a validation split with one class is NaN) as its text, 'nan', 'inf' or '-inf'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_audited(item) for item in value]
+    return value
+
+
 def _reply_record(kind: str, request: _Request, instruction: TrainInstruction, content: RecordDict) -> dict[str, object]:
-    """What leaves with a query or evaluate reply: its metric names, size and digest."""
+    """What leaves with a query or evaluate reply: every metric with its value, size and digest."""
     metrics = content[METRICS_KEY]
-    values = json.dumps({k: metrics[k] for k in sorted(metrics)}, sort_keys=True, separators=(",", ":"))
+    sent = {k: metrics[k] for k in sorted(metrics)}
+    values = json.dumps(sent, sort_keys=True, separators=(",", ":"))
     return {
         "run": request.run_id,
         "round": int(request.config.get("server-round", 0)),
@@ -371,6 +382,7 @@ def _reply_record(kind: str, request: _Request, instruction: TrainInstruction, c
         "dataset": instruction.dataset,
         "arrays": {},
         "metrics": sorted(metrics),
+        "metric_values": {k: _audited(v) for k, v in sent.items()},  # the officer sees each number that left
         "bytes": metrics.count_bytes(),
         "sha256": hashlib.sha256(values.encode()).hexdigest(),
     }
@@ -456,7 +468,8 @@ def update_digest(arrays: ArrayRecord) -> str:
 def _release_record(
     run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float]
 ) -> dict[str, object]:
-    """What leaves the site with a training reply: names, shapes, size and digest, never values."""
+    """What leaves the site with a training reply: the arrays' names, shapes, size and digest (never
+    their values: a model, not data), and every metric with its value."""
     return {
         "run": run_id,
         "round": server_round,
@@ -468,6 +481,7 @@ def _release_record(
         "bytes": arrays.count_bytes(),
         "sha256": update_digest(arrays),
         "metrics": sorted(metrics),
+        "metric_values": {k: _audited(v) for k, v in sorted(metrics.items())},
         "charge": {
             "noise_multiplier": instruction.noise_multiplier,
             "sample_rate": instruction.sample_rate,

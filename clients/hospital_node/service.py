@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -37,10 +38,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from clients.hospital_node.errors import NodeError, NodeServiceError
-from clients.hospital_node.home import DatasetEntry, NodeHome
+from clients.hospital_node.home import (
+    AUDIT_LOG_FILE,
+    CACHE_DIR,
+    CONFIG_FILE,
+    KEYS_DIR,
+    LEDGER_FILE,
+    DatasetEntry,
+    NodeHome,
+)
+from clients.hospital_node.policy import POLICY_FILE
 from clients.hospital_node.runtime.supervisor import SERVICE_PREFIX
 from privacy.enrolment import EnrolmentBundle, EnrolmentRequest
 from privacy.errors import CertificateError, KeyFileError, PrivacyError
+from privacy.keys import TRUSTED_KEYS_FILE
 from privacy.pki import (
     EXPIRY_WARNING_DAYS,
     NodeAuthKey,
@@ -48,6 +59,7 @@ from privacy.pki import (
     load_node_auth_private_key,
     load_node_auth_public_key,
 )
+from privacy.private_files import create_private, loose_modes, make_private_folder, publish
 
 __all__ = [
     "AUTH_KEY_NAME",
@@ -65,6 +77,10 @@ ENROLMENT_FILE = "enrolment.toml"
 _NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
 _LOW_DISK_WARN = 1 << 30
 _LOW_DISK_FAIL = 100 << 20
+_MODES_SHOWN = 10
+# What in a node home is secret or state (the rest is logs and Flower's own files).
+_STATE_NAMES = (CONFIG_FILE, POLICY_FILE, TRUSTED_KEYS_FILE, KEYS_DIR, "tls", ENROLMENT_FILE, REQUEST_FILE, CACHE_DIR)
+_STATE_PREFIXES = (LEDGER_FILE, AUDIT_LOG_FILE, f".{TRUSTED_KEYS_FILE}", f".{CONFIG_FILE}", f".{POLICY_FILE}")
 
 
 @dataclass(frozen=True)
@@ -248,9 +264,12 @@ class NodeService:
             raise NodeServiceError(
                 f"node {self.node.name!r} is enrolled already ({self.enrolment_path}); pass --replace to install a new bundle"
             )
-        self.ca_path.parent.mkdir(mode=0o755, exist_ok=True)
-        _replace_file(self.ca_path, bundle.ca_certificate)
-        _replace_file(self.enrolment_path, bundle.to_toml())
+        try:
+            make_private_folder(self.ca_path.parent)
+            publish(self.ca_path, bundle.ca_certificate)
+            publish(self.enrolment_path, bundle.to_toml())
+        except OSError as err:
+            raise NodeServiceError(f"cannot install the enrolment in {self.node.path}: {err.strerror or err}") from err
         logger.info("node %s enrolled as SuperNode %d; fleet %s", self.node.name, bundle.node_id, bundle.fleet_address)
         return bundle
 
@@ -320,16 +339,17 @@ class NodeService:
         if peer.days_left < EXPIRY_WARNING_DAYS:
             logger.warning("the coordinator's certificate expires in %d days; tell the alliance operator", peer.days_left)
         self._check_allowed_release()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.flwr_home.mkdir(exist_ok=True)
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        make_private_folder(self.log_path.parent)
+        make_private_folder(self.flwr_home)
+        create_private(self.log_path)
+        offset = self.log_path.stat().st_size
         with self.log_path.open("ab") as log:
             popen = subprocess.Popen(
                 self.service_argv(bundle, runtime_port),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=flower_env(self.flwr_home), cwd=self.node.path, start_new_session=True,
+                env=flower_env(self.flwr_home), cwd=self.node.path, start_new_session=True, umask=0o077,
             )
-        self.pid_path.write_text(f"{popen.pid}\n")
+        publish(self.pid_path, f"{popen.pid}\n")
         try:
             self._wait_accepted(popen, bundle, offset, timeout)
         except BaseException:
@@ -443,6 +463,7 @@ class NodeService:
     def checks(self, *, connect: bool = True) -> Iterator[Check]:
         """Every health check, one :class:`Check` each; `medfed node doctor` prints them."""
         yield Check("ok", "node home", f"{self.node.path} (node {self.node.name!r})")
+        yield from self._mode_checks()
         bundle: EnrolmentBundle | None = None
         try:
             bundle = self.enrolment()
@@ -468,6 +489,33 @@ class NodeService:
         yield self._ledger_check()
         yield from self._governance_checks()
         yield self._disk_check()
+
+    def _mode_checks(self) -> Iterator[Check]:
+        """Anything in the home that other users may read or change, with the `chmod` that fixes it.
+
+        Homes are not tightened behind the owner's back (a backup agent may read them by
+        group, on purpose): the node reports, hospital IT decides. The home itself and
+        its secrets and state fail; anything else (logs, Flower's files) warns, since the
+        home's own mode already keeps others out of it.
+        """
+        home = self.node.path
+        found = loose_modes(home, public=lambda path: path.suffix == ".pub" or path == self.ca_path)
+        if not found:
+            yield Check("ok", "file modes", f"{home} and everything in it are owner only")
+            return
+
+        def level(path: Path) -> str:
+            top = path.relative_to(home).parts[:1]
+            state = not top or top[0] in _STATE_NAMES or top[0].startswith(_STATE_PREFIXES)
+            return "fail" if state else "warn"
+
+        for loose in found[:_MODES_SHOWN]:
+            yield Check(level(loose.path), "file modes", str(loose))
+        rest = found[_MODES_SHOWN:]
+        if rest:
+            worst = "fail" if any(level(loose.path) == "fail" for loose in rest) else "warn"
+            yield Check(worst, "file modes", f"{len(rest)} more paths in {home} are open to other users; "
+                                             f"run `chmod -R go-rwx {shlex.quote(str(home))}`")
 
     def _coordinator_checks(self, bundle: EnrolmentBundle, *, connect: bool) -> Iterator[Check]:
         from privacy.pki import load_certificate
@@ -549,7 +597,6 @@ class NodeService:
     def _governance_checks(self) -> Iterator[Check]:
         """Policy readable, partners trusted, budgets set, the ledger holding every recorded charge."""
         from clients.hospital_node import governance
-        from privacy.ledger import PrivacyLedger
 
         try:
             policy = self.node.policy()
@@ -568,8 +615,7 @@ class NodeService:
         try:
             entries = governance.verified_entries(self.node)
             rows = governance.budget_status(self.node, entries)
-            with PrivacyLedger.open(self.node.ledger_path) as ledger:
-                missing = governance.check_ledger(entries, ledger)
+            missing = governance.ledger_disagreement(self.node, entries)
         except governance.Refusal as err:
             yield Check("fail", "budgets", err.reason)
             return
@@ -618,10 +664,3 @@ def _dataset_check(node: NodeHome, entry: DatasetEntry) -> Check:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _replace_file(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -120,3 +121,58 @@ def test_cli_refusal_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "'not-an-ip' is not an IP address" in done.stderr
+
+
+# ---------------------------------------------------------------- file modes and the partners' connection
+
+
+def test_a_fresh_coordinator_home_is_the_operators_alone_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        coordinator = Coordinator.init(tmp_path / "coord", addresses=["10.0.0.5"])
+    finally:
+        os.umask(previous)
+    paths = [coordinator.home, *coordinator.home.rglob("*")]
+    certificates = {coordinator.ca_path, coordinator.server_cert_path}
+    assert {p: stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {p: 0o700 for p in paths if p.is_dir()}
+    files = {p: stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()}
+    assert {p: m for p, m in files.items() if p not in certificates} == {p: 0o600 for p in files if p not in certificates}
+    assert {files[p] for p in certificates} == {0o644}
+    assert coordinator.status().loose_modes == ()
+
+
+def test_status_flags_each_looser_mode_with_the_chmod_to_run(coordinator: Coordinator) -> None:
+    state = coordinator.home / "state.db"
+    state.write_bytes(b"")
+    state.chmod(0o644)
+    coordinator.home.chmod(0o755)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "medfed"), "coordinator", "status", "--home", str(coordinator.home)],
+        capture_output=True, text=True, check=False, cwd=ROOT,
+    )
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    home = coordinator.home
+    assert f"fail  file modes: folder {home} is mode 0755, open to other users; run `chmod 700 {home}`" in lines
+    assert f"fail  file modes: file {state} is mode 0644, open to other users; run `chmod 600 {state}`" in lines
+
+
+def test_init_takes_the_fleet_bind_address_and_writes_the_partners_connection(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "medfed"), "coordinator", "init", "--home", str(tmp_path / "c"),
+         "--address", "10.0.0.5", "--fleet-bind", "10.0.0.5:9443"],
+        capture_output=True, text=True, check=False, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    coordinator = Coordinator.open(tmp_path / "c")
+    assert coordinator.config.fleet_bind == "10.0.0.5:9443"
+    assert "--fleet-api-address" in (argv := coordinator.superlink_argv("127.0.0.1:9093"))
+    assert argv[argv.index("--fleet-api-address") + 1] == "10.0.0.5:9443"
+    partner = coordinator.partner_home
+    connection = tomllib.loads((partner / "config.toml").read_text())["superlink"]
+    assert connection["default"] == "medfed-coordinator"
+    assert connection["medfed-coordinator"] == {
+        "address": "127.0.0.1:9093", "root-certificates": str(partner / "ca.crt"),
+    }
+    assert (partner / "ca.crt").read_text() == coordinator.ca_path.read_text()
+    assert f"FLWR_HOME={partner} medfed experiment submit SPEC --superlink medfed-coordinator" in done.stdout

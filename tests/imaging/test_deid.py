@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pydicom
@@ -13,15 +15,17 @@ import pytest
 from pydicom import config as pydicom_config
 from pydicom.data import get_testdata_file
 
-from imaging.deid import Deidentifier
+from imaging.deid import Deidentifier, _Staging, remove_stale_staging
 from imaging.deid_config import DeidConfig
 from imaging.errors import DeidentificationError
 from imaging.pixels import BurnedInMode, BurnedInPolicy, CleaningRule, Region
 from imaging.profile import ProfileOption
+from imaging.reading import scan_folder
 from imaging.report import FileStatus
 from imaging.synth import SynthCohort
 from tests.imaging.conftest import CohortFactory
 from tests.imaging.planting import OTHER_SECRET, SECRET
+from tests.paused_process import kill_when_paused
 
 CLEAN_TOP_ROWS = BurnedInPolicy(
     mode=BurnedInMode.CLEAN, rules=(CleaningRule(regions=(Region(top=0, left=0, bottom=8, right=4096),)),)
@@ -531,3 +535,49 @@ def test_pydicom_log_messages_about_bad_values_do_not_quote_them(caplog: pytest.
     assert record.levelno == logging.WARNING
     assert record.getMessage() == imaging.errors.WITHHELD
     assert "QZXLEAK" not in caplog.text
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+def test_a_killed_run_leaves_only_a_hidden_staging_folder_that_the_next_run_removes(
+    cohort_factory: CohortFactory, tmp_path: Path
+) -> None:
+    cohort = cohort_factory(hospital="north", modality="CT", n_patients=3, size=16, slices=2, seed=31, burned_in_fraction=0.0)
+    out = tmp_path / "out"
+    # A real run of deidentify_folder, SIGKILLed inside its third file.
+    code = (
+        "from pathlib import Path\nfrom imaging.deid import Deidentifier\nfrom tests.imaging.planting import SECRET\n"
+        "Deidentifier(secret=SECRET).deidentify_folder(Path(sys.argv[1]), Path(sys.argv[2]))\n"
+    )
+    kill_when_paused("imaging.deid:Deidentifier._deidentify_chunks", 3, code, [str(cohort.root), str(out)])
+    [staging] = [p for p in out.iterdir()]
+    assert staging.name.startswith(".deid-") and staging.name.endswith(".partial")
+    assert len([p for p in staging.rglob("*.dcm")]) == 2  # what the killed run had written
+    assert scan_folder(out).files_seen == 0  # a reader never takes it for data
+
+    report = Deidentifier(secret=SECRET).deidentify_folder(cohort.root, out)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert len(_outputs(out)) == len(report.written) == 6
+
+
+def test_a_staging_folder_of_a_run_in_progress_is_kept(tmp_path: Path) -> None:
+    live = _Staging(tmp_path)  # holds its lock, as a run in another process would
+    try:
+        assert remove_stale_staging(tmp_path) == 0
+        assert Path(live.root).is_dir()
+    finally:
+        live.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_outputs_are_owner_only_whatever_the_umask(cohort_factory: CohortFactory, tmp_path: Path, workers: int) -> None:
+    cohort = cohort_factory(hospital="east", modality="DX", n_patients=3, size=16, seed=14, burned_in_fraction=0.0)
+    previous = os.umask(0)
+    try:
+        Deidentifier(secret=SECRET).deidentify_folder(cohort.root, tmp_path / "out", workers=workers)
+    finally:
+        os.umask(previous)
+    paths = [tmp_path / "out", *(tmp_path / "out").rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {0o700}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o600}

@@ -123,7 +123,11 @@ def test_approval_then_run_then_a_budget_that_one_site_cannot_afford(cluster) ->
     poor = NodeHome.open(sites[2].home)
     set_budget(poor, DATASET, epsilon_=row.spent * 1.2, delta=1e-5, by=OFFICER)
     for site in sites:
-        assert _node("approve", second.digest(), "--dataset", DATASET, "--home", str(site.home)).returncode == 0
+        # Approved before its request arrives: the officer says so explicitly.
+        refused = _node("approve", second.digest(), "--dataset", DATASET, "--home", str(site.home))
+        assert refused.returncode == 2 and f"nobody has requested spec {second.digest()}" in refused.stderr
+        approved = _node("approve", second.digest(), "--dataset", DATASET, "--not-yet-requested", "--home", str(site.home))
+        assert approved.returncode == 0, approved.stderr
     _, partial = _run(local, workdir, second, key)
     assert partial.succeeded, partial
     assert _charges(sites) == {sites[0].name: 3, sites[1].name: 3, sites[2].name: 1}

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -160,6 +161,10 @@ def test_coordinator_and_node_commands_enrol_start_and_stop(tmp_path: Path) -> N
         assert "ok    registration: SuperNode" in doctor.stdout
         status = run("coordinator", "status", "--home", str(coord))
         assert "1 SuperNodes registered, 1 online" in status.stdout, status.stdout
+        # The SuperLink's state (and its WAL) and everything Flower wrote are the operator's alone.
+        assert f"ok    file modes: {coord} and everything in it are the operator's alone" in status.stdout, status.stdout
+        assert status.returncode == 0, status.stdout
+        assert stat.S_IMODE((coord / "state.db").stat().st_mode) == 0o600
         # From the "site" side (another loopback address) the Fleet port answers, the control port does not.
         site_side = "127.0.0.2"
         with socket.create_connection((site_side, fleet_port), timeout=5):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import multiprocessing
 import multiprocessing.synchronize
+import os
 import stat
 import tempfile
 from pathlib import Path
@@ -180,13 +181,23 @@ def test_audit_errors_belong_to_the_privacy_tree() -> None:
 def test_every_governance_event_has_a_kind() -> None:
     assert AUDIT_KINDS == (
         "request", "approval", "denial", "revocation", "refusal",
-        "release", "charge", "deidentification", "key", "budget", "app", "submission",
+        "release", "charge", "deidentification", "key", "budget", "app", "submission", "policy",
     )  # fmt: skip
 
 
 def test_log_and_head_are_not_world_readable(log: AuditLog) -> None:
     for path in (log.path, log.head_path):
         assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0
+
+
+def test_a_new_log_and_its_head_are_owner_only_whatever_the_umask(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    previous = os.umask(0)
+    try:
+        audit = AuditLog(tmp_path / "audit.jsonl", signing_key=key)
+        audit.append("charge", _payload(0))
+    finally:
+        os.umask(previous)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (audit.path, audit.head_path)} == {0o600}
 
 
 # ---------------------------------------------------------------- tampering, one kind each

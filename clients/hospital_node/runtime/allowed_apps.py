@@ -18,9 +18,7 @@ A missing file allows nothing: every run is refused.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from clients.hospital_node.errors import NodeHomeError
 from federation.release import AppIdentity
 from privacy.keys import toml_string
+from privacy.private_files import publish
 
 if TYPE_CHECKING:
     from clients.hospital_node.home import NodeHome
@@ -116,7 +115,7 @@ class AllowedApps:
         for app in apps:
             values = {**app.identity.to_mapping(), "added_by": app.added_by, "added_at": app.added_at.isoformat()}
             lines += ["[[app]]", *(f"{key} = {toml_string(values[key])}" for key in _KEYS), ""]
-        _write_private(self.path, "\n".join(lines))
+        publish(self.path, "\n".join(lines))
 
 
 def _parse(path: Path, raw: Mapping[str, Any]) -> list[AllowedApp]:
@@ -150,20 +149,6 @@ def _parse(path: Path, raw: Mapping[str, Any]) -> list[AllowedApp]:
     if problems:
         raise NodeHomeError(f"{path} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
     return apps
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace `path` atomically with a file only the node's user can read (0600)."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def allow_app(home: NodeHome, identity: AppIdentity, *, by: str) -> AllowedApp:

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from privacy.private_files import make_private_folder, publish
+
 __all__ = ["SERVICE_PREFIX", "SupervisorConfig", "main", "supervisor_argv"]
 
 logger = logging.getLogger(__name__)
@@ -132,12 +134,8 @@ class Supervisor:
 
     # ------------------------------------------------------------------ start
     def _write_secret(self) -> None:
-        self.run_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.run_dir, 0o700)
-        self.secret_path.unlink(missing_ok=True)
-        fd = os.open(self.secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secrets.token_bytes(32))
+        make_private_folder(self.run_dir)
+        publish(self.secret_path, secrets.token_bytes(32))
 
     def _supernode_argv(self) -> list[str]:
         config = self.config
@@ -160,11 +158,13 @@ class Supervisor:
                 self.port = _free_port()
             elif _port_taken(self.port):
                 raise _Fatal(f"the runtime port {self.port} on 127.0.0.1 is in use; give another with --port, or none")
-            self.supernode = subprocess.Popen(self._supernode_argv(), env=_child_env(self.config.home), stdin=subprocess.DEVNULL)
+            self.supernode = subprocess.Popen(
+                self._supernode_argv(), env=_child_env(self.config.home), stdin=subprocess.DEVNULL, umask=0o077
+            )
             deadline = time.monotonic() + _READY_SECONDS
             while time.monotonic() < deadline:
                 if _listening(self.port):
-                    (self.run_dir / RUNTIME_FILE).write_text(json.dumps({"runtime_port": self.port, "pid": os.getpid()}) + "\n")
+                    publish(self.run_dir / RUNTIME_FILE, json.dumps({"runtime_port": self.port, "pid": os.getpid()}) + "\n")
                     return
                 code = self.supernode.poll()
                 if code is not None:
@@ -187,7 +187,7 @@ class Supervisor:
             "--runtime-api", f"127.0.0.1:{self.port}",
             "--secret-file", str(self.secret_path),
         ]
-        return subprocess.Popen(argv, env=_child_env(self.config.home), stdin=subprocess.DEVNULL)
+        return subprocess.Popen(argv, env=_child_env(self.config.home), stdin=subprocess.DEVNULL, umask=0o077)
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:

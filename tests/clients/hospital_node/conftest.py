@@ -187,7 +187,21 @@ def govern(
     if min_cohort_size is not None:
         home.policy_path.write_text(replace(home.policy(), min_cohort_size=min_cohort_size).render())
     if approve_spec is not None:
-        approve(home, approve_spec.digest(), dataset=dataset, by=OFFICER)
+        approve(home, approve_spec.digest(), dataset=dataset, by=OFFICER, not_yet_requested=True)
+
+
+def governed_home(folder: Path, name: str) -> NodeHome:
+    """A node home beside a synthetic cohort file, registered as `htn_cohort`, trusting the test
+    partner, with a budget and no approval."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cohort = folder / "cohort.csv"
+    generate_cohort(2, n_hospitals=3, seed=7).to_csv(cohort, index=False)
+    home = NodeHome.create(folder / "home", name=name)
+    home.register_dataset(
+        DatasetEntry(name="htn_cohort", path=cohort, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES)
+    )
+    govern(home, "htn_cohort")
+    return home
 
 
 def signed_message(

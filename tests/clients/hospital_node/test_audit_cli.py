@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clients.hospital_node import cli as node_cli
-from clients.hospital_node.audit_cli import HOME_ENVVAR, audit_app, payload_summary
+from clients.hospital_node.audit_cli import HOME_ENVVAR, audit_app, payload_lines
 from clients.hospital_node.errors import AuditVerificationError, NodeError, NodeHomeError
 from clients.hospital_node.home import NodeHome
 from privacy.keys import fingerprint, generate_keypair, load_public_key
@@ -101,19 +101,23 @@ def test_show_lists_every_entry(node: NodeHome) -> None:
     assert "audit log of node hospital_2" in result.output
     for kind in ("request", "approval", "charge", "release"):
         assert kind in result.output
-    assert "dataset=htn_cohort, epsilon=0.2, round=2" in result.output
+    assert "dataset = htn_cohort" in result.output and "epsilon = 0.2" in result.output
 
 
 def test_show_filters_by_kind_and_keeps_the_last(node: NodeHome) -> None:
     result = runner.invoke(audit_app, ["show", *_home(node), "--kind", "charge", "--last", "2", "--json"])
     assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in result.output.splitlines()]
+    records = json.loads(result.output)
     assert [(r["seq"], r["kind"], r["payload"]["round"]) for r in records] == [(3, "charge", 2), (4, "charge", 3)]
 
 
-def test_show_json_prints_the_stored_lines(node: NodeHome) -> None:
+def test_show_json_is_one_array_of_the_stored_lines(node: NodeHome) -> None:
     result = runner.invoke(audit_app, ["show", *_home(node), "--json"])
-    assert result.output.encode() == node.audit_log_path.read_bytes()
+    stored = node.audit_log_path.read_text().splitlines()
+    assert json.loads(result.output) == [json.loads(line) for line in stored]
+    assert result.output == "[\n" + ",\n".join(stored) + "\n]\n"  # each element byte for byte as signed
+    empty = runner.invoke(audit_app, ["show", *_home(node), "--kind", "denial", "--json"])
+    assert json.loads(empty.output) == []
 
 
 def test_show_an_unknown_kind_suggests_one(node: NodeHome) -> None:
@@ -129,8 +133,99 @@ def test_show_an_empty_log(tmp_path: Path) -> None:
     assert not home.audit_key_path.exists()  # reading never creates the key
 
 
-def test_payload_summary_shortens_long_values() -> None:
-    summary = payload_summary({"b": "x" * 40, "a": [1, 2], "c": {"k": None}})
-    assert summary == f"a=[1,2], b={'x' * 23}…, c={{\"k\":null}}"
-    assert len(payload_summary({f"k{i}": i for i in range(40)}, width=30)) == 30
+def test_payload_lines_keep_scalars_whole_and_shorten_only_long_nested_values() -> None:
+    lines, shortened = payload_lines({"b": "x" * 100, "a": [1, 2], "c": {"k": "y" * 80}})
+    assert lines == ["a = [1,2]", f"b = {'x' * 100}", 'c = {"k":"' + "y" * 53 + "…"]
+    assert shortened
 
+
+def column(output: str, index: int, columns: int) -> str:
+    """The text of one column of a rich table, its cells' lines joined, spaces dropped."""
+    cells = [line.split("│")[index + 1] for line in output.splitlines() if line.count("│") == columns + 1]
+    return "".join(cells).replace(" ", "")
+
+
+def test_show_stays_readable_at_80_columns(node: NodeHome) -> None:
+    log = node.audit_log()
+    digest = "cd" * 32
+    log.append("approval", {"spec_digest": digest, "dataset": "htn_cohort", "max_epsilon": 2.5, "by": "officer_with_a_long_name"})
+    reason = "the experiment would bring dataset 'htn_cohort' to epsilon 7.812, over its lifetime budget of 6"
+    log.append("refusal", {"run": "12345678901234567890", "message": "train", "code": 4, "reason": reason})
+    result = runner.invoke(audit_app, ["show", *_home(node)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    payloads = column(result.output, 3, 4)
+    for value in (f"spec_digest={digest}", "run=12345678901234567890", "by=officer_with_a_long_name", "max_epsilon=2.5", reason):
+        assert value.replace(" ", "") in payloads
+    assert "2025" in column(result.output, 1, 4) or "20" in column(result.output, 1, 4)
+    assert "approval" in column(result.output, 2, 4) and "refusal" in column(result.output, 2, 4)
+
+
+# ---------------------------------------------------------------- egress
+
+
+@pytest.fixture
+def released(tmp_path: Path) -> tuple[NodeHome, dict[str, dict[str, float]]]:
+    """A node that answered a query, a train and an evaluate message of run 77, and refused a train."""
+    from flwr.app import ArrayRecord, MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients.hospital_node.rounds import answer
+    from medfed.synth import FEATURES
+    from models.tabular import build_tabular_model
+
+    from .conftest import example_spec, govern, governed_home, signed_message
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 77, 1, 1
+    home = governed_home(tmp_path, "hospital_9")
+    spec = example_spec()
+    govern(home, "htn_cohort", approve_spec=spec)
+    config = {"home": str(home.path)}
+    sent = {}
+    for kind, message_type, server_round in (
+        ("query", MessageType.QUERY, 1), ("train", MessageType.TRAIN, 1), ("evaluate", MessageType.EVALUATE, 1),
+    ):
+        arrays = ArrayRecord(build_tabular_model("logistic", len(FEATURES)).state_dict()) if kind != "query" else None
+        reply = answer(kind, signed_message(message_type, spec, server_round=server_round, arrays=arrays), config)
+        assert not reply.has_error(), reply.error
+        sent[kind] = dict(reply.content["metrics"])
+    arrays = ArrayRecord(build_tabular_model("logistic", len(FEATURES)).state_dict())
+    refused = answer("train", signed_message(MessageType.TRAIN, spec, server_round=999, arrays=arrays), config)
+    assert refused.has_error()
+    return home, sent
+
+
+def test_egress_json_holds_every_number_that_left_and_each_refusal(released) -> None:  # type: ignore[no-untyped-def]
+    home, sent = released
+    result = runner.invoke(node_cli.app, ["egress", "--home", str(home.path), "--json"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.output)
+    releases = [r["payload"] for r in records if r["kind"] == "release"]
+    assert [(r["message"], r["metric_values"]) for r in releases] == [
+        ("query", sent["query"]), ("train", sent["train"]), ("evaluate", sent["evaluate"]),
+    ]
+    [refusal] = [r["payload"] for r in records if r["kind"] == "refusal"]
+    assert refusal["message"] == "train" and "server-round must be in 1.." in refusal["reason"]
+
+
+def test_egress_shows_each_reply_kind_and_value_at_80_columns(released) -> None:  # type: ignore[no-untyped-def]
+    home, sent = released
+    result = runner.invoke(node_cli.app, ["egress", "--home", str(home.path)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    left = column(result.output, 3, 4)
+    for kind in ("query", "train", "evaluate"):
+        for name, value in sent[kind].items():
+            assert f"{name}={json.dumps(value)}" in left
+    replies = column(result.output, 2, 4)
+    assert replies.count("train") == 2 and "refused" in replies and "query" in replies and "evaluate" in replies
+    assert "server-round must be in 1.." in result.output.replace("\n", " ") or "server-roundmustbein1.." in left
+    assert "77" in column(result.output, 1, 4)
+
+
+def test_a_number_that_was_not_finite_is_shown_as_it_left(tmp_path: Path) -> None:
+    home = NodeHome.create(tmp_path / "node", name="hospital_3")
+    home.audit_log().append("release", {"run": "5", "round": 1, "message": "evaluate", "dataset": "d", "arrays": {},
+                                        "metrics": ["eval-auc"], "metric_values": {"eval-auc": "nan"}, "bytes": 8, "sha256": "0" * 64})
+    shown = runner.invoke(node_cli.app, ["egress", "--home", str(home.path)], env={"COLUMNS": "80"})
+    assert "eval-auc = nan" in shown.output

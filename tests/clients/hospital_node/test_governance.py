@@ -125,7 +125,7 @@ def test_after_approval_the_same_spec_is_accepted(home: NodeHome) -> None:
 
 
 def test_a_changed_spec_is_a_new_request_even_with_an_old_approval(home: NodeHome) -> None:
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     changed = example_spec(federation={"rounds": 3})
     code, _ = _refusal(_ask(home, signed_message(MessageType.QUERY, changed)))
     assert code == AWAITING_APPROVAL
@@ -142,13 +142,13 @@ def test_a_denial_reaches_the_researcher_with_its_reason(home: NodeHome) -> None
 
 
 def test_a_revoked_approval_stops_the_next_round_and_is_final(home: NodeHome) -> None:
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     assert not _train(home, SPEC, 1).has_error()
     governance.revoke(home, SPEC.digest()[:12], dataset="htn_cohort", reason="consent withdrawn", by=OFFICER)
     code, reason = _refusal(_train(home, SPEC, 2))
     assert (code, reason) == (REFUSED_APPROVAL, "approval revoked by this node's officer: consent withdrawn")
     with pytest.raises(GovernanceError, match="revocation is final"):
-        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     with PrivacyLedger.open(home.ledger_path) as ledger:
         assert [c.round for c in ledger.charges("htn_cohort")] == [1]
 
@@ -161,7 +161,7 @@ def test_an_expired_approval_is_refused(home: NodeHome) -> None:
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
     assert code == REFUSED_APPROVAL and reason.startswith("the officer's approval expired at ")
     with pytest.raises(GovernanceError, match="is in the past"):
-        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, expires=datetime.fromisoformat(past))
+        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, expires=datetime.fromisoformat(past), not_yet_requested=True)
 
 
 def test_a_forged_approved_flag_in_the_message_changes_nothing(home: NodeHome) -> None:
@@ -173,7 +173,7 @@ def test_a_forged_approved_flag_in_the_message_changes_nothing(home: NodeHome) -
 
 
 def test_an_approval_cap_below_the_experiments_cost_is_refused(home: NodeHome) -> None:
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, max_epsilon=0.5)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, max_epsilon=0.5, not_yet_requested=True)
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
     assert code == REFUSED_APPROVAL
     assert "over the officer's approval cap of 0.5" in reason
@@ -185,7 +185,7 @@ def test_officer_mistakes_get_one_line_messages(home: NodeHome) -> None:
     with pytest.raises(GovernanceError, match="too short"):
         governance.approve(home, "abc", dataset="htn_cohort", by=OFFICER)
     with pytest.raises(DatasetNotFoundError, match="dataset 'ecg' is not registered"):
-        governance.approve(home, SPEC.digest(), dataset="ecg", by=OFFICER)
+        governance.approve(home, SPEC.digest(), dataset="ecg", by=OFFICER, not_yet_requested=True)
     with pytest.raises(GovernanceError, match="one non-empty line"):
         governance.deny(home, SPEC.digest(), dataset="htn_cohort", reason="  ", by=OFFICER)
     with pytest.raises(GovernanceError, match="nothing to revoke"):
@@ -222,7 +222,7 @@ def test_a_damaged_signature_is_refused(home: NodeHome) -> None:
 
 
 def test_a_coordinator_that_alters_the_signed_spec_or_the_instruction_is_refused(home: NodeHome) -> None:
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     # A spec edited after signing: the signature no longer verifies.
     good = sign(SPEC)
     edited = json.loads(good.spec_json)
@@ -240,7 +240,7 @@ def test_a_coordinator_that_alters_the_signed_spec_or_the_instruction_is_refused
 
 def test_a_target_epsilon_spec_cannot_be_given_less_noise_than_its_target_needs(home: NodeHome) -> None:
     spec = example_spec(federation={"rounds": 2}, privacy={"noise_multiplier": None, "target_epsilon": 2.0})
-    governance.approve(home, spec.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, spec.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     honest = instruction_for(spec, plan_privacy(spec))
     assert not _ask(home, signed_message(MessageType.QUERY, spec, instruction=honest)).has_error()
     greedy = type(honest)(**(honest.__dict__ | {"noise_multiplier": honest.noise_multiplier * 0.8}))
@@ -258,7 +258,7 @@ def _policy(home: NodeHome, **changes: object) -> None:
 
 
 def test_policy_refusals_name_the_rule(home: NodeHome) -> None:
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     _policy(home, allowed_tasks=("imaging-classification",))
     assert _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC))) == (
         REFUSED_POLICY, "this node's policy does not allow task tabular-classification"
@@ -277,7 +277,7 @@ def test_policy_refusals_name_the_rule(home: NodeHome) -> None:
 def test_a_node_that_requires_secure_aggregation_accepts_a_spec_that_uses_it(home: NodeHome) -> None:
     _policy(home, require_secure_aggregation=True)
     secure = example_spec(federation={"rounds": 2, "secure_aggregation": True, "min_nodes": 3})
-    governance.approve(home, secure.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, secure.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     reply = _ask(home, signed_message(MessageType.QUERY, secure))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert read_metrics(reply.content, QUERY_METRICS)["num-examples"] > 0
@@ -286,11 +286,11 @@ def test_a_node_that_requires_secure_aggregation_accepts_a_spec_that_uses_it(hom
 def test_a_spec_may_tighten_the_policy_but_not_loosen_it(home: NodeHome) -> None:
     _policy(home, min_cohort_size=10)
     stricter = example_spec(federation={"rounds": 2}, privacy={"min_cohort_size": 100_000})
-    governance.approve(home, stricter.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, stricter.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     assert "minimum cohort of 100000" in _refusal(_ask(home, signed_message(MessageType.QUERY, stricter)))[1]
     _policy(home, min_cohort_size=100_000)
     looser = example_spec(federation={"rounds": 2}, privacy={"min_cohort_size": 1})
-    governance.approve(home, looser.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, looser.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     assert "minimum cohort of 100000" in _refusal(_ask(home, signed_message(MessageType.QUERY, looser)))[1]
 
 
@@ -305,7 +305,7 @@ def test_a_dataset_without_a_budget_is_refused(tmp_path: Path, home: NodeHome) -
     generate_cohort(1, n_hospitals=3, seed=7).to_csv(path, index=False)
     home.register_dataset(DatasetEntry(name="other", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES))
     spec = example_spec(data={"dataset": "other"})
-    governance.approve(home, spec.digest(), dataset="other", by=OFFICER)
+    governance.approve(home, spec.digest(), dataset="other", by=OFFICER, not_yet_requested=True)
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, spec)))
     assert code == REFUSED_BUDGET and "has no lifetime privacy budget on this node" in reason
 
@@ -314,7 +314,7 @@ def test_a_request_beyond_the_budget_is_refused_before_reading_and_a_round_beyon
     plan = plan_privacy(SPEC)
     one_round = epsilon([DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], delta=1e-5)
     governance.set_budget(home, "htn_cohort", epsilon_=one_round * 1.05, delta=1e-5, by=OFFICER)
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
     assert code == REFUSED_BUDGET and "over its lifetime budget of" in reason
     # A coordinator that skips the query and trains anyway: round 1 fits, round 2 does not.
@@ -332,7 +332,7 @@ def test_a_request_beyond_the_budget_is_refused_before_reading_and_a_round_beyon
 def test_a_failure_during_training_gives_the_reservation_back(home: NodeHome, monkeypatch: pytest.MonkeyPatch) -> None:
     import models.training
 
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("out of memory")
@@ -359,7 +359,7 @@ def test_a_reservation_cut_off_by_a_crash_shows_in_the_budget_and_keeps_counting
 
 
 def test_a_tampered_audit_log_stops_all_work(home: NodeHome) -> None:
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     lines = home.audit_log_path.read_text().splitlines()
     edited = json.loads(lines[-1])
     edited["payload"]["max_epsilon"] = 1000.0
@@ -368,11 +368,11 @@ def test_a_tampered_audit_log_stops_all_work(home: NodeHome) -> None:
     assert code == REFUSED_INTEGRITY
     assert reason.startswith("the node's audit log failed verification (1 problem(s))")
     with pytest.raises(GovernanceError, match="audit log failed verification"):
-        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+        governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
 
 
 def test_a_charge_deleted_from_the_ledger_stops_all_work(home: NodeHome) -> None:
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     assert not _train(home, SPEC, 1).has_error()
     conn = sqlite3.connect(home.ledger_path)
     conn.execute("DROP TRIGGER charges_are_never_deleted")
@@ -398,7 +398,7 @@ def test_the_officer_reviews_approves_and_reads_the_budget_from_the_command_line
     assert SPEC.digest()[:16] in shown.output and PARTNER in shown.output
     approved = _cli("approve", SPEC.digest()[:12], "--dataset", "htn_cohort", "--max-epsilon", "9", "--expires", "2099-01-01", "--home", str(home.path), "--by", "j.doe")
     assert approved.exit_code == 0, approved.output
-    assert f"approved spec {SPEC.digest()[:16]} on dataset 'htn_cohort' (capped at ε 9, until 2099-01-01)" in approved.output
+    assert f"approved spec {SPEC.digest()[:16]} on dataset 'htn_cohort' (1 run, capped at ε 9, until 2099-01-01)" in approved.output
     assert not _train(home, SPEC, 1).has_error()
     budget = _cli("budget", "--home", str(home.path))
     assert budget.exit_code == 0, budget.output
@@ -415,7 +415,7 @@ def test_the_officer_reviews_approves_and_reads_the_budget_from_the_command_line
 
 def test_the_evidence_pack_holds_decisions_charges_releases_and_a_plot(home: NodeHome, tmp_path: Path) -> None:
     _ask(home, signed_message(MessageType.QUERY, SPEC))
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     assert not _train(home, SPEC, 1).has_error()
     assert not _train(home, SPEC, 2).has_error()
     out = tmp_path / "pack"
@@ -457,7 +457,7 @@ def test_deny_and_revoke_from_the_command_line_find_the_dataset_from_the_request
     _ask(home, signed_message(MessageType.QUERY, SPEC))
     denied = _cli("deny", SPEC.digest()[:10], "--reason", "not in our remit", "--home", str(home.path))
     assert denied.exit_code == 0 and f"denied spec {SPEC.digest()[:16]} on dataset 'htn_cohort'" in denied.output
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     revoked = _cli("revoke", SPEC.digest()[:10], "--reason", "consent withdrawn", "--home", str(home.path))
     assert revoked.exit_code == 0, revoked.output
     state = governance.governance_state(home)
@@ -470,7 +470,7 @@ def test_query_and_evaluate_are_admitted_without_importing_torch(home: NodeHome,
     import subprocess
     import sys
 
-    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     script = (
         "import sys\n"
         "from clients.hospital_node.governance import admit\n"

@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from clients.hospital_node.imaging_connector import (
 )
 from imaging.deid import Deidentifier
 from imaging.synth import SynthCohort
+from tests.paused_process import kill_when_paused
 
 from .conftest import IMAGING_REQUEST, ImagingSite, write_imaging_labels
 
@@ -365,3 +368,134 @@ def test_a_split_that_leaves_a_side_empty_is_refused(imaging_site: ImagingSite, 
     )
     with pytest.raises(ConnectorError, match=f"validation_fraction {fraction} leaves no {which} patients out of 14"):
         ImagingConnector(imaging_site.home, entry).load(IMAGING_REQUEST)
+
+
+# ---------------------------------------------------------------- crash consistency
+
+def _add_imaging_argv(site: ImagingSite) -> list[str]:
+    return [
+        "node", "dataset", "add-imaging", site.entry.name, "--home", str(site.home.path), "--folder", str(site.folder),
+        "--labels", str(site.labels), "--modalities", "CT", "--deid-options", "clean_descriptors",
+    ]
+
+
+def _kill_ingestion_midway(site: ImagingSite) -> None:
+    """A real `medfed node dataset add-imaging`, SIGKILLed inside its 5th file."""
+    code = "from medfed.cli import main\nsys.argv = ['medfed', *sys.argv[1:]]\nmain()\n"
+    kill_when_paused("imaging.deid:Deidentifier.deidentify_bytes", 5, code, _add_imaging_argv(site))
+
+
+def test_a_killed_ingestion_leaves_nothing_that_is_used_and_a_rerun_cleans_up(imaging_site: ImagingSite) -> None:
+    connector = ImagingConnector(imaging_site.home, imaging_site.entry)
+    _kill_ingestion_midway(imaging_site)
+    left = sorted(p for p in connector.deid_dir.rglob("*.dcm"))
+    assert len(left) == 4  # the killed run got that far: four de-identified, unrecorded files
+    assert not connector.manifest_path.exists()
+    assert (connector.root / ".ingesting").exists()
+    assert _deid_entries(imaging_site.home) == []  # nothing audited
+    assert imaging_site.entry.name not in NodeHome.open(imaging_site.home.path).datasets()
+
+    rerun = subprocess.run(
+        [str(Path(sys.executable).parent / "medfed"), *_add_imaging_argv(imaging_site)],
+        capture_output=True, text=True, check=False,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{FILES} files, {FILES} de-identified" in rerun.stdout
+    assert not (connector.root / ".ingesting").exists()
+    assert [p for p in connector.root.rglob(".*") if p.name != ".lock"] == []
+    manifest = json.loads(connector.manifest_path.read_text())
+    recorded = {e["output"]: e["output_sha256"] for e in manifest["files"].values() if e["status"] == "written"}
+    on_disk = {p.relative_to(connector.deid_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in connector.deid_dir.rglob("*") if p.is_file()}
+    assert on_disk == recorded
+    assert len(_deid_entries(imaging_site.home)) == 1
+
+
+def _stray_patient(connector: ImagingConnector) -> Path:
+    """A valid de-identified file of a patient no ingestion recorded, put straight into the cache."""
+    source = next(connector.deid_dir.rglob("*.dcm"))
+    ds = pydicom.dcmread(source)
+    ds.PatientID = ds.PatientName = "stray-patient"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    target = connector.deid_dir / "stray" / "1" / "2" / "3.dcm"
+    target.parent.mkdir(parents=True)
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_training_reads_only_files_the_manifest_records_with_their_digest(imaging_site: ImagingSite) -> None:
+    connector = ImagingConnector(imaging_site.home, imaging_site.entry)
+    connector.prepare()
+    _stray_patient(connector)
+    changed = sorted(connector.deid_dir.rglob("*.dcm"))[0]
+    changed.write_bytes(changed.read_bytes() + b"\x00")
+    data = connector.load(IMAGING_REQUEST)
+    assert data.skipped.get("patient_without_label", 0) == 0  # the stray patient was never scanned
+    assert data.skipped["file_missing_or_changed"] == 1
+    assert data.n_train + data.n_val == N_PATIENTS  # one slice of one patient lost; the patient kept its other
+
+
+def test_a_rerun_of_the_python_api_removes_a_killed_runs_staging_folder_only(imaging_site: ImagingSite, tmp_path: Path) -> None:
+    # The connector de-identifies file by file; the hidden staging folders of the Python
+    # API's deidentify_folder are covered in tests/imaging/test_deid.py. Here: a staging
+    # folder in the node's cache is never read as data.
+    connector = ImagingConnector(imaging_site.home, imaging_site.entry)
+    connector.prepare()
+    staging = connector.deid_dir / ".deid-abc.partial" / "p" / "s" / "x"
+    staging.mkdir(parents=True)
+    shutil.copy(next(p for p in connector.deid_dir.rglob("*.dcm") if ".deid-" not in str(p)), staging / "1.dcm")
+    data = connector.load(IMAGING_REQUEST)
+    assert data.n_train + data.n_val == N_PATIENTS
+    assert "file_missing_or_changed" not in data.skipped
+
+
+def test_symbolic_links_out_of_the_folder_are_not_followed_and_only_counted(
+    imaging_site: ImagingSite, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outside = tmp_path / "Doe_Jane_19700101"  # a target path may name a patient
+    shutil.copytree(imaging_site.folder, outside)
+    first = next(p for p in sorted(outside.rglob("*")) if p.is_file())
+    (imaging_site.folder / "escape.dcm").symlink_to(first)
+    (imaging_site.folder / "escape-folder").symlink_to(outside, target_is_directory=True)
+    inside = next(p for p in sorted(imaging_site.folder.rglob("*")) if p.is_file() and not p.is_symlink())
+    (imaging_site.folder / "alias.dcm").symlink_to(inside)  # inside the folder: read at its target
+    caplog.set_level(logging.DEBUG)
+    inventory = ImagingConnector(imaging_site.home, imaging_site.entry).prepare()
+    assert inventory.deid.links_not_followed == 2
+    assert inventory.files_seen == FILES + 1
+    [entry] = _deid_entries(imaging_site.home)
+    assert entry["links_not_followed"] == 2
+    assert "Doe_Jane" not in caplog.text
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "medfed"), *_add_imaging_argv(imaging_site)],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 symbolic link(s) in the folder lead out of it and were not followed" in result.stdout
+    assert "Doe_Jane" not in result.stdout + result.stderr
+
+
+def test_the_cache_is_owner_only_whatever_the_umask(imaging_site: ImagingSite) -> None:
+    previous = os.umask(0)
+    try:
+        connector = ImagingConnector(imaging_site.home, imaging_site.entry)
+        connector.prepare()
+        connector.load(IMAGING_REQUEST)
+    finally:
+        os.umask(previous)
+    cache = imaging_site.home.path / CACHE_DIR
+    paths = [cache, *cache.rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {0o700}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o600}
+
+
+def test_the_officers_count_of_labelled_patients_reads_the_manifest_and_writes_nothing(imaging_site: ImagingSite) -> None:
+    connector = ImagingConnector(imaging_site.home, imaging_site.entry)
+    assert connector.labelled_patients() is None  # never prepared: nothing to count yet
+    connector.prepare()
+    before = sorted((p, p.stat().st_mtime_ns) for p in connector.root.rglob("*"))
+    (imaging_site.folder / "new.dcm").write_bytes(b"not yet de-identified")
+    assert connector.labelled_patients() == N_PATIENTS
+    assert sorted((p, p.stat().st_mtime_ns) for p in connector.root.rglob("*")) == before
+    assert len(_deid_entries(imaging_site.home)) == 1

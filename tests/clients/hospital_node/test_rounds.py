@@ -193,8 +193,8 @@ def test_egress_lists_what_left_for_each_run(home: NodeHome) -> None:
     runner = CliRunner()
     shown = runner.invoke(app, ["egress", "--home", str(home.path), "--json", "--run", "77"])
     assert shown.exit_code == 0, shown.output
-    [line] = shown.output.splitlines()
-    assert f'"bytes":{reply.content["arrays"].count_bytes()}' in line
+    [record] = json.loads(shown.output)
+    assert record["payload"]["bytes"] == reply.content["arrays"].count_bytes()
     other = runner.invoke(app, ["egress", "--home", str(home.path), "--run", "78"])
     assert other.exit_code == 0 and "nothing has left node 'hospital_9' for run 78" in other.output
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import stat
@@ -15,7 +16,7 @@ import pytest
 
 from clients.hospital_node.errors import NodeServiceError
 from clients.hospital_node.home import NodeHome
-from clients.hospital_node.service import NodeService, tls_handshake
+from clients.hospital_node.service import Check, NodeService, tls_handshake
 from privacy.enrolment import EnrolmentBundle, EnrolmentRequest
 from privacy.pki import create_ca, issue_server_certificate
 
@@ -220,3 +221,82 @@ def test_doctor_reports_policy_partners_budgets_and_a_ledger_missing_charges(ser
     assert checks["policy"].level == "ok"
     service.node.policy_path.write_text("[policy]\nmin_cohort_size = -1\n")
     assert {c.what: c for c in service.checks(connect=False)}["policy"].level == "fail"
+
+
+# ---------------------------------------------------------------- file modes
+
+
+def test_a_fresh_node_home_is_owner_only_whatever_the_umask(tmp_path: Path, cohort, make_entry) -> None:  # type: ignore[no-untyped-def]
+    from privacy.ledger import PrivacyLedger
+
+    from .conftest import govern
+
+    previous = os.umask(0)
+    try:
+        node = NodeService(NodeHome.create(tmp_path / "node", name="hospital_1"))
+        node.prepare_enrolment()
+        node.enrol(_bundle(node, tmp_path))
+        entry = make_entry()
+        cohort.to_csv(entry.path, index=False)
+        node.node.register_dataset(entry)
+        govern(node.node, "htn_cohort")  # trusted partners, audit log, budget
+        ledger = PrivacyLedger.open(node.node.ledger_path)  # open: its -wal and -shm files exist
+    finally:
+        os.umask(previous)
+    home = node.node.path
+    state = [home, *home.rglob("*")]
+    ledger.close()
+    assert {p.name for p in state} >= {
+        "node.toml", "policy.toml", "trusted_partners.toml", "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm",
+        "audit.jsonl", "audit.jsonl.head", "keys", "fleet_auth.key", "node_audit.key", "tls", "ca.crt",
+        "enrolment.toml", "enrolment-request.toml",
+    }
+    public = {p for p in state if p.suffix == ".pub"}
+    assert {p: stat.S_IMODE(p.stat().st_mode) for p in state if p.is_dir()} == {p: 0o700 for p in state if p.is_dir()}
+    assert {p: stat.S_IMODE(p.stat().st_mode) for p in state if p.is_file() and p not in public} == {
+        p: 0o600 for p in state if p.is_file() and p not in public
+    }
+    assert {stat.S_IMODE(p.stat().st_mode) for p in public} == {0o644}
+    assert [c for c in node.checks(connect=False) if c.what == "file modes"] == [
+        Check("ok", "file modes", f"{home} and everything in it are owner only")
+    ]
+
+
+def test_doctor_flags_each_looser_mode_with_the_chmod_to_run(service: NodeService) -> None:
+    home = service.node.path
+    ledger = service.node.ledger_path
+    home.chmod(0o755)
+    ledger.chmod(0o644)
+    (home / "logs").mkdir(mode=0o700)
+    log = home / "logs" / "supernode.log"
+    log.write_text("started\n")
+    log.chmod(0o644)
+    flagged = [(c.level, c.detail) for c in service.checks(connect=False) if c.what == "file modes"]
+    assert flagged == [
+        ("fail", f"folder {home} is mode 0755, open to other users; run `chmod 700 {home}`"),
+        ("fail", f"file {ledger} is mode 0644, open to other users; run `chmod 600 {ledger}`"),
+        ("warn", f"file {log} is mode 0644, open to other users; run `chmod 600 {log}`"),
+    ]
+    # Reported, never changed behind the owner's back.
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755 and stat.S_IMODE(ledger.stat().st_mode) == 0o644
+
+
+def test_doctor_sums_up_beyond_ten_loose_paths(service: NodeService) -> None:
+    cache = service.node.path / "imaging-cache"
+    cache.mkdir(mode=0o700)
+    for index in range(12):
+        (cache / f"{index}.npy").write_bytes(b"x")
+        (cache / f"{index}.npy").chmod(0o644)
+    flagged = [c for c in service.checks(connect=False) if c.what == "file modes"]
+    assert len(flagged) == 11 and {c.level for c in flagged} == {"fail"}
+    assert flagged[-1].detail == (
+        f"2 more paths in {service.node.path} are open to other users; run `chmod -R go-rwx {service.node.path}`"
+    )
+
+
+def test_init_makes_an_existing_folder_the_owners_alone(tmp_path: Path) -> None:
+    folder = tmp_path / "chosen"
+    folder.mkdir()
+    folder.chmod(0o755)
+    NodeHome.create(folder, name="hospital_2")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
