@@ -103,3 +103,10 @@ def test_each_refusal_is_one_signed_audit_entry_per_run(attacked) -> None:
             [MEDFED, "node", "audit", "verify", "--home", str(site.home)], capture_output=True, text=True, timeout=120, check=False
         )
         assert verified.returncode == 0, verified.stdout + verified.stderr
+        egress = subprocess.run(
+            [MEDFED, "node", "egress", "--home", str(site.home), "--run", attacked["run"], "--json"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert egress.returncode == 0, egress.stderr
+        [left] = json.loads(egress.stdout)  # what left for that run: one refusal, nothing else
+        assert (left["kind"], left["payload"]["code"]) == ("refusal", REFUSED_APP)
