@@ -78,11 +78,10 @@ for _path in (ROOT, PLAIN_APP):
 from experiments.cost import PrivacyPlan, plan_privacy  # noqa: E402
 from experiments.spec import ExperimentSpec  # noqa: E402
 from experiments.submit import submit, wait_for_run  # noqa: E402
-from clients.hospital_node.governance import approve  # noqa: E402
 from medfed.cluster import LocalCluster, flower_env  # noqa: E402
 from clients.hospital_node.governance import set_budget  # noqa: E402
 from clients.hospital_node.home import NodeHome  # noqa: E402
-from medfed.demo import DATASET, demo_spec, partner_key_path, prepare_alliance  # noqa: E402
+from medfed.demo import DATASET, approve_everywhere, demo_spec, partner_key_path, prepare_alliance  # noqa: E402
 from privacy.keys import load_private_key  # noqa: E402
 from plainfed.config import PlainConfig  # noqa: E402
 
@@ -566,9 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     # The officers approve the benchmark's spec for every medfed run and give room for them.
     medfed_runs = args.repeats * sum(VARIANTS[n].app == "medfed" for n in args.variants)
     for site in sites:
-        home = NodeHome.open(site.home)
-        set_budget(home, DATASET, epsilon_=1000.0, delta=1e-5, by="benchmark")
-        approve(home, spec.digest(), dataset=DATASET, by="benchmark", runs=max(medfed_runs, 1), not_yet_requested=True)
+        set_budget(NodeHome.open(site.home), DATASET, epsilon_=1000.0, delta=1e-5, by="benchmark")
+    approve_everywhere(sites, spec, runs=max(medfed_runs, 1))
     _prewarm(tracking_uri)
     results: list[RunResult] = []
     loads: list[float] = []

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             for site in sites:
                 set_budget(NodeHome.open(site.home), DATASET, epsilon_=1000.0, delta=1e-5, by="benchmark")
             for spec in pair.values():
-                approve_everywhere(sites, spec)
+                approve_everywhere(sites, spec, runs=args.repeats)
             _prewarm(tracking_uri)
             with LocalCluster(workdir / "cluster") as cluster:
                 cluster.start_superlink()

@@ -110,11 +110,10 @@ def govern_site(home: NodeHome, dataset: str, *, partner_public_key: Path, min_c
         set_budget(home, dataset, epsilon_=BUDGET_EPSILON, delta=BUDGET_DELTA, by=OFFICER)
 
 
-def approve_everywhere(sites: list[Site], spec: ExperimentSpec) -> None:
-    """Each site's officer approves exactly this spec (its digest) on the spec's dataset."""
+def approve_everywhere(sites: list[Site], spec: ExperimentSpec, *, runs: int = 1) -> None:
+    """Each site's officer approves exactly this spec (its digest) on the spec's dataset, for `runs` submissions."""
     for site in sites:
-        # The demo's officers approve the spec the demo is about to submit, before its request arrives.
-        approve(NodeHome.open(site.home), spec.digest(), dataset=spec.data.dataset, by=OFFICER, not_yet_requested=True)
+        approve(NodeHome.open(site.home), spec.digest(), dataset=spec.data.dataset, by=OFFICER, runs=runs, not_yet_requested=True)
 
 
 def signed_spec(spec: ExperimentSpec, workdir: Path) -> SignedSpec:

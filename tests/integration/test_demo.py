@@ -41,11 +41,11 @@ def test_interrupted_demo_leaves_no_process(tmp_path: Path, sig: signal.Signals)
         )
     try:
         deadline = time.monotonic() + 120
-        while "SuperNodes online" not in " ".join(log.read_text(errors="replace").split()):  # rich may wrap lines
+        while "hospital nodes online" not in " ".join(log.read_text(errors="replace").split()):  # rich may wrap lines
             assert demo.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the demo's cluster never came up"
             time.sleep(0.2)
-        assert _processes_mentioning(str(workdir)), "the SuperNodes should be running now"
+        assert _processes_mentioning(str(workdir)), "the node services should be running now"
         demo.send_signal(sig)
         assert demo.wait(timeout=60) == 130
     finally:

@@ -23,7 +23,7 @@ from clients.hospital_node.connectors import TabularConnector
 from clients.hospital_node.home import NodeHome
 from clients.hospital_node.rounds import KEPT_UPDATES_DIR, update_digest
 from experiments.spec import ExperimentSpec
-from experiments.submit import submit, wait_for_run
+from experiments.submit import prepare_submission, start_run, wait_for_run
 from medfed.cluster import LocalCluster, flower_env
 from medfed.demo import DATASET, EXAMPLE_SPEC, approve_everywhere, partner_key_path, prepare_alliance
 from privacy.keys import load_private_key
@@ -53,12 +53,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield local, sites, workdir
 
 
-def _submit(local: LocalCluster, workdir: Path, spec: ExperimentSpec) -> int:
-    return submit(
-        spec, connection=local.connection, tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
-        output_dir=workdir / "runs", signing_key=load_private_key(partner_key_path(workdir)),
-        env=flower_env(local.flwr_home),
+def _submit(local: LocalCluster, workdir: Path, spec: ExperimentSpec) -> tuple[int, Path]:
+    """Start a signed submission of `spec`; its Flower run id and the coordinator's folder for it."""
+    record = prepare_submission(
+        spec, signing_key=load_private_key(partner_key_path(workdir)), tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+        output_dir=workdir / "runs",
     )
+    return start_run(record, connection=local.connection, env=flower_env(local.flwr_home)), workdir / "runs" / record.submission_id
 
 
 def _kept(site, run_id: int, server_round: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -95,12 +96,12 @@ def test_the_coordinator_saves_plain_fedavg_of_the_masked_updates(cluster) -> No
     local, sites, workdir = cluster
     spec = _spec("secagg-equals-fedavg", rounds=2)
     approve_everywhere(sites, spec)
-    run_id = _submit(local, workdir, spec)
+    run_id, output = _submit(local, workdir, spec)
     status = wait_for_run(run_id, connection=local.connection, env=flower_env(local.flwr_home), timeout=900, poll=1.0)
     assert status.succeeded, status
     weights = [_n_train(site, spec) for site in sites]
     assert len(set(weights)) > 1  # unequal cohorts: weighting matters
-    _assert_fedavg(workdir / "runs" / str(run_id) / "final_model.pt", [_kept(s, run_id, 2) for s in sites], weights)
+    _assert_fedavg(output / "final_model.pt", [_kept(s, run_id, 2) for s in sites], weights)
     for site in sites:  # the node warned that it keeps updates
         assert "debug: keeping the update released in run" in local.log_path(f"supernode-{site.name}").read_text()
 
@@ -118,7 +119,7 @@ def test_a_node_killed_mid_round_is_recovered_and_the_run_finishes(cluster) -> N
     approve_everywhere(sites, spec)
     victim = sites[2].name
     before = _train_messages(local, victim)
-    run_id = _submit(local, workdir, spec)
+    run_id, output = _submit(local, workdir, spec)
     # Kill the victim when the collect stage (its third train message) reaches it: it has
     # shared its keys, the others will mask against it, and its update never leaves.
     deadline = time.monotonic() + 300
@@ -129,13 +130,13 @@ def test_a_node_killed_mid_round_is_recovered_and_the_run_finishes(cluster) -> N
 
     status = wait_for_run(run_id, connection=local.connection, env=flower_env(local.flwr_home), timeout=900, poll=1.0)
     assert status.succeeded, status
-    summary = json.loads((workdir / "runs" / str(run_id) / "privacy_summary.json").read_text())
+    summary = json.loads((output / "privacy_summary.json").read_text())
     assert {name: s["status"] for name, s in summary["sites"].items()} == {
         sites[0].name: "accepted", sites[1].name: "accepted", victim: "dropped"
     }
     survivors = sites[:2]
     _assert_fedavg(
-        workdir / "runs" / str(run_id) / "final_model.pt",
+        output / "final_model.pt",
         [_kept(s, run_id, 1) for s in survivors],
         [_n_train(s, spec) for s in survivors],
     )
