@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 
 from experiments.errors import SpecError
 from experiments.spec import ExperimentSpec
-from privacy.accountant import epsilon, noise_for_target, steps_per_epoch
+from privacy import limits
+from privacy.accountant import epsilon, epsilon_bound, noise_for_target, steps_per_epoch
 from privacy.errors import AccountingError
 from privacy.events import DPEvent
 
@@ -94,6 +95,18 @@ def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
             )
         except AccountingError as err:
             raise SpecError(f"experiment {spec.experiment.name}", [f"privacy.{err}"]) from err
+        # The spec's validation bounds an explicit noise; a derived one is bounded here,
+        # before any node composes it (they refuse it otherwise).
+        bound = epsilon_bound([DPEvent(noise, privacy.sample_rate, total_steps)], delta=privacy.delta)
+        if noise < limits.MIN_NOISE_MULTIPLIER or bound > limits.MAX_EPSILON:
+            raise SpecError(
+                f"experiment {spec.experiment.name}",
+                [
+                    f"privacy.target_epsilon {privacy.target_epsilon:g} needs noise_multiplier {noise:.4g} (epsilon "
+                    f"{bound:.4g} by the RDP bound); the limits are noise >= {limits.MIN_NOISE_MULTIPLIER:g} and "
+                    f"epsilon <= {limits.MAX_EPSILON:g}; lower target_epsilon"
+                ],
+            )
     else:
         assert privacy.noise_multiplier is not None  # the spec holds exactly one of the two
         noise = privacy.noise_multiplier
@@ -119,8 +132,10 @@ def plan_privacy(spec: ExperimentSpec, schedule: PrivacySchedule | None = None) 
         The spec's ``target_epsilon`` cannot be reached with any noise multiplier.
     """
     schedule = schedule or privacy_schedule(spec)
-    event = DPEvent(noise_multiplier=schedule.noise_multiplier, sample_rate=schedule.sample_rate, steps=schedule.steps_per_round)
+    event = DPEvent(
+        noise_multiplier=schedule.noise_multiplier, sample_rate=schedule.sample_rate, steps=schedule.steps_per_round
+    ).times(schedule.rounds)
     return PrivacyPlan(
         **asdict(schedule),
-        epsilon_per_site=epsilon([event] * schedule.rounds, delta=schedule.delta, accountant=schedule.accountant),
+        epsilon_per_site=epsilon([event], delta=schedule.delta, accountant=schedule.accountant),
     )

@@ -1,8 +1,8 @@
 """The wire contract between the coordinator and a hospital node.
 
 This module is the *whole* contract: the ServerApp and the ClientApp import nothing
-else of each other. It depends only on Flower's record types and the standard library,
-so a node imports it cheaply.
+else of each other. It depends only on Flower's record types, the standard library and
+the plain numbers of :mod:`privacy.limits`, so a node imports it cheaply.
 
 One experiment is three kinds of message wave:
 
@@ -39,6 +39,10 @@ feature columns, label and scaling; an ``imaging-classification`` one carries an
 :class:`ImagingInstruction` (which series, how to turn them into one image per patient)
 and the CNN's channels instead, and no columns: each node maps its own labels to its
 patients. Fields of the other task must be empty; :class:`TrainInstruction` checks it.
+
+An instruction also stays within :mod:`privacy.limits` (rounds, local epochs, steps per
+round and in all, the smallest noise, sample rate and delta): the node's own check, whatever
+the coordinator validated, before it composes anything.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord
 
+from privacy import limits
 
 __all__ = [
     "ARRAYS_KEY",
@@ -272,19 +277,33 @@ class TrainInstruction:
             if not getattr(self, name):
                 problems.append(f"{name} must be a non-empty string")
         problems += self._task_problems()
-        for name in ("local_epochs", "steps", "rounds"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1; found {getattr(self, name)}")
-        for name in ("learning_rate", "noise_multiplier", "max_grad_norm"):
+        problems += self._schedule_problems()
+        for name in ("learning_rate", "max_grad_norm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 problems.append(f"{name} must be > 0; found {value}")
-        if not 0 < self.sample_rate <= 1:
-            problems.append(f"sample_rate must be in (0, 1]; found {self.sample_rate}")
-        if not 0 < self.delta < 1:
-            problems.append(f"delta must be in (0, 1); found {self.delta}")
         if problems:
             raise ProtocolError("invalid training instruction: " + "; ".join(problems))
+
+    def _schedule_problems(self) -> list[str]:
+        """The counts and rates the node's accounting multiplies, against :mod:`privacy.limits`."""
+        problems = []
+        counts = {"local_epochs": limits.MAX_LOCAL_EPOCHS, "steps": limits.MAX_STEPS_PER_ROUND, "rounds": limits.MAX_ROUNDS}
+        for name, most in counts.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                problems.append(f"{name} must be an integer in 1..{most}; found {value!r}")
+        if not problems and self.rounds * self.steps > limits.MAX_TOTAL_STEPS:
+            problems.append(
+                f"rounds x steps must be <= {limits.MAX_TOTAL_STEPS} DP-SGD steps in all; found {self.rounds * self.steps}"
+            )
+        if not _is_real(self.noise_multiplier) or not self.noise_multiplier >= limits.MIN_NOISE_MULTIPLIER:
+            problems.append(f"noise_multiplier must be >= {limits.MIN_NOISE_MULTIPLIER:g}; found {self.noise_multiplier!r}")
+        if not _is_real(self.sample_rate) or not limits.MIN_SAMPLE_RATE <= self.sample_rate <= 1:
+            problems.append(f"sample_rate must be in [{limits.MIN_SAMPLE_RATE:g}, 1]; found {self.sample_rate!r}")
+        if not _is_real(self.delta) or not limits.MIN_DELTA <= self.delta < 1:
+            problems.append(f"delta must be in [{limits.MIN_DELTA:g}, 1); found {self.delta!r}")
+        return problems
 
     def _task_problems(self) -> list[str]:
         if self.task not in TASKS:
@@ -445,6 +464,10 @@ def _noise_mismatch(instruction: TrainInstruction, noise: Any) -> list[str]:
     if noise is not None and instruction.noise_multiplier != noise:
         return [f"noise_multiplier is {instruction.noise_multiplier!r}, the signed spec says privacy.noise_multiplier = {noise!r}"]
     return []
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def node_record(site: str) -> ConfigRecord:

@@ -32,6 +32,7 @@ from clients.hospital_node.policy import NodePolicy
 from federation.protocol import (
     AWAITING_APPROVAL,
     REFUSED_APPROVAL,
+    REFUSED_BAD_INSTRUCTION,
     REFUSED_BUDGET,
     REFUSED_INTEGRITY,
     REFUSED_POLICY,
@@ -40,7 +41,7 @@ from federation.protocol import (
     TrainInstruction,
     spec_mismatches,
 )
-from privacy.accountant import epsilon
+from privacy.accountant import epsilon, epsilon_bound
 from privacy.audit import AuditEntry, AuditLog
 from privacy.errors import KeyFileError, SignatureError
 from privacy.events import DPEvent
@@ -57,6 +58,7 @@ from privacy.governance import (
     verify_spec,
 )
 from privacy.keys import load_public_key
+from privacy.limits import MAX_EPSILON
 from privacy.ledger import Budget, PrivacyLedger
 
 __all__ = [
@@ -107,6 +109,24 @@ class Admission:
 
 def _round_event(instruction: TrainInstruction) -> DPEvent:
     return DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps)
+
+
+def _experiment_event(instruction: TrainInstruction) -> DPEvent:
+    """Every round of the experiment as one event, refused if its epsilon is beyond any node's limit.
+
+    The RDP bound costs the same at any step count and never reads tighter than PLD or
+    PRV, so a hostile noise multiplier is refused here before a tight accountant would
+    build a grid the size of its epsilon.
+    """
+    event = _round_event(instruction).times(instruction.rounds)
+    bound = epsilon_bound([event], delta=instruction.delta)
+    if bound > MAX_EPSILON:
+        raise Refusal(
+            REFUSED_BAD_INSTRUCTION,
+            f"the experiment would cost epsilon {bound:.4g} (RDP bound at its delta), over the limit of "
+            f"{MAX_EPSILON:g} for any experiment; the partner raises the noise or lowers the rounds",
+        )
+    return event
 
 
 def verified_entries(home: NodeHome) -> tuple[AuditEntry, ...]:
@@ -214,7 +234,7 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
 
     def experiment_cost(accountant: str = policy.accountant) -> float:
         """This experiment's own epsilon, all rounds, at the spec's delta (by this node's accountant)."""
-        return epsilon([_round_event(instruction)] * instruction.rounds, delta=instruction.delta, accountant=accountant)
+        return epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=accountant)
 
     status = state.status(digest, instruction.dataset, datetime.now(UTC))
     if status == PENDING:
@@ -264,7 +284,7 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         )
     budget = Budget(setting.epsilon, setting.delta)
     left = max(instruction.rounds - len(mine), 0)
-    projected = epsilon(held + [_round_event(instruction)] * left, delta=budget.delta, accountant=policy.accountant)
+    projected = epsilon(held + ([_round_event(instruction).times(left)] if left else []), delta=budget.delta, accountant=policy.accountant)
     if projected > budget.epsilon:
         raise Refusal(
             REFUSED_BUDGET,
@@ -476,6 +496,6 @@ def pending_requests(home: NodeHome) -> list[PendingRequest]:
             event = DPEvent(float(payload["noise_multiplier"]), float(payload["sample_rate"]), int(payload["steps_per_round"]))
             with PrivacyLedger.open(home.ledger_path) as ledger:
                 held = ledger.held(request.dataset)
-            projected = epsilon(held + [event] * int(payload["rounds"]), delta=position.budget.delta, accountant=accountant)
+            projected = epsilon(held + [event.times(int(payload["rounds"]))], delta=position.budget.delta, accountant=accountant)
         out.append(PendingRequest(request, float(payload.get("cost_epsilon", float("nan"))), position, projected))
     return out

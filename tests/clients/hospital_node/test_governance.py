@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ from federation.protocol import (
     AWAITING_APPROVAL,
     QUERY_METRICS,
     REFUSED_APPROVAL,
+    REFUSED_BAD_INSTRUCTION,
     REFUSED_BUDGET,
     REFUSED_INTEGRITY,
     REFUSED_POLICY,
@@ -47,6 +49,7 @@ from models.tabular import build_tabular_model
 from privacy.accountant import epsilon
 from privacy.events import DPEvent
 from privacy.ledger import Budget, PrivacyLedger
+from tests.peak_memory import MIB, peak_memory
 
 from .conftest import OFFICER, PARTNER, example_spec, govern, sign, signed_message
 
@@ -232,10 +235,10 @@ def test_a_coordinator_that_alters_the_signed_spec_or_the_instruction_is_refused
     assert code == REFUSED_SIGNATURE
     # The signed spec intact, but an instruction that spends more than it says.
     instruction = instruction_for(SPEC, plan_privacy(SPEC))
-    greedy = type(instruction)(**(instruction.__dict__ | {"noise_multiplier": 0.3}))
+    greedy = type(instruction)(**(instruction.__dict__ | {"noise_multiplier": 0.6}))
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, instruction=greedy)))
     assert code == REFUSED_SIGNATURE
-    assert "noise_multiplier is 0.3, the signed spec says privacy.noise_multiplier = 1.0" in reason
+    assert "noise_multiplier is 0.6, the signed spec says privacy.noise_multiplier = 1.0" in reason
 
 
 def test_a_target_epsilon_spec_cannot_be_given_less_noise_than_its_target_needs(home: NodeHome) -> None:
@@ -246,6 +249,53 @@ def test_a_target_epsilon_spec_cannot_be_given_less_noise_than_its_target_needs(
     greedy = type(honest)(**(honest.__dict__ | {"noise_multiplier": honest.noise_multiplier * 0.8}))
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, spec, instruction=greedy)))
     assert code == REFUSED_SIGNATURE and "over the signed target_epsilon 2" in reason
+
+
+# ---------------------------------------------------------------- limits (privacy.limits)
+
+
+def test_hostile_counts_are_refused_at_the_node_in_little_memory(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER)
+    assert not _ask(home, signed_message(MessageType.QUERY, SPEC)).has_error()  # warm: imports are not the request's
+    message = signed_message(MessageType.QUERY, SPEC)
+    config = message.content["config"]
+    hostile = json.loads(config["medfed.instruction"]) | {"rounds": 10**9, "local_epochs": 10**6, "steps": 10**9, "sample_rate": 1e-9}
+    config["medfed.instruction"] = json.dumps(hostile)
+    reply, peak = peak_memory(lambda: _ask(home, message))
+    code, reason = _refusal(reply)
+    assert code == REFUSED_BAD_INSTRUCTION
+    assert "rounds must be an integer in 1..1000; found 1000000000" in reason
+    assert "sample_rate must be in [0.001, 1]; found 1e-09" in reason
+    assert peak < 16 * MIB
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert ledger.charges("htn_cohort") == []
+
+
+def test_a_noise_whose_epsilon_is_beyond_the_limit_is_refused_before_a_tight_accountant_runs(home: NodeHome) -> None:
+    # Full-batch steps (q = 1) with a target: the coordinator picks the noise, the node bounds it.
+    spec = example_spec(federation={"rounds": 2}, privacy={"sample_rate": 1.0, "noise_multiplier": None, "target_epsilon": 2.0})
+    governance.approve(home, spec.digest(), dataset="htn_cohort", by=OFFICER)
+    honest = instruction_for(spec, plan_privacy(spec))
+    greedy = type(honest)(**(honest.__dict__ | {"noise_multiplier": 0.5}))
+    reply, peak = peak_memory(lambda: _ask(home, signed_message(MessageType.QUERY, spec, instruction=greedy)))
+    code, reason = _refusal(reply)
+    assert code == REFUSED_BAD_INSTRUCTION
+    assert re.fullmatch(
+        r"the experiment would cost epsilon \d+(\.\d+)? \(RDP bound at its delta\), over the limit of 12 for any "
+        r"experiment; the partner raises the noise or lowers the rounds",
+        reason,
+    ), reason
+    assert peak < 64 * MIB
+
+
+def test_a_spec_at_the_limits_is_admitted_in_bounded_memory(home: NodeHome) -> None:
+    # The most steps (one epoch of 1000 at the smallest sample rate), the least noise, the smallest delta.
+    spec = example_spec(federation={"rounds": 1}, privacy={"sample_rate": 0.001, "noise_multiplier": 0.5, "delta": 1e-10})
+    governance.approve(home, spec.digest(), dataset="htn_cohort", by=OFFICER)
+    message = signed_message(MessageType.QUERY, spec)
+    reply, peak = peak_memory(lambda: _ask(home, message))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert peak < 128 * MIB
 
 
 # ---------------------------------------------------------------- policy and budget
