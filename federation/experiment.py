@@ -115,7 +115,8 @@ class ExperimentResult:
             "sample_rate": self.plan.sample_rate,
             "steps_per_round": self.plan.steps_per_round,
             "rounds": self.plan.rounds,
-            "epsilon_charged_by_this_experiment": self.plan.epsilon_per_site,
+            "epsilon_charged_by_this_experiment": self.plan.epsilon_charged_per_site,  # PLD, as each node charges it
+            "epsilon_planning_estimate": self.plan.epsilon_per_site,  # by "accountant"
             "secure_aggregation": self.spec.federation.secure_aggregation,
             "sites": {
                 o.site: {"status": o.status, "reason": o.reason, "epsilon_spent_on_dataset": o.epsilon}

@@ -292,7 +292,7 @@ def comparison_table(
     models["pooled (centralised)"] = _train_baseline(spec, plan, x_all, y_all, seed=99)
 
     shown = " / ".join(_METRIC_NAMES[m] for m in metrics)
-    table = Table(title=f"Validation {shown} at ε ≈ {plan.epsilon_per_site:.2f} per patient (δ = {plan.delta:g})")
+    table = Table(title=f"Validation {shown} at ε ≈ {plan.epsilon_charged_per_site:.2f} per patient (δ = {plan.delta:g})")
     table.add_column("model")
     for name in tensors:
         table.add_column(f"{name} {shown}", justify="right")
@@ -406,8 +406,9 @@ def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int 
     # A fresh alliance every time: the demo's ledgers and audit logs describe this run only.
     shutil.rmtree(workdir / "homes", ignore_errors=True)
     sites = prepare_alliance(workdir, n_hospitals=n_hospitals, seed=seed)
-    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g} "
-                  f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
+    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g} "
+                  f"(PLD; planning estimate {plan.epsilon_per_site:.3f} by {plan.accountant.upper()}; "
+                  f"σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps)")
     report_governance(console, sites, spec)
     tracking_uri = default_tracking_uri()
     run_id, mlflow_run_id = run_on_cluster(

@@ -97,3 +97,11 @@ def test_costing_a_spec_at_the_limits_takes_bounded_memory() -> None:
     assert plan.total_steps == 1000 and 0 < plan.epsilon_per_site < 12
     assert peak < 256 * MIB
 
+
+def test_the_plan_carries_the_epsilon_the_nodes_charge_beside_the_planning_estimate() -> None:
+    plan = plan_privacy(ExperimentSpec.from_toml(EXAMPLE))
+    # What every node's ledger will charge: the same 100 steps composed by PLD.
+    assert plan.epsilon_charged_per_site == epsilon([DPEvent(1.0, 0.05, 100)], delta=1e-5, accountant="pld")
+    assert plan.epsilon_charged_per_site == pytest.approx(3.502, abs=1e-3)
+    # The planning estimate (PRV) agrees to about 1 %.
+    assert plan.epsilon_charged_per_site == pytest.approx(plan.epsilon_per_site, rel=1e-2)
