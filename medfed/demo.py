@@ -42,7 +42,7 @@ from medfed.cluster import LocalCluster, flower_env
 from federation.protocol import SignedSpec
 from medfed.errors import DemoError
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, SITE_COLUMN, write_alliance
-from privacy.accountant import epsilon
+from privacy.accountant import LEDGER_ACCOUNTANT, epsilon
 from privacy.governance import sign_spec
 from privacy.keys import generate_keypair, load_private_key
 from privacy.ledger import PrivacyLedger
@@ -128,7 +128,7 @@ def remaining_budgets(sites: list[Site], dataset: str) -> dict[str, tuple[float,
         home = NodeHome.open(site.home)
         setting = governance_state(home).budgets[dataset]
         with PrivacyLedger.open(home.ledger_path) as ledger:
-            spent = epsilon(ledger.held(dataset), delta=setting.delta, accountant=home.policy().accountant)
+            spent = epsilon(ledger.held(dataset, hold=home.policy().reservation_hold), delta=setting.delta, accountant=LEDGER_ACCOUNTANT)
         out[site.name] = (spent, setting.epsilon)
     return out
 
@@ -312,11 +312,13 @@ def comparison_table(
 
 
 def ledger_spent(sites: list[Site], dataset: str, plan: PrivacyPlan) -> dict[str, float]:
-    """Each site's composed epsilon on `dataset`, read from its own ledger."""
+    """Each site's composed epsilon on `dataset`, read from its own ledger as the node reports it (at its budget's delta)."""
     spent = {}
     for site in sites:
-        with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
-            spent[site.name] = ledger.spent(dataset, delta=plan.delta, accountant=plan.accountant)
+        home = NodeHome.open(site.home)
+        setting = governance_state(home).budgets.get(dataset)
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            spent[site.name] = ledger.spent(dataset, delta=plan.delta if setting is None else setting.delta)
     return spent
 
 

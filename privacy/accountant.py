@@ -9,9 +9,10 @@ the same steps.
 distribution accountant instead (pessimistic discretisation, add-or-remove-one
 neighbours, as Opacus assumes): as tight as PRV, and it needs no torch, so a node's
 budget checks in its short-lived ClientApp processes stay light (Opacus and torch take
-about 3 s to import). Specs keep to :data:`ACCOUNTANTS`, the ones Opacus can also
-search a noise multiplier with; :data:`LEDGER_ACCOUNTANTS` are those a node may compose
-its budget with (:data:`LEDGER_ACCOUNTANT` by default).
+about 3 s to import). A node's ledger composes with it alone
+(:data:`LEDGER_ACCOUNTANT`): every epsilon a node reports is that one number. Specs keep
+to :data:`ACCOUNTANTS`, the ones Opacus can also search a noise multiplier with: the
+partner's planning estimate.
 
 Composition is commutative, so :func:`epsilon` first groups equal events, wherever they
 stand, into one entry with their steps summed: the accountants then self-compose each
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCOUNTANTS",
     "LEDGER_ACCOUNTANT",
-    "LEDGER_ACCOUNTANTS",
     "epsilon",
     "epsilon_bound",
     "grouped_history",
@@ -62,7 +62,6 @@ ACCOUNTANTS = ("prv", "rdp")
 # one that can compose every mechanism medfed releases (dp-accounting's PLD).
 LEDGER_ACCOUNTANT = "pld"
 _ALL_ACCOUNTANTS = (LEDGER_ACCOUNTANT, *ACCOUNTANTS)
-LEDGER_ACCOUNTANTS = _ALL_ACCOUNTANTS  # what a node policy may name
 
 # dp-accounting's PLD grid: 1e-3 in privacy loss keeps a composition to tens of milliseconds
 # and epsilon within about 1 % of PRV's at the parameters medfed uses (tests check both).

@@ -11,7 +11,20 @@ nothing the coordinator says about legitimacy; it reads only the node's own stat
 4. the officer approved this spec digest for this dataset, and the approval has not
    expired or been revoked (an unseen spec is recorded as a pending request);
 5. the experiment's own epsilon fits the approval's cap, the policy's per-experiment cap
-   and the spec's own target; the dataset's lifetime budget can afford the rounds left.
+   and the spec's own target; the dataset's lifetime budget can afford every round of
+   the run, which the ledger then reserves for it (:meth:`PrivacyLedger.reserve_run`),
+   once per submission: of two runs that the budget cannot both afford, the second is
+   refused here, before it trains.
+
+The final evaluate message (the run completed) gives back the rounds it did not use.
+Runs are keyed by their *submission*: for now the Flower run id, the one parameter
+``submission`` of :func:`admit` (a continuation after a coordinator restart will carry
+the same submission id in a partner-signed envelope).
+
+Every epsilon the node computes is the ledger's (dp-accounting's PLD): the experiment's
+own at the spec's delta, the dataset's at its budget's delta. Only the check against the
+spec's ``target_epsilon`` uses the spec's accountant, since that is what the partner's
+signed promise was computed with.
 
 A refusal is a :class:`Refusal` with a protocol code and a one-line reason for the
 researcher. The officer's side (budgets, approvals, denials, revocations) writes the
@@ -21,7 +34,7 @@ same audit log, through the functions at the end of this module.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,9 +54,9 @@ from federation.protocol import (
     TrainInstruction,
     spec_mismatches,
 )
-from privacy.accountant import epsilon, epsilon_bound
+from privacy.accountant import LEDGER_ACCOUNTANT, epsilon, epsilon_bound
 from privacy.audit import AuditEntry, AuditLog
-from privacy.errors import KeyFileError, SignatureError
+from privacy.errors import BudgetExhaustedError, KeyFileError, LedgerError, SignatureError
 from privacy.events import DPEvent
 from privacy.governance import (
     APPROVED,
@@ -58,14 +71,23 @@ from privacy.governance import (
     verify_spec,
 )
 from privacy.keys import load_public_key
-from privacy.limits import MAX_EPSILON
-from privacy.ledger import Budget, PrivacyLedger
+from privacy.limits import (
+    MAX_EPSILON,
+    MAX_ROUNDS,
+    MAX_STEPS_PER_ROUND,
+    MAX_TOTAL_STEPS,
+    MIN_DELTA,
+    MIN_NOISE_MULTIPLIER,
+    MIN_SAMPLE_RATE,
+)
+from privacy.ledger import LIVE, Budget, PrivacyLedger, RunReservation
 
 __all__ = [
     "Admission",
     "DatasetBudget",
     "PendingRequest",
     "Refusal",
+    "ReservationStatus",
     "admit",
     "approve",
     "budget_status",
@@ -95,7 +117,7 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class Admission:
-    """What an admitted message may do: the dataset's budget and the run's own cap."""
+    """What an admitted message may do: the dataset's budget, the run's own cap and its reservation."""
 
     signer: str
     spec_digest: str
@@ -105,6 +127,7 @@ class Admission:
     budget: Budget | None = None
     run_cap: Budget | None = None
     cost: float | None = None  # this experiment's own epsilon on the dataset, all rounds, at the spec's delta
+    reservation: RunReservation | None = None  # the run's rounds, held in the ledger
 
 
 def _round_event(instruction: TrainInstruction) -> DPEvent:
@@ -182,11 +205,15 @@ def governance_state(home: NodeHome) -> GovernanceState:
     return GovernanceState.from_entries(verified_entries(home))
 
 
-def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str) -> Admission:
+def admit(
+    home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str, submission: str
+) -> Admission:
     """Decide whether this node takes part in `kind` ("query", "train", "evaluate") of the run.
 
-    Query and train are checked against every cap and the budget; evaluate (no DP-charged
-    release) against signature, approval and policy.
+    Query and train are checked against every cap and the budget, and hold the run's
+    reservation for `submission` (reserved by the first of them, found by the others);
+    evaluate (no DP-charged release) against signature, approval and policy, and gives
+    back the rounds the submission did not use.
 
     Raises
     ------
@@ -196,16 +223,13 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     entries = verified_entries(home)
     with PrivacyLedger.open(home.ledger_path) as ledger:
         missing = check_ledger(entries, ledger)
-        if missing:
-            raise Refusal(
-                REFUSED_INTEGRITY,
-                f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
-                f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
-                record=False,
-            )
-        held = ledger.held(instruction.dataset)
-        mine = [c.event for c in ledger.charges(instruction.dataset) if c.run_id == run_id]
-        mine += [r.event for r in ledger.reservations(instruction.dataset) if r.run_id == run_id]
+    if missing:
+        raise Refusal(
+            REFUSED_INTEGRITY,
+            f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
+            f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
+            record=False,
+        )
 
     # 2. signed, and the instruction is the signed spec
     try:
@@ -220,6 +244,11 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         raise Refusal(REFUSED_SIGNATURE, "the instruction is not what the signed spec says: " + "; ".join(mismatches))
     spec = signed.mapping()
     home.dataset(instruction.dataset)  # an unregistered dataset is refused, not requested
+    if kind == "evaluate":
+        # The run completed (signed, and the instruction is the spec): whatever else is
+        # decided below, the rounds it did not use go back to the dataset.
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            ledger.release_run(instruction.dataset, submission=submission)
 
     # 3. policy
     policy = home.policy()
@@ -232,8 +261,8 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     # 4. the officer's decision
     state = GovernanceState.from_entries(entries)
 
-    def experiment_cost(accountant: str = policy.accountant) -> float:
-        """This experiment's own epsilon, all rounds, at the spec's delta (by this node's accountant)."""
+    def experiment_cost(accountant: str = LEDGER_ACCOUNTANT) -> float:
+        """This experiment's own epsilon, all rounds, at the spec's delta (by the ledger's accountant)."""
         return epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=accountant)
 
     status = state.status(digest, instruction.dataset, datetime.now(UTC))
@@ -283,18 +312,23 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
             "its officer sets one with `medfed node budget set`",
         )
     budget = Budget(setting.epsilon, setting.delta)
-    left = max(instruction.rounds - len(mine), 0)
-    projected = epsilon(held + ([_round_event(instruction).times(left)] if left else []), delta=budget.delta, accountant=policy.accountant)
-    if projected > budget.epsilon:
-        raise Refusal(
-            REFUSED_BUDGET,
-            f"the experiment would bring dataset '{instruction.dataset}' to epsilon {projected:.3f}, "
-            f"over its lifetime budget of {budget.epsilon:g}",
-        )
-    run_cap = min(cap for cap, _, _ in caps)
-    if target is not None:
-        run_cap = min(run_cap, float(target) * (1 + _TARGET_SLACK))
-    return Admission(partner.name, digest, policy, budget, Budget(run_cap, instruction.delta), cost)
+    # The node's own caps, in the ledger's epsilon. The signed target was checked above by
+    # the spec's accountant; the reservation's fixed number of rounds keeps the run to it.
+    cap = Budget(min(cap for cap, _, _ in caps), instruction.delta)
+    try:
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            reservation = ledger.reserve_run(
+                instruction.dataset,
+                submission=submission,
+                event=_round_event(instruction),
+                rounds=instruction.rounds,
+                budget=budget,
+                hold=policy.reservation_hold,
+                run_cap=cap,
+            )
+    except (BudgetExhaustedError, LedgerError) as err:
+        raise Refusal(REFUSED_BUDGET, str(err)) from None
+    return Admission(partner.name, digest, policy, budget, cap, cost, reservation)
 
 
 def _request(
@@ -423,16 +457,31 @@ def _resolve(state: GovernanceState, spec_hash: str) -> str:
 
 
 @dataclass(frozen=True)
+class ReservationStatus:
+    """One run reservation as the officer sees it: its state and when it stops counting."""
+
+    reservation: RunReservation
+    state: str  # one of privacy.ledger.RUN_STATES
+    expires_at: datetime | None  # while it holds (live or expired); None once released or used up
+
+
+@dataclass(frozen=True)
 class DatasetBudget:
-    """One dataset's budget position, composed from the ledger at the budget's delta."""
+    """One dataset's budget position, composed from the ledger (PLD) at the budget's delta."""
 
     dataset: str
     budget: Budget | None
     spent: float  # charges only
-    held: float  # charges and open reservations: what a new request is checked against
+    held: float  # charges and live run reservations: what a new run is checked against
     charges: int
-    open_reservations: int
+    open_reservations: int  # live run reservations
     uncharged_releases: int  # charges with no release record: a node stopped before its reply left
+    reservations: tuple[ReservationStatus, ...] = ()  # every run reservation, in every state
+
+    @property
+    def reserved(self) -> float:
+        """What the live reservations add to the spend (composed, so spent + reserved = held)."""
+        return self.held - self.spent
 
     @property
     def remaining(self) -> float | None:
@@ -440,10 +489,10 @@ class DatasetBudget:
 
 
 def budget_status(home: NodeHome, entries: Sequence[AuditEntry] | None = None) -> list[DatasetBudget]:
-    """Every registered dataset's budget, spend, reservations and remaining epsilon."""
+    """Every registered dataset's budget, spend, run reservations and remaining epsilon."""
     entries = verified_entries(home) if entries is None else entries
     state = GovernanceState.from_entries(entries)
-    accountant = home.policy().accountant
+    hold = home.policy().reservation_hold
     released = {
         (str(e.payload.get("dataset")), str(e.payload.get("run")), e.payload.get("round"))
         for e in entries
@@ -451,21 +500,25 @@ def budget_status(home: NodeHome, entries: Sequence[AuditEntry] | None = None) -
     }
     rows = []
     with PrivacyLedger.open(home.ledger_path) as ledger:
+        now = ledger.now()
         for dataset in sorted(set(home.datasets()) | set(ledger.datasets())):
             setting = state.budgets.get(dataset)
             budget = None if setting is None else Budget(setting.epsilon, setting.delta)
             delta = budget.delta if budget is not None else 1e-5
             charges = ledger.charges(dataset)
-            reservations = ledger.reservations(dataset)
+            reservations = tuple(
+                ReservationStatus(r, r.state(hold=hold, now=now), r.expires_at(hold)) for r in ledger.run_reservations(dataset)
+            )
             rows.append(
                 DatasetBudget(
                     dataset=dataset,
                     budget=budget,
-                    spent=epsilon([c.event for c in charges], delta=delta, accountant=accountant),
-                    held=epsilon(ledger.held(dataset), delta=delta, accountant=accountant),
+                    spent=ledger.spent(dataset, delta=delta),
+                    held=epsilon(ledger.held(dataset, hold=hold), delta=delta, accountant=LEDGER_ACCOUNTANT),
                     charges=len(charges),
-                    open_reservations=len(reservations),
+                    open_reservations=sum(r.state == LIVE for r in reservations),
                     uncharged_releases=sum((c.dataset, c.run_id, c.round) not in released for c in charges),
+                    reservations=reservations,
                 )
             )
     return rows
@@ -476,9 +529,28 @@ class PendingRequest:
     """A request awaiting the officer, with what approving it would do to the budget."""
 
     request: Request
-    cost: float  # the experiment's own epsilon at its delta, as the node computed it
+    cost: float  # the experiment's own epsilon at its delta, by the ledger's accountant (nan if beyond the limits)
     position: DatasetBudget | None
     projected: float | None  # the dataset's epsilon at its budget's delta if the experiment runs
+
+
+def _requested_event(payload: Mapping[str, Any]) -> DPEvent | None:
+    """Every round a recorded request asks for, as one event; None if it lies beyond what any node composes.
+
+    Requests recorded before the limits existed may ask for anything; they are shown, not costed.
+    """
+    try:
+        rounds, steps = int(payload["rounds"]), int(payload["steps_per_round"])
+        noise, rate, delta = float(payload["noise_multiplier"]), float(payload["sample_rate"]), float(payload["delta"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (
+        1 <= rounds <= MAX_ROUNDS and 1 <= steps <= MAX_STEPS_PER_ROUND and rounds * steps <= MAX_TOTAL_STEPS
+        and MIN_SAMPLE_RATE <= rate <= 1 and noise >= MIN_NOISE_MULTIPLIER and MIN_DELTA <= delta < 1
+    ):
+        return None
+    event = DPEvent(noise, rate, steps).times(rounds)
+    return event if epsilon_bound([event], delta=delta) <= MAX_EPSILON else None
 
 
 def pending_requests(home: NodeHome) -> list[PendingRequest]:
@@ -486,16 +558,17 @@ def pending_requests(home: NodeHome) -> list[PendingRequest]:
     entries = verified_entries(home)
     state = GovernanceState.from_entries(entries)
     positions = {row.dataset: row for row in budget_status(home, entries)}
-    accountant = home.policy().accountant
+    hold = home.policy().reservation_hold
     out = []
     for request in state.pending():
         payload = request.payload
         position = positions.get(request.dataset)
+        event = _requested_event(payload)
+        cost = float("nan") if event is None else epsilon([event], delta=float(payload["delta"]), accountant=LEDGER_ACCOUNTANT)
         projected = None
-        if position is not None and position.budget is not None:
-            event = DPEvent(float(payload["noise_multiplier"]), float(payload["sample_rate"]), int(payload["steps_per_round"]))
+        if event is not None and position is not None and position.budget is not None:
             with PrivacyLedger.open(home.ledger_path) as ledger:
-                held = ledger.held(request.dataset)
-            projected = epsilon(held + [event.times(int(payload["rounds"]))], delta=position.budget.delta, accountant=accountant)
-        out.append(PendingRequest(request, float(payload.get("cost_epsilon", float("nan"))), position, projected))
+                held = ledger.held(request.dataset, hold=hold)
+            projected = epsilon([*held, event], delta=position.budget.delta, accountant=LEDGER_ACCOUNTANT)
+        out.append(PendingRequest(request, cost, position, projected))
     return out

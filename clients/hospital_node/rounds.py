@@ -2,12 +2,19 @@
 
 Every handler follows the same order: parse the instruction, let the node's governance
 admit it (:func:`clients.hospital_node.governance.admit`: signature, approval, policy,
-budget; nothing is read before that), check what else can be checked without touching
+budget; the first query or train message of a run reserves every round of it in the
+ledger; nothing is read before that), check what else can be checked without touching
 patient rows (dataset registered, label and features declared, privacy parameters
-consistent, round not already released), reserve the round's budget, then read the
-data, compute, charge the ledger, record the release in the audit log, and only then
-build the reply. What leaves passes the egress guard: only the metric keys the protocol
-declares for that message and arrays shaped exactly like the instructed model.
+consistent, round not already released), then read the data, compute, charge one
+reserved round to the ledger, record the release in the audit log, and only then build
+the reply. A failure before the charge spends nothing and leaves the run's reservation
+as it was; the final evaluate message gives back the rounds the run did not use. What
+leaves passes the egress guard: only the metric keys the protocol declares for that
+message and arrays shaped exactly like the instructed model.
+
+A run is known to the ledger by its *submission* (:attr:`_Request.submission`): for
+now the Flower run id; a continuation of the same submission after a coordinator
+restart will be another Flower run with the same submission id.
 
 A train message may come in Flower's legacy fit layout, through ``secaggplus_mod``
 (secure aggregation, :mod:`clients.hospital_node.secure_aggregation`): the same checks,
@@ -62,10 +69,9 @@ from federation.protocol import (
     node_record,
     refusal_reason,
 )
-from privacy.accountant import steps_per_epoch
+from privacy.accountant import LEDGER_ACCOUNTANT, steps_per_epoch
 from privacy.errors import PrivacyError
-from privacy.events import DPEvent
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import Budget, PrivacyLedger
 
 if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where they are used
     from clients.hospital_node.connectors import TabularData
@@ -88,6 +94,15 @@ class _Request:
     run_id: str
     secure: bool  # Flower's legacy fit layout under SecAgg+: numbered arrays, legacy reply
 
+    @property
+    def submission(self) -> str:
+        """What the ledger reserves and charges the run under: for now the Flower run id.
+
+        The partner-signed submission envelope will carry the submission id instead, the
+        same for every continuation of the submission after a coordinator restart.
+        """
+        return self.run_id
+
 
 def _request(kind: str, msg: Message) -> _Request:
     records = msg.content.config_records
@@ -108,8 +123,8 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
         request = _request(kind, msg)
         instruction = TrainInstruction.from_config(request.config)
         signed = SignedSpec.from_config(request.config)
-        admission = admit(home, instruction, signed, run_id=request.run_id, kind=kind)
-        _check_accounting(instruction)
+        _check_accounting(instruction)  # before admission reserves the run's rounds of this event
+        admission = admit(home, instruction, signed, run_id=request.run_id, kind=kind, submission=request.submission)
         content = _HANDLERS[kind](home, instruction, request, admission)
         _guard(kind, content, secure=request.secure)
         if kind != "train":  # a training reply records itself, with its charge, before it is built
@@ -271,6 +286,10 @@ def _query(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
 
 
 def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
+    import torch
+
+    from models.training import evaluate, train_dp
+
     server_round = int(request.config.get("server-round", 0))
     run_id = request.run_id
     if not 1 <= server_round <= instruction.rounds:
@@ -281,34 +300,8 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
                 f"round {server_round} of run {run_id} was already trained and charged on "
                 f"dataset '{instruction.dataset}'; a second release is refused"
             )
-        assert admission.budget is not None  # admitted for training: budget and caps were checked
-        reservation = ledger.reserve(
-            instruction.dataset,
-            run_id=run_id,
-            round=server_round,
-            event=DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps),
-            budget=admission.budget,
-            run_cap=admission.run_cap,
-            accountant=admission.policy.accountant,
-        )
-    try:
-        return _train_reserved(home, instruction, request, admission, server_round, reservation)
-    except BaseException:
-        # Nothing left the node: give the reservation back. (A crash that skips this
-        # leaves it open; it keeps counting and `medfed node budget` lists it.)
-        with PrivacyLedger.open(home.ledger_path) as ledger:
-            ledger.release(reservation)
-        raise
-
-
-def _train_reserved(  # type: ignore[no-untyped-def]
-    home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission, server_round: int, reservation
-) -> RecordDict:
-    import torch
-
-    from models.training import evaluate, train_dp
-
-    run_id = request.run_id
+    # Admitted for training: budget and caps were checked and the run's rounds are reserved.
+    assert admission.budget is not None and admission.reservation is not None
     data = _load(home, instruction)
     _check_cohort(data, instruction, admission, request)
     model = _model(instruction, request.arrays, numbered=request.secure)
@@ -335,12 +328,22 @@ def _train_reserved(  # type: ignore[no-untyped-def]
     if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
         raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
     secagg = _check_secagg_range(request, arrays, data.n_train) if request.secure else None
+    budget = admission.budget
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        ledger.commit(reservation)  # charged as the reply is built: from here on it counts
-        epsilon = ledger.spent(instruction.dataset, delta=instruction.delta, accountant=instruction.accountant)
+        # Charged as the reply is built: from here on it counts. One round of the reservation.
+        ledger.charge_round(
+            instruction.dataset,
+            submission=request.submission,
+            run_id=run_id,
+            round=server_round,
+            budget=budget,
+            run_cap=admission.run_cap,
+            hold=admission.policy.reservation_hold,
+        )
+        epsilon = ledger.spent(instruction.dataset, delta=budget.delta)
     logger.info(
-        "run %s round %s: trained %s steps on dataset '%s'; epsilon spent %.3f",
-        run_id, server_round, stats.steps, instruction.dataset, epsilon,
+        "run %s round %s: trained %s steps on dataset '%s'; epsilon spent %.3f at delta %g",
+        run_id, server_round, stats.steps, instruction.dataset, epsilon, budget.delta,
     )
     metrics = {
         "num-examples": float(data.n_train),
@@ -349,7 +352,7 @@ def _train_reserved(  # type: ignore[no-untyped-def]
         "steps": float(stats.steps),
         "epsilon": epsilon,
     }
-    record = _release_record(run_id, server_round, instruction, arrays, metrics)
+    record = _release_record(run_id, server_round, instruction, arrays, metrics, budget)
     if secagg is not None:
         record["secure_aggregation"] = secagg
     home.audit_log().append("release", record)
@@ -435,7 +438,7 @@ def update_digest(arrays: ArrayRecord) -> str:
 
 
 def _release_record(
-    run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float]
+    run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float], budget: Budget
 ) -> dict[str, object]:
     """What leaves the site with a training reply: names, shapes, size and digest, never values."""
     return {
@@ -453,9 +456,9 @@ def _release_record(
             "noise_multiplier": instruction.noise_multiplier,
             "sample_rate": instruction.sample_rate,
             "steps": int(metrics["steps"]),
-            "epsilon_spent": metrics["epsilon"],
-            "delta": instruction.delta,
-            "accountant": instruction.accountant,
+            "epsilon_spent": metrics["epsilon"],  # the dataset's, composed by the ledger at its budget's delta
+            "delta": budget.delta,
+            "accountant": LEDGER_ACCOUNTANT,
         },
     }
 

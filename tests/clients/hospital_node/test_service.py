@@ -220,3 +220,13 @@ def test_doctor_reports_policy_partners_budgets_and_a_ledger_missing_charges(ser
     assert checks["policy"].level == "ok"
     service.node.policy_path.write_text("[policy]\nmin_cohort_size = -1\n")
     assert {c.what: c for c in service.checks(connect=False)}["policy"].level == "fail"
+
+
+def test_doctor_warns_that_an_older_policys_accountant_is_ignored(service: NodeService) -> None:
+    service.node.policy_path.write_text('[policy]\naccountant = "prv"\n')
+    checks = {c.what: c for c in service.checks(connect=False)}
+    assert checks["policy"].level == "ok"
+    assert checks["policy accountant"].level == "warn"
+    assert checks["policy accountant"].detail == (
+        "policy.accountant = 'prv' is ignored: the ledger composes with PLD only; remove the line from policy.toml"
+    )
