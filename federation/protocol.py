@@ -287,23 +287,14 @@ class TrainInstruction:
 
     def _schedule_problems(self) -> list[str]:
         """The counts and rates the node's accounting multiplies, against :mod:`privacy.limits`."""
-        problems = []
-        counts = {"local_epochs": limits.MAX_LOCAL_EPOCHS, "steps": limits.MAX_STEPS_PER_ROUND, "rounds": limits.MAX_ROUNDS}
-        for name, most in counts.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-                problems.append(f"{name} must be an integer in 1..{most}; found {value!r}")
-        if not problems and self.rounds * self.steps > limits.MAX_TOTAL_STEPS:
-            problems.append(
-                f"rounds x steps must be <= {limits.MAX_TOTAL_STEPS} DP-SGD steps in all; found {self.rounds * self.steps}"
-            )
-        if not _is_real(self.noise_multiplier) or not self.noise_multiplier >= limits.MIN_NOISE_MULTIPLIER:
-            problems.append(f"noise_multiplier must be >= {limits.MIN_NOISE_MULTIPLIER:g}; found {self.noise_multiplier!r}")
-        if not _is_real(self.sample_rate) or not limits.MIN_SAMPLE_RATE <= self.sample_rate <= 1:
-            problems.append(f"sample_rate must be in [{limits.MIN_SAMPLE_RATE:g}, 1]; found {self.sample_rate!r}")
-        if not _is_real(self.delta) or not limits.MIN_DELTA <= self.delta < 1:
-            problems.append(f"delta must be in [{limits.MIN_DELTA:g}, 1); found {self.delta!r}")
-        return problems
+        return limits.schedule_problems(
+            rounds=self.rounds,
+            steps=self.steps,
+            sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier,
+            delta=self.delta,
+            local_epochs=self.local_epochs,
+        )
 
     def _task_problems(self) -> list[str]:
         if self.task not in TASKS:
@@ -464,10 +455,6 @@ def _noise_mismatch(instruction: TrainInstruction, noise: Any) -> list[str]:
     if noise is not None and instruction.noise_multiplier != noise:
         return [f"noise_multiplier is {instruction.noise_multiplier!r}, the signed spec says privacy.noise_multiplier = {noise!r}"]
     return []
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def node_record(site: str) -> ConfigRecord:

@@ -71,15 +71,7 @@ from privacy.governance import (
     verify_spec,
 )
 from privacy.keys import load_public_key
-from privacy.limits import (
-    MAX_EPSILON,
-    MAX_ROUNDS,
-    MAX_STEPS_PER_ROUND,
-    MAX_TOTAL_STEPS,
-    MIN_DELTA,
-    MIN_NOISE_MULTIPLIER,
-    MIN_SAMPLE_RATE,
-)
+from privacy.limits import MAX_EPSILON, schedule_problems
 from privacy.ledger import LIVE, Budget, PrivacyLedger, RunReservation
 
 __all__ = [
@@ -539,18 +531,17 @@ def _requested_event(payload: Mapping[str, Any]) -> DPEvent | None:
 
     Requests recorded before the limits existed may ask for anything; they are shown, not costed.
     """
-    try:
-        rounds, steps = int(payload["rounds"]), int(payload["steps_per_round"])
-        noise, rate, delta = float(payload["noise_multiplier"]), float(payload["sample_rate"]), float(payload["delta"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    if not (
-        1 <= rounds <= MAX_ROUNDS and 1 <= steps <= MAX_STEPS_PER_ROUND and rounds * steps <= MAX_TOTAL_STEPS
-        and MIN_SAMPLE_RATE <= rate <= 1 and noise >= MIN_NOISE_MULTIPLIER and MIN_DELTA <= delta < 1
+    values = {key: payload.get(key) for key in ("rounds", "steps_per_round", "sample_rate", "noise_multiplier", "delta")}
+    if schedule_problems(
+        rounds=values["rounds"],
+        steps=values["steps_per_round"],
+        sample_rate=values["sample_rate"],
+        noise_multiplier=values["noise_multiplier"],
+        delta=values["delta"],
     ):
         return None
-    event = DPEvent(noise, rate, steps).times(rounds)
-    return event if epsilon_bound([event], delta=delta) <= MAX_EPSILON else None
+    event = DPEvent(values["noise_multiplier"], values["sample_rate"], values["steps_per_round"]).times(values["rounds"])  # type: ignore[arg-type]
+    return event if epsilon_bound([event], delta=values["delta"]) <= MAX_EPSILON else None  # type: ignore[arg-type]
 
 
 def pending_requests(home: NodeHome) -> list[PendingRequest]:

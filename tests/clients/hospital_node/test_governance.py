@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -285,6 +286,18 @@ def test_a_noise_whose_epsilon_is_beyond_the_limit_is_refused_before_a_tight_acc
         r"experiment; the partner raises the noise or lowers the rounds",
         reason,
     ), reason
+    assert peak < 64 * MIB
+
+
+def test_a_request_recorded_beyond_the_limits_is_listed_but_not_costed(home: NodeHome) -> None:
+    # Written before the limits existed: the officer sees it; nothing composes it.
+    _ask(home, signed_message(MessageType.QUERY, SPEC))
+    [entry] = [e for e in home.audit_log().entries() if e.kind == "request"]
+    hostile = dict(entry.payload) | {"spec_digest": "ab" * 32, "rounds": 10**9, "sample_rate": 1e-9}
+    home.audit_log().append("request", hostile)
+    pending, peak = peak_memory(lambda: governance.pending_requests(home))
+    [old] = [p for p in pending if p.request.spec_digest == "ab" * 32]
+    assert math.isnan(old.cost) and old.projected is None
     assert peak < 64 * MIB
 
 
