@@ -54,7 +54,7 @@ def cost(
     spec: Path = SPEC_ARGUMENT,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
-    """Show the DP-SGD parameters of SPEC and the epsilon each site's dataset is charged."""
+    """Show the DP-SGD parameters of SPEC, the epsilon each site's dataset is charged, and the planning estimate."""
     parsed = ExperimentSpec.from_toml(spec)
     plan = plan_privacy(parsed)
     if as_json:
@@ -99,7 +99,8 @@ def submit(
     plan = plan_privacy(parsed)
     typer.echo(
         f"{parsed.experiment.name} ({parsed.digest()[:12]}): each site's dataset '{parsed.data.dataset}' "
-        f"will be charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g}"
+        f"will be charged ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g} "
+        f"(PLD; planning estimate {plan.epsilon_per_site:.3f} by {plan.accountant.upper()})"
     )
     signing_key = load_private_key(key)
     uri = tracking_uri or default_tracking_uri()
@@ -207,8 +208,8 @@ def _table(spec: ExperimentSpec, plan: PrivacyPlan) -> Table:
     table.add_row("rounds", str(plan.rounds))
     table.add_row("total steps", str(plan.total_steps))
     table.add_row("δ", f"{plan.delta:g}")
-    table.add_row("accountant", plan.accountant.upper())
-    table.add_row("ε charged per site", f"{plan.epsilon_per_site:.3f}")
+    table.add_row(f"ε per site, planning estimate ({plan.accountant.upper()})", f"{plan.epsilon_per_site:.3f}")
+    table.add_row("ε charged per site (PLD)", f"{plan.epsilon_charged_per_site:.3f}")
     table.add_row("secure aggregation", spec.secure_aggregation_summary())
     table.caption = "ε composes with each dataset's earlier spend (not by adding); nodes keep the total."
     return table

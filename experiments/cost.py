@@ -2,11 +2,17 @@
 
 Every site runs the same DP-SGD: ``rounds`` rounds of ``local_epochs`` epochs of Poisson
 sampling at ``sample_rate``, so ``steps_per_round = local_epochs * steps_per_epoch(q)``.
-Each round is one DP event on the site's dataset; the plan's ``epsilon_per_site`` is the
-epsilon of those ``rounds`` events composed by the same accountant the nodes use
-(:func:`privacy.accountant.epsilon`), at the spec's delta.
+Each round is one DP event on the site's dataset, and the ``rounds`` rounds compose as
+one self-composed event (:meth:`privacy.events.DPEvent.times`), at the spec's delta:
 
-That number is the increment this experiment alone costs. It is not what a node will
+- ``epsilon_charged_per_site``: by dp-accounting's PLD, the accountant every node's
+  ledger composes with: the epsilon a node charges this experiment, the number its
+  officer sees;
+- ``epsilon_per_site``: by the spec's own accountant (Opacus's PRV or RDP), the
+  partner's *planning estimate*, the one a ``target_epsilon`` is met by (the noise search
+  and the node's check of the target use it too). PRV and PLD agree to about 1 %.
+
+These numbers are the increment this experiment alone costs. It is not what a node will
 report as spent afterwards: a node composes this experiment's events with every earlier
 release on the same dataset, and composition is not additive (the total is less than the
 sum of the parts). Only the node's ledger knows the total.
@@ -18,7 +24,8 @@ from dataclasses import asdict, dataclass
 
 from experiments.errors import SpecError
 from experiments.spec import ExperimentSpec
-from privacy.accountant import epsilon, noise_for_target, steps_per_epoch
+from privacy import limits
+from privacy.accountant import LEDGER_ACCOUNTANT, epsilon, epsilon_bound, noise_for_target, steps_per_epoch
 from privacy.errors import AccountingError
 from privacy.events import DPEvent
 
@@ -41,7 +48,8 @@ class PrivacySchedule:
     rounds, total_steps
         Federated rounds, and ``rounds * steps_per_round``.
     delta, accountant
-        Where epsilon is read off, and by which accountant.
+        Where epsilon is read off, and the accountant of the planning estimate (and of
+        the noise search).
     noise_from_target
         Whether the noise was derived from the spec's ``target_epsilon``.
     target_epsilon
@@ -66,10 +74,15 @@ class PrivacyPlan(PrivacySchedule):
     Attributes
     ----------
     epsilon_per_site
-        Composed epsilon of this experiment's events on one site's dataset.
+        Planning estimate: this experiment's events on one site's dataset composed by the
+        spec's accountant (``accountant``, PRV or RDP).
+    epsilon_charged_per_site
+        The same events composed as every node's ledger composes them (PLD): what each
+        site is charged.
     """
 
     epsilon_per_site: float
+    epsilon_charged_per_site: float
 
 
 def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
@@ -94,6 +107,18 @@ def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
             )
         except AccountingError as err:
             raise SpecError(f"experiment {spec.experiment.name}", [f"privacy.{err}"]) from err
+        # The spec's validation bounds an explicit noise; a derived one is bounded here,
+        # before any node composes it (they refuse it otherwise).
+        bound = epsilon_bound([DPEvent(noise, privacy.sample_rate, total_steps)], delta=privacy.delta)
+        if noise < limits.MIN_NOISE_MULTIPLIER or bound > limits.MAX_EPSILON:
+            raise SpecError(
+                f"experiment {spec.experiment.name}",
+                [
+                    f"privacy.target_epsilon {privacy.target_epsilon:g} needs noise_multiplier {noise:.4g} (epsilon "
+                    f"{bound:.4g} by the RDP bound); the limits are noise >= {limits.MIN_NOISE_MULTIPLIER:g} and "
+                    f"epsilon <= {limits.MAX_EPSILON:g}; lower target_epsilon"
+                ],
+            )
     else:
         assert privacy.noise_multiplier is not None  # the spec holds exactly one of the two
         noise = privacy.noise_multiplier
@@ -119,8 +144,11 @@ def plan_privacy(spec: ExperimentSpec, schedule: PrivacySchedule | None = None) 
         The spec's ``target_epsilon`` cannot be reached with any noise multiplier.
     """
     schedule = schedule or privacy_schedule(spec)
-    event = DPEvent(noise_multiplier=schedule.noise_multiplier, sample_rate=schedule.sample_rate, steps=schedule.steps_per_round)
+    event = DPEvent(
+        noise_multiplier=schedule.noise_multiplier, sample_rate=schedule.sample_rate, steps=schedule.steps_per_round
+    ).times(schedule.rounds)
     return PrivacyPlan(
         **asdict(schedule),
-        epsilon_per_site=epsilon([event] * schedule.rounds, delta=schedule.delta, accountant=schedule.accountant),
+        epsilon_per_site=epsilon([event], delta=schedule.delta, accountant=schedule.accountant),
+        epsilon_charged_per_site=epsilon([event], delta=schedule.delta, accountant=LEDGER_ACCOUNTANT),
     )

@@ -30,6 +30,10 @@ has are left out of the canonical JSON of the other, so adding the imaging task 
 the digest of every tabular spec unchanged; keys added later are likewise left out while
 at their default (``_LATER_KEYS``).
 
+The counts that multiply into the cost of accounting (rounds, local epochs, steps per
+round and in all, the smallest sample rate and delta, the largest epsilon) stay within
+:mod:`privacy.limits`, which the nodes enforce again on their own.
+
 Types are strict where a TOML slip would change meaning: a boolean is never an
 integer or a number, and a string is never a number. An integer is accepted wherever a
 number is (``learning_rate = 1``) and becomes a float, so it digests like ``1.0``.
@@ -51,6 +55,9 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from pydantic_core import PydanticCustomError
 
 from experiments.errors import SpecError
+from privacy import limits
+from privacy.accountant import epsilon_bound, steps_per_epoch
+from privacy.events import DPEvent
 
 __all__ = [
     "ACCOUNTANTS",
@@ -270,9 +277,9 @@ class FederationSection(_Table):
     """``[federation]``: rounds, aggregation strategy and how long to wait for nodes."""
 
     strategy: Strategy = "fedavg"
-    rounds: Count
+    rounds: Annotated[int, Strict(), Field(ge=1, le=limits.MAX_ROUNDS)]
     min_nodes: Count = 2
-    local_epochs: Count = 1
+    local_epochs: Annotated[int, Strict(), Field(ge=1, le=limits.MAX_LOCAL_EPOCHS)] = 1
     learning_rate: Positive = 0.1
     proximal_mu: NonNegative = 0.0  # FedProx only; must then be > 0
     server_learning_rate: Positive = 0.1  # FedAdam's eta
@@ -345,11 +352,11 @@ def _secagg_problems(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
 class PrivacySection(_Table):
     """``[privacy]``: DP-SGD at each node; exactly one of noise_multiplier or target_epsilon."""
 
-    delta: Annotated[float, Strict(), Field(gt=0, lt=1, allow_inf_nan=False)]
+    delta: Annotated[float, Strict(), Field(ge=limits.MIN_DELTA, lt=1, allow_inf_nan=False)]
     max_grad_norm: Positive = 1.0
-    sample_rate: Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)]
-    noise_multiplier: Positive | None = None
-    target_epsilon: Positive | None = None  # per site, for this experiment
+    sample_rate: Annotated[float, Strict(), Field(ge=limits.MIN_SAMPLE_RATE, le=1, allow_inf_nan=False)]
+    noise_multiplier: Annotated[float, Strict(), Field(ge=limits.MIN_NOISE_MULTIPLIER, allow_inf_nan=False)] | None = None
+    target_epsilon: Annotated[float, Strict(), Field(gt=0, le=limits.MAX_EPSILON, allow_inf_nan=False)] | None = None  # per site, for this experiment
     accountant: Accountant = "prv"
     min_cohort_size: Count | None = None  # tightens each node's policy, never loosens it
 
@@ -382,7 +389,7 @@ class ExperimentSpec(_Table):
 
     @classmethod
     def table_problems(cls, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return [(".".join(loc), message) for loc, message in _task_problems(raw)]
+        return [(".".join(loc), message) for loc, message in _task_problems(raw) + _schedule_problems(raw)]
 
     @classmethod
     def from_toml(cls, path: Path | str) -> ExperimentSpec:
@@ -543,6 +550,52 @@ def _task_problems(raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
     return problems
 
 
+def _schedule_problems(raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """The limits on what the fields multiply into: steps per round, steps in all, epsilon.
+
+    Judged only when each field is valid on its own (that field is reported otherwise).
+    """
+    federation = raw.get("federation") if isinstance(raw.get("federation"), Mapping) else {}
+    privacy = raw.get("privacy") if isinstance(raw.get("privacy"), Mapping) else {}
+    rounds, epochs = federation.get("rounds"), federation.get("local_epochs", 1)
+    rate, delta, noise = privacy.get("sample_rate"), privacy.get("delta"), privacy.get("noise_multiplier")
+    if not (
+        _is_int(rounds) and 1 <= rounds <= limits.MAX_ROUNDS
+        and _is_int(epochs) and 1 <= epochs <= limits.MAX_LOCAL_EPOCHS
+        and _is_number(rate) and limits.MIN_SAMPLE_RATE <= rate <= 1
+    ):
+        return []
+    per_epoch = steps_per_epoch(rate)
+    per_round = epochs * per_epoch
+    if per_round > limits.MAX_STEPS_PER_ROUND:
+        return [(
+            ("federation", "local_epochs"),
+            f"federation.local_epochs x steps per epoch (1 / privacy.sample_rate = {per_epoch}) must be <= "
+            f"{limits.MAX_STEPS_PER_ROUND} DP-SGD steps per round; found {per_round}; lower local_epochs or raise the sample rate",
+        )]
+    total = rounds * per_round
+    if total > limits.MAX_TOTAL_STEPS:
+        return [(
+            ("federation", "rounds"),
+            f"federation.rounds x steps per round ({per_round}) must be <= {limits.MAX_TOTAL_STEPS} DP-SGD steps "
+            f"in all; found {total}; lower rounds or local_epochs, or raise the sample rate",
+        )]
+    if not (
+        _is_number(noise) and math.isfinite(noise) and noise >= limits.MIN_NOISE_MULTIPLIER
+        and _is_number(delta) and limits.MIN_DELTA <= delta < 1
+    ):
+        return []
+    bound = epsilon_bound([DPEvent(noise, rate, total)], delta=delta)
+    if bound > limits.MAX_EPSILON:
+        return [(
+            ("privacy", "noise_multiplier"),
+            f"privacy.noise_multiplier must keep the experiment's epsilon (RDP bound at privacy.delta) <= "
+            f"{limits.MAX_EPSILON:g}; found {_show(noise)}, which gives {bound:.4g}; raise the noise or lower "
+            "rounds, local_epochs or the sample rate",
+        )]
+    return []
+
+
 # ---------------------------------------------------------------- problems, by field
 
 
@@ -566,6 +619,7 @@ def _problems(err: ValidationError, raw: Mapping[str, Any]) -> list[str]:
         if isinstance(section, Mapping):
             found.extend(((table, key), message) for key, message in model.table_problems(section))
     found.extend(_task_problems(raw))
+    found.extend(_schedule_problems(raw))
     found.sort(key=lambda item: _order(item[0]))
     return list(dict.fromkeys(message for _, message in found))
 

@@ -126,7 +126,8 @@ class ExperimentResult:
             "sample_rate": self.plan.sample_rate,
             "steps_per_round": self.plan.steps_per_round,
             "rounds": self.plan.rounds,
-            "epsilon_charged_by_this_experiment": self.plan.epsilon_per_site,
+            "epsilon_charged_by_this_experiment": self.plan.epsilon_charged_per_site,  # PLD, as each node charges it
+            "epsilon_planning_estimate": self.plan.epsilon_per_site,  # by "accountant"
             "secure_aggregation": self.spec.federation.secure_aggregation,
             "sites": {
                 o.site: {"status": o.status, "reason": o.reason, "epsilon_spent_on_dataset": o.epsilon}
@@ -537,7 +538,7 @@ def run_experiment(
             arrays = new_arrays
             # Nodes evaluated the model they received: that of the previous round.
             incoming = _round_metrics(answered, sites, EVAL_METRICS)
-            trained = _round_metrics(answered, sites, ("train-loss", "epsilon"))
+            trained = _round_metrics(answered, sites, ("train-loss", "epsilon", "epsilon-run"))
             tracker.log_metrics(incoming, step=server_round - 1)
             tracker.log_metrics(trained, step=server_round)
             history[server_round - 1] = {**history.get(server_round - 1, {}), **incoming}

@@ -1,8 +1,8 @@
 """The wire contract between the coordinator and a hospital node.
 
 This module is the *whole* contract: the ServerApp and the ClientApp import nothing
-else of each other. It depends only on Flower's record types and the standard library,
-so a node imports it cheaply.
+else of each other. It depends only on Flower's record types, the standard library and
+the plain numbers of :mod:`privacy.limits`, so a node imports it cheaply.
 
 One experiment is three kinds of message wave:
 
@@ -39,6 +39,10 @@ feature columns, label and scaling; an ``imaging-classification`` one carries an
 :class:`ImagingInstruction` (which series, how to turn them into one image per patient)
 and the CNN's channels instead, and no columns: each node maps its own labels to its
 patients. Fields of the other task must be empty; :class:`TrainInstruction` checks it.
+
+An instruction also stays within :mod:`privacy.limits` (rounds, local epochs, steps per
+round and in all, the smallest noise, sample rate and delta): the node's own check, whatever
+the coordinator validated, before it composes anything.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord
 
+from privacy import limits
 
 __all__ = [
     "ARRAYS_KEY",
@@ -165,7 +170,8 @@ TRAIN_METRICS = (
     *EVAL_METRICS,
     "train-loss",
     "steps",
-    "epsilon",
+    "epsilon",  # the dataset's lifetime epsilon after this round, at its budget's delta (the node's ledger)
+    "epsilon-run",  # what this submission alone has charged the dataset so far, same delta
 )
 QUERY_METRICS = (
     "num-examples",
@@ -288,19 +294,24 @@ class TrainInstruction:
             if not getattr(self, name):
                 problems.append(f"{name} must be a non-empty string")
         problems += self._task_problems()
-        for name in ("local_epochs", "steps", "rounds"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1; found {getattr(self, name)}")
-        for name in ("learning_rate", "noise_multiplier", "max_grad_norm"):
+        problems += self._schedule_problems()
+        for name in ("learning_rate", "max_grad_norm"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 problems.append(f"{name} must be > 0; found {value}")
-        if not 0 < self.sample_rate <= 1:
-            problems.append(f"sample_rate must be in (0, 1]; found {self.sample_rate}")
-        if not 0 < self.delta < 1:
-            problems.append(f"delta must be in (0, 1); found {self.delta}")
         if problems:
             raise ProtocolError("invalid training instruction: " + "; ".join(problems))
+
+    def _schedule_problems(self) -> list[str]:
+        """The counts and rates the node's accounting multiplies, against :mod:`privacy.limits`."""
+        return limits.schedule_problems(
+            rounds=self.rounds,
+            steps=self.steps,
+            sample_rate=self.sample_rate,
+            noise_multiplier=self.noise_multiplier,
+            delta=self.delta,
+            local_epochs=self.local_epochs,
+        )
 
     def _task_problems(self) -> list[str]:
         if self.task not in TASKS:

@@ -44,7 +44,7 @@ from medfed.cluster import LocalCluster, flower_env
 from federation.protocol import SignedSpec
 from medfed.errors import DemoError
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, SITE_COLUMN, write_alliance
-from privacy.accountant import epsilon
+from privacy.accountant import LEDGER_ACCOUNTANT, epsilon
 from privacy.governance import Submission, sign_submission
 from privacy.keys import generate_keypair, load_private_key
 from privacy.ledger import PrivacyLedger
@@ -130,7 +130,7 @@ def remaining_budgets(sites: list[Site], dataset: str) -> dict[str, tuple[float,
         home = NodeHome.open(site.home)
         setting = governance_state(home).budgets[dataset]
         with PrivacyLedger.open(home.ledger_path) as ledger:
-            spent = epsilon(ledger.held(dataset), delta=setting.delta, accountant=home.policy().accountant)
+            spent = epsilon(ledger.held(dataset, hold=home.policy().reservation_hold), delta=setting.delta, accountant=LEDGER_ACCOUNTANT)
         out[site.name] = (spent, setting.epsilon)
     return out
 
@@ -251,7 +251,7 @@ def comparison_table(
     pooled = {label: cell(model, x_val_all, y_val_all) for label, model in models.items()}
     shown = " / ".join(_METRIC_NAMES[m] for m in metrics)
     ordered = {name: results.get(name, SiteResult({}, math.nan, math.nan)) for name in tensors}
-    title = f"Validation {shown} at ε ≈ {plan.epsilon_per_site:.2f} per patient (δ = {plan.delta:g})"
+    title = f"Validation {shown} at ε ≈ {plan.epsilon_charged_per_site:.2f} per patient (δ = {plan.delta:g})"
     return results_table(title, rows, ordered, all_sites=pooled)
 
 
@@ -335,8 +335,9 @@ def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int 
     # A fresh alliance every time: the demo's ledgers and audit logs describe this run only.
     shutil.rmtree(workdir / "homes", ignore_errors=True)
     sites = prepare_alliance(workdir, n_hospitals=n_hospitals, seed=seed)
-    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g} "
-                  f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
+    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g} "
+                  f"(PLD; planning estimate {plan.epsilon_per_site:.3f} by {plan.accountant.upper()}; "
+                  f"σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps)")
     report_governance(console, sites, spec)
     tracking_uri = default_tracking_uri()
     submission_id, mlflow_run_id = run_on_cluster(

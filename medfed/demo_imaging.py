@@ -177,8 +177,9 @@ def run_imaging_demo(
         f"  each hospital's export de-identified into its node home ({time.monotonic() - started:.0f} s); "
         f"{LABEL_NOISE:.0%} of its labels disagree with the image"
     )
-    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_per_site:.3f} at δ = {plan.delta:g} "
-                  f"(σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps, {plan.accountant.upper()})")
+    console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g} "
+                  f"(PLD; planning estimate {plan.epsilon_per_site:.3f} by {plan.accountant.upper()}; "
+                  f"σ = {plan.noise_multiplier:.3f}, q = {plan.sample_rate:g}, {plan.total_steps} steps)")
     report_governance(console, sites, spec)
     tracking_uri = default_tracking_uri()
     submission_id, mlflow_run_id = run_on_cluster(

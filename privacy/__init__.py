@@ -3,9 +3,10 @@
 Import-light: Opacus (and torch) load only when an epsilon is first computed.
 
 - ``errors``: the PrivacyError tree.
-- ``events``: DPEvent, one composable release.
-- ``accountant``: epsilon of composed events, noise for a target epsilon (Opacus).
-- ``ledger``: PrivacyLedger, the per-node record of every charge, SQLite or in memory.
+- ``events``: DPEvent, one composable release (repeated with ``times``).
+- ``limits``: what one experiment may ask of an accountant (rounds, steps, epsilon...).
+- ``accountant``: epsilon of composed events (PLD for the ledger; PRV or RDP to plan), noise for a target.
+- ``ledger``: PrivacyLedger, the per-node record of every charge and run reservation, SQLite or in memory.
 - ``keys``: Ed25519 key pairs, signatures, fingerprints, the trusted-partner registry.
 - ``audit``: AuditLog, the node's append-only, hash-chained, signed audit log.
 - ``private_files``: files and folders only their owner may use, created so and checked so.
@@ -48,11 +49,14 @@ from privacy.keys import (
     verify,
 )
 from privacy.ledger import (
+    RUN_STATES,
     SCHEMA_VERSION,
+    Budget,
     Charge,
     InMemoryLedgerStore,
     LedgerStore,
     PrivacyLedger,
+    RunReservation,
     SqliteLedgerStore,
 )
 
@@ -66,6 +70,7 @@ __all__ = [
     "AuditLog",
     "AuditProblem",
     "AuditVerification",
+    "Budget",
     "BudgetExhaustedError",
     "Charge",
     "DPEvent",
@@ -79,6 +84,8 @@ __all__ = [
     "PROBLEM_KINDS",
     "PrivacyError",
     "PrivacyLedger",
+    "RUN_STATES",
+    "RunReservation",
     "SCHEMA_VERSION",
     "SignatureError",
     "SqliteLedgerStore",

@@ -5,6 +5,11 @@ Gaussian mechanism with noise multiplier ``noise_multiplier`` (noise standard de
 over the clipping norm) and sampling probability ``sample_rate``. An analytics release
 with the Gaussian mechanism on the whole dataset is the same event with
 ``sample_rate = 1`` and ``steps = 1``.
+
+``rounds`` rounds of one event are one event again, with the steps multiplied
+(:meth:`DPEvent.times`): composing it is exactly composing the ``rounds`` copies, and
+the accountants self-compose it (dp-accounting's ``compose(event, count)``, Opacus's
+history entry of ``steps`` applications), so nothing ever holds one object per round.
 """
 
 from __future__ import annotations
@@ -61,6 +66,18 @@ class DPEvent:
         object.__setattr__(self, "noise_multiplier", float(self.noise_multiplier))
         object.__setattr__(self, "sample_rate", float(self.sample_rate))
         object.__setattr__(self, "steps", int(self.steps))
+
+    def times(self, count: int) -> DPEvent:
+        """`count` compositions of this event: the same mechanism with ``steps * count`` steps.
+
+        Raises
+        ------
+        AccountingError
+            `count` is not an integer >= 1.
+        """
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 1:
+            raise AccountingError(f"count must be an integer >= 1; found {count!r}")
+        return DPEvent(self.noise_multiplier, self.sample_rate, self.steps * int(count), self.mechanism)
 
 
 def _event_problems(*, noise_multiplier: object, sample_rate: object, steps: object) -> list[str]:

@@ -1,68 +1,88 @@
-"""The privacy ledger: every DP release a node made, per dataset, composed on demand.
+"""The privacy ledger: every DP release a node made, per dataset, and the runs it holds budget for.
 
-One ledger per node home. Each charge records one DP event (a training round's DP-SGD
+One ledger per node home. Each *charge* records one DP event (a training round's DP-SGD
 steps, or an analytics release) against a dataset, keyed by ``(dataset, run_id,
-round)``. The dataset's spent epsilon is never stored: it is recomputed by composing all
-its events with the accountant (:func:`privacy.accountant.epsilon`), so a change of
-accountant or delta never needs a migration and nothing is ever added up.
+round)``, with the submission it belongs to. The dataset's spent epsilon is never
+stored: it is recomputed by composing its events with dp-accounting's PLD accountant
+(:func:`privacy.accountant.epsilon`, :data:`~privacy.accountant.LEDGER_ACCOUNTANT`), the
+one accountant that composes every mechanism medfed releases, so a change of delta never
+needs a migration, nothing is ever added up, and every epsilon a node shows is the same
+number.
+
+Budgets are enforced by *run reservations*. When a node admits a run it calls
+:meth:`PrivacyLedger.reserve_run`: in one write transaction the ledger composes every
+charge, every live reservation's remaining rounds and the new run's ``rounds`` rounds,
+and refuses (:class:`~privacy.errors.BudgetExhaustedError`) if that would exceed the
+dataset's :class:`Budget` or the run's cap; otherwise it records the reservation, one
+per ``(dataset, submission)``. Of two runs racing for a budget that fits one, the second
+is refused there, before it trains. Each round's reply turns one reserved round into a
+charge (:meth:`PrivacyLedger.charge_round`), atomically, which also caps the rounds of a
+submission: a round re-run in a later Flower run of the same submission is a new charge
+and takes one of the reserved rounds, and there are no more than were reserved. When
+the run completes, :meth:`PrivacyLedger.release_run` gives back the rounds it did not
+use. A reservation whose run vanished *expires* after a hold time (the node policy's,
+passed in) counted from its last activity (its reservation or its last charge); it then
+stops counting against the budget, and a late charge for it first reserves the remaining
+rounds again under the same budget check. Reservations are never deleted: the officer
+sees each one with its state (:data:`RUN_STATES`) before and after.
+
+Memory never grows with the number of rounds: a reservation is one event and a count,
+composed as one self-composed event (:meth:`~privacy.events.DPEvent.times`).
 
 Storage is a seam with two implementations:
 
-- :class:`SqliteLedgerStore`, a SQLite file in WAL mode. Each charge is one
-  ``BEGIN IMMEDIATE`` transaction, so charges from concurrent processes (Flower starts a
+- :class:`SqliteLedgerStore`, a SQLite file in WAL mode. Each write is one
+  ``BEGIN IMMEDIATE`` transaction, so writes from concurrent processes (Flower starts a
   fresh ClientApp process per message) serialise, and a crash leaves either the whole
-  charge or none of it. Rows are append-only (triggers refuse UPDATE and DELETE).
-- :class:`InMemoryLedgerStore`, for tests and simulations.
+  write or none of it. Charges are append-only and reservations are never deleted and
+  only move forward (triggers refuse the rest).
+- :class:`InMemoryLedgerStore`, for tests and simulations, with the same rules.
 
-Both give the same guarantees within one process, and :class:`PrivacyLedger` adds the
-same rules on top of either.
-
-Budgets are enforced by *reservations*. Before a node reads any data for a release it
-calls :meth:`PrivacyLedger.reserve`: in one write transaction the ledger composes every
-charge and every open reservation on the dataset with the new event and refuses
-(:class:`~privacy.errors.BudgetExhaustedError`) if that would exceed the dataset's
-:class:`Budget` or the run's cap; otherwise it records the reservation. Two processes
-reserving on one dataset serialise on that transaction, so together they can never
-overspend. :meth:`PrivacyLedger.commit` turns the reservation into a charge, atomically,
-when the reply is about to leave; :meth:`PrivacyLedger.release` drops it when nothing
-left. A reservation still open after a crash keeps counting against the budget (nothing
-is hidden) and is listed by :meth:`PrivacyLedger.reservations` so the officer sees it.
+The rules themselves (budget checks, states, caps) live once, in :class:`PrivacyLedger`,
+over a store's transaction (:class:`LedgerTransaction`).
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from privacy.accountant import epsilon
+from privacy.accountant import LEDGER_ACCOUNTANT, epsilon
 from privacy.errors import AccountingError, BudgetExhaustedError, LedgerError
 from privacy.events import DPEvent
 
 __all__ = [
     "Budget",
     "Charge",
+    "EXPIRED",
     "InMemoryLedgerStore",
+    "LIVE",
     "LedgerStore",
+    "LedgerTransaction",
     "PrivacyLedger",
-    "Reservation",
+    "RELEASED",
+    "RUN_STATES",
+    "RunReservation",
     "SCHEMA_VERSION",
     "SqliteLedgerStore",
+    "USED_UP",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Bumped whenever the table layout changes; stored in PRAGMA user_version and in the
 # ledger_schema table, and checked on every open.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # How long a process waits for another one's transaction before giving up.
 _BUSY_TIMEOUT_SECONDS = 30.0
@@ -89,7 +109,7 @@ BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 CREATE TRIGGER charges_are_never_deleted BEFORE DELETE ON charges
 BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
 """
-# Schema 2 adds reservations; a schema-1 ledger is upgraded in place when opened.
+# Schema 2 added per-round reservations. Kept to recognise and upgrade schema-2 files.
 _SCHEMA_2 = """
 CREATE TABLE reservations (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -104,29 +124,106 @@ CREATE TABLE reservations (
     UNIQUE (dataset, run_id, round)
 );
 """
-_TABLES = {"charges", "ledger_schema", "reservations"}
+# Schema 3: charges name their submission (NULL for charges written before), and whole-run
+# reservations replace the per-round ones (open schema-2 reservations move over, see
+# SqliteLedgerStore._upgrade).
+_SCHEMA_3 = """
+ALTER TABLE charges ADD COLUMN submission TEXT CHECK (submission IS NULL OR submission <> '');
+CREATE TABLE run_reservations (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset          TEXT    NOT NULL CHECK (dataset <> ''),
+    submission       TEXT    NOT NULL CHECK (submission <> ''),
+    mechanism        TEXT    NOT NULL,
+    noise_multiplier REAL    NOT NULL CHECK (noise_multiplier > 0),
+    sample_rate      REAL    NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
+    steps            INTEGER NOT NULL CHECK (steps >= 1),
+    rounds           INTEGER NOT NULL CHECK (rounds >= 1),
+    charged          INTEGER NOT NULL CHECK (charged >= 0 AND charged <= rounds),
+    reserved_at      TEXT    NOT NULL,
+    active_at        TEXT    NOT NULL,
+    released_at      TEXT,
+    UNIQUE (dataset, submission)
+);
+CREATE TRIGGER run_reservations_keep_their_terms
+BEFORE UPDATE OF dataset, submission, mechanism, noise_multiplier, sample_rate, steps, rounds, reserved_at
+ON run_reservations
+BEGIN SELECT RAISE(ABORT, 'a run reservation keeps its terms'); END;
+CREATE TRIGGER run_reservations_only_move_forward BEFORE UPDATE ON run_reservations
+WHEN NEW.charged < OLD.charged OR OLD.released_at IS NOT NULL
+BEGIN SELECT RAISE(ABORT, 'a run reservation only moves forward (more rounds charged, then released)'); END;
+CREATE TRIGGER run_reservations_are_never_deleted BEFORE DELETE ON run_reservations
+BEGIN SELECT RAISE(ABORT, 'run reservations are kept for the officer'); END;
+"""
+_TABLES = {"charges", "ledger_schema", "run_reservations"}
+
+#: A run reservation's states, as the officer reads them.
+LIVE = "live"  # counts against the budget; rounds may be charged
+EXPIRED = "expired"  # its run went quiet for longer than the hold: counts no more
+RELEASED = "released"  # the run ended with rounds unused: given back, no more charges
+USED_UP = "used up"  # every reserved round was charged
+RUN_STATES = (LIVE, EXPIRED, RELEASED, USED_UP)
 
 
 @dataclass(frozen=True)
 class Charge:
-    """One DP event charged to a dataset by one round of one run."""
+    """One DP event charged to a dataset by one round of one run (of one submission)."""
 
     dataset: str
     run_id: str
     round: int
     event: DPEvent
     charged_at: datetime  # timezone-aware, UTC
+    submission: str | None = None  # None for charges recorded before schema 3, or outside a run
 
 
 @dataclass(frozen=True)
-class Reservation:
-    """Budget held for one round of one run until its reply leaves (commit) or not (release)."""
+class RunReservation:
+    """Budget held for every round of one submission's run on one dataset.
+
+    Attributes
+    ----------
+    event
+        One round's DP event; the reservation holds ``rounds`` of them.
+    rounds, charged
+        Rounds reserved for the submission, and how many have become charges.
+    reserved_at, active_at
+        When it was first reserved, and its last activity (a reservation, again after
+        expiring, or a charge): expiry counts from there.
+    released_at
+        When the run gave back what it did not use; None while it holds.
+    """
 
     dataset: str
-    run_id: str
-    round: int
+    submission: str
     event: DPEvent
-    reserved_at: datetime  # timezone-aware, UTC
+    rounds: int
+    charged: int
+    reserved_at: datetime
+    active_at: datetime
+    released_at: datetime | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Rounds reserved and not charged yet."""
+        return self.rounds - self.charged
+
+    def state(self, *, hold: timedelta, now: datetime) -> str:
+        """One of :data:`RUN_STATES` at `now`, for a hold time of `hold`."""
+        if self.charged >= self.rounds:
+            return USED_UP
+        if self.released_at is not None:
+            return RELEASED
+        return EXPIRED if now >= self.active_at + hold else LIVE
+
+    def expires_at(self, hold: timedelta) -> datetime | None:
+        """When it stops counting unless a round is charged first; None once released or used up."""
+        if self.released_at is not None or self.charged >= self.rounds:
+            return None
+        return self.active_at + hold
+
+    def held(self) -> DPEvent:
+        """The rounds not charged yet, as one event (their composition); needs ``remaining >= 1``."""
+        return self.event.times(self.remaining)
 
 
 @dataclass(frozen=True)
@@ -146,20 +243,37 @@ class Budget:
             raise AccountingError("; ".join(problems))
 
 
-# What a reservation check sees: every (run_id, event) already charged or reserved on the dataset.
-Held = list[tuple[str, DPEvent]]
+class LedgerTransaction(Protocol):
+    """One atomic write to a store: what :class:`PrivacyLedger`'s rules read and write."""
+
+    def charges(self, dataset: str) -> list[Charge]:
+        """All charges to `dataset`, oldest first."""
+        ...
+
+    def charge_at(self, dataset: str, run_id: str, round: int) -> Charge | None:
+        """The charge under this key, if any."""
+        ...
+
+    def run_reservations(self, dataset: str) -> list[RunReservation]:
+        """Every run reservation on `dataset`, whatever its state, oldest first."""
+        ...
+
+    def add_charge(self, charge: Charge) -> None:
+        """Append `charge`; its key must be free."""
+        ...
+
+    def put_run_reservation(self, reservation: RunReservation) -> None:
+        """Record `reservation`: a new one, or the next state of the one of its (dataset, submission)."""
+        ...
 
 
 class LedgerStore(Protocol):
-    """Where a :class:`PrivacyLedger` keeps its charges."""
+    """Where a :class:`PrivacyLedger` keeps its charges and run reservations."""
 
     location: str
 
-    def add(self, charge: Charge) -> tuple[Charge, bool]:
-        """Store `charge` unless its key is taken, atomically.
-
-        Returns the stored charge under that key and whether it was added now.
-        """
+    def write(self) -> AbstractContextManager[LedgerTransaction]:
+        """A transaction: serialised with every other write, all of it kept or none (on an exception)."""
         ...
 
     def charges(self, dataset: str) -> list[Charge]:
@@ -167,28 +281,11 @@ class LedgerStore(Protocol):
         ...
 
     def datasets(self) -> list[str]:
-        """Names of the datasets with at least one charge, sorted."""
+        """Names of the datasets with at least one charge or run reservation, sorted."""
         ...
 
-    def reserve(self, reservation: Reservation, check: Callable[[Held], None]) -> Reservation:
-        """Atomically: call `check` with what the dataset holds, then record `reservation`.
-
-        `check` raises to refuse. An open reservation under the same key is returned as it
-        is (after the same check, without itself); a charge under the key raises
-        :class:`LedgerError`.
-        """
-        ...
-
-    def commit(self, reservation: Reservation, charged_at: datetime) -> Charge:
-        """Atomically replace the open `reservation` by its charge."""
-        ...
-
-    def drop(self, reservation: Reservation) -> bool:
-        """Remove the open `reservation`; False if there was none."""
-        ...
-
-    def reservations(self, dataset: str | None) -> list[Reservation]:
-        """Open reservations (of `dataset`, or all), oldest first."""
+    def run_reservations(self, dataset: str | None) -> list[RunReservation]:
+        """Run reservations (of `dataset`, or all), oldest first, in every state."""
         ...
 
     def close(self) -> None:
@@ -196,46 +293,35 @@ class LedgerStore(Protocol):
         ...
 
 
-def _key(item: Charge | Reservation) -> tuple[str, str, int]:
-    return (item.dataset, item.run_id, item.round)
-
-
-def _already_charged(reservation: Reservation) -> LedgerError:
-    return LedgerError(
-        f"round {reservation.round} of run '{reservation.run_id}' was already charged to dataset "
-        f"'{reservation.dataset}'; a second release is refused"
-    )
-
-
-def _not_reserved(reservation: Reservation) -> LedgerError:
-    return LedgerError(
-        f"no open reservation for round {reservation.round} of run '{reservation.run_id}' on dataset "
-        f"'{reservation.dataset}'; it was committed or released already"
-    )
+def _moves_forward(old: RunReservation, new: RunReservation) -> str | None:
+    """Why `new` may not follow `old` (the rules SQLite's triggers keep), or None."""
+    terms = ("dataset", "submission", "event", "rounds", "reserved_at")
+    if any(getattr(old, name) != getattr(new, name) for name in terms):
+        return "a run reservation keeps its terms"
+    if new.charged < old.charged or old.released_at is not None:
+        return "a run reservation only moves forward (more rounds charged, then released)"
+    return None
 
 
 class InMemoryLedgerStore:
-    """Charges in a list, guarded by a lock; gone when the process ends."""
+    """Charges and reservations in lists, guarded by a lock; gone when the process ends."""
 
     location = ":memory:"
 
     def __init__(self) -> None:
         self._charges: list[Charge] = []
-        self._by_key: dict[tuple[str, str, int], Charge] = {}
-        self._reserved: dict[tuple[str, str, int], Reservation] = {}
+        self._reservations: list[RunReservation] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def add(self, charge: Charge) -> tuple[Charge, bool]:
-        key = (charge.dataset, charge.run_id, charge.round)
+    @contextmanager
+    def write(self) -> Iterator[LedgerTransaction]:
         with self._lock:
             self._check_open()
-            existing = self._by_key.get(key)
-            if existing is not None:
-                return existing, False
-            self._by_key[key] = charge
-            self._charges.append(charge)
-            return charge, True
+            # Work on copies and keep them only if the whole transaction succeeds.
+            transaction = _InMemoryTransaction(list(self._charges), list(self._reservations))
+            yield transaction
+            self._charges, self._reservations = transaction.charges_list, transaction.reservations_list
 
     def charges(self, dataset: str) -> list[Charge]:
         with self._lock:
@@ -245,40 +331,12 @@ class InMemoryLedgerStore:
     def datasets(self) -> list[str]:
         with self._lock:
             self._check_open()
-            return sorted({c.dataset for c in self._charges})
+            return sorted({c.dataset for c in self._charges} | {r.dataset for r in self._reservations})
 
-    def reserve(self, reservation: Reservation, check: Callable[[Held], None]) -> Reservation:
-        key = _key(reservation)
+    def run_reservations(self, dataset: str | None) -> list[RunReservation]:
         with self._lock:
             self._check_open()
-            if key in self._by_key:
-                raise _already_charged(reservation)
-            held = [(c.run_id, c.event) for c in self._charges if c.dataset == reservation.dataset]
-            held += [(r.run_id, r.event) for k, r in self._reserved.items() if r.dataset == reservation.dataset and k != key]
-            check(held)
-            return self._reserved.setdefault(key, reservation)
-
-    def commit(self, reservation: Reservation, charged_at: datetime) -> Charge:
-        key = _key(reservation)
-        with self._lock:
-            self._check_open()
-            held = self._reserved.pop(key, None)
-            if held is None:
-                raise _not_reserved(reservation)
-            charge = Charge(held.dataset, held.run_id, held.round, held.event, charged_at)
-            self._by_key[key] = charge
-            self._charges.append(charge)
-            return charge
-
-    def drop(self, reservation: Reservation) -> bool:
-        with self._lock:
-            self._check_open()
-            return self._reserved.pop(_key(reservation), None) is not None
-
-    def reservations(self, dataset: str | None) -> list[Reservation]:
-        with self._lock:
-            self._check_open()
-            return [r for r in self._reserved.values() if dataset is None or r.dataset == dataset]
+            return [r for r in self._reservations if dataset is None or r.dataset == dataset]
 
     def close(self) -> None:
         with self._lock:
@@ -289,11 +347,42 @@ class InMemoryLedgerStore:
             raise LedgerError("the in-memory privacy ledger is closed")
 
 
-class SqliteLedgerStore:
-    """Charges in a SQLite file (WAL mode), safe across threads and processes.
+class _InMemoryTransaction:
+    def __init__(self, charges: list[Charge], reservations: list[RunReservation]) -> None:
+        self.charges_list = charges
+        self.reservations_list = reservations
 
-    Opening creates the file and its schema if it is new or empty, and otherwise
-    checks that it is a medfed privacy ledger of a schema this code reads.
+    def charges(self, dataset: str) -> list[Charge]:
+        return [c for c in self.charges_list if c.dataset == dataset]
+
+    def charge_at(self, dataset: str, run_id: str, round: int) -> Charge | None:
+        return next((c for c in self.charges_list if (c.dataset, c.run_id, c.round) == (dataset, run_id, round)), None)
+
+    def run_reservations(self, dataset: str) -> list[RunReservation]:
+        return [r for r in self.reservations_list if r.dataset == dataset]
+
+    def add_charge(self, charge: Charge) -> None:
+        if self.charge_at(charge.dataset, charge.run_id, charge.round) is not None:
+            raise LedgerError(f"the in-memory privacy ledger already holds round {charge.round} of run '{charge.run_id}'")
+        self.charges_list.append(charge)
+
+    def put_run_reservation(self, reservation: RunReservation) -> None:
+        for index, old in enumerate(self.reservations_list):
+            if (old.dataset, old.submission) == (reservation.dataset, reservation.submission):
+                refused = _moves_forward(old, reservation)
+                if refused:
+                    raise LedgerError(f"the in-memory privacy ledger refuses the change: {refused}")
+                self.reservations_list[index] = reservation
+                return
+        self.reservations_list.append(reservation)
+
+
+class SqliteLedgerStore:
+    """Charges and run reservations in a SQLite file (WAL mode), safe across threads and processes.
+
+    Opening creates the file and its schema if it is new or empty, upgrades a schema-1 or
+    schema-2 ledger in place (one transaction), and otherwise checks that it is a medfed
+    privacy ledger of a schema this code reads.
 
     Raises
     ------
@@ -344,16 +433,17 @@ class SqliteLedgerStore:
             # Some network filesystems cannot hold WAL's shared memory; SQLite then keeps
             # its rollback journal, which is still atomic but makes readers wait for writers.
             logger.warning("privacy ledger %s runs in journal mode %s, not WAL", self.path, mode)
-        if found == (0, set(), set()) or found[0] == 1:
+        if found == (0, set(), set()) or found[0] in _UPGRADABLE:
             with self._transaction() as conn:
                 found = _inspect(conn)  # another process may have created or upgraded it meanwhile
                 if found == (0, set(), set()):
-                    self._apply(conn, _SCHEMA + _SCHEMA_2)
+                    self._apply(conn, _SCHEMA + _SCHEMA_3)
                     logger.info("created privacy ledger %s (schema %d)", self.path, SCHEMA_VERSION)
                     return
-                if found[0] == 1 and found[1] == {"charges", "ledger_schema"} and 1 in found[2]:
-                    self._apply(conn, _SCHEMA_2)
-                    logger.info("upgraded privacy ledger %s from schema 1 to %d", self.path, SCHEMA_VERSION)
+                version, tables, recorded = found
+                if version in _UPGRADABLE and tables == _UPGRADABLE[version] and version in recorded:
+                    self._upgrade(conn, version)
+                    logger.info("upgraded privacy ledger %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
                     return
         version, tables, recorded = found
         if version > SCHEMA_VERSION:
@@ -367,8 +457,37 @@ class SqliteLedgerStore:
                 f"{sorted(tables) or 'none'}); point the node at its own ledger file"
             )
 
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, script: str) -> None:
+    def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
+        """Schema 1 or 2 to 3, in the caller's transaction; charges stay as they are.
+
+        A schema-2 round reservation still open is a release that was in progress or cut
+        off by a crash. Its run's open rounds become one run reservation of that many
+        rounds, keyed by the run id, active since the latest of them: it counts until it
+        expires, as before it counted until the officer saw it.
+        """
+        self._apply(conn, _SCHEMA_3)
+        if version != 2:
+            return
+        rows = conn.execute(
+            "SELECT dataset, run_id, mechanism, noise_multiplier, sample_rate, steps, reserved_at "
+            "FROM reservations ORDER BY id"
+        ).fetchall()
+        runs: dict[tuple[str, str], list[tuple[DPEvent, datetime]]] = {}
+        for dataset, run_id, *event, reserved_at in rows:
+            held = self._event(event, f"schema-2 reservation of run {run_id}")
+            runs.setdefault((str(dataset), str(run_id)), []).append((held, _read_time(reserved_at, self.path)))
+        for (dataset, run_id), held in runs.items():
+            events = {event for event, _ in held}
+            if len(events) > 1:
+                raise LedgerError(
+                    f"cannot upgrade the privacy ledger {self.path}: run '{run_id}' holds open reservations of "
+                    f"{len(events)} different events on dataset '{dataset}'; a run has one"
+                )
+            times = [at for _, at in held]
+            self._insert_run(conn, RunReservation(dataset, run_id, events.pop(), len(held), 0, min(times), max(times)))
+        conn.execute("DROP TABLE reservations")
+
+    def _apply(self, conn: sqlite3.Connection, script: str) -> None:
         for statement in _statements(script):
             conn.execute(statement)
         conn.execute(
@@ -396,115 +515,98 @@ class SqliteLedgerStore:
                     raise
                 time.sleep(0.01)
 
-    def add(self, charge: Charge) -> tuple[Charge, bool]:
-        event = charge.event
+    @contextmanager
+    def write(self) -> Iterator[LedgerTransaction]:
         with self._transaction() as conn:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM charges WHERE dataset = ? AND run_id = ? AND round = ?",
-                (charge.dataset, charge.run_id, charge.round),
-            ).fetchone()
-            if row is not None:
-                return self._charge(row), False
-            conn.execute(
-                "INSERT INTO charges (dataset, run_id, round, mechanism, noise_multiplier, "
-                "sample_rate, steps, charged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    charge.dataset,
-                    charge.run_id,
-                    charge.round,
-                    event.mechanism,
-                    event.noise_multiplier,
-                    event.sample_rate,
-                    event.steps,
-                    charge.charged_at.isoformat(),
-                ),
-            )
-            return charge, True
+            yield _SqliteTransaction(self, conn)
 
     def charges(self, dataset: str) -> list[Charge]:
         with self._read() as conn:
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM charges WHERE dataset = ? ORDER BY id", (dataset,)
-            ).fetchall()
-        return [self._charge(row) for row in rows]
+            return self._charges(conn, dataset)
 
     def datasets(self) -> list[str]:
         with self._read() as conn:
-            rows = conn.execute("SELECT DISTINCT dataset FROM charges ORDER BY dataset").fetchall()
+            rows = conn.execute(
+                "SELECT dataset FROM charges UNION SELECT dataset FROM run_reservations ORDER BY dataset"
+            ).fetchall()
         return [row[0] for row in rows]
 
-    def reserve(self, reservation: Reservation, check: Callable[[Held], None]) -> Reservation:
-        key = _key(reservation)
-        with self._transaction() as conn:
-            if conn.execute(
-                "SELECT 1 FROM charges WHERE dataset = ? AND run_id = ? AND round = ?", key
-            ).fetchone():
-                raise _already_charged(reservation)
-            held: Held = [
-                (run_id, self._event(rest, f"charge of run {run_id}"))
-                for run_id, *rest in conn.execute(
-                    "SELECT run_id, mechanism, noise_multiplier, sample_rate, steps FROM charges "
-                    "WHERE dataset = ? ORDER BY id",
-                    (reservation.dataset,),
-                )
-            ]
-            existing = None
-            for row in conn.execute(f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE dataset = ? ORDER BY id", (reservation.dataset,)):
-                held_reservation = self._reservation(row)
-                if _key(held_reservation) == key:
-                    existing = held_reservation
-                else:
-                    held.append((held_reservation.run_id, held_reservation.event))
-            check(held)
-            if existing is not None:
-                return existing
-            event = reservation.event
-            conn.execute(
-                "INSERT INTO reservations (dataset, run_id, round, mechanism, noise_multiplier, "
-                "sample_rate, steps, reserved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*key, event.mechanism, event.noise_multiplier, event.sample_rate, event.steps, reservation.reserved_at.isoformat()),
-            )
-            return reservation
-
-    def commit(self, reservation: Reservation, charged_at: datetime) -> Charge:
-        key = _key(reservation)
-        with self._transaction() as conn:
-            row = conn.execute(
-                f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE dataset = ? AND run_id = ? AND round = ?", key
-            ).fetchone()
-            if row is None:
-                raise _not_reserved(reservation)
-            event = self._reservation(row).event
-            conn.execute("DELETE FROM reservations WHERE dataset = ? AND run_id = ? AND round = ?", key)
-            conn.execute(
-                "INSERT INTO charges (dataset, run_id, round, mechanism, noise_multiplier, "
-                "sample_rate, steps, charged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (*key, event.mechanism, event.noise_multiplier, event.sample_rate, event.steps, charged_at.isoformat()),
-            )
-        return Charge(*key, event=event, charged_at=charged_at)
-
-    def drop(self, reservation: Reservation) -> bool:
-        with self._transaction() as conn:
-            cursor = conn.execute(
-                "DELETE FROM reservations WHERE dataset = ? AND run_id = ? AND round = ?", _key(reservation)
-            )
-            return cursor.rowcount > 0
-
-    def reservations(self, dataset: str | None) -> list[Reservation]:
+    def run_reservations(self, dataset: str | None) -> list[RunReservation]:
         with self._read() as conn:
-            if dataset is None:
-                rows = conn.execute(f"SELECT {_RESERVATION_COLUMNS} FROM reservations ORDER BY id").fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {_RESERVATION_COLUMNS} FROM reservations WHERE dataset = ? ORDER BY id", (dataset,)
-                ).fetchall()
-        return [self._reservation(row) for row in rows]
+            return self._runs(conn, dataset)
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    # -------------------------------------------------------- rows (used by _SqliteTransaction)
+
+    def _charges(self, conn: sqlite3.Connection, dataset: str) -> list[Charge]:
+        rows = conn.execute(f"SELECT {_COLUMNS} FROM charges WHERE dataset = ? ORDER BY id", (dataset,)).fetchall()
+        return [self._charge(row) for row in rows]
+
+    def _charge_at(self, conn: sqlite3.Connection, dataset: str, run_id: str, round: int) -> Charge | None:
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM charges WHERE dataset = ? AND run_id = ? AND round = ?", (dataset, run_id, round)
+        ).fetchone()
+        return None if row is None else self._charge(row)
+
+    def _runs(self, conn: sqlite3.Connection, dataset: str | None) -> list[RunReservation]:
+        if dataset is None:
+            rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM run_reservations ORDER BY id").fetchall()
+        else:
+            rows = conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM run_reservations WHERE dataset = ? ORDER BY id", (dataset,)
+            ).fetchall()
+        return [self._run(row) for row in rows]
+
+    @staticmethod
+    def _insert_charge(conn: sqlite3.Connection, charge: Charge) -> None:
+        event = charge.event
+        conn.execute(
+            "INSERT INTO charges (dataset, run_id, round, mechanism, noise_multiplier, sample_rate, steps, "
+            "charged_at, submission) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                charge.dataset, charge.run_id, charge.round, event.mechanism, event.noise_multiplier,
+                event.sample_rate, event.steps, charge.charged_at.isoformat(), charge.submission,
+            ),
+        )
+
+    @staticmethod
+    def _insert_run(conn: sqlite3.Connection, run: RunReservation) -> None:
+        event = run.event
+        conn.execute(
+            "INSERT INTO run_reservations (dataset, submission, mechanism, noise_multiplier, sample_rate, steps, "
+            "rounds, charged, reserved_at, active_at, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run.dataset, run.submission, event.mechanism, event.noise_multiplier, event.sample_rate, event.steps,
+                run.rounds, run.charged, run.reserved_at.isoformat(), run.active_at.isoformat(),
+                None if run.released_at is None else run.released_at.isoformat(),
+            ),
+        )
+
+    def _put_run(self, conn: sqlite3.Connection, run: RunReservation) -> None:
+        row = conn.execute(
+            f"SELECT {_RUN_COLUMNS} FROM run_reservations WHERE dataset = ? AND submission = ?",
+            (run.dataset, run.submission),
+        ).fetchone()
+        if row is None:
+            self._insert_run(conn, run)
+            return
+        refused = _moves_forward(self._run(row), run)
+        if refused:
+            raise LedgerError(f"the privacy ledger {self.path} refuses the change: {refused}")
+        conn.execute(
+            "UPDATE run_reservations SET charged = ?, active_at = ?, released_at = ? WHERE dataset = ? AND submission = ?",
+            (
+                run.charged, run.active_at.isoformat(), None if run.released_at is None else run.released_at.isoformat(),
+                run.dataset, run.submission,
+            ),
+        )
+
+    # -------------------------------------------------------- connection and transactions
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -539,6 +641,8 @@ class SqliteLedgerStore:
             except sqlite3.Error as err:
                 raise LedgerError(f"cannot read the privacy ledger {self.path}: {err}") from err
 
+    # -------------------------------------------------------- decoding rows
+
     def _event(self, columns: Sequence[object], what: str) -> DPEvent:
         mechanism, noise, rate, steps = columns
         try:
@@ -552,52 +656,93 @@ class SqliteLedgerStore:
             raise LedgerError(f"privacy ledger {self.path} holds an unreadable {what}: {err}") from err
 
     def _charge(self, row: Sequence[object]) -> Charge:
-        row_id, dataset, run_id, round_, mechanism, noise, rate, steps, charged_at = row
+        row_id, dataset, run_id, round_, mechanism, noise, rate, steps, charged_at, submission = row
         what = f"charge (row {row_id})"
         event = self._event((mechanism, noise, rate, steps), what)
         try:
-            return Charge(str(dataset), str(run_id), int(round_), event, datetime.fromisoformat(str(charged_at)))  # type: ignore[call-overload]
+            return Charge(
+                str(dataset), str(run_id), int(round_), event, _read_time(charged_at, self.path),  # type: ignore[call-overload]
+                None if submission is None else str(submission),
+            )
         except (TypeError, ValueError) as err:
             raise LedgerError(f"privacy ledger {self.path} holds an unreadable {what}: {err}") from err
 
-    def _reservation(self, row: Sequence[object]) -> Reservation:
-        row_id, dataset, run_id, round_, mechanism, noise, rate, steps, reserved_at = row
-        what = f"reservation (row {row_id})"
+    def _run(self, row: Sequence[object]) -> RunReservation:
+        row_id, dataset, submission, mechanism, noise, rate, steps, rounds, charged, reserved_at, active_at, released_at = row
+        what = f"run reservation (row {row_id})"
         event = self._event((mechanism, noise, rate, steps), what)
         try:
-            return Reservation(str(dataset), str(run_id), int(round_), event, datetime.fromisoformat(str(reserved_at)))  # type: ignore[call-overload]
+            return RunReservation(
+                str(dataset), str(submission), event, int(rounds), int(charged),  # type: ignore[call-overload]
+                _read_time(reserved_at, self.path), _read_time(active_at, self.path),
+                None if released_at is None else _read_time(released_at, self.path),
+            )
         except (TypeError, ValueError) as err:
             raise LedgerError(f"privacy ledger {self.path} holds an unreadable {what}: {err}") from err
 
 
-_COLUMNS = "id, dataset, run_id, round, mechanism, noise_multiplier, sample_rate, steps, charged_at"
-_RESERVATION_COLUMNS = "id, dataset, run_id, round, mechanism, noise_multiplier, sample_rate, steps, reserved_at"
+class _SqliteTransaction:
+    def __init__(self, store: SqliteLedgerStore, conn: sqlite3.Connection) -> None:
+        self._store = store
+        self._conn = conn
+
+    def charges(self, dataset: str) -> list[Charge]:
+        return self._store._charges(self._conn, dataset)
+
+    def charge_at(self, dataset: str, run_id: str, round: int) -> Charge | None:
+        return self._store._charge_at(self._conn, dataset, run_id, round)
+
+    def run_reservations(self, dataset: str) -> list[RunReservation]:
+        return self._store._runs(self._conn, dataset)
+
+    def add_charge(self, charge: Charge) -> None:
+        self._store._insert_charge(self._conn, charge)
+
+    def put_run_reservation(self, reservation: RunReservation) -> None:
+        self._store._put_run(self._conn, reservation)
+
+
+_COLUMNS = "id, dataset, run_id, round, mechanism, noise_multiplier, sample_rate, steps, charged_at, submission"
+_RUN_COLUMNS = (
+    "id, dataset, submission, mechanism, noise_multiplier, sample_rate, steps, rounds, charged, "
+    "reserved_at, active_at, released_at"
+)
+# The schemas a file is upgraded from, with the tables each has.
+_UPGRADABLE = {1: {"charges", "ledger_schema"}, 2: {"charges", "ledger_schema", "reservations"}}
 
 
 class PrivacyLedger:
-    """A node's privacy ledger: charges per dataset and the epsilon they compose to.
+    """A node's privacy ledger: charges and run reservations per dataset, and the epsilon they compose to.
 
     Use :meth:`open` for the node's SQLite file and :meth:`in_memory` in tests; both
-    are context managers.
+    are context managers. `clock` gives the time that charges, reservations and expiry
+    use (UTC); tests pass their own instead of waiting.
     """
 
-    def __init__(self, store: LedgerStore) -> None:
+    def __init__(self, store: LedgerStore, *, clock: Callable[[], datetime] | None = None) -> None:
         self._store = store
+        self._clock = clock or _now
 
     @classmethod
-    def open(cls, path: Path) -> PrivacyLedger:
-        """The ledger stored in the SQLite file at `path`, created if new."""
-        return cls(SqliteLedgerStore(path))
+    def open(cls, path: Path, *, clock: Callable[[], datetime] | None = None) -> PrivacyLedger:
+        """The ledger stored in the SQLite file at `path`, created (or upgraded) if need be."""
+        return cls(SqliteLedgerStore(path), clock=clock)
 
     @classmethod
-    def in_memory(cls) -> PrivacyLedger:
+    def in_memory(cls, *, clock: Callable[[], datetime] | None = None) -> PrivacyLedger:
         """An empty ledger that lives as long as this object."""
-        return cls(InMemoryLedgerStore())
+        return cls(InMemoryLedgerStore(), clock=clock)
 
     @property
     def location(self) -> str:
-        """Where the charges are kept: the file path, or ``:memory:``."""
+        """Where the ledger is kept: the file path, or ``:memory:``."""
         return self._store.location
+
+    def now(self) -> datetime:
+        """The ledger's clock: what reservations, charges and expiry are timed by."""
+        return self._clock()
+
+    # -------------------------------------------------------- charges and epsilon
 
     def charge(
         self,
@@ -608,8 +753,9 @@ class PrivacyLedger:
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
+        submission: str | None = None,
     ) -> Charge:
-        """Record that round `round` of run `run_id` released `steps` DP-SGD steps on `dataset`.
+        """Record a release outside any run reservation (no budget check; see :meth:`charge_round`).
 
         Idempotent on ``(dataset, run_id, round)``: charging the same key again with the
         same parameters returns the recorded charge and adds nothing.
@@ -622,16 +768,17 @@ class PrivacyLedger:
             The key was already charged with different parameters, or storage failed.
         """
         _check_key(dataset, run_id, round)
+        if submission is not None:
+            _check_submission(submission)
         event = DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-        stored, added = self._store.add(
-            Charge(dataset=dataset, run_id=run_id, round=round, event=event, charged_at=_now())
-        )
-        if added:
-            logger.info(
-                "charged dataset '%s': run %s round %d, %d steps at noise_multiplier=%g, sample_rate=%g",
-                dataset, run_id, round, steps, event.noise_multiplier, event.sample_rate,
-            )
-        elif stored.event != event:
+        with self._store.write() as transaction:
+            stored = transaction.charge_at(dataset, run_id, round)
+            if stored is None:
+                stored = Charge(dataset, run_id, round, event, self._clock(), submission)
+                transaction.add_charge(stored)
+                logger.info("charged dataset '%s': run %s round %d, %s", dataset, run_id, round, _describe(event))
+                return stored
+        if stored.event != event:
             raise LedgerError(
                 f"round {round} of run '{run_id}' was already charged to dataset '{dataset}' with "
                 f"{_describe(stored.event)}; a second charge with {_describe(event)} is refused"
@@ -647,99 +794,234 @@ class PrivacyLedger:
         return [c.event for c in self._store.charges(dataset)]
 
     def datasets(self) -> list[str]:
-        """Names of the datasets that have been charged, sorted."""
+        """Names of the datasets that have been charged or reserved, sorted."""
         return self._store.datasets()
 
-    def spent(self, dataset: str, *, delta: float, accountant: str = "prv") -> float:
-        """Composed epsilon of every charge to `dataset` at `delta` (0.0 if none)."""
-        return epsilon(self.events(dataset), delta=delta, accountant=accountant)
+    def spent(self, dataset: str, *, delta: float, submission: str | None = None) -> float:
+        """Composed epsilon of every charge to `dataset` at `delta` (0.0 if none), by PLD.
 
-    def preview(
-        self,
-        dataset: str,
-        *,
-        delta: float,
-        accountant: str = "prv",
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-    ) -> float:
+        With `submission`, only that submission's charges: what one run (continuations
+        included) cost the dataset on its own.
+        """
+        events = self.events(dataset) if submission is None else [c.event for c in self.charges(dataset) if c.submission == submission]
+        return epsilon(events, delta=delta, accountant=LEDGER_ACCOUNTANT)
+
+    def preview(self, dataset: str, *, delta: float, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """What :meth:`spent` would return after such a charge; nothing is written."""
         event = DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
-        return epsilon([*self.events(dataset), event], delta=delta, accountant=accountant)
+        return epsilon([*self.events(dataset), event], delta=delta, accountant=LEDGER_ACCOUNTANT)
 
-    def reserve(
+    # -------------------------------------------------------- run reservations
+
+    def reserve_run(
         self,
         dataset: str,
         *,
-        run_id: str,
-        round: int,
+        submission: str,
         event: DPEvent,
+        rounds: int,
         budget: Budget,
+        hold: timedelta,
         run_cap: Budget | None = None,
-        accountant: str = "prv",
-    ) -> Reservation:
-        """Hold `event` against `dataset` for round `round` of run `run_id`, or refuse.
+    ) -> RunReservation:
+        """Hold `rounds` rounds of `event` on `dataset` for `submission`, or refuse.
 
-        In one transaction: the composition (at ``budget.delta``) of every charge and open
-        reservation on the dataset plus `event` must not exceed ``budget.epsilon``, and
-        that of the run's own events plus `event` must not exceed `run_cap` (the
-        approval's or the policy's per-experiment limit, at the experiment's delta).
-        Reserving a key that is already reserved returns that reservation.
+        In one transaction: the composition (at ``budget.delta``) of every charge to the
+        dataset, every other live reservation's remaining rounds and this run's rounds
+        must not exceed ``budget.epsilon``; and the submission's charges plus its rounds
+        must not exceed `run_cap` (the approval's or the policy's per-experiment limit,
+        at the experiment's delta). A live reservation of the same submission is returned
+        as it is; an expired one is reserved again (its remaining rounds, under the same
+        checks) from now.
 
         Raises
         ------
         BudgetExhaustedError
-            The release would exceed the budget or the cap; nothing is recorded.
+            The run would exceed the budget or the cap, or the submission's reservation
+            was released or used up (its rounds are capped); nothing is recorded.
         LedgerError
-            The key was charged already (a second release), or storage failed.
+            The submission holds a reservation of other terms, or storage failed.
+        AccountingError
+            A parameter is invalid.
         """
-        _check_key(dataset, run_id, round)
-
-        def check(held: Held) -> None:
-            total = epsilon([e for _, e in held] + [event], delta=budget.delta, accountant=accountant)
-            if total > budget.epsilon:
-                before = epsilon([e for _, e in held], delta=budget.delta, accountant=accountant)
-                raise BudgetExhaustedError(
-                    f"dataset '{dataset}' would reach epsilon {total:.3f} at delta {budget.delta:g}, over its "
-                    f"lifetime budget of {budget.epsilon:g} ({before:.3f} spent or reserved); the release is refused"
+        _check_dataset(dataset)
+        _check_submission(submission)
+        _check_count(rounds, "rounds")
+        _check_hold(hold)
+        with self._store.write() as transaction:
+            now = self._clock()
+            existing = _find(transaction, dataset, submission)
+            if existing is None:
+                self._check_budget(transaction, dataset, submission, event.times(rounds), budget, run_cap, hold, now)
+                reservation = RunReservation(dataset, submission, event, rounds, 0, now, now)
+                transaction.put_run_reservation(reservation)
+                logger.info(
+                    "reserved %d round(s) of %s on dataset '%s' for submission %s", rounds, _describe(event), dataset, submission
                 )
-            if run_cap is not None:
-                mine = epsilon([e for r, e in held if r == run_id] + [event], delta=run_cap.delta, accountant=accountant)
-                if mine > run_cap.epsilon:
-                    raise BudgetExhaustedError(
-                        f"run {run_id} would reach epsilon {mine:.3f} on dataset '{dataset}', over its cap "
-                        f"of {run_cap.epsilon:g}; the release is refused"
-                    )
+                return reservation
+            if (existing.event, existing.rounds) != (event, rounds):
+                raise LedgerError(
+                    f"submission '{submission}' holds a reservation of {existing.rounds} round(s) of "
+                    f"{_describe(existing.event)} on dataset '{dataset}'; a run of {rounds} round(s) of "
+                    f"{_describe(event)} under the same submission is refused"
+                )
+            return self._renew(transaction, existing, budget, run_cap, hold, now)
 
-        return self._store.reserve(Reservation(dataset, run_id, round, event, _now()), check)
+    def charge_round(
+        self,
+        dataset: str,
+        *,
+        submission: str,
+        run_id: str,
+        round: int,
+        budget: Budget,
+        hold: timedelta,
+        run_cap: Budget | None = None,
+    ) -> Charge:
+        """Turn one reserved round of `submission` into the charge of round `round` of run `run_id`.
 
-    def commit(self, reservation: Reservation) -> Charge:
-        """Charge a reserved release: call it when the reply is about to leave the node.
+        Call it when the reply is about to leave the node. A reservation that expired is
+        first reserved again (its remaining rounds, under :meth:`reserve_run`'s checks).
 
         Raises
         ------
+        BudgetExhaustedError
+            Every reserved round was charged already (the submission's round cap), the
+            reservation was released, or it expired and no longer fits the budget;
+            nothing is charged.
         LedgerError
-            There is no such open reservation (committed or released already).
+            No reservation for the submission, the round of that run was charged
+            already (a second release), or storage failed.
         """
-        charge = self._store.commit(reservation, _now())
+        _check_key(dataset, run_id, round)
+        _check_submission(submission)
+        _check_hold(hold)
+        with self._store.write() as transaction:
+            now = self._clock()
+            reservation = _find(transaction, dataset, submission)
+            if reservation is None:
+                raise LedgerError(
+                    f"no run reservation for submission '{submission}' on dataset '{dataset}'; "
+                    "a node reserves a run when it admits it, before it trains"
+                )
+            if transaction.charge_at(dataset, run_id, round) is not None:
+                raise LedgerError(
+                    f"round {round} of run '{run_id}' was already charged to dataset '{dataset}'; a second release is refused"
+                )
+            reservation = self._renew(transaction, reservation, budget, run_cap, hold, now)
+            charge = Charge(dataset, run_id, round, reservation.event, now, submission)
+            transaction.add_charge(charge)
+            transaction.put_run_reservation(replace(reservation, charged=reservation.charged + 1, active_at=now))
         logger.info(
-            "charged dataset '%s': run %s round %d, %s",
-            charge.dataset, charge.run_id, charge.round, _describe(charge.event),
+            "charged dataset '%s': run %s round %d of submission %s (%d of %d reserved rounds), %s",
+            dataset, run_id, round, submission, reservation.charged + 1, reservation.rounds, _describe(charge.event),
         )
         return charge
 
-    def release(self, reservation: Reservation) -> bool:
-        """Give back a reservation whose release never happened; False if it was not open."""
-        return self._store.drop(reservation)
+    def release_run(self, dataset: str, *, submission: str) -> RunReservation | None:
+        """Close `submission`'s reservation on `dataset` and give back its unused rounds.
 
-    def reservations(self, dataset: str | None = None) -> list[Reservation]:
-        """Open reservations, oldest first: releases in progress, or interrupted by a crash."""
-        return self._store.reservations(dataset)
+        Later charges for the submission are refused. Releasing again, or a reservation
+        already used up, changes nothing; returns the reservation as it now stands, or
+        None if the submission never reserved on the dataset.
+        """
+        _check_dataset(dataset)
+        _check_submission(submission)
+        with self._store.write() as transaction:
+            reservation = _find(transaction, dataset, submission)
+            if reservation is None or reservation.released_at is not None:
+                return reservation
+            released = replace(reservation, released_at=self._clock())
+            transaction.put_run_reservation(released)
+        logger.info(
+            "released the run reservation of submission %s on dataset '%s': %d of %d round(s) unused",
+            submission, dataset, released.remaining, released.rounds,
+        )
+        return released
 
-    def held(self, dataset: str) -> list[DPEvent]:
-        """The events charged or reserved on `dataset`: what a budget check composes."""
-        return self.events(dataset) + [r.event for r in self._store.reservations(dataset)]
+    def run_reservations(self, dataset: str | None = None) -> list[RunReservation]:
+        """Every run reservation (of `dataset`, or all), oldest first, whatever its state."""
+        return self._store.run_reservations(dataset)
+
+    def reserved(self, dataset: str, *, hold: timedelta) -> list[DPEvent]:
+        """The live reservations' remaining rounds on `dataset`, one event each."""
+        now = self._clock()
+        return [r.held() for r in self._store.run_reservations(dataset) if r.state(hold=hold, now=now) == LIVE]
+
+    def held(self, dataset: str, *, hold: timedelta) -> list[DPEvent]:
+        """What a budget check composes: the charges and the live reservations' remaining rounds."""
+        return self.events(dataset) + self.reserved(dataset, hold=hold)
+
+    # -------------------------------------------------------- rules
+
+    def _renew(
+        self,
+        transaction: LedgerTransaction,
+        reservation: RunReservation,
+        budget: Budget,
+        run_cap: Budget | None,
+        hold: timedelta,
+        now: datetime,
+    ) -> RunReservation:
+        """`reservation` if it may take another round: live as it is, or expired and reserved again."""
+        state = reservation.state(hold=hold, now=now)
+        where = f"submission '{reservation.submission}' on dataset '{reservation.dataset}'"
+        if state == USED_UP:
+            raise BudgetExhaustedError(
+                f"{where} has been charged all {reservation.rounds} round(s) it reserved; another round is refused "
+                "(the rounds of a submission are capped, continuations included)"
+            )
+        if state == RELEASED:
+            assert reservation.released_at is not None
+            raise BudgetExhaustedError(
+                f"the run of {where} ended and gave back its unused rounds at {reservation.released_at.isoformat()}; "
+                "no more rounds are charged to it"
+            )
+        if state == LIVE:
+            return reservation
+        self._check_budget(
+            transaction, reservation.dataset, reservation.submission, reservation.held(), budget, run_cap, hold, now
+        )
+        renewed = replace(reservation, active_at=now)
+        transaction.put_run_reservation(renewed)
+        logger.info("reserved the %d remaining round(s) of %s again after it expired", renewed.remaining, where)
+        return renewed
+
+    @staticmethod
+    def _check_budget(
+        transaction: LedgerTransaction,
+        dataset: str,
+        submission: str,
+        wanted: DPEvent,
+        budget: Budget,
+        run_cap: Budget | None,
+        hold: timedelta,
+        now: datetime,
+    ) -> None:
+        """Refuse `wanted` (the rounds to hold) if the dataset's budget or the run's cap cannot take it."""
+        charges = transaction.charges(dataset)
+        held = [c.event for c in charges] + [
+            r.held()
+            for r in transaction.run_reservations(dataset)
+            if r.submission != submission and r.state(hold=hold, now=now) == LIVE
+        ]
+        total = epsilon([*held, wanted], delta=budget.delta, accountant=LEDGER_ACCOUNTANT)
+        if total > budget.epsilon:
+            before = epsilon(held, delta=budget.delta, accountant=LEDGER_ACCOUNTANT)
+            raise BudgetExhaustedError(
+                f"dataset '{dataset}' would reach epsilon {total:.3f} at delta {budget.delta:g}, over its lifetime "
+                f"budget of {budget.epsilon:g} ({before:.3f} spent or reserved); the run is refused"
+            )
+        if run_cap is not None:
+            mine = [c.event for c in charges if c.submission == submission]
+            cost = epsilon([*mine, wanted], delta=run_cap.delta, accountant=LEDGER_ACCOUNTANT)
+            if cost > run_cap.epsilon:
+                raise BudgetExhaustedError(
+                    f"submission '{submission}' would reach epsilon {cost:.3f} on dataset '{dataset}', over its cap "
+                    f"of {run_cap.epsilon:g}; the run is refused"
+                )
+
+    # -------------------------------------------------------- lifetime
 
     def close(self) -> None:
         """Release the storage; the ledger cannot be used afterwards."""
@@ -760,6 +1042,10 @@ class PrivacyLedger:
         return f"PrivacyLedger({self.location!r})"
 
 
+def _find(transaction: LedgerTransaction, dataset: str, submission: str) -> RunReservation | None:
+    return next((r for r in transaction.run_reservations(dataset) if r.submission == submission), None)
+
+
 def _inspect(conn: sqlite3.Connection) -> tuple[int, set[str], set[int]]:
     """The file's user_version, its tables, and the schema versions it records."""
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -771,6 +1057,11 @@ def _inspect(conn: sqlite3.Connection) -> tuple[int, set[str], set[int]]:
         else set()
     )
     return version, tables, recorded
+
+
+def _check_dataset(dataset: object) -> None:
+    if not isinstance(dataset, str) or not dataset:
+        raise AccountingError(f"dataset must be a non-empty string; found {dataset!r}")
 
 
 def _check_key(dataset: object, run_id: object, round: object) -> None:
@@ -785,6 +1076,21 @@ def _check_key(dataset: object, run_id: object, round: object) -> None:
         raise AccountingError("; ".join(problems))
 
 
+def _check_submission(submission: object) -> None:
+    if not isinstance(submission, str) or not submission:
+        raise AccountingError(f"submission must be a non-empty string; found {submission!r}")
+
+
+def _check_count(value: object, name: str) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise AccountingError(f"{name} must be an integer >= 1; found {value!r}")
+
+
+def _check_hold(hold: object) -> None:
+    if not isinstance(hold, timedelta) or hold <= timedelta(0):
+        raise AccountingError(f"hold must be a positive timedelta; found {hold!r}")
+
+
 def _describe(event: DPEvent) -> str:
     return (
         f"noise_multiplier={event.noise_multiplier!r}, sample_rate={event.sample_rate!r}, "
@@ -794,6 +1100,14 @@ def _describe(event: DPEvent) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _read_time(value: object, path: Path) -> datetime:
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError as err:
+        raise LedgerError(f"privacy ledger {path} holds an unreadable time {value!r}") from err
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _statements(script: str) -> Iterator[str]:

@@ -18,6 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.hospital_node.secure_aggregation import secure_aggregation_mod
+from federation.protocol import RELEASE_ACTION
 
 __all__ = ["app"]
 
@@ -30,6 +31,14 @@ def query(msg: Message, context: Context) -> Message:
     from clients.hospital_node.rounds import answer
 
     return answer("query", msg, context.node_config)
+
+
+@app.query(RELEASE_ACTION)
+def release(msg: Message, context: Context) -> Message:
+    """The run ended early: give back the budget reserved for its rounds that will not come."""
+    from clients.hospital_node.rounds import answer
+
+    return answer("release", msg, context.node_config)
 
 
 @app.train(mods=[secure_aggregation_mod])

@@ -17,7 +17,20 @@ nothing the coordinator says about legitimacy; it reads only the node's own stat
    a run left (``approve --runs``, 1 by default). A replayed submission is therefore never
    a new run, and the node records which submission spent the approval;
 6. the experiment's own epsilon fits the approval's cap, the policy's per-experiment cap
-   and the spec's own target; the dataset's lifetime budget can afford the rounds left.
+   and the spec's own target; the dataset's lifetime budget can afford every round of
+   the run, which the ledger then reserves for it (:meth:`PrivacyLedger.reserve_run`),
+   once per submission: of two runs that the budget cannot both afford, the second is
+   refused here, before it trains. The rounds of a submission are capped at the spec's,
+   continuations included.
+
+The final evaluate message (the run completed) and a release message (the run ended
+early) give back the rounds the submission did not use; the node takes no further
+training round of it, so a replayed finished submission trains nowhere.
+
+Every epsilon the node computes is the ledger's (dp-accounting's PLD): the experiment's
+own at the spec's delta, the dataset's at its budget's delta. Only the check against the
+spec's ``target_epsilon`` uses the spec's accountant, since that is what the partner's
+signed promise was computed with.
 
 A refusal is a :class:`Refusal` with a protocol code and a one-line reason for the
 researcher. The officer's side (budgets, approvals, denials, revocations) writes the
@@ -39,6 +52,7 @@ from federation.protocol import (
     AWAITING_APPROVAL,
     IMAGING_TASK,
     REFUSED_APPROVAL,
+    REFUSED_BAD_INSTRUCTION,
     REFUSED_BUDGET,
     REFUSED_INTEGRITY,
     REFUSED_POLICY,
@@ -48,9 +62,9 @@ from federation.protocol import (
     TrainInstruction,
     spec_mismatches,
 )
-from privacy.accountant import epsilon
+from privacy.accountant import LEDGER_ACCOUNTANT, epsilon, epsilon_bound
 from privacy.audit import AuditEntry, AuditLog
-from privacy.errors import KeyFileError, SignatureError
+from privacy.errors import BudgetExhaustedError, KeyFileError, LedgerError, SignatureError
 from privacy.events import DPEvent
 from privacy.governance import (
     APPROVED,
@@ -67,13 +81,15 @@ from privacy.governance import (
     verify_submission,
 )
 from privacy.keys import load_public_key
-from privacy.ledger import Budget, PrivacyLedger
+from privacy.limits import MAX_EPSILON, schedule_problems
+from privacy.ledger import LIVE, RELEASED, USED_UP, Budget, PrivacyLedger, RunReservation
 
 __all__ = [
     "Admission",
     "DatasetBudget",
     "PendingRequest",
     "Refusal",
+    "ReservationStatus",
     "admit",
     "approve",
     "audited_policy",
@@ -107,7 +123,7 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class Admission:
-    """What an admitted message may do: the dataset's budget and the run's own cap."""
+    """What an admitted message may do: the dataset's budget, the run's own cap and its reservation."""
 
     signer: str
     spec_digest: str
@@ -118,10 +134,29 @@ class Admission:
     budget: Budget | None = None
     run_cap: Budget | None = None
     cost: float | None = None  # this experiment's own epsilon on the dataset, all rounds, at the spec's delta
+    reservation: RunReservation | None = None  # the run's rounds, held in the ledger
 
 
 def _round_event(instruction: TrainInstruction) -> DPEvent:
     return DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps)
+
+
+def _experiment_event(instruction: TrainInstruction) -> DPEvent:
+    """Every round of the experiment as one event, refused if its epsilon is beyond any node's limit.
+
+    The RDP bound costs the same at any step count and never reads tighter than PLD or
+    PRV, so a hostile noise multiplier is refused here before a tight accountant would
+    build a grid the size of its epsilon.
+    """
+    event = _round_event(instruction).times(instruction.rounds)
+    bound = epsilon_bound([event], delta=instruction.delta)
+    if bound > MAX_EPSILON:
+        raise Refusal(
+            REFUSED_BAD_INSTRUCTION,
+            f"the experiment would cost epsilon {bound:.4g} (RDP bound at its delta), over the limit of "
+            f"{MAX_EPSILON:g} for any experiment; the partner raises the noise or lowers the rounds",
+        )
+    return event
 
 
 def verified_entries(home: NodeHome) -> tuple[AuditEntry, ...]:
@@ -185,10 +220,13 @@ def governance_state(home: NodeHome) -> GovernanceState:
 
 
 def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str) -> Admission:
-    """Decide whether this node takes part in `kind` ("query", "train", "evaluate") of the run.
+    """Decide whether this node takes part in `kind` ("query", "train", "evaluate", "release") of the run.
 
-    Query and train are checked against every cap and the budget; evaluate (no DP-charged
-    release) against signature, approval and policy.
+    Query and train are checked against every cap and the budget, and hold the run's
+    reservation for the signed submission (reserved by the first of them, found by the
+    others); evaluate (no DP-charged release) against signature, approval and policy, and
+    gives back the rounds the submission did not use; release (the run ended early) only
+    against the signature, and gives them back too.
 
     Raises
     ------
@@ -198,16 +236,13 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     entries = verified_entries(home)
     with PrivacyLedger.open(home.ledger_path) as ledger:
         missing = check_ledger(entries, ledger)
-        if missing:
-            raise Refusal(
-                REFUSED_INTEGRITY,
-                f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
-                f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
-                record=False,
-            )
-        held = ledger.held(instruction.dataset)
-        mine = [c.event for c in ledger.charges(instruction.dataset) if c.run_id == run_id]
-        mine += [r.event for r in ledger.reservations(instruction.dataset) if r.run_id == run_id]
+    if missing:
+        raise Refusal(
+            REFUSED_INTEGRITY,
+            f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
+            f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
+            record=False,
+        )
 
     # 2. a signed submission, and the instruction is its spec
     try:
@@ -224,6 +259,13 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         raise Refusal(REFUSED_SIGNATURE, "the instruction is not what the signed spec says: " + "; ".join(mismatches))
     spec = signed.mapping()
     home.dataset(instruction.dataset)  # an unregistered dataset is refused, not requested
+    if kind in ("evaluate", "release"):
+        # The run completed, or ended early (signed, and the instruction is the spec):
+        # whatever else is decided below, the rounds it did not use go back to the dataset.
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            ledger.release_run(instruction.dataset, submission=submission.submission_id)
+    if kind == "release":
+        return Admission(partner.name, digest, home.policy(), submission)
 
     # 3. policy
     policy = home.policy()
@@ -236,9 +278,9 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     # 4. the officer's decision
     state = GovernanceState.from_entries(entries)
 
-    def experiment_cost(accountant: str = policy.accountant) -> float:
-        """This experiment's own epsilon, all rounds, at the spec's delta (by this node's accountant)."""
-        return epsilon([_round_event(instruction)] * instruction.rounds, delta=instruction.delta, accountant=accountant)
+    def experiment_cost(accountant: str = LEDGER_ACCOUNTANT) -> float:
+        """This experiment's own epsilon, all rounds, at the spec's delta (by the ledger's accountant)."""
+        return epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=accountant)
 
     status = state.status(digest, instruction.dataset, datetime.now(UTC))
     if status == PENDING:
@@ -292,17 +334,10 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
             "its officer sets one with `medfed node budget set`",
         )
     budget = Budget(setting.epsilon, setting.delta)
-    left = max(instruction.rounds - len(mine), 0)
-    projected = epsilon(held + [_round_event(instruction)] * left, delta=budget.delta, accountant=policy.accountant)
-    if projected > budget.epsilon:
-        raise Refusal(
-            REFUSED_BUDGET,
-            f"the experiment would bring dataset '{instruction.dataset}' to epsilon {projected:.3f}, "
-            f"over its lifetime budget of {budget.epsilon:g}",
-        )
-    run_cap = min(cap for cap, _, _ in caps)
-    if target is not None:
-        run_cap = min(run_cap, float(target) * (1 + _TARGET_SLACK))
+    # The node's own caps, in the ledger's epsilon. The signed target was checked above by
+    # the spec's accountant; the reservation's fixed number of rounds keeps the run to it.
+    cap = Budget(min(cap for cap, _, _ in caps), instruction.delta)
+    reservation = _reserve(home, instruction, submission, budget, cap, policy, kind)
     if spent_by is None:
         home.audit_log().append(
             "submission",
@@ -316,7 +351,45 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
             },
         )
         logger.info("submission %s spends a run of the approval of spec %s", submission.submission_id[:12], digest[:12])
-    return Admission(partner.name, digest, policy, submission, budget, Budget(run_cap, instruction.delta), cost)
+    return Admission(partner.name, digest, policy, submission, budget, cap, cost, reservation)
+
+
+def _reserve(
+    home: NodeHome, instruction: TrainInstruction, submission: Submission, budget: Budget, cap: Budget, policy: NodePolicy, kind: str
+) -> RunReservation:
+    """The submission's reservation: made now, or the one it holds (renewed if it expired).
+
+    A submission whose run ended at this node is refused as a replay. One whose rounds
+    were all charged may still be asked whether it takes part (a continuation whose
+    coordinator stopped before the final evaluation), but trains no further round.
+    """
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        held = [
+            r for r in ledger.run_reservations(instruction.dataset)
+            if r.submission == submission.submission_id
+        ]
+        if held:
+            state = held[0].state(hold=policy.reservation_hold, now=ledger.now())
+            if state == RELEASED:
+                raise Refusal(
+                    REFUSED_REPLAY,
+                    f"submission {submission.submission_id[:12]} already ran on this node and its run ended; "
+                    "a replay trains nowhere (submit the spec again for a new run)",
+                )
+            if state == USED_UP and kind == "query":
+                return held[0]
+        try:
+            return ledger.reserve_run(
+                instruction.dataset,
+                submission=submission.submission_id,
+                event=_round_event(instruction),
+                rounds=instruction.rounds,
+                budget=budget,
+                hold=policy.reservation_hold,
+                run_cap=cap,
+            )
+        except (BudgetExhaustedError, LedgerError) as err:
+            raise Refusal(REFUSED_BUDGET, str(err)) from None
 
 
 def _check_new_submission(
@@ -585,16 +658,31 @@ def _cohort_refusals(home: NodeHome, dataset: str, minimum: int) -> list[str]:
 
 
 @dataclass(frozen=True)
+class ReservationStatus:
+    """One run reservation as the officer sees it: its state and when it stops counting."""
+
+    reservation: RunReservation
+    state: str  # one of privacy.ledger.RUN_STATES
+    expires_at: datetime | None  # while it holds (live or expired); None once released or used up
+
+
+@dataclass(frozen=True)
 class DatasetBudget:
-    """One dataset's budget position, composed from the ledger at the budget's delta."""
+    """One dataset's budget position, composed from the ledger (PLD) at the budget's delta."""
 
     dataset: str
     budget: Budget | None
     spent: float  # charges only
-    held: float  # charges and open reservations: what a new request is checked against
+    held: float  # charges and live run reservations: what a new run is checked against
     charges: int
-    open_reservations: int
+    open_reservations: int  # live run reservations
     uncharged_releases: int  # charges with no release record: a node stopped before its reply left
+    reservations: tuple[ReservationStatus, ...] = ()  # every run reservation, in every state
+
+    @property
+    def reserved(self) -> float:
+        """What the live reservations add to the spend (composed, so spent + reserved = held)."""
+        return self.held - self.spent
 
     @property
     def remaining(self) -> float | None:
@@ -602,10 +690,10 @@ class DatasetBudget:
 
 
 def budget_status(home: NodeHome, entries: Sequence[AuditEntry] | None = None) -> list[DatasetBudget]:
-    """Every registered dataset's budget, spend, reservations and remaining epsilon."""
+    """Every registered dataset's budget, spend, run reservations and remaining epsilon."""
     entries = verified_entries(home) if entries is None else entries
     state = GovernanceState.from_entries(entries)
-    accountant = home.policy().accountant
+    hold = home.policy().reservation_hold
     released = {
         (str(e.payload.get("dataset")), str(e.payload.get("run")), e.payload.get("round"))
         for e in entries
@@ -613,21 +701,25 @@ def budget_status(home: NodeHome, entries: Sequence[AuditEntry] | None = None) -
     }
     rows = []
     with PrivacyLedger.open(home.ledger_path) as ledger:
+        now = ledger.now()
         for dataset in sorted(set(home.datasets()) | set(ledger.datasets())):
             setting = state.budgets.get(dataset)
             budget = None if setting is None else Budget(setting.epsilon, setting.delta)
             delta = budget.delta if budget is not None else 1e-5
             charges = ledger.charges(dataset)
-            reservations = ledger.reservations(dataset)
+            reservations = tuple(
+                ReservationStatus(r, r.state(hold=hold, now=now), r.expires_at(hold)) for r in ledger.run_reservations(dataset)
+            )
             rows.append(
                 DatasetBudget(
                     dataset=dataset,
                     budget=budget,
-                    spent=epsilon([c.event for c in charges], delta=delta, accountant=accountant),
-                    held=epsilon(ledger.held(dataset), delta=delta, accountant=accountant),
+                    spent=ledger.spent(dataset, delta=delta),
+                    held=epsilon(ledger.held(dataset, hold=hold), delta=delta, accountant=LEDGER_ACCOUNTANT),
                     charges=len(charges),
-                    open_reservations=len(reservations),
+                    open_reservations=sum(r.state == LIVE for r in reservations),
                     uncharged_releases=sum((c.dataset, c.run_id, c.round) not in released for c in charges),
+                    reservations=reservations,
                 )
             )
     return rows
@@ -638,9 +730,27 @@ class PendingRequest:
     """A request awaiting the officer, with what approving it would do to the budget."""
 
     request: Request
-    cost: float  # the experiment's own epsilon at its delta, as the node computed it
+    cost: float  # the experiment's own epsilon at its delta, by the ledger's accountant (nan if beyond the limits)
     position: DatasetBudget | None
     projected: float | None  # the dataset's epsilon at its budget's delta if the experiment runs
+
+
+def _requested_event(payload: Mapping[str, Any]) -> DPEvent | None:
+    """Every round a recorded request asks for, as one event; None if it lies beyond what any node composes.
+
+    Requests recorded before the limits existed may ask for anything; they are shown, not costed.
+    """
+    values = {key: payload.get(key) for key in ("rounds", "steps_per_round", "sample_rate", "noise_multiplier", "delta")}
+    if schedule_problems(
+        rounds=values["rounds"],
+        steps=values["steps_per_round"],
+        sample_rate=values["sample_rate"],
+        noise_multiplier=values["noise_multiplier"],
+        delta=values["delta"],
+    ):
+        return None
+    event = DPEvent(values["noise_multiplier"], values["sample_rate"], values["steps_per_round"]).times(values["rounds"])  # type: ignore[arg-type]
+    return event if epsilon_bound([event], delta=values["delta"]) <= MAX_EPSILON else None  # type: ignore[arg-type]
 
 
 def pending_requests(home: NodeHome) -> list[PendingRequest]:
@@ -648,16 +758,17 @@ def pending_requests(home: NodeHome) -> list[PendingRequest]:
     entries = verified_entries(home)
     state = GovernanceState.from_entries(entries)
     positions = {row.dataset: row for row in budget_status(home, entries)}
-    accountant = home.policy().accountant
+    hold = home.policy().reservation_hold
     out = []
     for request in state.pending():
         payload = request.payload
         position = positions.get(request.dataset)
+        event = _requested_event(payload)
+        cost = float("nan") if event is None else epsilon([event], delta=float(payload["delta"]), accountant=LEDGER_ACCOUNTANT)
         projected = None
-        if position is not None and position.budget is not None:
-            event = DPEvent(float(payload["noise_multiplier"]), float(payload["sample_rate"]), int(payload["steps_per_round"]))
+        if event is not None and position is not None and position.budget is not None:
             with PrivacyLedger.open(home.ledger_path) as ledger:
-                held = ledger.held(request.dataset)
-            projected = epsilon(held + [event] * int(payload["rounds"]), delta=position.budget.delta, accountant=accountant)
-        out.append(PendingRequest(request, float(payload.get("cost_epsilon", float("nan"))), position, projected))
+                held = ledger.held(request.dataset, hold=hold)
+            projected = epsilon([*held, event], delta=position.budget.delta, accountant=LEDGER_ACCOUNTANT)
+        out.append(PendingRequest(request, cost, position, projected))
     return out

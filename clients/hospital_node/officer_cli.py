@@ -39,6 +39,7 @@ from clients.hospital_node.errors import GovernanceError, NodeError
 from clients.hospital_node.home import NodeHome
 from clients.hospital_node.policy import POLICY_FIELDS, NodePolicy, parse_settings
 from privacy.errors import PrivacyError
+from privacy.ledger import EXPIRED, LIVE
 
 __all__ = ["budget_app", "decision_commands", "partners_app", "policy_app", "report", "requests"]
 
@@ -295,7 +296,7 @@ def budget_show(
     ctx: typer.Context,
     home: Path = typer.Option(None, "--home", envvar=HOME_ENVVAR, help=_HOME_HELP),
 ) -> None:
-    """Per dataset: lifetime budget, spent, reserved, remaining, and the number of charges."""
+    """Per dataset: lifetime budget, spent, reserved by runs, remaining, charges; then every run reservation."""
     if ctx.invoked_subcommand is not None:
         return
     if home is None:
@@ -307,14 +308,14 @@ def budget_show(
         missing = governance.ledger_disagreement(node, entries)
     if missing:
         _disagreement(node, missing)
-    table = Table(title=f"privacy budgets of node {escape(node.name)} ({node.policy().accountant.upper()} accountant)")
+    table = Table(title=f"privacy budgets of node {escape(node.name)} (PLD accountant)")
     table.add_column("dataset", no_wrap=True)
     for column in ("budget ε", "δ", "spent ε", "reserved ε", "remaining ε", "charges"):
         table.add_column(column)
     notes = []
     for row in rows:
         if row.open_reservations:
-            notes.append(f"{row.dataset}: {row.open_reservations} open reservation(s): a release in progress, or cut off by a crash (counted as spent)")
+            notes.append(f"{row.dataset}: {row.open_reservations} live run reservation(s) hold ε {_fmt(row.reserved)} until their runs end or expire")
         if row.uncharged_releases:
             notes.append(f"{row.dataset}: {row.uncharged_releases} charge(s) without a release record: the node stopped before the reply left (counted)")
         if row.budget is None:
@@ -324,15 +325,33 @@ def budget_show(
             "-" if row.budget is None else f"{row.budget.epsilon:g}",
             "-" if row.budget is None else f"{row.budget.delta:g}",
             f"[red]≥ {_fmt(row.spent)}[/]" if missing else _fmt(row.spent),
-            _fmt(row.held - row.spent),
+            _fmt(row.reserved),
             "[red]unknown[/]" if missing and row.budget is not None else _fmt(row.remaining),
             str(row.charges),
         )
     Console().print(table)
     for note in notes:
         typer.echo(note)
+    held = [(row.dataset, status) for row in rows for status in row.reservations]
+    if held:
+        hours = node.policy().reservation_hold_hours
+        typer.echo(f"run reservations (a run holds all its rounds from admission; one that goes quiet stops counting {hours:g} h after its last activity):")
+        for dataset, status in held:
+            typer.echo("  " + _reservation_line(dataset, status))
     if missing:
         raise typer.Exit(1)
+
+
+def _reservation_line(dataset: str, status: governance.ReservationStatus) -> str:
+    held = status.reservation
+    when = ""
+    if status.state == LIVE and status.expires_at is not None:
+        when = f", expires {status.expires_at:%Y-%m-%d %H:%M} UTC"
+    elif status.state == EXPIRED and status.expires_at is not None:
+        when = f", expired {status.expires_at:%Y-%m-%d %H:%M} UTC"
+    elif held.released_at is not None:
+        when = f", released {held.released_at:%Y-%m-%d %H:%M} UTC"
+    return f"{dataset}  submission {held.submission}  {status.state}: {held.charged} of {held.rounds} round(s) charged{when}"
 
 
 @budget_app.command("set")

@@ -7,8 +7,8 @@
     min_cohort_size = 100              # patients a dataset must have to take part
     max_epsilon_per_experiment = 10.0  # one experiment's own epsilon on a dataset
     require_secure_aggregation = false
-    accountant = "pld"                 # how this node composes its budget: "pld", "prv" or "rdp"
     max_submission_age_hours = 72.0    # a submission signed longer ago cannot start a run
+    reservation_hold_hours = 24.0      # how long a run's reservation outlives its last activity
 
 Every key is optional; a missing file or key means the default above. A spec may
 tighten these limits (``privacy.min_cohort_size``, ``privacy.target_epsilon``,
@@ -16,6 +16,15 @@ tighten these limits (``privacy.min_cohort_size``, ``privacy.target_epsilon``,
 the two. ``medfed node init`` writes this file with the defaults; the officer changes it with
 ``medfed node policy set``, which validates each field and records the change in the
 node's signed audit log (a hand edit is not audited, and ``policy show`` says so).
+
+A run reserves its whole privacy cost when the node admits it
+(:meth:`privacy.ledger.PrivacyLedger.reserve_run`); if the run vanishes, its
+reservation stops counting ``reservation_hold_hours`` after its last activity.
+
+The ledger composes with PLD only (every epsilon the node shows is that one number), so
+``accountant``, a setting of earlier releases, is no longer one: a file that still names
+``"pld"``, ``"prv"`` or ``"rdp"`` is read, the value is ignored, and ``medfed node doctor``
+says so (:attr:`NodePolicy.ignored_accountant`).
 """
 
 from __future__ import annotations
@@ -25,12 +34,12 @@ import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from clients.hospital_node.errors import NodeHomeError
 from federation.protocol import TASKS
-from privacy.accountant import LEDGER_ACCOUNTANTS
 from privacy.private_files import publish
 
 __all__ = ["POLICY_FIELDS", "POLICY_FILE", "NodePolicy", "parse_settings"]
@@ -42,9 +51,12 @@ _KEYS = POLICY_FIELDS = (
     "min_cohort_size",
     "max_epsilon_per_experiment",
     "require_secure_aggregation",
-    "accountant",
     "max_submission_age_hours",
+    "reservation_hold_hours",
 )
+# Accepted in files written by earlier releases, and ignored: the ledger composes with PLD.
+_RETIRED_ACCOUNTANTS = ("pld", "prv", "rdp")
+_MAX_HOLD_HOURS = 24 * 365
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -104,9 +116,16 @@ class NodePolicy:
     min_cohort_size: int = 100
     max_epsilon_per_experiment: float = 10.0
     require_secure_aggregation: bool = False
-    accountant: str = "pld"
     max_submission_age_hours: float = 72.0
+    reservation_hold_hours: float = 24.0
     source: str = field(default="defaults", compare=False)
+    # What an older policy file named as its accountant (ignored; `doctor` warns), or None.
+    ignored_accountant: str | None = field(default=None, compare=False)
+
+    @property
+    def reservation_hold(self) -> timedelta:
+        """How long a run reservation outlives its last activity before it stops counting."""
+        return timedelta(hours=self.reservation_hold_hours)
 
     @classmethod
     def read(cls, path: Path) -> NodePolicy:
@@ -133,7 +152,9 @@ class NodePolicy:
         table = raw.get("policy", {})
         if not isinstance(table, Mapping):
             raise NodeHomeError(f"the node policy {source} is invalid: [policy] must be a table")
-        problems += [f"policy.{key} is not a policy setting; known: {', '.join(_KEYS)}" for key in table if key not in _KEYS]
+        problems += [
+            f"policy.{key} is not a policy setting; known: {', '.join(_KEYS)}" for key in table if key not in (*_KEYS, "accountant")
+        ]
         values: dict[str, Any] = {}
         tasks = table.get("allowed_tasks", TASKS)
         if not isinstance(tasks, list | tuple) or not all(isinstance(t, str) and t in TASKS for t in tasks):
@@ -155,11 +176,19 @@ class NodePolicy:
             problems.append(f"policy.require_secure_aggregation must be true or false; found {secagg!r}")
         else:
             values["require_secure_aggregation"] = secagg
-        accountant = table.get("accountant", "pld")
-        if accountant not in LEDGER_ACCOUNTANTS:
-            problems.append(f"policy.accountant must be one of {', '.join(LEDGER_ACCOUNTANTS)}; found {accountant!r}")
+        hold = table.get("reservation_hold_hours", 24.0)
+        if isinstance(hold, bool) or not isinstance(hold, int | float) or not (math.isfinite(hold) and 0 < hold <= _MAX_HOLD_HOURS):
+            problems.append(f"policy.reservation_hold_hours must be a number of hours in (0, {_MAX_HOLD_HOURS}]; found {hold!r}")
         else:
-            values["accountant"] = accountant
+            values["reservation_hold_hours"] = float(hold)
+        if "accountant" in table:
+            accountant = table["accountant"]
+            if accountant not in _RETIRED_ACCOUNTANTS:
+                problems.append(
+                    f"policy.accountant is no longer a setting (the ledger composes with PLD); remove it; found {accountant!r}"
+                )
+            else:
+                values["ignored_accountant"] = accountant
         age = table.get("max_submission_age_hours", 72.0)
         if isinstance(age, bool) or not isinstance(age, int | float) or not (math.isfinite(age) and age > 0):
             problems.append(f"policy.max_submission_age_hours must be a number of hours > 0; found {age!r}")
@@ -209,6 +238,6 @@ class NodePolicy:
             f"min_cohort_size = {self.min_cohort_size}  # patients a dataset needs to take part\n"
             f"max_epsilon_per_experiment = {self.max_epsilon_per_experiment!r}  # one experiment's own epsilon\n"
             f"require_secure_aggregation = {'true' if self.require_secure_aggregation else 'false'}\n"
-            f'accountant = "{self.accountant}"  # how the budget is composed: "pld" or "prv" (tight) or "rdp"\n'
             f"max_submission_age_hours = {self.max_submission_age_hours!r}  # older submissions cannot start a run\n"
+            f"reservation_hold_hours = {self.reservation_hold_hours!r}  # a vanished run's reservation stops counting after this\n"
         )

@@ -38,7 +38,7 @@ from clients.hospital_node.egress_records import recorded_replies, reply_kind, w
 from clients.hospital_node.errors import GovernanceError
 from clients.hospital_node.governance import check_ledger
 from clients.hospital_node.home import NodeHome
-from privacy.accountant import epsilon
+from privacy.accountant import LEDGER_ACCOUNTANT, epsilon
 from privacy.audit import AuditEntry, AuditLog
 from privacy.governance import GovernanceState
 from privacy.keys import fingerprint, load_public_key
@@ -47,12 +47,16 @@ from privacy.ledger import Charge, PrivacyLedger
 __all__ = ["EvidencePack", "write_report"]
 
 _DECISION_KINDS = ("request", "approval", "denial", "revocation")
+_RESERVATION_FIELDS = ("dataset", "submission", "state", "rounds", "charged", "reserved_at", "expires_at", "released_at")
 
 
-def _curve(charges: Sequence[Charge], *, delta: float, accountant: str) -> list[tuple[datetime, float]]:
-    """(time, composed epsilon after that charge), oldest first."""
+def _curve(charges: Sequence[Charge], *, delta: float) -> list[tuple[datetime, float]]:
+    """(time, composed epsilon after that charge, as the ledger composes it), oldest first."""
     ordered = sorted(charges, key=lambda c: c.charged_at)
-    return [(c.charged_at, epsilon([x.event for x in ordered[: i + 1]], delta=delta, accountant=accountant)) for i, c in enumerate(ordered)]
+    return [
+        (c.charged_at, epsilon([x.event for x in ordered[: i + 1]], delta=delta, accountant=LEDGER_ACCOUNTANT))
+        for i, c in enumerate(ordered)
+    ]
 
 
 def _plot(curves: Mapping[str, list[tuple[datetime, float]]], budgets: Mapping[str, float], path: Path, title: str) -> None:
@@ -87,6 +91,10 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body or '<tr><td colspan=99>none</td></tr>'}</tbody></table>"
+
+
+def _iso(moment: datetime | None) -> str:
+    return "" if moment is None else moment.isoformat()
 
 
 def _entry_rows(entries: Iterable[AuditEntry], keys: Sequence[str]) -> list[list[Any]]:
@@ -151,13 +159,18 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
             if setting is not None:
                 budgets[dataset] = setting.epsilon
             charges = ledger.charges(dataset)
-            curves[dataset] = _curve(charges, delta=delta, accountant=policy.accountant)
+            curves[dataset] = _curve(charges, delta=delta)
             for charge in charges:
                 if digest is None or charge.run_id in runs:
                     event = charge.event
                     charge_rows.append([dataset, charge.run_id, charge.round, charge.charged_at.isoformat(),
                                         event.noise_multiplier, event.sample_rate, event.steps])
-        reservations = [[r.dataset, r.run_id, r.round, r.reserved_at.isoformat()] for r in ledger.reservations()]
+        now, hold = ledger.now(), policy.reservation_hold
+        reservations = [
+            [r.dataset, r.submission, r.state(hold=hold, now=now), r.rounds, r.charged,
+             _iso(r.reserved_at), _iso(r.expires_at(hold)), _iso(r.released_at)]
+            for r in ledger.run_reservations()
+        ]
         missing = check_ledger(entries, ledger)
 
     head = "" if verification is None else (verification.last_hash or "")
@@ -186,7 +199,7 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "audit_verification.txt").write_text(f"node {home.name}\n{key_line}\n{verdict}\n", encoding="utf-8")
-        title = f"node {home.name}: cumulative ε per dataset ({policy.accountant.upper()})"
+        title = f"node {home.name}: cumulative ε per dataset (PLD)"
         _plot(curves, budgets, tmp / "epsilon.png", title + (" - LEDGER INCOMPLETE: too low" if missing else ""))
         evidence = {
             "node": home.name,
@@ -201,7 +214,7 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
             "cumulative_epsilon": {d: [[t.isoformat(), v] for t, v in points] for d, points in curves.items()},
             "decisions": [json.loads(e.to_json()) for e in decisions],
             "charges": [dict(zip(("dataset", "run", "round", "charged_at", "noise_multiplier", "sample_rate", "steps"), row, strict=True)) for row in charge_rows],
-            "open_reservations": [dict(zip(("dataset", "run", "round", "reserved_at"), row, strict=True)) for row in reservations],
+            "run_reservations": [dict(zip(_RESERVATION_FIELDS, row, strict=True)) for row in reservations],
             "releases": [json.loads(e.to_json()) for e in releases],
             "refusals": [json.loads(e.to_json()) for e in refusals],
             "replies": [
@@ -229,7 +242,7 @@ privacy ledger and signed audit log.</p>
 <h2>Requests and decisions</h2>{_table(["seq", "time (UTC)", "kind", "spec", "dataset", "experiment", "signer", "max ε", "expires", "reason", "by"],
     _entry_rows(decisions, ["spec_digest", "dataset", "experiment", "signer", "max_epsilon", "expires", "reason", "by"]))}
 <h2>Charges</h2>{_table(["dataset", "run", "round", "charged at (UTC)", "noise multiplier", "sample rate", "steps"], charge_rows)}
-<h2>Open reservations</h2>{_table(["dataset", "run", "round", "reserved at (UTC)"], reservations)}
+<h2>Run reservations</h2>{_table(["dataset", "submission", "state", "rounds", "charged", "reserved at (UTC)", "expires (UTC)", "released (UTC)"], reservations)}
 <h2>What left the site: every reply</h2>{_table(["seq", "time (UTC)", "run", "round", "reply", "what left (every number, or the refusal)"],
     _reply_rows(replies))}
 </body></html>

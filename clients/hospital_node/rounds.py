@@ -1,13 +1,23 @@
-"""What a node does with each message of an experiment: query, train, evaluate.
+"""What a node does with each message of an experiment: query, train, evaluate, release.
 
 Every handler follows the same order: parse the instruction, let the node's governance
 admit it (:func:`clients.hospital_node.governance.admit`: signature, approval, policy,
-budget; nothing is read before that), check what else can be checked without touching
+budget; the first query or train message of a run reserves every round of it in the
+ledger; nothing is read before that), check what else can be checked without touching
 patient rows (dataset registered, label and features declared, privacy parameters
-consistent, round not already released), reserve the round's budget, then read the
-data, compute, charge the ledger, record the release in the audit log, and only then
-build the reply. What leaves passes the egress guard: only the metric keys the protocol
-declares for that message and arrays shaped exactly like the instructed model.
+consistent, round not already released), then read the data, compute, charge one
+reserved round to the ledger, record the release in the audit log, and only then build
+the reply. A failure before the charge spends nothing and leaves the run's reservation
+as it was; the final evaluate message, or a release message from a coordinator whose run
+ended early, gives back the rounds the run did not use. What leaves passes the egress
+guard: only the metric keys the protocol declares for that message and arrays shaped
+exactly like the instructed model.
+
+A run is known to the ledger by its *submission*: the id in the partner-signed envelope
+(:class:`privacy.governance.Submission`), the same for every continuation of the
+submission after a coordinator restart (another Flower run of the same submission). A
+training reply reports the dataset's lifetime epsilon and what this submission alone has
+charged it.
 
 A train message may come in Flower's legacy fit layout, through ``secaggplus_mod``
 (secure aggregation, :mod:`clients.hospital_node.secure_aggregation`): the same checks,
@@ -53,6 +63,7 @@ from federation.protocol import (
     REFUSED_BUDGET,
     REFUSED_DATASET,
     REFUSED_POLICY,
+    RELEASE_METRICS,
     SECAGG_CLIPPING_KEY,
     SECAGG_MAX_WEIGHT_KEY,
     TRAIN_METRICS,
@@ -62,10 +73,9 @@ from federation.protocol import (
     node_record,
     refusal_reason,
 )
-from privacy.accountant import steps_per_epoch
+from privacy.accountant import LEDGER_ACCOUNTANT, steps_per_epoch
 from privacy.errors import PrivacyError
-from privacy.events import DPEvent
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import Budget, PrivacyLedger
 
 if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where they are used
     from clients.hospital_node.connectors import TabularData
@@ -102,7 +112,7 @@ def _request(kind: str, msg: Message) -> _Request:
 
 
 def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
-    """Handle one message of `kind` ("query", "train" or "evaluate") and build the reply."""
+    """Handle one message of `kind` ("query", "train", "evaluate" or "release") and build the reply."""
     home: NodeHome | None = None
     instruction: TrainInstruction | None = None
     try:
@@ -110,8 +120,8 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
         request = _request(kind, msg)
         instruction = TrainInstruction.from_config(request.config)
         signed = SignedSpec.from_config(request.config)
+        _check_accounting(instruction)  # before admission reserves the run's rounds of this event
         admission = admit(home, instruction, signed, run_id=request.run_id, kind=kind)
-        _check_accounting(instruction)
         content = _HANDLERS[kind](home, instruction, request, admission)
         _guard(kind, content, secure=request.secure)
         if kind != "train":  # a training reply records itself, with its charge, before it is built
@@ -145,7 +155,7 @@ def _refuse(
     return Message(Error(code=code, reason=refusal_reason(site, reason)), reply_to=msg)
 
 
-_DECLARED = {"query": QUERY_METRICS, "train": TRAIN_METRICS, "evaluate": EVAL_METRICS}
+_DECLARED = {"query": QUERY_METRICS, "train": TRAIN_METRICS, "evaluate": EVAL_METRICS, "release": RELEASE_METRICS}
 
 
 # Flower's legacy fit result, as `fitres_to_recorddict` writes it; secaggplus_mod masks its arrays.
@@ -273,6 +283,8 @@ def _query(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
 
 
 def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
+    from models.training import evaluate, train_dp
+
     server_round = int(request.config.get("server-round", 0))
     run_id = request.run_id
     if not 1 <= server_round <= instruction.rounds:
@@ -283,32 +295,8 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
                 f"round {server_round} of run {run_id} was already trained and charged on "
                 f"dataset '{instruction.dataset}'; a second release is refused"
             )
-        assert admission.budget is not None  # admitted for training: budget and caps were checked
-        reservation = ledger.reserve(
-            instruction.dataset,
-            run_id=run_id,
-            round=server_round,
-            event=DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps),
-            budget=admission.budget,
-            run_cap=admission.run_cap,
-            accountant=admission.policy.accountant,
-        )
-    try:
-        return _train_reserved(home, instruction, request, admission, server_round, reservation)
-    except BaseException:
-        # Nothing left the node: give the reservation back. (A crash that skips this
-        # leaves it open; it keeps counting and `medfed node budget` lists it.)
-        with PrivacyLedger.open(home.ledger_path) as ledger:
-            ledger.release(reservation)
-        raise
-
-
-def _train_reserved(  # type: ignore[no-untyped-def]
-    home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission, server_round: int, reservation
-) -> RecordDict:
-    from models.training import evaluate, train_dp
-
-    run_id = request.run_id
+    # Admitted for training: budget and caps were checked and the run's rounds are reserved.
+    assert admission.budget is not None and admission.reservation is not None
     data = _load(home, instruction)
     _check_cohort(data, instruction, admission, request)
     model = _model(instruction, request.arrays, numbered=request.secure)
@@ -334,12 +322,23 @@ def _train_reserved(  # type: ignore[no-untyped-def]
     if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
         raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
     secagg = _check_secagg_range(request, arrays, data.n_train) if request.secure else None
+    budget = admission.budget
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        ledger.commit(reservation)  # charged as the reply is built: from here on it counts
-        epsilon = ledger.spent(instruction.dataset, delta=instruction.delta, accountant=instruction.accountant)
+        # Charged as the reply is built: from here on it counts. One round of the reservation.
+        ledger.charge_round(
+            instruction.dataset,
+            submission=admission.submission.submission_id,
+            run_id=run_id,
+            round=server_round,
+            budget=budget,
+            run_cap=admission.run_cap,
+            hold=admission.policy.reservation_hold,
+        )
+        epsilon = ledger.spent(instruction.dataset, delta=budget.delta)
+        epsilon_run = ledger.spent(instruction.dataset, delta=budget.delta, submission=admission.submission.submission_id)
     logger.info(
-        "run %s round %s: trained %s steps on dataset '%s'; epsilon spent %.3f",
-        run_id, server_round, stats.steps, instruction.dataset, epsilon,
+        "run %s round %s: trained %s steps on dataset '%s'; epsilon spent %.3f at delta %g",
+        run_id, server_round, stats.steps, instruction.dataset, epsilon, budget.delta,
     )
     metrics = {
         "num-examples": float(data.n_train),
@@ -347,8 +346,9 @@ def _train_reserved(  # type: ignore[no-untyped-def]
         "train-loss": stats.mean_loss,
         "steps": float(stats.steps),
         "epsilon": epsilon,
+        "epsilon-run": epsilon_run,
     }
-    record = _release_record(run_id, server_round, instruction, arrays, metrics)
+    record = _release_record(run_id, server_round, instruction, arrays, metrics, budget)
     if secagg is not None:
         record["secure_aggregation"] = secagg
     home.audit_log().append("release", record)
@@ -466,7 +466,7 @@ def update_digest(arrays: ArrayRecord) -> str:
 
 
 def _release_record(
-    run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float]
+    run_id: str, server_round: int, instruction: TrainInstruction, arrays: ArrayRecord, metrics: dict[str, float], budget: Budget
 ) -> dict[str, object]:
     """What leaves the site with a training reply: the arrays' names, shapes, size and digest (never
     their values: a model, not data), and every metric with its value."""
@@ -486,9 +486,9 @@ def _release_record(
             "noise_multiplier": instruction.noise_multiplier,
             "sample_rate": instruction.sample_rate,
             "steps": int(metrics["steps"]),
-            "epsilon_spent": metrics["epsilon"],
-            "delta": instruction.delta,
-            "accountant": instruction.accountant,
+            "epsilon_spent": metrics["epsilon"],  # the dataset's, composed by the ledger at its budget's delta
+            "delta": budget.delta,
+            "accountant": LEDGER_ACCOUNTANT,
         },
     }
 
@@ -503,4 +503,10 @@ def _evaluate(home: NodeHome, instruction: TrainInstruction, request: _Request, 
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})
 
 
-_HANDLERS = {"query": _query, "train": _train, "evaluate": _evaluate}
+def _release(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
+    """The run ended early: admission gave back its unused rounds; the reply carries no number."""
+    logger.info("run %s of submission %s ended early; its unused rounds were released", request.run_id, admission.submission.submission_id[:12])
+    return RecordDict({METRICS_KEY: MetricRecord({})})
+
+
+_HANDLERS = {"query": _query, "train": _train, "evaluate": _evaluate, "release": _release}

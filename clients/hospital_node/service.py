@@ -605,6 +605,9 @@ class NodeService:
             return
         yield Check("ok", "policy", f"tasks {', '.join(policy.allowed_tasks)}; cohort >= {policy.min_cohort_size}; "
                                     f"ε <= {policy.max_epsilon_per_experiment:g} per experiment")
+        if policy.ignored_accountant is not None:
+            yield Check("warn", "policy accountant", f"policy.accountant = {policy.ignored_accountant!r} is ignored: the ledger "
+                                                     "composes with PLD only; remove the line from policy.toml")
         try:
             partners = self.node.trusted_partners().list()
         except PrivacyError as err:
@@ -629,8 +632,8 @@ class NodeService:
             if row.budget is None:
                 yield Check("warn", what, "not set: every request on it is refused; `medfed node budget set`")
             elif row.open_reservations:
-                yield Check("warn", what, f"{row.open_reservations} open reservation(s) (a release in progress or cut off); "
-                                          f"ε {row.remaining:.3f} of {row.budget.epsilon:g} left")
+                yield Check("ok", what, f"ε {row.remaining:.3f} of {row.budget.epsilon:g} left at δ {row.budget.delta:g}; "
+                                        f"{row.open_reservations} live run reservation(s) hold ε {row.reserved:.3f}")
             else:
                 yield Check("ok", what, f"ε {row.remaining:.3f} of {row.budget.epsilon:g} left at δ {row.budget.delta:g}")
 

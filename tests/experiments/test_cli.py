@@ -78,8 +78,8 @@ def test_cost_prints_the_plan_as_a_table() -> None:
         "rounds": "5",
         "total steps": "100",
         "δ": "1e-05",
-        "accountant": "PRV",
-        "ε charged per site": f"{plan.epsilon_per_site:.3f}",
+        "ε per site, planning estimate (PRV)": f"{plan.epsilon_per_site:.3f}",
+        "ε charged per site (PLD)": f"{plan.epsilon_charged_per_site:.3f}",
         "secure aggregation": "off (the coordinator sees each site's DP-noised update)",
     }
 

@@ -15,6 +15,7 @@ from experiments.errors import SpecError
 from experiments.spec import ExperimentSpec
 from privacy.accountant import epsilon, noise_for_target
 from privacy.events import DPEvent
+from tests.peak_memory import MIB, peak_memory
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "experiments" / "examples" / "hypertension.toml"
 
@@ -74,3 +75,33 @@ def test_the_plan_is_a_frozen_record() -> None:
     assert isinstance(plan, PrivacyPlan)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.rounds = 6  # type: ignore[misc]
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
+def test_a_target_whose_noise_falls_below_the_limits_is_a_spec_error() -> None:
+    # One epoch of 1000 steps at q = 0.001 reaches epsilon 12 with a noise below 0.5.
+    spec = spec_with(
+        federation={"rounds": 1}, privacy={"sample_rate": 0.001, "noise_multiplier": None, "target_epsilon": 12.0, "accountant": "rdp"}
+    )
+    with pytest.raises(SpecError) as info:
+        plan_privacy(spec)
+    [problem] = info.value.problems
+    assert problem.startswith("privacy.target_epsilon 12 needs noise_multiplier 0.")
+    assert problem.endswith("the limits are noise >= 0.5 and epsilon <= 12; lower target_epsilon")
+
+
+def test_costing_a_spec_at_the_limits_takes_bounded_memory() -> None:
+    # The most steps (1000, one epoch at the smallest sample rate), the least noise, the smallest delta.
+    spec = spec_with(federation={"rounds": 1}, privacy={"sample_rate": 0.001, "noise_multiplier": 0.5, "delta": 1e-10})
+    plan, peak = peak_memory(lambda: plan_privacy(spec))
+    assert plan.total_steps == 1000 and 0 < plan.epsilon_per_site < 12
+    assert peak < 256 * MIB
+
+
+def test_the_plan_carries_the_epsilon_the_nodes_charge_beside_the_planning_estimate() -> None:
+    plan = plan_privacy(ExperimentSpec.from_toml(EXAMPLE))
+    # What every node's ledger will charge: the same 100 steps composed by PLD.
+    assert plan.epsilon_charged_per_site == epsilon([DPEvent(1.0, 0.05, 100)], delta=1e-5, accountant="pld")
+    assert plan.epsilon_charged_per_site == pytest.approx(3.502, abs=1e-3)
+    # The planning estimate (PRV) agrees to about 1 %.
+    assert plan.epsilon_charged_per_site == pytest.approx(plan.epsilon_per_site, rel=1e-2)

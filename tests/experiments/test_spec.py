@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from experiments.errors import ExperimentError, SpecError
 from experiments.spec import ACCOUNTANTS, ExperimentSpec
 from privacy import accountant
+from tests.peak_memory import MIB, peak_memory
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "experiments" / "examples" / "hypertension.toml"
 
@@ -171,8 +172,8 @@ def test_a_table_given_as_a_value_is_named() -> None:
     [
         ({"privacy": {"delta": 1.5}}, "privacy.delta must be < 1; found 1.5"),
         ({"privacy": {"delta": 1}}, "privacy.delta must be < 1; found 1"),
-        ({"privacy": {"delta": 0}}, "privacy.delta must be > 0; found 0"),
-        ({"privacy": {"sample_rate": 0.0}}, "privacy.sample_rate must be > 0; found 0"),
+        ({"privacy": {"delta": 0}}, "privacy.delta must be >= 1e-10; found 0"),
+        ({"privacy": {"sample_rate": 0.0}}, "privacy.sample_rate must be >= 0.001; found 0"),
         ({"privacy": {"max_grad_norm": -1}}, "privacy.max_grad_norm must be > 0; found -1"),
         (
             {"privacy": {"noise_multiplier": float("inf")}},
@@ -196,6 +197,69 @@ def test_a_table_given_as_a_value_is_named() -> None:
 )
 def test_out_of_range_values_are_named_with_the_rule(tables: dict[str, Any], problem: str) -> None:
     assert problems_of(with_changes(**tables)) == (problem,)
+
+
+# ---------------------------------------------------------------- limits (privacy.limits)
+
+
+@pytest.mark.parametrize(
+    ("tables", "problem"),
+    [
+        ({"federation": {"rounds": 10**9}}, "federation.rounds must be <= 1000; found 1000000000"),
+        ({"federation": {"local_epochs": 10**6}}, "federation.local_epochs must be <= 100; found 1000000"),
+        ({"privacy": {"sample_rate": 1e-9}}, "privacy.sample_rate must be >= 0.001; found 1e-09"),
+        ({"privacy": {"delta": 1e-300}}, "privacy.delta must be >= 1e-10; found 1e-300"),
+        ({"privacy": {"noise_multiplier": 0.1}}, "privacy.noise_multiplier must be >= 0.5; found 0.1"),
+        (
+            {"federation": {"local_epochs": 2}, "privacy": {"sample_rate": 0.001}},
+            "federation.local_epochs x steps per epoch (1 / privacy.sample_rate = 1000) must be <= 1000 DP-SGD "
+            "steps per round; found 2000; lower local_epochs or raise the sample rate",
+        ),
+        (
+            {"federation": {"rounds": 51}},
+            "federation.rounds x steps per round (20) must be <= 1000 DP-SGD steps in all; found 1020; lower "
+            "rounds or local_epochs, or raise the sample rate",
+        ),
+    ],
+)
+def test_values_beyond_the_limits_are_refused_by_field(tables: dict[str, Any], problem: str) -> None:
+    assert problems_of(with_changes(**tables)) == (problem,)
+
+
+def test_hostile_counts_are_all_refused_at_once_in_little_memory() -> None:
+    mapping = with_changes(federation={"rounds": 10**9, "local_epochs": 10**6}, privacy={"sample_rate": 1e-9})
+    problems, peak = peak_memory(lambda: problems_of(mapping))
+    assert problems == (
+        "federation.rounds must be <= 1000; found 1000000000",
+        "federation.local_epochs must be <= 100; found 1000000",
+        "privacy.sample_rate must be >= 0.001; found 1e-09",
+    )
+    assert peak < 16 * MIB  # costing these took 11-20 GB before the limits
+
+
+def test_a_noise_whose_epsilon_is_beyond_the_limit_is_refused_with_its_rdp_bound() -> None:
+    [problem] = problems_of(with_changes(privacy={"noise_multiplier": 0.5, "sample_rate": 0.5}))
+    assert re.fullmatch(
+        r"privacy.noise_multiplier must keep the experiment's epsilon \(RDP bound at privacy.delta\) <= 12; "
+        r"found 0.5, which gives \d+(\.\d+)?; raise the noise or lower rounds, local_epochs or the sample rate",
+        problem,
+    ), problem
+
+
+@pytest.mark.parametrize(("target", "shown"), [(12.5, "12.5"), (1e6, "1000000")])
+def test_a_target_epsilon_beyond_the_limit_is_refused(target: float, shown: str) -> None:
+    mapping = with_changes(privacy={"target_epsilon": target})
+    del mapping["privacy"]["noise_multiplier"]
+    assert problems_of(mapping) == (f"privacy.target_epsilon must be <= 12; found {shown}",)
+
+
+def test_a_spec_at_every_limit_is_valid() -> None:
+    spec = ExperimentSpec.from_mapping(
+        with_changes(federation={"rounds": 1, "local_epochs": 1}, privacy={"sample_rate": 0.001, "noise_multiplier": 0.5, "delta": 1e-10})
+    )
+    assert (spec.federation.rounds, spec.privacy.sample_rate, spec.privacy.noise_multiplier) == (1, 0.001, 0.5)
+    ExperimentSpec.from_mapping(with_changes(federation={"rounds": 1000}, privacy={"sample_rate": 1.0, "noise_multiplier": 50.0}))
+    ExperimentSpec.from_mapping(with_changes(federation={"local_epochs": 100, "rounds": 10}, privacy={"sample_rate": 1.0, "noise_multiplier": 50.0}))
 
 
 @pytest.mark.parametrize("target", [0, -1.0])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Message
 
+from clients.hospital_node.governance import governance_state
 from clients.hospital_node.home import NodeHome
 from clients.hospital_node.rounds import answer
 from experiments.cost import plan_privacy
@@ -78,7 +79,7 @@ def test_rounds_train_charge_and_track(alliance, tmp_path: Path) -> None:
         with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
             charges = [c for c in ledger.charges(DATASET) if c.run_id == "101"]
             assert [c.round for c in charges] == [1, 2]
-            spent = ledger.spent(DATASET, delta=plan.delta, accountant=plan.accountant)
+            spent = ledger.spent(DATASET, delta=plan.delta)
         assert tracker.metrics[f"{site.name}.epsilon"][2] == pytest.approx(spent)
 
 
@@ -161,11 +162,12 @@ def test_an_imaging_experiment_trains_a_cnn_across_nodes_and_charges_each(imagin
     for outcome in result.sites.values():
         assert outcome.final["eval-num-examples"] == sizes[outcome.site]
 
-    plan = plan_privacy(spec)
     for site in imaging_alliance:
-        with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
+        home = NodeHome.open(site.home)
+        with PrivacyLedger.open(home.ledger_path) as ledger:
             assert [c.round for c in ledger.charges("chest_ct") if c.run_id == "201"] == [1, 2]
-            spent = ledger.spent("chest_ct", delta=plan.delta, accountant=plan.accountant)
+            # The node reports the ledger's epsilon at its budget's delta.
+            spent = ledger.spent("chest_ct", delta=governance_state(home).budgets["chest_ct"].delta)
         assert tracker.metrics[f"{site.name}.epsilon"][2] == pytest.approx(spent)
 
     model = tracker.models["model"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
@@ -18,6 +21,7 @@ from federation.protocol import (
     read_site,
     refusal_reason,
 )
+from tests.peak_memory import MIB, peak_memory
 
 
 def _instruction(**overrides: object) -> TrainInstruction:
@@ -58,17 +62,55 @@ def test_instruction_json_is_canonical() -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("noise_multiplier", 0.0, "noise_multiplier must be > 0; found 0.0"),
-        ("sample_rate", 1.5, "sample_rate must be in (0, 1]; found 1.5"),
-        ("delta", 1.0, "delta must be in (0, 1); found 1.0"),
-        ("steps", 0, "steps must be >= 1; found 0"),
+        ("noise_multiplier", 0.0, "noise_multiplier must be >= 0.5; found 0.0"),
+        ("sample_rate", 1.5, "sample_rate must be in [0.001, 1]; found 1.5"),
+        ("delta", 1.0, "delta must be in [1e-10, 1); found 1.0"),
+        ("steps", 0, "steps must be an integer in 1..1000; found 0"),
         ("dataset", "", "dataset must be a non-empty string"),
         ("features", (), "features must not be empty"),
     ],
 )
 def test_invalid_instruction_names_the_field(field: str, value: object, message: str) -> None:
-    with pytest.raises(ProtocolError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+    with pytest.raises(ProtocolError, match=re.escape(message)):
         _instruction(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rounds": 10**9}, "rounds must be an integer in 1..1000; found 1000000000"),
+        ({"rounds": 1e9}, "rounds must be an integer in 1..1000; found 1000000000.0"),
+        ({"rounds": True}, "rounds must be an integer in 1..1000; found True"),
+        ({"local_epochs": 10**6}, "local_epochs must be an integer in 1..100; found 1000000"),
+        ({"steps": 10**6}, "steps must be an integer in 1..1000; found 1000000"),
+        ({"sample_rate": 1e-9}, "sample_rate must be in [0.001, 1]; found 1e-09"),
+        ({"delta": 1e-300}, "delta must be in [1e-10, 1); found 1e-300"),
+        ({"noise_multiplier": 0.01}, "noise_multiplier must be >= 0.5; found 0.01"),
+        ({"rounds": 60}, "rounds x steps must be <= 1000 DP-SGD steps in all; found 1200"),
+    ],
+)
+def test_an_instruction_beyond_the_limits_is_refused_by_field(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        _instruction(**changes)
+    assert str(info.value) == f"invalid training instruction: {message}"
+
+
+def test_a_hostile_instruction_on_the_wire_is_refused_at_once_in_little_memory() -> None:
+    data = json.loads(_instruction().to_json())
+    data |= {"rounds": 10**9, "local_epochs": 10**6, "steps": 10**9, "sample_rate": 1e-9}
+
+    def parse() -> ProtocolError:
+        with pytest.raises(ProtocolError) as info:
+            TrainInstruction.from_json(json.dumps(data))
+        return info.value
+
+    refusal, peak = peak_memory(parse)
+    assert str(refusal) == (
+        "invalid training instruction: local_epochs must be an integer in 1..100; found 1000000; "
+        "steps must be an integer in 1..1000; found 1000000000; rounds must be an integer in 1..1000; "
+        "found 1000000000; sample_rate must be in [0.001, 1]; found 1e-09"
+    )
+    assert peak < MIB
 
 
 def test_missing_or_malformed_instruction_is_a_protocol_error() -> None:

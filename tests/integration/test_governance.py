@@ -134,3 +134,44 @@ def test_approval_then_run_then_a_budget_that_one_site_cannot_afford(cluster) ->
     reasons = [e.payload["reason"] for e in poor.audit_log().entries() if e.kind == "refusal"]
     assert any("over its lifetime budget of" in reason for reason in reasons)
     assert governance_state(poor).budgets[DATASET].epsilon == pytest.approx(row.spent * 1.2)
+
+
+def test_two_runs_racing_for_a_budget_that_fits_one_never_leave_a_site_charged_for_a_run_it_cannot_finish(cluster) -> None:
+    from privacy.accountant import epsilon
+    from privacy.events import DPEvent
+
+    local, sites, workdir = cluster
+    key = load_private_key(partner_key_path(workdir))
+    spec = _spec(2, "racing")
+    plan = plan_privacy(spec)
+    run = DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round).times(plan.rounds)
+    # Each officer leaves room for one run of this spec beside what the dataset has spent, not two.
+    for site in sites:
+        home = NodeHome.open(site.home)
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            spent = ledger.events(DATASET)
+        one, two = (epsilon([*spent, *[run] * n], delta=1e-5, accountant="pld") for n in (1, 2))
+        set_budget(home, DATASET, epsilon_=(one + two) / 2, delta=1e-5, by=OFFICER)
+        assert _node("approve", spec.digest(), "--dataset", DATASET, "--home", str(site.home)).returncode == 0
+    before = _charges(sites)
+    env = flower_env(local.flwr_home)
+    runs = [
+        submit(spec, connection=local.connection, tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}",
+               output_dir=workdir / "runs", signing_key=key, env=env)
+        for _ in range(2)
+    ]
+    statuses = [wait_for_run(run_id, connection=local.connection, env=env, timeout=600, poll=1.0) for run_id in runs]
+    assert sum(status.succeeded for status in statuses) <= 1, statuses
+    for site in sites:
+        home = NodeHome.open(site.home)
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            new = ledger.charges(DATASET)[before[site.name]:]
+            [row] = [r for r in budget_status(home) if r.dataset == DATASET]
+        charged = {c.run_id for c in new}
+        # A site trains one of the two runs, all of its rounds, or none: never a round of a run it then refuses.
+        assert len(charged) <= 1, (site.name, charged)
+        assert len(new) in (0, plan.rounds), (site.name, [(c.run_id, c.round) for c in new])
+        assert row.remaining is not None and row.held <= row.budget.epsilon  # type: ignore[union-attr]
+        refused = [e.payload for e in home.audit_log().entries() if e.kind == "refusal" and e.payload.get("run") in {str(r) for r in runs}]
+        assert all("spent or reserved" in p["reason"] for p in refused if p.get("message") == "query"), refused
+        assert not any(p.get("run") in charged and p.get("message") == "train" for p in refused), refused

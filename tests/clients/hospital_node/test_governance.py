@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,9 +36,11 @@ from federation.protocol import (
     AWAITING_APPROVAL,
     QUERY_METRICS,
     REFUSED_APPROVAL,
+    REFUSED_BAD_INSTRUCTION,
     REFUSED_BUDGET,
     REFUSED_INTEGRITY,
     REFUSED_POLICY,
+    REFUSED_REPLAY,
     REFUSED_SIGNATURE,
     SignedSpec,
     read_metrics,
@@ -47,6 +51,7 @@ from models.tabular import build_tabular_model
 from privacy.accountant import epsilon
 from privacy.events import DPEvent
 from privacy.ledger import Budget, PrivacyLedger
+from tests.peak_memory import MIB, peak_memory
 
 from .conftest import OFFICER, PARTNER, example_spec, govern, sign, signed_message
 
@@ -86,9 +91,9 @@ def _kinds(home: NodeHome) -> list[str]:
     return [e.kind for e in home.audit_log().entries()]
 
 
-def _train(home: NodeHome, spec: ExperimentSpec, server_round: int = 1) -> Message:
+def _train(home: NodeHome, spec: ExperimentSpec, server_round: int = 1, *, signed: SignedSpec | None = None) -> Message:
     arrays = ArrayRecord(build_tabular_model("logistic", len(FEATURES)).state_dict())
-    return _ask(home, signed_message(MessageType.TRAIN, spec, server_round=server_round, arrays=arrays), "train")
+    return _ask(home, signed_message(MessageType.TRAIN, spec, server_round=server_round, arrays=arrays, signed=signed), "train")
 
 
 def _hide_the_data(home: NodeHome) -> None:
@@ -232,10 +237,10 @@ def test_a_coordinator_that_alters_the_signed_spec_or_the_instruction_is_refused
     assert code == REFUSED_SIGNATURE
     # The signed spec intact, but an instruction that spends more than it says.
     instruction = instruction_for(SPEC, plan_privacy(SPEC))
-    greedy = type(instruction)(**(instruction.__dict__ | {"noise_multiplier": 0.3}))
+    greedy = type(instruction)(**(instruction.__dict__ | {"noise_multiplier": 0.6}))
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, instruction=greedy)))
     assert code == REFUSED_SIGNATURE
-    assert "noise_multiplier is 0.3, the signed spec says privacy.noise_multiplier = 1.0" in reason
+    assert "noise_multiplier is 0.6, the signed spec says privacy.noise_multiplier = 1.0" in reason
 
 
 def test_a_target_epsilon_spec_cannot_be_given_less_noise_than_its_target_needs(home: NodeHome) -> None:
@@ -246,6 +251,65 @@ def test_a_target_epsilon_spec_cannot_be_given_less_noise_than_its_target_needs(
     greedy = type(honest)(**(honest.__dict__ | {"noise_multiplier": honest.noise_multiplier * 0.8}))
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, spec, instruction=greedy)))
     assert code == REFUSED_SIGNATURE and "over the signed target_epsilon 2" in reason
+
+
+# ---------------------------------------------------------------- limits (privacy.limits)
+
+
+def test_hostile_counts_are_refused_at_the_node_in_little_memory(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    assert not _ask(home, signed_message(MessageType.QUERY, SPEC)).has_error()  # warm: imports are not the request's
+    message = signed_message(MessageType.QUERY, SPEC)
+    config = message.content["config"]
+    hostile = json.loads(config["medfed.instruction"]) | {"rounds": 10**9, "local_epochs": 10**6, "steps": 10**9, "sample_rate": 1e-9}
+    config["medfed.instruction"] = json.dumps(hostile)
+    reply, peak = peak_memory(lambda: _ask(home, message))
+    code, reason = _refusal(reply)
+    assert code == REFUSED_BAD_INSTRUCTION
+    assert "rounds must be an integer in 1..1000; found 1000000000" in reason
+    assert "sample_rate must be in [0.001, 1]; found 1e-09" in reason
+    assert peak < 16 * MIB
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert ledger.charges("htn_cohort") == []
+
+
+def test_a_noise_whose_epsilon_is_beyond_the_limit_is_refused_before_a_tight_accountant_runs(home: NodeHome) -> None:
+    # Full-batch steps (q = 1) with a target: the coordinator picks the noise, the node bounds it.
+    spec = example_spec(federation={"rounds": 2}, privacy={"sample_rate": 1.0, "noise_multiplier": None, "target_epsilon": 2.0})
+    governance.approve(home, spec.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    honest = instruction_for(spec, plan_privacy(spec))
+    greedy = type(honest)(**(honest.__dict__ | {"noise_multiplier": 0.5}))
+    reply, peak = peak_memory(lambda: _ask(home, signed_message(MessageType.QUERY, spec, instruction=greedy)))
+    code, reason = _refusal(reply)
+    assert code == REFUSED_BAD_INSTRUCTION
+    assert re.fullmatch(
+        r"the experiment would cost epsilon \d+(\.\d+)? \(RDP bound at its delta\), over the limit of 12 for any "
+        r"experiment; the partner raises the noise or lowers the rounds",
+        reason,
+    ), reason
+    assert peak < 64 * MIB
+
+
+def test_a_request_recorded_beyond_the_limits_is_listed_but_not_costed(home: NodeHome) -> None:
+    # Written before the limits existed: the officer sees it; nothing composes it.
+    _ask(home, signed_message(MessageType.QUERY, SPEC))
+    [entry] = [e for e in home.audit_log().entries() if e.kind == "request"]
+    hostile = dict(entry.payload) | {"spec_digest": "ab" * 32, "rounds": 10**9, "sample_rate": 1e-9}
+    home.audit_log().append("request", hostile)
+    pending, peak = peak_memory(lambda: governance.pending_requests(home))
+    [old] = [p for p in pending if p.request.spec_digest == "ab" * 32]
+    assert math.isnan(old.cost) and old.projected is None
+    assert peak < 64 * MIB
+
+
+def test_a_spec_at_the_limits_is_admitted_in_bounded_memory(home: NodeHome) -> None:
+    # The most steps (one epoch of 1000 at the smallest sample rate), the least noise, the smallest delta.
+    spec = example_spec(federation={"rounds": 1}, privacy={"sample_rate": 0.001, "noise_multiplier": 0.5, "delta": 1e-10})
+    governance.approve(home, spec.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    message = signed_message(MessageType.QUERY, spec)
+    reply, peak = peak_memory(lambda: _ask(home, message))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert peak < 128 * MIB
 
 
 # ---------------------------------------------------------------- policy and budget
@@ -310,26 +374,91 @@ def test_a_dataset_without_a_budget_is_refused(tmp_path: Path, home: NodeHome) -
     assert code == REFUSED_BUDGET and "has no lifetime privacy budget on this node" in reason
 
 
-def test_a_request_beyond_the_budget_is_refused_before_reading_and_a_round_beyond_it_is_not_charged(home: NodeHome) -> None:
-    plan = plan_privacy(SPEC)
-    one_round = epsilon([DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], delta=1e-5)
-    governance.set_budget(home, "htn_cohort", epsilon_=one_round * 1.05, delta=1e-5, by=OFFICER)
+def _one_round(spec: ExperimentSpec = SPEC) -> float:
+    plan = plan_privacy(spec)
+    return epsilon([DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], delta=1e-5, accountant="pld")
+
+
+def _as_run(run_id: int) -> None:
+    """Messages built from here on belong to Flower run `run_id` (and so to that submission)."""
+    TaskIdentity.run_id = run_id
+
+
+def test_a_run_beyond_the_budget_is_refused_before_reading_and_reserves_nothing(home: NodeHome) -> None:
+    governance.set_budget(home, "htn_cohort", epsilon_=_one_round() * 1.05, delta=1e-5, by=OFFICER)
     governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    _hide_the_data(home)
     code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC)))
-    assert code == REFUSED_BUDGET and "over its lifetime budget of" in reason
-    # A coordinator that skips the query and trains anyway: round 1 fits, round 2 does not.
-    governance.set_budget(home, "htn_cohort", epsilon_=one_round * 1.05, delta=1e-5, by=OFFICER)
-    assert _refusal(_train(home, SPEC, 1))[0] == REFUSED_BUDGET  # the whole experiment would not fit
-    governance.set_budget(home, "htn_cohort", epsilon_=50.0, delta=1e-5, by=OFFICER)
-    assert not _train(home, SPEC, 1).has_error()
-    governance.set_budget(home, "htn_cohort", epsilon_=one_round * 1.05, delta=1e-5, by=OFFICER)
-    assert _refusal(_train(home, SPEC, 2))[0] == REFUSED_BUDGET
+    assert code == REFUSED_BUDGET
+    assert re.fullmatch(
+        r"dataset 'htn_cohort' would reach epsilon \d\.\d{3} at delta 1e-05, over its lifetime budget of \d\.\d+ "
+        r"\(0\.000 spent or reserved\); the run is refused",
+        reason,
+    ), reason
+    # A coordinator that skips the query and trains anyway: the whole run (2 rounds) does not fit.
+    assert _refusal(_train(home, SPEC, 1))[0] == REFUSED_BUDGET
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        assert [c.round for c in ledger.charges("htn_cohort")] == [1]
-        assert ledger.reservations() == []
+        assert ledger.charges("htn_cohort") == [] and ledger.run_reservations() == []
 
 
-def test_a_failure_during_training_gives_the_reservation_back(home: NodeHome, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_of_two_concurrent_runs_on_a_budget_that_fits_one_the_second_is_refused_at_its_query(home: NodeHome) -> None:
+    governance.set_budget(home, "htn_cohort", epsilon_=epsilon([DPEvent(1.0, 0.05, 40)], delta=1e-5, accountant="pld") * 1.2, delta=1e-5, by=OFFICER)
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, runs=2, not_yet_requested=True)
+    first, second = sign(SPEC, fresh=True), sign(SPEC, fresh=True)
+    _as_run(31)
+    assert not _ask(home, signed_message(MessageType.QUERY, SPEC, signed=first)).has_error()
+    _as_run(32)
+    code, reason = _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, signed=second)))
+    assert code == REFUSED_BUDGET and "spent or reserved" in reason
+    assert _refusal(_train(home, SPEC, 1, signed=second))[0] == REFUSED_BUDGET  # nothing trains for it either
+    # The first run trains both its rounds: its budget was held from its query on.
+    _as_run(31)
+    assert not _train(home, SPEC, 1, signed=first).has_error()
+    assert not _train(home, SPEC, 2, signed=first).has_error()
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [(c.run_id, c.round, c.submission) for c in ledger.charges("htn_cohort")] == [
+            ("31", 1, first.submission_id), ("31", 2, first.submission_id)
+        ]
+        assert [r.submission for r in ledger.run_reservations()] == [first.submission_id]
+
+
+def test_a_run_that_ends_early_gives_back_what_it_did_not_use(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    assert not _train(home, SPEC, 1).has_error()  # round 2 never comes: the coordinator ends the run
+    [before] = governance.budget_status(home)
+    assert before.reserved > 0 and before.open_reservations == 1
+    reply = _ask(home, signed_message(MessageType.EVALUATE, SPEC, arrays=ArrayRecord(build_tabular_model("logistic", len(FEATURES)).state_dict())), "evaluate")
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    [after] = governance.budget_status(home)
+    assert (after.open_reservations, after.reserved, after.held) == (0, 0.0, after.spent)
+    assert after.spent == before.spent
+    [status] = after.reservations
+    assert (status.state, status.reservation.charged, status.reservation.rounds, status.expires_at) == ("released", 1, 2, None)
+    # The submission is closed: a late round 2 is refused as a replay.
+    code, reason = _refusal(_train(home, SPEC, 2))
+    assert code == REFUSED_REPLAY and "its run ended; a replay trains nowhere" in reason
+
+
+def test_the_rounds_of_a_submission_are_capped(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    assert not _train(home, SPEC, 1).has_error()
+    assert not _train(home, SPEC, 2).has_error()
+    code, reason = _refusal(_train(home, SPEC, 1))  # round 1 again, though the run has used both its rounds
+    assert code == REFUSED_BUDGET and "has been charged all 2 round(s) it reserved" in reason
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert len(ledger.charges("htn_cohort")) == 2
+
+
+def test_an_admitted_run_keeps_its_reservation_when_the_budget_is_lowered(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, runs=2, not_yet_requested=True)
+    assert not _train(home, SPEC, 1).has_error()
+    governance.set_budget(home, "htn_cohort", epsilon_=_one_round() * 1.05, delta=1e-5, by=OFFICER)
+    assert not _train(home, SPEC, 2).has_error()  # held since admission; the officer stops a run by revoking it
+    _as_run(32)
+    assert _refusal(_ask(home, signed_message(MessageType.QUERY, SPEC, signed=sign(SPEC, fresh=True))))[0] == REFUSED_BUDGET
+
+
+def test_a_failure_during_training_charges_nothing_and_keeps_the_reservation(home: NodeHome, monkeypatch: pytest.MonkeyPatch) -> None:
     import models.training
 
     governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
@@ -341,18 +470,33 @@ def test_a_failure_during_training_gives_the_reservation_back(home: NodeHome, mo
     with pytest.raises(RuntimeError):
         _train(home, SPEC, 1)
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        assert ledger.charges("htn_cohort") == [] and ledger.reservations() == []
+        assert ledger.charges("htn_cohort") == []
+        [held] = ledger.run_reservations()
+        assert (held.submission, held.rounds, held.charged, held.released_at) == (sign(SPEC).submission_id, 2, 0, None)
+    monkeypatch.undo()
+    assert not _train(home, SPEC, 1).has_error()  # the retry takes its round from the same reservation
 
 
-def test_a_reservation_cut_off_by_a_crash_shows_in_the_budget_and_keeps_counting(home: NodeHome) -> None:
+def test_a_reservation_whose_run_vanished_shows_in_the_budget_until_it_expires(home: NodeHome) -> None:
     plan = plan_privacy(SPEC)
     event = DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-    with PrivacyLedger.open(home.ledger_path) as ledger:
-        ledger.reserve("htn_cohort", run_id="9", round=1, event=event, budget=Budget(50.0, 1e-5))
+    hold = home.policy().reservation_hold
+    now = datetime.now(UTC)
+    for submission, at in (("9", now - timedelta(hours=1)), ("8", now - hold - timedelta(minutes=1))):
+        with PrivacyLedger.open(home.ledger_path, clock=lambda at=at: at) as ledger:
+            ledger.reserve_run("htn_cohort", submission=submission, event=event, rounds=2, budget=Budget(50.0, 1e-5), hold=hold)
     [row] = governance.budget_status(home)
     assert (row.charges, row.open_reservations, row.spent) == (0, 1, 0.0)
-    assert row.held == pytest.approx(epsilon([event], delta=1e-5, accountant=home.policy().accountant), rel=1e-6)
+    # Only the live one counts; the one whose run went quiet a day ago is listed, and no longer held.
+    assert row.held == pytest.approx(epsilon([event.times(2)], delta=1e-5, accountant="pld"), rel=1e-9)
     assert row.remaining == pytest.approx(50.0 - row.held)
+    assert [(s.reservation.submission, s.state) for s in row.reservations] == [("9", "live"), ("8", "expired")]
+    assert row.reservations[0].expires_at == row.reservations[0].reservation.active_at + hold
+    shown = _cli("budget", "--home", str(home.path))
+    assert shown.exit_code == 0, shown.output
+    assert "htn_cohort: 1 live run reservation(s) hold ε" in shown.output
+    assert "htn_cohort  submission 9  live: 0 of 2 round(s) charged, expires " in shown.output
+    assert "htn_cohort  submission 8  expired: 0 of 2 round(s) charged, expired " in shown.output
 
 
 # ---------------------------------------------------------------- tampering

@@ -196,12 +196,12 @@ def test_policy_set_validates_audits_and_writes_owner_only(home: NodeHome) -> No
 
 def test_policy_set_reports_every_bad_field_and_changes_nothing(home: NodeHome) -> None:
     before = home.policy_path.read_bytes()
-    bad = _cli("policy", "set", "min_cohort_size=0", "accountant=exact", "require_secure_aggregation=maybe",
+    bad = _cli("policy", "set", "min_cohort_size=0", "reservation_hold_hours=-1", "require_secure_aggregation=maybe",
                "--home", str(home.path))
     assert isinstance(bad.exception, NodeHomeError)
     message = str(bad.exception)
     assert "policy.min_cohort_size must be an integer >= 1; found 0" in message
-    assert "policy.accountant must be one of" in message and "found 'exact'" in message
+    assert "policy.reservation_hold_hours must be a number of hours in (0, 8760]; found -1.0" in message
     assert "policy.require_secure_aggregation must be true or false; found 'maybe'" in message
     unknown = _cli("policy", "set", "min_cohort=5", "--home", str(home.path))
     assert "policy.min_cohort is not a policy setting; did you mean 'min_cohort_size'?" in str(unknown.exception)

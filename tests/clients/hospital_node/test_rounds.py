@@ -11,6 +11,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.hospital_node.governance import budget_status, set_budget
 from clients.hospital_node.home import DatasetEntry, NodeHome
 from clients.hospital_node.rounds import answer
 from experiments.cost import plan_privacy
@@ -29,7 +30,7 @@ from models.tabular import build_tabular_model
 from privacy.keys import load_public_key
 from privacy.ledger import PrivacyLedger
 
-from .conftest import SENTINEL, example_spec, govern, signed_message
+from .conftest import SENTINEL, example_spec, govern, sign, signed_message
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +69,8 @@ def _message(kind: str, instruction: TrainInstruction, server_round: int = 1, ar
 
 
 def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: NodeHome) -> None:
+    # The dataset's budget is read at another delta than the spec's: the node reports the ledger's number.
+    set_budget(home, "htn_cohort", epsilon_=50.0, delta=1e-6, by="test-officer")
     instruction = _instruction()
     reply = answer("train", _message(MessageType.TRAIN, instruction), {"home": str(home.path)})
     assert not reply.has_error(), reply.error
@@ -75,8 +78,11 @@ def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: Node
     assert set(metrics) == set(TRAIN_METRICS)
     assert metrics["steps"] == instruction.steps
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        assert [(c.run_id, c.round) for c in ledger.charges("htn_cohort")] == [("77", 1)]
-        assert metrics["epsilon"] == ledger.spent("htn_cohort", delta=instruction.delta, accountant="prv")
+        submission = sign(example_spec()).submission_id  # the partner-signed submission the message carried
+        assert [(c.run_id, c.round, c.submission) for c in ledger.charges("htn_cohort")] == [("77", 1, submission)]
+        assert metrics["epsilon"] == ledger.spent("htn_cohort", delta=1e-6)
+    [row] = budget_status(home)
+    assert row.spent == metrics["epsilon"]  # one epsilon: what left, what the officer reads
     shapes = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
     assert shapes == {"linear.weight": (1, len(FEATURES)), "linear.bias": (1,)}
 
@@ -84,7 +90,8 @@ def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: Node
     [release] = [e for e in home.audit_log().entries() if e.kind == "release"]
     assert release.payload["arrays"] == {"linear.bias": [1], "linear.weight": [1, len(FEATURES)]}
     assert release.payload["bytes"] == reply.content["arrays"].count_bytes()
-    assert release.payload["charge"]["epsilon_spent"] == metrics["epsilon"]
+    charge = release.payload["charge"]
+    assert (charge["epsilon_spent"], charge["delta"], charge["accountant"]) == (metrics["epsilon"], 1e-6, "pld")
     assert home.audit_log().verify(load_public_key(home.audit_public_key_path)).ok
 
 
@@ -110,10 +117,12 @@ def test_unknown_dataset_is_refused_with_the_site_name_and_nothing_charged(home:
         assert ledger.datasets() == []
 
 
-def test_step_count_that_does_not_match_the_sample_rate_is_refused(home: NodeHome) -> None:
+def test_step_count_that_does_not_match_the_sample_rate_is_refused_before_anything_is_reserved(home: NodeHome) -> None:
     reply = answer("train", _message(MessageType.TRAIN, _instruction(steps=5)), {"home": str(home.path)})
     assert reply.error.code == REFUSED_BAD_INSTRUCTION
     assert "does not match local_epochs x steps_per_epoch(sample_rate) = 20" in reply.error.reason
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert ledger.run_reservations() == []
 
 
 def test_arrays_of_another_model_are_refused(home: NodeHome) -> None:

@@ -300,3 +300,13 @@ def test_init_makes_an_existing_folder_the_owners_alone(tmp_path: Path) -> None:
     folder.chmod(0o755)
     NodeHome.create(folder, name="hospital_2")
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_doctor_warns_that_an_older_policys_accountant_is_ignored(service: NodeService) -> None:
+    service.node.policy_path.write_text('[policy]\naccountant = "prv"\n')
+    checks = {c.what: c for c in service.checks(connect=False)}
+    assert checks["policy"].level == "ok"
+    assert checks["policy accountant"].level == "warn"
+    assert checks["policy accountant"].detail == (
+        "policy.accountant = 'prv' is ignored: the ledger composes with PLD only; remove the line from policy.toml"
+    )
