@@ -16,7 +16,6 @@ from flwr.app import Message
 
 from clients.hospital_node.governance import governance_state
 from clients.hospital_node.home import NodeHome
-from clients.hospital_node.rounds import answer
 from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.tracking import InMemoryTracker
@@ -44,8 +43,15 @@ def _run(sites, spec: ExperimentSpec, run_id: int, tracker: InMemoryTracker, out
 
 
 def _handler(home: Path):
+    """The node's installed ClientApp, dispatching as Flower does (``query.release`` included)."""
+    from flwr.app import Context, RecordDict
+
+    from clients.hospital_node.client_app import app
+
     def handle(message: Message) -> Message:
-        return answer(message.metadata.message_type.split(".")[0], message, {"home": str(home)})
+        context = Context(run_id=message.metadata.run_id, node_id=message.metadata.dst_node_id, node_config={"home": str(home)},
+                          state=RecordDict(), run_config={})
+        return app(message=message, context=context)
 
     return handle
 
@@ -318,8 +324,8 @@ def test_the_coordinator_starts_up_and_saves_the_model_while_a_wave_is_out(allia
 # ---------------------------------------------------------------- a coordinator restart
 
 
-class _CoordinatorDied(Exception):
-    """Stands for the ServerApp process dying with its SuperLink."""
+class _CoordinatorDied(BaseException):
+    """Stands for the ServerApp process dying with its SuperLink (a signal, not a failure of the run)."""
 
 
 def test_a_submission_continues_from_its_checkpoint_and_ends_as_an_uninterrupted_run(alliance, tmp_path: Path) -> None:
@@ -364,3 +370,20 @@ def test_a_finished_submission_is_not_run_again(alliance, tmp_path: Path) -> Non
     run_experiment(_grid(alliance, 301), spec, signed=signed, tracker=InMemoryTracker(), output_dir=tmp_path, flower_run_id=301)
     with pytest.raises(FederationError, match=r"already finished \(Flower runs 301\)"):
         run_experiment(_grid(alliance, 302), spec, signed=signed, tracker=InMemoryTracker(), output_dir=tmp_path, flower_run_id=302)
+
+
+def test_a_run_that_cannot_start_gives_the_accepting_nodes_their_budget_back(alliance, tmp_path: Path) -> None:
+    from clients.hospital_node.home import NodeHome as Home
+
+    spec = _spec(federation={"rounds": 2, "min_nodes": 3}, experiment={"name": "two-of-three"})
+    approve_everywhere(alliance[:2], spec)  # the third officer has not decided
+    signed = signed_spec(spec, alliance[0].home.parent.parent)
+    with pytest.raises(NotEnoughNodesError, match="2 of 3 hospital node"):
+        run_experiment(_grid(alliance, 401), spec, signed=signed, tracker=InMemoryTracker(), output_dir=tmp_path)
+    for site in alliance[:2]:
+        home = Home.open(site.home)
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            now, hold = ledger.now(), home.policy().reservation_hold
+            [mine] = [r for r in ledger.run_reservations(DATASET) if r.submission == signed.submission_id]
+            assert (mine.state(hold=hold, now=now), mine.charged) == ("released", 0)
+        assert [e.payload["message"] for e in home.audit_log().entries() if e.kind == "release"][-1] == "release"

@@ -126,3 +126,44 @@ def test_a_submission_of_another_spec_is_refused_as_a_signature_problem(home: No
     forged = SignedSpec(SPEC.canonical_json(), signature.signature, signature.signer, submission.to_json())
     code, reason = _refusal(_query(home, forged))
     assert code == REFUSED_SIGNATURE and "names another spec" in reason
+
+
+def _reservations(home: NodeHome) -> list[tuple[str, str]]:
+    from privacy.ledger import PrivacyLedger
+
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        now, hold = ledger.now(), home.policy().reservation_hold
+        return [(r.submission, r.state(hold=hold, now=now)) for r in ledger.run_reservations()]
+
+
+def test_a_finished_submission_sent_again_trains_nowhere(home: NodeHome) -> None:
+    signed = sign(SPEC, fresh=True)
+    assert not _query(home, signed, run=91).has_error()
+    TaskIdentity.run_id = 91
+    evaluated = answer("evaluate", signed_message(MessageType.EVALUATE, SPEC, signed=signed, arrays=_model()), {"home": str(home.path)})
+    assert not evaluated.has_error()
+    assert _reservations(home) == [(signed.submission_id, "released")]
+    home.dataset("htn_cohort").path.unlink()  # refused before any data is read
+    code, reason = _refusal(_query(home, signed, run=92))  # the coordinator replays the whole submission
+    assert code == REFUSED_REPLAY and "already ran on this node and its run ended; a replay trains nowhere" in reason
+
+
+def test_a_release_gives_back_a_run_that_ended_early_and_needs_the_signed_submission(home: NodeHome) -> None:
+    signed = sign(SPEC, fresh=True)
+    assert not _query(home, signed, run=93).has_error()
+    assert _reservations(home) == [(signed.submission_id, "live")]
+    forged = SignedSpec(signed.spec_json, signed.signature, signed.signer, sign(SPEC, fresh=True).submission)
+    refused = answer("release", signed_message(f"{MessageType.QUERY}.release", SPEC, signed=forged), {"home": str(home.path)})
+    assert _refusal(refused)[0] == REFUSED_SIGNATURE  # someone else's envelope: nothing given back
+    assert _reservations(home) == [(signed.submission_id, "live")]
+    released = answer("release", signed_message(f"{MessageType.QUERY}.release", SPEC, signed=signed), {"home": str(home.path)})
+    assert not released.has_error() and dict(released.content["metrics"]) == {}
+    assert _reservations(home) == [(signed.submission_id, "released")]
+
+
+def _model():  # type: ignore[no-untyped-def]
+    from flwr.app import ArrayRecord
+
+    from models.tabular import build_tabular_model
+
+    return ArrayRecord(build_tabular_model("logistic", len(FEATURES)).state_dict())
