@@ -45,7 +45,6 @@ import difflib
 import hashlib
 import json
 import math
-import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -218,11 +217,17 @@ class ImagingSection(_Table):
         problems: list[tuple[str, str]] = []
         pattern = raw.get("series_description")
         if isinstance(pattern, str) and pattern:
+            import re2
+
+            options = re2.Options()
+            options.log_errors = False
             try:
-                re.compile(pattern)
-            except re.error as err:
+                re2.compile(pattern, options)
+            except re2.error as err:
+                reason = err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else str(err)
                 problems.append(
-                    ("series_description", f"imaging.series_description is not a valid regular expression: {err.msg}")
+                    ("series_description", f"imaging.series_description is not a valid regular expression (RE2 syntax, "
+                     f"which nodes match in linear time): {reason}")
                 )
         intensity = raw.get("intensity", "minmax")
         given = [key for key in ("window", "window_center", "window_width") if raw.get(key) is not None]

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -185,6 +184,21 @@ RELEASE_ACTION = "release"
 RELEASE_METRICS: tuple[str, ...] = ()
 
 
+def _re2_problem(pattern: object) -> str | None:
+    """Why RE2 (linear-time matching, which the node uses for Series Descriptions) refuses `pattern`, or None."""
+    import re2
+
+    if not isinstance(pattern, str):
+        return "not a string"
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        re2.compile(pattern, options)
+    except re2.error as err:
+        return str(err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else err)
+    return None
+
+
 class ProtocolError(ValueError):
     """A message between coordinator and node does not follow this contract."""
 
@@ -232,10 +246,8 @@ class ImagingInstruction:
             problems.append(f"imaging.intensity must be one of {', '.join(INTENSITIES)}; found {self.intensity!r}")
         if self.projection not in PROJECTIONS:
             problems.append(f"imaging.projection must be one of {', '.join(PROJECTIONS)}; found {self.projection!r}")
-        try:
-            re.compile(self.series_description)
-        except (re.error, TypeError):
-            problems.append("imaging.series_description is not a valid regular expression")
+        if _re2_problem(self.series_description) is not None:
+            problems.append("imaging.series_description is not a valid regular expression (RE2 syntax)")
         pair = (self.window_center, self.window_width)
         if self.intensity == "window":
             if bool(self.window) == (pair != (None, None)):

@@ -12,9 +12,13 @@ compute it with the same code:
   it works the same for a source checkout, an editable install and a wheel, none of
   which needs a ``pyproject.toml`` beside it;
 - :func:`content_digest` is SHA-256 over the sorted ``(path, SHA-256 of content)`` pairs
-  of those files. It ignores the zip's compression (which differs between zlib builds)
-  and the bundle's ``pyproject.toml`` and ``.info/`` manifest, which Flower rewrites
-  while building and a node never executes;
+  of those files and of :data:`APP_TABLES_ENTRY`, the canonical JSON of the app's
+  ``pyproject.toml`` tables that matter (project name and version, and
+  ``[tool.flwr.app]``: publisher, components, config, ``fab-include``). It ignores the
+  zip's compression (which differs between zlib builds), the bytes of the
+  ``pyproject.toml`` (Flower re-renders it while building; its *values* count) and the
+  ``.info/`` manifest Flower derives from the rest. A bundle of the release's files
+  whose ``pyproject.toml`` names another ServerApp is therefore another app;
 - :func:`installed_identity` is the release's :class:`AppIdentity`: Flower's app id
   (``publisher/name``), the version, and that digest;
 - :func:`bundle_identity` reads the same identity out of a bundle that arrived with a
@@ -42,6 +46,7 @@ from typing import Any
 
 __all__ = [
     "APP_ID",
+    "APP_TABLES_ENTRY",
     "FLOWER_APP",
     "PACKAGES",
     "AppIdentity",
@@ -51,6 +56,7 @@ __all__ = [
     "flower_app_pyproject",
     "installed_identity",
     "release_files",
+    "release_identity",
     "stage_release",
 ]
 
@@ -83,6 +89,9 @@ FLOWER_APP: Mapping[str, Any] = {
 # Bundle members a node hashes: a release is well under these (about 1 MB in 150 files).
 _MAX_MEMBERS = 4096
 _MAX_UNPACKED_BYTES = 64 << 20
+_MAX_PYPROJECT_BYTES = 1 << 20
+#: The name under which the canonical app tables enter the content digest.
+APP_TABLES_ENTRY = "pyproject.toml#app"
 # Rewritten by Flower while building (pyproject.toml) or derived from the rest (.info/).
 _NOT_CONTENT = ("pyproject.toml",)
 _NOT_CONTENT_PREFIX = ".info/"
@@ -101,10 +110,15 @@ class AppIdentity:
     digest: str
 
     def __str__(self) -> str:
-        return f"{self.app_id} {self.version} (content {self.digest[:12]})"
+        return f"{_safe(self.app_id)} {_safe(self.version)} (content {self.digest[:12]})"
 
     def to_mapping(self) -> dict[str, str]:
         return {"app_id": self.app_id, "version": self.version, "digest": self.digest}
+
+
+def _safe(text: str, limit: int = 64) -> str:
+    """A name a bundle claims, fit for a message or a log line: printable, short (ascii() otherwise)."""
+    return text if text.isprintable() and len(text) <= limit else ascii(text[:limit])
 
 
 def content_digest(files: Iterable[tuple[str, bytes]]) -> str:
@@ -162,11 +176,41 @@ def release_version() -> str:
         raise BundleError("medfed is not installed in this environment; install it (pip install -e .)") from None
 
 
+def app_tables(project: Mapping[str, Any], app: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of a Flower App's name, version and ``[tool.flwr.app]`` tables."""
+    payload = {"project": {"name": project.get("name"), "version": project.get("version")}, "app": app}
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def release_identity(root: Path | None = None) -> AppIdentity:
+    """The identity of the release whose packages lie under `root` (default: the installed ones)."""
+    version = release_version()
+    files = [(name, path.read_bytes()) for name, path in release_files(root).items()]
+    files.append((APP_TABLES_ENTRY, app_tables({"name": PROJECT, "version": version}, FLOWER_APP)))
+    return AppIdentity(APP_ID, version, content_digest(files))
+
+
 @lru_cache(maxsize=1)
 def installed_identity() -> AppIdentity:
     """The identity of the medfed release installed in this environment."""
-    files = release_files()
-    return AppIdentity(APP_ID, release_version(), content_digest((name, path.read_bytes()) for name, path in files.items()))
+    return release_identity()
+
+
+def _bundle_app_tables(raw: bytes) -> bytes:
+    """The canonical app tables of a bundle's ``pyproject.toml``, read as data."""
+    import tomllib
+
+    if len(raw) > _MAX_PYPROJECT_BYTES:
+        raise BundleError(f"the app bundle's pyproject.toml is larger than {_MAX_PYPROJECT_BYTES >> 10} KiB")
+    try:
+        config = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise BundleError(f"the app bundle's pyproject.toml is not valid TOML ({err})") from None
+    project = config.get("project", {})
+    app = config.get("tool", {}).get("flwr", {}).get("app", {})
+    if not isinstance(project, Mapping) or not isinstance(app, Mapping):
+        raise BundleError("the app bundle's pyproject.toml has no [project] and [tool.flwr.app] tables")
+    return app_tables(project, app)
 
 
 def bundle_identity(fab_id: str, fab_version: str, fab: bytes) -> AppIdentity:
@@ -187,6 +231,11 @@ def bundle_identity(fab_id: str, fab_version: str, fab: bytes) -> AppIdentity:
             raise BundleError(f"the app bundle holds {len(members)} files, more than {_MAX_MEMBERS}")
         if sum(m.file_size for m in members) > _MAX_UNPACKED_BYTES:
             raise BundleError(f"the app bundle unpacks to more than {_MAX_UNPACKED_BYTES >> 20} MiB")
+        pyprojects = [m for m in members if m.filename == "pyproject.toml"]
+        if len(pyprojects) != 1:
+            raise BundleError("the app bundle must hold exactly one pyproject.toml")
+        if pyprojects[0].file_size > _MAX_PYPROJECT_BYTES:
+            raise BundleError(f"the app bundle's pyproject.toml is larger than {_MAX_PYPROJECT_BYTES >> 10} KiB")
         try:
             # zipfile reads at most each member's declared size and checks its CRC.
             files = [
@@ -194,6 +243,7 @@ def bundle_identity(fab_id: str, fab_version: str, fab: bytes) -> AppIdentity:
                 for m in members
                 if m.filename not in _NOT_CONTENT and not m.filename.startswith(_NOT_CONTENT_PREFIX)
             ]
+            files.append((APP_TABLES_ENTRY, _bundle_app_tables(archive.read(pyprojects[0]))))
         except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as err:
             raise BundleError(f"the app bundle cannot be read ({err})") from None
     return AppIdentity(fab_id, fab_version, content_digest(files))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,20 @@ _HOME_HELP = "The node home folder (holds the audit log and its key)."
 # scalars are never cut, only folded onto more lines. `--json` shows everything whole.
 _NESTED_WIDTH = 60
 _SHORTENED_NOTE = "… marks a nested value shortened here; --json shows every value whole"
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but the newline shown as an escape (``\\x1b``).
+
+    Refusal reasons, app names and versions come from whoever submitted a run; a terminal
+    must never execute them as commands (clear the screen, hide a line).
+    """
+    return "".join(ch if ch == "\n" or (ch.isprintable() and not unicodedata.category(ch).startswith("C")) else repr(ch)[1:-1] for ch in text)
+
+
+def _shown(text: str) -> str:
+    """`text` as a table cell: control characters made visible, rich markup escaped."""
+    return escape(printable(text))
 
 
 def _value(value: Any) -> tuple[str, bool]:
@@ -107,7 +122,7 @@ def show(
     for entry in entries:
         lines, cut = payload_lines(entry.payload)
         shortened |= cut
-        table.add_row(str(entry.seq), _time_cell(entry), entry.kind, escape("\n".join(lines)))
+        table.add_row(str(entry.seq), _time_cell(entry), entry.kind, _shown("\n".join(lines)))
     if shortened:
         table.caption = _SHORTENED_NOTE
     Console().print(table)
@@ -173,5 +188,5 @@ def egress(
         where = str(payload.get("run", payload.get("first_run", "")))
         if "round" in payload:
             where += f"\nround {payload['round']}"
-        table.add_row(_time_cell(entry), escape(where), reply_kind(entry).replace(" ", "\n"), escape("\n".join(what_left(entry))))
+        table.add_row(_time_cell(entry), _shown(where), _shown(reply_kind(entry)).replace(" ", "\n"), _shown("\n".join(what_left(entry))))
     Console().print(table)

@@ -40,6 +40,7 @@ same audit log, through the functions at the end of this module.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -262,7 +263,14 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     if kind in ("evaluate", "release"):
         # The run completed, or ended early (signed, and the instruction is the spec):
         # whatever else is decided below, the rounds it did not use go back to the dataset.
+        # Its final evaluation is answered once: a run's end is not a metric oracle.
         with PrivacyLedger.open(home.ledger_path) as ledger:
+            if kind == "evaluate" and _run_state(ledger, instruction.dataset, submission.submission_id, home.policy()) == RELEASED:
+                raise Refusal(
+                    REFUSED_REPLAY,
+                    f"the run of submission {submission.submission_id[:12]} has ended on this node; its final "
+                    "evaluation is answered once",
+                )
             ledger.release_run(instruction.dataset, submission=submission.submission_id)
     if kind == "release":
         return Admission(partner.name, digest, home.policy(), submission)
@@ -285,7 +293,11 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     status = state.status(digest, instruction.dataset, datetime.now(UTC))
     if status == PENDING:
         if state.requests.get((digest, instruction.dataset)) is None:
-            home.audit_log().append("request", _request(instruction, spec, partner.name, signed.signer, experiment_cost(), run_id))
+            # A target_epsilon spec leaves the noise to the coordinator, which could ask with
+            # more noise than it will train with: the officer sees at least the signed target.
+            target = spec.get("privacy", {}).get("target_epsilon")
+            shown_cost = max(experiment_cost(), float(target)) if target is not None else experiment_cost()
+            home.audit_log().append("request", _request(instruction, spec, partner.name, signed.signer, shown_cost, run_id))
             logger.info("recorded a request for spec %s on dataset '%s' by %s", digest[:12], instruction.dataset, partner.name)
         raise Refusal(
             AWAITING_APPROVAL,
@@ -364,12 +376,8 @@ def _reserve(
     coordinator stopped before the final evaluation), but trains no further round.
     """
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        held = [
-            r for r in ledger.run_reservations(instruction.dataset)
-            if r.submission == submission.submission_id
-        ]
-        if held:
-            state = held[0].state(hold=policy.reservation_hold, now=ledger.now())
+        state = _run_state(ledger, instruction.dataset, submission.submission_id, policy)
+        if state is not None:
             if state == RELEASED:
                 raise Refusal(
                     REFUSED_REPLAY,
@@ -377,7 +385,8 @@ def _reserve(
                     "a replay trains nowhere (submit the spec again for a new run)",
                 )
             if state == USED_UP and kind == "query":
-                return held[0]
+                [held] = [r for r in ledger.run_reservations(instruction.dataset) if r.submission == submission.submission_id]
+                return held
         try:
             return ledger.reserve_run(
                 instruction.dataset,
@@ -390,6 +399,14 @@ def _reserve(
             )
         except (BudgetExhaustedError, LedgerError) as err:
             raise Refusal(REFUSED_BUDGET, str(err)) from None
+
+
+def _run_state(ledger: PrivacyLedger, dataset: str, submission_id: str, policy: NodePolicy) -> str | None:
+    """The state of the submission's run reservation on `dataset` (live, expired, released, used up), or None."""
+    for reservation in ledger.run_reservations(dataset):
+        if reservation.submission == submission_id:
+            return reservation.state(hold=policy.reservation_hold, now=ledger.now())
+    return None
 
 
 def _check_new_submission(
@@ -765,6 +782,10 @@ def pending_requests(home: NodeHome) -> list[PendingRequest]:
         position = positions.get(request.dataset)
         event = _requested_event(payload)
         cost = float("nan") if event is None else epsilon([event], delta=float(payload["delta"]), accountant=LEDGER_ACCOUNTANT)
+        target = payload.get("requested_epsilon")
+        if target is not None and not math.isnan(cost):
+            # The coordinator chose the noise it asked with; the run may cost up to the signed target.
+            cost = max(cost, float(target))
         projected = None
         if event is not None and position is not None and position.budget is not None:
             with PrivacyLedger.open(home.ledger_path) as ledger:

@@ -292,10 +292,12 @@ def _imaging_problems(
     if not isinstance(series_description, str):
         problems.append(f"{prefix}.series_description must be a string (a regular expression)")
     else:
+        from imaging.reading import compile_description
+
         try:
-            re.compile(series_description)
-        except re.error as err:
-            problems.append(f"{prefix}.series_description is not a valid regular expression: {err.msg}")
+            compile_description(series_description)
+        except ValueError as err:
+            problems.append(f"{prefix}.series_description is not a valid regular expression (RE2 syntax): {err}")
     problems += _deid_problems(f"{prefix}.deid", deid)
     return problems
 

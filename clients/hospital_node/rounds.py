@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from clients.hospital_node.errors import ConnectorError, NodeError
+from clients.hospital_node.errors import ConnectorError, DatasetNotFoundError, NodeError
 from clients.hospital_node.governance import Admission, Refusal, admit
 from clients.hospital_node.home import NodeHome
 from federation.protocol import (
@@ -130,7 +130,16 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
         return _refuse(msg, home, instruction, err.code, err.reason, record=err.record)
     except ProtocolError as err:
         return _refuse(msg, home, instruction, REFUSED_BAD_INSTRUCTION, str(err))
-    except NodeError as err:
+    except (ConnectorError, DatasetNotFoundError) as err:
+        # The reason names files, columns and counts of the hospital's data, or its other
+        # datasets: it stays here.
+        dataset = f"dataset '{instruction.dataset}'" if instruction is not None else "the dataset"
+        outward = (
+            f"{dataset} cannot be used for this run on this node (not registered, unreadable, or not fitting its "
+            "registration); the hospital's IT sees why with `medfed node doctor`"
+        )
+        return _refuse(msg, home, instruction, REFUSED_DATASET, outward, detail=str(err))
+    except NodeError as err:  # the node's own set-up (its home, its configuration): nothing of the data
         return _refuse(msg, home, instruction, REFUSED_DATASET, str(err))
     except PrivacyError as err:
         return _refuse(msg, home, instruction, REFUSED_BUDGET, str(err))
@@ -139,12 +148,22 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
 
 
 def _refuse(
-    msg: Message, home: NodeHome | None, instruction: TrainInstruction | None, code: int, reason: str, *, record: bool = True
+    msg: Message,
+    home: NodeHome | None,
+    instruction: TrainInstruction | None,
+    code: int,
+    reason: str,
+    *,
+    record: bool = True,
+    detail: str | None = None,
 ) -> Message:
+    """The error reply: `reason` leaves the node; `detail`, if given, is why, for the node's own log and audit."""
     kind, run_id = msg.metadata.message_type, str(msg.metadata.run_id)
-    logger.warning("refused %s message of run %s: %s", kind, run_id, reason)
+    logger.warning("refused %s message of run %s: %s", kind, run_id, detail or reason)
     if home is not None and record:
         payload = {"run": run_id, "message": kind, "code": code, "reason": reason}
+        if detail is not None:
+            payload["detail"] = detail
         if instruction is not None:
             payload |= {"spec_digest": instruction.spec_digest, "dataset": instruction.dataset}
         try:
@@ -198,9 +217,10 @@ def _load(home: NodeHome, instruction: TrainInstruction) -> TabularData | Imagin
     entry = home.dataset(instruction.dataset)
     wanted = "imaging" if instruction.task == IMAGING_TASK else "tabular"
     if entry.kind != wanted:
-        raise ConnectorError(
+        raise Refusal(
+            REFUSED_DATASET,
             f"dataset '{instruction.dataset}' on node '{home.name}' is of kind '{entry.kind}'; "
-            f"task {instruction.task} needs a dataset of kind '{wanted}'"
+            f"task {instruction.task} needs a dataset of kind '{wanted}'",
         )
     if instruction.task == IMAGING_TASK:
         from clients.hospital_node.imaging_connector import ImagingConnector

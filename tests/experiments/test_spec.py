@@ -602,7 +602,7 @@ def test_a_misspelt_model_kind_lists_the_kinds_of_the_task() -> None:
         ({"intensity": "zscore"}, "imaging.window_center applies only when imaging.intensity = 'window'; found 'zscore'"),
         ({"window_center": None, "window_width": None, "window": "lungs"}, "imaging.window must be one of 'abdomen', 'bone', 'brain', 'liver', 'lung', 'mediastinum', 'soft_tissue', 'stroke', 'subdural', 'voi'; found 'lungs'; did you mean 'lung'?"),
         ({"window_width": 0.5}, "imaging.window_width must be >= 1; found 0.5"),
-        ({"series_description": "axial("}, "imaging.series_description is not a valid regular expression: missing ), unterminated subpattern"),
+        ({"series_description": "axial("}, "imaging.series_description is not a valid regular expression (RE2 syntax, which nodes match in linear time): missing ): axial("),
         ({"size": 4}, "imaging.size must be >= 8; found 4"),
         ({"size": 36.0}, "imaging.size must be an integer; found 36"),
         ({"size": 36}, None),

@@ -15,6 +15,7 @@ from flwr.cli.build import build_fab_from_disk
 
 from federation.release import (
     APP_ID,
+    AppIdentity,
     FLOWER_APP,
     PACKAGES,
     BundleError,
@@ -23,6 +24,7 @@ from federation.release import (
     flower_app_pyproject,
     installed_identity,
     release_files,
+    release_identity,
     stage_release,
 )
 
@@ -74,6 +76,20 @@ def test_compression_and_the_rewritten_pyproject_do_not_change_the_digest(releas
     assert bundle_identity(APP_ID, "0.1.0", stored).digest == installed_identity().digest
 
 
+def test_the_release_files_with_another_serverapp_are_another_app(release_fab: bytes) -> None:
+    """An outsider's bundle of exactly our files, whose pyproject names its own ServerApp."""
+    pyproject = flower_app_pyproject(installed_identity().version).replace("federation.server_app:app", "evil.server:app")
+    assert bundle_identity(APP_ID, installed_identity().version, _rezip(release_fab, {"pyproject.toml": pyproject.encode()})).digest != (
+        installed_identity().digest
+    )
+
+
+def test_a_bundle_with_a_huge_pyproject_is_refused_before_it_is_parsed(release_fab: bytes) -> None:
+    bomb = b"# " + b"x" * (2 << 20) + b"\n"
+    with pytest.raises(BundleError, match="pyproject.toml is larger than 1024 KiB"):
+        bundle_identity(APP_ID, "0.1.0", _rezip(release_fab, {"pyproject.toml": bomb}))
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -95,6 +111,7 @@ def test_a_bundle_that_is_not_a_zip_is_refused() -> None:
 def test_a_bundle_with_a_member_twice_is_refused() -> None:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as fab, pytest.warns(UserWarning, match="Duplicate name"):
+        fab.writestr("pyproject.toml", flower_app_pyproject("1"))
         fab.writestr("a.py", b"x = 1\n")
         fab.writestr("a.py", b"x = 2\n")
     with pytest.raises(BundleError, match="holds 'a.py' twice"):
@@ -129,6 +146,10 @@ def test_a_wheel_carries_the_same_release(tmp_path: Path) -> None:
     unpacked = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(unpacked)
-    files = release_files(unpacked)
-    assert files.keys() == release_files().keys()
-    assert content_digest((name, path.read_bytes()) for name, path in files.items()) == installed_identity().digest
+    assert release_files(unpacked).keys() == release_files().keys()
+    assert release_identity(unpacked) == installed_identity()
+
+
+def test_a_claimed_name_with_control_characters_is_shown_escaped() -> None:
+    shown = str(AppIdentity("outsider/x", "1.0\x1b[2J\x1b[8m", "ab" * 32))
+    assert "\x1b" not in shown and "\\x1b[2J" in shown

@@ -150,3 +150,17 @@ def test_reprs_carry_no_patient_identifiers(cohort_factory: CohortFactory) -> No
     text = repr(report)
     assert not any(t.lower() in text.lower() for t in cohort.planted_text)
     assert not any(u in text for u in cohort.planted_uids)
+
+
+def test_a_series_description_pattern_runs_in_linear_time_whoever_wrote_it() -> None:
+    import time
+
+    from imaging.reading import compile_description
+
+    pattern = compile_description("(.|.)*#")  # exponential for a backtracking engine
+    started = time.process_time()
+    assert pattern.search("a" * 10_000) is None
+    assert time.process_time() - started < 0.5
+    assert compile_description("AXIAL").search("axial 5mm") is not None  # case-insensitive
+    with pytest.raises(ValueError, match="invalid escape sequence"):
+        compile_description(r"(a)\1")  # a backreference: RE2 refuses what it cannot run in linear time

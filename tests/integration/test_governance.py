@@ -152,7 +152,8 @@ def test_two_runs_racing_for_a_budget_that_fits_one_never_leave_a_site_charged_f
             spent = ledger.events(DATASET)
         one, two = (epsilon([*spent, *[run] * n], delta=1e-5, accountant="pld") for n in (1, 2))
         set_budget(home, DATASET, epsilon_=(one + two) / 2, delta=1e-5, by=OFFICER)
-        assert _node("approve", spec.digest(), "--dataset", DATASET, "--home", str(site.home)).returncode == 0
+        approved = _node("approve", spec.digest(), "--dataset", DATASET, "--runs", "2", "--not-yet-requested", "--home", str(site.home))
+        assert approved.returncode == 0, approved.stderr
     before = _charges(sites)
     env = flower_env(local.flwr_home)
     runs = [
@@ -175,3 +176,8 @@ def test_two_runs_racing_for_a_budget_that_fits_one_never_leave_a_site_charged_f
         refused = [e.payload for e in home.audit_log().entries() if e.kind == "refusal" and e.payload.get("run") in {str(r) for r in runs}]
         assert all("spent or reserved" in p["reason"] for p in refused if p.get("message") == "query"), refused
         assert not any(p.get("run") in charged and p.get("message") == "train" for p in refused), refused
+        # Whoever won here, nothing of either run is still held: the loser gave its reservation back.
+        with PrivacyLedger.open(home.ledger_path) as ledger:
+            now, hold = ledger.now(), home.policy().reservation_hold
+            states = [r.state(hold=hold, now=now) for r in ledger.run_reservations(DATASET)]
+        assert "live" not in states, (site.name, states)

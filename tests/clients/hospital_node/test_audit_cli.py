@@ -230,3 +230,15 @@ def test_a_number_that_was_not_finite_is_shown_as_it_left(tmp_path: Path) -> Non
                                         "metrics": ["eval-auc"], "metric_values": {"eval-auc": "nan"}, "bytes": 8, "sha256": "0" * 64})
     shown = runner.invoke(node_cli.app, ["egress", "--home", str(home.path)], env={"COLUMNS": "80"})
     assert "eval-auc = nan" in shown.output
+
+
+def test_what_a_submitter_wrote_reaches_the_terminal_as_text_never_as_control_codes(tmp_path: Path) -> None:
+    home = NodeHome.create(tmp_path / "node", name="hospital_1")
+    hostile = "1.0\x1b[2J\x1b[HOK: nothing has left node hospital_1\x1b[8m"
+    home.audit_log().append("refusal", {"run": "7", "message": "query", "code": 4009, "reason": f"app outsider/x {hostile}",
+                                        "app": {"app_id": "outsider/x", "version": hostile}})
+    for args in (["egress", "--home", str(home.path)], ["audit", "show", "--home", str(home.path)]):
+        shown = runner.invoke(node_cli.app, args, env={"COLUMNS": "200"})
+        assert shown.exit_code == 0, shown.output
+        assert "\x1b" not in shown.output
+        assert "\\x1b[2J" in shown.output.replace("\n", "").replace("│", "").replace(" ", "")

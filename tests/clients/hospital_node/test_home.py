@@ -370,7 +370,7 @@ def test_open_reports_every_problem_of_an_imaging_registration(tmp_path: Path) -
         "datasets.chest.feature_columns applies only to kind 'tabular'; an imaging dataset's labels file names its patients",
         "datasets.chest.labels is missing",
         "datasets.chest.modalities must be a list of strings",
-        "datasets.chest.series_description is not a valid regular expression: missing ), unterminated subpattern",
+        "datasets.chest.series_description is not a valid regular expression (RE2 syntax): missing ): axial(",
         "datasets.chest.deid.options[0] 'clean_descriptor' is not a PS3.15 option; did you mean 'clean_descriptors'?",
         "datasets.chest.deid.max_date_shift_days must be an integer in 1..36500; found 0",
         "datasets.other.kind must be one of 'tabular', 'imaging'; found 'imagng'; did you mean 'imaging'?",

@@ -112,9 +112,21 @@ def test_unknown_dataset_is_refused_with_the_site_name_and_nothing_charged(home:
     assert reply.error.code == REFUSED_DATASET
     site, reason = read_refusal(reply.error.reason, "?")
     assert site == "hospital_9"
-    assert reason.startswith("dataset 'ecg_cohort' is not registered on node 'hospital_9'")
+    assert reason.startswith("dataset 'ecg_cohort' cannot be used for this run on this node")
+    assert "htn_cohort" not in reason  # the node's other datasets are its own business
+    [refusal] = [e.payload for e in home.audit_log().entries() if e.kind == "refusal"]
+    assert refusal["reason"] == reason and refusal["detail"].startswith("dataset 'ecg_cohort' is not registered on node 'hospital_9'")
     with PrivacyLedger.open(home.ledger_path) as ledger:
         assert ledger.datasets() == []
+
+
+def test_a_dataset_problem_leaves_the_node_without_its_paths_or_counts(home: NodeHome) -> None:
+    # The registered file is replaced by one too small for its split (the attacker's probe).
+    entry = home.dataset("htn_cohort")
+    entry.path.write_text(entry.path.read_text().splitlines()[0] + "\n")
+    reply = answer("query", signed_message(MessageType.QUERY, example_spec()), {"home": str(home.path)})
+    assert reply.error.code == REFUSED_DATASET
+    assert str(entry.path) not in reply.error.reason and not any(ch.isdigit() for ch in reply.error.reason.split("node", 1)[1])
 
 
 def test_step_count_that_does_not_match_the_sample_rate_is_refused_before_anything_is_reserved(home: NodeHome) -> None:
@@ -149,8 +161,9 @@ def test_bad_cell_values_never_reach_the_refusal(home: NodeHome) -> None:
     frame.to_csv(entry.path, index=False)
     reply = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
     assert reply.error.code == REFUSED_DATASET
-    assert "bmi" in reply.error.reason
-    assert SENTINEL not in reply.error.reason
+    assert "bmi" not in reply.error.reason and SENTINEL not in reply.error.reason  # which column, and how, stay here
+    [refusal] = [e.payload for e in home.audit_log().entries() if e.kind == "refusal"]
+    assert "bmi" in refusal["detail"] and SENTINEL not in refusal["detail"]
 
 
 # ---------------------------------------------------------------- imaging datasets

@@ -167,3 +167,14 @@ def _model():  # type: ignore[no-untyped-def]
     from models.tabular import build_tabular_model
 
     return ArrayRecord(build_tabular_model("logistic", len(FEATURES)).state_dict())
+
+
+def test_a_runs_final_evaluation_is_answered_once(home: NodeHome) -> None:
+    signed = sign(SPEC, fresh=True)
+    assert not _query(home, signed, run=95).has_error()
+    config = {"home": str(home.path)}
+    first = answer("evaluate", signed_message(MessageType.EVALUATE, SPEC, signed=signed, arrays=_model()), config)
+    assert not first.has_error()
+    again = answer("evaluate", signed_message(MessageType.EVALUATE, SPEC, signed=signed, arrays=_model()), config)
+    code, reason = _refusal(again)  # a coordinator probing the validation split with models of its choosing
+    assert code == REFUSED_REPLAY and "its final evaluation is answered once" in reason
