@@ -48,7 +48,7 @@ from clients.hospital_node.home import (
     NodeHome,
 )
 from clients.hospital_node.policy import POLICY_FILE
-from clients.hospital_node.runtime.supervisor import SERVICE_PREFIX
+from clients.hospital_node.runtime.supervisor import SERVICE_PREFIX, flower_env
 from privacy.enrolment import EnrolmentBundle, EnrolmentRequest
 from privacy.errors import CertificateError, KeyFileError, PrivacyError
 from privacy.keys import TRUSTED_KEYS_FILE
@@ -149,17 +149,6 @@ def tls_handshake(address: str, *, ca_path: Path, timeout: float = 5.0) -> TlsPe
     not_after = datetime.fromtimestamp(ssl.cert_time_to_seconds(str(cert.get("notAfter"))), UTC)
     subject = ",".join(f"{k}={v}" for part in cert.get("subject", ()) for k, v in part)
     return TlsPeer(address, not_after, subject)
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: our executables first, telemetry and update checks off."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
 
 
 class NodeService:

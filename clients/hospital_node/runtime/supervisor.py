@@ -38,7 +38,7 @@ from pathlib import Path
 
 from privacy.private_files import make_private_folder, publish
 
-__all__ = ["SERVICE_PREFIX", "SupervisorConfig", "main", "supervisor_argv"]
+__all__ = ["SERVICE_PREFIX", "SupervisorConfig", "flower_env", "main", "supervisor_argv"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,20 @@ def _listening(port: int) -> bool:
         return False
 
 
-def _child_env(home: Path) -> dict[str, str]:
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for Flower processes: our executables first, telemetry and update checks off."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("FLWR_HOME", str(home / "flwr-home"))
+    env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def _child_env(home: Path) -> dict[str, str]:
+    """The node's children's environment: the launcher's FLWR_HOME, else the node home's own."""
+    return flower_env(Path(os.environ.get("FLWR_HOME") or home / "flwr-home"))
 
 
 class Supervisor:
