@@ -140,4 +140,8 @@ def test_cli_submit_of_an_unknown_dataset_fails_with_each_sites_reason(cluster, 
     assert "Traceback" not in done.stderr
     assert "charged ε" in done.stdout  # the cost is shown before anything runs
     for site in sites:
-        assert f"{site.name}: refused (dataset 'no_such_cohort' is not registered" in done.stderr
+        # Outward, each site says which dataset it cannot use; why stays in its own audit log.
+        assert f"{site.name}: refused (dataset 'no_such_cohort' cannot be used for this run on this node" in done.stderr
+        [refusal] = [e.payload for e in NodeHome.open(site.home).audit_log().entries() if e.kind == "refusal"
+                     and e.payload.get("dataset") == "no_such_cohort"]
+        assert refusal["detail"].startswith("dataset 'no_such_cohort' is not registered")
