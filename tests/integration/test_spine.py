@@ -84,7 +84,7 @@ def test_two_rounds_train_track_and_account(cluster) -> None:
     # The partner's planning estimate is a fresh Opacus PRV accountant given the same steps.
     expected = PRVAccountant()
     expected.history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * 2)]
-    assert plan.epsilon_per_site == pytest.approx(expected.get_epsilon(delta=plan.delta), rel=1e-6)
+    assert plan.epsilon_per_site == pytest.approx(expected.get_epsilon(delta=plan.delta), rel=1e-5)
     assert plan.epsilon_charged_per_site == pytest.approx(epsilon([steps], delta=plan.delta, accountant="pld"), rel=1e-9)
     # The coordinator composed the same plan while the nodes answered the query, and logged it.
     assert float(run.data.params["plan.epsilon_per_site"]) == pytest.approx(plan.epsilon_per_site, rel=1e-6)
