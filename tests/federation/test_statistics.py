@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -622,3 +623,21 @@ def test_report_rows_label_bins_quantiles_survival_and_tables() -> None:
 def test_report_rows_refuse_cells_and_estimates_that_differ_in_number() -> None:
     with pytest.raises(StatisticsError, match="cells has 2 labels; per_cell has 1 entries"):
         report_rows("htn", "proportion", [("F",), ("M",)], [Estimate(0.1, 0.0, 0.2, 1)])
+
+
+def test_labelled_estimates_render_and_round_trip_through_the_report(tmp_path: Path) -> None:
+    from experiments.study_report import read_csv, render_table, write_csv
+
+    rng = np.random.default_rng(70)
+    samples = [rng.normal(50, 10, n) for n in SITE_SIZES]
+    bins = histogram_releases(rng, samples, 1.0)
+    rows = report_rows("age", "histogram", [("all",)], merged_histogram(bins), edges=EDGES)
+    rows += report_rows("age", "quantile", [("all",)], pooled_quantiles(bins, edges=EDGES), probabilities=(0.25, 0.5, 0.75))
+    sites = [exponential_cohort(rng, n) for n in SITE_SIZES]
+    edges = np.arange(0.0, 3.01, 0.5)
+    rows += report_rows("km", "survival", [("all",)], pooled_survival(*survival_releases(rng, sites, edges, 2.0)), edges=edges)
+    assert max(len(line) for line in render_table(rows).splitlines()) <= 80
+    back = read_csv(write_csv(rows, tmp_path / "rows.csv"))
+    assert [(r.statistic, r.kind, r.quantity, r.value.estimate) for r in back] == [
+        (r.statistic, r.kind, r.quantity, r.value.estimate) for r in rows
+    ]
