@@ -202,6 +202,7 @@ _STATISTIC_KEYS: dict[str, tuple[str, ...]] = {
     "kaplan_meier": ("time", "event", "bins"),
 }
 _ALL_STATISTIC_KEYS = ("kind", "name", "column", "level", "bins", "probabilities", "exposure", "outcome", "time", "event")
+_MAX_UNKNOWN_KEYS = 20  # named one by one up to this many per table
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -907,12 +908,15 @@ class _Check:
     # ---------------------------------------------------------------- the tables
 
     def query(self, raw: Mapping[str, Any]) -> StatisticsQuery | None:
-        for key in raw:
-            if key not in _TABLES and key not in ENVELOPE_KEYS:
-                hint = _did_you_mean(str(key), _TABLES, fmt="[{}]") or f"; the tables are {', '.join(f'[{t}]' for t in _TABLES)}"
-                if key in ("experiment", "model", "federation"):
-                    hint = "; this looks like an experiment spec: use `medfed experiment` for it"
-                self.add(f"[{key}] is not a known table{hint}")
+        extra = [key for key in raw if key not in _TABLES and key not in ENVELOPE_KEYS]
+        if len(extra) > _MAX_UNKNOWN_KEYS:
+            self.add(f"the spec has {len(extra)} tables that are not known; the tables are {', '.join(f'[{t}]' for t in _TABLES)}")
+            extra = []
+        for key in extra:
+            hint = _did_you_mean(str(key), _TABLES, fmt="[{}]") or f"; the tables are {', '.join(f'[{t}]' for t in _TABLES)}"
+            if key in ("experiment", "model", "federation"):
+                hint = "; this looks like an experiment spec: use `medfed experiment` for it"
+            self.add(f"[{_clip(str(key))}] is not a known table{hint}")
         kind = raw.get("kind", STUDY_KIND)
         if kind != STUDY_KIND:
             self.add(f"kind must be {STUDY_KIND!r} for a statistics spec; found {_show(kind)}")
@@ -1033,11 +1037,11 @@ class _Check:
         return expr
 
     def group_by(self, raw: Any) -> tuple[GroupBy, ...] | None:
+        if isinstance(raw, (list, tuple)) and len(raw) > MAX_GROUP_BY:
+            self.add(f"data.group_by lists {len(raw)} columns; at most {MAX_GROUP_BY} are allowed")
+            return None
         if not isinstance(raw, (list, tuple)) or not all(isinstance(name, str) for name in raw):
             self.add(f"data.group_by must be a list of column names; found {_show(raw)}")
-            return None
-        if len(raw) > MAX_GROUP_BY:
-            self.add(f"data.group_by lists {len(raw)} columns; at most {MAX_GROUP_BY} are allowed")
             return None
         repeated = sorted({name for name in raw if raw.count(name) > 1})
         if repeated:
@@ -1393,9 +1397,12 @@ class _Check:
     def keys(
         self, raw: Mapping[str, Any], where: str, known: Sequence[str], *, what: str = "", every: Sequence[str] = ()
     ) -> None:
-        for key in raw:
-            if key in known:
-                continue
+        unknown = [key for key in raw if key not in known]
+        if len(unknown) > _MAX_UNKNOWN_KEYS:
+            # Bounded work and a readable answer for a mapping stuffed with keys.
+            self.add(f"{where} has {len(unknown)} keys that are not known; its keys are {', '.join(known)}")
+            return
+        for key in unknown:
             if key in every:
                 self.add(f"{where}.{key} does not apply to {what}; its keys are {', '.join(known)}")
                 continue

@@ -765,3 +765,15 @@ def test_any_filter_text_gives_a_query_or_a_query_error(text: str) -> None:
         StatisticsQuery.from_mapping(with_filter(text))
     except QueryError as err:
         assert all(problem.startswith("data.filter") for problem in err.problems)
+
+
+def test_a_mapping_stuffed_with_keys_is_answered_in_bounded_work() -> None:
+    mapping = spec()
+    mapping["privacy"].update({f"k{i}": i for i in range(10_000)})
+    mapping.update({f"t{i}": {} for i in range(10_000)})
+    mapping["data"]["group_by"] = ["sex"] * 1_000_000
+    assert problems_of(mapping) == (
+        "the spec has 10000 tables that are not known; the tables are [data], [columns], [statistics], [privacy]",
+        "data.group_by lists 1000000 columns; at most 4 are allowed",
+        "privacy has 10000 keys that are not known; its keys are epsilon, delta, split, mechanism",
+    )
