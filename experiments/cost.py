@@ -103,20 +103,19 @@ def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
                 delta=privacy.delta,
                 sample_rate=privacy.sample_rate,
                 steps=total_steps,
-                accountant=privacy.accountant,
-            )
+            )  # by the ledger's PLD: the run costs every site at most its target
         except AccountingError as err:
             raise SpecError(f"experiment {spec.experiment.name}", [f"privacy.{err}"]) from err
         # The spec's validation bounds an explicit noise; a derived one is bounded here,
         # before any node composes it (they refuse it otherwise).
         bound = epsilon_bound([DPEvent(noise, privacy.sample_rate, total_steps)], delta=privacy.delta)
-        if noise < limits.MIN_NOISE_MULTIPLIER or bound > limits.MAX_EPSILON:
+        if bound > limits.MAX_EPSILON:
             raise SpecError(
                 f"experiment {spec.experiment.name}",
                 [
-                    f"privacy.target_epsilon {privacy.target_epsilon:g} needs noise_multiplier {noise:.4g} (epsilon "
-                    f"{bound:.4g} by the RDP bound); the limits are noise >= {limits.MIN_NOISE_MULTIPLIER:g} and "
-                    f"epsilon <= {limits.MAX_EPSILON:g}; lower target_epsilon"
+                    f"privacy.target_epsilon {privacy.target_epsilon:g} needs noise_multiplier {noise:.4g}, whose "
+                    f"epsilon by the RDP bound, {bound:.4g}, is over the limit of {limits.MAX_EPSILON:g}; lower "
+                    "target_epsilon"
                 ],
             )
     else:

@@ -5,6 +5,7 @@ Import-light: Opacus (and torch) load only when an epsilon is first computed.
 - ``errors``: the PrivacyError tree.
 - ``events``: DPEvent, one composable release (DP-SGD, Gaussian, Laplace, discrete Laplace; repeated with ``times``).
 - ``limits``: what one experiment may ask of an accountant (rounds, steps, epsilon...).
+- ``query``: StatisticsQuery, a statistics query (filter language, group-by cells, release plan), checked by field.
 - ``accountant``: epsilon of composed events (PLD for the ledger; PRV or RDP to plan), noise for a target.
 - ``mechanisms``: OpenDP's noise samplers for statistics releases (imported on its own: NumPy, OpenDP).
 - ``ledger``: PrivacyLedger, the per-node record of every charge and run reservation, SQLite or in memory.
@@ -32,6 +33,7 @@ from privacy.errors import (
     KeyFileError,
     LedgerError,
     PrivacyError,
+    QueryError,
     SignatureError,
     TrustedKeysError,
 )
@@ -60,6 +62,7 @@ from privacy.ledger import (
     RunReservation,
     SqliteLedgerStore,
 )
+from privacy.query import Release, StatisticsQuery
 
 __all__ = [
     "ACCOUNTANTS",
@@ -85,11 +88,14 @@ __all__ = [
     "PROBLEM_KINDS",
     "PrivacyError",
     "PrivacyLedger",
+    "QueryError",
     "RUN_STATES",
+    "Release",
     "RunReservation",
     "SCHEMA_VERSION",
     "SignatureError",
     "SqliteLedgerStore",
+    "StatisticsQuery",
     "TRUSTED_KEYS_FILE",
     "TrustedKey",
     "TrustedKeys",

@@ -28,9 +28,8 @@ early) give back the rounds the submission did not use; the node takes no furthe
 training round of it, so a replayed finished submission trains nowhere.
 
 Every epsilon the node computes is the ledger's (dp-accounting's PLD): the experiment's
-own at the spec's delta, the dataset's at its budget's delta. Only the check against the
-spec's ``target_epsilon`` uses the spec's accountant, since that is what the partner's
-signed promise was computed with.
+own at the spec's delta (also against the spec's ``target_epsilon``, which the
+coordinator meets by the same accountant), the dataset's at its budget's delta.
 
 A refusal is a :class:`Refusal` with a protocol code and a one-line reason for the
 researcher. The officer's side (budgets, approvals, denials, revocations) writes the
@@ -286,9 +285,9 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     # 4. the officer's decision
     state = GovernanceState.from_entries(entries)
 
-    def experiment_cost(accountant: str = LEDGER_ACCOUNTANT) -> float:
+    def experiment_cost() -> float:
         """This experiment's own epsilon, all rounds, at the spec's delta (by the ledger's accountant)."""
-        return epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=accountant)
+        return epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT)
 
     status = state.status(digest, instruction.dataset, datetime.now(UTC))
     if status == PENDING:
@@ -326,11 +325,10 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     cost = experiment_cost()
     target = spec.get("privacy", {}).get("target_epsilon")
     if target is not None:
-        # Judged by the spec's own accountant: the one the coordinator derived the noise with.
-        signed_cost = experiment_cost(instruction.accountant)
-        if signed_cost > float(target) * (1 + _TARGET_SLACK):
+        # Judged, like the coordinator's search for the noise, by the ledger's accountant.
+        if cost > float(target) * (1 + _TARGET_SLACK):
             raise Refusal(
-                REFUSED_SIGNATURE, f"the instruction would cost epsilon {signed_cost:.3f}, over the signed target_epsilon {target:g}"
+                REFUSED_SIGNATURE, f"the instruction would cost epsilon {cost:.3f}, over the signed target_epsilon {target:g}"
             )
     caps = [(policy.max_epsilon_per_experiment, REFUSED_POLICY, "this node's policy limit per experiment")]
     if decision.max_epsilon is not None:

@@ -36,7 +36,7 @@ def test_the_example_costs_what_a_fresh_opacus_accountant_says() -> None:
 
     fresh = PRVAccountant()
     fresh.history = [(1.0, 0.05, 100)]
-    assert plan.epsilon_per_site == fresh.get_epsilon(delta=1e-5)
+    assert plan.epsilon_per_site == pytest.approx(fresh.get_epsilon(delta=1e-5), rel=1e-5)
     assert plan.epsilon_per_site == pytest.approx(3.5124, abs=1e-3)
 
 
@@ -53,21 +53,24 @@ def test_the_plan_matches_privacy_accountant_round_by_round() -> None:
 def test_a_target_epsilon_gives_the_noise_that_reaches_it_within_one_percent() -> None:
     plan = plan_privacy(spec_with(privacy={"noise_multiplier": None, "target_epsilon": 2.0}))
     assert plan.noise_from_target is True and plan.target_epsilon == 2.0
-    assert 0.99 * 2.0 <= plan.epsilon_per_site <= 2.0
-    assert plan.noise_multiplier == noise_for_target(
-        target_epsilon=2.0, delta=1e-5, sample_rate=0.05, steps=100, accountant="prv"
+    # Met by the ledger's accountant, which every site is charged with; the spec's (PRV)
+    # planning estimate reads within 1 % of it.
+    assert 2.0 - 0.01 <= plan.epsilon_charged_per_site <= 2.0
+    assert plan.epsilon_per_site == pytest.approx(plan.epsilon_charged_per_site, rel=0.01)
+    assert plan.noise_multiplier == noise_for_target(target_epsilon=2.0, delta=1e-5, sample_rate=0.05, steps=100)
+
+
+def test_a_target_whose_noise_reads_over_the_epsilon_limit_is_a_spec_error() -> None:
+    # PLD meets the target of 12 at sigma 6.87; the RDP bound the nodes guard with reads 12.85 there.
+    spec = spec_with(
+        federation={"rounds": 10, "local_epochs": 50},
+        privacy={"noise_multiplier": None, "target_epsilon": 12.0, "sample_rate": 0.5},
     )
-
-
-@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
-def test_an_unreachable_target_is_a_spec_error() -> None:
-    spec = spec_with(privacy={"noise_multiplier": None, "target_epsilon": 0.01, "accountant": "rdp"})
     with pytest.raises(SpecError) as info:
         plan_privacy(spec)
-    assert info.value.problems == (
-        "privacy.target_epsilon 0.01 cannot be reached in 100 steps at sample_rate 0.05 and delta 1e-05; "
-        "raise target_epsilon, or lower rounds, local epochs or the sample rate",
-    )
+    [problem] = info.value.problems
+    assert problem.startswith("privacy.target_epsilon 12 needs noise_multiplier 6.8")
+    assert "is over the limit of 12; lower target_epsilon" in problem
 
 
 def test_the_plan_is_a_frozen_record() -> None:
@@ -78,16 +81,13 @@ def test_the_plan_is_a_frozen_record() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
-def test_a_target_whose_noise_falls_below_the_limits_is_a_spec_error() -> None:
-    # One epoch of 1000 steps at q = 0.001 reaches epsilon 12 with a noise below 0.5.
-    spec = spec_with(
-        federation={"rounds": 1}, privacy={"sample_rate": 0.001, "noise_multiplier": None, "target_epsilon": 12.0, "accountant": "rdp"}
-    )
-    with pytest.raises(SpecError) as info:
-        plan_privacy(spec)
-    [problem] = info.value.problems
-    assert problem.startswith("privacy.target_epsilon 12 needs noise_multiplier 0.")
-    assert problem.endswith("the limits are noise >= 0.5 and epsilon <= 12; lower target_epsilon")
+def test_a_target_looser_than_the_least_noise_trains_with_the_least_noise() -> None:
+    # One epoch of 1000 steps at q = 0.001 would reach epsilon 12 with a noise below 0.5,
+    # which the limits do not allow: the run takes 0.5 and costs less than its target.
+    spec = spec_with(federation={"rounds": 1}, privacy={"sample_rate": 0.001, "noise_multiplier": None, "target_epsilon": 12.0})
+    plan = plan_privacy(spec)
+    assert plan.noise_multiplier == 0.5 and plan.noise_from_target
+    assert 3.0 < plan.epsilon_charged_per_site < 3.5
 
 
 def test_costing_a_spec_at_the_limits_takes_bounded_memory() -> None:
