@@ -78,12 +78,11 @@ import numpy as np
 
 from experiments.study_report import Estimate, ReportRow
 from federation.errors import StatisticsError
+from privacy import mechanisms
 
 __all__ = [
     "MECHANISMS",
     "NoisyVector",
-    "discrete_laplace_variance",
-    "laplace_variance",
     "merged_histogram",
     "noise_variance",
     "pooled_count",
@@ -128,21 +127,9 @@ def _z(level: float) -> float:
 # ---------------------------------------------------------------- noise
 
 
-def laplace_variance(scale: float) -> float:
-    """Variance of Laplace noise with scale b: ``2b²``."""
-    return 2.0 * scale * scale
-
-
-def discrete_laplace_variance(scale: float) -> float:
-    """Variance of discrete Laplace noise with scale t (P(k) ∝ e^{-|k|/t}): ``2e^{-1/t}/(1-e^{-1/t})²``."""
-    if scale == 0:
-        return 0.0
-    p = math.exp(-1.0 / scale)
-    return 2.0 * p / (1.0 - p) ** 2
-
-
 def noise_variance(mechanism: str, scale: float) -> float:
-    """The variance of one noisy value released by `mechanism` at `scale` (Gaussian: scale is σ).
+    """The variance of one noisy value released by `mechanism` at `scale` (Gaussian: scale
+    is σ), as :func:`privacy.mechanisms.noise_variance` gives it; 0 for scale 0 (no noise).
 
     Raises
     ------
@@ -150,11 +137,7 @@ def noise_variance(mechanism: str, scale: float) -> float:
         Unknown mechanism, or a scale that is negative or not finite.
     """
     _check_noise(mechanism, scale, "mechanism")
-    if mechanism == "laplace":
-        return laplace_variance(scale)
-    if mechanism == "discrete-laplace":
-        return discrete_laplace_variance(scale)
-    return scale * scale
+    return 0.0 if scale == 0 else mechanisms.noise_variance(mechanism, scale)
 
 
 def _check_noise(mechanism: str, scale: float, where: str) -> None:

@@ -28,8 +28,6 @@ from experiments.study_report import Estimate
 from federation.errors import StatisticsError
 from federation.statistics import (
     NoisyVector,
-    discrete_laplace_variance,
-    laplace_variance,
     merged_histogram,
     noise_variance,
     pooled_count,
@@ -102,8 +100,8 @@ def test_noise_variances_match_their_series() -> None:
     for t in (0.5, 2.0, 10.0):
         pmf = np.exp(-np.abs(k) / t)
         pmf /= pmf.sum()
-        assert discrete_laplace_variance(t) == pytest.approx(float(np.sum(k**2 * pmf)), rel=1e-9)
-    assert laplace_variance(3.0) == 18.0
+        assert noise_variance("discrete-laplace", t) == pytest.approx(float(np.sum(k**2 * pmf)), rel=1e-9)
+    assert noise_variance("laplace", 3.0) == 18.0
     assert noise_variance("gaussian", 2.0) == 4.0
     assert noise_variance("discrete-laplace", 0.0) == 0.0
 
@@ -569,7 +567,7 @@ def test_from_answer_reads_the_plan_layout_and_marks_suppressed_cells() -> None:
     np.testing.assert_array_equal(events.values, [[1, 2], [np.nan, np.nan]])
     np.testing.assert_array_equal(censored.values, [[math.nan, 6], [np.nan, np.nan]])
     np.testing.assert_array_equal(total.values, [50, np.nan])
-    assert (events.mechanism, events.scale, events.variance) == ("discrete-laplace", 2.0, discrete_laplace_variance(2.0))
+    assert (events.mechanism, events.scale, events.variance) == ("discrete-laplace", 2.0, noise_variance("discrete-laplace", 2.0))
 
 
 def test_from_answer_names_a_missing_release_and_a_wrong_length() -> None:
