@@ -27,6 +27,7 @@ from clients.hospital_node.cli import app as node_app
 from clients.hospital_node.errors import NodeError
 from experiments.cli import app as experiment_app
 from experiments.errors import ExperimentError
+from experiments.study_cli import app as study_app
 from federation.coordinator_cli import app as coordinator_app
 from federation.errors import FederationError
 from medfed.errors import MedfedError
@@ -49,6 +50,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(study_app, name="study")
 app.add_typer(node_app, name="node")
 app.add_typer(keys_app, name="keys")
 app.add_typer(coordinator_app, name="coordinator")
