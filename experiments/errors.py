@@ -2,14 +2,15 @@
 
     ExperimentError
     ├── SpecError          the spec has problems (also a ValueError); lists every one
-    └── SubmissionError    the SuperLink could not be reached or refused the run
+    ├── SubmissionError    the SuperLink could not be reached or refused the run
+    └── ReportError        a study report's record or file is malformed (also a ValueError)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["ExperimentError", "SpecError", "SubmissionError"]
+__all__ = ["ExperimentError", "ReportError", "SpecError", "SubmissionError"]
 
 
 class ExperimentError(Exception):
@@ -41,3 +42,7 @@ class SpecError(ExperimentError, ValueError):
 
 class SubmissionError(ExperimentError, RuntimeError):
     """The experiment could not be submitted to, or followed on, the SuperLink."""
+
+
+class ReportError(ExperimentError, ValueError):
+    """A study report's row or CSV file is malformed; the message names the field (and line)."""

@@ -54,6 +54,10 @@ class Tracker(Protocol):
 
     def log_text(self, text: str, artifact_file: str) -> None: ...
 
+    def log_artifact(self, path: Path, artifact_dir: str = "") -> None:
+        """Record the file at `path` (text or binary) under `artifact_dir` of the run."""
+        ...
+
     def log_model(self, model: Any, *, input_example: Any, name: str = "model") -> None: ...
 
     def finish(self, *, failed: bool = False, reason: str = "") -> None: ...
@@ -87,6 +91,7 @@ class InMemoryTracker:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict[int, float]] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     status: str = "NONE"
     reason: str = ""
@@ -112,6 +117,10 @@ class InMemoryTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.artifacts[artifact_file] = text
+
+    def log_artifact(self, path: Path, artifact_dir: str = "") -> None:
+        name = Path(path).name
+        self.files[f"{artifact_dir}/{name}" if artifact_dir else name] = Path(path).read_bytes()
 
     def log_model(self, model: Any, *, input_example: Any, name: str = "model") -> None:
         self.models[name] = model
@@ -190,6 +199,9 @@ class MlflowTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_dir: str = "") -> None:
+        self._client.log_artifact(self.run_id, str(path), artifact_dir or None)
 
     def log_model(self, model: Any, *, input_example: Any, name: str = "model") -> None:
         """Log `model` in MLflow's ``pt2`` (torch.export) format: loadable without medfed."""
