@@ -170,14 +170,11 @@ def release_layout(query: StatisticsQuery) -> list[ReleaseLayout]:
 
 
 def opendp_sampler(release: Release, exact: np.ndarray) -> np.ndarray:
-    """`exact` with the release's noise, drawn by OpenDP's samplers (:mod:`privacy.mechanisms`)."""
-    from privacy import mechanisms
+    """`exact` with the release's noise, drawn by OpenDP's samplers (:func:`privacy.mechanisms.add_noise`)."""
+    from privacy.mechanisms import add_noise
 
-    if release.mechanism == "discrete-laplace":
-        return np.asarray(mechanisms.discrete_laplace(exact, scale=release.scale), dtype=np.int64)
-    if release.mechanism == "laplace":
-        return np.asarray(mechanisms.laplace(exact, scale=release.scale), dtype=np.float64)
-    raise ProtocolError(f"release {release.statistic}.{release.name}: mechanism {release.mechanism!r} has no sampler on this node")
+    noisy = add_noise(exact, mechanism=release.mechanism, scale=release.scale)
+    return np.asarray(noisy, dtype=np.int64 if release.kind == "count" else np.float64)
 
 
 def suppressed_cells(query: StatisticsQuery, noisy: Sequence[np.ndarray], min_cell_size: int) -> list[int]:
