@@ -6,8 +6,8 @@ from the signed spec and its own state), so they are not signed: ``medfed study 
 puts them in the run config (``study-options``), where the ServerApp reads them.
 
 A finished study leaves its report in ``<output-dir>/<submission id>/``: the table, CSV
-and plots of :mod:`experiments.study_report`, the site answers as they arrived
-(:data:`ANSWERS_FILE`) and a summary with each site's status and epsilon
+and plots of :mod:`experiments.study_report`, every valid reply as it arrived, each number in it
+(:data:`ANSWERS_FILE`: the admission replies, then the answers) and a summary with each site's status and epsilon
 (:data:`SUMMARY_FILE`), whose presence marks the submission finished.
 """
 

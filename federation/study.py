@@ -211,6 +211,22 @@ def _combine(spec: StudySpec, answers: Mapping[str, SiteAnswer]) -> list[Any]:
     return combine(spec.query, [json.loads(answer.to_json()) for answer in answers.values()])
 
 
+def _keep_replies(
+    path: Path,
+    sites: Mapping[int, SiteOutcome],
+    admitted: Mapping[int, Mapping[str, float]],
+    answers: Mapping[int, SiteAnswer],
+    metrics: Mapping[int, Mapping[str, float]],
+) -> None:
+    """Every valid reply the study received, each number as it arrived: the admission replies, then the answers."""
+    replies = [{"site": sites[n].site, "message": "query", "metrics": dict(admitted[n])} for n in sorted(admitted)]
+    replies += [
+        {"site": sites[n].site, "message": STATISTICS_ACTION, "metrics": dict(metrics[n]), "answer": json.loads(answers[n].to_json())}
+        for n in sorted(answers)
+    ]
+    path.write_text(json.dumps({"replies": replies}, indent=1, sort_keys=True) + "\n")
+
+
 def run_study(
     grid: Grid,
     spec: StudySpec,
@@ -275,9 +291,7 @@ def run_study(
     answers = {sites[n].site: by_node[n] for n in sorted(by_node, key=lambda n: sites[n].site)}
     epsilon = {sites[n].site: metrics[n] for n in by_node}
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / ANSWERS_FILE).write_text(
-        json.dumps({site: json.loads(a.to_json()) for site, a in answers.items()}, indent=1, sort_keys=True) + "\n"
-    )
+    _keep_replies(output_dir / ANSWERS_FILE, sites, accepted, by_node, metrics)
     rows = _combine(spec, answers)
     cost = study_cost(spec)
     params = {
