@@ -88,7 +88,7 @@ def comparison_table(title: str, rows: Sequence[ReportRow], truth: Sequence[Repo
     """The DP answer (with its 95 % interval and the sites that contributed) beside the true value, row by row."""
     known = {(r.statistic, r.cell, r.quantity): r for r in truth}
     table = Table(title=title, title_justify="left")
-    for column, justify in (("statistic", "left"), ("cell", "left"), ("", "left"), ("DP answer [95 % CI]", "right"),
+    for column, justify in (("statistic", "left"), ("cell", "left"), ("quantity", "left"), ("DP answer [95 % CI]", "right"),
                             ("sites", "right"), ("true", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
@@ -97,6 +97,10 @@ def comparison_table(title: str, rows: Sequence[ReportRow], truth: Sequence[Repo
         true = known.get((row.statistic, row.cell, row.quantity))
         shown = "-" if true is None or math.isnan(true.value.estimate) else f"{true.value.estimate:.3f}"
         table.add_row(row.statistic, " / ".join(row.cell) or "all", row.quantity, _estimate(row), str(row.value.sites), shown)
+    table.caption = (
+        "true: the same estimator on the exact data of every site (no noise, no suppression); "
+        "a cell a site suppressed (its noisy count below the node's min_cell_size) is pooled over the other sites"
+    )
     return table
 
 

@@ -387,3 +387,44 @@ def test_the_egress_guard_refuses_anything_beyond_the_declared_answer() -> None:
     with pytest.raises(ProtocolError, match="release plan"):
         # A suppressed cell whose values still leave.
         guard(STATISTICS_ACTION, RecordDict({STATISTICS_KEY: SiteAnswer(good.releases, (0,)).to_record(), METRICS_KEY: metrics}), query)
+
+
+# ---------------------------------------------------------------- the officer's views
+
+
+def _cli(*args: str):  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from clients.hospital_node.cli import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "120", "MEDFED_OFFICER": OFFICER})
+
+
+def test_the_officer_sees_a_pending_study_with_its_releases_and_cost(home: NodeHome) -> None:
+    spec = study()
+    answer("query", study_message(MessageType.QUERY, sign(spec, fresh=True)), _config(home))
+    result = _cli("requests", "--home", str(home.path))
+    assert result.exit_code == 0, result.output
+    assert "htn-prevalence-age-sex" in result.output and "statistics (answers under formal DP)" in result.output
+    assert "5 DP releases over 10 cell(s)" in result.output
+    assert "policy, registered columns and cell limit allow it" in result.output
+
+
+def test_egress_lists_each_noisy_value_that_left(home: NodeHome) -> None:
+    site_answer, _, _ = _answered(home, study())
+    result = _cli("egress", "--home", str(home.path))
+    assert result.exit_code == 0, result.output
+    assert "statistics" in result.output and "5 DP releases" in result.output
+    first = next(v for v in site_answer.releases[0].values if v is not None)
+    assert f"{first:g}" in result.output
+    budget = _cli("budget", "--home", str(home.path))
+    assert budget.exit_code == 0, budget.output
+    assert "1 of 1 round(s) (5 releases each) charged" in budget.output
+
+
+def test_the_evidence_pack_lists_each_release_charge(home: NodeHome, tmp_path: Path) -> None:
+    _answered(home, study())
+    result = _cli("report", "--home", str(home.path), "--out", str(tmp_path / "pack"))
+    assert result.exit_code == 0, result.output
+    evidence = json.loads(next((tmp_path / "pack").glob("*.json")).read_text())
+    assert [c["mechanism"] for c in evidence["charges"]] == [r.mechanism for r in study().query.releases()]
