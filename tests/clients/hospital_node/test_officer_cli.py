@@ -179,7 +179,7 @@ def test_policy_set_validates_audits_and_writes_owner_only(home: NodeHome) -> No
                    "--home", str(home.path), "--by", "j.doe")
     assert changed.exit_code == 0, changed.output
     assert "policy.min_cohort_size: 100 -> 250" in changed.stdout
-    assert "policy.allowed_tasks: tabular-classification, imaging-classification -> tabular-classification" in changed.stdout
+    assert "policy.allowed_tasks: tabular-classification, imaging-classification, statistics -> tabular-classification" in changed.stdout
     policy = home.policy()
     assert (policy.min_cohort_size, policy.allowed_tasks) == (250, ("tabular-classification",))
     assert stat.S_IMODE(home.policy_path.stat().st_mode) == 0o600
