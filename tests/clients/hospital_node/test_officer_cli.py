@@ -187,7 +187,7 @@ def test_policy_set_validates_audits_and_writes_owner_only(home: NodeHome) -> No
     assert entry.payload["by"] == "j.doe"
     assert entry.payload["changes"] == {
         "min_cohort_size": {"from": 100, "to": 250},
-        "allowed_tasks": {"from": ["tabular-classification", "imaging-classification"], "to": ["tabular-classification"]},
+        "allowed_tasks": {"from": ["tabular-classification", "imaging-classification", "statistics"], "to": ["tabular-classification"]},
     }
     shown = _cli("policy", "show", "--home", str(home.path))
     assert f"as recorded in the audit log (seq {entry.seq}" in shown.stdout
