@@ -428,3 +428,45 @@ def test_the_evidence_pack_lists_each_release_charge(home: NodeHome, tmp_path: P
     assert result.exit_code == 0, result.output
     evidence = json.loads(next((tmp_path / "pack").glob("*.json")).read_text())
     assert [c["mechanism"] for c in evidence["charges"]] == [r.mechanism for r in study().query.releases()]
+
+
+def test_the_officer_sets_the_cell_floor_and_limit_with_policy_set(home: NodeHome) -> None:
+    result = _cli("policy", "set", "min_cell_size=25", "max_cells=200", "--home", str(home.path))
+    assert result.exit_code == 0, result.output
+    assert (home.policy().min_cell_size, home.policy().max_cells) == (25, 200)
+    bad = _cli("policy", "set", "min_cell_size=-1", "max_cells=5000", "--home", str(home.path))
+    assert bad.exit_code != 0
+    assert "policy.min_cell_size must be an integer >= 0" in str(bad.exception or bad.output)
+    assert "policy.max_cells must be an integer in 1..1000" in str(bad.exception or bad.output)
+
+
+def test_a_larger_cell_floor_suppresses_on_the_noisy_counts_the_answer_carries(home: NodeHome) -> None:
+    governance.set_policy(home, {"min_cell_size": 120}, by=OFFICER)
+    spec = study()
+    site_answer, _, _ = _answered(home, spec)
+    [record] = [e.payload for e in home.audit_log().entries() if e.kind == "release" and e.payload["message"] == "statistics"]
+    assert record["min_cell_size"] == 120 and site_answer.suppressed
+    # Suppressed exactly where the noisy count of some statistic in the cell fell below the floor.
+    query = spec.query
+    hidden = set(site_answer.suppressed)
+    for index, release in enumerate(query.releases()):
+        values = site_answer.releases[index].values
+        if release.name == "count":
+            shown = [v for cell, v in enumerate(values) if cell not in hidden]
+            assert all(v is not None and v >= 120 for v in shown)
+
+
+def test_a_release_message_gives_the_reservation_back_and_the_study_is_not_answered_after(home: NodeHome) -> None:
+    spec = study()
+    _approve(home, spec)
+    signed = sign(spec, fresh=True)
+    assert not answer("query", study_message(MessageType.QUERY, signed), _config(home)).has_error()
+    released = answer("release", study_message(f"{MessageType.QUERY}.release", signed), _config(home))
+    assert not released.has_error(), released.error
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        [reservation] = ledger.run_reservations("htn_cohort")
+        assert reservation.released_at is not None
+    late = answer(STATISTICS_ACTION, study_message(STATISTICS, signed), _config(home))
+    assert late.error.code == REFUSED_REPLAY
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert ledger.charges("htn_cohort") == []
