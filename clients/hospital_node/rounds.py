@@ -42,7 +42,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
@@ -170,10 +170,20 @@ def _carries_study(msg: Message) -> bool:
         return False
 
 
+class _Subject(Protocol):
+    """What a refusal record names of the request: the spec and the dataset (an instruction, or a study's)."""
+
+    @property
+    def spec_digest(self) -> str: ...
+
+    @property
+    def dataset(self) -> str: ...
+
+
 def _refuse(
     msg: Message,
     home: NodeHome | None,
-    instruction: TrainInstruction | None,
+    instruction: _Subject | None,
     code: int,
     reason: str,
     *,

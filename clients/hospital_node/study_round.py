@@ -120,12 +120,12 @@ def answer_study(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Mes
             guard(kind, content, query)
             home.audit_log().append("release", _plain_record(kind, run_id, query, signed, about))
     except Refusal as err:
-        return _refuse(msg, home, about, err.code, err.reason, record=err.record)  # type: ignore[arg-type]
+        return _refuse(msg, home, about, err.code, err.reason, record=err.record)
     except QueryError as err:  # a PrivacyError: before it, so that it reads as what it is
         reason = "the signed statistics query is invalid: " + "; ".join(err.problems)
-        return _refuse(msg, home, about, REFUSED_BAD_INSTRUCTION, reason)  # type: ignore[arg-type]
+        return _refuse(msg, home, about, REFUSED_BAD_INSTRUCTION, reason)
     except ProtocolError as err:
-        return _refuse(msg, home, about, REFUSED_BAD_INSTRUCTION, str(err))  # type: ignore[arg-type]
+        return _refuse(msg, home, about, REFUSED_BAD_INSTRUCTION, str(err))
     except (ConnectorError, DatasetNotFoundError) as err:
         # The reason names files, columns and counts of the hospital's data: it stays here.
         dataset = f"dataset '{about.dataset}'" if about is not None else "the dataset"
@@ -133,11 +133,11 @@ def answer_study(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Mes
             f"{dataset} cannot be used for this study on this node (not registered, unreadable, or not fitting its "
             "registration); the hospital's IT sees why with `medfed node doctor`"
         )
-        return _refuse(msg, home, about, REFUSED_DATASET, outward, detail=str(err))  # type: ignore[arg-type]
+        return _refuse(msg, home, about, REFUSED_DATASET, outward, detail=str(err))
     except NodeError as err:
-        return _refuse(msg, home, about, REFUSED_DATASET, str(err))  # type: ignore[arg-type]
+        return _refuse(msg, home, about, REFUSED_DATASET, str(err))
     except PrivacyError as err:
-        return _refuse(msg, home, about, REFUSED_BUDGET, str(err))  # type: ignore[arg-type]
+        return _refuse(msg, home, about, REFUSED_BUDGET, str(err))
     assert home is not None
     content[NODE_KEY] = node_record(home.name)
     return Message(content, reply_to=msg)
