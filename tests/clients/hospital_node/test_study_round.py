@@ -470,3 +470,17 @@ def test_a_release_message_gives_the_reservation_back_and_the_study_is_not_answe
     assert late.error.code == REFUSED_REPLAY
     with PrivacyLedger.open(home.ledger_path) as ledger:
         assert ledger.charges("htn_cohort") == []
+
+
+def test_an_unsigned_study_or_one_signed_by_a_stranger_is_refused_before_reading(home: NodeHome, cohort_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    spec = study()
+    _approve(home, spec)
+    unsigned = SignedSpec(spec.canonical_json())
+    stranger = sign(spec, Ed25519PrivateKey.generate(), fresh=True)
+    cohort_path.unlink()
+    for signed in (unsigned, stranger):
+        reply = answer(STATISTICS_ACTION, study_message(STATISTICS, signed), _config(home))
+        assert reply.error.code == REFUSED_SIGNATURE
+    _ledger_untouched(home)
