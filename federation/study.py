@@ -13,7 +13,8 @@ The sequence mirrors an experiment's (:mod:`federation.experiment`):
    with its noisy releases (:class:`~federation.protocol.SiteAnswer`) and the epsilon its
    ledger charged. Each answer is checked against the release plan the coordinator
    computes from the same signed spec; an answer that departs from it is set aside and
-   its site reported;
+   its site reported, and every site that accepted but gave no valid answer is asked to
+   give its reservation back;
 4. the answers are combined (:mod:`federation.statistics`: pooled estimates with 95 %
    intervals for DP noise and sampling, suppressed cells marked) and reported
    (:mod:`experiments.study_report`): a table, CSV and PNG plots in the submission's
@@ -282,8 +283,17 @@ def run_study(
     messages = [
         Message(content=RecordDict({CONFIG_KEY: config}), dst_node_id=n, message_type=STATISTICS_MESSAGE) for n in nodes
     ]
-    replies = list(participants.send_and_receive(messages, timeout=options.timeout_seconds))
+    try:
+        replies = list(participants.send_and_receive(messages, timeout=options.timeout_seconds))
+    except Exception:
+        _release(grid, nodes, config, options.timeout_seconds)
+        raise
     by_node, metrics = _answers(replies, sites, nodes, spec)
+    silent = [n for n in nodes if n not in by_node]
+    if silent:
+        # A site that accepted and did not answer gives its reservation back (one that answered
+        # late has charged it: its reservation is used up, and the release changes nothing).
+        _release(grid, silent, config, options.timeout_seconds)
     if len(by_node) < options.min_sites:
         raise NotEnoughNodesError(
             f"{len(by_node)} site(s) answered the study; it needs {options.min_sites}. Per site: {_site_report(sites)}"
