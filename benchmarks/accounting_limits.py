@@ -124,11 +124,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="processes per corner and accountant (median)")
     parser.add_argument("--search", action="store_true", help="also time a target-epsilon noise search")
+    parser.add_argument("--search-only", action="store_true", help="time only the target-epsilon corners")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results: list[Corner] = []
     costing: dict[str, float] = {}  # corner -> PLD + PRV seconds: what `medfed experiment cost` composes
-    for name, sigma, q, steps, delta, target in corners(args.search):
+    chosen = corners(args.search or args.search_only)
+    if args.search_only:
+        chosen = [c for c in chosen if c[5] is not None]
+    for name, sigma, q, steps, delta, target in chosen:
         for accountant in (("prv",) if target is not None else ("pld", "prv")):
             got = measure(accountant, sigma, q, steps, delta, target, args.repeats)
             corner = Corner(name, accountant, sigma, q, steps, delta, target, **got)
@@ -137,12 +141,13 @@ def main() -> None:
                 costing[name] = costing.get(name, 0.0) + corner.seconds
             found = f"sigma={corner.value:<8.4g} found" if target is not None else f"sigma={sigma:<8.4g} eps={corner.value:<8.4g}"
             print(f"{accountant:3} {name:55} {found} {corner.seconds:6.3f} s  {corner.peak_mib:7.1f} MiB", flush=True)
-    for accountant in ("pld", "prv"):
+    for accountant in ("pld", "prv") if costing else ():
         timed = [c for c in results if c.accountant == accountant and c.target_epsilon is None]
         worst = max(timed, key=lambda c: c.seconds)
         print(f"worst {accountant}: {worst.seconds:.3f} s ({worst.name}); most memory {max(c.peak_mib for c in timed):.0f} MiB")
-    name = max(costing, key=costing.__getitem__)
-    print(f"worst costing (PLD + PRV): {costing[name]:.3f} s ({name})")
+    if costing:
+        name = max(costing, key=costing.__getitem__)
+        print(f"worst costing (PLD + PRV): {costing[name]:.3f} s ({name})")
     searched = [c for c in results if c.target_epsilon is not None]
     if searched:
         worst = max(searched, key=lambda c: c.seconds)
@@ -153,7 +158,7 @@ def main() -> None:
                 "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                 "load_average": os.getloadavg(),
-                "limits": {k: getattr(limits, k) for k in limits.__all__},
+                "limits": {k: getattr(limits, k) for k in limits.__all__ if k.isupper()},
                 "corners": [asdict(c) for c in results],
             }, handle, indent=2)
 

@@ -57,6 +57,7 @@ from experiments.errors import SpecError
 from privacy import limits
 from privacy.accountant import epsilon_bound, steps_per_epoch
 from privacy.events import DPEvent
+from privacy.query import STUDY_KIND
 
 __all__ = [
     "ACCOUNTANTS",
@@ -74,6 +75,7 @@ __all__ = [
     "TABULAR_TASK",
     "TASKS",
     "WINDOW_PRESETS",
+    "canonical_json",
 ]
 
 TABULAR_TASK = "tabular-classification"
@@ -430,6 +432,9 @@ class ExperimentSpec(_Table):
         """
         if not isinstance(mapping, Mapping):
             raise SpecError(source, [f"a spec must be a table of tables; found {_show(mapping)}"])
+        if mapping.get("kind") == STUDY_KIND:
+            # A signed statistics spec is never read as an experiment, nor the other way round.
+            raise SpecError(source, [f"this is a statistics spec (kind = {STUDY_KIND!r}); use `medfed study` for it"])
         try:
             return cls.model_validate(dict(mapping))
         except ValidationError as err:
@@ -474,11 +479,20 @@ class ExperimentSpec(_Table):
 
     def canonical_json(self) -> str:
         """The spec as the system understands it: sorted keys, no whitespace, all defaults."""
-        return json.dumps(self.to_mapping(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return canonical_json(self.to_mapping())
 
     def digest(self) -> str:
         """SHA-256 (hex) of :meth:`canonical_json`; what approvals and signatures refer to."""
         return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
+
+
+def canonical_json(mapping: Mapping[str, Any]) -> str:
+    """A spec's tables as canonical JSON: sorted keys, no whitespace, ASCII, no NaN.
+
+    Every kind of spec (experiment, statistics study) is signed, approved and digested
+    through this one form.
+    """
+    return json.dumps(mapping, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 _TABLES: dict[str, type[_Table]] = {

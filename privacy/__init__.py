@@ -5,6 +5,7 @@ Import-light: Opacus (and torch) load only when an epsilon is first computed.
 - ``errors``: the PrivacyError tree.
 - ``events``: DPEvent, one composable release (repeated with ``times``).
 - ``limits``: what one experiment may ask of an accountant (rounds, steps, epsilon...).
+- ``query``: StatisticsQuery, a statistics query (filter language, group-by cells, release plan), checked by field.
 - ``accountant``: epsilon of composed events (PLD for the ledger; PRV or RDP to plan), noise for a target.
 - ``ledger``: PrivacyLedger, the per-node record of every charge and run reservation, SQLite or in memory.
 - ``keys``: Ed25519 key pairs, signatures, fingerprints, the trusted-partner registry.
@@ -31,6 +32,7 @@ from privacy.errors import (
     KeyFileError,
     LedgerError,
     PrivacyError,
+    QueryError,
     SignatureError,
     TrustedKeysError,
 )
@@ -59,6 +61,7 @@ from privacy.ledger import (
     RunReservation,
     SqliteLedgerStore,
 )
+from privacy.query import Release, StatisticsQuery
 
 __all__ = [
     "ACCOUNTANTS",
@@ -84,11 +87,14 @@ __all__ = [
     "PROBLEM_KINDS",
     "PrivacyError",
     "PrivacyLedger",
+    "QueryError",
     "RUN_STATES",
+    "Release",
     "RunReservation",
     "SCHEMA_VERSION",
     "SignatureError",
     "SqliteLedgerStore",
+    "StatisticsQuery",
     "TRUSTED_KEYS_FILE",
     "TrustedKey",
     "TrustedKeys",

@@ -238,23 +238,34 @@ def noise_for_target(
     def cost(sigma: float) -> float:
         return epsilon([DPEvent(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
-    low, at_low = float(least_noise), cost(least_noise)
-    if at_low <= target_epsilon:
-        return low
-    # More noise until the target is met: each step extrapolates the last two points on
-    # log epsilon against log noise a little past the target (doubling at first).
-    goal = math.log(target_epsilon)
-    previous: tuple[float, float] | None = None
-    high = 2.0 * low
-    while (at_high := cost(high)) > target_epsilon:
-        if high >= MAX_NOISE:
-            raise _unreachable(target_epsilon, delta, sample_rate, steps)
-        previous, (low, at_low) = (low, at_low), (high, at_high)
-        factor = 2.0
-        if previous[1] > at_low > 0:
-            slope = (math.log(at_low) - math.log(previous[1])) / (math.log(low) - math.log(previous[0]))
-            factor = math.exp(min(max(1.1 * (goal - math.log(at_low)) / slope, math.log(1.1)), math.log(16.0)))
-        high = min(low * factor, MAX_NOISE)
+    # Start where the Gaussian approximation of the composition puts the target (low
+    # for small noise, where subsampling amplifies less), never below the least noise:
+    # an epsilon far above the target is the costliest composition of all.
+    guess = sample_rate * math.sqrt(2.0 * steps * math.log(1.0 / delta)) / target_epsilon
+    start = min(max(float(least_noise), guess), MAX_NOISE)
+    low, at_low = start, cost(start)
+    high: float | None = None
+    while at_low <= target_epsilon:  # the start meets the target: halve until it does not
+        if low <= least_noise:
+            return low  # the least noise meets the target
+        high, at_high = low, at_low
+        low = max(low / 2.0, float(least_noise))
+        at_low = cost(low)
+    if high is None:
+        # More noise until the target is met: each step extrapolates the last two points
+        # on log epsilon against log noise a little past the target (doubling at first).
+        goal = math.log(target_epsilon)
+        previous: tuple[float, float] | None = None
+        high = 2.0 * low
+        while (at_high := cost(high)) > target_epsilon:
+            if high >= MAX_NOISE:
+                raise _unreachable(target_epsilon, delta, sample_rate, steps)
+            previous, (low, at_low) = (low, at_low), (high, at_high)
+            factor = 2.0
+            if previous[1] > at_low > 0:
+                slope = (math.log(at_low) - math.log(previous[1])) / (math.log(low) - math.log(previous[0]))
+                factor = math.exp(min(max(1.1 * (goal - math.log(at_low)) / slope, math.log(1.1)), math.log(16.0)))
+            high = min(low * factor, MAX_NOISE)
     tolerance = min(epsilon_tolerance, target_epsilon / 10.0)  # a small target is met to 10 % of itself
     return _solve(cost, (low, at_low), (high, at_high), target_epsilon, tolerance)
 

@@ -2,6 +2,7 @@
 
     PrivacyError
     ├── AccountingError        bad privacy parameters (also a ValueError)
+    ├── QueryError             a statistics query has problems (also a ValueError); lists every one
     ├── BudgetExhaustedError   a release would take a dataset over its budget
     ├── LedgerError            the ledger's storage is unreadable, corrupt or inconsistent
     ├── KeyFileError           a key file (or key text) is missing, malformed, too open or taken
@@ -15,6 +16,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 __all__ = [
     "AccountingError",
     "AuditEntryError",
@@ -25,6 +28,7 @@ __all__ = [
     "KeyFileError",
     "LedgerError",
     "PrivacyError",
+    "QueryError",
     "SignatureError",
     "TrustedKeysError",
 ]
@@ -40,6 +44,33 @@ class AccountingError(PrivacyError, ValueError):
     The message names the parameter, the rule and the value found, e.g.
     ``noise_multiplier must be > 0; found -1``.
     """
+
+
+class QueryError(PrivacyError, ValueError):
+    """A statistics query has one or more problems, all of which are listed.
+
+    Raised before any data is read: by the research partner's tools when a study spec is
+    validated, and by each node on the query it receives.
+
+    Attributes
+    ----------
+    source
+        Where the query came from: a file path, or a name given by the caller.
+    problems
+        One message per problem, each naming its field, e.g.
+        ``statistics[2].column 'bmi' is not declared in [columns]``.
+    """
+
+    def __init__(self, source: str, problems: Iterable[str]) -> None:
+        self.source = source
+        self.problems: tuple[str, ...] = tuple(problems)
+        count = len(self.problems)
+        header = f"{source} has {count} problem{'' if count == 1 else 's'}:"
+        super().__init__("\n".join([header, *(f"  {p}" for p in self.problems)]))
+
+    def __reduce__(self) -> tuple[type[QueryError], tuple[str, tuple[str, ...]]]:
+        # Exceptions pickle their args; ours are (source, problems).
+        return (type(self), (self.source, self.problems))
 
 
 class BudgetExhaustedError(PrivacyError):
