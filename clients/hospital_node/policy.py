@@ -52,6 +52,7 @@ from typing import Any
 from clients.hospital_node.errors import NodeHomeError
 from federation.protocol import POLICY_TASKS
 from privacy.private_files import publish
+from privacy.query import MAX_CELLS
 
 __all__ = ["POLICY_FIELDS", "POLICY_FILE", "NodePolicy", "parse_settings"]
 
@@ -70,8 +71,8 @@ _KEYS = POLICY_FIELDS = (
 # Accepted in files written by earlier releases, and ignored: the ledger composes with PLD.
 _RETIRED_ACCOUNTANTS = ("pld", "prv", "rdp")
 _MAX_HOLD_HOURS = 24 * 365
-# The most cells any statistics query may have (privacy.query.MAX_CELLS); a policy may only lower it.
-_MAX_CELLS = 1000
+# The most cells any statistics query may have; a policy may only lower it.
+_MAX_CELLS = MAX_CELLS
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
