@@ -25,7 +25,8 @@ reserved and charged to the same dataset budget. A policy file written before st
 existed lists its tasks without it, so such a node refuses studies until the officer
 adds the task (``medfed node policy set allowed_tasks=...``): a standing limit never
 widens by itself. ``min_cell_size`` applies to the *noisy* count of a cell (suppression
-is post-processing of a DP release; the true count is never consulted); ``max_cells``
+is post-processing of a DP release; the true count is never consulted; 0 suppresses
+nothing); ``max_cells``
 bounds a query's group-by before anything is read.
 
 A run reserves its whole privacy cost when the node admits it

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -227,6 +229,23 @@ def test_suppression_reads_the_noisy_count_not_the_true_one() -> None:
     result = noisy_answer(query, [true_counts], min_cell_size=10, sampler=sampler)
     assert result.suppressed == (0,)
     assert result.releases[0].values == (None, 50.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    exact=st.lists(st.integers(min_value=0, max_value=10_000), min_size=2, max_size=2),
+    noisy=st.lists(st.integers(min_value=-50, max_value=200), min_size=2, max_size=2),
+    floor=st.integers(min_value=0, max_value=100),
+)
+def test_the_answer_is_the_same_whatever_the_true_counts_behind_the_same_noise(
+    exact: list[int], noisy: list[int], floor: int
+) -> None:
+    query = _count_query()
+    noise = np.array(noisy)
+    seen = noisy_answer(query, [np.array(exact)], min_cell_size=floor, sampler=lambda r, v: noise)
+    other = noisy_answer(query, [np.array(exact[::-1]) + 7], min_cell_size=floor, sampler=lambda r, v: noise)
+    assert seen == other
+    assert list(seen.suppressed) == [i for i, v in enumerate(noisy) if floor > 0 and v < floor]  # 0: no suppression
 
 
 def test_suppressed_cells_is_a_function_of_the_noisy_releases_alone() -> None:
