@@ -45,7 +45,6 @@ from experiments.study_run import ANSWERS_FILE, SUMMARY_FILE, StudyOptions
 from experiments.tracking import Tracker
 from federation.errors import FederationError, NotEnoughNodesError
 from federation.experiment import (
-    ACCEPTED,
     REFUSED,
     SiteOutcome,
     _collect,
@@ -64,7 +63,6 @@ from federation.protocol import (
     ReleaseLayout,
     SignedSpec,
     SiteAnswer,
-    read_metrics,
 )
 
 __all__ = ["StudyResult", "combine", "release_layout", "run_study"]
@@ -322,7 +320,4 @@ def run_study(
     result = StudyResult(spec, sites, answers, epsilon, rows, run_id, sorted(output_dir.iterdir()))
     summary_path.write_text(json.dumps(result.summary(), indent=2, sort_keys=True) + "\n")
     logger.info("study %s finished: %d row(s) from %d site(s); MLflow run %s", spec.study.name, len(rows), len(answers), run_id)
-    for outcome in sites.values():
-        if outcome.status == ACCEPTED and outcome.node_id not in by_node:
-            logger.warning("site %s did not answer: %s", outcome.site, outcome.reason)
     return result
