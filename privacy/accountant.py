@@ -14,6 +14,14 @@ about 3 s to import). A node's ledger composes with it alone
 to :data:`ACCOUNTANTS`, the ones Opacus can also search a noise multiplier with: the
 partner's planning estimate.
 
+Only PLD composes every mechanism medfed releases (:data:`privacy.events.MECHANISMS`):
+DP-SGD's Poisson-subsampled Gaussian, and the statistics releases' Gaussian, Laplace and
+discrete Laplace, each as dp-accounting's own event (``GaussianDpEvent``,
+``LaplaceDpEvent``, ``DiscreteLaplaceDpEvent``), so a dataset holding both training
+rounds and statistics releases composes tightly, never by adding epsilons. Opacus knows
+DP-SGD alone: PRV or RDP with any other mechanism is an :class:`AccountingError` that
+names it.
+
 Composition is commutative, so :func:`epsilon` first groups equal events, wherever they
 stand, into one entry with their steps summed: the accountants then self-compose each
 group (dp-accounting's ``compose(event, count)``, an Opacus history entry), and a ledger
@@ -23,7 +31,8 @@ never one object per round.
 :func:`epsilon_bound` is dp-accounting's RDP bound: never tighter than PLD or PRV, and
 as cheap at a million steps as at one, so it guards the tight accountants against
 parameters whose epsilon is so large that their grids would not fit in memory
-(:data:`privacy.limits.MAX_EPSILON`).
+(:data:`privacy.limits.MAX_EPSILON`). It bounds the Gaussian and Laplace mechanisms too;
+dp-accounting has no RDP of the discrete Laplace mechanism, which it refuses.
 
 Opacus (and torch with it) is imported on first use, not on import: a hospital node
 imports this module in every short-lived ClientApp process.
@@ -40,7 +49,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from privacy.errors import AccountingError
-from privacy.events import DPEvent
+from privacy.events import DISCRETE_LAPLACE, GAUSSIAN, LAPLACE, POISSON_GAUSSIAN, DPEvent
 from privacy.limits import MIN_NOISE_MULTIPLIER
 
 if TYPE_CHECKING:
@@ -69,6 +78,9 @@ _ALL_ACCOUNTANTS = (LEDGER_ACCOUNTANT, *ACCOUNTANTS)
 # and epsilon within about 1 % of PRV's at the parameters medfed uses (tests check both).
 _PLD_DISCRETIZATION = 1e-3
 
+#: One group of equal events: (mechanism, noise_multiplier, sample_rate, steps).
+Group = tuple[str, float, float, int]
+
 
 def steps_per_epoch(sample_rate: float) -> int:
     """Steps in one epoch of Poisson sampling at `sample_rate`.
@@ -86,7 +98,13 @@ def opacus_history(events: Sequence[DPEvent]) -> list[tuple[float, float, int]]:
     Consecutive events with equal ``(noise_multiplier, sample_rate)`` become one entry
     with their steps summed, exactly as ``PRVAccountant.step`` and
     ``RDPAccountant.step`` build it.
+
+    Raises
+    ------
+    AccountingError
+        An event is not DP-SGD's (``"poisson-gaussian"``): Opacus cannot hold it.
     """
+    _refuse_for_opacus({event.mechanism for event in events}, "Opacus's")
     history: list[tuple[float, float, int]] = []
     for event in events:
         if history and history[-1][:2] == (event.noise_multiplier, event.sample_rate):
@@ -97,23 +115,24 @@ def opacus_history(events: Sequence[DPEvent]) -> list[tuple[float, float, int]]:
     return history
 
 
-def grouped_history(events: Iterable[DPEvent]) -> list[tuple[float, float, int]]:
-    """`events` as ``(noise_multiplier, sample_rate, steps)`` entries, equal mechanisms merged.
+def grouped_history(events: Iterable[DPEvent]) -> list[Group]:
+    """`events` as ``(mechanism, noise_multiplier, sample_rate, steps)`` groups, equal events merged.
 
     Unlike :func:`opacus_history` this merges equal events wherever they stand (composition
     is commutative) and sorts the groups, so that the same events in any order compose to
-    the same number to the last bit; memory grows with the number of distinct mechanisms,
-    not with the number of events or steps.
+    the same number to the last bit; memory grows with the number of distinct events,
+    not with the number of events or steps. Events of different mechanisms never merge,
+    even with equal parameters.
     """
-    steps: dict[tuple[float, float], int] = {}
+    steps: dict[tuple[str, float, float], int] = {}
     for event in events:
-        key = (event.noise_multiplier, event.sample_rate)
+        key = (event.mechanism, event.noise_multiplier, event.sample_rate)
         steps[key] = steps.get(key, 0) + event.steps
-    return [(sigma, q, n) for (sigma, q), n in sorted(steps.items())]
+    return [(mechanism, sigma, q, n) for (mechanism, sigma, q), n in sorted(steps.items())]
 
 
 def epsilon(events: Iterable[DPEvent], *, delta: float, accountant: str = "prv") -> float:
-    """Composed epsilon of all `events` at `delta`, computed by Opacus.
+    """Composed epsilon of all `events` at `delta`, computed by Opacus or dp-accounting.
 
     Parameters
     ----------
@@ -126,34 +145,43 @@ def epsilon(events: Iterable[DPEvent], *, delta: float, accountant: str = "prv")
         ``"prv"`` (tight, numerical), ``"pld"`` (tight, numerical, dp-accounting) or
         ``"rdp"``. If PRV or PLD fails, which it can for extreme parameters (for example a
         very small delta), the RDP bound, which is never tighter, is returned and a
-        warning logged.
+        warning logged: Opacus's for DP-SGD alone, dp-accounting's when other mechanisms
+        are among the events.
 
     Raises
     ------
     AccountingError
-        `delta` or `accountant` is invalid.
+        `delta` or `accountant` is invalid; an event's mechanism is not DP-SGD's and
+        `accountant` is Opacus's (``"prv"`` or ``"rdp"``): only ``"pld"`` composes it; or
+        PLD failed and the RDP fallback cannot compose a mechanism among the events
+        (discrete Laplace).
     """
     _check_delta(delta, name="delta")
     _check_accountant(accountant, _ALL_ACCOUNTANTS)
     history = grouped_history(events)
     if not history:
         return 0.0
+    if accountant != "pld":
+        _refuse_for_opacus({group[0] for group in history}, f"Opacus's {accountant.upper()}")
+    failure: str | None = None
     if accountant in ("prv", "pld"):
         try:
             value = _compose_pld(history, delta) if accountant == "pld" else _compose("prv", history, delta)
         except (ArithmeticError, RuntimeError, ValueError) as err:
-            logger.warning(
-                "%s accounting failed for %d event group(s) at delta=%g (%s); using the RDP bound",
-                accountant.upper(), len(history), delta, err,
-            )
+            failure = f"failed ({err})"
         else:
             if math.isfinite(value):
                 return value
-            logger.warning(
-                "%s accounting gave %s for %d event group(s) at delta=%g; using the RDP bound",
-                accountant.upper(), value, len(history), delta,
-            )
-    return _compose("rdp", history, delta)
+            failure = f"gave {value}"
+        logger.warning(
+            "%s accounting %s for %d event group(s) at delta=%g; using the RDP bound",
+            accountant.upper(), failure, len(history), delta,
+        )
+        failure = f"{accountant.upper()} accounting {failure} at delta={delta:g}"
+    if all(group[0] == POISSON_GAUSSIAN for group in history):
+        return _compose("rdp", history, delta)
+    # Opacus knows DP-SGD alone: the other mechanisms fall back to dp-accounting's RDP.
+    return _compose_rdp(history, delta, after=failure)
 
 
 def epsilon_bound(events: Iterable[DPEvent], *, delta: float) -> float:
@@ -161,23 +189,42 @@ def epsilon_bound(events: Iterable[DPEvent], *, delta: float) -> float:
 
     Never tighter than :func:`epsilon` by PLD or PRV, computed at the same cost for any
     number of steps and without torch: the guard to call before the tight accountants
-    when the parameters come from outside.
+    when the parameters come from outside. It composes DP-SGD, the Gaussian and the
+    Laplace mechanisms.
 
     Raises
     ------
     AccountingError
-        `delta` is invalid.
+        `delta` is invalid, or an event is of the discrete Laplace mechanism, which
+        dp-accounting's RDP accountant cannot compose (the PLD accountant can).
     """
     _check_delta(delta, name="delta")
     history = grouped_history(events)
     if not history:
         return 0.0
+    return _compose_rdp(history, delta)
+
+
+def _compose_rdp(history: list[Group], delta: float, *, after: str | None = None) -> float:
+    """dp-accounting's RDP epsilon of `history`; `after` says how the tight accountant failed, if it did."""
+    refused = sorted({group[0] for group in history} - set(_RDP_MECHANISMS))
+    if refused:
+        mechanisms = f"the {_names(refused)} mechanism{'s' if len(refused) > 1 else ''}"
+        if after is None:
+            raise AccountingError(
+                f"dp-accounting's RDP accountant cannot compose {mechanisms}; only the ledger's PLD "
+                f"accountant (accountant='pld') composes {'them' if len(refused) > 1 else 'it'}"
+            )
+        raise AccountingError(
+            f"{after}, and its fallback, dp-accounting's RDP accountant, cannot compose {mechanisms}: "
+            "these events have no epsilon at this delta (a larger delta may have one)"
+        )
     from dp_accounting.rdp import RdpAccountant
 
     accountant = RdpAccountant()
     with _quiet("absl"):
-        for sigma, q, steps in history:
-            accountant.compose(_poisson_gaussian(sigma, q), steps)
+        for mechanism, sigma, q, steps in history:
+            accountant.compose(_dp_event(mechanism, sigma, q), steps)
         return float(accountant.get_epsilon(delta))
 
 
@@ -325,11 +372,13 @@ def _unreachable(target_epsilon: float, delta: float, sample_rate: float, steps:
     )
 
 
-def _compose(name: str, history: list[tuple[float, float, int]], delta: float) -> float:
+def _compose(name: str, history: list[Group], delta: float) -> float:
+    """Opacus's PRV or RDP epsilon of a DP-SGD-only `history` (the caller has refused the rest)."""
+    triples = [(sigma, q, steps) for _, sigma, q, steps in history]
     if name == "prv":
-        return _compose_prv(history, delta)
+        return _compose_prv(triples, delta)
     accountant = _new_accountant(name)
-    accountant.history = list(history)
+    accountant.history = triples
     return float(accountant.get_epsilon(delta=delta))
 
 
@@ -385,20 +434,55 @@ def _compose_prv(history: list[tuple[float, float, int]], delta: float) -> float
     return float(upper)  # the upper bound, as Opacus returns
 
 
-def _compose_pld(history: list[tuple[float, float, int]], delta: float) -> float:
+def _compose_pld(history: list[Group], delta: float) -> float:
     from dp_accounting.pld import PLDAccountant
 
     accountant = PLDAccountant(value_discretization_interval=_PLD_DISCRETIZATION)
-    for sigma, q, steps in history:
-        accountant.compose(_poisson_gaussian(sigma, q), steps)  # self-composed: one PLD per group
+    for mechanism, sigma, q, steps in history:
+        accountant.compose(_dp_event(mechanism, sigma, q), steps)  # self-composed: one PLD per group
     return float(accountant.get_epsilon(delta))
 
 
-def _poisson_gaussian(sigma: float, q: float):  # type: ignore[no-untyped-def]
-    """One DP-SGD step as dp-accounting's event: the Poisson-subsampled Gaussian mechanism."""
-    import dp_accounting
+# The mechanisms dp-accounting's RDP accountant composes (it has no discrete Laplace).
+_RDP_MECHANISMS = (POISSON_GAUSSIAN, GAUSSIAN, LAPLACE)
 
-    return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+
+def _dp_event(mechanism: str, sigma: float, q: float):  # type: ignore[no-untyped-def]
+    """One application of `mechanism` as dp-accounting's event.
+
+    - DP-SGD's step: the Poisson-subsampled Gaussian mechanism.
+    - Gaussian and Laplace: their noise multiplier is dp-accounting's (noise scale over
+      sensitivity, L2 and L1).
+    - Discrete Laplace of scale ``t`` on sensitivity 1: dp-accounting's noise parameter
+      is ``a = 1 / t`` (its probability mass is proportional to ``exp(-a |x|)``).
+    """
+    from dp_accounting import dp_event
+
+    if mechanism == POISSON_GAUSSIAN:
+        return dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+    if mechanism == GAUSSIAN:
+        return dp_event.GaussianDpEvent(sigma)
+    if mechanism == LAPLACE:
+        return dp_event.LaplaceDpEvent(sigma)
+    if mechanism == DISCRETE_LAPLACE:
+        return dp_event.DiscreteLaplaceDpEvent(noise_parameter=1.0 / sigma, sensitivity=1)
+    raise AccountingError(f"mechanism {mechanism!r} has no dp-accounting event")  # DPEvent refuses it first
+
+
+def _refuse_for_opacus(mechanisms: set[str], whose: str) -> None:
+    """Refuse the mechanisms other than DP-SGD's, which Opacus's accountants cannot compose."""
+    others = sorted(mechanisms - {POISSON_GAUSSIAN})
+    if others:
+        plural = len(others) > 1
+        raise AccountingError(
+            f"{whose} accountant composes DP-SGD's poisson-gaussian mechanism only, not the {_names(others)} "
+            f"mechanism{'s' if plural else ''}; only the ledger's PLD accountant (accountant='pld') composes "
+            f"{'them' if plural else 'it'}"
+        )
+
+
+def _names(mechanisms: Sequence[str]) -> str:
+    return " and ".join([", ".join(mechanisms[:-1]), mechanisms[-1]] if len(mechanisms) > 1 else mechanisms)
 
 
 def _new_accountant(name: str) -> IAccountant:

@@ -1,10 +1,20 @@
 """DP events: one privacy-relevant release, as the accountant composes it.
 
 A training round with DP-SGD is ``steps`` applications of the Poisson-subsampled
-Gaussian mechanism with noise multiplier ``noise_multiplier`` (noise standard deviation
-over the clipping norm) and sampling probability ``sample_rate``. An analytics release
-with the Gaussian mechanism on the whole dataset is the same event with
-``sample_rate = 1`` and ``steps = 1``.
+Gaussian mechanism (``"poisson-gaussian"``) with noise multiplier ``noise_multiplier``
+(noise standard deviation over the clipping norm) and sampling probability
+``sample_rate``.
+
+A statistics release adds noise once to a vector computed from the whole dataset
+(``sample_rate = 1``), with one of:
+
+- ``"laplace"``: Laplace noise of scale ``b`` on a float vector of L1 sensitivity
+  ``Δ``; ``noise_multiplier = b / Δ`` (so epsilon is ``1 / noise_multiplier``).
+- ``"discrete-laplace"``: discrete Laplace noise of scale ``t`` (probability of ``k``
+  proportional to ``exp(-|k| / t)``) on an integer vector of L1 sensitivity 1, such as
+  the cell counts of a group-by; ``noise_multiplier = t``.
+- ``"gaussian"``: Gaussian noise of standard deviation ``σ`` on a vector of L2
+  sensitivity ``Δ``; ``noise_multiplier = σ / Δ``.
 
 ``rounds`` rounds of one event are one event again, with the steps multiplied
 (:meth:`DPEvent.times`): composing it is exactly composing the ``rounds`` copies, and
@@ -20,23 +30,45 @@ from dataclasses import dataclass
 
 from privacy.errors import AccountingError
 
-__all__ = ["DPEvent", "MECHANISMS"]
+__all__ = [
+    "DISCRETE_LAPLACE",
+    "DPEvent",
+    "GAUSSIAN",
+    "LAPLACE",
+    "MECHANISMS",
+    "POISSON_GAUSSIAN",
+    "WHOLE_DATASET_MECHANISMS",
+]
 
-# The mechanisms the accountants can compose. Opacus's PRV and RDP accountants both
-# assume the Poisson-subsampled Gaussian mechanism.
-MECHANISMS = ("poisson-gaussian",)
+#: DP-SGD's mechanism: the Poisson-subsampled Gaussian. Opacus's PRV and RDP
+#: accountants compose this one only.
+POISSON_GAUSSIAN = "poisson-gaussian"
+#: The Gaussian mechanism on the whole dataset (noise_multiplier = sigma / L2 sensitivity).
+GAUSSIAN = "gaussian"
+#: The Laplace mechanism on a float vector (noise_multiplier = scale / L1 sensitivity).
+LAPLACE = "laplace"
+#: The discrete Laplace mechanism on an integer vector of L1 sensitivity 1 (noise_multiplier = scale).
+DISCRETE_LAPLACE = "discrete-laplace"
+
+#: The mechanisms the ledger's accountant (dp-accounting's PLD) composes.
+MECHANISMS = (POISSON_GAUSSIAN, GAUSSIAN, LAPLACE, DISCRETE_LAPLACE)
+#: The mechanisms that release from the whole dataset: their sample_rate is 1.
+WHOLE_DATASET_MECHANISMS = (GAUSSIAN, LAPLACE, DISCRETE_LAPLACE)
 
 
 @dataclass(frozen=True)
 class DPEvent:
-    """``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
+    """``steps`` compositions of one DP mechanism.
 
     Parameters
     ----------
     noise_multiplier
-        Gaussian noise standard deviation divided by the clipping norm; > 0.
+        Noise scale over sensitivity (see the module docstring for each mechanism;
+        for ``"discrete-laplace"`` the scale itself, the sensitivity being 1); > 0.
     sample_rate
-        Poisson sampling probability of each record per step; in (0, 1].
+        Poisson sampling probability of each record per step; in (0, 1], and exactly 1
+        for the mechanisms that release from the whole dataset
+        (:data:`WHOLE_DATASET_MECHANISMS`).
     steps
         Number of mechanism applications; >= 1.
     mechanism
@@ -51,7 +83,7 @@ class DPEvent:
     noise_multiplier: float
     sample_rate: float
     steps: int
-    mechanism: str = "poisson-gaussian"
+    mechanism: str = POISSON_GAUSSIAN
 
     def __post_init__(self) -> None:
         problems = _event_problems(
@@ -59,6 +91,11 @@ class DPEvent:
         )
         if self.mechanism not in MECHANISMS:
             problems.append(f"mechanism must be one of {', '.join(map(repr, MECHANISMS))}; found {self.mechanism!r}")
+        elif self.mechanism in WHOLE_DATASET_MECHANISMS and _is_real(self.sample_rate) and 0 < self.sample_rate < 1:
+            problems.append(
+                f"sample_rate must be 1 for the {self.mechanism} mechanism (it releases from the whole "
+                f"dataset); found {self.sample_rate!r}"
+            )
         if problems:
             raise AccountingError("; ".join(problems))
         # Any real number is accepted (ints, NumPy scalars); store builtin floats and ints

@@ -1,8 +1,11 @@
 """The privacy ledger: every DP release a node made, per dataset, and the runs it holds budget for.
 
 One ledger per node home. Each *charge* records one DP event (a training round's DP-SGD
-steps, or an analytics release) against a dataset, keyed by ``(dataset, run_id,
-round)``, with the submission it belongs to. The dataset's spent epsilon is never
+steps, or one release of a statistics query) against a dataset, keyed by ``(dataset,
+run_id, round, release)``, with the submission it belongs to. A training round releases
+one event (release 0); a statistics query is a run of one round that releases several,
+one per noisy vector (releases 0..k-1, in the query's release order), all charged at
+once when its reply leaves. The dataset's spent epsilon is never
 stored: it is recomputed by composing its events with dp-accounting's PLD accountant
 (:func:`privacy.accountant.epsilon`, :data:`~privacy.accountant.LEDGER_ACCOUNTANT`), the
 one accountant that composes every mechanism medfed releases, so a change of delta never
@@ -14,9 +17,11 @@ Budgets are enforced by *run reservations*. When a node admits a run it calls
 charge, every live reservation's remaining rounds and the new run's ``rounds`` rounds,
 and refuses (:class:`~privacy.errors.BudgetExhaustedError`) if that would exceed the
 dataset's :class:`Budget` or the run's cap; otherwise it records the reservation, one
-per ``(dataset, submission)``. Of two runs racing for a budget that fits one, the second
-is refused there, before it trains. Each round's reply turns one reserved round into a
-charge (:meth:`PrivacyLedger.charge_round`), atomically, which also caps the rounds of a
+per ``(dataset, submission)``. A reservation holds the events one round releases
+(a training round's DP-SGD event, or a statistics query's releases) for each of its
+rounds. Of two runs racing for a budget that fits one, the second
+is refused there, before it trains. Each round's reply turns one reserved round into its
+charges (:meth:`PrivacyLedger.charge_round`), atomically, which also caps the rounds of a
 submission: a round re-run in a later Flower run of the same submission is a new charge
 and takes one of the reserved rounds, and there are no more than were reserved. When
 the run completes, :meth:`PrivacyLedger.release_run` gives back the rounds it did not
@@ -26,8 +31,8 @@ stops counting against the budget, and a late charge for it first reserves the r
 rounds again under the same budget check. Reservations are never deleted: the officer
 sees each one with its state (:data:`RUN_STATES`) before and after.
 
-Memory never grows with the number of rounds: a reservation is one event and a count,
-composed as one self-composed event (:meth:`~privacy.events.DPEvent.times`).
+Memory never grows with the number of rounds: a reservation is a round's events and a
+count, each event composed as one self-composed event (:meth:`~privacy.events.DPEvent.times`).
 
 Storage is a seam with two implementations:
 
@@ -59,7 +64,7 @@ from typing import Protocol
 
 from privacy.accountant import LEDGER_ACCOUNTANT, epsilon
 from privacy.errors import AccountingError, BudgetExhaustedError, LedgerError
-from privacy.events import DPEvent
+from privacy.events import POISSON_GAUSSIAN, DPEvent
 
 __all__ = [
     "Budget",
@@ -82,7 +87,7 @@ logger = logging.getLogger(__name__)
 
 # Bumped whenever the table layout changes; stored in PRAGMA user_version and in the
 # ledger_schema table, and checked on every open.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # How long a process waits for another one's transaction before giving up.
 _BUSY_TIMEOUT_SECONDS = 30.0
@@ -154,7 +159,76 @@ BEGIN SELECT RAISE(ABORT, 'a run reservation only moves forward (more rounds cha
 CREATE TRIGGER run_reservations_are_never_deleted BEFORE DELETE ON run_reservations
 BEGIN SELECT RAISE(ABORT, 'run reservations are kept for the officer'); END;
 """
-_TABLES = {"charges", "ledger_schema", "run_reservations"}
+# Schema 4: a round may release several events (a statistics query's releases). Charges
+# are keyed by (dataset, run_id, round, release), earlier charges being release 0, and a
+# run reservation holds the events of one round in run_reservation_events, by release
+# (an earlier reservation's one event becomes its release 0). SQLite cannot change a
+# table's UNIQUE constraint or drop a column used by a trigger, so both tables are
+# rebuilt: copied row by row, ids kept, in the upgrade's one transaction.
+_SCHEMA_4 = """
+CREATE TABLE charges_4 (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset          TEXT    NOT NULL CHECK (dataset <> ''),
+    run_id           TEXT    NOT NULL CHECK (run_id <> ''),
+    round            INTEGER NOT NULL CHECK (round >= 0),
+    release          INTEGER NOT NULL CHECK (release >= 0),
+    mechanism        TEXT    NOT NULL,
+    noise_multiplier REAL    NOT NULL CHECK (noise_multiplier > 0),
+    sample_rate      REAL    NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
+    steps            INTEGER NOT NULL CHECK (steps >= 1),
+    charged_at       TEXT    NOT NULL,
+    submission       TEXT    CHECK (submission IS NULL OR submission <> ''),
+    UNIQUE (dataset, run_id, round, release)
+);
+INSERT INTO charges_4 (id, dataset, run_id, round, release, mechanism, noise_multiplier, sample_rate, steps, charged_at, submission)
+SELECT id, dataset, run_id, round, 0, mechanism, noise_multiplier, sample_rate, steps, charged_at, submission
+FROM charges ORDER BY id;
+DROP TABLE charges;
+ALTER TABLE charges_4 RENAME TO charges;
+CREATE TRIGGER charges_are_never_updated BEFORE UPDATE ON charges
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER charges_are_never_deleted BEFORE DELETE ON charges
+BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TABLE run_reservations_4 (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    dataset          TEXT    NOT NULL CHECK (dataset <> ''),
+    submission       TEXT    NOT NULL CHECK (submission <> ''),
+    rounds           INTEGER NOT NULL CHECK (rounds >= 1),
+    charged          INTEGER NOT NULL CHECK (charged >= 0 AND charged <= rounds),
+    reserved_at      TEXT    NOT NULL,
+    active_at        TEXT    NOT NULL,
+    released_at      TEXT,
+    UNIQUE (dataset, submission)
+);
+INSERT INTO run_reservations_4 (id, dataset, submission, rounds, charged, reserved_at, active_at, released_at)
+SELECT id, dataset, submission, rounds, charged, reserved_at, active_at, released_at FROM run_reservations ORDER BY id;
+CREATE TABLE run_reservation_events (
+    reservation      INTEGER NOT NULL REFERENCES run_reservations_4 (id),
+    release          INTEGER NOT NULL CHECK (release >= 0),
+    mechanism        TEXT    NOT NULL,
+    noise_multiplier REAL    NOT NULL CHECK (noise_multiplier > 0),
+    sample_rate      REAL    NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
+    steps            INTEGER NOT NULL CHECK (steps >= 1),
+    PRIMARY KEY (reservation, release)
+);
+INSERT INTO run_reservation_events (reservation, release, mechanism, noise_multiplier, sample_rate, steps)
+SELECT id, 0, mechanism, noise_multiplier, sample_rate, steps FROM run_reservations ORDER BY id;
+DROP TABLE run_reservations;
+ALTER TABLE run_reservations_4 RENAME TO run_reservations;
+CREATE TRIGGER run_reservations_keep_their_terms
+BEFORE UPDATE OF id, dataset, submission, rounds, reserved_at ON run_reservations
+BEGIN SELECT RAISE(ABORT, 'a run reservation keeps its terms'); END;
+CREATE TRIGGER run_reservations_only_move_forward BEFORE UPDATE ON run_reservations
+WHEN NEW.charged < OLD.charged OR OLD.released_at IS NOT NULL
+BEGIN SELECT RAISE(ABORT, 'a run reservation only moves forward (more rounds charged, then released)'); END;
+CREATE TRIGGER run_reservations_are_never_deleted BEFORE DELETE ON run_reservations
+BEGIN SELECT RAISE(ABORT, 'run reservations are kept for the officer'); END;
+CREATE TRIGGER run_reservation_events_keep_their_terms BEFORE UPDATE ON run_reservation_events
+BEGIN SELECT RAISE(ABORT, 'a run reservation keeps its terms'); END;
+CREATE TRIGGER run_reservation_events_are_never_deleted BEFORE DELETE ON run_reservation_events
+BEGIN SELECT RAISE(ABORT, 'run reservations are kept for the officer'); END;
+"""
+_TABLES = {"charges", "ledger_schema", "run_reservation_events", "run_reservations"}
 
 #: A run reservation's states, as the officer reads them.
 LIVE = "live"  # counts against the budget; rounds may be charged
@@ -166,7 +240,7 @@ RUN_STATES = (LIVE, EXPIRED, RELEASED, USED_UP)
 
 @dataclass(frozen=True)
 class Charge:
-    """One DP event charged to a dataset by one round of one run (of one submission)."""
+    """One DP event charged to a dataset by one release of one round of one run (of one submission)."""
 
     dataset: str
     run_id: str
@@ -174,6 +248,7 @@ class Charge:
     event: DPEvent
     charged_at: datetime  # timezone-aware, UTC
     submission: str | None = None  # None for charges recorded before schema 3, or outside a run
+    release: int = 0  # which of the round's events: 0 for a training round, 0..k-1 for a query's releases
 
 
 @dataclass(frozen=True)
@@ -182,8 +257,9 @@ class RunReservation:
 
     Attributes
     ----------
-    event
-        One round's DP event; the reservation holds ``rounds`` of them.
+    events
+        The DP events one round releases, by release: a training round's one DP-SGD
+        event, or a statistics query's releases. The reservation holds ``rounds`` of each.
     rounds, charged
         Rounds reserved for the submission, and how many have become charges.
     reserved_at, active_at
@@ -195,7 +271,7 @@ class RunReservation:
 
     dataset: str
     submission: str
-    event: DPEvent
+    events: tuple[DPEvent, ...]
     rounds: int
     charged: int
     reserved_at: datetime
@@ -221,9 +297,9 @@ class RunReservation:
             return None
         return self.active_at + hold
 
-    def held(self) -> DPEvent:
-        """The rounds not charged yet, as one event (their composition); needs ``remaining >= 1``."""
-        return self.event.times(self.remaining)
+    def held(self) -> list[DPEvent]:
+        """The rounds not charged yet, one event per release (their composition); needs ``remaining >= 1``."""
+        return [event.times(self.remaining) for event in self.events]
 
 
 @dataclass(frozen=True)
@@ -250,8 +326,8 @@ class LedgerTransaction(Protocol):
         """All charges to `dataset`, oldest first."""
         ...
 
-    def charge_at(self, dataset: str, run_id: str, round: int) -> Charge | None:
-        """The charge under this key, if any."""
+    def round_charges(self, dataset: str, run_id: str, round: int) -> list[Charge]:
+        """The charges of this round of this run, by release (empty if none)."""
         ...
 
     def run_reservations(self, dataset: str) -> list[RunReservation]:
@@ -259,7 +335,7 @@ class LedgerTransaction(Protocol):
         ...
 
     def add_charge(self, charge: Charge) -> None:
-        """Append `charge`; its key must be free."""
+        """Append `charge`; its key (dataset, run_id, round, release) must be free."""
         ...
 
     def put_run_reservation(self, reservation: RunReservation) -> None:
@@ -295,7 +371,7 @@ class LedgerStore(Protocol):
 
 def _moves_forward(old: RunReservation, new: RunReservation) -> str | None:
     """Why `new` may not follow `old` (the rules SQLite's triggers keep), or None."""
-    terms = ("dataset", "submission", "event", "rounds", "reserved_at")
+    terms = ("dataset", "submission", "events", "rounds", "reserved_at")
     if any(getattr(old, name) != getattr(new, name) for name in terms):
         return "a run reservation keeps its terms"
     if new.charged < old.charged or old.released_at is not None:
@@ -355,15 +431,19 @@ class _InMemoryTransaction:
     def charges(self, dataset: str) -> list[Charge]:
         return [c for c in self.charges_list if c.dataset == dataset]
 
-    def charge_at(self, dataset: str, run_id: str, round: int) -> Charge | None:
-        return next((c for c in self.charges_list if (c.dataset, c.run_id, c.round) == (dataset, run_id, round)), None)
+    def round_charges(self, dataset: str, run_id: str, round: int) -> list[Charge]:
+        found = [c for c in self.charges_list if (c.dataset, c.run_id, c.round) == (dataset, run_id, round)]
+        return sorted(found, key=lambda c: c.release)
 
     def run_reservations(self, dataset: str) -> list[RunReservation]:
         return [r for r in self.reservations_list if r.dataset == dataset]
 
     def add_charge(self, charge: Charge) -> None:
-        if self.charge_at(charge.dataset, charge.run_id, charge.round) is not None:
-            raise LedgerError(f"the in-memory privacy ledger already holds round {charge.round} of run '{charge.run_id}'")
+        if any(c.release == charge.release for c in self.round_charges(charge.dataset, charge.run_id, charge.round)):
+            raise LedgerError(
+                f"the in-memory privacy ledger already holds release {charge.release} of round {charge.round} "
+                f"of run '{charge.run_id}'"
+            )
         self.charges_list.append(charge)
 
     def put_run_reservation(self, reservation: RunReservation) -> None:
@@ -380,8 +460,8 @@ class _InMemoryTransaction:
 class SqliteLedgerStore:
     """Charges and run reservations in a SQLite file (WAL mode), safe across threads and processes.
 
-    Opening creates the file and its schema if it is new or empty, upgrades a schema-1 or
-    schema-2 ledger in place (one transaction), and otherwise checks that it is a medfed
+    Opening creates the file and its schema if it is new or empty, upgrades a schema-1,
+    -2 or -3 ledger in place (one transaction), and otherwise checks that it is a medfed
     privacy ledger of a schema this code reads.
 
     Raises
@@ -437,7 +517,7 @@ class SqliteLedgerStore:
             with self._transaction() as conn:
                 found = _inspect(conn)  # another process may have created or upgraded it meanwhile
                 if found == (0, set(), set()):
-                    self._apply(conn, _SCHEMA + _SCHEMA_3)
+                    self._apply(conn, _SCHEMA + _SCHEMA_3 + _SCHEMA_4)
                     logger.info("created privacy ledger %s (schema %d)", self.path, SCHEMA_VERSION)
                     return
                 version, tables, recorded = found
@@ -458,14 +538,17 @@ class SqliteLedgerStore:
             )
 
     def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
-        """Schema 1 or 2 to 3, in the caller's transaction; charges stay as they are.
+        """Schema 1, 2 or 3 to 4, in the caller's transaction; charges keep their events.
+
+        Every charge and run reservation from before schema 4 released one event per
+        round: it becomes release 0 of its round.
 
         A schema-2 round reservation still open is a release that was in progress or cut
         off by a crash. Its run's open rounds become one run reservation of that many
         rounds, keyed by the run id, active since the latest of them: it counts until it
         expires, as before it counted until the officer saw it.
         """
-        self._apply(conn, _SCHEMA_3)
+        self._apply(conn, (_SCHEMA_3 if version < 3 else "") + _SCHEMA_4)
         if version != 2:
             return
         rows = conn.execute(
@@ -484,7 +567,7 @@ class SqliteLedgerStore:
                     f"{len(events)} different events on dataset '{dataset}'; a run has one"
                 )
             times = [at for _, at in held]
-            self._insert_run(conn, RunReservation(dataset, run_id, events.pop(), len(held), 0, min(times), max(times)))
+            self._insert_run(conn, RunReservation(dataset, run_id, (events.pop(),), len(held), 0, min(times), max(times)))
         conn.execute("DROP TABLE reservations")
 
     def _apply(self, conn: sqlite3.Connection, script: str) -> None:
@@ -547,55 +630,63 @@ class SqliteLedgerStore:
         rows = conn.execute(f"SELECT {_COLUMNS} FROM charges WHERE dataset = ? ORDER BY id", (dataset,)).fetchall()
         return [self._charge(row) for row in rows]
 
-    def _charge_at(self, conn: sqlite3.Connection, dataset: str, run_id: str, round: int) -> Charge | None:
-        row = conn.execute(
-            f"SELECT {_COLUMNS} FROM charges WHERE dataset = ? AND run_id = ? AND round = ?", (dataset, run_id, round)
-        ).fetchone()
-        return None if row is None else self._charge(row)
+    def _round_charges(self, conn: sqlite3.Connection, dataset: str, run_id: str, round: int) -> list[Charge]:
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM charges WHERE dataset = ? AND run_id = ? AND round = ? ORDER BY release",
+            (dataset, run_id, round),
+        ).fetchall()
+        return [self._charge(row) for row in rows]
 
     def _runs(self, conn: sqlite3.Connection, dataset: str | None) -> list[RunReservation]:
-        if dataset is None:
-            rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM run_reservations ORDER BY id").fetchall()
-        else:
-            rows = conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM run_reservations WHERE dataset = ? ORDER BY id", (dataset,)
-            ).fetchall()
-        return [self._run(row) for row in rows]
+        where, parameters = ("", ()) if dataset is None else (" WHERE r.dataset = ?", (dataset,))
+        rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM run_reservations r{where} ORDER BY r.id", parameters).fetchall()
+        events: dict[int, list[Sequence[object]]] = {}
+        for row in conn.execute(
+            "SELECT e.reservation, e.release, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps "
+            f"FROM run_reservation_events e JOIN run_reservations r ON r.id = e.reservation{where} "
+            "ORDER BY e.reservation, e.release",
+            parameters,
+        ):
+            events.setdefault(int(row[0]), []).append(row[1:])
+        return [self._run(row, events.get(int(row[0]), [])) for row in rows]
 
     @staticmethod
     def _insert_charge(conn: sqlite3.Connection, charge: Charge) -> None:
         event = charge.event
         conn.execute(
-            "INSERT INTO charges (dataset, run_id, round, mechanism, noise_multiplier, sample_rate, steps, "
-            "charged_at, submission) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO charges (dataset, run_id, round, release, mechanism, noise_multiplier, sample_rate, steps, "
+            "charged_at, submission) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                charge.dataset, charge.run_id, charge.round, event.mechanism, event.noise_multiplier,
+                charge.dataset, charge.run_id, charge.round, charge.release, event.mechanism, event.noise_multiplier,
                 event.sample_rate, event.steps, charge.charged_at.isoformat(), charge.submission,
             ),
         )
 
     @staticmethod
     def _insert_run(conn: sqlite3.Connection, run: RunReservation) -> None:
-        event = run.event
-        conn.execute(
-            "INSERT INTO run_reservations (dataset, submission, mechanism, noise_multiplier, sample_rate, steps, "
-            "rounds, charged, reserved_at, active_at, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        cursor = conn.execute(
+            "INSERT INTO run_reservations (dataset, submission, rounds, charged, reserved_at, active_at, released_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
-                run.dataset, run.submission, event.mechanism, event.noise_multiplier, event.sample_rate, event.steps,
-                run.rounds, run.charged, run.reserved_at.isoformat(), run.active_at.isoformat(),
-                None if run.released_at is None else run.released_at.isoformat(),
+                run.dataset, run.submission, run.rounds, run.charged, run.reserved_at.isoformat(),
+                run.active_at.isoformat(), None if run.released_at is None else run.released_at.isoformat(),
             ),
+        )
+        conn.executemany(
+            "INSERT INTO run_reservation_events (reservation, release, mechanism, noise_multiplier, sample_rate, steps) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (cursor.lastrowid, release, event.mechanism, event.noise_multiplier, event.sample_rate, event.steps)
+                for release, event in enumerate(run.events)
+            ],
         )
 
     def _put_run(self, conn: sqlite3.Connection, run: RunReservation) -> None:
-        row = conn.execute(
-            f"SELECT {_RUN_COLUMNS} FROM run_reservations WHERE dataset = ? AND submission = ?",
-            (run.dataset, run.submission),
-        ).fetchone()
-        if row is None:
+        old = next((r for r in self._runs(conn, run.dataset) if r.submission == run.submission), None)
+        if old is None:
             self._insert_run(conn, run)
             return
-        refused = _moves_forward(self._run(row), run)
+        refused = _moves_forward(old, run)
         if refused:
             raise LedgerError(f"the privacy ledger {self.path} refuses the change: {refused}")
         conn.execute(
@@ -656,24 +747,29 @@ class SqliteLedgerStore:
             raise LedgerError(f"privacy ledger {self.path} holds an unreadable {what}: {err}") from err
 
     def _charge(self, row: Sequence[object]) -> Charge:
-        row_id, dataset, run_id, round_, mechanism, noise, rate, steps, charged_at, submission = row
+        row_id, dataset, run_id, round_, release, mechanism, noise, rate, steps, charged_at, submission = row
         what = f"charge (row {row_id})"
         event = self._event((mechanism, noise, rate, steps), what)
         try:
             return Charge(
                 str(dataset), str(run_id), int(round_), event, _read_time(charged_at, self.path),  # type: ignore[call-overload]
-                None if submission is None else str(submission),
+                None if submission is None else str(submission), int(release),  # type: ignore[call-overload]
             )
         except (TypeError, ValueError) as err:
             raise LedgerError(f"privacy ledger {self.path} holds an unreadable {what}: {err}") from err
 
-    def _run(self, row: Sequence[object]) -> RunReservation:
-        row_id, dataset, submission, mechanism, noise, rate, steps, rounds, charged, reserved_at, active_at, released_at = row
+    def _run(self, row: Sequence[object], event_rows: Sequence[Sequence[object]]) -> RunReservation:
+        row_id, dataset, submission, rounds, charged, reserved_at, active_at, released_at = row
         what = f"run reservation (row {row_id})"
-        event = self._event((mechanism, noise, rate, steps), what)
+        if [release for release, *_ in event_rows] != list(range(len(event_rows))) or not event_rows:
+            raise LedgerError(
+                f"privacy ledger {self.path} holds an unreadable {what}: its events are not releases 0..k-1 "
+                f"(found {[release for release, *_ in event_rows]})"
+            )
+        events = tuple(self._event(columns, what) for _, *columns in event_rows)
         try:
             return RunReservation(
-                str(dataset), str(submission), event, int(rounds), int(charged),  # type: ignore[call-overload]
+                str(dataset), str(submission), events, int(rounds), int(charged),  # type: ignore[call-overload]
                 _read_time(reserved_at, self.path), _read_time(active_at, self.path),
                 None if released_at is None else _read_time(released_at, self.path),
             )
@@ -689,8 +785,8 @@ class _SqliteTransaction:
     def charges(self, dataset: str) -> list[Charge]:
         return self._store._charges(self._conn, dataset)
 
-    def charge_at(self, dataset: str, run_id: str, round: int) -> Charge | None:
-        return self._store._charge_at(self._conn, dataset, run_id, round)
+    def round_charges(self, dataset: str, run_id: str, round: int) -> list[Charge]:
+        return self._store._round_charges(self._conn, dataset, run_id, round)
 
     def run_reservations(self, dataset: str) -> list[RunReservation]:
         return self._store._runs(self._conn, dataset)
@@ -702,13 +798,14 @@ class _SqliteTransaction:
         self._store._put_run(self._conn, reservation)
 
 
-_COLUMNS = "id, dataset, run_id, round, mechanism, noise_multiplier, sample_rate, steps, charged_at, submission"
-_RUN_COLUMNS = (
-    "id, dataset, submission, mechanism, noise_multiplier, sample_rate, steps, rounds, charged, "
-    "reserved_at, active_at, released_at"
-)
+_COLUMNS = "id, dataset, run_id, round, release, mechanism, noise_multiplier, sample_rate, steps, charged_at, submission"
+_RUN_COLUMNS = "r.id, r.dataset, r.submission, r.rounds, r.charged, r.reserved_at, r.active_at, r.released_at"
 # The schemas a file is upgraded from, with the tables each has.
-_UPGRADABLE = {1: {"charges", "ledger_schema"}, 2: {"charges", "ledger_schema", "reservations"}}
+_UPGRADABLE = {
+    1: {"charges", "ledger_schema"},
+    2: {"charges", "ledger_schema", "reservations"},
+    3: {"charges", "ledger_schema", "run_reservations"},
+}
 
 
 class PrivacyLedger:
@@ -754,11 +851,13 @@ class PrivacyLedger:
         sample_rate: float,
         steps: int,
         submission: str | None = None,
+        mechanism: str = POISSON_GAUSSIAN,
+        release: int = 0,
     ) -> Charge:
         """Record a release outside any run reservation (no budget check; see :meth:`charge_round`).
 
-        Idempotent on ``(dataset, run_id, round)``: charging the same key again with the
-        same parameters returns the recorded charge and adds nothing.
+        Idempotent on ``(dataset, run_id, round, release)``: charging the same key again
+        with the same event returns the recorded charge and adds nothing.
 
         Raises
         ------
@@ -768,19 +867,22 @@ class PrivacyLedger:
             The key was already charged with different parameters, or storage failed.
         """
         _check_key(dataset, run_id, round)
+        _check_release(release)
         if submission is not None:
             _check_submission(submission)
-        event = DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        event = DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, mechanism=mechanism)
         with self._store.write() as transaction:
-            stored = transaction.charge_at(dataset, run_id, round)
+            stored = next((c for c in transaction.round_charges(dataset, run_id, round) if c.release == release), None)
             if stored is None:
-                stored = Charge(dataset, run_id, round, event, self._clock(), submission)
+                stored = Charge(dataset, run_id, round, event, self._clock(), submission, release)
                 transaction.add_charge(stored)
-                logger.info("charged dataset '%s': run %s round %d, %s", dataset, run_id, round, _describe(event))
+                logger.info(
+                    "charged dataset '%s': run %s round %d%s, %s", dataset, run_id, round, _release_label(release), _describe(event)
+                )
                 return stored
         if stored.event != event:
             raise LedgerError(
-                f"round {round} of run '{run_id}' was already charged to dataset '{dataset}' with "
+                f"round {round}{_release_label(release)} of run '{run_id}' was already charged to dataset '{dataset}' with "
                 f"{_describe(stored.event)}; a second charge with {_describe(event)} is refused"
             )
         return stored
@@ -806,9 +908,18 @@ class PrivacyLedger:
         events = self.events(dataset) if submission is None else [c.event for c in self.charges(dataset) if c.submission == submission]
         return epsilon(events, delta=delta, accountant=LEDGER_ACCOUNTANT)
 
-    def preview(self, dataset: str, *, delta: float, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    def preview(
+        self,
+        dataset: str,
+        *,
+        delta: float,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        mechanism: str = POISSON_GAUSSIAN,
+    ) -> float:
         """What :meth:`spent` would return after such a charge; nothing is written."""
-        event = DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+        event = DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, mechanism=mechanism)
         return epsilon([*self.events(dataset), event], delta=delta, accountant=LEDGER_ACCOUNTANT)
 
     # -------------------------------------------------------- run reservations
@@ -818,21 +929,24 @@ class PrivacyLedger:
         dataset: str,
         *,
         submission: str,
-        event: DPEvent,
+        event: DPEvent | None = None,
+        events: Sequence[DPEvent] | None = None,
         rounds: int,
         budget: Budget,
         hold: timedelta,
         run_cap: Budget | None = None,
     ) -> RunReservation:
-        """Hold `rounds` rounds of `event` on `dataset` for `submission`, or refuse.
+        """Hold `rounds` rounds on `dataset` for `submission`, or refuse.
 
-        In one transaction: the composition (at ``budget.delta``) of every charge to the
-        dataset, every other live reservation's remaining rounds and this run's rounds
-        must not exceed ``budget.epsilon``; and the submission's charges plus its rounds
-        must not exceed `run_cap` (the approval's or the policy's per-experiment limit,
-        at the experiment's delta). A live reservation of the same submission is returned
-        as it is; an expired one is reserved again (its remaining rounds, under the same
-        checks) from now.
+        A round releases `event` (a training round: its DP-SGD event) or `events` (a
+        statistics query, a run of one round: its releases in order, charged as releases
+        0..k-1); give one of the two. In one transaction: the composition (at
+        ``budget.delta``) of every charge to the dataset, every other live reservation's
+        remaining rounds and this run's rounds must not exceed ``budget.epsilon``; and
+        the submission's charges plus its rounds must not exceed `run_cap` (the
+        approval's or the policy's per-experiment limit, at the experiment's delta). A
+        live reservation of the same submission is returned as it is; an expired one is
+        reserved again (its remaining rounds, under the same checks) from now.
 
         Raises
         ------
@@ -842,28 +956,30 @@ class PrivacyLedger:
         LedgerError
             The submission holds a reservation of other terms, or storage failed.
         AccountingError
-            A parameter is invalid.
+            A parameter is invalid, or neither or both of `event` and `events` are given.
         """
         _check_dataset(dataset)
         _check_submission(submission)
+        held = _round_events(event, events)
         _check_count(rounds, "rounds")
         _check_hold(hold)
         with self._store.write() as transaction:
             now = self._clock()
             existing = _find(transaction, dataset, submission)
             if existing is None:
-                self._check_budget(transaction, dataset, submission, event.times(rounds), budget, run_cap, hold, now)
-                reservation = RunReservation(dataset, submission, event, rounds, 0, now, now)
+                wanted = [e.times(rounds) for e in held]
+                self._check_budget(transaction, dataset, submission, wanted, budget, run_cap, hold, now)
+                reservation = RunReservation(dataset, submission, held, rounds, 0, now, now)
                 transaction.put_run_reservation(reservation)
                 logger.info(
-                    "reserved %d round(s) of %s on dataset '%s' for submission %s", rounds, _describe(event), dataset, submission
+                    "reserved %d round(s) of %s on dataset '%s' for submission %s", rounds, _describe_all(held), dataset, submission
                 )
                 return reservation
-            if (existing.event, existing.rounds) != (event, rounds):
+            if (existing.events, existing.rounds) != (held, rounds):
                 raise LedgerError(
                     f"submission '{submission}' holds a reservation of {existing.rounds} round(s) of "
-                    f"{_describe(existing.event)} on dataset '{dataset}'; a run of {rounds} round(s) of "
-                    f"{_describe(event)} under the same submission is refused"
+                    f"{_describe_all(existing.events)} on dataset '{dataset}'; a run of {rounds} round(s) of "
+                    f"{_describe_all(held)} under the same submission is refused"
                 )
             return self._renew(transaction, existing, budget, run_cap, hold, now)
 
@@ -877,11 +993,14 @@ class PrivacyLedger:
         budget: Budget,
         hold: timedelta,
         run_cap: Budget | None = None,
-    ) -> Charge:
-        """Turn one reserved round of `submission` into the charge of round `round` of run `run_id`.
+    ) -> list[Charge]:
+        """Turn one reserved round of `submission` into the charges of round `round` of run `run_id`.
 
-        Call it when the reply is about to leave the node. A reservation that expired is
-        first reserved again (its remaining rounds, under :meth:`reserve_run`'s checks).
+        Call it when the reply is about to leave the node. The round's events are charged
+        together, one charge per release (a training round: one; a statistics query: all
+        its releases), in one transaction. A reservation that expired is first reserved
+        again (its remaining rounds, under :meth:`reserve_run`'s checks). Returns the
+        charges, by release.
 
         Raises
         ------
@@ -904,19 +1023,23 @@ class PrivacyLedger:
                     f"no run reservation for submission '{submission}' on dataset '{dataset}'; "
                     "a node reserves a run when it admits it, before it trains"
                 )
-            if transaction.charge_at(dataset, run_id, round) is not None:
+            if transaction.round_charges(dataset, run_id, round):
                 raise LedgerError(
                     f"round {round} of run '{run_id}' was already charged to dataset '{dataset}'; a second release is refused"
                 )
             reservation = self._renew(transaction, reservation, budget, run_cap, hold, now)
-            charge = Charge(dataset, run_id, round, reservation.event, now, submission)
-            transaction.add_charge(charge)
+            charges = [
+                Charge(dataset, run_id, round, event, now, submission, release)
+                for release, event in enumerate(reservation.events)
+            ]
+            for charge in charges:
+                transaction.add_charge(charge)
             transaction.put_run_reservation(replace(reservation, charged=reservation.charged + 1, active_at=now))
         logger.info(
             "charged dataset '%s': run %s round %d of submission %s (%d of %d reserved rounds), %s",
-            dataset, run_id, round, submission, reservation.charged + 1, reservation.rounds, _describe(charge.event),
+            dataset, run_id, round, submission, reservation.charged + 1, reservation.rounds, _describe_all(reservation.events),
         )
-        return charge
+        return charges
 
     def release_run(self, dataset: str, *, submission: str) -> RunReservation | None:
         """Close `submission`'s reservation on `dataset` and give back its unused rounds.
@@ -944,9 +1067,9 @@ class PrivacyLedger:
         return self._store.run_reservations(dataset)
 
     def reserved(self, dataset: str, *, hold: timedelta) -> list[DPEvent]:
-        """The live reservations' remaining rounds on `dataset`, one event each."""
+        """The live reservations' remaining rounds on `dataset`, one event per reservation and release."""
         now = self._clock()
-        return [r.held() for r in self._store.run_reservations(dataset) if r.state(hold=hold, now=now) == LIVE]
+        return [e for r in self._store.run_reservations(dataset) if r.state(hold=hold, now=now) == LIVE for e in r.held()]
 
     def held(self, dataset: str, *, hold: timedelta) -> list[DPEvent]:
         """What a budget check composes: the charges and the live reservations' remaining rounds."""
@@ -992,20 +1115,21 @@ class PrivacyLedger:
         transaction: LedgerTransaction,
         dataset: str,
         submission: str,
-        wanted: DPEvent,
+        wanted: list[DPEvent],
         budget: Budget,
         run_cap: Budget | None,
         hold: timedelta,
         now: datetime,
     ) -> None:
-        """Refuse `wanted` (the rounds to hold) if the dataset's budget or the run's cap cannot take it."""
+        """Refuse `wanted` (the rounds to hold, one event per release) if the dataset's budget or the run's cap cannot take it."""
         charges = transaction.charges(dataset)
         held = [c.event for c in charges] + [
-            r.held()
+            event
             for r in transaction.run_reservations(dataset)
             if r.submission != submission and r.state(hold=hold, now=now) == LIVE
+            for event in r.held()
         ]
-        total = epsilon([*held, wanted], delta=budget.delta, accountant=LEDGER_ACCOUNTANT)
+        total = epsilon([*held, *wanted], delta=budget.delta, accountant=LEDGER_ACCOUNTANT)
         if total > budget.epsilon:
             before = epsilon(held, delta=budget.delta, accountant=LEDGER_ACCOUNTANT)
             raise BudgetExhaustedError(
@@ -1014,7 +1138,7 @@ class PrivacyLedger:
             )
         if run_cap is not None:
             mine = [c.event for c in charges if c.submission == submission]
-            cost = epsilon([*mine, wanted], delta=run_cap.delta, accountant=LEDGER_ACCOUNTANT)
+            cost = epsilon([*mine, *wanted], delta=run_cap.delta, accountant=LEDGER_ACCOUNTANT)
             if cost > run_cap.epsilon:
                 raise BudgetExhaustedError(
                     f"submission '{submission}' would reach epsilon {cost:.3f} on dataset '{dataset}', over its cap "
@@ -1076,6 +1200,30 @@ def _check_key(dataset: object, run_id: object, round: object) -> None:
         raise AccountingError("; ".join(problems))
 
 
+def _check_release(release: object) -> None:
+    if not isinstance(release, int) or isinstance(release, bool) or release < 0:
+        raise AccountingError(f"release must be an integer >= 0; found {release!r}")
+
+
+def _round_events(event: object, events: object) -> tuple[DPEvent, ...]:
+    """The events one round of a reservation releases: `event` alone, or `events` (exactly one given)."""
+    if (event is None) == (events is None):
+        raise AccountingError(
+            "give event (a training round's DP event) or events (a statistics query's releases), not "
+            + ("both" if event is not None else "neither")
+        )
+    if event is not None:
+        if not isinstance(event, DPEvent):
+            raise AccountingError(f"event must be a DPEvent; found {event!r}")
+        return (event,)
+    if isinstance(events, str | bytes) or not isinstance(events, Sequence) or not events:
+        raise AccountingError(f"events must be a non-empty sequence of DPEvent; found {events!r}")
+    wrong = [index for index, item in enumerate(events) if not isinstance(item, DPEvent)]
+    if wrong:
+        raise AccountingError(f"events must be a non-empty sequence of DPEvent; items {wrong} are not")
+    return tuple(events)
+
+
 def _check_submission(submission: object) -> None:
     if not isinstance(submission, str) or not submission:
         raise AccountingError(f"submission must be a non-empty string; found {submission!r}")
@@ -1092,10 +1240,22 @@ def _check_hold(hold: object) -> None:
 
 
 def _describe(event: DPEvent) -> str:
+    # DP-SGD's events read as they always have; the others name their mechanism.
+    mechanism = "" if event.mechanism == POISSON_GAUSSIAN else f"mechanism={event.mechanism}, "
     return (
-        f"noise_multiplier={event.noise_multiplier!r}, sample_rate={event.sample_rate!r}, "
+        f"{mechanism}noise_multiplier={event.noise_multiplier!r}, sample_rate={event.sample_rate!r}, "
         f"steps={event.steps}"
     )
+
+
+def _describe_all(events: Sequence[DPEvent]) -> str:
+    if len(events) == 1:
+        return _describe(events[0])
+    return f"{len(events)} releases ({'; '.join(_describe(event) for event in events)})"
+
+
+def _release_label(release: int) -> str:
+    return f" release {release}" if release else ""
 
 
 def _now() -> datetime:

@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 
 from privacy.accountant import epsilon
 from privacy.errors import AccountingError, BudgetExhaustedError, LedgerError
-from privacy.events import DPEvent
+from privacy.events import DISCRETE_LAPLACE, LAPLACE, DPEvent
 from privacy.ledger import (
     _SCHEMA,
     _SCHEMA_2,
+    _SCHEMA_3,
     EXPIRED,
     LIVE,
     RELEASED,
@@ -280,8 +281,8 @@ def test_the_file_is_a_versioned_wal_database(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [3]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [4]
     finally:
         conn.close()
 
@@ -322,10 +323,10 @@ def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     PrivacyLedger.open(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 4")
+    conn.execute("PRAGMA user_version = 5")
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 4, newer than this medfed reads")):
+    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 5, newer than this medfed reads")):
         PrivacyLedger.open(path)
 
 
@@ -407,7 +408,7 @@ def _reserve(ledger: PrivacyLedger, submission: str, budget: Budget = FITS_ONE, 
     return ledger.reserve_run("htn_cohort", submission=submission, **params)  # type: ignore[arg-type]
 
 
-def _charge(ledger: PrivacyLedger, submission: str, round_: int, run_id: str | None = None, budget: Budget = FITS_ONE) -> Charge:
+def _charge(ledger: PrivacyLedger, submission: str, round_: int, run_id: str | None = None, budget: Budget = FITS_ONE) -> list[Charge]:
     return ledger.charge_round(
         "htn_cohort", submission=submission, run_id=run_id or submission, round=round_, budget=budget, hold=HOLD
     )
@@ -419,7 +420,7 @@ def _held_epsilon(ledger: PrivacyLedger) -> float:
 
 def test_a_run_reservation_holds_every_round_of_the_run(ledger: PrivacyLedger, clock: Clock) -> None:
     held = _reserve(ledger, "s1")
-    assert held == RunReservation("htn_cohort", "s1", EVENT, ROUNDS, 0, clock.now, clock.now)
+    assert held == RunReservation("htn_cohort", "s1", (EVENT,), ROUNDS, 0, clock.now, clock.now)
     assert (held.remaining, held.state(hold=HOLD, now=clock.now), held.expires_at(HOLD)) == (3, LIVE, clock.now + HOLD)
     assert ledger.run_reservations() == [held]
     assert ledger.held("htn_cohort", hold=HOLD) == [EVENT.times(3)]
@@ -430,8 +431,8 @@ def test_charging_a_round_turns_one_reserved_round_into_a_charge(ledger: Privacy
     _reserve(ledger, "s1")
     before = _held_epsilon(ledger)
     clock.advance(minutes=5)
-    charge = _charge(ledger, "s1", 1, run_id="41")
-    assert charge == Charge("htn_cohort", "41", 1, EVENT, clock.now, "s1")
+    charges = _charge(ledger, "s1", 1, run_id="41")
+    assert charges == [Charge("htn_cohort", "41", 1, EVENT, clock.now, "s1")]
     [held] = ledger.run_reservations("htn_cohort")
     assert (held.charged, held.remaining, held.active_at) == (1, 2, clock.now)
     # What counts against the budget is the same events, composed to the same number.
@@ -601,12 +602,160 @@ def test_a_bad_budget_names_the_value(epsilon_: float, delta: float, message: st
         Budget(epsilon_, delta)
 
 
+# ---------------------------------------------------------------- statistics queries (both stores)
+
+# A query's releases, in its release order: a count vector (discrete Laplace, scale 4), a
+# centred sum (Laplace, scale 6 on sensitivity 3) and another count vector.
+QUERY = (
+    DPEvent(4.0, 1.0, 1, DISCRETE_LAPLACE),
+    DPEvent(2.0, 1.0, 1, LAPLACE),
+    DPEvent(4.0, 1.0, 1, DISCRETE_LAPLACE),
+)
+ROOMY = Budget(20.0, DELTA)
+
+
+def _reserve_query(ledger: PrivacyLedger, submission: str = "query-1", budget: Budget = ROOMY, **kwargs: object) -> RunReservation:
+    params: dict[str, object] = {"events": QUERY, "rounds": 1, "budget": budget, "hold": HOLD, **kwargs}
+    return ledger.reserve_run("htn_cohort", submission=submission, **params)  # type: ignore[arg-type]
+
+
+def _charge_query(ledger: PrivacyLedger, submission: str = "query-1", run_id: str = "query-1", round_: int = 0) -> list[Charge]:
+    return ledger.charge_round("htn_cohort", submission=submission, run_id=run_id, round=round_, budget=ROOMY, hold=HOLD)
+
+
+def test_a_statistics_query_reserves_all_its_releases_at_admission(ledger: PrivacyLedger, clock: Clock) -> None:
+    held = _reserve_query(ledger, events=list(QUERY))  # any sequence; kept as a tuple
+    assert held == RunReservation("htn_cohort", "query-1", QUERY, 1, 0, clock.now, clock.now)
+    assert ledger.held("htn_cohort", hold=HOLD) == list(QUERY)
+    assert ledger.charges("htn_cohort") == []
+    assert epsilon(ledger.held("htn_cohort", hold=HOLD), delta=DELTA, accountant="pld") == epsilon(QUERY, delta=DELTA, accountant="pld")
+
+
+def test_a_query_reply_charges_every_release_at_once_as_releases_of_one_round(ledger: PrivacyLedger, clock: Clock) -> None:
+    _reserve_query(ledger)
+    before = _held_epsilon(ledger)
+    clock.advance(minutes=1)
+    charges = _charge_query(ledger)
+    assert charges == [Charge("htn_cohort", "query-1", 0, event, clock.now, "query-1", release) for release, event in enumerate(QUERY)]
+    assert ledger.charges("htn_cohort") == charges
+    [held] = ledger.run_reservations()
+    assert (held.charged, held.state(hold=HOLD, now=clock.now)) == (1, USED_UP)
+    assert ledger.spent("htn_cohort", delta=DELTA) == before == epsilon(QUERY, delta=DELTA, accountant="pld")
+
+
+def test_a_query_is_charged_once(ledger: PrivacyLedger) -> None:
+    _reserve_query(ledger)
+    _charge_query(ledger)
+    with pytest.raises(LedgerError, match="round 0 of run 'query-1' was already charged to dataset 'htn_cohort'; a second release is refused"):
+        _charge_query(ledger)
+    # Another run id of the same submission (a retried query) finds its one round used up.
+    with pytest.raises(BudgetExhaustedError, match="has been charged all 1 round"):
+        _charge_query(ledger, run_id="query-1-retry")
+    assert len(ledger.charges("htn_cohort")) == len(QUERY)
+
+
+def test_a_query_that_does_not_fit_is_refused_and_records_nothing(ledger: PrivacyLedger) -> None:
+    # Each release fits on its own; the three composed do not.
+    tight = Budget(epsilon(QUERY[:2], delta=DELTA, accountant="pld") * 1.01, DELTA)
+    with pytest.raises(BudgetExhaustedError, match="over its lifetime budget"):
+        _reserve_query(ledger, budget=tight)
+    assert ledger.run_reservations() == [] and ledger.datasets() == []
+
+
+def test_a_query_composes_with_the_live_training_runs_beside_it(ledger: PrivacyLedger) -> None:
+    budget = Budget(epsilon([EVENT.times(ROUNDS), *QUERY], delta=DELTA, accountant="pld") * 0.99, DELTA)
+    _reserve(ledger, "train-1", budget=budget)
+    with pytest.raises(BudgetExhaustedError, match="spent or reserved"):
+        _reserve_query(ledger, budget=budget)
+    ledger.release_run("htn_cohort", submission="train-1")  # it trained no round: all of it comes back
+    _reserve_query(ledger, budget=budget)
+
+
+def test_a_query_released_before_its_reply_gives_back_every_release(ledger: PrivacyLedger) -> None:
+    _reserve_query(ledger)
+    released = ledger.release_run("htn_cohort", submission="query-1")
+    assert released is not None and released.remaining == 1
+    assert ledger.held("htn_cohort", hold=HOLD) == []
+    with pytest.raises(BudgetExhaustedError, match="ended and gave back"):
+        _charge_query(ledger)
+
+
+def test_an_expired_query_reservation_is_reserved_again_when_its_reply_leaves(ledger: PrivacyLedger, clock: Clock) -> None:
+    _reserve_query(ledger)
+    clock.advance(hours=25)
+    assert ledger.held("htn_cohort", hold=HOLD) == []
+    assert len(_charge_query(ledger)) == len(QUERY)
+    assert ledger.run_reservations()[0].active_at == clock.now
+
+
+def test_a_query_cannot_reserve_again_with_other_releases(ledger: PrivacyLedger) -> None:
+    _reserve_query(ledger)
+    assert _reserve_query(ledger) == ledger.run_reservations()[0]  # the same terms: the live reservation
+    with pytest.raises(LedgerError) as info:
+        _reserve_query(ledger, events=QUERY[:2])
+    assert str(info.value).startswith(
+        "submission 'query-1' holds a reservation of 1 round(s) of 3 releases (mechanism=discrete-laplace, "
+        "noise_multiplier=4.0, sample_rate=1.0, steps=1; mechanism=laplace, noise_multiplier=2.0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"event": EVENT, "events": QUERY}, r"^give event \(a training round's DP event\) or events \(a statistics query's releases\), not both$"),
+        ({}, "not neither$"),
+        ({"events": ()}, r"^events must be a non-empty sequence of DPEvent; found \(\)$"),
+        ({"events": "laplace"}, "^events must be a non-empty sequence of DPEvent; found 'laplace'$"),
+        ({"events": [QUERY[0], 2.0]}, r"^events must be a non-empty sequence of DPEvent; items \[1\] are not$"),
+        ({"event": 2.0}, "^event must be a DPEvent; found 2.0$"),
+    ],
+)
+def test_a_reservation_takes_one_event_or_a_querys_events(ledger: PrivacyLedger, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(AccountingError, match=message):
+        ledger.reserve_run("htn_cohort", submission="s1", rounds=1, budget=ROOMY, hold=HOLD, **kwargs)  # type: ignore[arg-type]
+    assert ledger.run_reservations() == []
+
+
+def test_charge_outside_a_run_keys_by_release_and_names_the_mechanism(ledger: PrivacyLedger) -> None:
+    laplace = {"noise_multiplier": 2.0, "sample_rate": 1.0, "steps": 1, "mechanism": LAPLACE}
+    first = ledger.charge("htn_cohort", run_id="q", round=0, release=1, **laplace)  # type: ignore[arg-type]
+    assert (first.release, first.event) == (1, QUERY[1])
+    assert ledger.charge("htn_cohort", run_id="q", round=0, release=1, **laplace) == first  # type: ignore[arg-type]
+    other = ledger.charge("htn_cohort", run_id="q", round=0, release=0, noise_multiplier=4.0, sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)
+    assert [c.release for c in ledger.charges("htn_cohort")] == [1, 0] and other.event == QUERY[0]
+    with pytest.raises(LedgerError) as info:
+        ledger.charge("htn_cohort", run_id="q", round=0, release=1, **{**laplace, "noise_multiplier": 3.0})  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "round 0 release 1 of run 'q' was already charged to dataset 'htn_cohort' with mechanism=laplace, "
+        "noise_multiplier=2.0, sample_rate=1.0, steps=1; a second charge with mechanism=laplace, noise_multiplier=3.0, "
+        "sample_rate=1.0, steps=1 is refused"
+    )
+    with pytest.raises(AccountingError, match="^release must be an integer >= 0; found -1$"):
+        ledger.charge("htn_cohort", run_id="q", round=0, release=-1, **laplace)  # type: ignore[arg-type]
+    with pytest.raises(AccountingError, match="sample_rate must be 1 for the laplace mechanism"):
+        ledger.charge("htn_cohort", run_id="q", round=0, release=2, **{**laplace, "sample_rate": 0.5})  # type: ignore[arg-type]
+
+
+def test_a_dataset_of_training_rounds_and_query_releases_spends_their_pld_composition(ledger: PrivacyLedger) -> None:
+    _reserve(ledger, "train-1", budget=ROOMY)
+    _reserve_query(ledger)
+    for round_ in (1, 2, 3):
+        _charge(ledger, "train-1", round_, budget=ROOMY)
+    _charge_query(ledger)
+    expected = [EVENT.times(3), *QUERY]
+    assert ledger.spent("htn_cohort", delta=DELTA) == epsilon(expected, delta=DELTA, accountant="pld")
+    assert ledger.spent("htn_cohort", delta=DELTA, submission="query-1") == epsilon(QUERY, delta=DELTA, accountant="pld")
+    assert ledger.preview("htn_cohort", delta=DELTA, noise_multiplier=2.0, sample_rate=1.0, steps=1, mechanism=LAPLACE) == epsilon(
+        [*expected, QUERY[1]], delta=DELTA, accountant="pld"
+    )
+
+
 # ---------------------------------------------------------------- properties of reservations
 
 operations_st = st.lists(
     st.tuples(
         st.sampled_from(["reserve", "charge", "release", "expire"]),
-        st.sampled_from(["a", "b", "c"]),  # submission
+        st.sampled_from(["a", "b", "c", "q"]),  # submission ("q" is a statistics query: one round of QUERY)
         st.integers(min_value=1, max_value=4),  # rounds (reserve) or round (charge)
         st.sampled_from([0.8, 1.5]),  # noise multiplier of the submission's run
     ),
@@ -620,7 +769,9 @@ def _apply(ledger: PrivacyLedger, clock: Clock, budget: Budget, operation: tuple
     kind, submission, number, noise = operation
     noise, rounds = runs.setdefault(submission, (noise, number))  # a submission keeps its terms
     try:
-        if kind == "reserve":
+        if kind == "reserve" and submission == "q":
+            ledger.reserve_run("d", submission=submission, events=QUERY, rounds=1, budget=budget, hold=HOLD)
+        elif kind == "reserve":
             ledger.reserve_run("d", submission=submission, event=DPEvent(noise, 0.05, 10), rounds=rounds, budget=budget, hold=HOLD)
         elif kind == "charge":
             ledger.charge_round("d", submission=submission, run_id=f"{submission}-{number}", round=number, budget=budget, hold=HOLD)
@@ -648,7 +799,8 @@ def test_no_sequence_of_reserve_charge_release_and_expire_exceeds_the_budget(
             assert ledger.spent("d", delta=DELTA) <= budget_epsilon
             for reservation in ledger.run_reservations("d"):
                 assert 0 <= reservation.charged <= reservation.rounds
-                assert sum(c.submission == reservation.submission for c in ledger.charges("d")) == reservation.charged
+                charged = sum(c.submission == reservation.submission for c in ledger.charges("d"))
+                assert charged == reservation.charged * len(reservation.events)
 
 
 @settings(max_examples=8, deadline=None)
@@ -805,7 +957,7 @@ def test_a_schema_1_ledger_is_upgraded_in_place_and_keeps_its_charges(tmp_path: 
         [charge] = ledger.charges("htn_cohort")
         assert (charge.event, charge.submission) == (EVENT, None)
         _reserve(ledger, "s2", budget=Budget(5.0, DELTA))
-    assert _versions(path) == (3, [1, 3], ["charges", "ledger_schema", "run_reservations"])
+    assert _versions(path) == (4, [1, 4], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
 
 
 def _open_round(run_id: str, round_: int, noise: float, at: str) -> str:
@@ -823,10 +975,10 @@ def test_a_schema_2_ledger_is_upgraded_and_its_open_rounds_become_run_reservatio
         assert ledger.events("htn_cohort") == [EVENT]
         [moved] = ledger.run_reservations()
     assert moved == RunReservation(
-        "htn_cohort", "7", EVENT, 2, 0,
+        "htn_cohort", "7", (EVENT,), 2, 0,
         datetime(2026, 1, 2, 10, tzinfo=UTC), datetime(2026, 1, 2, 11, tzinfo=UTC),
     )
-    assert _versions(path) == (3, [1, 2, 3], ["charges", "ledger_schema", "run_reservations"])
+    assert _versions(path) == (4, [1, 2, 4], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
 
 
 def test_a_schema_2_ledger_whose_run_held_two_events_is_not_upgraded(tmp_path: Path) -> None:
@@ -835,6 +987,74 @@ def test_a_schema_2_ledger_whose_run_held_two_events_is_not_upgraded(tmp_path: P
     with pytest.raises(LedgerError, match="run '7' holds open reservations of 2 different events on dataset 'htn_cohort'"):
         PrivacyLedger.open(path)
     assert _versions(path) == (2, [1, 2], ["charges", "ledger_schema", "reservations"])  # untouched
+
+
+def test_a_schema_3_ledger_is_upgraded_and_its_charges_and_reservations_become_release_0(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        _SCHEMA + _SCHEMA_3
+        + "INSERT INTO ledger_schema VALUES (3, '2026-01-03T00:00:00+00:00');"
+        + "INSERT INTO charges (dataset, run_id, round, mechanism, noise_multiplier, sample_rate, steps, charged_at, submission) "
+        + "VALUES ('htn_cohort', '41', 1, 'poisson-gaussian', 1.0, 0.05, 20, '2026-01-03T10:00:00+00:00', 's1');"
+        + "INSERT INTO run_reservations (dataset, submission, mechanism, noise_multiplier, sample_rate, steps, rounds, charged, "
+        + "reserved_at, active_at) VALUES ('htn_cohort', 's1', 'poisson-gaussian', 1.0, 0.05, 20, 3, 1, "
+        + "'2026-01-03T09:00:00+00:00', '2026-01-03T10:00:00+00:00');"
+        + "PRAGMA user_version = 3;"
+    )
+    conn.close()
+    with PrivacyLedger.open(path) as ledger:
+        [charge] = ledger.charges("htn_cohort")
+        [held] = ledger.run_reservations()
+        assert (charge.run_id, charge.round, charge.release, charge.event, charge.submission) == ("41", 1, 0, EVENT, "s1")
+        assert held == RunReservation(
+            "htn_cohort", "s1", (EVENT,), 3, 1, datetime(2026, 1, 3, 9, tzinfo=UTC), datetime(2026, 1, 3, 10, tzinfo=UTC)
+        )
+        # New rows carry on after the copied ones.
+        ledger.charge("htn_cohort", run_id="41", round=2, **ROUND)
+        _reserve_query(ledger)
+    assert _versions(path) == (4, [3, 4], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    conn = sqlite3.connect(path)
+    try:
+        assert [row[0] for row in conn.execute("SELECT id FROM charges ORDER BY id")] == [1, 2]
+        assert [row[0] for row in conn.execute("SELECT DISTINCT reservation FROM run_reservation_events ORDER BY 1")] == [1, 2]
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            conn.execute("DELETE FROM charges")
+        with pytest.raises(sqlite3.DatabaseError, match="keeps its terms"):
+            conn.execute("UPDATE run_reservations SET rounds = 30")
+    finally:
+        conn.close()
+
+
+def test_a_querys_reserved_releases_cannot_be_edited_or_deleted_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path) as ledger:
+        _reserve_query(ledger)
+    conn = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="keeps its terms"):
+            conn.execute("UPDATE run_reservation_events SET noise_multiplier = 100.0")
+        with pytest.raises(sqlite3.DatabaseError, match="kept for the officer"):
+            conn.execute("DELETE FROM run_reservation_events")
+        with pytest.raises(sqlite3.DatabaseError, match="keeps its terms"):
+            conn.execute("UPDATE run_reservations SET id = 7")
+    finally:
+        conn.close()
+    with PrivacyLedger.open(path) as ledger:
+        assert ledger.run_reservations()[0].events == QUERY  # in release order after a restart
+
+
+def test_a_reservation_whose_releases_have_a_gap_is_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path) as ledger:
+        _reserve_query(ledger)
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TRIGGER run_reservation_events_are_never_deleted")  # what only tampering does
+    conn.execute("DELETE FROM run_reservation_events WHERE release = 1")
+    conn.commit()
+    conn.close()
+    with PrivacyLedger.open(path) as ledger, pytest.raises(LedgerError, match=r"its events are not releases 0..k-1 \(found \[0, 2\]\)"):
+        ledger.run_reservations()
 
 
 @settings(max_examples=10, deadline=None)
