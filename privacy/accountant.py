@@ -62,6 +62,7 @@ __all__ = [
     "epsilon_bound",
     "grouped_history",
     "noise_for_target",
+    "search_tolerance",
     "opacus_history",
     "steps_per_epoch",
 ]
@@ -256,8 +257,8 @@ def noise_for_target(
 
     Composed by `accountant` exactly as :func:`epsilon` composes it (by default the
     ledger's PLD, what every node charges), the epsilon reached is at most
-    `target_epsilon` and at least `target_epsilon - epsilon_tolerance` (or 90 % of a
-    target under ten times the tolerance), unless the
+    `target_epsilon` and at least `target_epsilon` less :func:`search_tolerance` (the
+    larger of `epsilon_tolerance` and 0.5 % of the target, at most 10 % of it), unless the
     target is loose enough for `least_noise` itself (the least the limits let a spec
     train with), which is then the answer, or the accountant's epsilon moves in steps
     coarser than the tolerance. Every epsilon comes from the accountant; only the root
@@ -313,8 +314,15 @@ def noise_for_target(
                 slope = (math.log(at_low) - math.log(previous[1])) / (math.log(low) - math.log(previous[0]))
                 factor = math.exp(min(max(1.1 * (goal - math.log(at_low)) / slope, math.log(1.1)), math.log(16.0)))
             high = min(low * factor, MAX_NOISE)
-    tolerance = min(epsilon_tolerance, target_epsilon / 10.0)  # a small target is met to 10 % of itself
+    tolerance = search_tolerance(target_epsilon, epsilon_tolerance)
     return _solve(cost, (low, at_low), (high, at_high), target_epsilon, tolerance)
+
+
+def search_tolerance(target_epsilon: float, epsilon_tolerance: float = 0.01) -> float:
+    """How far below its target a noise search may land: `epsilon_tolerance`, or 0.5 % of
+    a large target (each composition near the least noise costs a tenth of a second, and
+    polishing the last 0.5 % buys the partner nothing), at most 10 % of a small one."""
+    return min(max(epsilon_tolerance, 0.005 * target_epsilon), target_epsilon / 10.0)
 
 
 #: No search goes past this noise multiplier (Opacus's own limit, MAX_SIGMA).

@@ -22,6 +22,7 @@ from privacy.accountant import (
     epsilon_bound,
     grouped_history,
     noise_for_target,
+    search_tolerance,
     opacus_history,
     steps_per_epoch,
 )
@@ -330,7 +331,8 @@ def test_noise_for_target_lands_in_the_tolerance_band_by_the_ledgers_accountant(
     target: float, delta: float, sample_rate: float, steps: int
 ) -> None:
     sigma = noise_for_target(target_epsilon=target, delta=delta, sample_rate=sample_rate, steps=steps)
-    band = min(0.01, target / 10)
+    band = search_tolerance(target)
+    assert band == {0.1: 0.01, 1.0: 0.01, 4.0: 0.02, 12.0: 0.06}[target]
     reached = epsilon([DPEvent(sigma, sample_rate, steps)], delta=delta, accountant="pld")
     assert target - band <= reached <= target
     # the least noise, near enough: epsilon falls at least as fast as the noise rises, so
