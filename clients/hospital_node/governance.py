@@ -861,7 +861,7 @@ def _study_refusals(home: NodeHome, spec: Mapping[str, Any], policy: NodePolicy)
         _check_study(home, query)
     except Refusal as err:
         return [err.reason]
-    return []
+    return _cohort_refusals(home, query.dataset, policy.min_cohort_size)
 
 
 def _cohort_refusals(home: NodeHome, dataset: str, minimum: int) -> list[str]:

@@ -7,7 +7,9 @@ never from coordinator-supplied fields), then lets its governance admit it
 digest on this dataset, replay rules, the policy's task kinds and ``max_cells``, the
 registered research columns, and the whole query reserved in the ledger, one event per
 release). A query that does not parse, or that admission refuses, is refused before any
-row is read, with nothing reserved or charged.
+row is read, with nothing reserved or charged. Once admitted, a dataset with fewer
+patients than the policy's ``min_cohort_size`` (any task's standing limit) gives its
+reservation back and is refused; the count stays on the node.
 
 The answer (``query.statistics``), in this order:
 
@@ -57,6 +59,7 @@ from federation.protocol import (
     REFUSED_BAD_INSTRUCTION,
     REFUSED_BUDGET,
     REFUSED_DATASET,
+    REFUSED_POLICY,
     RELEASE_METRICS,
     STATISTICS_ACTION,
     STATISTICS_KEY,
@@ -113,6 +116,8 @@ def answer_study(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Mes
         about = _About(spec_digest(signed.spec_json), query.dataset)
         run_id = str(msg.metadata.run_id)
         admission = admit_study(home, signed, query, run_id=run_id, kind=kind)
+        if kind != "release":
+            _check_cohort(home, query, admission)
         if kind == STATISTICS_ACTION:
             content = _answer(home, query, signed, admission, run_id)
         else:
@@ -268,6 +273,26 @@ def _frame(entry: DatasetEntry):  # type: ignore[no-untyped-def]
     if duplicated:
         raise ConnectorError(f"{source}: a patient id appears more than once; a study needs one row per patient")
     return lazy
+
+
+def _check_cohort(home: NodeHome, query: StatisticsQuery, admission: Admission) -> None:
+    """The dataset must hold the policy's minimum cohort, as for any task; the count stays on the node.
+
+    Counted once admitted (reading rows needs the reservation first); a dataset below the
+    minimum gives its reservation back at once and is refused.
+    """
+    import polars as pl
+
+    minimum = admission.policy.min_cohort_size
+    try:
+        patients = int(_frame(home.dataset(query.dataset)).select(pl.len()).collect().item())
+    except pl.exceptions.PolarsError as err:
+        raise ConnectorError(f"dataset {query.dataset!r}: the file is not readable ({type(err).__name__})") from None
+    if patients >= minimum:
+        return
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        ledger.release_run(query.dataset, submission=admission.submission.submission_id)
+    raise Refusal(REFUSED_POLICY, f"dataset '{query.dataset}' has fewer patients than the minimum cohort of {minimum}")
 
 
 def _answer(home: NodeHome, query: StatisticsQuery, signed: SignedSpec, admission: Admission, run_id: str) -> RecordDict:

@@ -503,3 +503,20 @@ def test_an_unsigned_study_or_one_signed_by_a_stranger_is_refused_before_reading
         reply = answer(STATISTICS_ACTION, study_message(STATISTICS, signed), _config(home))
         assert reply.error.code == REFUSED_SIGNATURE
     _ledger_untouched(home)
+
+
+def test_a_dataset_below_the_minimum_cohort_is_refused_and_gives_its_reservation_back(home: NodeHome) -> None:
+    governance.set_policy(home, {"min_cohort_size": 100_000}, by=OFFICER)
+    spec = study()
+    signed = sign(spec, fresh=True)
+    assert answer("query", study_message(MessageType.QUERY, signed), _config(home)).error.code == AWAITING_APPROVAL
+    foreseen = _cli("requests", "--home", str(home.path))
+    assert "fewer patients than the minimum cohort of 100000" in " ".join(foreseen.output.split())
+    _approve(home, spec)
+    reply = answer("query", study_message(MessageType.QUERY, signed), _config(home))
+    assert reply.error.code == REFUSED_POLICY
+    reason = read_refusal(reply.error.reason, "?")[1]
+    assert reason == "dataset 'htn_cohort' has fewer patients than the minimum cohort of 100000"  # the count stays here
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        [reservation] = ledger.run_reservations("htn_cohort")
+        assert reservation.released_at is not None and ledger.charges("htn_cohort") == []
