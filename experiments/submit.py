@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
+from experiments.study import StudySpec
 from federation.release import BundleError, stage_release
 from privacy.governance import Submission, sign_submission
 from privacy.private_files import make_private_folder, publish
@@ -92,6 +93,7 @@ class SubmissionRecord:
     tracking_uri: str
     output_dir: str
     flower_runs: tuple[int, ...] = field(default=())
+    study_options: str = ""  # a statistics study's coordinator settings (JSON), carried in the run config
 
     @property
     def submission_id(self) -> str:
@@ -132,9 +134,18 @@ class SubmissionRecord:
 
 
 def prepare_submission(
-    spec: ExperimentSpec, *, signing_key: Ed25519PrivateKey | None, tracking_uri: str, output_dir: Path
+    spec: ExperimentSpec | StudySpec,
+    *,
+    signing_key: Ed25519PrivateKey | None,
+    tracking_uri: str,
+    output_dir: Path,
+    study_options: str = "",
 ) -> SubmissionRecord:
-    """A fresh submission of `spec` (a new id, signed now) with where its run records results."""
+    """A fresh submission of `spec` (a new id, signed now) with where its run records results.
+
+    A statistics study (:class:`~experiments.study.StudySpec`) is signed and submitted the
+    same way; `study_options` are its coordinator settings (JSON).
+    """
     spec_json = spec.canonical_json()
     submission = Submission.new(spec_json)
     signature = None if signing_key is None else sign_submission(submission, signing_key)
@@ -145,6 +156,7 @@ def prepare_submission(
         signer=signature.signer if signature else "",
         tracking_uri=tracking_uri,
         output_dir=str(output_dir.resolve()),
+        study_options=study_options,
     )
 
 
@@ -157,6 +169,7 @@ def write_run_config(record: SubmissionRecord, path: Path) -> Path:
         f"spec-signer = {json.dumps(record.signer)}",
         f"tracking-uri = {json.dumps(record.tracking_uri)}",
         f"output-dir = {json.dumps(record.output_dir)}",
+        f"study-options = {json.dumps(record.study_options)}",
     ]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -312,13 +312,15 @@ def _query_until_decided(  # noqa: PLR0913
     timeout: float,
     wait: float,
     meanwhile: Callable[[], object] | None = None,
+    allowed: tuple[str, ...] = QUERY_METRICS,
 ) -> dict[int, dict[str, float]]:
     """The query wave, repeated for nodes awaiting their officer until none is or `wait` is over.
 
-    `meanwhile` is called once, while the first wave is out.
+    `meanwhile` is called once, while the first wave is out; `allowed` are the metric keys
+    a reply may carry (a study's admission reply carries none).
     """
     participants = ParticipantGrid(grid, nodes)
-    accepted = _wave(participants, MessageType.QUERY, record, nodes, sites, QUERY_METRICS, timeout, meanwhile)
+    accepted = _wave(participants, MessageType.QUERY, record, nodes, sites, allowed, timeout, meanwhile)
     deadline = time.monotonic() + wait
     while True:
         awaiting = [n for n in nodes if sites[n].status == AWAITING]
@@ -327,7 +329,7 @@ def _query_until_decided(  # noqa: PLR0913
             return accepted
         logger.info("waiting for approval at %s (%.0f s left)", ", ".join(sites[n].site for n in awaiting), left)
         time.sleep(min(APPROVAL_POLL_SECONDS, left))
-        accepted |= _wave(participants, MessageType.QUERY, record, awaiting, sites, QUERY_METRICS, timeout)
+        accepted |= _wave(participants, MessageType.QUERY, record, awaiting, sites, allowed, timeout)
 
 
 RoundRunner = Callable[[int, ArrayRecord, Any, dict[int, SiteOutcome]], tuple[dict[int, dict[str, float]], ArrayRecord | None]]

@@ -43,13 +43,33 @@ patients. Fields of the other task must be empty; :class:`TrainInstruction` chec
 An instruction also stays within :mod:`privacy.limits` (rounds, local epochs, steps per
 round and in all, the smallest noise, sample rate and delta): the node's own check, whatever
 the coordinator validated, before it composes anything.
+
+A *statistics study* is the second kind of signed spec (``"kind": "statistics"`` in its
+canonical JSON, :data:`STATISTICS_TASK` in the node policy's task kinds). Its messages
+carry the signed spec and no instruction: the node parses the query from the signed spec
+itself (``privacy.query``), so nothing the coordinator adds can change what is asked. It
+takes two message waves:
+
+``query``             the same admission query as an experiment's: signature, approval,
+                      policy, and the whole query's releases reserved in the ledger. The
+                      reply carries no number (:data:`STUDY_QUERY_METRICS`).
+``query.statistics``  (:data:`STATISTICS_ACTION`) the node evaluates the query, adds the
+                      noise, suppresses cells, charges its ledger and answers with one
+                      :class:`SiteAnswer` (the ``STATISTICS_KEY`` ConfigRecord, entry
+                      ``ANSWER_KEY``) and :data:`STATISTICS_METRICS`.
+
+A study that ends early sends the same ``query.release`` as an experiment. A
+:class:`SiteAnswer` holds one :class:`SiteRelease` per release of the query's release plan,
+in its order, and nothing else; :meth:`SiteAnswer.problems` checks it against the plan's
+:class:`ReleaseLayout` (the node's egress guard before it leaves, the coordinator when it
+arrives).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,8 +90,11 @@ __all__ = [
     "METRICS_KEY",
     "MODEL_KINDS_BY_TASK",
     "NODE_KEY",
+    "ANSWER_KEY",
+    "POLICY_TASKS",
     "ProtocolError",
     "QUERY_METRICS",
+    "ReleaseLayout",
     "REFUSAL_CODES",
     "RELEASE_ACTION",
     "RELEASE_METRICS",
@@ -88,13 +111,21 @@ __all__ = [
     "SECAGG_MAX_WEIGHT_KEY",
     "SIGNATURE_KEY",
     "SIGNER_KEY",
+    "STATISTICS_ACTION",
+    "STATISTICS_KEY",
+    "STATISTICS_METRICS",
+    "STATISTICS_TASK",
+    "STUDY_QUERY_METRICS",
     "SUBMISSION_KEY",
     "SPEC_KEY",
     "SignedSpec",
+    "SiteAnswer",
+    "SiteRelease",
     "TABULAR_TASK",
     "TASKS",
     "TRAIN_METRICS",
     "TrainInstruction",
+    "is_statistics_spec",
     "node_record",
     "read_metrics",
     "read_refusal",
@@ -182,6 +213,24 @@ QUERY_METRICS = (
 # carries no number.
 RELEASE_ACTION = "release"
 RELEASE_METRICS: tuple[str, ...] = ()
+
+# Statistics studies. The task kind a node policy allows them by (beside the training tasks).
+STATISTICS_TASK = "statistics"
+POLICY_TASKS = (*TASKS, STATISTICS_TASK)
+# The admission query of a study: its reply carries no number at all.
+STUDY_QUERY_METRICS: tuple[str, ...] = ()
+# "query.statistics": answer the study. The reply holds exactly the STATISTICS_KEY
+# ConfigRecord, whose one entry ANSWER_KEY is the SiteAnswer's JSON, and the METRICS_KEY
+# MetricRecord with these keys, both about the ledger (no patient data): the dataset's
+# lifetime epsilon after the answer, and what the study charged it, at the budget's delta.
+STATISTICS_ACTION = "statistics"
+STATISTICS_KEY = "statistics"
+ANSWER_KEY = "medfed.answer"
+STATISTICS_METRICS = ("epsilon", "epsilon-run")
+# The fields of a site answer and of each of its releases: nothing else is accepted.
+_ANSWER_FIELDS = ("releases", "suppressed")
+_RELEASE_FIELDS = ("mechanism", "name", "scale", "sensitivity", "statistic", "values")
+_COUNT_MECHANISMS = ("discrete-laplace",)
 
 
 def _re2_problem(pattern: object) -> str | None:
@@ -537,3 +586,183 @@ def read_refusal(text: str | None, fallback: str) -> tuple[str, str]:
     if sep and site and "\n" not in site:
         return site, reason
     return fallback, text or ""
+
+
+# ---------------------------------------------------------------- statistics studies
+
+
+def is_statistics_spec(spec: Mapping[str, Any]) -> bool:
+    """Whether a signed spec's tables are a statistics study's (``"kind": "statistics"``)."""
+    return spec.get("kind") == STATISTICS_TASK
+
+
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """What one release of a study's release plan may carry, as both sides compute it from the signed spec.
+
+    ``shape`` is the vector's layout, row-major; the cells are its first axis, except in
+    a three-axis release (Kaplan-Meier events: events then censorings, cells, bins),
+    where they are the second.
+    """
+
+    statistic: str
+    name: str
+    mechanism: str
+    scale: float
+    sensitivity: float
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def cell_of(self, index: int) -> int:
+        """The cell the value at flat `index` belongs to."""
+        if len(self.shape) == 3:
+            return (index // self.shape[2]) % self.shape[1]
+        return index // math.prod(self.shape[1:]) if len(self.shape) > 1 else index
+
+
+@dataclass(frozen=True)
+class SiteRelease:
+    """One noisy release of a site: its values (None in a suppressed cell) and its noise."""
+
+    statistic: str
+    name: str
+    values: tuple[float | None, ...]
+    scale: float
+    mechanism: str
+    sensitivity: float
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {
+            "statistic": self.statistic,
+            "name": self.name,
+            "values": list(self.values),
+            "scale": self.scale,
+            "mechanism": self.mechanism,
+            "sensitivity": self.sensitivity,
+        }
+
+
+@dataclass(frozen=True)
+class SiteAnswer:
+    """What a node's statistics reply carries: every noisy release, and the cells it suppressed.
+
+    A cell is suppressed when its noisy count fell below the node policy's
+    ``min_cell_size`` (post-processing of the noisy count, never the true one); its
+    values are None in every release.
+    """
+
+    releases: tuple[SiteRelease, ...]
+    suppressed: tuple[int, ...] = ()
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace, no NaN."""
+        data = {"releases": [r.to_mapping() for r in self.releases], "suppressed": list(self.suppressed)}
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> SiteAnswer:
+        """Parse a site answer, refusing any field the contract does not declare.
+
+        Raises
+        ------
+        ProtocolError
+            Not JSON, a missing or undeclared field, or a value of the wrong type.
+        """
+        try:
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ProtocolError(f"the statistics answer is not valid JSON: {err}") from None
+        if not isinstance(data, dict) or sorted(data) != sorted(_ANSWER_FIELDS):
+            raise ProtocolError(f"a statistics answer holds exactly {', '.join(_ANSWER_FIELDS)}")
+        releases, suppressed = data["releases"], data["suppressed"]
+        if not isinstance(releases, list) or not isinstance(suppressed, list):
+            raise ProtocolError("the statistics answer's releases and suppressed must be lists")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in suppressed):
+            raise ProtocolError("the statistics answer's suppressed cells must be integers")
+        parsed = []
+        for index, release in enumerate(releases):
+            if not isinstance(release, dict) or sorted(release) != sorted(_RELEASE_FIELDS):
+                raise ProtocolError(f"release {index} of the statistics answer must hold exactly {', '.join(_RELEASE_FIELDS)}")
+            values = release["values"]
+            if not isinstance(values, list) or not all(
+                v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in values
+            ):
+                raise ProtocolError(f"release {index} of the statistics answer: values must be numbers or null")
+            if not all(isinstance(release[k], str) for k in ("statistic", "name", "mechanism")) or not all(
+                isinstance(release[k], int | float) and not isinstance(release[k], bool) for k in ("scale", "sensitivity")
+            ):
+                raise ProtocolError(f"release {index} of the statistics answer has a field of the wrong type")
+            parsed.append(
+                SiteRelease(
+                    statistic=release["statistic"],
+                    name=release["name"],
+                    values=tuple(None if v is None else float(v) for v in values),
+                    scale=float(release["scale"]),
+                    mechanism=release["mechanism"],
+                    sensitivity=float(release["sensitivity"]),
+                )
+            )
+        return cls(tuple(parsed), tuple(suppressed))
+
+    def to_record(self) -> ConfigRecord:
+        """The reply's ``STATISTICS_KEY`` record."""
+        return ConfigRecord({ANSWER_KEY: self.to_json()})
+
+    @classmethod
+    def from_content(cls, content: Mapping[str, Any]) -> SiteAnswer:
+        """The answer of a statistics reply.
+
+        Raises
+        ------
+        ProtocolError
+            The reply has no ``STATISTICS_KEY`` record, or the record holds anything but the answer.
+        """
+        record = content.get(STATISTICS_KEY) if hasattr(content, "get") else None
+        if not isinstance(record, ConfigRecord) or set(record) != {ANSWER_KEY} or not isinstance(record[ANSWER_KEY], str):
+            raise ProtocolError(f"a statistics reply carries one '{STATISTICS_KEY}' ConfigRecord holding only '{ANSWER_KEY}'")
+        return cls.from_json(str(record[ANSWER_KEY]))
+
+    def problems(self, layout: Sequence[ReleaseLayout], cells: int) -> list[str]:
+        """Where this answer departs from the release plan `layout` of a query with `cells` cells; empty when it agrees.
+
+        Each release must be the plan's, in order, with its mechanism, scale and
+        sensitivity; hold one value per element of its shape, finite, an integer for a
+        count; and None exactly in the suppressed cells.
+        """
+        problems = []
+        if len(self.releases) != len(layout):
+            return [f"the answer holds {len(self.releases)} release(s); the query's plan has {len(layout)}"]
+        suppressed = set(self.suppressed)
+        if len(suppressed) != len(self.suppressed) or any(not 0 <= i < cells for i in suppressed):
+            problems.append(f"suppressed cells must be distinct cell indices in 0..{cells - 1}")
+        if list(self.suppressed) != sorted(suppressed):
+            problems.append("suppressed cells must be in increasing order")
+        for index, (release, plan) in enumerate(zip(self.releases, layout, strict=True)):
+            where = f"release {index} ({plan.statistic}.{plan.name})"
+            sent = (release.statistic, release.name, release.mechanism, release.scale, release.sensitivity)
+            planned = (plan.statistic, plan.name, plan.mechanism, plan.scale, plan.sensitivity)
+            if sent != planned:
+                problems.append(f"{where} is {sent}, the plan says {planned}")
+                continue
+            if len(release.values) != plan.size:
+                problems.append(f"{where} holds {len(release.values)} values; its shape {list(plan.shape)} has {plan.size}")
+                continue
+            for at, value in enumerate(release.values):
+                hidden = plan.cell_of(at) in suppressed
+                if hidden != (value is None):
+                    problems.append(f"{where} value {at}: " + ("a suppressed cell's value left" if not hidden else "missing"))
+                    break
+                if value is not None and not math.isfinite(value):
+                    problems.append(f"{where} value {at} is not finite")
+                    break
+                if value is not None and plan.mechanism in _COUNT_MECHANISMS and value != int(value):
+                    problems.append(f"{where} value {at} is not an integer, as a noisy count is")
+                    break
+        return problems
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a statistics answer may hold")

@@ -83,6 +83,7 @@ FLOWER_APP: Mapping[str, Any] = {
         "spec-signer": "",
         "tracking-uri": "",
         "output-dir": "",
+        "study-options": "",
     },
 }
 

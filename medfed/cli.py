@@ -27,6 +27,7 @@ from clients.hospital_node.cli import app as node_app
 from clients.hospital_node.errors import NodeError
 from experiments.cli import app as experiment_app
 from experiments.errors import ExperimentError
+from experiments.study_cli import app as study_app
 from federation.coordinator_cli import app as coordinator_app
 from federation.errors import FederationError
 from medfed.errors import MedfedError
@@ -49,6 +50,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(study_app, name="study")
 app.add_typer(node_app, name="node")
 app.add_typer(keys_app, name="keys")
 app.add_typer(coordinator_app, name="coordinator")
@@ -74,6 +76,7 @@ class DemoTask(str, Enum):
 
     tabular = "tabular"
     imaging = "imaging"
+    statistics = "statistics"
 
 
 @app.command()
@@ -85,7 +88,8 @@ def demo(
     task: DemoTask = typer.Option(
         DemoTask.tabular,
         "--task",
-        help="tabular: hypertension onset from cohort tables; imaging: a lesion on de-identified chest CT.",
+        help="tabular: hypertension onset from cohort tables; imaging: a lesion on de-identified chest CT; "
+        "statistics: prevalence by age band and sex and time to onset under formal DP, beside the true values.",
     ),
 ) -> None:
     """Run an experiment across synthetic hospitals on real Flower processes."""
@@ -96,6 +100,10 @@ def demo(
             from medfed.demo_imaging import run_imaging_demo
 
             run_imaging_demo(Path(workdir), n_hospitals=hospitals, rounds=rounds, seed=seed)
+        elif task is DemoTask.statistics:
+            from medfed.demo_statistics import run_statistics_demo
+
+            run_statistics_demo(Path(workdir), n_hospitals=hospitals, seed=seed)
         else:
             from medfed.demo import run_demo
 

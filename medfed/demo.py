@@ -43,7 +43,7 @@ from experiments.tracking import default_tracking_uri
 from medfed.cluster import LocalCluster, flower_env
 from federation.protocol import SignedSpec
 from medfed.errors import DemoError
-from medfed.synth import FEATURES, ID_COLUMN, LABEL, SITE_COLUMN, write_alliance
+from medfed.synth import FEATURES, FOLLOW_UP, ID_COLUMN, LABEL, SITE_COLUMN, write_alliance
 from privacy.accountant import LEDGER_ACCOUNTANT, epsilon
 from privacy.governance import Submission, sign_submission
 from privacy.keys import generate_keypair, load_private_key
@@ -153,7 +153,8 @@ def prepare_alliance(workdir: Path, *, n_hospitals: int, seed: int) -> list[Site
             path=cohort.parquet_path.resolve(),
             id_column=ID_COLUMN,
             label_column=LABEL,
-            feature_columns=tuple(FEATURES),
+            # The follow-up time is registered for research too: statistics studies may read it.
+            feature_columns=(*FEATURES, FOLLOW_UP),
             site_column=SITE_COLUMN,
             site_value=cohort.site,
         )

@@ -5,6 +5,13 @@ pressure monitor summaries (about two weeks of twice-daily readings), cuffless
 wearable estimates, lifestyle and laboratory features, and ``htn_onset_1y``: whether
 hypertension was diagnosed within a year.
 
+``followup_days`` is the year of follow-up as a survival time: the day hypertension was
+diagnosed for a patient with ``htn_onset_1y`` (earlier for higher risk), else the day
+follow-up ended: 365, or earlier for the one patient in eight lost to follow-up. With
+``htn_onset_1y`` as the event flag it answers "how long until hypertension" questions
+(Kaplan-Meier); it is drawn after everything else, so the other columns are those of
+cohorts generated before it existed.
+
 The label follows a known risk function, :func:`true_onset_logit`, so that tests and
 benchmarks can tell what a model should be able to learn:
 
@@ -36,6 +43,7 @@ import pandas as pd
 
 __all__ = [
     "FEATURES",
+    "FOLLOW_UP",
     "ID_COLUMN",
     "LABEL",
     "SITE_COLUMN",
@@ -68,6 +76,11 @@ FEATURES: tuple[str, ...] = (
     "egfr",
 )
 LABEL = "htn_onset_1y"
+#: Days from baseline to the diagnosis (``LABEL`` true) or to the end of follow-up (censored).
+FOLLOW_UP = "followup_days"
+FOLLOW_UP_DAYS = 365
+# One patient in eight leaves follow-up early (moves away, changes provider).
+_LOST_TO_FOLLOW_UP = 0.125
 ID_COLUMN = "patient_id"
 SITE_COLUMN = "site"
 
@@ -243,7 +256,7 @@ def generate_cohort(site_index: int, *, n_hospitals: int = 3, seed: int = 7) -> 
     Returns
     -------
     pandas.DataFrame
-        Columns ``patient_id``, ``site``, the :data:`FEATURES` in order, then ``htn_onset_1y``.
+        Columns ``patient_id``, ``site``, the :data:`FEATURES` in order, ``htn_onset_1y``, then ``followup_days``.
     """
     if n_hospitals < 1:
         raise ValueError(f"n_hospitals must be >= 1; found {n_hospitals}")
@@ -336,7 +349,15 @@ def generate_cohort(site_index: int, *, n_hospitals: int = 3, seed: int = 7) -> 
     )
     # The label is drawn from the rounded values, exactly what a reader of the file sees.
     logit = true_onset_logit(frame) + mix.intercept_shift + rng.normal(0.0, _UNMEASURED_SD, n)
-    frame[LABEL] = (rng.random(n) < _sigmoid(logit)).astype(np.int64)
+    risk = _sigmoid(logit)
+    frame[LABEL] = (rng.random(n) < risk).astype(np.int64)
+    # Follow-up, drawn last: cases are diagnosed earlier the higher their risk; others are
+    # followed to the year's end unless lost to follow-up before it.
+    onset = np.ceil(FOLLOW_UP_DAYS * rng.beta(1.0 + 2.0 * (1.0 - risk), 1.5, n))
+    lost = rng.random(n) < _LOST_TO_FOLLOW_UP
+    left = np.ceil(rng.uniform(30.0, FOLLOW_UP_DAYS, n))
+    days = np.where(frame[LABEL] == 1, onset, np.where(lost, left, FOLLOW_UP_DAYS))
+    frame[FOLLOW_UP] = np.clip(days, 1, FOLLOW_UP_DAYS).astype(np.int64)
     return frame
 
 

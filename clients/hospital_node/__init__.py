@@ -4,7 +4,8 @@ Import-light on purpose: Flower starts a fresh ClientApp process for every messa
 so importing this package pulls in neither torch nor pandas. Import from the modules:
 ``errors`` (the NodeError tree), ``home`` (NodeHome, DatasetEntry), ``connectors``
 (TabularConnector, InMemoryConnector, TabularData), ``imaging_connector`` (DICOM folders
-to one de-identified image per patient), ``client_app``, ``rounds``, ``cli``,
+to one de-identified image per patient), ``client_app``, ``rounds``, ``study_round`` (a
+statistics study's admission and noisy answer), ``cli``,
 ``audit_cli`` (`medfed node audit`).
 """
 

@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.hospital_node.secure_aggregation import secure_aggregation_mod
-from federation.protocol import RELEASE_ACTION
+from federation.protocol import RELEASE_ACTION, STATISTICS_ACTION
 
 __all__ = ["app"]
 
@@ -39,6 +39,14 @@ def release(msg: Message, context: Context) -> Message:
     from clients.hospital_node.rounds import answer
 
     return answer("release", msg, context.node_config)
+
+
+@app.query(STATISTICS_ACTION)
+def statistics(msg: Message, context: Context) -> Message:
+    """Answer a statistics study: exact vectors, DP noise, suppression on the noisy counts, the ledger charged."""
+    from clients.hospital_node.rounds import answer
+
+    return answer(STATISTICS_ACTION, msg, context.node_config)
 
 
 @app.train(mods=[secure_aggregation_mod])

@@ -33,7 +33,7 @@ def recorded_replies(entries: Sequence[AuditEntry], *, run: str | None = None) -
 
 
 def reply_kind(entry: AuditEntry) -> str:
-    """``query``, ``train`` or ``evaluate``, with `` refused`` when the reply was a refusal."""
+    """``query``, ``train``, ``evaluate`` or ``statistics``, with `` refused`` when the reply was a refusal."""
     message = str(entry.payload.get("message", "query" if entry.kind == "request" else ""))
     return message if entry.kind == "release" else f"{message} refused"
 
@@ -49,6 +49,8 @@ def what_left(entry: AuditEntry) -> list[str]:
         ]
     if entry.kind == "refusal":
         return lines + [f"refusal code {payload.get('code', '')}: {payload.get('reason', '')}"]
+    if payload.get("message") == "statistics":
+        return lines + _study_answer(payload)
     shapes = payload.get("arrays", {})
     if shapes:
         values = sum(math.prod(shape) for shape in shapes.values())
@@ -61,4 +63,37 @@ def what_left(entry: AuditEntry) -> list[str]:
         lines += [f"{name} = {value if isinstance(value, str) else json.dumps(value)}" for name, value in sorted(recorded.items())]
     else:  # a record written before release records held the values
         lines += [f"{name} = (value not recorded)" for name in payload.get("metrics", [])]
+    return lines
+
+
+#: Values of one statistics release shown in full; longer ones are shown by their first ones.
+_SHOWN_VALUES = 12
+
+
+def _study_answer(payload: Mapping[str, object]) -> list[str]:
+    """What left with a statistics answer: each noisy release with its mechanism and scale, the suppressed cells."""
+    releases = payload.get("releases")
+    if not isinstance(releases, list):
+        return ["(releases not recorded)"]
+    values = sum(len(r.get("values", [])) for r in releases if isinstance(r, Mapping))
+    suppressed = payload.get("suppressed") or []
+    lines = [
+        f"{len(releases)} DP releases, {values} noisy values; {len(suppressed)} cell(s) suppressed "
+        f"(noisy count below min_cell_size {payload.get('min_cell_size', '?')})"
+        + (f": cells {', '.join(map(str, suppressed))}" if suppressed else ""),
+        f"{payload.get('bytes', '')} bytes, sha256 {str(payload.get('sha256', ''))[:16]}",
+    ]
+    for release in releases:
+        if not isinstance(release, Mapping):
+            continue
+        shown = [("-" if v is None else f"{v:g}") for v in release.get("values", [])]
+        more = len(shown) - _SHOWN_VALUES
+        text = ", ".join(shown[:_SHOWN_VALUES]) + (f", ... ({more} more)" if more > 0 else "")
+        lines.append(
+            f"{release.get('statistic')}.{release.get('name')} ({release.get('mechanism')}, scale {release.get('scale'):g}, "
+            f"ε {release.get('epsilon', float('nan')):.4g}) = [{text}]"
+        )
+    recorded = payload.get("metric_values")
+    if isinstance(recorded, Mapping):
+        lines += [f"{name} = {json.dumps(value)}" for name, value in sorted(recorded.items())]
     return lines

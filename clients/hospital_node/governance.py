@@ -23,6 +23,12 @@ nothing the coordinator says about legitimacy; it reads only the node's own stat
    refused here, before it trains. The rounds of a submission are capped at the spec's,
    continuations included.
 
+A statistics study takes the same path (:func:`admit_study`): its query is parsed by the
+node from the signed spec, step 2 checks that it reads only the dataset's registered
+research columns and no more cells than the policy's ``max_cells``, and step 6 reserves
+one round of one event per release of the query (its whole cost) before any row is read;
+its answer charges them all, and a submission is answered once.
+
 The final evaluate message (the run completed) and a release message (the run ended
 early) give back the rounds the submission did not use; the node takes no further
 training round of it, so a replayed finished submission trains nowhere.
@@ -40,13 +46,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clients.hospital_node.errors import GovernanceError, NodeError
-from clients.hospital_node.home import NodeHome
+from clients.hospital_node.home import DatasetEntry, NodeHome
 from clients.hospital_node.policy import NodePolicy
 from federation.protocol import (
     AWAITING_APPROVAL,
@@ -54,17 +60,21 @@ from federation.protocol import (
     REFUSED_APPROVAL,
     REFUSED_BAD_INSTRUCTION,
     REFUSED_BUDGET,
+    REFUSED_DATASET,
     REFUSED_INTEGRITY,
     REFUSED_POLICY,
     REFUSED_REPLAY,
     REFUSED_SIGNATURE,
+    STATISTICS_ACTION,
+    STATISTICS_TASK,
     SignedSpec,
     TrainInstruction,
+    is_statistics_spec,
     spec_mismatches,
 )
 from privacy.accountant import LEDGER_ACCOUNTANT, epsilon, epsilon_bound
 from privacy.audit import AuditEntry, AuditLog
-from privacy.errors import BudgetExhaustedError, KeyFileError, LedgerError, SignatureError
+from privacy.errors import AccountingError, BudgetExhaustedError, KeyFileError, LedgerError, SignatureError
 from privacy.events import DPEvent
 from privacy.governance import (
     APPROVED,
@@ -91,6 +101,7 @@ __all__ = [
     "Refusal",
     "ReservationStatus",
     "admit",
+    "admit_study",
     "approve",
     "audited_policy",
     "budget_status",
@@ -102,7 +113,11 @@ __all__ = [
     "revoke",
     "set_budget",
     "set_policy",
+    "study_column_problems",
 ]
+
+if TYPE_CHECKING:  # the query module is imported by the statistics handler, which parses it
+    from privacy.query import StatisticsQuery
 
 logger = logging.getLogger(__name__)
 
@@ -188,23 +203,35 @@ def verified_entries(home: NodeHome) -> tuple[AuditEntry, ...]:
 def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[str]:
     """Releases the audit log records that the ledger does not hold as charges: tampering.
 
-    The other way round is legitimate: a node that crashed after charging and before
-    recording the release has a charge without a release record (spend never hidden).
+    A training round's release is one charge; a statistics answer's is one charge per
+    release of its query, with the events its record lists. The other way round is
+    legitimate: a node that crashed after charging and before recording the release has
+    a charge without a release record (spend never hidden).
     """
-    charged = {(c.dataset, c.run_id, c.round): c.event for d in ledger.datasets() for c in ledger.charges(d)}
+    charged: dict[tuple[str, str, int], list[DPEvent]] = {}
+    for dataset in ledger.datasets():
+        for c in sorted(ledger.charges(dataset), key=lambda c: getattr(c, "release", 0)):
+            charged.setdefault((c.dataset, c.run_id, c.round), []).append(c.event)
     missing = []
     for entry in entries:
-        if entry.kind != "release" or entry.payload.get("message") != "train":
+        message = entry.payload.get("message")
+        if entry.kind != "release" or message not in ("train", STATISTICS_ACTION):
             continue
         payload = entry.payload
         key = (str(payload.get("dataset")), str(payload.get("run")), int(payload.get("round", -1)))
         charge = payload.get("charge", {})
-        event = charged.get(key)
-        if event is None or (event.noise_multiplier, event.sample_rate, event.steps) != (
-            charge.get("noise_multiplier"), charge.get("sample_rate"), charge.get("steps")
-        ):
+        if message == "train":
+            recorded = [(charge.get("noise_multiplier"), charge.get("sample_rate"), charge.get("steps"))]
+            held = [(e.noise_multiplier, e.sample_rate, e.steps) for e in charged.get(key, [])]
+        else:
+            recorded = [tuple(e.get(k) for k in _EVENT_KEYS) for e in charge.get("events", [])]
+            held = [tuple(_event_mapping(e)[k] for k in _EVENT_KEYS) for e in charged.get(key, [])]
+        if not held or held != recorded:
             missing.append(f"seq {entry.seq}: run {key[1]} round {key[2]} on dataset '{key[0]}'")
     return missing
+
+
+_EVENT_KEYS = ("mechanism", "noise_multiplier", "sample_rate", "steps")
 
 
 def ledger_disagreement(home: NodeHome, entries: Sequence[AuditEntry]) -> list[str]:
@@ -217,6 +244,49 @@ def ledger_disagreement(home: NodeHome, entries: Sequence[AuditEntry]) -> list[s
 def governance_state(home: NodeHome) -> GovernanceState:
     """The node's budgets, requests and decisions, from its verified audit log."""
     return GovernanceState.from_entries(verified_entries(home))
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """What a run asks of a dataset, whatever its spec's kind: what admission checks and reserves.
+
+    An experiment asks ``rounds`` rounds of one DP-SGD event; a statistics study one
+    round of one event per release of its query.
+    """
+
+    dataset: str
+    task: str
+    events: tuple[DPEvent, ...]  # what one round releases
+    rounds: int
+    delta: float  # the spec's
+    secure: bool
+    target: float | None  # the spec's target_epsilon, if it has one
+    cost: Callable[[], float]  # the run's own epsilon, every round, at `delta` (the ledger's accountant)
+    request: Callable[[str, str, float, str], dict[str, Any]]  # (signer, fingerprint, cost, run id): the officer's request
+
+
+def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str]:
+    """Steps 1 and 2: the node's own state verifies, and the submission is signed by a trusted partner.
+
+    Returns the partner, the verified submission and the spec's digest.
+    """
+    entries = verified_entries(home)
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        missing = check_ledger(entries, ledger)
+    if missing:
+        raise Refusal(
+            REFUSED_INTEGRITY,
+            f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
+            f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
+            record=False,
+        )
+    try:
+        partner, submission = verify_submission(
+            signed.spec_json, signed.submission, SpecSignature(signed.signature, signed.signer), home.trusted_partners()
+        )
+    except SignatureError as err:
+        raise Refusal(REFUSED_SIGNATURE, str(err)) from None
+    return partner, submission, spec_digest(signed.spec_json)
 
 
 def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str) -> Admission:
@@ -233,77 +303,163 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     Refusal
         With the code and the reason; a pending request is recorded on the way.
     """
-    entries = verified_entries(home)
-    with PrivacyLedger.open(home.ledger_path) as ledger:
-        missing = check_ledger(entries, ledger)
-    if missing:
-        raise Refusal(
-            REFUSED_INTEGRITY,
-            f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
-            f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
-            record=False,
-        )
-
-    # 2. a signed submission, and the instruction is its spec
-    try:
-        partner, submission = verify_submission(
-            signed.spec_json, signed.submission, SpecSignature(signed.signature, signed.signer), home.trusted_partners()
-        )
-    except SignatureError as err:
-        raise Refusal(REFUSED_SIGNATURE, str(err)) from None
-    digest = spec_digest(signed.spec_json)
+    partner, submission, digest = _verify(home, signed)
+    # 2. the instruction is the signed spec
     if digest != instruction.spec_digest:
         raise Refusal(REFUSED_SIGNATURE, "the instruction names another spec than the one that was signed")
-    mismatches = spec_mismatches(instruction, signed.mapping())
+    spec = signed.mapping()
+    if is_statistics_spec(spec):
+        raise Refusal(REFUSED_BAD_INSTRUCTION, "the signed spec is a statistics study, not an experiment; it trains nowhere")
+    mismatches = spec_mismatches(instruction, spec)
     if mismatches:
         raise Refusal(REFUSED_SIGNATURE, "the instruction is not what the signed spec says: " + "; ".join(mismatches))
+    target = spec.get("privacy", {}).get("target_epsilon")
+    ask = _Ask(
+        dataset=instruction.dataset,
+        task=instruction.task,
+        events=(_round_event(instruction),),
+        rounds=instruction.rounds,
+        delta=instruction.delta,
+        secure=bool(spec.get("federation", {}).get("secure_aggregation", False)),
+        target=None if target is None else float(target),
+        cost=lambda: epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
+        request=lambda signer, fingerprint, cost, run: _request(instruction, spec, signer, fingerprint, cost, run),
+    )
+    return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
+
+
+def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, run_id: str, kind: str) -> Admission:
+    """Decide whether this node takes part in `kind` ("query", "statistics", "release") of a statistics study.
+
+    The same path as :func:`admit`: the node's state verifies, the submission is signed
+    by a trusted partner, and `query`, which the caller parsed from that signed spec
+    itself, asks only for columns registered for research on a tabular dataset and no
+    more cells than the policy's ``max_cells``; then the policy's task kinds, the
+    officer's approval of this digest on this dataset, the replay rules and the caps, and
+    the whole query (one event per release) is reserved in the ledger. A submission
+    whose answer left already is refused as a replay: a study is answered once.
+
+    Raises
+    ------
+    Refusal
+        With the code and the reason; a pending request is recorded on the way.
+    """
+    partner, submission, digest = _verify(home, signed)
     spec = signed.mapping()
-    home.dataset(instruction.dataset)  # an unregistered dataset is refused, not requested
+    if not is_statistics_spec(spec):
+        raise Refusal(REFUSED_BAD_INSTRUCTION, "the signed spec is an experiment, not a statistics study")
+    home.dataset(query.dataset)  # an unregistered dataset is refused, not requested
+    if kind != "release":
+        _check_study(home, query)
+        if kind == "statistics":
+            with PrivacyLedger.open(home.ledger_path) as ledger:
+                state = _run_state(ledger, query.dataset, submission.submission_id, home.policy())
+            if state in (RELEASED, USED_UP):
+                raise Refusal(
+                    REFUSED_REPLAY,
+                    f"submission {submission.submission_id[:12]} has been answered (or ended) on this node; a study "
+                    "is answered once (submit the spec again for a new answer)",
+                )
+    events = tuple(query.events())
+    ask = _Ask(
+        dataset=query.dataset,
+        task=STATISTICS_TASK,
+        events=events,
+        rounds=1,
+        delta=query.delta,
+        secure=False,  # statistics travel without secure aggregation (each site's answer is DP on its own)
+        target=None,
+        cost=lambda: epsilon(events, delta=query.delta, accountant=LEDGER_ACCOUNTANT),
+        request=lambda signer, fingerprint, cost, run: _study_request(query, spec, digest, signer, fingerprint, cost, run),
+    )
+    return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
+
+
+def _check_study(home: NodeHome, query: StatisticsQuery) -> None:
+    """What a query may ask of this node's dataset, checked against its registration and policy: no row is read."""
+    entry = home.dataset(query.dataset)
+    if entry.kind != "tabular":
+        raise Refusal(
+            REFUSED_DATASET, f"dataset '{query.dataset}' is of kind '{entry.kind}'; a statistics study needs a tabular dataset"
+        )
+    for problem in study_column_problems(entry, query):
+        raise Refusal(REFUSED_DATASET, problem)
+    policy = home.policy()
+    if query.n_cells > policy.max_cells:
+        raise Refusal(
+            REFUSED_POLICY,
+            f"the query's group-by has {query.n_cells} cells; this node's policy allows at most {policy.max_cells} (max_cells)",
+        )
+
+
+def study_column_problems(entry: DatasetEntry, query: StatisticsQuery) -> list[str]:
+    """The query's columns that are not registered for research on `entry`.
+
+    A study reads only the columns the hospital registered for research: the dataset's
+    features and its label, never its patient id or site column.
+    """
+    registered = {*entry.feature_columns, entry.label_column}
+    return [
+        f"column '{name}' is not registered for research on dataset '{query.dataset}' on this node "
+        "(a study may read the dataset's registered features and label)"
+        for name in query.column_names
+        if name not in registered
+    ]
+
+
+def _admit(  # noqa: PLR0913
+    home: NodeHome,
+    ask: _Ask,
+    signed: SignedSpec,
+    partner: Any,
+    submission: Submission,
+    digest: str,
+    spec: dict[str, Any],
+    *,
+    run_id: str,
+    kind: str,
+) -> Admission:
+    """Steps 3 to 6 of admission (see the module docstring), for an experiment's or a study's ask."""
+    home.dataset(ask.dataset)  # an unregistered dataset is refused, not requested
     if kind in ("evaluate", "release"):
         # The run completed, or ended early (signed, and the instruction is the spec):
         # whatever else is decided below, the rounds it did not use go back to the dataset.
         # Its final evaluation is answered once: a run's end is not a metric oracle.
         with PrivacyLedger.open(home.ledger_path) as ledger:
-            if kind == "evaluate" and _run_state(ledger, instruction.dataset, submission.submission_id, home.policy()) == RELEASED:
+            if kind == "evaluate" and _run_state(ledger, ask.dataset, submission.submission_id, home.policy()) == RELEASED:
                 raise Refusal(
                     REFUSED_REPLAY,
                     f"the run of submission {submission.submission_id[:12]} has ended on this node; its final "
                     "evaluation is answered once",
                 )
-            ledger.release_run(instruction.dataset, submission=submission.submission_id)
+            ledger.release_run(ask.dataset, submission=submission.submission_id)
     if kind == "release":
         return Admission(partner.name, digest, home.policy(), submission)
 
     # 3. policy
     policy = home.policy()
-    if instruction.task not in policy.allowed_tasks:
-        raise Refusal(REFUSED_POLICY, f"this node's policy does not allow task {instruction.task}")
-    secure = bool(spec.get("federation", {}).get("secure_aggregation", False))
-    if policy.require_secure_aggregation and not secure:
-        raise Refusal(REFUSED_POLICY, "this node's policy requires secure aggregation; the spec does not use it")
+    if ask.task not in policy.allowed_tasks:
+        raise Refusal(REFUSED_POLICY, f"this node's policy does not allow task {ask.task}")
+    if policy.require_secure_aggregation and not ask.secure:
+        what = "statistics studies do not use it" if ask.task == STATISTICS_TASK else "the spec does not use it"
+        raise Refusal(REFUSED_POLICY, f"this node's policy requires secure aggregation; {what}")
 
     # 4. the officer's decision
-    state = GovernanceState.from_entries(entries)
-
-    def experiment_cost() -> float:
-        """This experiment's own epsilon, all rounds, at the spec's delta (by the ledger's accountant)."""
-        return epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT)
-
-    status = state.status(digest, instruction.dataset, datetime.now(UTC))
+    state = GovernanceState.from_entries(verified_entries(home))
+    status = state.status(digest, ask.dataset, datetime.now(UTC))
     if status == PENDING:
-        if state.requests.get((digest, instruction.dataset)) is None:
+        if state.requests.get((digest, ask.dataset)) is None:
             # A target_epsilon spec leaves the noise to the coordinator, which could ask with
             # more noise than it will train with: the officer sees at least the signed target.
-            target = spec.get("privacy", {}).get("target_epsilon")
-            shown_cost = max(experiment_cost(), float(target)) if target is not None else experiment_cost()
-            home.audit_log().append("request", _request(instruction, spec, partner.name, signed.signer, shown_cost, run_id))
-            logger.info("recorded a request for spec %s on dataset '%s' by %s", digest[:12], instruction.dataset, partner.name)
+            shown_cost = max(ask.cost(), ask.target) if ask.target is not None else ask.cost()
+            home.audit_log().append("request", ask.request(partner.name, signed.signer, shown_cost, run_id))
+            logger.info("recorded a request for spec %s on dataset '%s' by %s", digest[:12], ask.dataset, partner.name)
         raise Refusal(
             AWAITING_APPROVAL,
-            f"awaiting approval by this node's data-governance officer (spec {digest[:12]}, dataset '{instruction.dataset}')",
+            f"awaiting approval by this node's data-governance officer (spec {digest[:12]}, dataset '{ask.dataset}')",
             record=False,
         )
-    decision = state.decision(digest, instruction.dataset)
+    decision = state.decision(digest, ask.dataset)
     assert decision is not None  # not PENDING
     if status == DENIED:
         raise Refusal(REFUSED_APPROVAL, f"denied by this node's officer: {decision.reason}")
@@ -314,47 +470,47 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         raise Refusal(REFUSED_APPROVAL, f"the officer's approval expired at {decision.expires.isoformat()}")
 
     # 5. the submission may spend the approval (or continues one that did)
-    spent_by = state.submission(submission.submission_id, instruction.dataset)
+    spent_by = state.submission(submission.submission_id, ask.dataset)
     if spent_by is None:
-        _check_new_submission(state, decision, submission, kind, policy, instruction.dataset)
+        _check_new_submission(state, decision, submission, kind, policy, ask.dataset)
 
     if kind == "evaluate":
         return Admission(partner.name, digest, policy, submission)
 
     # 6. caps and budget
-    cost = experiment_cost()
-    target = spec.get("privacy", {}).get("target_epsilon")
-    if target is not None:
+    cost = ask.cost()
+    if ask.target is not None:
         # Judged, like the coordinator's search for the noise, by the ledger's accountant.
-        if cost > float(target) * (1 + _TARGET_SLACK):
+        if cost > ask.target * (1 + _TARGET_SLACK):
             raise Refusal(
-                REFUSED_SIGNATURE, f"the instruction would cost epsilon {cost:.3f}, over the signed target_epsilon {target:g}"
+                REFUSED_SIGNATURE, f"the instruction would cost epsilon {cost:.3f}, over the signed target_epsilon {ask.target:g}"
             )
     caps = [(policy.max_epsilon_per_experiment, REFUSED_POLICY, "this node's policy limit per experiment")]
     if decision.max_epsilon is not None:
         caps.append((decision.max_epsilon, REFUSED_APPROVAL, "the officer's approval cap"))
+    what_runs = "study" if ask.task == STATISTICS_TASK else "experiment"
     for cap, code, what in caps:
         if cost > cap:
-            raise Refusal(code, f"the experiment would cost epsilon {cost:.3f} on dataset '{instruction.dataset}', over {what} of {cap:g}")
-    setting = state.budgets.get(instruction.dataset)
+            raise Refusal(code, f"the {what_runs} would cost epsilon {cost:.3f} on dataset '{ask.dataset}', over {what} of {cap:g}")
+    setting = state.budgets.get(ask.dataset)
     if setting is None:
         raise Refusal(
             REFUSED_BUDGET,
-            f"dataset '{instruction.dataset}' has no lifetime privacy budget on this node; "
+            f"dataset '{ask.dataset}' has no lifetime privacy budget on this node; "
             "its officer sets one with `medfed node budget set`",
         )
     budget = Budget(setting.epsilon, setting.delta)
     # The node's own caps, in the ledger's epsilon. The signed target was checked above by
     # the spec's accountant; the reservation's fixed number of rounds keeps the run to it.
-    cap = Budget(min(cap for cap, _, _ in caps), instruction.delta)
-    reservation = _reserve(home, instruction, submission, budget, cap, policy, kind)
+    cap = Budget(min(cap for cap, _, _ in caps), ask.delta)
+    reservation = _reserve(home, ask, submission, budget, cap, policy, kind)
     if spent_by is None:
         home.audit_log().append(
             "submission",
             {
                 "submission_id": submission.submission_id,
                 "spec_digest": digest,
-                "dataset": instruction.dataset,
+                "dataset": ask.dataset,
                 "signer": partner.name,
                 "signed_at": submission.signed_at.isoformat(),
                 "run": run_id,
@@ -365,7 +521,7 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
 
 
 def _reserve(
-    home: NodeHome, instruction: TrainInstruction, submission: Submission, budget: Budget, cap: Budget, policy: NodePolicy, kind: str
+    home: NodeHome, ask: _Ask, submission: Submission, budget: Budget, cap: Budget, policy: NodePolicy, kind: str
 ) -> RunReservation:
     """The submission's reservation: made now, or the one it holds (renewed if it expired).
 
@@ -374,7 +530,7 @@ def _reserve(
     coordinator stopped before the final evaluation), but trains no further round.
     """
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        state = _run_state(ledger, instruction.dataset, submission.submission_id, policy)
+        state = _run_state(ledger, ask.dataset, submission.submission_id, policy)
         if state is not None:
             if state == RELEASED:
                 raise Refusal(
@@ -383,14 +539,14 @@ def _reserve(
                     "a replay trains nowhere (submit the spec again for a new run)",
                 )
             if state == USED_UP and kind == "query":
-                [held] = [r for r in ledger.run_reservations(instruction.dataset) if r.submission == submission.submission_id]
+                [held] = [r for r in ledger.run_reservations(ask.dataset) if r.submission == submission.submission_id]
                 return held
         try:
             return ledger.reserve_run(
-                instruction.dataset,
+                ask.dataset,
                 submission=submission.submission_id,
-                event=_round_event(instruction),
-                rounds=instruction.rounds,
+                events=ask.events,
+                rounds=ask.rounds,
                 budget=budget,
                 hold=policy.reservation_hold,
                 run_cap=cap,
@@ -447,6 +603,45 @@ def _request(
         "cost_epsilon": cost,
         "first_run": run_id,
         "spec": spec,
+    }
+
+
+def _study_request(
+    query: StatisticsQuery, spec: dict[str, Any], digest: str, signer: str, fingerprint: str, cost: float, run_id: str
+) -> dict[str, Any]:
+    """A study's request for the officer: who asks, what it releases, each release's noise, and its cost."""
+    study = spec.get("study", {}) if isinstance(spec.get("study"), dict) else {}
+    return {
+        "spec_digest": digest,
+        "dataset": query.dataset,
+        "experiment": str(study.get("name", "")),
+        "description": str(study.get("description", "")),
+        "signer": signer,
+        "signer_fingerprint": fingerprint,
+        "task": STATISTICS_TASK,
+        "model": "",
+        "rounds": 1,
+        "delta": query.delta,
+        "cells": query.n_cells,
+        "releases": [
+            {"statistic": r.statistic, "name": r.name, "mechanism": r.mechanism, "scale": r.scale, "epsilon": r.epsilon}
+            for r in query.releases()
+        ],
+        "events": [_event_mapping(event) for event in query.events()],
+        "requested_epsilon": query.epsilon,
+        "cost_epsilon": cost,
+        "first_run": run_id,
+        "spec": spec,
+    }
+
+
+def _event_mapping(event: DPEvent) -> dict[str, Any]:
+    """A DP event as the audit log records it (and :func:`_event_of` reads it back)."""
+    return {
+        "mechanism": event.mechanism,
+        "noise_multiplier": event.noise_multiplier,
+        "sample_rate": event.sample_rate,
+        "steps": event.steps,
     }
 
 
@@ -628,8 +823,10 @@ def foreseen_refusals(home: NodeHome, spec_digest: str, dataset: str, *, max_eps
     task = str(payload.get("task", ""))
     if task not in policy.allowed_tasks:
         reasons.append(f"this node's policy does not allow task {task}")
-    if policy.require_secure_aggregation and not spec.get("federation", {}).get("secure_aggregation", False):
-        reasons.append("this node's policy requires secure aggregation; the spec does not use it")
+    study = task == STATISTICS_TASK
+    if policy.require_secure_aggregation and (study or not spec.get("federation", {}).get("secure_aggregation", False)):
+        what = "statistics studies do not use it" if study else "the spec does not use it"
+        reasons.append(f"this node's policy requires secure aggregation; {what}")
     cost = float(payload.get("cost_epsilon", float("nan")))
     caps = [(policy.max_epsilon_per_experiment, "this node's policy limit per experiment")]
     if max_epsilon is not None:
@@ -639,6 +836,8 @@ def foreseen_refusals(home: NodeHome, spec_digest: str, dataset: str, *, max_eps
         for cap, what in caps
         if cost > cap
     ]
+    if study:
+        return reasons + _study_refusals(home, spec, policy)
     kind = home.dataset(dataset).kind
     wanted = "imaging" if task == IMAGING_TASK else "tabular"
     if kind != wanted:
@@ -647,6 +846,22 @@ def foreseen_refusals(home: NodeHome, spec_digest: str, dataset: str, *, max_eps
     minimum = max(policy.min_cohort_size, int(spec.get("privacy", {}).get("min_cohort_size") or 0))
     reasons += _cohort_refusals(home, dataset, minimum)
     return reasons
+
+
+def _study_refusals(home: NodeHome, spec: Mapping[str, Any], policy: NodePolicy) -> list[str]:
+    """A study's checks that need no row: the query parses here, reads registered columns, fits max_cells."""
+    from privacy.errors import QueryError
+    from privacy.query import StatisticsQuery
+
+    try:
+        query = StatisticsQuery.from_mapping(spec, source="the requested study")
+    except QueryError as err:
+        return [f"the query does not parse on this node: {'; '.join(err.problems)}"]
+    try:
+        _check_study(home, query)
+    except Refusal as err:
+        return [err.reason]
+    return _cohort_refusals(home, query.dataset, policy.min_cohort_size)
 
 
 def _cohort_refusals(home: NodeHome, dataset: str, minimum: int) -> list[str]:
@@ -750,11 +965,19 @@ class PendingRequest:
     projected: float | None  # the dataset's epsilon at its budget's delta if the experiment runs
 
 
-def _requested_event(payload: Mapping[str, Any]) -> DPEvent | None:
-    """Every round a recorded request asks for, as one event; None if it lies beyond what any node composes.
+def _requested_events(payload: Mapping[str, Any]) -> list[DPEvent] | None:
+    """Everything a recorded request asks for, as events; None if it lies beyond what any node composes.
 
-    Requests recorded before the limits existed may ask for anything; they are shown, not costed.
+    An experiment's request is every round as one event; a study's, one event per
+    release. Requests recorded before the limits existed may ask for anything; they are
+    shown, not costed.
     """
+    if payload.get("task") == STATISTICS_TASK:
+        try:
+            events = [DPEvent(**{k: e[k] for k in _EVENT_KEYS}) for e in payload.get("events", [])]
+        except (AccountingError, KeyError, TypeError):
+            return None
+        return events or None
     values = {key: payload.get(key) for key in ("rounds", "steps_per_round", "sample_rate", "noise_multiplier", "delta")}
     if schedule_problems(
         rounds=values["rounds"],
@@ -765,7 +988,7 @@ def _requested_event(payload: Mapping[str, Any]) -> DPEvent | None:
     ):
         return None
     event = DPEvent(values["noise_multiplier"], values["sample_rate"], values["steps_per_round"]).times(values["rounds"])  # type: ignore[arg-type]
-    return event if epsilon_bound([event], delta=values["delta"]) <= MAX_EPSILON else None  # type: ignore[arg-type]
+    return [event] if epsilon_bound([event], delta=values["delta"]) <= MAX_EPSILON else None  # type: ignore[arg-type]
 
 
 def pending_requests(home: NodeHome) -> list[PendingRequest]:
@@ -778,16 +1001,16 @@ def pending_requests(home: NodeHome) -> list[PendingRequest]:
     for request in state.pending():
         payload = request.payload
         position = positions.get(request.dataset)
-        event = _requested_event(payload)
-        cost = float("nan") if event is None else epsilon([event], delta=float(payload["delta"]), accountant=LEDGER_ACCOUNTANT)
+        events = _requested_events(payload)
+        cost = float("nan") if events is None else epsilon(events, delta=float(payload["delta"]), accountant=LEDGER_ACCOUNTANT)
         target = payload.get("requested_epsilon")
-        if target is not None and not math.isnan(cost):
+        if target is not None and not math.isnan(cost) and payload.get("task") != STATISTICS_TASK:
             # The coordinator chose the noise it asked with; the run may cost up to the signed target.
             cost = max(cost, float(target))
         projected = None
-        if event is not None and position is not None and position.budget is not None:
+        if events is not None and position is not None and position.budget is not None:
             with PrivacyLedger.open(home.ledger_path) as ledger:
                 held = ledger.held(request.dataset, hold=hold)
-            projected = epsilon([*held, event], delta=position.budget.delta, accountant=LEDGER_ACCOUNTANT)
+            projected = epsilon([*held, *events], delta=position.budget.delta, accountant=LEDGER_ACCOUNTANT)
         out.append(PendingRequest(request, cost, position, projected))
     return out

@@ -166,24 +166,33 @@ def requests(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_
         table.add_column("field")
         table.add_column("value", overflow="fold")
         foreseen = refusals[(item.request.spec_digest, item.request.dataset)]
+        study = payload.get("task") == "statistics"
+        if study:
+            releases = payload.get("releases") or []
+            asks = ("what it releases", f"{len(releases)} DP releases over {payload.get('cells', '?')} cell(s): " + "; ".join(
+                f"{r.get('statistic')}.{r.get('name')} ({r.get('mechanism')}, scale {r.get('scale', 0):.4g})" for r in releases
+            ))
+        else:
+            asks = ("rounds", str(payload.get("rounds", "")))
         for field, value in (
-            ("experiment", item.request.experiment),
+            ("study" if study else "experiment", item.request.experiment),
             ("description", str(payload.get("description", ""))),
             ("signed by", f"{item.request.signer} ({payload.get('signer_fingerprint', '')})"),
             ("asked at (UTC)", item.request.at.isoformat()),
-            ("task, model", f"{payload.get('task', '')}, {payload.get('model', '')}"),
+            ("task", "statistics (answers under formal DP)") if study else ("task, model", f"{payload.get('task', '')}, {payload.get('model', '')}"),
             ("dataset", item.request.dataset),
-            ("rounds", str(payload.get("rounds", ""))),
-            ("cost of this experiment", f"ε {_fmt(item.cost)} at δ {payload.get('delta', '')}"),
+            asks,
+            (f"cost of this {'study' if study else 'experiment'}", f"ε {_fmt(item.cost)} at δ {payload.get('delta', '')}"),
             ("dataset budget", "not set" if budget is None else f"ε {budget.epsilon:g} at δ {budget.delta:g}"),
             ("spent or reserved now", held),
-            ("after this experiment", after if missing else f"ε {after}"),
+            (f"after this {'study' if study else 'experiment'}", after if missing else f"ε {after}"),
         ):
             table.add_row(field, escape(value))
         if foreseen:
             table.add_row("[red]the node will refuse it[/]", "[red]" + escape("\n".join(foreseen)) + "[/]")
         else:
-            table.add_row("node checks", "policy and cohort size allow it")
+            checks = "policy, registered columns and cell limit allow it" if study else "policy and cohort size allow it"
+            table.add_row("node checks", checks)
         console.print(table)
     typer.echo("decide with `medfed node approve|deny <spec hash> --dataset <dataset>`")
     if missing:
@@ -351,7 +360,8 @@ def _reservation_line(dataset: str, status: governance.ReservationStatus) -> str
         when = f", expired {status.expires_at:%Y-%m-%d %H:%M} UTC"
     elif held.released_at is not None:
         when = f", released {held.released_at:%Y-%m-%d %H:%M} UTC"
-    return f"{dataset}  submission {held.submission}  {status.state}: {held.charged} of {held.rounds} round(s) charged{when}"
+    what = f" ({len(held.events)} releases each)" if len(held.events) > 1 else ""
+    return f"{dataset}  submission {held.submission}  {status.state}: {held.charged} of {held.rounds} round(s){what} charged{when}"
 
 
 @budget_app.command("set")

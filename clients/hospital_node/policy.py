@@ -3,8 +3,10 @@
 ::
 
     [policy]
-    allowed_tasks = ["tabular-classification", "imaging-classification"]
+    allowed_tasks = ["tabular-classification", "imaging-classification", "statistics"]
     min_cohort_size = 100              # patients a dataset must have to take part
+    min_cell_size = 10                 # a statistics cell whose noisy count is below is suppressed
+    max_cells = 1000                   # cells one statistics query's group-by may have
     max_epsilon_per_experiment = 10.0  # one experiment's own epsilon on a dataset
     require_secure_aggregation = false
     max_submission_age_hours = 72.0    # a submission signed longer ago cannot start a run
@@ -16,6 +18,16 @@ tighten these limits (``privacy.min_cohort_size``, ``privacy.target_epsilon``,
 the two. ``medfed node init`` writes this file with the defaults; the officer changes it with
 ``medfed node policy set``, which validates each field and records the change in the
 node's signed audit log (a hand edit is not audited, and ``policy show`` says so).
+
+Statistics studies (task ``statistics``) are allowed by default, like the training tasks:
+each study still needs its officer's approval of its exact digest, and its whole cost is
+reserved and charged to the same dataset budget. A policy file written before studies
+existed lists its tasks without it, so such a node refuses studies until the officer
+adds the task (``medfed node policy set allowed_tasks=...``): a standing limit never
+widens by itself. ``min_cell_size`` applies to the *noisy* count of a cell (suppression
+is post-processing of a DP release; the true count is never consulted; 0 suppresses
+nothing); ``max_cells``
+bounds a query's group-by before anything is read.
 
 A run reserves its whole privacy cost when the node admits it
 (:meth:`privacy.ledger.PrivacyLedger.reserve_run`); if the run vanishes, its
@@ -39,8 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from clients.hospital_node.errors import NodeHomeError
-from federation.protocol import TASKS
+from federation.protocol import POLICY_TASKS
 from privacy.private_files import publish
+from privacy.query import MAX_CELLS
 
 __all__ = ["POLICY_FIELDS", "POLICY_FILE", "NodePolicy", "parse_settings"]
 
@@ -49,6 +62,8 @@ POLICY_FILE = "policy.toml"
 _KEYS = POLICY_FIELDS = (
     "allowed_tasks",
     "min_cohort_size",
+    "min_cell_size",
+    "max_cells",
     "max_epsilon_per_experiment",
     "require_secure_aggregation",
     "max_submission_age_hours",
@@ -57,6 +72,8 @@ _KEYS = POLICY_FIELDS = (
 # Accepted in files written by earlier releases, and ignored: the ledger composes with PLD.
 _RETIRED_ACCOUNTANTS = ("pld", "prv", "rdp")
 _MAX_HOLD_HOURS = 24 * 365
+# The most cells any statistics query may have; a policy may only lower it.
+_MAX_CELLS = MAX_CELLS
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -112,8 +129,10 @@ def parse_settings(assignments: Sequence[str]) -> dict[str, Any]:
 class NodePolicy:
     """The officer's standing limits for every experiment on this node."""
 
-    allowed_tasks: tuple[str, ...] = TASKS
+    allowed_tasks: tuple[str, ...] = POLICY_TASKS
     min_cohort_size: int = 100
+    min_cell_size: int = 10
+    max_cells: int = _MAX_CELLS
     max_epsilon_per_experiment: float = 10.0
     require_secure_aggregation: bool = False
     max_submission_age_hours: float = 72.0
@@ -156,9 +175,9 @@ class NodePolicy:
             f"policy.{key} is not a policy setting; known: {', '.join(_KEYS)}" for key in table if key not in (*_KEYS, "accountant")
         ]
         values: dict[str, Any] = {}
-        tasks = table.get("allowed_tasks", TASKS)
-        if not isinstance(tasks, list | tuple) or not all(isinstance(t, str) and t in TASKS for t in tasks):
-            problems.append(f"policy.allowed_tasks must be a list of {', '.join(TASKS)}; found {tasks!r}")
+        tasks = table.get("allowed_tasks", POLICY_TASKS)
+        if not isinstance(tasks, list | tuple) or not all(isinstance(t, str) and t in POLICY_TASKS for t in tasks):
+            problems.append(f"policy.allowed_tasks must be a list of {', '.join(POLICY_TASKS)}; found {tasks!r}")
         else:
             values["allowed_tasks"] = tuple(tasks)
         cohort = table.get("min_cohort_size", 100)
@@ -166,6 +185,16 @@ class NodePolicy:
             problems.append(f"policy.min_cohort_size must be an integer >= 1; found {cohort!r}")
         else:
             values["min_cohort_size"] = cohort
+        cell = table.get("min_cell_size", 10)
+        if isinstance(cell, bool) or not isinstance(cell, int) or cell < 0:
+            problems.append(f"policy.min_cell_size must be an integer >= 0; found {cell!r}")
+        else:
+            values["min_cell_size"] = cell
+        cells = table.get("max_cells", _MAX_CELLS)
+        if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= _MAX_CELLS:
+            problems.append(f"policy.max_cells must be an integer in 1..{_MAX_CELLS}; found {cells!r}")
+        else:
+            values["max_cells"] = cells
         cap = table.get("max_epsilon_per_experiment", 10.0)
         if isinstance(cap, bool) or not isinstance(cap, int | float) or not (math.isfinite(cap) and cap > 0):
             problems.append(f"policy.max_epsilon_per_experiment must be a number > 0; found {cap!r}")
@@ -236,6 +265,8 @@ class NodePolicy:
             "[policy]\n"
             f"allowed_tasks = [{tasks}]\n"
             f"min_cohort_size = {self.min_cohort_size}  # patients a dataset needs to take part\n"
+            f"min_cell_size = {self.min_cell_size}  # a statistics cell whose noisy count is below is suppressed\n"
+            f"max_cells = {self.max_cells}  # cells one statistics query may have\n"
             f"max_epsilon_per_experiment = {self.max_epsilon_per_experiment!r}  # one experiment's own epsilon\n"
             f"require_secure_aggregation = {'true' if self.require_secure_aggregation else 'false'}\n"
             f"max_submission_age_hours = {self.max_submission_age_hours!r}  # older submissions cannot start a run\n"

@@ -47,6 +47,7 @@ from privacy.ledger import Charge, PrivacyLedger
 __all__ = ["EvidencePack", "write_report"]
 
 _DECISION_KINDS = ("request", "approval", "denial", "revocation")
+_CHARGE_FIELDS = ("dataset", "run", "round", "release", "charged_at", "mechanism", "noise_multiplier", "sample_rate", "steps")
 _RESERVATION_FIELDS = ("dataset", "submission", "state", "rounds", "charged", "reserved_at", "expires_at", "released_at")
 
 
@@ -163,8 +164,9 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
             for charge in charges:
                 if digest is None or charge.run_id in runs:
                     event = charge.event
-                    charge_rows.append([dataset, charge.run_id, charge.round, charge.charged_at.isoformat(),
-                                        event.noise_multiplier, event.sample_rate, event.steps])
+                    charge_rows.append([dataset, charge.run_id, charge.round, getattr(charge, "release", 0),
+                                        charge.charged_at.isoformat(), event.mechanism, event.noise_multiplier,
+                                        event.sample_rate, event.steps])
         now, hold = ledger.now(), policy.reservation_hold
         reservations = [
             [r.dataset, r.submission, r.state(hold=hold, now=now), r.rounds, r.charged,
@@ -188,7 +190,7 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
             "ledger is restored from backup.\n" + "\n".join(missing)
         )
     else:
-        ledger_verdict = "OK: the ledger holds a charge for every training release the audit log records"
+        ledger_verdict = "OK: the ledger holds the charges of every release the audit log records (training rounds and statistics answers)"
     warnings = [text for text in (
         None if verification is None or verification.ok else "the audit log FAILED verification",
         f"the privacy ledger lacks {len(missing)} charge(s) the audit log records" if missing else None,
@@ -213,7 +215,7 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
             "budgets": {d: {"epsilon": s.epsilon, "delta": s.delta, "set_at": s.at.isoformat(), "by": s.by} for d, s in state.budgets.items()},
             "cumulative_epsilon": {d: [[t.isoformat(), v] for t, v in points] for d, points in curves.items()},
             "decisions": [json.loads(e.to_json()) for e in decisions],
-            "charges": [dict(zip(("dataset", "run", "round", "charged_at", "noise_multiplier", "sample_rate", "steps"), row, strict=True)) for row in charge_rows],
+            "charges": [dict(zip(_CHARGE_FIELDS, row, strict=True)) for row in charge_rows],
             "run_reservations": [dict(zip(_RESERVATION_FIELDS, row, strict=True)) for row in reservations],
             "releases": [json.loads(e.to_json()) for e in releases],
             "refusals": [json.loads(e.to_json()) for e in refusals],
@@ -241,7 +243,7 @@ privacy ledger and signed audit log.</p>
 <h2>Budgets</h2>{_table(["seq", "time (UTC)", "kind", "dataset", "epsilon", "delta", "by"], _entry_rows(budget_changes, ["dataset", "epsilon", "delta", "by"]))}
 <h2>Requests and decisions</h2>{_table(["seq", "time (UTC)", "kind", "spec", "dataset", "experiment", "signer", "max ε", "expires", "reason", "by"],
     _entry_rows(decisions, ["spec_digest", "dataset", "experiment", "signer", "max_epsilon", "expires", "reason", "by"]))}
-<h2>Charges</h2>{_table(["dataset", "run", "round", "charged at (UTC)", "noise multiplier", "sample rate", "steps"], charge_rows)}
+<h2>Charges</h2>{_table(["dataset", "run", "round", "release", "charged at (UTC)", "mechanism", "noise multiplier (scale / sensitivity)", "sample rate", "steps"], charge_rows)}
 <h2>Run reservations</h2>{_table(["dataset", "submission", "state", "rounds", "charged", "reserved at (UTC)", "expires (UTC)", "released (UTC)"], reservations)}
 <h2>What left the site: every reply</h2>{_table(["seq", "time (UTC)", "run", "round", "reply", "what left (every number, or the refusal)"],
     _reply_rows(replies))}

@@ -42,7 +42,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
@@ -65,11 +65,14 @@ from federation.protocol import (
     REFUSED_POLICY,
     RELEASE_METRICS,
     SECAGG_CLIPPING_KEY,
+    SPEC_KEY,
+    STATISTICS_ACTION,
     SECAGG_MAX_WEIGHT_KEY,
     TRAIN_METRICS,
     ProtocolError,
     SignedSpec,
     TrainInstruction,
+    is_statistics_spec,
     node_record,
     refusal_reason,
 )
@@ -112,7 +115,15 @@ def _request(kind: str, msg: Message) -> _Request:
 
 
 def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
-    """Handle one message of `kind` ("query", "train", "evaluate" or "release") and build the reply."""
+    """Handle one message of `kind` ("query", "train", "evaluate", "release" or "statistics") and build the reply.
+
+    A message whose signed spec is a statistics study, or whose action is "statistics",
+    is a study's (:mod:`clients.hospital_node.study_round`).
+    """
+    if kind == STATISTICS_ACTION or _carries_study(msg):
+        from clients.hospital_node.study_round import answer_study
+
+        return answer_study(kind, msg, node_config)
     home: NodeHome | None = None
     instruction: TrainInstruction | None = None
     try:
@@ -147,10 +158,32 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _carries_study(msg: Message) -> bool:
+    """Whether the message's signed spec says it is a statistics study (any doubt: it is not)."""
+    config = msg.content.config_records.get(CONFIG_KEY) or msg.content.config_records.get(LEGACY_FIT_CONFIG)
+    text = config.get(SPEC_KEY) if config is not None else None
+    if not isinstance(text, str):
+        return False
+    try:
+        return is_statistics_spec(json.loads(text))
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+class _Subject(Protocol):
+    """What a refusal record names of the request: the spec and the dataset (an instruction, or a study's)."""
+
+    @property
+    def spec_digest(self) -> str: ...
+
+    @property
+    def dataset(self) -> str: ...
+
+
 def _refuse(
     msg: Message,
     home: NodeHome | None,
-    instruction: TrainInstruction | None,
+    instruction: _Subject | None,
     code: int,
     reason: str,
     *,

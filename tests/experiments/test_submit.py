@@ -22,7 +22,7 @@ from privacy.keys import fingerprint, verify
 ROOT = Path(__file__).resolve().parents[2]
 
 
-KEYS = {"spec", "submission", "spec-signature", "spec-signer", "tracking-uri", "output-dir"}
+KEYS = {"spec", "submission", "spec-signature", "spec-signer", "tracking-uri", "output-dir", "study-options"}
 
 
 def _record(tmp_path: Path, key: Ed25519PrivateKey | None = None) -> tuple[ExperimentSpec, SubmissionRecord]:

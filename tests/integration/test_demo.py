@@ -53,3 +53,20 @@ def test_interrupted_demo_leaves_no_process(tmp_path: Path, sig: signal.Signals)
             demo.kill()
     assert "interrupted" in log.read_text()
     assert _processes_mentioning(str(workdir)) == []
+
+
+def test_the_statistics_demo_prints_each_dp_answer_beside_the_truth_and_each_sites_epsilon(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "medfed.cli", "demo", "--task", "statistics", "--hospitals", "2", "--workdir", str(workdir)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False, env={**os.environ, "COLUMNS": "160"},
+    )
+    output = " ".join(done.stdout.split())  # rich may wrap lines
+    assert done.returncode == 0, done.stdout + done.stderr
+    for study in ("htn-prevalence-age-sex", "htn-onset-survival-by-sex"):
+        assert f"{study}: DP answer beside the true value" in output
+    assert "htn_prevalence" in output and "S(365)" in output
+    assert output.count("ε each site's dataset was charged by this study") == 2
+    assert "hospital_1 1.00" in output and "hospital_2 1.00" in output
+    assert "every process stopped" in output
+    assert _processes_mentioning(str(workdir)) == []

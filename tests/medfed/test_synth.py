@@ -10,6 +10,7 @@ import pytest
 
 from medfed.synth import (
     FEATURES,
+    FOLLOW_UP,
     ID_COLUMN,
     LABEL,
     SITE_COLUMN,
@@ -34,7 +35,7 @@ def alliance() -> list[pd.DataFrame]:
 
 
 def test_columns_are_id_site_features_then_label(alliance: list[pd.DataFrame]) -> None:
-    assert list(alliance[0].columns) == [ID_COLUMN, SITE_COLUMN, *FEATURES, LABEL]
+    assert list(alliance[0].columns) == [ID_COLUMN, SITE_COLUMN, *FEATURES, LABEL, FOLLOW_UP]
     assert len(FEATURES) == 16
     assert LABEL == "htn_onset_1y"
 

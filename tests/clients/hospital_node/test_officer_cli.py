@@ -179,7 +179,7 @@ def test_policy_set_validates_audits_and_writes_owner_only(home: NodeHome) -> No
                    "--home", str(home.path), "--by", "j.doe")
     assert changed.exit_code == 0, changed.output
     assert "policy.min_cohort_size: 100 -> 250" in changed.stdout
-    assert "policy.allowed_tasks: tabular-classification, imaging-classification -> tabular-classification" in changed.stdout
+    assert "policy.allowed_tasks: tabular-classification, imaging-classification, statistics -> tabular-classification" in changed.stdout
     policy = home.policy()
     assert (policy.min_cohort_size, policy.allowed_tasks) == (250, ("tabular-classification",))
     assert stat.S_IMODE(home.policy_path.stat().st_mode) == 0o600
@@ -187,7 +187,7 @@ def test_policy_set_validates_audits_and_writes_owner_only(home: NodeHome) -> No
     assert entry.payload["by"] == "j.doe"
     assert entry.payload["changes"] == {
         "min_cohort_size": {"from": 100, "to": 250},
-        "allowed_tasks": {"from": ["tabular-classification", "imaging-classification"], "to": ["tabular-classification"]},
+        "allowed_tasks": {"from": ["tabular-classification", "imaging-classification", "statistics"], "to": ["tabular-classification"]},
     }
     shown = _cli("policy", "show", "--home", str(home.path))
     assert f"as recorded in the audit log (seq {entry.seq}" in shown.stdout
