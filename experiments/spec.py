@@ -76,6 +76,7 @@ __all__ = [
     "TASKS",
     "WINDOW_PRESETS",
     "canonical_json",
+    "read_toml",
 ]
 
 TABULAR_TASK = "tabular-classification"
@@ -408,18 +409,7 @@ class ExperimentSpec(_Table):
             The file cannot be read, is not TOML (the message gives the line), or has
             problems; every problem is listed.
         """
-        source = str(path)
-        try:
-            text = Path(path).read_bytes().decode("utf-8")
-        except OSError as err:
-            raise SpecError(source, [f"cannot read the file: {err.strerror or err}"]) from None
-        except UnicodeDecodeError as err:
-            raise SpecError(source, [f"not UTF-8 text (byte {err.start})"]) from None
-        try:
-            mapping = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise SpecError(source, [f"not valid TOML: {err}"]) from None
-        return cls.from_mapping(mapping, source=source)
+        return cls.from_mapping(read_toml(path), source=str(path))
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], *, source: str = "<mapping>") -> ExperimentSpec:
@@ -484,6 +474,27 @@ class ExperimentSpec(_Table):
     def digest(self) -> str:
         """SHA-256 (hex) of :meth:`canonical_json`; what approvals and signatures refer to."""
         return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
+
+
+def read_toml(path: Path | str) -> dict[str, Any]:
+    """The tables of the spec file at `path`, for any kind of spec.
+
+    Raises
+    ------
+    SpecError
+        The file cannot be read, is not UTF-8, or is not TOML (the message gives the line).
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as err:
+        raise SpecError(source, [f"cannot read the file: {err.strerror or err}"]) from None
+    except UnicodeDecodeError as err:
+        raise SpecError(source, [f"not UTF-8 text (byte {err.start})"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(source, [f"not valid TOML: {err}"]) from None
 
 
 def canonical_json(mapping: Mapping[str, Any]) -> str:

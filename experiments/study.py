@@ -33,14 +33,13 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from experiments.errors import SpecError
-from experiments.spec import canonical_json
+from experiments.spec import canonical_json, read_toml
 from privacy.accountant import LEDGER_ACCOUNTANT, epsilon
 from privacy.errors import QueryError
 from privacy.governance import spec_digest
@@ -88,18 +87,7 @@ class StudySpec:
             The file cannot be read, is not TOML (the message gives the line), or has
             problems; every problem is listed.
         """
-        source = str(path)
-        try:
-            text = Path(path).read_bytes().decode("utf-8")
-        except OSError as err:
-            raise SpecError(source, [f"cannot read the file: {err.strerror or err}"]) from None
-        except UnicodeDecodeError as err:
-            raise SpecError(source, [f"not UTF-8 text (byte {err.start})"]) from None
-        try:
-            mapping = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise SpecError(source, [f"not valid TOML: {err}"]) from None
-        return cls.from_mapping(mapping, source=source, max_cells=max_cells)
+        return cls.from_mapping(read_toml(path), source=str(path), max_cells=max_cells)
 
     @classmethod
     def from_mapping(
