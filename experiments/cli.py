@@ -209,6 +209,8 @@ def _table(spec: ExperimentSpec, plan: PrivacyPlan) -> Table:
     table.add_row("total steps", str(plan.total_steps))
     table.add_row("δ", f"{plan.delta:g}")
     table.add_row(f"ε per site, planning estimate ({plan.accountant.upper()})", f"{plan.epsilon_per_site:.3f}")
+    table.add_row("ε of the DP-SGD rounds per site (PLD)", f"{plan.epsilon_training_charged_per_site:.3f}")
+    table.add_row("ε of the training-set size (once, discrete Laplace)", f"{plan.count_epsilon:g}")
     table.add_row("ε charged per site (PLD)", f"{plan.epsilon_charged_per_site:.3f}")
     table.add_row("secure aggregation", spec.secure_aggregation_summary())
     table.caption = "ε composes with each dataset's earlier spend (not by adding); nodes keep the total."

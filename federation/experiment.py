@@ -294,6 +294,15 @@ def _metric_site(site: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]", "_", site)
 
 
+def _released_size(site: SiteOutcome) -> float:
+    """The site's training size as it released it (a noisy count, the same in every reply of a run); 0 if none."""
+    for server_round in sorted(site.rounds, reverse=True):
+        value = site.rounds[server_round].get("num-examples")
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
 def _round_metrics(step_metrics: Mapping[int, Mapping[str, float]], sites: Mapping[int, SiteOutcome], keys: Iterable[str]) -> dict[str, float]:
     """Aggregate plus per-site metrics in MLflow's naming (``<site>.<metric>``)."""
     keys = tuple(keys)
@@ -566,7 +575,10 @@ def run_experiment(
         final_sites = _wave(participants, MessageType.EVALUATE, final_record, nodes, sites, EVAL_METRICS, timeout, save_model)
         for node, metrics in final_sites.items():
             sites[node].final = metrics
-        final = _round_metrics(final_sites, sites, EVAL_METRICS)
+        # Weighted, like every round, by each site's released (noisy) training size: the
+        # evaluate reply carries no count, so the site's last training reply gives it.
+        weighted = {node: {**metrics, "num-examples": _released_size(sites[node])} for node, metrics in final_sites.items()}
+        final = _round_metrics(weighted, sites, EVAL_METRICS)
         tracker.log_metrics(final, step=fed.rounds)
         history[fed.rounds] = {**history.get(fed.rounds, {}), **final}
 

@@ -1,7 +1,8 @@
 """Combining per-site metrics into the experiment's aggregate.
 
-Evaluation metrics are weighted by each site's validation size, the training loss by its
-training size. Epsilon is not averaged: each site has its own guarantee, and the
+Every metric is weighted by each site's released training-set size (``num-examples``, a
+discrete Laplace count the node released once per run): no reply carries an exact count,
+and the validation split is a fixed fraction of a site's patients. Epsilon is not averaged: each site has its own guarantee, and the
 aggregate reports the largest. A pooled AUC cannot be computed from per-site AUCs; the
 aggregate AUC is the validation-size-weighted mean of the sites' AUCs.
 """
@@ -28,12 +29,10 @@ def aggregate_site_metrics(sites: Sequence[Mapping[str, float]]) -> dict[str, fl
     out: dict[str, float] = {}
     for key in sorted(keys):
         present = [s for s in sites if key in s]
-        if key in ("num-examples", "eval-num-examples", "steps"):
+        if key in ("num-examples", "steps"):
             out[key] = float(sum(s[key] for s in present))
         elif key.startswith("epsilon"):
             out[key] = max(s[key] for s in present)
-        elif key.startswith("eval-"):
-            out[key] = _weighted([(s[key], s.get("eval-num-examples", 0.0)) for s in present])
         else:
             out[key] = _weighted([(s[key], s.get("num-examples", 0.0)) for s in present])
     return out

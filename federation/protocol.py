@@ -8,7 +8,8 @@ One experiment is three kinds of message wave:
 
 ``query``     before anything runs: will the node take part (signature, its officer's
               approval, policy, budget; dataset registered and readable, features
-              present)? Reply: counts, no arrays; or a refusal, of which
+              present)? Reply: the node's training-set size as a discrete Laplace
+              count released once per run (charged), no arrays; or a refusal, of which
               ``AWAITING_APPROVAL`` means "ask again later".
 ``train``     one per round: the node evaluates the incoming global model on its
               validation split, then trains it with DP-SGD and charges its ledger.
@@ -29,7 +30,8 @@ and clipping the coordinator chose ride in the same config (``SECAGG_MAX_WEIGHT_
 ``SECAGG_CLIPPING_KEY``) so the node can refuse an update the protocol would clip. The
 reply's ``METRICS_KEY`` and ``NODE_KEY`` records travel in plain, beside the masked
 vector: per-site loss, AUC of the incoming model and epsilon are the researcher's
-per-site report, not part of the update that SecAgg+ hides.
+per-site report, not part of the update that SecAgg+ hides. The SecAgg+ weight
+(``fitres.num_examples``) is the node's released noisy training size.
 
 A node that refuses answers with an error reply whose code is one of
 ``REFUSAL_CODES`` and whose reason is a one-line message meant for the researcher.
@@ -81,6 +83,7 @@ __all__ = [
     "ARRAYS_KEY",
     "AWAITING_APPROVAL",
     "CONFIG_KEY",
+    "DP_METRICS",
     "EVAL_METRICS",
     "IMAGING_TASK",
     "INSTRUCTION_KEY",
@@ -187,9 +190,11 @@ SIGNER_KEY = "medfed.spec-signer"
 SUBMISSION_KEY = "medfed.submission"
 
 # The metric keys a reply may carry: a node sends exactly these, the coordinator
-# rejects anything else. "num-examples" is Flower's weighting key.
+# rejects anything else. "num-examples" is Flower's weighting key: the site's
+# training-set size as a discrete Laplace count released once per run (charged to the
+# node's ledger, privacy.count_epsilon) and clamped at 1, the same value in every reply of
+# the run. No reply carries an exact count.
 EVAL_METRICS = (
-    "eval-num-examples",
     "eval-loss",
     "eval-auc",
     "eval-accuracy",
@@ -203,10 +208,10 @@ TRAIN_METRICS = (
     "epsilon",  # the dataset's lifetime epsilon after this round, at its budget's delta (the node's ledger)
     "epsilon-run",  # what this submission alone has charged the dataset so far, same delta
 )
-QUERY_METRICS = (
-    "num-examples",
-    "eval-num-examples",
-)
+QUERY_METRICS = ("num-examples",)
+# The metrics whose value must be the output of a DP mechanism the node released (or its
+# declared post-processing): the egress guard checks each against the release.
+DP_METRICS = ("num-examples",)
 # A run that ends before its last round tells the nodes that accepted it (a query message
 # with this action, type "query.release"): each gives back the budget it reserved for the
 # rounds that will not come, and takes no further message of that submission. The reply

@@ -38,6 +38,7 @@ __all__ = [
     "MECHANISMS",
     "POISSON_GAUSSIAN",
     "WHOLE_DATASET_MECHANISMS",
+    "count_event",
 ]
 
 #: DP-SGD's mechanism: the Poisson-subsampled Gaussian. Opacus's PRV and RDP
@@ -139,3 +140,14 @@ def _event_problems(*, noise_multiplier: object, sample_rate: object, steps: obj
 
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def count_event(*, epsilon: float) -> DPEvent:
+    """One count (sensitivity 1: add or remove one patient) released by discrete Laplace at pure `epsilon`.
+
+    The scale is ``1 / epsilon``: ``P(k) ∝ exp(-epsilon |k|)``, which is epsilon-DP for a
+    sensitivity of 1. A training run releases its training-set size so, once.
+    """
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 < epsilon < float("inf"):
+        raise AccountingError(f"count epsilon must be a finite number > 0; found {epsilon!r}")
+    return DPEvent(noise_multiplier=1.0 / float(epsilon), sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)

@@ -75,7 +75,7 @@ from federation.protocol import (
 from privacy.accountant import LEDGER_ACCOUNTANT, epsilon, epsilon_bound
 from privacy.audit import AuditEntry, AuditLog
 from privacy.errors import AccountingError, BudgetExhaustedError, KeyFileError, LedgerError, SignatureError
-from privacy.events import DPEvent
+from privacy.events import DPEvent, count_event
 from privacy.governance import (
     APPROVED,
     DENIED,
@@ -91,7 +91,7 @@ from privacy.governance import (
     verify_submission,
 )
 from privacy.keys import load_public_key
-from privacy.limits import MAX_EPSILON, schedule_problems
+from privacy.limits import DEFAULT_COUNT_EPSILON, MAX_COUNT_EPSILON, MAX_EPSILON, schedule_problems
 from privacy.ledger import LIVE, RELEASED, USED_UP, Budget, PrivacyLedger, RunReservation
 
 __all__ = [
@@ -154,6 +154,16 @@ class Admission:
 
 def _round_event(instruction: TrainInstruction) -> DPEvent:
     return DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps)
+
+
+def training_count_event(spec: Mapping[str, Any]) -> DPEvent:
+    """The once-per-run release of the training-set size the signed `spec` asks (``privacy.count_epsilon``)."""
+    value = spec.get("privacy", {}).get("count_epsilon", DEFAULT_COUNT_EPSILON)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_COUNT_EPSILON:
+        raise Refusal(
+            REFUSED_BAD_INSTRUCTION, f"privacy.count_epsilon must be a number in (0, {MAX_COUNT_EPSILON:g}]; found {value!r}"
+        )
+    return count_event(epsilon=float(value))
 
 
 def _experiment_event(instruction: TrainInstruction) -> DPEvent:
@@ -261,8 +271,10 @@ class _Ask:
     delta: float  # the spec's
     secure: bool
     target: float | None  # the spec's target_epsilon, if it has one
-    cost: Callable[[], float]  # the run's own epsilon, every round, at `delta` (the ledger's accountant)
+    cost: Callable[[], float]  # the run's own epsilon, every round and once-per-run release, at `delta` (the ledger's accountant)
     request: Callable[[str, str, float, str], dict[str, Any]]  # (signer, fingerprint, cost, run id): the officer's request
+    once: tuple[DPEvent, ...] = ()  # what the run releases once, whatever its rounds (a training run's noisy size)
+    target_cost: Callable[[], float] | None = None  # what a target_epsilon is met by (DP-SGD alone), if not `cost`
 
 
 def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str]:
@@ -314,6 +326,7 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     if mismatches:
         raise Refusal(REFUSED_SIGNATURE, "the instruction is not what the signed spec says: " + "; ".join(mismatches))
     target = spec.get("privacy", {}).get("target_epsilon")
+    once = (training_count_event(spec),)
     ask = _Ask(
         dataset=instruction.dataset,
         task=instruction.task,
@@ -322,8 +335,10 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         delta=instruction.delta,
         secure=bool(spec.get("federation", {}).get("secure_aggregation", False)),
         target=None if target is None else float(target),
-        cost=lambda: epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
+        cost=lambda: epsilon([_experiment_event(instruction), *once], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
         request=lambda signer, fingerprint, cost, run: _request(instruction, spec, signer, fingerprint, cost, run),
+        once=once,
+        target_cost=lambda: epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
     )
     return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
 
@@ -480,10 +495,12 @@ def _admit(  # noqa: PLR0913
     # 6. caps and budget
     cost = ask.cost()
     if ask.target is not None:
-        # Judged, like the coordinator's search for the noise, by the ledger's accountant.
-        if cost > ask.target * (1 + _TARGET_SLACK):
+        # Judged, like the coordinator's search for the noise, by the ledger's accountant,
+        # on the DP-SGD rounds the target sets the noise of (the count release is on top).
+        trained = (ask.target_cost or ask.cost)()
+        if trained > ask.target * (1 + _TARGET_SLACK):
             raise Refusal(
-                REFUSED_SIGNATURE, f"the instruction would cost epsilon {cost:.3f}, over the signed target_epsilon {ask.target:g}"
+                REFUSED_SIGNATURE, f"the instruction would cost epsilon {trained:.3f}, over the signed target_epsilon {ask.target:g}"
             )
     caps = [(policy.max_epsilon_per_experiment, REFUSED_POLICY, "this node's policy limit per experiment")]
     if decision.max_epsilon is not None:
@@ -546,6 +563,7 @@ def _reserve(
                 ask.dataset,
                 submission=submission.submission_id,
                 events=ask.events,
+                once=ask.once,
                 rounds=ask.rounds,
                 budget=budget,
                 hold=policy.reservation_hold,
@@ -599,6 +617,7 @@ def _request(
         "noise_multiplier": instruction.noise_multiplier,
         "sample_rate": instruction.sample_rate,
         "steps_per_round": instruction.steps,
+        "count_epsilon": 1.0 / training_count_event(spec).noise_multiplier,  # the once-per-run noisy training-set size
         "requested_epsilon": spec.get("privacy", {}).get("target_epsilon"),
         "cost_epsilon": cost,
         "first_run": run_id,
@@ -988,7 +1007,12 @@ def _requested_events(payload: Mapping[str, Any]) -> list[DPEvent] | None:
     ):
         return None
     event = DPEvent(values["noise_multiplier"], values["sample_rate"], values["steps_per_round"]).times(values["rounds"])  # type: ignore[arg-type]
-    return [event] if epsilon_bound([event], delta=values["delta"]) <= MAX_EPSILON else None  # type: ignore[arg-type]
+    if epsilon_bound([event], delta=values["delta"]) > MAX_EPSILON:  # type: ignore[arg-type]
+        return None
+    count = payload.get("count_epsilon")  # requests recorded before the count release have none
+    if isinstance(count, int | float) and not isinstance(count, bool) and 0 < count <= MAX_COUNT_EPSILON:
+        return [event, count_event(epsilon=float(count))]
+    return [event]
 
 
 def pending_requests(home: NodeHome) -> list[PendingRequest]:

@@ -11,7 +11,13 @@ the reply. A failure before the charge spends nothing and leaves the run's reser
 as it was; the final evaluate message, or a release message from a coordinator whose run
 ended early, gives back the rounds the run did not use. What leaves passes the egress
 guard: only the metric keys the protocol declares for that message and arrays shaped
-exactly like the instructed model.
+exactly like the instructed model; and each of the protocol's ``DP_METRICS`` only with the
+value of the DP release the handler made (or its declared post-processing).
+
+Counts: no reply carries an exact count. The training-set size that weights FedAvg (and
+scales the update under SecAgg+) is released once per run as a discrete Laplace count,
+charged to the ledger as the run's once-per-run event, and reused by every later reply
+(:mod:`clients.hospital_node.released_counts`).
 
 A run is known to the ledger by its *submission*: the id in the partner-signed envelope
 (:class:`privacy.governance.Submission`), the same for every continuation of the
@@ -40,7 +46,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,6 +58,7 @@ from clients.hospital_node.home import NodeHome
 from federation.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    DP_METRICS,
     EVAL_METRICS,
     IMAGING_TASK,
     LEGACY_FIT_ARRAYS,
@@ -83,6 +90,7 @@ from privacy.ledger import Budget, PrivacyLedger
 if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where they are used
     from clients.hospital_node.connectors import TabularData
     from clients.hospital_node.imaging_connector import ImagingData
+    from clients.hospital_node.released_counts import ReleasedCount
 
 __all__ = ["DEBUG_NOISE_SEED_FILE", "KEPT_UPDATES_DIR", "answer", "update_digest"]
 
@@ -102,6 +110,9 @@ class _Request:
     arrays: ArrayRecord | None
     run_id: str
     secure: bool  # Flower's legacy fit layout under SecAgg+: numbered arrays, legacy reply
+    # What the handler released by a DP mechanism, by metric key: the value the guard lets leave.
+    released: dict[str, float] = field(default_factory=dict)
+    release_records: dict[str, object] = field(default_factory=dict)  # the same releases, as the audit log records them
 
 
 def _request(kind: str, msg: Message) -> _Request:
@@ -134,9 +145,12 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
         _check_accounting(instruction)  # before admission reserves the run's rounds of this event
         admission = admit(home, instruction, signed, run_id=request.run_id, kind=kind)
         content = _HANDLERS[kind](home, instruction, request, admission)
-        _guard(kind, content, secure=request.secure)
+        _guard(kind, content, secure=request.secure, released=request.released)
         if kind != "train":  # a training reply records itself, with its charge, before it is built
-            home.audit_log().append("release", _reply_record(kind, request, instruction, content))
+            record = _reply_record(kind, request, instruction, content)
+            if request.release_records:
+                record["dp_releases"] = dict(request.release_records)
+            home.audit_log().append("release", record)
     except Refusal as err:
         return _refuse(msg, home, instruction, err.code, err.reason, record=err.record)
     except ProtocolError as err:
@@ -214,8 +228,9 @@ _DECLARED = {"query": QUERY_METRICS, "train": TRAIN_METRICS, "evaluate": EVAL_ME
 _LEGACY_FIT_RESULT = {"fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status"}
 
 
-def _guard(kind: str, content: RecordDict, *, secure: bool = False) -> None:
-    """The egress guard: nothing leaves but the declared metric keys (and, for train, model arrays)."""
+def _guard(kind: str, content: RecordDict, *, secure: bool = False, released: Mapping[str, float] | None = None) -> None:
+    """The egress guard: nothing leaves but the declared metric keys (and, for train, model arrays),
+    and a DP metric only with the value the handler released (`released`)."""
     arrays = _LEGACY_FIT_RESULT if secure else {ARRAYS_KEY}
     unexpected = set(content) - {METRICS_KEY, *(arrays if kind == "train" else ())}
     if secure and content.get("fitres.metrics"):
@@ -226,6 +241,16 @@ def _guard(kind: str, content: RecordDict, *, secure: bool = False) -> None:
     undeclared = sorted(set(metrics) - set(_DECLARED[kind]))
     if undeclared:
         raise ProtocolError(f"egress guard: undeclared metric(s) {', '.join(undeclared)} in a {kind} reply; nothing was sent")
+    released = released or {}
+    unreleased = sorted(k for k in DP_METRICS if k in metrics and metrics[k] != released.get(k))
+    if secure:
+        legacy = content.get("fitres.num_examples")  # Flower's MetricRecord {"num_examples": n}
+        if not isinstance(legacy, MetricRecord) or float(legacy.get("num_examples", math.nan)) != released.get("num-examples"):
+            unreleased.append("fitres.num_examples")
+    if unreleased:
+        raise ProtocolError(
+            f"egress guard: {', '.join(unreleased)} in a {kind} reply is not the output of the node's DP release; nothing was sent"
+        )
 
 
 def _open_home(node_config: Mapping[str, Any]) -> NodeHome:
@@ -331,8 +356,44 @@ def _query(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     # query wave costs little more than Flower's floor for a wave.
     data = _load(home, instruction)
     _check_cohort(data, instruction, admission, request)
-    metrics = {"num-examples": float(data.n_train), "eval-num-examples": float(data.n_val)}
-    return RecordDict({METRICS_KEY: MetricRecord(metrics)})
+    count = _training_count(home, instruction, request, admission, data.n_train)
+    return RecordDict({METRICS_KEY: MetricRecord({"num-examples": count.weight})})
+
+
+def _training_count(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission, n_train: int) -> ReleasedCount:
+    """The run's noisy training-set size (drawn and charged once, then reused), recorded as the reply's release."""
+    from clients.hospital_node.governance import training_count_event
+    from clients.hospital_node.released_counts import release_training_count
+
+    assert admission.budget is not None and admission.reservation is not None  # admitted with a reservation
+    count = release_training_count(
+        home,
+        dataset=instruction.dataset,
+        submission=admission.submission.submission_id,
+        run_id=request.run_id,
+        exact=n_train,
+        event=training_count_event(SignedSpec.from_config(request.config).mapping()),
+        budget=admission.budget,
+        hold=admission.policy.reservation_hold,
+        run_cap=admission.run_cap,
+        debug_seed=_debug_count_seed(home, instruction.dataset),
+    )
+    request.released["num-examples"] = count.weight
+    request.release_records.update(_count_record(count))
+    return count
+
+
+def _count_record(count: ReleasedCount) -> dict[str, object]:
+    """What the audit log says of the released training-set size: mechanism, output, post-processing."""
+    return {
+        "num-examples": {
+            "mechanism": count.event.mechanism,
+            "scale": count.event.noise_multiplier,
+            "output": count.noisy,
+            "post_processing": "max(1, output)",
+            "charged": "now" if count.charged_now else "earlier in the run (reused)",
+        }
+    }
 
 
 def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
@@ -374,7 +435,8 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     arrays = ArrayRecord(model.state_dict())
     if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
         raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
-    secagg = _check_secagg_range(request, arrays, data.n_train) if request.secure else None
+    count = _training_count(home, instruction, request, admission, data.n_train)
+    secagg = _check_secagg_range(request, arrays, count.weight) if request.secure else None
     budget = admission.budget
     with PrivacyLedger.open(home.ledger_path) as ledger:
         # Charged as the reply is built: from here on it counts. One round of the reservation.
@@ -394,20 +456,21 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
         run_id, server_round, stats.steps, instruction.dataset, epsilon, budget.delta,
     )
     metrics = {
-        "num-examples": float(data.n_train),
-        **incoming.as_dict(),
+        "num-examples": count.weight,
+        **{k: v for k, v in incoming.as_dict().items() if k != "eval-num-examples"},
         "train-loss": stats.mean_loss,
         "steps": float(stats.steps),
         "epsilon": epsilon,
         "epsilon-run": epsilon_run,
     }
     record = _release_record(run_id, server_round, instruction, arrays, metrics, budget)
+    record["dp_releases"] = dict(request.release_records)
     if secagg is not None:
         record["secure_aggregation"] = secagg
     home.audit_log().append("release", record)
     _keep_update(home, run_id, server_round, arrays)
     if request.secure:
-        return _legacy_fit_result(arrays, data.n_train, metrics)
+        return _legacy_fit_result(arrays, int(count.weight), metrics)
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
 
 
@@ -441,10 +504,10 @@ def _reply_record(kind: str, request: _Request, instruction: TrainInstruction, c
     }
 
 
-def _check_secagg_range(request: _Request, arrays: ArrayRecord, n_train: int) -> dict[str, object]:
+def _check_secagg_range(request: _Request, arrays: ArrayRecord, n_train: float) -> dict[str, object]:
     """The update must survive SecAgg+'s weighting and clipping intact; what the audit records of it.
 
-    ``secaggplus_mod`` multiplies the update by ``n_train / max_weight`` and clips it to
+    ``secaggplus_mod`` multiplies the update by ``n_train / max_weight`` (the released noisy size) and clips it to
     ``[-clipping_range, clipping_range]`` before quantising; an update it would clip, or a
     weight above 1, would silently change the aggregate, so nothing is sent instead.
     """
@@ -495,6 +558,15 @@ def _sampling_generator(home: NodeHome, dataset: str, server_round: int):  # typ
     logger.warning("debug: round %s on dataset '%s' trains with noise seeded from %s (remove it to stop)", server_round, dataset, path)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def _debug_count_seed(home: NodeHome, dataset: str) -> int | None:
+    """Tests only: the seed of the released training size's noise, from ``debug-noise-seed`` (see `_sampling_generator`)."""
+    path = home.path / DEBUG_NOISE_SEED_FILE
+    if not path.is_file():
+        return None
+    logger.warning("debug: the training size of dataset '%s' is released with noise seeded from %s (remove it to stop)", dataset, path)
+    return int(hashlib.sha256(f"{path.read_text().strip()}|{dataset}|count".encode()).hexdigest()[:15], 16)
 
 
 def _keep_update(home: NodeHome, run_id: str, server_round: int, arrays: ArrayRecord) -> None:
@@ -552,7 +624,7 @@ def _evaluate(home: NodeHome, instruction: TrainInstruction, request: _Request, 
     data = _load(home, instruction)
     model = _model(instruction, request.arrays)
     _, _, x_val, y_val = _tensors(data)
-    metrics = evaluate(model, x_val, y_val).as_dict()
+    metrics = {k: v for k, v in evaluate(model, x_val, y_val).as_dict().items() if k != "eval-num-examples"}
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})
 
 

@@ -122,7 +122,7 @@ def test_a_secure_round_aggregates_to_plain_fedavg_of_the_released_updates(allia
     for site in alliance:
         assert sorted(tracker.metrics[f"{site.name}.epsilon"]) == [1, 2]
         with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
-            assert [c.round for c in ledger.charges(DATASET) if c.run_id == "501"] == [1, 2]
+            assert [c.round for c in ledger.charges(DATASET) if c.run_id == "501"] == [0, 1, 2]  # 0: the noisy size
     assert result.privacy_summary()["secure_aggregation"] is True
     # `medfed node egress` tells the officer that the updates left masked.
     from typer.testing import CliRunner
@@ -186,7 +186,8 @@ def test_a_refusal_at_the_training_stage_reaches_the_coordinator_with_its_reason
     [refused] = [o for o in result.sites.values() if o.site == "hospital_2"]
     assert (refused.status, refused.reason) == ("refused", "approval revoked by this node's officer: ethics review")
     with PrivacyLedger.open(NodeHome.open(alliance[1].home).ledger_path) as ledger:
-        assert [c for c in ledger.charges(DATASET) if c.run_id == str(run_id)] == []
+        # Only what left with its query: the noisy training size (round 0); no round was charged.
+        assert [c.round for c in ledger.charges(DATASET) if c.run_id == str(run_id)] == [0]
 
 
 def test_the_default_threshold_is_a_majority_of_the_shares() -> None:

@@ -17,7 +17,7 @@ from experiments.submit import submit, wait_for_run
 from medfed.cluster import flower_env
 from medfed.demo import EXAMPLE_SPEC, approve_everywhere, partner_key_path, prepare_alliance
 from privacy.accountant import epsilon
-from privacy.events import DPEvent
+from privacy.events import DPEvent, count_event
 from privacy.keys import load_private_key
 
 from .conftest import running_cluster
@@ -73,19 +73,20 @@ def test_two_rounds_train_track_and_account(cluster) -> None:
     # Each site reports its ledger's epsilon: the run's steps composed by PLD at the dataset
     # budget's delta, the same number its officer reads with `medfed node budget`.
     steps = DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * 2)
+    count = count_event(epsilon=plan.count_epsilon)  # the noisy training size, released once per run
     for site in sites:
         home = NodeHome.open(site.home)
         [row] = [r for r in budget_status(home) if r.dataset == spec.data.dataset]
         assert row.budget is not None
         assert metrics[f"{site.name}.epsilon"] == pytest.approx(row.spent, rel=1e-9)
-        assert row.spent == pytest.approx(epsilon([steps], delta=row.budget.delta, accountant="pld"), rel=1e-9)
+        assert row.spent == pytest.approx(epsilon([steps, count], delta=row.budget.delta, accountant="pld"), rel=1e-9)
         # The run completed: its reservation is used up, nothing is held any more.
         assert row.open_reservations == 0 and [s.state for s in row.reservations] == ["used up"]
     # The partner's planning estimate is a fresh Opacus PRV accountant given the same steps.
     expected = PRVAccountant()
     expected.history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * 2)]
     assert plan.epsilon_per_site == pytest.approx(expected.get_epsilon(delta=plan.delta), rel=1e-5)
-    assert plan.epsilon_charged_per_site == pytest.approx(epsilon([steps], delta=plan.delta, accountant="pld"), rel=1e-9)
+    assert plan.epsilon_charged_per_site == pytest.approx(epsilon([steps, count], delta=plan.delta, accountant="pld"), rel=1e-9)
     # The coordinator composed the same plan while the nodes answered the query, and logged it.
     assert float(run.data.params["plan.epsilon_per_site"]) == pytest.approx(plan.epsilon_per_site, rel=1e-6)
     assert float(run.data.params["plan.epsilon_charged_per_site"]) == pytest.approx(plan.epsilon_charged_per_site, rel=1e-6)

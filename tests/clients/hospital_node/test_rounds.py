@@ -18,6 +18,7 @@ from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from federation.experiment import instruction_for
 from federation.protocol import (
+    QUERY_METRICS,
     REFUSED_BAD_INSTRUCTION,
     REFUSED_DATASET,
     TRAIN_METRICS,
@@ -27,6 +28,7 @@ from federation.protocol import (
 )
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
 from models.tabular import build_tabular_model
+from privacy.events import DISCRETE_LAPLACE, DPEvent
 from privacy.keys import load_public_key
 from privacy.ledger import PrivacyLedger
 
@@ -79,7 +81,10 @@ def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: Node
     assert metrics["steps"] == instruction.steps
     with PrivacyLedger.open(home.ledger_path) as ledger:
         submission = sign(example_spec()).submission_id  # the partner-signed submission the message carried
-        assert [(c.run_id, c.round, c.submission) for c in ledger.charges("htn_cohort")] == [("77", 1, submission)]
+        # Round 0: the once-per-run noisy training-set size; round 1: the DP-SGD steps.
+        charges = ledger.charges("htn_cohort")
+        assert [(c.run_id, c.round, c.submission) for c in charges] == [("77", 0, submission), ("77", 1, submission)]
+        assert charges[0].event == DPEvent(10.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
         assert metrics["epsilon"] == ledger.spent("htn_cohort", delta=1e-6)
     [row] = budget_status(home)
     assert row.spent == metrics["epsilon"]  # one epsilon: what left, what the officer reads
@@ -103,7 +108,7 @@ def test_a_round_is_released_and_charged_only_once(home: NodeHome) -> None:
     assert again.error.code == REFUSED_BAD_INSTRUCTION
     assert "already trained and charged" in again.error.reason
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        assert len(ledger.charges("htn_cohort")) == 1
+        assert [c.round for c in ledger.charges("htn_cohort")] == [0, 1]
 
 
 def test_unknown_dataset_is_refused_with_the_site_name_and_nothing_charged(home: NodeHome) -> None:
@@ -186,11 +191,11 @@ def test_an_imaging_train_reply_carries_the_cnns_arrays(imaging_site) -> None:  
     reply = answer("train", message, {"home": str(imaging_site.home.path)})
     assert not reply.has_error(), reply.error
     metrics = read_metrics(reply.content, TRAIN_METRICS)
-    assert metrics["num-examples"] + metrics["eval-num-examples"] == 14
+    assert metrics["num-examples"] >= 1 and "eval-num-examples" not in metrics  # a noisy count, never the exact one
     shapes = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
     assert shapes["features.0.weight"] == (8, 1, 3, 3) and shapes["head.weight"] == (1, 16)
     with PrivacyLedger.open(imaging_site.home.ledger_path) as ledger:
-        assert [(c.run_id, c.round) for c in ledger.charges("chest_ct")] == [("77", 1)]
+        assert [(c.run_id, c.round) for c in ledger.charges("chest_ct")] == [("77", 0), ("77", 1)]
 
 
 def test_a_tabular_instruction_on_an_imaging_dataset_is_refused(imaging_site) -> None:  # type: ignore[no-untyped-def]
@@ -228,7 +233,10 @@ def test_every_reply_is_recorded_query_and_evaluate_included(home: NodeHome) -> 
     assert not query.has_error() and not evaluate.has_error(), (query.error, evaluate.error)
     records = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
     assert [(r["message"], r["round"]) for r in records] == [("query", 1), ("evaluate", 5)]
-    assert records[0]["metrics"] == ["eval-num-examples", "num-examples"]
+    assert records[0]["metrics"] == ["num-examples"]
+    assert records[0]["dp_releases"]["num-examples"]["mechanism"] == DISCRETE_LAPLACE
+    assert max(1, records[0]["dp_releases"]["num-examples"]["output"]) == query.content["metrics"]["num-examples"]
+    assert "eval-num-examples" not in records[1]["metrics"]
     assert records[0]["bytes"] == query.content["metrics"].count_bytes()
     assert records[1]["arrays"] == {} and "eval-auc" in records[1]["metrics"]
     # The digest is of the values that left, so an officer can match it to the coordinator's copy.
@@ -251,3 +259,70 @@ def test_the_egress_guard_refuses_an_undeclared_metric(home: NodeHome, monkeypat
     assert reply.error.code == REFUSED_BAD_INSTRUCTION
     assert "egress guard: undeclared metric(s) mean-age in a query reply; nothing was sent" in reply.error.reason
     assert not [e for e in home.audit_log().entries() if e.kind == "release"]
+
+
+# ---------------------------------------------------------------- the released training-set size
+
+
+def _two_rounds(home: NodeHome) -> tuple[Message, Message, Message]:
+    config = {"home": str(home.path)}
+    query = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), config)
+    first = answer("train", _message(MessageType.TRAIN, _instruction(), server_round=1), config)
+    second = answer("train", _message(MessageType.TRAIN, _instruction(), server_round=2), config)
+    assert not any(r.has_error() for r in (query, first, second)), [r.error for r in (query, first, second) if r.has_error()]
+    return query, first, second
+
+
+def test_the_training_size_is_released_once_charged_once_and_reused_by_every_reply(home: NodeHome) -> None:
+    query, first, second = _two_rounds(home)
+    sent = {read_metrics(r.content, allowed)["num-examples"] for r, allowed in ((query, QUERY_METRICS), (first, TRAIN_METRICS), (second, TRAIN_METRICS))}
+    assert len(sent) == 1  # post-processing of one release
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        counts = [c for c in ledger.charges("htn_cohort") if c.event.mechanism == DISCRETE_LAPLACE]
+        [reservation] = ledger.run_reservations("htn_cohort")
+    assert [(c.round, c.event.noise_multiplier) for c in counts] == [(0, 10.0)]  # count_epsilon 0.1 by default
+    assert reservation.once_charged and reservation.charged == 2
+    records = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
+    assert [r["dp_releases"]["num-examples"]["charged"] for r in records] == ["now", "earlier in the run (reused)", "earlier in the run (reused)"]
+
+
+def test_no_reply_carries_the_exact_training_size_over_seeded_draws(home: NodeHome) -> None:
+    # The example cohort's exact training size; the noisy one differs from it most of the time
+    # (discrete Laplace at scale 10 is 0 with probability tanh(1/20) = 5 %).
+    from clients.hospital_node.connectors import TabularConnector
+    from privacy.mechanisms import add_noise
+
+    exact = TabularConnector(home.dataset("htn_cohort")).load().select(FEATURES, _instruction().scaling).n_train
+    draws = add_noise([exact] * 400, mechanism=DISCRETE_LAPLACE, scale=10.0)
+    assert 0.01 < float((draws == exact).mean()) < 0.12
+    query = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
+    [record] = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
+    assert query.content["metrics"]["num-examples"] == max(1, record["dp_releases"]["num-examples"]["output"])
+
+
+def test_a_count_whose_value_is_lost_after_its_release_is_never_drawn_again(home: NodeHome) -> None:
+    from clients.hospital_node.released_counts import COUNTS_DIR
+
+    config = {"home": str(home.path)}
+    assert not answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), config).has_error()
+    for path in (home.path / COUNTS_DIR).iterdir():
+        path.unlink()
+    reply = answer("train", _message(MessageType.TRAIN, _instruction()), config)
+    assert reply.has_error() and "cannot be released again" in reply.error.reason
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [c.round for c in ledger.charges("htn_cohort")] == [0]
+
+
+def test_the_egress_guard_refuses_a_count_that_is_not_the_release(home: NodeHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clients.hospital_node.rounds as rounds
+
+    original = rounds._query
+
+    def exact(*args: object) -> RecordDict:
+        content = original(*args)  # type: ignore[arg-type]
+        content["metrics"]["num-examples"] = 1234.0  # as if the exact count were sent
+        return content
+
+    monkeypatch.setitem(rounds._HANDLERS, "query", exact)
+    reply = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
+    assert reply.has_error() and "is not the output of the node's DP release" in reply.error.reason
