@@ -4,7 +4,9 @@
 step independently with probability ``sample_rate``), per-sample gradients clipped to
 ``max_grad_norm`` over all parameters jointly, Gaussian noise of standard deviation
 ``noise_multiplier * max_grad_norm`` added to the sum, divided by the expected batch
-size ``round(sample_rate * n)``. An empty batch still takes a pure-noise step. Opacus's
+size ``round(sample_rate * size)``, where ``size`` is the ``expected_size`` the caller
+gives (a node gives its released, noisy training size, so that the update's scale is no
+function of the exact count) or, by default, ``n``. An empty batch still takes a pure-noise step. Opacus's
 ``DPOptimizer`` clips and noises (on the ghost-clipping path Opacus also computes the
 per-sample gradient norms); this module decides how to drive it cheaply:
 
@@ -316,11 +318,16 @@ def train_dp(
     learning_rate: float,
     proximal_mu: float = 0.0,
     generator: torch.Generator | None = None,
+    expected_size: float | None = None,
 ) -> TrainStats:
     """Run `steps` DP-SGD steps on `model` in place.
 
     Parameters
     ----------
+    expected_size
+        The size the expected batch ``round(sample_rate * expected_size)`` is computed
+        from; ``len(x)`` when None. Dividing by a constant derived from the exact n makes
+        the update's scale a function of n; a DP release of n (post-processing) does not.
     proximal_mu
         FedProx's proximal weight. Its gradient ``mu * (w - w_global)`` depends only on
         the weights the node received, never on patient data, so it is added after the
@@ -335,7 +342,9 @@ def train_dp(
     if noise_multiplier <= 0 or max_grad_norm <= 0 or learning_rate <= 0:
         raise ValueError("noise_multiplier, max_grad_norm and learning_rate must be > 0")
     n = len(x)
-    expected_batch_size = max(1, round(sample_rate * n))
+    if expected_size is not None and not (math.isfinite(expected_size) and expected_size >= 1):
+        raise ValueError(f"expected_size must be >= 1; found {expected_size!r}")
+    expected_batch_size = max(1, round(sample_rate * (n if expected_size is None else expected_size)))
     model.train()
     # What PrivacyEngine.make_private checks: no layer that mixes patients (BatchNorm).
     ModuleValidator.validate(model, strict=True)

@@ -19,6 +19,29 @@ scales the update under SecAgg+) is released once per run as a discrete Laplace 
 charged to the ledger as the run's once-per-run event, and reused by every later reply
 (:mod:`clients.hospital_node.released_counts`).
 
+What else a training reply reveals about the training size n, and what is done about it:
+
+- *The update's scale.* Opacus divides the clipped, noised gradient sum by the expected
+  batch size ``round(sample_rate * n)``. With the exact n, the same noisy sum becomes a
+  step whose size is a function of n (a coordinator that sees a site's update over many
+  rounds can estimate the divisor). Closed: DP-SGD divides by ``round(sample_rate *
+  noisy_n)`` with the run's released size (``train_dp(expected_size=...)``), so the scale
+  is post-processing of an accounted release. The number of steps is the spec's, not n's.
+- *Flower's reply metadata.* A reply's ``Metadata`` carries run, message and node ids, a
+  reply-to id, the group id, ``created_at`` and the TTL; none is computed from data. But
+  ``created_at`` (and the reply's arrival time, which the SuperLink and the coordinator
+  see) lags the message by the ClientApp's runtime, which grows with n (an epoch is
+  ``steps`` Poisson batches of about ``sample_rate * n`` patients, and the data load and
+  the evaluation scan every row). That is a timing side channel of roughly n, not
+  covered by the ledger. It stays open: each message starts a fresh ClientApp process
+  whose start-up (seconds) dominates at the alliance's cohort sizes, and closing it would
+  take padding every reply to a fixed, policy-declared duration. The masked SecAgg+
+  update's ``fitres.num_examples`` is the released noisy size.
+- *Still exact, not yet closed:* ``train-loss`` (the mean DP-SGD loss over the sampled
+  patients) and the per-site evaluation metrics (``eval-loss``, ``eval-auc``,
+  ``eval-accuracy``, ``eval-brier``) are computed on private rows and leave without a
+  mechanism; issue 10 item 4 replaces them with noisy per-label score histograms.
+
 A run is known to the ledger by its *submission*: the id in the partner-signed envelope
 (:class:`privacy.governance.Submission`), the same for every continuation of the
 submission after a coordinator restart (another Flower run of the same submission). A
@@ -417,6 +440,9 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     x_train, y_train, x_val, y_val = _tensors(data)
     incoming = evaluate(model, x_val, y_val)
+    # The released size, drawn (and charged, if no query released it) before training:
+    # DP-SGD's expected batch size is computed from it, never from the exact n.
+    count = _training_count(home, instruction, request, admission, data.n_train)
     generator = _sampling_generator(home, instruction.dataset, server_round)
     stats = train_dp(
         model,
@@ -429,13 +455,13 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
         learning_rate=instruction.learning_rate,
         proximal_mu=float(request.config.get("proximal-mu", 0.0)),
         generator=generator,
+        expected_size=count.weight,
     )
     if stats.steps != instruction.steps:
         raise ProtocolError(f"training took {stats.steps} steps, not the {instruction.steps} reserved")
     arrays = ArrayRecord(model.state_dict())
     if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
         raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
-    count = _training_count(home, instruction, request, admission, data.n_train)
     secagg = _check_secagg_range(request, arrays, count.weight) if request.secure else None
     budget = admission.budget
     with PrivacyLedger.open(home.ledger_path) as ledger:
