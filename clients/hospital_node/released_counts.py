@@ -66,12 +66,15 @@ def release_training_count(
     hold,  # type: ignore[no-untyped-def]
     run_cap: Budget | None,
     debug_seed: int | None = None,
+    charge: bool = True,
 ) -> ReleasedCount:
     """The submission's noisy training-set size on `dataset`: drawn and charged once, then reused.
 
     `debug_seed` (tests only, from the node home's ``debug-noise-seed``) draws the noise
     from numpy seeded by it instead of OpenDP's sampler, so that two runs of a spec weight
-    identically; the caller warns on every use.
+    identically; the caller warns on every use. With ``charge=False`` the value is drawn
+    (or read) and not charged: the caller charges it with a second call before it leaves
+    (training uses it first, and a failure there must charge nothing).
 
     Raises
     ------
@@ -107,7 +110,11 @@ def release_training_count(
         stored = json.loads(path.read_text())
         if (stored.get("dataset"), stored.get("submission"), stored.get("scale")) != (dataset, submission, event.noise_multiplier):
             raise NodeError(f"the node's stored training-set size of submission {submission[:12]} on dataset '{dataset}' is not its own")
-        charges = ledger.charge_once(dataset, submission=submission, run_id=run_id, budget=budget, hold=hold, run_cap=run_cap)
+        charges = (
+            ledger.charge_once(dataset, submission=submission, run_id=run_id, budget=budget, hold=hold, run_cap=run_cap)
+            if charge
+            else []
+        )
     if charges:
         logger.info("released the training-set size of dataset '%s' for submission %s (discrete Laplace, scale %g)", dataset, submission[:12], event.noise_multiplier)
     return ReleasedCount(int(stored["noisy"]), event, bool(charges))

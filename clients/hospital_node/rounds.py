@@ -383,7 +383,9 @@ def _query(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     return RecordDict({METRICS_KEY: MetricRecord({"num-examples": count.weight})})
 
 
-def _training_count(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission, n_train: int) -> ReleasedCount:
+def _training_count(
+    home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission, n_train: int, *, charge: bool = True
+) -> ReleasedCount:
     """The run's noisy training-set size (drawn and charged once, then reused), recorded as the reply's release."""
     from clients.hospital_node.governance import training_count_event
     from clients.hospital_node.released_counts import release_training_count
@@ -400,6 +402,7 @@ def _training_count(home: NodeHome, instruction: TrainInstruction, request: _Req
         hold=admission.policy.reservation_hold,
         run_cap=admission.run_cap,
         debug_seed=_debug_count_seed(home, instruction.dataset),
+        charge=charge,
     )
     request.released["num-examples"] = count.weight
     request.release_records.update(_count_record(count))
@@ -440,9 +443,9 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     x_train, y_train, x_val, y_val = _tensors(data)
     incoming = evaluate(model, x_val, y_val)
-    # The released size, drawn (and charged, if no query released it) before training:
-    # DP-SGD's expected batch size is computed from it, never from the exact n.
-    count = _training_count(home, instruction, request, admission, data.n_train)
+    # The released size, drawn before training (charged below, with the round, if no query
+    # released it): DP-SGD's expected batch size is computed from it, never from the exact n.
+    size = _training_count(home, instruction, request, admission, data.n_train, charge=False).weight
     generator = _sampling_generator(home, instruction.dataset, server_round)
     stats = train_dp(
         model,
@@ -455,13 +458,14 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
         learning_rate=instruction.learning_rate,
         proximal_mu=float(request.config.get("proximal-mu", 0.0)),
         generator=generator,
-        expected_size=count.weight,
+        expected_size=size,
     )
     if stats.steps != instruction.steps:
         raise ProtocolError(f"training took {stats.steps} steps, not the {instruction.steps} reserved")
     arrays = ArrayRecord(model.state_dict())
     if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
         raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
+    count = _training_count(home, instruction, request, admission, data.n_train)  # the same value, charged if not yet
     secagg = _check_secagg_range(request, arrays, count.weight) if request.secure else None
     budget = admission.budget
     with PrivacyLedger.open(home.ledger_path) as ledger:
