@@ -71,26 +71,30 @@ def cost(
 
 _SUBMISSIONS_HELP = "Where your signed submissions are kept, to follow or resume them."
 
+# Options every submitting command shares (`medfed experiment` and `medfed study`).
+SUPERLINK_OPTION = typer.Option(
+    ..., "--superlink",
+    help="The coordinator's connection name: a [superlink.<name>] table in $FLWR_HOME/config.toml "
+    "(the alliance operator gives you one; `medfed coordinator init` writes it).",
+)
+TRACKING_URI_OPTION = typer.Option("", "--tracking-uri", help="MLflow tracking URI; default: sqlite:///<cwd>/.medfed/mlflow.db.")
+KEY_OPTION = typer.Option(
+    ..., "--key", envvar="MEDFED_SIGNING_KEY",
+    help="Your research partner private key (`medfed keys new`); the nodes accept only submissions it signed.",
+)
+SUBMISSIONS_DIR_OPTION = typer.Option(DEFAULT_SUBMISSIONS_DIR, "--submissions-dir", help=_SUBMISSIONS_HELP)
+
 
 @app.command()
 def submit(
     spec: Path = SPEC_ARGUMENT,
-    superlink: str = typer.Option(
-        ..., "--superlink",
-        help="The coordinator's connection name: a [superlink.<name>] table in $FLWR_HOME/config.toml "
-        "(the alliance operator gives you one; `medfed coordinator init` writes it).",
-    ),
-    tracking_uri: str = typer.Option(
-        "", "--tracking-uri", help="MLflow tracking URI; default: sqlite:///<cwd>/.medfed/mlflow.db."
-    ),
+    superlink: str = SUPERLINK_OPTION,
+    tracking_uri: str = TRACKING_URI_OPTION,
     output_dir: Path = typer.Option(
         Path(".medfed/runs"), "--output-dir", help="Where the coordinator keeps each submission's checkpoint and final model."
     ),
-    key: Path = typer.Option(
-        ..., "--key", envvar="MEDFED_SIGNING_KEY",
-        help="Your research partner private key (`medfed keys new`); the nodes accept only submissions it signed.",
-    ),
-    submissions_dir: Path = typer.Option(DEFAULT_SUBMISSIONS_DIR, "--submissions-dir", help=_SUBMISSIONS_HELP),
+    key: Path = KEY_OPTION,
+    submissions_dir: Path = SUBMISSIONS_DIR_OPTION,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the run until it ends, through coordinator restarts."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the run when following it."),
 ) -> None:
@@ -122,7 +126,7 @@ def submit(
 def resume(
     submission: str = typer.Argument(..., help="The submission id `submit` printed (its first 6+ characters)."),
     superlink: str = typer.Option(..., "--superlink", help="The coordinator's connection name."),
-    submissions_dir: Path = typer.Option(DEFAULT_SUBMISSIONS_DIR, "--submissions-dir", help=_SUBMISSIONS_HELP),
+    submissions_dir: Path = SUBMISSIONS_DIR_OPTION,
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the run until it ends."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the run when following it."),
 ) -> None:
@@ -185,7 +189,7 @@ def status(
     run_id: int = typer.Argument(..., help="The run id that `submit` printed."),
     superlink: str = typer.Option(..., "--superlink", help="The SuperLink's connection name."),
 ) -> None:
-    """Show a submitted run's status and, when it failed, why."""
+    """Show a submitted run's status (an experiment's or a study's) and, when it failed, why."""
     state = run_status(run_id, connection=superlink)
     typer.echo(f"run {run_id}: {state.status}" + (f" - {state.details}" if state.details else ""))
 

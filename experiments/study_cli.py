@@ -19,7 +19,8 @@ from rich.table import Table
 from experiments.errors import SubmissionError
 from experiments.study import StudyCost, StudySpec, study_cost
 from experiments.study_run import SUMMARY_FILE, StudyOptions
-from experiments.submit import DEFAULT_SUBMISSIONS_DIR, follow, prepare_submission, run_status, start_run
+from experiments.cli import KEY_OPTION, SUBMISSIONS_DIR_OPTION, SUPERLINK_OPTION, TRACKING_URI_OPTION, status
+from experiments.submit import follow, prepare_submission, start_run
 from experiments.tracking import default_tracking_uri
 from privacy.keys import fingerprint, load_private_key
 
@@ -59,23 +60,14 @@ def cost(
     Console().print(_table(parsed, plan))
 
 
-_SUBMISSIONS_HELP = "Where your signed submissions are kept."
-
-
 @app.command()
 def submit(
     spec: Path = SPEC_ARGUMENT,
-    superlink: str = typer.Option(
-        ..., "--superlink",
-        help="The coordinator's connection name: a [superlink.<name>] table in $FLWR_HOME/config.toml.",
-    ),
-    key: Path = typer.Option(
-        ..., "--key", envvar="MEDFED_SIGNING_KEY",
-        help="Your research partner private key (`medfed keys new`); the nodes accept only submissions it signed.",
-    ),
-    tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI; default: sqlite:///<cwd>/.medfed/mlflow.db."),
+    superlink: str = SUPERLINK_OPTION,
+    key: Path = KEY_OPTION,
+    tracking_uri: str = TRACKING_URI_OPTION,
     output_dir: Path = typer.Option(Path(".medfed/runs"), "--output-dir", help="Where the coordinator writes each submission's report."),
-    submissions_dir: Path = typer.Option(DEFAULT_SUBMISSIONS_DIR, "--submissions-dir", help=_SUBMISSIONS_HELP),
+    submissions_dir: Path = SUBMISSIONS_DIR_OPTION,
     min_sites: int = typer.Option(1, "--min-sites", min=1, help="Sites that must answer for the study to be reported."),
     approval_wait: float = typer.Option(
         3600.0, "--approval-wait", min=0, help="Seconds to wait for the officers' approvals before answering with the sites that accepted."
@@ -115,14 +107,7 @@ def submit(
     typer.echo(f"submission {record.submission_id} finished in run {status.run_id}; report in {report_folder}")
 
 
-@app.command()
-def status(
-    run_id: int = typer.Argument(..., help="The run id that `submit` printed."),
-    superlink: str = typer.Option(..., "--superlink", help="The SuperLink's connection name."),
-) -> None:
-    """Show a submitted study's run status and, when it failed, why."""
-    state = run_status(run_id, connection=superlink)
-    typer.echo(f"run {run_id}: {state.status}" + (f" - {state.details}" if state.details else ""))
+app.command()(status)  # the same run status as `medfed experiment status`
 
 
 def _print_report(folder: Path) -> None:

@@ -862,7 +862,8 @@ def _survival_curve(
         if log_s == 0.0:
             lower, upper = max(1.0 - z * math.sqrt(spread), 0.0), 1.0
         else:
-            stretch = z * math.sqrt(spread) / abs(log_s)
+            # Past e^700 the interval is already [0, 1]; the cap keeps math.exp finite.
+            stretch = min(z * math.sqrt(spread) / abs(log_s), 700.0)
             lower, upper = survival ** math.exp(stretch), survival ** math.exp(-stretch)
         upper_before = upper
         out.append(Estimate(survival, lower, upper, sites, False, NOTE_SURVIVAL))
