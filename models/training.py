@@ -76,7 +76,7 @@ from torch.nn import functional as F
 if TYPE_CHECKING:  # Opacus is imported on first use: a ClientApp module imports lightly.
     from opacus.optimizers import DPOptimizer
 
-__all__ = ["EvalMetrics", "TrainStats", "auc_score", "evaluate", "train_dp", "train_plain"]
+__all__ = ["EvalMetrics", "TrainStats", "auc_score", "evaluate", "predict", "train_dp", "train_plain"]
 
 # Per-sample gradient entries per step (trainable parameters x expected batch size) up
 # to which a step counts as small: one intra-op thread, and the flat linear chain where
@@ -437,6 +437,13 @@ def auc_score(scores: np.ndarray, labels: np.ndarray) -> float:
         ranks[order[start:end]] = (start + end + 1) / 2.0
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The model's predicted probabilities for the rows of `x`, shape ``(n,)``."""
+    model.eval()
+    return torch.sigmoid(model(x)).reshape(-1).double().numpy()
 
 
 @torch.no_grad()

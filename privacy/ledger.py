@@ -229,12 +229,16 @@ CREATE TRIGGER run_reservation_events_are_never_deleted BEFORE DELETE ON run_res
 BEGIN SELECT RAISE(ABORT, 'run reservations are kept for the officer'); END;
 """
 # Schema 5: a run may release events once per run besides its rounds' (a training run's
-# noisy training-set size, used for weighting every round): they are run_reservation_events
-# marked once = 1, numbered after the round's releases, and charged as round 0 of the run
-# by :meth:`PrivacyLedger.charge_once`; run_reservations.once_charged says they were.
+# noisy training-set size, used for weighting every round, and its final evaluation):
+# they are run_reservation_events marked once = 1, numbered after the round's releases,
+# each charged as round 0 of the run by :meth:`PrivacyLedger.charge_once`;
+# run_reservations.once_charged says which were (bit k: the k-th once-per-run event).
 _SCHEMA_5 = """
 ALTER TABLE run_reservation_events ADD COLUMN once INTEGER NOT NULL DEFAULT 0 CHECK (once IN (0, 1));
-ALTER TABLE run_reservations ADD COLUMN once_charged INTEGER NOT NULL DEFAULT 0 CHECK (once_charged IN (0, 1));
+ALTER TABLE run_reservations ADD COLUMN once_charged INTEGER NOT NULL DEFAULT 0 CHECK (once_charged >= 0);
+CREATE TRIGGER run_reservations_once_charges_are_kept BEFORE UPDATE OF once_charged ON run_reservations
+WHEN (NEW.once_charged & OLD.once_charged) != OLD.once_charged
+BEGIN SELECT RAISE(ABORT, 'a run reservation only moves forward (more rounds charged, then released)'); END;
 """
 _TABLES = {"charges", "ledger_schema", "run_reservation_events", "run_reservations"}
 
@@ -242,7 +246,7 @@ _TABLES = {"charges", "ledger_schema", "run_reservation_events", "run_reservatio
 LIVE = "live"  # counts against the budget; rounds may be charged
 EXPIRED = "expired"  # its run went quiet for longer than the hold: counts no more
 RELEASED = "released"  # the run ended with rounds unused: given back, no more charges
-USED_UP = "used up"  # every reserved round was charged
+USED_UP = "used up"  # every reserved round (and once-per-run release) was charged
 RUN_STATES = (LIVE, EXPIRED, RELEASED, USED_UP)
 
 
@@ -277,8 +281,8 @@ class RunReservation:
         When the run gave back what it did not use; None while it holds.
     once, once_charged
         Events the run releases once, whatever its rounds (a training run's noisy
-        training-set size), charged as round 0 by :meth:`PrivacyLedger.charge_once`; and
-        whether they were.
+        training-set size and its final evaluation), each charged as round 0 by
+        :meth:`PrivacyLedger.charge_once`; and which were (a flag per event, in order).
     """
 
     dataset: str
@@ -290,16 +294,27 @@ class RunReservation:
     active_at: datetime
     released_at: datetime | None = None
     once: tuple[DPEvent, ...] = ()
-    once_charged: bool = False
+    once_charged: tuple[bool, ...] = ()  # () or one flag per `once` event
+
+    def __post_init__(self) -> None:
+        flags = tuple(bool(flag) for flag in self.once_charged) or (False,) * len(self.once)
+        if len(flags) != len(self.once):
+            raise ValueError(f"once_charged has {len(flags)} flag(s) for {len(self.once)} once-per-run event(s)")
+        object.__setattr__(self, "once_charged", flags)
 
     @property
     def remaining(self) -> int:
         """Rounds reserved and not charged yet."""
         return self.rounds - self.charged
 
+    @property
+    def used_up(self) -> bool:
+        """Every reserved round and every once-per-run event was charged."""
+        return self.charged >= self.rounds and all(self.once_charged)
+
     def state(self, *, hold: timedelta, now: datetime) -> str:
         """One of :data:`RUN_STATES` at `now`, for a hold time of `hold`."""
-        if self.charged >= self.rounds:
+        if self.used_up:
             return USED_UP
         if self.released_at is not None:
             return RELEASED
@@ -307,14 +322,14 @@ class RunReservation:
 
     def expires_at(self, hold: timedelta) -> datetime | None:
         """When it stops counting unless a round is charged first; None once released or used up."""
-        if self.released_at is not None or self.charged >= self.rounds:
+        if self.released_at is not None or self.used_up:
             return None
         return self.active_at + hold
 
     def held(self) -> list[DPEvent]:
         """The rounds not charged yet, one event per release (their composition), and the once-per-run events not charged yet."""
         rounds = [event.times(self.remaining) for event in self.events] if self.remaining >= 1 else []
-        return rounds + ([] if self.once_charged else list(self.once))
+        return rounds + [event for event, charged in zip(self.once, self.once_charged, strict=True) if not charged]
 
 
 @dataclass(frozen=True)
@@ -389,7 +404,7 @@ def _moves_forward(old: RunReservation, new: RunReservation) -> str | None:
     terms = ("dataset", "submission", "events", "rounds", "reserved_at", "once")
     if any(getattr(old, name) != getattr(new, name) for name in terms):
         return "a run reservation keeps its terms"
-    if old.once_charged and not new.once_charged:
+    if any(was and not now for was, now in zip(old.once_charged, new.once_charged, strict=True)):
         return "a run reservation only moves forward (more rounds charged, then released)"
     if new.charged < old.charged or old.released_at is not None:
         return "a run reservation only moves forward (more rounds charged, then released)"
@@ -687,7 +702,7 @@ class SqliteLedgerStore:
             (
                 run.dataset, run.submission, run.rounds, run.charged, run.reserved_at.isoformat(),
                 run.active_at.isoformat(), None if run.released_at is None else run.released_at.isoformat(),
-                int(run.once_charged),
+                _mask(run.once_charged),
             ),
         )
         conn.executemany(
@@ -712,7 +727,7 @@ class SqliteLedgerStore:
             "WHERE dataset = ? AND submission = ?",
             (
                 run.charged, run.active_at.isoformat(), None if run.released_at is None else run.released_at.isoformat(),
-                int(run.once_charged), run.dataset, run.submission,
+                _mask(run.once_charged), run.dataset, run.submission,
             ),
         )
 
@@ -792,7 +807,7 @@ class SqliteLedgerStore:
                 str(dataset), str(submission), events, int(rounds), int(charged),  # type: ignore[call-overload]
                 _read_time(reserved_at, self.path), _read_time(active_at, self.path),
                 None if released_at is None else _read_time(released_at, self.path),
-                once_events, bool(once_charged),
+                once_events, tuple(bool(int(once_charged) >> k & 1) for k in range(len(once_events))),  # type: ignore[call-overload]
             )
         except (TypeError, ValueError) as err:
             raise LedgerError(f"privacy ledger {self.path} holds an unreadable {what}: {err}") from err
@@ -1055,6 +1070,11 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"round {round} of run '{run_id}' was already charged to dataset '{dataset}'; a second release is refused"
                 )
+            if reservation.remaining < 1:
+                raise BudgetExhaustedError(
+                    f"submission '{submission}' on dataset '{dataset}' has been charged all {reservation.rounds} round(s) "
+                    "it reserved; another round is refused (the rounds of a submission are capped, continuations included)"
+                )
             reservation = self._renew(transaction, reservation, budget, run_cap, hold, now)
             charges = [
                 Charge(dataset, run_id, round, event, now, submission, release)
@@ -1075,24 +1095,26 @@ class PrivacyLedger:
         *,
         submission: str,
         run_id: str,
+        index: int,
         budget: Budget,
         hold: timedelta,
         run_cap: Budget | None = None,
     ) -> list[Charge]:
-        """Charge `submission`'s once-per-run events (round 0 of run `run_id`), or nothing if they were charged.
+        """Charge `submission`'s `index`-th once-per-run event (round 0 of run `run_id`), or nothing if it was charged.
 
-        Call it when the reply carrying them is about to leave. Returns the charges made
-        now: empty when the reservation has no such events or they were charged already
-        (by this run or an earlier run of the submission: the node then sends the value it
-        released then, post-processing, and nothing new leaves). A reservation that
-        expired is first reserved again, under :meth:`reserve_run`'s checks.
+        Call it when the reply carrying it is about to leave. Returns the charges made
+        now: empty when it was charged already (by this run or an earlier run of the
+        submission: the node then sends the value it released then, post-processing, and
+        nothing new leaves). A reservation that expired is first reserved again, under
+        :meth:`reserve_run`'s checks.
 
         Raises
         ------
         BudgetExhaustedError
             The reservation was released or used up, or it expired and no longer fits.
         LedgerError
-            No reservation for the submission, or storage failed.
+            No reservation for the submission, it holds no such once-per-run event, or
+            storage failed.
         """
         _check_key(dataset, run_id, 0)
         _check_submission(submission)
@@ -1105,21 +1127,24 @@ class PrivacyLedger:
                     f"no run reservation for submission '{submission}' on dataset '{dataset}'; "
                     "a node reserves a run when it admits it, before it releases anything"
                 )
-            if reservation.once_charged or not reservation.once:
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(reservation.once):
+                raise LedgerError(
+                    f"submission '{submission}' reserved {len(reservation.once)} once-per-run event(s) on dataset "
+                    f"'{dataset}'; there is no once-per-run event {index!r}"
+                )
+            if reservation.once_charged[index]:
                 return []
             reservation = self._renew(transaction, reservation, budget, run_cap, hold, now)
-            first = len(reservation.events)
-            charges = [
-                Charge(dataset, run_id, 0, event, now, submission, first + index) for index, event in enumerate(reservation.once)
-            ]
-            for charge in charges:
-                transaction.add_charge(charge)
-            transaction.put_run_reservation(replace(reservation, once_charged=True, active_at=now))
+            event = reservation.once[index]
+            charge = Charge(dataset, run_id, 0, event, now, submission, len(reservation.events) + index)
+            transaction.add_charge(charge)
+            flags = tuple(flag or k == index for k, flag in enumerate(reservation.once_charged))
+            transaction.put_run_reservation(replace(reservation, once_charged=flags, active_at=now))
         logger.info(
-            "charged dataset '%s': run %s of submission %s, its once-per-run release(s) %s",
-            dataset, run_id, submission, _describe_all(reservation.once),
+            "charged dataset '%s': run %s of submission %s, its once-per-run release %d (%s)",
+            dataset, run_id, submission, index, _describe_all((event,)),
         )
-        return charges
+        return [charge]
 
     def release_run(self, dataset: str, *, submission: str) -> RunReservation | None:
         """Close `submission`'s reservation on `dataset` and give back its unused rounds.
@@ -1244,6 +1269,11 @@ class PrivacyLedger:
 
     def __repr__(self) -> str:
         return f"PrivacyLedger({self.location!r})"
+
+
+def _mask(flags: Sequence[bool]) -> int:
+    """Once-per-run charged flags as run_reservations.once_charged stores them (bit k: event k)."""
+    return sum(1 << k for k, flag in enumerate(flags) if flag)
 
 
 def _find(transaction: LedgerTransaction, dataset: str, submission: str) -> RunReservation | None:

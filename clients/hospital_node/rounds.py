@@ -9,15 +9,27 @@ consistent, round not already released), then read the data, compute, charge one
 reserved round to the ledger, record the release in the audit log, and only then build
 the reply. A failure before the charge spends nothing and leaves the run's reservation
 as it was; the final evaluate message, or a release message from a coordinator whose run
-ended early, gives back the rounds the run did not use. What leaves passes the egress
-guard: only the metric keys the protocol declares for that message and arrays shaped
-exactly like the instructed model; and each of the protocol's ``DP_METRICS`` only with the
-value of the DP release the handler made (or its declared post-processing).
+ended early, ends the run and gives back what it did not use. What leaves passes the
+egress guard: only the metric keys the protocol declares for that message and arrays
+shaped exactly like the instructed model; and every metric only with the value the
+handler vouched for: the output of one of its DP releases (or its declared
+post-processing), or an accounting value (the spec's steps, the ledger's epsilon).
 
-Counts: no reply carries an exact count. The training-set size that weights FedAvg (and
-scales the update under SecAgg+) is released once per run as a discrete Laplace count,
-charged to the ledger as the run's once-per-run event, and reused by every later reply
-(:mod:`clients.hospital_node.released_counts`).
+Every number that leaves is accounted:
+
+- *Counts.* The training-set size that weights FedAvg (and scales the update under
+  SecAgg+) is released once per run as a discrete Laplace count, charged to the ledger as
+  one of the run's once-per-run events, and reused by every later reply
+  (:mod:`clients.hospital_node.released`).
+- *Model quality.* The final evaluate reply carries the final model's validation scores
+  as a histogram by label over fixed bins with discrete Laplace noise (the run's other
+  once-per-run event, ``privacy.evaluation_epsilon``); the coordinator computes AUC,
+  loss, accuracy, Brier score and calibration from it, per site and pooled. With
+  ``privacy.evaluate_every_round`` each train reply also carries the incoming model's
+  histogram, charged as the round's second release. No exact loss, AUC or training loss
+  leaves.
+- *Accounting values.* ``steps`` is the signed spec's; ``epsilon`` and ``epsilon-run``
+  are the node's ledger totals, which depend on the approved releases, not on rows.
 
 What else a training reply reveals about the training size n, and what is done about it:
 
@@ -33,14 +45,11 @@ What else a training reply reveals about the training size n, and what is done a
   see) lags the message by the ClientApp's runtime, which grows with n (an epoch is
   ``steps`` Poisson batches of about ``sample_rate * n`` patients, and the data load and
   the evaluation scan every row). That is a timing side channel of roughly n, not
-  covered by the ledger. It stays open: each message starts a fresh ClientApp process
-  whose start-up (seconds) dominates at the alliance's cohort sizes, and closing it would
-  take padding every reply to a fixed, policy-declared duration. The masked SecAgg+
-  update's ``fitres.num_examples`` is the released noisy size.
-- *Still exact, not yet closed:* ``train-loss`` (the mean DP-SGD loss over the sampled
-  patients) and the per-site evaluation metrics (``eval-loss``, ``eval-auc``,
-  ``eval-accuracy``, ``eval-brier``) are computed on private rows and leave without a
-  mechanism; issue 10 item 4 replaces them with noisy per-label score histograms.
+  covered by the ledger. It stays open: the reply waits on the coordinator's next poll
+  of the SuperNode, model loading and Flower's own overhead (seconds), which dominate
+  at the alliance's cohort sizes, and closing it would take padding every reply to a
+  fixed, policy-declared duration. The masked SecAgg+ update's ``fitres.num_examples``
+  is the released noisy size.
 
 A run is known to the ledger by its *submission*: the id in the partner-signed envelope
 (:class:`privacy.governance.Submission`), the same for every continuation of the
@@ -78,10 +87,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from clients.hospital_node.errors import ConnectorError, DatasetNotFoundError, NodeError
 from clients.hospital_node.governance import Admission, Refusal, admit
 from clients.hospital_node.home import NodeHome
+from models.evaluation import SCORE_BINS
 from federation.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    DP_METRICS,
     EVAL_METRICS,
     IMAGING_TASK,
     LEGACY_FIT_ARRAYS,
@@ -99,6 +108,7 @@ from federation.protocol import (
     STATISTICS_ACTION,
     SECAGG_MAX_WEIGHT_KEY,
     TRAIN_METRICS,
+    score_metrics,
     ProtocolError,
     SignedSpec,
     TrainInstruction,
@@ -113,7 +123,8 @@ from privacy.ledger import Budget, PrivacyLedger
 if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where they are used
     from clients.hospital_node.connectors import TabularData
     from clients.hospital_node.imaging_connector import ImagingData
-    from clients.hospital_node.released_counts import ReleasedCount
+    from clients.hospital_node.released import Release
+    from privacy.events import TrainingReleases
 
 __all__ = ["DEBUG_NOISE_SEED_FILE", "KEPT_UPDATES_DIR", "answer", "update_digest"]
 
@@ -253,7 +264,8 @@ _LEGACY_FIT_RESULT = {"fitres.parameters", "fitres.num_examples", "fitres.metric
 
 def _guard(kind: str, content: RecordDict, *, secure: bool = False, released: Mapping[str, float] | None = None) -> None:
     """The egress guard: nothing leaves but the declared metric keys (and, for train, model arrays),
-    and a DP metric only with the value the handler released (`released`)."""
+    each only with the value the handler vouched for (`released`): a DP release's output or
+    its declared post-processing, or an accounting value (the spec's steps, the ledger's epsilon)."""
     arrays = _LEGACY_FIT_RESULT if secure else {ARRAYS_KEY}
     unexpected = set(content) - {METRICS_KEY, *(arrays if kind == "train" else ())}
     if secure and content.get("fitres.metrics"):
@@ -265,15 +277,23 @@ def _guard(kind: str, content: RecordDict, *, secure: bool = False, released: Ma
     if undeclared:
         raise ProtocolError(f"egress guard: undeclared metric(s) {', '.join(undeclared)} in a {kind} reply; nothing was sent")
     released = released or {}
-    unreleased = sorted(k for k in DP_METRICS if k in metrics and metrics[k] != released.get(k))
+    # Every number: a DP release's output (or its declared post-processing), or an
+    # accounting value from the signed spec and the ledger, exactly as the handler made it.
+    unreleased = sorted(k for k in metrics if not _same(metrics[k], released.get(k)))
     if secure:
         legacy = content.get("fitres.num_examples")  # Flower's MetricRecord {"num_examples": n}
         if not isinstance(legacy, MetricRecord) or float(legacy.get("num_examples", math.nan)) != released.get("num-examples"):
             unreleased.append("fitres.num_examples")
     if unreleased:
         raise ProtocolError(
-            f"egress guard: {', '.join(unreleased)} in a {kind} reply is not the output of the node's DP release; nothing was sent"
+            f"egress guard: {', '.join(unreleased)} in a {kind} reply is neither the output of one of the node's DP "
+            "releases nor an accounting value; nothing was sent"
         )
+
+
+def _same(sent: object, made: float | None) -> bool:
+    """Whether a metric value that is about to leave is the number the handler released."""
+    return made is not None and isinstance(sent, int | float) and not isinstance(sent, bool) and float(sent) == made
 
 
 def _open_home(node_config: Mapping[str, Any]) -> NodeHome:
@@ -379,51 +399,80 @@ def _query(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     # query wave costs little more than Flower's floor for a wave.
     data = _load(home, instruction)
     _check_cohort(data, instruction, admission, request)
-    count = _training_count(home, instruction, request, admission, data.n_train)
-    return RecordDict({METRICS_KEY: MetricRecord({"num-examples": count.weight})})
+    weight = _training_count(home, instruction, request, admission, data.n_train)
+    return RecordDict({METRICS_KEY: MetricRecord({"num-examples": weight})})
+
+
+def _releases(instruction: TrainInstruction, request: _Request) -> TrainingReleases:
+    """What the run releases, by the instruction and the signed spec's privacy options."""
+    from clients.hospital_node.governance import training_releases_of
+
+    return training_releases_of(instruction, SignedSpec.from_config(request.config).mapping())
+
+
+def _release_once(  # noqa: PLR0913
+    home: NodeHome,
+    instruction: TrainInstruction,
+    request: _Request,
+    admission: Admission,
+    name: str,
+    exact: list[int],
+    *,
+    subject: str = "",
+    charge: bool = True,
+) -> Release:
+    """The run's once-per-run release `name` of `exact` (drawn and charged once, then reused)."""
+    from clients.hospital_node.released import ONCE_PER_RUN, release_once
+
+    assert admission.budget is not None and admission.reservation is not None  # admitted with a reservation
+    return release_once(
+        home,
+        name=name,
+        dataset=instruction.dataset,
+        submission=admission.submission.submission_id,
+        run_id=request.run_id,
+        exact=exact,
+        event=_releases(instruction, request).once[ONCE_PER_RUN.index(name)],
+        budget=admission.budget,
+        hold=admission.policy.reservation_hold,
+        run_cap=admission.run_cap,
+        subject=subject,
+        debug_seed=_debug_release_seed(home, instruction.dataset, name),
+        charge=charge,
+    )
 
 
 def _training_count(
     home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission, n_train: int, *, charge: bool = True
-) -> ReleasedCount:
-    """The run's noisy training-set size (drawn and charged once, then reused), recorded as the reply's release."""
-    from clients.hospital_node.governance import training_count_event
-    from clients.hospital_node.released_counts import release_training_count
+) -> float:
+    """The run's noisy training-set size clamped at 1 (drawn and charged once, then reused), recorded as the reply's release."""
+    from clients.hospital_node.released import TRAINING_SIZE
 
-    assert admission.budget is not None and admission.reservation is not None  # admitted with a reservation
-    count = release_training_count(
-        home,
-        dataset=instruction.dataset,
-        submission=admission.submission.submission_id,
-        run_id=request.run_id,
-        exact=n_train,
-        event=training_count_event(SignedSpec.from_config(request.config).mapping()),
-        budget=admission.budget,
-        hold=admission.policy.reservation_hold,
-        run_cap=admission.run_cap,
-        debug_seed=_debug_count_seed(home, instruction.dataset),
-        charge=charge,
-    )
-    request.released["num-examples"] = count.weight
-    request.release_records.update(_count_record(count))
-    return count
+    release = _release_once(home, instruction, request, admission, TRAINING_SIZE, [n_train], charge=charge)
+    weight = float(max(1, release.noisy[0]))
+    request.released["num-examples"] = weight
+    request.release_records["num-examples"] = release.record("max(1, output)")
+    return weight
 
 
-def _count_record(count: ReleasedCount) -> dict[str, object]:
-    """What the audit log says of the released training-set size: mechanism, output, post-processing."""
-    return {
-        "num-examples": {
-            "mechanism": count.event.mechanism,
-            "scale": count.event.noise_multiplier,
-            "output": count.noisy,
-            "post_processing": "max(1, output)",
-            "charged": "now" if count.charged_now else "earlier in the run (reused)",
-        }
-    }
+def _scores(model: Any, x_val: Any, y_val: Any) -> list[int]:
+    """The exact validation-score histogram by label (models.evaluation's bins), flattened: never leaves as is."""
+    from models.evaluation import score_histogram
+    from models.training import predict
+
+    return [int(v) for v in score_histogram(predict(model, x_val), y_val.numpy().astype(int)).ravel()]
+
+
+def _send_scores(request: _Request, noisy: list[int], record: dict[str, object]) -> dict[str, float]:
+    """A released histogram as the reply's SCORE_METRICS, recorded as the reply's release."""
+    metrics = score_metrics([noisy[:SCORE_BINS], noisy[SCORE_BINS:]])
+    request.released.update(metrics)
+    request.release_records["eval-scores"] = record
+    return metrics
 
 
 def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
-    from models.training import evaluate, train_dp
+    from models.training import train_dp
 
     server_round = int(request.config.get("server-round", 0))
     run_id = request.run_id
@@ -442,10 +491,13 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     model = _model(instruction, request.arrays, numbered=request.secure)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     x_train, y_train, x_val, y_val = _tensors(data)
-    incoming = evaluate(model, x_val, y_val)
+    releases = _releases(instruction, request)
+    # With evaluate_every_round, the incoming model's validation scores: a histogram the
+    # round's charge covers (its second release), drawn now, before the model trains.
+    incoming = _scores(model, x_val, y_val) if len(releases.per_round) > 1 else None
     # The released size, drawn before training (charged below, with the round, if no query
     # released it): DP-SGD's expected batch size is computed from it, never from the exact n.
-    size = _training_count(home, instruction, request, admission, data.n_train, charge=False).weight
+    size = _training_count(home, instruction, request, admission, data.n_train, charge=False)
     generator = _sampling_generator(home, instruction.dataset, server_round)
     stats = train_dp(
         model,
@@ -465,8 +517,8 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     arrays = ArrayRecord(model.state_dict())
     if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
         raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
-    count = _training_count(home, instruction, request, admission, data.n_train)  # the same value, charged if not yet
-    secagg = _check_secagg_range(request, arrays, count.weight) if request.secure else None
+    weight = _training_count(home, instruction, request, admission, data.n_train)  # the same value, charged if not yet
+    secagg = _check_secagg_range(request, arrays, weight) if request.secure else None
     budget = admission.budget
     with PrivacyLedger.open(home.ledger_path) as ledger:
         # Charged as the reply is built: from here on it counts. One round of the reservation.
@@ -485,22 +537,28 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
         "run %s round %s: trained %s steps on dataset '%s'; epsilon spent %.3f at delta %g",
         run_id, server_round, stats.steps, instruction.dataset, epsilon, budget.delta,
     )
-    metrics = {
-        "num-examples": count.weight,
-        **{k: v for k, v in incoming.as_dict().items() if k != "eval-num-examples"},
-        "train-loss": stats.mean_loss,
-        "steps": float(stats.steps),
-        "epsilon": epsilon,
-        "epsilon-run": epsilon_run,
-    }
+    accounting = {"steps": float(instruction.steps), "epsilon": epsilon, "epsilon-run": epsilon_run}
+    request.released.update(accounting)
+    metrics = {"num-examples": weight, **accounting}
+    if incoming is not None:
+        from clients.hospital_node.released import noisy_counts
+
+        scale = releases.per_round[1].noise_multiplier
+        seed = _debug_release_seed(home, instruction.dataset, f"scores-{run_id}-{server_round}")
+        noisy = noisy_counts(incoming, scale, debug_seed=seed)
+        metrics |= _send_scores(request, noisy, {
+            "mechanism": releases.per_round[1].mechanism, "scale": scale, "output": noisy,
+            "post_processing": "none", "charged": f"now, as release 1 of round {server_round}",
+        })
     record = _release_record(run_id, server_round, instruction, arrays, metrics, budget)
     record["dp_releases"] = dict(request.release_records)
+    record["accounting"] = accounting
     if secagg is not None:
         record["secure_aggregation"] = secagg
     home.audit_log().append("release", record)
     _keep_update(home, run_id, server_round, arrays)
     if request.secure:
-        return _legacy_fit_result(arrays, int(count.weight), metrics)
+        return _legacy_fit_result(arrays, int(weight), metrics)
     return RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(metrics)})
 
 
@@ -590,13 +648,13 @@ def _sampling_generator(home: NodeHome, dataset: str, server_round: int):  # typ
     return torch.Generator().manual_seed(seed)
 
 
-def _debug_count_seed(home: NodeHome, dataset: str) -> int | None:
-    """Tests only: the seed of the released training size's noise, from ``debug-noise-seed`` (see `_sampling_generator`)."""
+def _debug_release_seed(home: NodeHome, dataset: str, what: str) -> int | None:
+    """Tests only: the seed of release `what`'s noise on `dataset`, from ``debug-noise-seed`` (see `_sampling_generator`)."""
     path = home.path / DEBUG_NOISE_SEED_FILE
     if not path.is_file():
         return None
-    logger.warning("debug: the training size of dataset '%s' is released with noise seeded from %s (remove it to stop)", dataset, path)
-    return int(hashlib.sha256(f"{path.read_text().strip()}|{dataset}|count".encode()).hexdigest()[:15], 16)
+    logger.warning("debug: the %s of dataset '%s' is released with noise seeded from %s (remove it to stop)", what, dataset, path)
+    return int(hashlib.sha256(f"{path.read_text().strip()}|{dataset}|{what}".encode()).hexdigest()[:15], 16)
 
 
 def _keep_update(home: NodeHome, run_id: str, server_round: int, arrays: ArrayRecord) -> None:
@@ -649,12 +707,27 @@ def _release_record(
 
 
 def _evaluate(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
-    from models.training import evaluate
+    """The final model's validation scores, a histogram by label released once per run; then the run ends.
 
-    data = _load(home, instruction)
-    model = _model(instruction, request.arrays)
-    _, _, x_val, y_val = _tensors(data)
-    metrics = {k: v for k, v in evaluate(model, x_val, y_val).as_dict().items() if k != "eval-num-examples"}
+    Charged (the run's once-per-run evaluation) as the reply is built. Whatever happens,
+    the run ends here: what it reserved and did not use goes back to the dataset, and
+    a second evaluate is refused (a run's end is not a metric oracle).
+    """
+    from clients.hospital_node.governance import end_run
+    from clients.hospital_node.released import FINAL_EVALUATION
+
+    try:
+        data = _load(home, instruction)
+        model = _model(instruction, request.arrays)
+        _, _, x_val, y_val = _tensors(data)
+        assert request.arrays is not None
+        subject = update_digest(request.arrays)  # the model it scored: asked again for another, the node refuses
+        release = _release_once(
+            home, instruction, request, admission, FINAL_EVALUATION, _scores(model, x_val, y_val), subject=subject
+        )
+        metrics = _send_scores(request, list(release.noisy), {**release.record("none"), "model_sha256": subject})
+    finally:
+        end_run(home, instruction.dataset, admission.submission.submission_id)
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})
 
 

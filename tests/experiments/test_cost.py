@@ -100,14 +100,19 @@ def test_costing_a_spec_at_the_limits_takes_bounded_memory() -> None:
 
 def test_the_plan_carries_the_epsilon_the_nodes_charge_beside_the_planning_estimate() -> None:
     plan = plan_privacy(ExperimentSpec.from_toml(EXAMPLE))
-    # What every node's ledger will charge: the same 100 steps and the once-per-run count
-    # release (discrete Laplace at the default count epsilon 0.1), composed by PLD.
+    # What every node's ledger will charge: the same 100 steps and the once-per-run releases
+    # (discrete Laplace: the training-set size at the default count epsilon 0.1, the final
+    # evaluation's histogram at the default evaluation epsilon 0.5), composed by PLD.
     count = DPEvent(10.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
-    assert plan.count_epsilon == 0.1
-    assert plan.epsilon_charged_per_site == epsilon([DPEvent(1.0, 0.05, 100), count], delta=1e-5, accountant="pld")
+    histogram = DPEvent(2.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
+    assert (plan.count_epsilon, plan.evaluation_epsilon, plan.evaluate_every_round) == (0.1, 0.5, False)
+    assert plan.epsilon_charged_per_site == epsilon(
+        [DPEvent(1.0, 0.05, 100), count, histogram], delta=1e-5, accountant="pld"
+    )
     assert plan.epsilon_training_charged_per_site == epsilon([DPEvent(1.0, 0.05, 100)], delta=1e-5, accountant="pld")
     assert plan.epsilon_training_charged_per_site == pytest.approx(3.502, abs=1e-3)
-    assert plan.epsilon_training_charged_per_site < plan.epsilon_charged_per_site < plan.epsilon_training_charged_per_site + 0.1
+    # Composition is not additive: less than the sum, more than the rounds alone.
+    assert plan.epsilon_training_charged_per_site < plan.epsilon_charged_per_site < plan.epsilon_training_charged_per_site + 0.6
     # The planning estimate (PRV) of the DP-SGD rounds agrees to about 1 %.
     assert plan.epsilon_training_charged_per_site == pytest.approx(plan.epsilon_per_site, rel=1e-2)
 
@@ -118,3 +123,15 @@ def test_the_count_epsilon_comes_from_the_spec_and_is_charged() -> None:
     assert (small.count_epsilon, large.count_epsilon) == (0.05, 1.0)
     assert small.epsilon_training_charged_per_site == large.epsilon_training_charged_per_site
     assert small.epsilon_charged_per_site < large.epsilon_charged_per_site
+
+
+def test_evaluating_every_round_is_charged_every_round_and_once_more_for_the_final_model() -> None:
+    spec = ExperimentSpec.from_toml(EXAMPLE)
+    every = spec_with(privacy={"evaluate_every_round": True, "evaluation_epsilon": 0.2})
+    plan = plan_privacy(every)
+    count = DPEvent(10.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
+    histogram = DPEvent(5.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
+    assert plan.epsilon_charged_per_site == epsilon(
+        [DPEvent(1.0, 0.05, 100), histogram.times(5), count, histogram], delta=1e-5, accountant="pld"
+    )
+    assert plan.epsilon_charged_per_site > plan_privacy(spec).epsilon_charged_per_site

@@ -108,7 +108,8 @@ def test_four_distinct_problems_are_all_reported_in_field_order() -> None:
         "federation.rounds must be >= 1; found 0",
         "privacy.delta must be < 1; found 1.5",
         "privacy.colour is not a known key; the keys of [privacy] are delta, max_grad_norm, "
-        "sample_rate, noise_multiplier, target_epsilon, accountant, min_cohort_size, count_epsilon",
+        "sample_rate, noise_multiplier, target_epsilon, accountant, min_cohort_size, count_epsilon, "
+        "evaluation_epsilon, evaluate_every_round",
     )
     assert str(info.value) == "spec.toml has 4 problems:\n" + "\n".join(f"  {p}" for p in info.value.problems)
 

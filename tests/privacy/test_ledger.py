@@ -1088,8 +1088,8 @@ def test_a_once_per_run_event_is_reserved_with_the_rounds_and_charged_once(new_l
     ledger = new_ledger()
     ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=ROUNDS, budget=ROOMY, hold=HOLD, once=(COUNT,))
     assert ledger.reserved("htn_cohort", hold=HOLD) == [EVENT.times(ROUNDS), COUNT]
-    first = ledger.charge_once("htn_cohort", submission="s1", run_id="r1", budget=ROOMY, hold=HOLD)
-    again = new_ledger().charge_once("htn_cohort", submission="s1", run_id="r2", budget=ROOMY, hold=HOLD)
+    first = ledger.charge_once("htn_cohort", submission="s1", run_id="r1", index=0, budget=ROOMY, hold=HOLD)
+    again = new_ledger().charge_once("htn_cohort", submission="s1", run_id="r2", index=0, budget=ROOMY, hold=HOLD)
     assert [(c.round, c.release, c.event) for c in first] == [(0, 1, COUNT)]
     assert again == []
     assert new_ledger().reserved("htn_cohort", hold=HOLD) == [EVENT.times(ROUNDS)]
@@ -1098,6 +1098,44 @@ def test_a_once_per_run_event_is_reserved_with_the_rounds_and_charged_once(new_l
     assert ledger.spent("htn_cohort", delta=DELTA, submission="s1") == pytest.approx(
         epsilon([COUNT, EVENT], delta=DELTA, accountant="pld")
     )
+
+
+EVALUATION = DPEvent(noise_multiplier=2.0, sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)
+
+
+def test_each_once_per_run_event_is_charged_on_its_own_and_the_run_is_used_up_after_the_last(
+    new_ledger: LedgerFactory, clock: Clock
+) -> None:
+    ledger = new_ledger()
+    ledger.reserve_run(
+        "htn_cohort", submission="s1", event=EVENT, rounds=1, budget=ROOMY, hold=HOLD, once=(COUNT, EVALUATION)
+    )
+    [count] = ledger.charge_once("htn_cohort", submission="s1", run_id="r1", index=0, budget=ROOMY, hold=HOLD)
+    ledger.charge_round("htn_cohort", submission="s1", run_id="r1", round=1, budget=ROOMY, hold=HOLD)
+    # Every round charged, the final evaluation still held: live, and no further round.
+    [run] = ledger.run_reservations()
+    assert run.once_charged == (True, False) and run.state(hold=HOLD, now=clock()) == LIVE
+    assert ledger.reserved("htn_cohort", hold=HOLD) == [EVALUATION]
+    with pytest.raises(BudgetExhaustedError, match="all 1 round"):
+        ledger.charge_round("htn_cohort", submission="s1", run_id="r1", round=2, budget=ROOMY, hold=HOLD)
+    [evaluation] = new_ledger().charge_once("htn_cohort", submission="s1", run_id="r2", index=1, budget=ROOMY, hold=HOLD)
+    assert [(c.run_id, c.round, c.release, c.event) for c in (count, evaluation)] == [
+        ("r1", 0, 1, COUNT), ("r2", 0, 2, EVALUATION)
+    ]
+    [run] = new_ledger().run_reservations()
+    assert run.once_charged == (True, True) and run.state(hold=HOLD, now=clock()) == USED_UP
+    with pytest.raises(LedgerError, match="no once-per-run event 2"):
+        ledger.charge_once("htn_cohort", submission="s1", run_id="r2", index=2, budget=ROOMY, hold=HOLD)
+
+
+def test_the_file_refuses_to_uncharge_a_once_per_run_event(tmp_path: Path, clock: Clock) -> None:
+    with PrivacyLedger.open(tmp_path / "ledger.db", clock=clock) as ledger:
+        ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=1, budget=ROOMY, hold=HOLD, once=(COUNT,))
+        ledger.charge_once("htn_cohort", submission="s1", run_id="r1", index=0, budget=ROOMY, hold=HOLD)
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    with pytest.raises(sqlite3.IntegrityError, match="only moves forward"), conn:
+        conn.execute("UPDATE run_reservations SET once_charged = 0")
+    conn.close()
 
 
 def test_the_budget_check_counts_the_once_per_run_event(new_ledger: LedgerFactory) -> None:
@@ -1125,10 +1163,11 @@ def test_a_schema_4_ledger_is_upgraded_to_5_with_no_once_events(tmp_path: Path, 
         conn.execute("ALTER TABLE run_reservation_events DROP COLUMN once")
         conn.execute("DROP TRIGGER run_reservations_keep_their_terms")
         conn.execute("DROP TRIGGER run_reservations_only_move_forward")
+        conn.execute("DROP TRIGGER run_reservations_once_charges_are_kept")
         conn.execute("ALTER TABLE run_reservations DROP COLUMN once_charged")
         conn.execute("UPDATE ledger_schema SET version = 4")
         conn.execute("PRAGMA user_version = 4")
     conn.close()
     with PrivacyLedger.open(path, clock=clock) as ledger:
         [run] = ledger.run_reservations()
-        assert (run.events, run.once, run.once_charged) == ((EVENT,), (), False)
+        assert (run.events, run.once, run.once_charged) == ((EVENT,), (), ())

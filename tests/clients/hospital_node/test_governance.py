@@ -114,10 +114,12 @@ def test_an_unseen_spec_is_recorded_once_as_a_request_and_awaits_the_officer(hom
     assert pending.request.spec_digest == SPEC.digest()
     assert pending.request.signer == PARTNER
     plan = plan_privacy(SPEC)
-    # The node's own accountant (PLD by default policy) agrees with the researcher's PRV cost.
-    assert pending.cost == pytest.approx(plan.epsilon_per_site, rel=2e-2)
+    # The officer sees what the researcher's `cost` says each site is charged: every release
+    # of the run (rounds, training-set size, final evaluation) composed by PLD.
+    assert pending.cost == pytest.approx(plan.epsilon_charged_per_site, rel=1e-6)
+    assert pending.cost > plan.epsilon_training_charged_per_site  # the count and the evaluation compose on top
     assert pending.position is not None and pending.position.budget == Budget(50.0, 1e-5)
-    assert pending.projected == pytest.approx(plan.epsilon_per_site, rel=0.05)
+    assert pending.projected == pytest.approx(plan.epsilon_charged_per_site, rel=1e-6)
 
 
 def test_after_approval_the_same_spec_is_accepted(home: NodeHome) -> None:
@@ -433,7 +435,12 @@ def test_a_run_that_ends_early_gives_back_what_it_did_not_use(home: NodeHome) ->
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     [after] = governance.budget_status(home)
     assert (after.open_reservations, after.reserved, after.held) == (0, 0.0, after.spent)
-    assert after.spent == before.spent
+    # The evaluation released its charged histogram; the unused round went back.
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [(c.round, c.release, c.event.mechanism) for c in ledger.charges("htn_cohort")] == [
+            (0, 1, "discrete-laplace"), (1, 0, "poisson-gaussian"), (0, 2, "discrete-laplace")
+        ]
+        assert after.spent == pytest.approx(ledger.spent("htn_cohort", delta=1e-5)) and after.spent > before.spent - before.reserved
     [status] = after.reservations
     assert (status.state, status.reservation.charged, status.reservation.rounds, status.expires_at) == ("released", 1, 2, None)
     # The submission is closed: a late round 2 is refused as a replay.
@@ -636,4 +643,5 @@ def test_query_and_evaluate_are_admitted_without_importing_torch(home: NodeHome,
          signed.submission],
         capture_output=True, text=True, timeout=120, check=False,
     )
-    assert done.stdout.split() == [str(kind == "evaluate"), "False", "False"], done.stderr
+    # Both are admitted with the dataset's budget (an evaluation releases a charged histogram).
+    assert done.stdout.split() == ["False", "False", "False"], done.stderr

@@ -105,7 +105,7 @@ def test_a_ledger_that_agrees_gives_clean_views(home: NodeHome, tmp_path: Path) 
     assert replies == [("query refused", None), ("train", 1)]  # awaiting approval, then the round
     [train] = [r for r in evidence["replies"] if r["reply"] == "train"]
     assert any(line.startswith("epsilon = ") for line in train["what_left"])
-    assert any(line.startswith("train-loss = ") for line in train["what_left"])
+    assert any(line.startswith("num-examples = ") for line in train["what_left"])
 
 
 # ---------------------------------------------------------------- approvals nobody asked for

@@ -18,7 +18,10 @@ from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from federation.experiment import instruction_for
 from federation.protocol import (
+    EVAL_METRICS,
     QUERY_METRICS,
+    REFUSED_REPLAY,
+    SCORE_METRICS,
     REFUSED_BAD_INSTRUCTION,
     REFUSED_DATASET,
     TRAIN_METRICS,
@@ -77,7 +80,8 @@ def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: Node
     reply = answer("train", _message(MessageType.TRAIN, instruction), {"home": str(home.path)})
     assert not reply.has_error(), reply.error
     metrics = read_metrics(reply.content, TRAIN_METRICS)
-    assert set(metrics) == set(TRAIN_METRICS)
+    # No loss, no AUC: the model's quality leaves only as the final evaluation's DP histogram.
+    assert set(metrics) == {"num-examples", "steps", "epsilon", "epsilon-run"}
     assert metrics["steps"] == instruction.steps
     with PrivacyLedger.open(home.ledger_path) as ledger:
         submission = sign(example_spec()).submission_id  # the partner-signed submission the message carried
@@ -235,10 +239,13 @@ def test_every_reply_is_recorded_query_and_evaluate_included(home: NodeHome) -> 
     assert [(r["message"], r["round"]) for r in records] == [("query", 1), ("evaluate", 5)]
     assert records[0]["metrics"] == ["num-examples"]
     assert records[0]["dp_releases"]["num-examples"]["mechanism"] == DISCRETE_LAPLACE
-    assert max(1, records[0]["dp_releases"]["num-examples"]["output"]) == query.content["metrics"]["num-examples"]
-    assert "eval-num-examples" not in records[1]["metrics"]
+    assert max(1, *records[0]["dp_releases"]["num-examples"]["output"]) == query.content["metrics"]["num-examples"]
     assert records[0]["bytes"] == query.content["metrics"].count_bytes()
-    assert records[1]["arrays"] == {} and "eval-auc" in records[1]["metrics"]
+    # The evaluation leaves as its noisy score histogram, and nothing else.
+    assert records[1]["arrays"] == {} and records[1]["metrics"] == sorted(SCORE_METRICS)
+    histogram = records[1]["dp_releases"]["eval-scores"]
+    assert histogram["mechanism"] == DISCRETE_LAPLACE and histogram["scale"] == 2.0  # evaluation_epsilon 0.5
+    assert [evaluate.content["metrics"][k] for k in SCORE_METRICS] == histogram["output"]
     # The digest is of the values that left, so an officer can match it to the coordinator's copy.
     sent = {k: evaluate.content["metrics"][k] for k in sorted(evaluate.content["metrics"])}
     assert records[1]["sha256"] == hashlib.sha256(json.dumps(sent, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -281,7 +288,7 @@ def test_the_training_size_is_released_once_charged_once_and_reused_by_every_rep
         counts = [c for c in ledger.charges("htn_cohort") if c.event.mechanism == DISCRETE_LAPLACE]
         [reservation] = ledger.run_reservations("htn_cohort")
     assert [(c.round, c.event.noise_multiplier) for c in counts] == [(0, 10.0)]  # count_epsilon 0.1 by default
-    assert reservation.once_charged and reservation.charged == 2
+    assert reservation.once_charged == (True, False) and reservation.charged == 2  # the final evaluation is still held
     records = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
     assert [r["dp_releases"]["num-examples"]["charged"] for r in records] == ["now", "earlier in the run (reused)", "earlier in the run (reused)"]
 
@@ -297,15 +304,15 @@ def test_no_reply_carries_the_exact_training_size_over_seeded_draws(home: NodeHo
     assert 0.01 < float((draws == exact).mean()) < 0.12
     query = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
     [record] = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
-    assert query.content["metrics"]["num-examples"] == max(1, record["dp_releases"]["num-examples"]["output"])
+    assert query.content["metrics"]["num-examples"] == max(1, *record["dp_releases"]["num-examples"]["output"])
 
 
 def test_a_count_whose_value_is_lost_after_its_release_is_never_drawn_again(home: NodeHome) -> None:
-    from clients.hospital_node.released_counts import COUNTS_DIR
+    from clients.hospital_node.released import RELEASED_DIR
 
     config = {"home": str(home.path)}
     assert not answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), config).has_error()
-    for path in (home.path / COUNTS_DIR).iterdir():
+    for path in (home.path / RELEASED_DIR).iterdir():
         path.unlink()
     reply = answer("train", _message(MessageType.TRAIN, _instruction()), config)
     assert reply.has_error() and "cannot be released again" in reply.error.reason
@@ -325,4 +332,93 @@ def test_the_egress_guard_refuses_a_count_that_is_not_the_release(home: NodeHome
 
     monkeypatch.setitem(rounds._HANDLERS, "query", exact)
     reply = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
-    assert reply.has_error() and "is not the output of the node's DP release" in reply.error.reason
+    assert reply.has_error() and "is neither the output of one of the node's DP releases" in reply.error.reason
+
+
+# ---------------------------------------------------------------- the model's quality as DP histograms
+
+
+def _exact_histogram(home: NodeHome, arrays: ArrayRecord) -> list[int]:
+    """What the node's validation split scores to, exactly: only a test on the node's own data sees it."""
+    from clients.hospital_node.connectors import TabularConnector
+    from models.evaluation import score_histogram
+    from models.training import predict
+
+    split = TabularConnector(home.dataset("htn_cohort")).load().select(FEATURES, _instruction().scaling)
+    model = build_tabular_model("logistic", len(FEATURES))
+    model.load_state_dict(arrays.to_torch_state_dict())
+    import torch
+
+    x_val = torch.from_numpy(split.x_val)
+    return [int(v) for v in score_histogram(predict(model, x_val), split.y_val.astype(int)).ravel()]
+
+
+def test_the_final_evaluation_is_a_charged_noisy_histogram_answered_once(home: NodeHome) -> None:
+    config = {"home": str(home.path)}
+    _two_rounds(home)
+    final = _message(MessageType.EVALUATE, _instruction(), server_round=2)
+    reply = answer("evaluate", final, config)
+    assert not reply.has_error(), reply.error
+    sent = read_metrics(reply.content, EVAL_METRICS)
+    assert list(sent) == list(SCORE_METRICS)
+    exact = _exact_histogram(home, final.content["arrays"])
+    noise = [sent[k] - e for k, e in zip(SCORE_METRICS, exact, strict=True)]
+    # Discrete Laplace at scale 2 per bin (variance 2 t^2 / (1 + ...) < 8): 40 bins differ from
+    # the exact counts, and their sum stays within 5 standard deviations of the total.
+    assert sum(1 for n in noise if n != 0) >= 20
+    assert abs(sum(noise)) < 5 * (8 * len(noise)) ** 0.5
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        charges = [(c.round, c.release, c.event.noise_multiplier) for c in ledger.charges("htn_cohort") if c.event.mechanism == DISCRETE_LAPLACE]
+        [reservation] = ledger.run_reservations("htn_cohort")
+    assert charges == [(0, 1, 10.0), (0, 2, 2.0)]  # the training size, then the evaluation
+    assert reservation.once_charged == (True, True) and reservation.released_at is not None
+    # A second final evaluation (another model, or the same) is refused: the run has ended.
+    again = answer("evaluate", _message(MessageType.EVALUATE, _instruction(), server_round=2), config)
+    assert again.error.code == REFUSED_REPLAY and "its final evaluation is answered once" in again.error.reason
+
+
+def test_evaluating_every_round_releases_the_incoming_histogram_as_the_rounds_second_charge(tmp_path: Path) -> None:
+    spec = example_spec(privacy={"evaluate_every_round": True, "evaluation_epsilon": 1.0})
+    path = tmp_path / "cohort.csv"
+    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
+    node = NodeHome.create(tmp_path / "home", name="hospital_9")
+    node.register_dataset(DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES))
+    govern(node, "htn_cohort", approve_spec=spec)
+    instruction = instruction_for(spec, plan_privacy(spec))
+    model = build_tabular_model(instruction.model_kind, len(instruction.features))
+    message = signed_message(MessageType.TRAIN, spec, instruction=instruction, server_round=1, arrays=ArrayRecord(model.state_dict()))
+    reply = answer("train", message, {"home": str(node.path)})
+    assert not reply.has_error(), reply.error
+    metrics = read_metrics(reply.content, TRAIN_METRICS)
+    assert set(metrics) == {"num-examples", "steps", "epsilon", "epsilon-run", *SCORE_METRICS}
+    with PrivacyLedger.open(node.ledger_path) as ledger:
+        rounds = [(c.round, c.release, c.event.mechanism) for c in ledger.charges("htn_cohort") if c.round == 1]
+    assert rounds == [(1, 0, "poisson-gaussian"), (1, 1, DISCRETE_LAPLACE)]
+    [record] = [e.payload for e in node.audit_log().entries() if e.kind == "release"]
+    assert [metrics[k] for k in SCORE_METRICS] == record["dp_releases"]["eval-scores"]["output"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("eval-auc", 0.81), ("train-loss", 0.4), ("eval-scores-1-10", None)],
+    ids=["an exact AUC", "an exact training loss", "an altered histogram bin"],
+)
+def test_the_egress_guard_refuses_any_number_that_is_not_a_release(
+    home: NodeHome, monkeypatch: pytest.MonkeyPatch, key: str, value: float | None
+) -> None:
+    import clients.hospital_node.rounds as rounds
+
+    original = rounds._evaluate
+
+    def leaky(*args: object) -> RecordDict:
+        content = original(*args)  # type: ignore[arg-type]
+        metrics = content["metrics"]
+        metrics[key] = metrics[key] + 1.0 if value is None else value
+        return content
+
+    monkeypatch.setitem(rounds._HANDLERS, "evaluate", leaky)
+    config = {"home": str(home.path)}
+    assert not answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), config).has_error()
+    reply = answer("evaluate", _message(MessageType.EVALUATE, _instruction(), server_round=2), config)
+    assert reply.has_error() and "egress guard" in reply.error.reason and key in reply.error.reason
+    assert [e.payload["message"] for e in home.audit_log().entries() if e.kind == "release"] == ["query"]
