@@ -534,7 +534,8 @@ def test_a_charge_deleted_from_the_ledger_stops_all_work(home: NodeHome) -> None
     conn.close()
     code, reason = _refusal(_train(home, SPEC, 2))
     assert code == REFUSED_INTEGRITY
-    assert "lacks 1 charge(s) its audit log records (first: seq" in reason
+    # Both the round and the once-per-run training size it released are missing.
+    assert "lacks 2 charge(s) its audit log records (first: seq" in reason and "once-per-run release num-examples" in reason
 
 
 # ---------------------------------------------------------------- the officer's commands
