@@ -85,7 +85,7 @@ def test_the_evidence_pack_is_written_headed_by_the_disagreement(home: NodeHome,
     assert made.exit_code == 1
     assert "lacks 2 charge(s)" in " ".join(made.stderr.split())
     evidence = json.loads((out / "evidence.json").read_text())
-    assert evidence["ledger_check"]["ok"] is False and len(evidence["ledger_check"]["missing_charges"]) == 1
+    assert evidence["ledger_check"]["ok"] is False and len(evidence["ledger_check"]["missing_charges"]) == 2
     assert evidence["warnings"] == ["the privacy ledger lacks 2 charge(s) the audit log records"]
     page = (out / "report.html").read_text()
     assert page.index("WARNING: the privacy ledger lacks 2 charge(s)") < page.index("Audit log verification")
