@@ -146,6 +146,9 @@ def _print_report(folder: Path) -> None:
     if table.is_file():
         typer.echo(table.read_text(encoding="utf-8"))
     if summary.is_file():
+        secure = json.loads(summary.read_text(encoding="utf-8")).get("secure_sum")
+        if secure:
+            typer.echo(f"securely aggregated (SecAgg+): totals of {', '.join(secure.get('contributing_sites', []))}; no site's answer was seen")
         sites = json.loads(summary.read_text(encoding="utf-8")).get("sites", {})
         for site, facts in sorted(sites.items()):
             charged = facts.get("epsilon_charged_by_this_study")
