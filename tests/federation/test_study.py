@@ -352,3 +352,26 @@ def test_a_node_that_drops_out_after_its_masked_answer_is_in_the_sum_and_charged
         assert total == (sum(values) if values else None)
     with PrivacyLedger.open(NodeHome.open(alliance[2].home).ledger_path) as ledger:
         assert sum(c.run_id == str(run_id) for c in ledger.charges(DATASET)) == len(spec.query.releases())
+
+
+def test_a_refusal_at_the_collect_stage_reaches_the_coordinator_and_charges_nothing(alliance, tmp_path: Path) -> None:
+    from clients.hospital_node.governance import revoke
+
+    spec = _secure(study="secure-revoked")
+    run_id = 306
+    handlers = {10 + i: _persistent(s.home, 10 + i, run_id) for i, s in enumerate(alliance)}
+    revoking = handlers[11]
+
+    def officer_revokes_after_the_query(message: Message) -> Message:
+        if message.metadata.message_type == "train" and "fitins.config" in message.content.config_records:
+            revoke(NodeHome.open(alliance[1].home), spec.digest(), dataset=DATASET, reason="ethics review", by="officer")
+        return revoking(message)
+
+    handlers[11] = officer_revokes_after_the_query
+    result, _ = _run(alliance, spec, tmp_path, run_id=run_id, handlers=handlers)
+    assert result.contributors == ["hospital_1", "hospital_3"]
+    [refused] = [o for o in result.sites.values() if o.site == "hospital_2"]
+    assert (refused.status, refused.reason) == ("refused", "approval revoked by this node's officer: ethics review")
+    assert result.totals is not None and max(result.totals.sites) == 2
+    with PrivacyLedger.open(NodeHome.open(alliance[1].home).ledger_path) as ledger:
+        assert [c for c in ledger.charges(DATASET) if c.run_id == str(run_id)] == []

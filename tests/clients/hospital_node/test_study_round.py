@@ -590,6 +590,11 @@ def test_a_secure_study_answers_whole_quanta_with_weight_one_recorded_as_masked(
     assert (secure["protocol"], secure["masked"], secure["weight"], secure["max_weight"]) == ("SecAgg+", True, 1, 1.0)
     assert secure["reported_cells"] == [int(x) for x in vectors[-1]]
     assert record["sha256"] == __import__("hashlib").sha256(b"".join(v.astype("<f8").tobytes() for v in vectors)).hexdigest()
+    # `medfed node egress` tells the officer the values left masked, as this site's part of a sum.
+    from clients.hospital_node.egress_records import what_left
+
+    [entry] = [e for e in home.audit_log().entries() if e.kind == "release" and e.payload["message"] == "statistics"]
+    assert what_left(entry)[1].startswith("SecAgg+ masked, as whole quanta beside a reported-cell vector")
     with PrivacyLedger.open(home.ledger_path) as ledger:
         assert len(ledger.charges("htn_cohort")) == len(releases)
     assert governance.ledger_disagreement(home, home.audit_log().entries()) == []
