@@ -1,8 +1,9 @@
 """The statistics spec (a study): a statistics query as a file, signed and approved like an experiment.
 
 A study is a TOML file whose tables are a :class:`~privacy.query.StatisticsQuery`
-(``[data]``, ``[columns.<name>]``, ``[[statistics]]``, ``[privacy]``; see
-:mod:`privacy.query`) plus::
+(``[data]``, ``[columns.<name>]``, ``[[statistics]]``, ``[privacy]``, and optionally
+``[federation] secure_aggregation = true`` for answers that reach the coordinator only as
+SecAgg+ totals; see :mod:`privacy.query`) plus::
 
     kind = "statistics"      optional in the file (before any table); always in the canonical JSON
     [study]                  name, description, mlflow_experiment (defaults to name)

@@ -23,6 +23,7 @@ from experiments.cli import KEY_OPTION, SUBMISSIONS_DIR_OPTION, SUPERLINK_OPTION
 from experiments.submit import follow, prepare_submission, start_run
 from experiments.tracking import default_tracking_uri
 from privacy.keys import fingerprint, load_private_key
+from privacy.query import MIN_SECURE_SITES
 
 __all__ = ["app"]
 
@@ -44,6 +45,17 @@ def validate(spec: Path = SPEC_ARGUMENT) -> None:
         f"dataset '{query.dataset}': {len(query.statistics)} statistic(s) over {query.n_cells} cell(s), "
         f"{len(query.releases())} DP release(s)"
     )
+    typer.echo(f"answers: {_answers_travel(parsed)}")
+
+
+def _answers_travel(spec: StudySpec) -> str:
+    """How the sites' answers reach the coordinator, in one line."""
+    if spec.query.secure_aggregation:
+        return (
+            "securely aggregated (SecAgg+, federation.secure_aggregation = true): the coordinator sees only the totals "
+            f"over the sites, at least {MIN_SECURE_SITES}"
+        )
+    return "each site's noisy answer, in plain (each is DP on its own)"
 
 
 @app.command()
@@ -68,7 +80,10 @@ def submit(
     tracking_uri: str = TRACKING_URI_OPTION,
     output_dir: Path = typer.Option(Path(".medfed/runs"), "--output-dir", help="Where the coordinator writes each submission's report."),
     submissions_dir: Path = SUBMISSIONS_DIR_OPTION,
-    min_sites: int = typer.Option(1, "--min-sites", min=1, help="Sites that must answer for the study to be reported."),
+    min_sites: int | None = typer.Option(
+        None, "--min-sites", min=1,
+        help=f"Sites that must answer for the study to be reported (default 1; {MIN_SECURE_SITES} under secure aggregation).",
+    ),
     approval_wait: float = typer.Option(
         3600.0, "--approval-wait", min=0, help="Seconds to wait for the officers' approvals before answering with the sites that accepted."
     ),
@@ -83,7 +98,7 @@ def submit(
         f"ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g} (PLD over {len(plan.releases)} releases; "
         f"the spec's ε = {plan.epsilon:g} calibrates the noise)"
     )
-    options = StudyOptions(min_sites=min_sites, approval_wait_seconds=approval_wait)
+    options = StudyOptions(min_sites=_min_sites(parsed, min_sites), approval_wait_seconds=approval_wait)
     signing_key = load_private_key(key)
     uri = tracking_uri or default_tracking_uri()
     record = prepare_submission(
@@ -110,12 +125,30 @@ def submit(
 app.command()(status)  # the same run status as `medfed experiment status`
 
 
+def _min_sites(spec: StudySpec, given: int | None) -> int:
+    """``--min-sites``, or its default: 1, or what SecAgg+ needs for a securely aggregated study."""
+    if not spec.query.secure_aggregation:
+        return 1 if given is None else given
+    if given is None:
+        return MIN_SECURE_SITES
+    if given < MIN_SECURE_SITES:
+        raise SubmissionError(
+            f"--min-sites {given} is too few for a study with federation.secure_aggregation = true: SecAgg+ sums the "
+            f"answers of at least {MIN_SECURE_SITES} sites (a sum over one site is its answer); use --min-sites "
+            f"{MIN_SECURE_SITES} or more"
+        )
+    return given
+
+
 def _print_report(folder: Path) -> None:
     """The coordinator's table and each site's ε, when its output folder is on this machine."""
     table, summary = folder / "estimates.txt", folder / SUMMARY_FILE
     if table.is_file():
         typer.echo(table.read_text(encoding="utf-8"))
     if summary.is_file():
+        secure = json.loads(summary.read_text(encoding="utf-8")).get("secure_sum")
+        if secure:
+            typer.echo(f"securely aggregated (SecAgg+): totals of {', '.join(secure.get('contributing_sites', []))}; no site's answer was seen")
         sites = json.loads(summary.read_text(encoding="utf-8")).get("sites", {})
         for site, facts in sorted(sites.items()):
             charged = facts.get("epsilon_charged_by_this_study")
@@ -131,6 +164,7 @@ def _cost_mapping(spec: StudySpec, plan: StudyCost) -> dict[str, object]:
         "delta": plan.delta,
         "epsilon_charged_per_site": plan.epsilon_charged_per_site,
         "cells": spec.query.n_cells,
+        "secure_aggregation": spec.query.secure_aggregation,
         "releases": [
             {
                 "statistic": r.statistic,
@@ -154,6 +188,7 @@ def _table(spec: StudySpec, plan: StudyCost) -> Table:
         table.add_row(r.statistic, r.name, r.mechanism, f"{r.sensitivity:g}", f"{r.scale:.4g}", f"{r.epsilon:.4g}")
     table.caption = (
         f"ε = {plan.epsilon:g} split equally across statistics, then releases; each site is charged "
-        f"ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g} (PLD composition of the releases)."
+        f"ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g} (PLD composition of the releases). "
+        f"Answers: {_answers_travel(spec)}."
     )
     return table

@@ -70,6 +70,23 @@ A study that ends early sends the same ``query.release`` as an experiment. A
 in its order, and nothing else; :meth:`SiteAnswer.problems` checks it against the plan's
 :class:`ReleaseLayout` (the node's egress guard before it leaves, the coordinator when it
 arrives).
+
+A study whose signed spec says ``[federation] secure_aggregation = true`` is answered
+through SecAgg+ instead of ``query.statistics`` (a node refuses the other way): the four
+``train`` waves of Flower's ``SecAggPlusWorkflow``, whose collect stage carries the
+signed spec as the legacy fit config. Each node sends its noisy answer as a masked
+integer vector (:func:`secure_encoding`): per release, its values in whole *quanta*
+(:func:`release_quantum`: 1 for a count, the scale / :data:`SUM_QUANTA_PER_SCALE` for a
+sum, which the node rounds to), zero in its suppressed cells, then a 0/1 "reported"
+indicator per cell. Every node reports the weight :data:`SECURE_SUM_WEIGHT` and the
+coordinator sets it as the workflow's ``max_weight``, so the workflow's weighted mean
+times the number of contributors is the plain sum; the clipping range ``C``
+(:func:`secure_clipping_range`) and quantisation range ``2C`` make SecAgg+'s quantisation
+the identity on integers in ``[-C, C]``, so the coordinator recovers the sum exactly
+(:meth:`SecureTotals.from_sums`). The reply beside the masked vector carries
+:data:`STATISTICS_METRICS` and the site's name in plain, nothing else. The coordinator
+learns the per-element totals and how many sites reported each cell, never a site's
+answer.
 """
 
 from __future__ import annotations
@@ -80,6 +97,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, MetricRecord
 
 from models.evaluation import SCORE_BINS
@@ -110,6 +128,10 @@ __all__ = [
     "ReleaseLayout",
     "REFUSAL_CODES",
     "RELEASE_ACTION",
+    "SECAGG_MODULUS",
+    "SECURE_SUM_WEIGHT",
+    "SUM_QUANTA_PER_SCALE",
+    "SecureTotals",
     "RELEASE_METRICS",
     "REFUSED_BAD_INSTRUCTION",
     "REFUSED_BUDGET",
@@ -144,6 +166,10 @@ __all__ = [
     "read_refusal",
     "read_site",
     "refusal_reason",
+    "release_quantum",
+    "secure_clipping_range",
+    "secure_encoding",
+    "secure_sum_problems",
     "spec_mismatches",
 ]
 
@@ -246,6 +272,21 @@ STATISTICS_METRICS = ("epsilon", "epsilon-run")
 _ANSWER_FIELDS = ("releases", "suppressed")
 _RELEASE_FIELDS = ("mechanism", "name", "scale", "sensitivity", "statistic", "values")
 _COUNT_MECHANISMS = ("discrete-laplace",)
+
+# A study's answer through SecAgg+ (see the module docstring and `secure_encoding`).
+#: The weight (legacy ``num_examples``) every node reports and the workflow's ``max_weight``:
+#: SecAgg+ then scales no vector (ratio 1) and divides the sum by the number of contributors.
+SECURE_SUM_WEIGHT = 1
+#: SecAgg+'s modulus, Flower's default and documented maximum (2**32).
+SECAGG_MODULUS = 1 << 32
+#: A noisy sum travels in quanta of its noise scale / this: rounding moves it by at most
+#: scale/512, against the Laplace noise's standard deviation of 1.41 scale (0.08 % of it in
+#: standard deviation, 6e-7 of its variance).
+SUM_QUANTA_PER_SCALE = 256
+# SecAgg+ rounds each quantised value through an int32 (`flwr...quantization._stochastic_round`).
+_INT32_MAX = (1 << 31) - 1
+# How far from a whole number of quanta a decoded total may be (floating point of the workflow's mean).
+_QUANTUM_TOLERANCE = 1e-3
 
 
 def _re2_problem(pattern: object) -> str | None:
@@ -806,3 +847,148 @@ class SiteAnswer:
 
 def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number a statistics answer may hold")
+
+
+# ---------------------------------------------------------------- a study's answer under SecAgg+
+
+
+def release_quantum(mechanism: str, scale: float) -> float:
+    """The unit a release's values travel in under SecAgg+: 1 for a noisy count (exact), scale / 256 for a sum."""
+    return 1.0 if mechanism in _COUNT_MECHANISMS else float(scale) / SUM_QUANTA_PER_SCALE
+
+
+def secure_clipping_range(nodes: int) -> int:
+    """SecAgg+'s clipping range ``C`` for a round of `nodes` sites; its quantisation range is ``2C``.
+
+    The largest integer with ``2C`` within an int32 (SecAgg+ rounds through one) and
+    ``nodes * 2C < SECAGG_MODULUS``, so that the sum of every site's shifted values
+    (each in ``[0, 2C]``) and of their weights (each ``2C``) never wraps around the
+    modulus. With ``T = 2C`` SecAgg+ quantises an integer ``v`` in ``[-C, C]`` to
+    ``v + C`` exactly (no stochastic rounding), and the sum comes back exact.
+    Capacity: about 7e8 quanta per value at 3 sites, 7e7 at 30, 4e6 at 540.
+    """
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ProtocolError(f"a secure sum needs a positive number of nodes; found {nodes!r}")
+    return min(_INT32_MAX // 2, (SECAGG_MODULUS - 1) // (2 * nodes))
+
+
+def secure_sum_problems(
+    *, sample_num: int, clipping_range: float, quantization_range: int, modulus_range: int, max_weight: float, minimum: int = 2
+) -> list[str]:
+    """Why SecAgg+ settings would not carry a study's answer exactly (empty when they would).
+
+    A node checks the settings its ``secaggplus_mod`` will use before it reads a row: at
+    least `minimum` sites (a sum over one site is its answer), the weight that leaves
+    every vector as it is, a quantisation range of twice an integral clipping range
+    within an int32, and a modulus the sum of `sample_num` sites cannot wrap around.
+    """
+    problems = []
+    if sample_num < minimum:
+        problems.append(f"a secure sum over {sample_num} site(s) would reveal a site's answer; it needs at least {minimum}")
+    if max_weight != SECURE_SUM_WEIGHT:
+        problems.append(f"SecAgg+ max_weight must be {SECURE_SUM_WEIGHT} (each answer unscaled); found {max_weight!r}")
+    if not (float(clipping_range).is_integer() and 1 <= clipping_range and quantization_range == 2 * int(clipping_range)):
+        problems.append(
+            "SecAgg+ quantization_range must be twice an integral clipping_range, so that integers pass exactly; "
+            f"found {quantization_range!r} and {clipping_range!r}"
+        )
+    elif quantization_range > _INT32_MAX:
+        problems.append(f"SecAgg+ quantization_range must fit an int32; found {quantization_range}")
+    elif modulus_range & (modulus_range - 1) or sample_num * quantization_range >= modulus_range:
+        problems.append(
+            f"SecAgg+ modulus_range {modulus_range} would wrap around the sum of {sample_num} site(s) at quantization "
+            f"range {quantization_range}"
+        )
+    return problems
+
+
+def secure_encoding(answer: SiteAnswer, layout: Sequence[ReleaseLayout], cells: int) -> tuple[SiteAnswer, list[np.ndarray]]:
+    """A site's noisy answer as SecAgg+ sums it: the answer as it is sent, and its vectors.
+
+    Each value is rounded to whole quanta of its release (:func:`release_quantum`; a noisy
+    count is one already): post-processing of the noisy release. The vectors, float64
+    holding integers: per release the values in quanta, 0 in suppressed cells; then one
+    per cell, 1 where the site reported the cell and 0 where it suppressed it.
+
+    Raises
+    ------
+    ProtocolError
+        The answer is not the plan's (:meth:`SiteAnswer.problems`).
+    """
+    problems = answer.problems(layout, cells)
+    if problems:
+        raise ProtocolError("the answer is not the query's release plan (" + "; ".join(problems[:3]) + ")")
+    sent, vectors = [], []
+    for release, plan in zip(answer.releases, layout, strict=True):
+        quantum = release_quantum(plan.mechanism, plan.scale)
+        whole = np.array([0.0 if v is None else float(np.rint(v / quantum)) for v in release.values], dtype=np.float64)
+        vectors.append(whole)
+        values = tuple(None if v is None else float(k * quantum) for v, k in zip(release.values, whole, strict=True))
+        sent.append(SiteRelease(release.statistic, release.name, values, release.scale, release.mechanism, release.sensitivity))
+    reported = np.ones(cells, dtype=np.float64)
+    reported[list(answer.suppressed)] = 0.0
+    vectors.append(reported)
+    return SiteAnswer(tuple(sent), answer.suppressed), vectors
+
+
+@dataclass(frozen=True)
+class SecureTotals:
+    """A study's answers summed over the sites by SecAgg+: all the coordinator learns of them.
+
+    ``releases`` hold, per release of the plan, the total of the sites' values (None in a
+    cell no site reported); ``sites`` how many sites reported each cell; ``contributors``
+    how many sites' vectors the sum holds.
+    """
+
+    releases: tuple[SiteRelease, ...]
+    sites: tuple[int, ...]
+    contributors: int
+
+    @classmethod
+    def from_sums(
+        cls, sums: Sequence[np.ndarray], layout: Sequence[ReleaseLayout], cells: int, *, contributors: int
+    ) -> SecureTotals:
+        """Read the element-wise sums of :func:`secure_encoding`'s vectors over `contributors` sites.
+
+        Raises
+        ------
+        ProtocolError
+            The sums are not what honest sites' vectors add up to: not whole quanta, a
+            cell reported by more sites than contributed or by a negative number, or a
+            value in a cell no site reported (a site's weight, range or layout was not
+            the agreed one).
+        """
+        if len(sums) != len(layout) + 1:
+            raise ProtocolError(f"the secure sum holds {len(sums)} vector(s); the plan's {len(layout)} releases and the reported cells need {len(layout) + 1}")
+        whole = []
+        for index, (vector, size) in enumerate(zip(sums, [p.size for p in layout] + [cells], strict=True)):
+            values = np.asarray(vector, dtype=np.float64).ravel()
+            if values.size != size:
+                raise ProtocolError(f"vector {index} of the secure sum holds {values.size} values; it should hold {size}")
+            rounded = np.rint(values)
+            if not np.all(np.isfinite(values)) or np.any(np.abs(values - rounded) > _QUANTUM_TOLERANCE):
+                raise ProtocolError(
+                    f"vector {index} of the secure sum is not in whole quanta: a site's weight or range was not the agreed one"
+                )
+            whole.append(rounded)
+        sites = whole[-1].astype(np.int64)
+        if np.any(sites < 0) or np.any(sites > contributors):
+            raise ProtocolError(f"the secure sum says a cell was reported by fewer than 0 or more than {contributors} site(s)")
+        releases = []
+        for plan, quanta in zip(layout, whole[:-1], strict=True):
+            silent = np.array([sites[plan.cell_of(i)] == 0 for i in range(plan.size)], dtype=bool)
+            if np.any(quanta[silent] != 0):
+                raise ProtocolError(f"the secure sum of {plan.statistic}.{plan.name} has a value in a cell no site reported")
+            quantum = release_quantum(plan.mechanism, plan.scale)
+            values = tuple(None if hidden else float(k * quantum) for k, hidden in zip(quanta, silent, strict=True))
+            releases.append(SiteRelease(plan.statistic, plan.name, values, plan.scale, plan.mechanism, plan.sensitivity))
+        return cls(tuple(releases), tuple(int(n) for n in sites), contributors)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The totals in a site answer's wire layout, plus ``sites`` per cell (what pooling reads)."""
+        return {
+            "releases": [r.to_mapping() for r in self.releases],
+            "suppressed": [cell for cell, n in enumerate(self.sites) if n == 0],
+            "sites": list(self.sites),
+            "contributors": self.contributors,
+        }

@@ -63,6 +63,15 @@ Suppression: a site that suppressed a cell contributes nothing to it (none of th
 statistic's releases for that cell). Each estimate says how many sites contributed; a
 cell no site released is marked suppressed (NaN estimate). The pooled count is the
 total over the contributing sites only.
+
+Securely aggregated studies: every rule above reads only the sums over the sites that
+released each cell and the noise of those sums, so the coordinator needs no site's own
+vector. A :class:`NoisyVector` with ``sites`` holds such a sum, as SecAgg+ delivers it
+(``federation.protocol.SecureTotals``): per cell, the total over ``sites[cell]`` sites,
+each of which added its own noise at the vector's mechanism and scale (public: the spec
+fixes them). Its noise in a cell is then ``sites[cell]`` independent draws, which is
+what the pooled variances and the exact noise intervals compose; pooling one such total
+gives the estimates that pooling the sites' own vectors would.
 """
 
 from __future__ import annotations
@@ -244,6 +253,7 @@ class NoisyVector:
     values: np.ndarray
     mechanism: str
     scale: float
+    sites: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         values = np.array(self.values, dtype=float)
@@ -253,11 +263,23 @@ class NoisyVector:
         object.__setattr__(self, "values", values)
         object.__setattr__(self, "scale", float(self.scale))
         _check_noise(self.mechanism, self.scale, "mechanism")
+        if self.sites is not None:
+            sites = np.asarray(self.sites)
+            if sites.shape != (values.shape[0],) or not np.all(np.isfinite(sites)) or np.any(sites < 0) or np.any(sites != np.rint(sites)):
+                raise StatisticsError(f"sites must hold one whole number >= 0 per cell ({values.shape[0]}); found {list(np.ravel(sites))}")
+            sites = sites.astype(np.int64)
+            sites.setflags(write=False)
+            object.__setattr__(self, "sites", sites)
 
     @property
     def variance(self) -> float:
-        """The noise variance of each value."""
+        """The noise variance of each value one site released."""
         return noise_variance(self.mechanism, self.scale)
+
+    def contributions(self) -> np.ndarray:
+        """Per cell: how many sites' releases the values sum (1 for a site's own vector, 0 where it suppressed)."""
+        ones = np.ones(self.cells, dtype=np.int64) if self.sites is None else self.sites
+        return np.where(self.present(), ones, 0)
 
     @property
     def cells(self) -> int:
@@ -268,9 +290,10 @@ class NoisyVector:
         return 1 if self.values.ndim == 1 else int(self.values.shape[1])
 
     def present(self) -> np.ndarray:
-        """Per cell: did the site release it (every value of its row finite)?"""
+        """Per cell: did the site release it (every value of its row finite; for a sum, at least one site)?"""
         finite = np.isfinite(self.values)
-        return finite if finite.ndim == 1 else finite.all(axis=1)
+        present = finite if finite.ndim == 1 else finite.all(axis=1)
+        return present if self.sites is None else present & (self.sites > 0)
 
     @classmethod
     def from_answer(
@@ -289,13 +312,14 @@ class NoisyVector:
         The release's ``values`` hold ``parts`` blocks of ``cells × width`` values, row-major
         (``None`` for a suppressed value); `part` picks the block (Kaplan–Meier's ``events``
         release is events then censorings: ``parts=2``). Cells listed in the answer's
-        ``suppressed`` become NaN rows.
+        ``suppressed`` become NaN rows. An answer with ``sites`` (one whole number per cell)
+        is a sum over that many sites per cell (a securely aggregated study's totals).
 
         Raises
         ------
         StatisticsError
             No such release, a length that is not ``parts × cells × width``, a suppressed
-            index out of range, or a value that is not a number.
+            index out of range, a value that is not a number, or ``sites`` that do not fit.
         """
         where = f"release {name!r} of statistic {statistic!r}"
         found = [r for r in answer.get("releases", ()) if r.get("statistic") == statistic and r.get("name") == name]
@@ -323,7 +347,10 @@ class NoisyVector:
             scale = float(release["scale"])
         except (KeyError, TypeError, ValueError):
             raise StatisticsError(f"{where}: scale must be a number; found {release.get('scale')!r}") from None
-        return cls(values, str(release.get("mechanism")), scale)
+        sites = answer.get("sites")
+        if sites is not None and (not isinstance(sites, (list, tuple)) or len(sites) != cells):
+            raise StatisticsError(f"sites must hold one number per cell ({cells}); found {sites!r}")
+        return cls(values, str(release.get("mechanism")), scale, None if sites is None else np.asarray(sites, dtype=float))
 
 
 @dataclass(frozen=True)
@@ -362,6 +389,13 @@ def _pool(roles: Mapping[str, Sequence[NoisyVector]], *, widths: Mapping[str, in
     for name in names:
         for index, vector in enumerate(roles[name]):
             mask[index] &= vector.present()
+    # Per input and cell: how many sites' releases it sums (a site's own vector: one; a secure total: many).
+    counts = np.zeros((site_count, cells), dtype=np.int64)
+    for index in range(site_count):
+        per_role = {tuple(roles[name][index].contributions()[mask[index]]) for name in names}
+        if len(per_role) != 1:
+            raise StatisticsError(f"the releases of input {index} sum different numbers of sites in a cell; they must agree")
+        counts[index] = np.where(mask[index], roles[names[0]][index].contributions(), 0)
     sums, variances, components = {}, {}, {}
     for name in names:
         first = roles[name][0].values
@@ -371,11 +405,11 @@ def _pool(roles: Mapping[str, Sequence[NoisyVector]], *, widths: Mapping[str, in
         for index, vector in enumerate(roles[name]):
             keep = mask[index]
             total[keep] += vector.values[keep]
-            variance[keep] += vector.variance
+            variance[keep] += vector.variance * counts[index][keep]
             for cell in np.flatnonzero(keep):
-                per_cell[cell].append((1.0, vector.mechanism, vector.scale))
+                per_cell[cell].extend([(1.0, vector.mechanism, vector.scale)] * int(counts[index][cell]))
         sums[name], variances[name], components[name] = total, variance, per_cell
-    return _Pooled(sums, variances, components, mask.sum(axis=0))
+    return _Pooled(sums, variances, components, counts.sum(axis=0))
 
 
 def _bounds(bounds: tuple[float, float]) -> tuple[float, float]:

@@ -21,6 +21,23 @@ The sequence mirrors an experiment's (:mod:`federation.experiment`):
    output folder, all logged to MLflow as one run, with each site's epsilon; and the
    site answers, as they arrived, kept beside them (``answers.json``).
 
+A study whose signed spec asks for secure aggregation (``[federation] secure_aggregation
+= true``) replaces step 3 with Flower's SecAgg+ workflow over the nodes that accepted
+(:class:`federation.secure_aggregation.SecureSum`: four waves, the collect stage
+carrying the signed spec). The coordinator then holds no site's answer: only the
+element-wise totals over the sites and, per cell, how many sites reported it
+(:class:`~federation.protocol.SecureTotals`, checked to be what honest sites' vectors
+add up to), which it pools exactly as it pools answers
+(:mod:`federation.statistics`: the noise of a cell is that of its reporting sites, at
+the scales the spec fixes). It needs at least two sites, whatever ``min_sites`` says.
+What it cannot do any more is check each site's answer against the plan: each node's
+own egress guard does. Drop-outs: a site whose masked answer did not arrive is left out
+of the sum and asked to give its reservation back; one that fails after sending it is
+in the sum, unmasked from the others' shares. A site whose reply left was charged even
+if the protocol then stops (too few share holders to unmask: no sum, nothing reported);
+the error names those sites. The report says that the study was securely aggregated and
+lists the sites whose answers the totals hold.
+
 A study is answered once per submission on every node, so a finished submission is not
 run again (its ``summary.json`` says so).
 
@@ -56,14 +73,18 @@ from federation.experiment import (
 from federation.participants import ParticipantGrid
 from federation.protocol import (
     CONFIG_KEY,
+    METRICS_KEY,
     STATISTICS_ACTION,
     STATISTICS_METRICS,
     STUDY_QUERY_METRICS,
     ProtocolError,
     ReleaseLayout,
+    SecureTotals,
     SignedSpec,
     SiteAnswer,
 )
+from federation.secure_aggregation import SecureSum, node_of
+from privacy.query import MIN_SECURE_SITES
 
 __all__ = ["StudyResult", "combine", "release_layout", "run_study"]
 
@@ -86,11 +107,14 @@ class StudyResult:
     rows: list[Any]  # experiments.study_report.ReportRow
     tracking_run_id: str
     files: list[Path] = field(default_factory=list)
+    totals: SecureTotals | None = None  # a securely aggregated study's: all the coordinator learnt of the answers
+    contributors: list[str] = field(default_factory=list)  # the sites whose answers the secure totals hold
 
     def summary(self) -> dict[str, Any]:
         """What the researcher is told about each site (no patient data)."""
         cost = study_cost(self.spec)
-        return {
+        secure = self.totals is not None
+        summary = {
             "spec_digest": self.spec.digest(),
             "study": self.spec.study.name,
             "epsilon": cost.epsilon,
@@ -98,17 +122,27 @@ class StudyResult:
             "epsilon_charged_per_site": cost.epsilon_charged_per_site,
             "finished": True,
             "tracking_run_id": self.tracking_run_id,
+            "secure_aggregation": secure,
             "sites": {
                 o.site: {
                     "status": o.status,
                     "reason": o.reason,
                     "epsilon_spent_on_dataset": self.epsilon.get(o.site, {}).get("epsilon"),
                     "epsilon_charged_by_this_study": self.epsilon.get(o.site, {}).get("epsilon-run"),
+                    # Under SecAgg+ no site's suppressed cells are known: only how many sites reported each cell.
                     "suppressed_cells": list(self.answers[o.site].suppressed) if o.site in self.answers else None,
+                    **({"in_secure_sum": o.site in self.contributors} if secure else {}),
                 }
                 for o in sorted(self.sites.values(), key=lambda o: o.site)
             },
         }
+        if self.totals is not None:
+            summary["secure_sum"] = {
+                "protocol": "SecAgg+",
+                "contributing_sites": sorted(self.contributors),
+                "sites_per_cell": list(self.totals.sites),
+            }
+        return summary
 
 
 def release_layout(spec: StudySpec) -> list[ReleaseLayout]:
@@ -216,14 +250,80 @@ def _keep_replies(
     admitted: Mapping[int, Mapping[str, float]],
     answers: Mapping[int, SiteAnswer],
     metrics: Mapping[int, Mapping[str, float]],
+    totals: SecureTotals | None = None,
 ) -> None:
-    """Every valid reply the study received, each number as it arrived: the admission replies, then the answers."""
+    """Every valid reply the study received, each number as it arrived: the admission replies, then the answers.
+
+    Under secure aggregation a site's reply carries its ledger's epsilons and its masked
+    answer, which nobody can read alone; what the coordinator holds instead is the
+    totals (``secure_sum``).
+    """
     replies = [{"site": sites[n].site, "message": "query", "metrics": dict(admitted[n])} for n in sorted(admitted)]
-    replies += [
-        {"site": sites[n].site, "message": STATISTICS_ACTION, "metrics": dict(metrics[n]), "answer": json.loads(answers[n].to_json())}
-        for n in sorted(answers)
-    ]
-    path.write_text(json.dumps({"replies": replies}, indent=1, sort_keys=True) + "\n")
+    for n in sorted(metrics):
+        reply: dict[str, Any] = {"site": sites[n].site, "message": STATISTICS_ACTION, "metrics": dict(metrics[n])}
+        if n in answers:
+            reply["answer"] = json.loads(answers[n].to_json())
+        else:
+            reply["answer_masked"] = True  # in the secure sum; its own values never reached the coordinator
+        replies.append(reply)
+    kept: dict[str, Any] = {"replies": replies}
+    if totals is not None:
+        kept["secure_sum"] = {"protocol": "SecAgg+", **totals.to_mapping()}
+    path.write_text(json.dumps(kept, indent=1, sort_keys=True) + "\n")
+
+
+def _secure_wave(
+    grid: ParticipantGrid,
+    config: ConfigRecord,
+    spec: StudySpec,
+    sites: dict[int, SiteOutcome],
+    nodes: list[int],
+    options: StudyOptions,
+) -> tuple[SecureTotals, dict[int, dict[str, float]], list[int]]:
+    """The study's answers through SecAgg+: their totals, each contributing node's epsilons, and the contributors.
+
+    Raises
+    ------
+    FederationError
+        The protocol stopped (nothing unmasked), or its sums are not what honest sites'
+        vectors add up to; the error names the sites whose answers left (charged).
+    NotEnoughNodesError
+        Fewer than the minimum of sites' answers are in the sum.
+    """
+    try:
+        result = SecureSum(timeout=options.timeout_seconds).run(grid, config)
+    except ProtocolError as err:
+        raise FederationError(f"secure aggregation of the study failed: {err}") from None
+    metrics = _collect(result.replies, sites, result.sampled, STATISTICS_METRICS, result.senders)
+    left = sorted(
+        {node_of(r, result.senders) for r in result.replies if not r.has_error() and METRICS_KEY in r.content} | set(result.contributors)
+    )
+    charged = ", ".join(sorted(sites[n].site for n in left)) or "none"
+    if result.sums is None:
+        raise FederationError(
+            f"secure aggregation stopped after {result.waves} of its 4 waves: {len(left)} of {len(result.sampled)} "
+            f"site(s) sent a masked answer; SecAgg+ needs at least {MIN_SECURE_SITES} and {result.threshold} share "
+            f"holders to unmask. Nothing was reported; sites whose answer left were charged: {charged}. "
+            f"Per site: {_site_report(sites)}"
+        )
+    contributors = sorted(result.contributors)
+    try:
+        totals = SecureTotals.from_sums(result.sums, release_layout(spec), spec.query.n_cells, contributors=len(contributors))
+    except ProtocolError as err:
+        raise FederationError(
+            f"the securely aggregated totals cannot be used: {err}. Nothing was reported; sites whose answer left were "
+            f"charged: {charged}"
+        ) from None
+    minimum = max(options.min_sites, MIN_SECURE_SITES)
+    if len(contributors) < minimum:
+        raise NotEnoughNodesError(
+            f"{len(contributors)} site(s)' answers are in the secure sum; the study needs {minimum}. Nothing was "
+            f"reported; sites whose answer left were charged: {charged}. Per site: {_site_report(sites)}"
+        )
+    for node in contributors:
+        if node not in metrics:  # in the sum, though its reply's plain part was not valid
+            sites[node].reason = (sites[node].reason + "; " if sites[node].reason else "") + "its masked answer is in the sum"
+    return totals, metrics, contributors
 
 
 def run_study(
@@ -258,7 +358,9 @@ def run_study(
             "A study is answered once per submission: submit the spec again for a new answer"
         )
     config = signed.add_to(ConfigRecord())
-    connected = _wait_for_nodes(grid, options.min_sites, options.node_wait_seconds)
+    secure = spec.query.secure_aggregation
+    minimum = max(options.min_sites, MIN_SECURE_SITES) if secure else options.min_sites
+    connected = _wait_for_nodes(grid, minimum, options.node_wait_seconds)
     sites = {n: SiteOutcome(n, f"node-{n}") for n in connected}
     accepted = _query_until_decided(
         grid,
@@ -269,44 +371,64 @@ def run_study(
         wait=options.approval_wait_seconds,
         allowed=STUDY_QUERY_METRICS,
     )
-    if len(accepted) < options.min_sites:
+    if len(accepted) < minimum:
         _release(grid, list(accepted), config, options.timeout_seconds)
+        why = f" (secure aggregation: SecAgg+ sums at least {MIN_SECURE_SITES} sites' answers)" if secure else ""
         raise NotEnoughNodesError(
             f"{len(accepted)} of {len(connected)} hospital node(s) accepted the study; it needs "
-            f"{options.min_sites}. Per site: {_site_report(sites)}"
+            f"{minimum}{why}. Per site: {_site_report(sites)}"
         )
     nodes = sorted(accepted)
     logger.info("study %s: %d site(s) accepted: %s", spec.study.name, len(nodes), _site_report(sites))
     participants = ParticipantGrid(grid, nodes)
-    messages = [
-        Message(content=RecordDict({CONFIG_KEY: config}), dst_node_id=n, message_type=STATISTICS_MESSAGE) for n in nodes
-    ]
+    totals: SecureTotals | None = None
+    by_node: dict[int, SiteAnswer] = {}
+    contributors: list[int] = []
     try:
-        replies = list(participants.send_and_receive(messages, timeout=options.timeout_seconds))
+        if secure:
+            totals, metrics, contributors = _secure_wave(participants, config, spec, sites, nodes, options)
+            answered = set(contributors)
+        else:
+            messages = [
+                Message(content=RecordDict({CONFIG_KEY: config}), dst_node_id=n, message_type=STATISTICS_MESSAGE) for n in nodes
+            ]
+            replies = list(participants.send_and_receive(messages, timeout=options.timeout_seconds))
+            by_node, metrics = _answers(replies, sites, nodes, spec)
+            answered = set(by_node)
     except Exception:
+        # Whoever did not answer gives its reservation back (one whose answer left has charged
+        # it: its reservation is used up, and the release changes nothing).
         _release(grid, nodes, config, options.timeout_seconds)
         raise
-    by_node, metrics = _answers(replies, sites, nodes, spec)
-    silent = [n for n in nodes if n not in by_node]
+    silent = [n for n in nodes if n not in answered]
     if silent:
         # A site that accepted and did not answer gives its reservation back (one that answered
         # late has charged it: its reservation is used up, and the release changes nothing).
         _release(grid, silent, config, options.timeout_seconds)
-    if len(by_node) < options.min_sites:
+    if len(answered) < minimum:
         raise NotEnoughNodesError(
-            f"{len(by_node)} site(s) answered the study; it needs {options.min_sites}. Per site: {_site_report(sites)}"
+            f"{len(answered)} site(s) answered the study; it needs {minimum}. Per site: {_site_report(sites)}"
         )
     answers = {sites[n].site: by_node[n] for n in sorted(by_node, key=lambda n: sites[n].site)}
-    epsilon = {sites[n].site: metrics[n] for n in by_node}
+    epsilon = {sites[n].site: metrics[n] for n in metrics}
+    contributing = sorted(sites[n].site for n in contributors)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _keep_replies(output_dir / ANSWERS_FILE, sites, accepted, by_node, metrics)
-    rows = _combine(spec, answers)
+    _keep_replies(output_dir / ANSWERS_FILE, sites, accepted, by_node, metrics, totals)
+    rows = combine(spec.query, [totals.to_mapping()]) if totals is not None else _combine(spec, answers)
     cost = study_cost(spec)
     params = {
         **spec.to_mapping(),
         "cost": {"epsilon": cost.epsilon, "delta": cost.delta, "epsilon_charged_per_site": cost.epsilon_charged_per_site},
         "sites": {site: {"epsilon": e.get("epsilon"), "epsilon_study": e.get("epsilon-run")} for site, e in epsilon.items()},
     }
+    if totals is not None:
+        params["secure_sum"] = {"protocol": "SecAgg+", "contributing_sites": contributing}
+        title = (
+            f"{spec.study.name}: pooled estimates over {len(contributing)} site(s), securely aggregated (SecAgg+: only "
+            f"totals were seen) from {', '.join(contributing)}"
+        )
+    else:
+        title = f"{spec.study.name}: pooled estimates over {len(answers)} site(s)"
     run_id = log_report(
         tracker,
         rows,
@@ -314,10 +436,19 @@ def run_study(
         experiment=spec.study.mlflow_experiment or spec.study.name,
         run_name=spec.study.name,
         params=params,
-        tags={"medfed.spec_digest": spec.digest(), "medfed.submission_id": signed.submission_id, "medfed.kind": "statistics", **(tags or {})},
-        title=f"{spec.study.name}: pooled estimates over {len(answers)} site(s)",
+        tags={
+            "medfed.spec_digest": spec.digest(),
+            "medfed.submission_id": signed.submission_id,
+            "medfed.kind": "statistics",
+            "medfed.secure_aggregation": "true" if secure else "false",
+            **(tags or {}),
+        },
+        title=title,
     )
-    result = StudyResult(spec, sites, answers, epsilon, rows, run_id, sorted(output_dir.iterdir()))
+    result = StudyResult(spec, sites, answers, epsilon, rows, run_id, sorted(output_dir.iterdir()), totals, contributing)
     summary_path.write_text(json.dumps(result.summary(), indent=2, sort_keys=True) + "\n")
-    logger.info("study %s finished: %d row(s) from %d site(s); MLflow run %s", spec.study.name, len(rows), len(answers), run_id)
+    logger.info(
+        "study %s finished: %d row(s) from %d site(s)%s; MLflow run %s",
+        spec.study.name, len(rows), len(contributing) if secure else len(answers), " (SecAgg+)" if secure else "", run_id,
+    )
     return result

@@ -14,8 +14,19 @@ nothing the coordinator says and may not import ``experiments``). The tables::
                          quantiles (column, bins, probabilities); two_by_two (exposure,
                          outcome); kaplan_meier (time, event, bins)
     [privacy]            epsilon, delta, split = "equal", mechanism = "laplace"
+    [federation]         secure_aggregation = false (optional): how the answers travel
 
 ``kind`` and ``[study]`` belong to the spec around the query and are not read here.
+
+``[federation] secure_aggregation = true`` asks that each site's noisy answer leave only
+masked, through Flower's SecAgg+, so that the coordinator learns the element-wise sum of
+the releases over the sites and, per cell, how many sites reported it (a site's
+suppressed cells contribute nothing). Every statistic kind is covered: each pooling rule
+(``federation.statistics``) reads only those totals and the per-site noise scales, which
+the spec fixes. It is part of the signed spec, so each node and its officer see it, and a
+node answers such a study only through SecAgg+ (and a plain study never through it). The
+canonical form lists ``[federation]`` only when it is true, so the digests of studies
+written before it existed do not change.
 
 :meth:`StatisticsQuery.from_mapping` is the only way in. It reports every problem at once,
 each naming its field (``statistics[2].column 'bmi' is not declared in [columns]``), as
@@ -121,6 +132,7 @@ __all__ = [
     "MAX_PROBABILITIES",
     "MAX_STATISTICS",
     "MAX_VALUES",
+    "MIN_SECURE_SITES",
     "NOISE",
     "Not",
     "Or",
@@ -175,14 +187,23 @@ STATISTIC_KINDS = (
 SPLIT_RULES = ("equal",)
 #: The noise family: discrete Laplace for counts, Laplace for sums.
 NOISE = ("laplace",)
+#: The fewest sites a securely aggregated study is answered by: a SecAgg+ "sum" over one site is its answer.
+MIN_SECURE_SITES = 2
 #: The ``kind`` of a statistics spec: what tells it apart from an experiment spec, signed with it.
 STUDY_KIND = "statistics"
 #: Top-level keys of the spec around the query (``experiments.study``); ``kind`` is checked here.
 ENVELOPE_KEYS = ("kind", "study")
 
-_TABLES = ("data", "columns", "statistics", "privacy")
+_TABLES = ("data", "columns", "statistics", "privacy", "federation")
 _DATA_KEYS = ("dataset", "filter", "group_by")
 _PRIVACY_KEYS = ("epsilon", "delta", "split", "mechanism")
+_FEDERATION_KEYS = ("secure_aggregation",)
+# An experiment's [federation] keys: named as such when a study carries one.
+_EXPERIMENT_FEDERATION_KEYS = (
+    "strategy", "rounds", "min_nodes", "local_epochs", "learning_rate", "proximal_mu", "server_learning_rate",
+    "node_wait_seconds", "approval_wait_seconds", "round_timeout_seconds", "secagg_num_shares",
+    "secagg_reconstruction_threshold",
+)
 _COLUMN_KEYS = {
     "numeric": ("type", "lower", "upper", "bins", "unit"),
     "categorical": ("type", "levels", "unit"),
@@ -757,6 +778,7 @@ class StatisticsQuery:
     delta: float
     split: str = "equal"
     mechanism: str = "laplace"
+    secure_aggregation: bool = False
 
     @classmethod
     def from_mapping(
@@ -849,12 +871,15 @@ class StatisticsQuery:
         data: dict[str, Any] = {"dataset": self.dataset, "group_by": [group.column for group in self.group_by]}
         if self.filter is not None:
             data["filter"] = self.filter.render()
-        return {
+        mapping: dict[str, Any] = {
             "data": data,
             "columns": {column.name: column.to_mapping() for column in self.columns},
             "statistics": [statistic.to_mapping() for statistic in self.statistics],
             "privacy": {"epsilon": self.epsilon, "delta": self.delta, "split": self.split, "mechanism": self.mechanism},
         }
+        if self.secure_aggregation:  # only when asked: a plain study's canonical form (and digest) is as before
+            mapping["federation"] = {"secure_aggregation": True}
+        return mapping
 
 
 def _planned(
@@ -914,7 +939,7 @@ class _Check:
             extra = []
         for key in extra:
             hint = _did_you_mean(str(key), _TABLES, fmt="[{}]") or f"; the tables are {', '.join(f'[{t}]' for t in _TABLES)}"
-            if key in ("experiment", "model", "federation"):
+            if key in ("experiment", "model"):
                 hint = "; this looks like an experiment spec: use `medfed experiment` for it"
             self.add(f"[{_clip(str(key))}] is not a known table{hint}")
         kind = raw.get("kind", STUDY_KIND)
@@ -948,14 +973,36 @@ class _Check:
                 )
         if group_by is not None and statistics is not None:
             self.sizes(group_by, statistics, columns)
-        if self.problems or None in (dataset, group_by, statistics, epsilon, delta, split, mechanism, columns):
+        secure = self.federation(raw.get("federation", _ABSENT))
+        if self.problems or None in (dataset, group_by, statistics, epsilon, delta, split, mechanism, columns, secure):
             return None
         assert dataset is not None and group_by is not None and statistics is not None and columns is not None
         assert epsilon is not None and delta is not None and split is not None and mechanism is not None
+        assert secure is not None
         return StatisticsQuery(
             dataset=dataset, filter=expr, columns=columns, group_by=group_by, statistics=statistics,
-            epsilon=epsilon, delta=delta, split=split, mechanism=mechanism,
+            epsilon=epsilon, delta=delta, split=split, mechanism=mechanism, secure_aggregation=secure,
         )
+
+    def federation(self, raw: Any) -> bool | None:
+        """``[federation]``: whether the answers travel through SecAgg+ (absent: they do not)."""
+        if raw is _ABSENT:
+            return False
+        if not isinstance(raw, Mapping):
+            self.add(f"federation must be a table; found {_show(raw)}")
+            return None
+        for key in raw:
+            if key in _EXPERIMENT_FEDERATION_KEYS:
+                self.add(
+                    f"federation.{key} is an experiment's setting; a study's [federation] has only "
+                    f"{', '.join(_FEDERATION_KEYS)}"
+                )
+        self.keys({k: v for k, v in raw.items() if k not in _EXPERIMENT_FEDERATION_KEYS}, "federation", _FEDERATION_KEYS)
+        secure = raw.get("secure_aggregation", False)
+        if not isinstance(secure, bool):
+            self.add(f"federation.secure_aggregation must be true or false; found {_show(secure)}")
+            return None
+        return secure
 
     def columns(self, raw: Any) -> tuple[ColumnSpec, ...] | None:
         if raw is _ABSENT:

@@ -9,7 +9,9 @@ node's durable state (dataset registry, privacy ledger) lives in its home folder
 the executor passes as the ``home`` node config.
 
 The train handler also serves secure aggregation: ``secure_aggregation_mod`` sends
-SecAgg+ messages through Flower's ``secaggplus_mod`` and lets plain ones pass.
+SecAgg+ messages through Flower's ``secaggplus_mod`` and lets plain ones pass. A
+securely aggregated statistics study is answered there too (SecAgg+ knows only train
+messages), with the settings the mod masks with.
 """
 
 from __future__ import annotations
@@ -51,10 +53,11 @@ def statistics(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Evaluate the incoming global model, then train it with DP-SGD and charge the ledger."""
+    """Evaluate the incoming global model, then train it with DP-SGD and charge the ledger (or, under SecAgg+, a study's answer)."""
     from clients.hospital_node.rounds import answer
+    from clients.hospital_node.secure_aggregation import secagg_settings
 
-    return answer("train", msg, context.node_config)
+    return answer("train", msg, context.node_config, secagg=secagg_settings(context))
 
 
 @app.evaluate()

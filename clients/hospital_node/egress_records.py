@@ -75,9 +75,20 @@ def _study_answer(payload: Mapping[str, object]) -> list[str]:
     releases = payload.get("releases")
     if not isinstance(releases, list):
         return ["(releases not recorded)"]
+    secure = payload.get("secure_aggregation")
+    refused = payload.get("refused")
+    if isinstance(refused, Mapping):
+        return [
+            f"refusal code {refused.get('code', '')}: {refused.get('reason', '')}",
+            "no value left; the study was charged (the refusal depends on the noisy answer)",
+        ]
     values = sum(len(r.get("values", [])) for r in releases if isinstance(r, Mapping))
     suppressed = payload.get("suppressed") or []
     lines = [
+        "SecAgg+ masked, as whole quanta beside a reported-cell vector: the coordinator sees only the sum over "
+        f"{secure.get('sample_num', '?')} sites' answers; the values below are this site's part of it"
+    ] if isinstance(secure, Mapping) and secure.get("masked") else []
+    lines += [
         f"{len(releases)} DP releases, {values} noisy values; {len(suppressed)} cell(s) suppressed "
         f"(noisy count below min_cell_size {payload.get('min_cell_size', '?')})"
         + (f": cells {', '.join(map(str, suppressed))}" if suppressed else ""),

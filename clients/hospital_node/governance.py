@@ -421,7 +421,7 @@ def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, r
         events=events,
         rounds=1,
         delta=query.delta,
-        secure=False,  # statistics travel without secure aggregation (each site's answer is DP on its own)
+        secure=query.secure_aggregation,  # the signed spec's; the node then answers only through SecAgg+
         target=None,
         cost=lambda: epsilon(events, delta=query.delta, accountant=LEDGER_ACCOUNTANT),
         request=lambda signer, fingerprint, cost, run: _study_request(query, spec, digest, signer, fingerprint, cost, run),
@@ -524,7 +524,7 @@ def _admit_steps(  # noqa: PLR0913
     if ask.task not in policy.allowed_tasks:
         raise Refusal(REFUSED_POLICY, f"this node's policy does not allow task {ask.task}")
     if policy.require_secure_aggregation and not ask.secure:
-        what = "statistics studies do not use it" if ask.task == STATISTICS_TASK else "the spec does not use it"
+        what = "the study does not use it (federation.secure_aggregation)" if ask.task == STATISTICS_TASK else "the spec does not use it"
         raise Refusal(REFUSED_POLICY, f"this node's policy requires secure aggregation; {what}")
 
     # 4. the officer's decision
@@ -725,6 +725,7 @@ def _study_request(
         "rounds": 1,
         "delta": query.delta,
         "cells": query.n_cells,
+        "secure_aggregation": query.secure_aggregation,
         "releases": [
             {"statistic": r.statistic, "name": r.name, "mechanism": r.mechanism, "scale": r.scale, "epsilon": r.epsilon}
             for r in query.releases()
@@ -926,8 +927,9 @@ def foreseen_refusals(home: NodeHome, spec_digest: str, dataset: str, *, max_eps
     if task not in policy.allowed_tasks:
         reasons.append(f"this node's policy does not allow task {task}")
     study = task == STATISTICS_TASK
-    if policy.require_secure_aggregation and (study or not spec.get("federation", {}).get("secure_aggregation", False)):
-        what = "statistics studies do not use it" if study else "the spec does not use it"
+    secure = spec.get("federation", {}).get("secure_aggregation", False) if isinstance(spec.get("federation"), dict) else False
+    if policy.require_secure_aggregation and secure is not True:
+        what = "the study does not use it (federation.secure_aggregation)" if study else "the spec does not use it"
         reasons.append(f"this node's policy requires secure aggregation; {what}")
     cost = float(payload.get("cost_epsilon", float("nan")))
     caps = [(policy.max_epsilon_per_experiment, "this node's policy limit per experiment")]

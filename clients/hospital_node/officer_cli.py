@@ -174,6 +174,14 @@ def requests(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_
             ))
         else:
             asks = ("rounds", str(payload.get("rounds", "")))
+        secure = (payload.get("spec", {}).get("federation") or {}).get("secure_aggregation") is True
+        if study:
+            travels = (
+                "securely aggregated (SecAgg+): masked, the coordinator sees only totals over the sites"
+                if secure else "in plain: the coordinator sees this site's noisy answer"
+            )
+        else:
+            travels = "SecAgg+: masked, the coordinator sees only the sum of the updates" if secure else "in plain"
         for field, value in (
             ("study" if study else "experiment", item.request.experiment),
             ("description", str(payload.get("description", ""))),
@@ -182,6 +190,7 @@ def requests(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_
             ("task", "statistics (answers under formal DP)") if study else ("task, model", f"{payload.get('task', '')}, {payload.get('model', '')}"),
             ("dataset", item.request.dataset),
             asks,
+            ("how it leaves", travels),
             (f"cost of this {'study' if study else 'experiment'}", f"ε {_fmt(item.cost)} at δ {payload.get('delta', '')}"),
             ("dataset budget", "not set" if budget is None else f"ε {budget.epsilon:g} at δ {budget.delta:g}"),
             ("spent or reserved now", held),

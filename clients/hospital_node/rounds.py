@@ -124,6 +124,7 @@ if TYPE_CHECKING:  # the connectors pull in pandas and pydicom: imported where t
     from clients.hospital_node.connectors import TabularData
     from clients.hospital_node.imaging_connector import ImagingData
     from clients.hospital_node.released import Release
+    from clients.hospital_node.secure_aggregation import SecAggSettings
     from privacy.events import TrainingReleases
 
 __all__ = ["DEBUG_NOISE_SEED_FILE", "KEPT_UPDATES_DIR", "answer", "update_digest"]
@@ -159,16 +160,18 @@ def _request(kind: str, msg: Message) -> _Request:
     return _Request(config, arrays, str(msg.metadata.run_id), secure)
 
 
-def answer(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
+def answer(kind: str, msg: Message, node_config: Mapping[str, Any], *, secagg: SecAggSettings | None = None) -> Message:
     """Handle one message of `kind` ("query", "train", "evaluate", "release" or "statistics") and build the reply.
 
     A message whose signed spec is a statistics study, or whose action is "statistics",
-    is a study's (:mod:`clients.hospital_node.study_round`).
+    is a study's (:mod:`clients.hospital_node.study_round`). `secagg` are the settings
+    of the run's SecAgg+ round (:func:`~clients.hospital_node.secure_aggregation.secagg_settings`),
+    when a train message is its collect stage.
     """
     if kind == STATISTICS_ACTION or _carries_study(msg):
         from clients.hospital_node.study_round import answer_study
 
-        return answer_study(kind, msg, node_config)
+        return answer_study(kind, msg, node_config, secagg=secagg)
     home: NodeHome | None = None
     instruction: TrainInstruction | None = None
     try:
@@ -619,13 +622,9 @@ def _check_secagg_range(request: _Request, arrays: ArrayRecord, n_train: float) 
 
 def _legacy_fit_result(arrays: ArrayRecord, n_train: int, metrics: dict[str, float]) -> RecordDict:
     """Flower's legacy fit result (arrays in the model's order, weighted by `n_train`) plus our metrics."""
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+    from clients.hospital_node.secure_aggregation import legacy_fit_result
 
-    parameters = ndarrays_to_parameters([array.numpy() for array in arrays.values()])
-    content = fitres_to_recorddict(FitRes(Status(Code.OK, "ok"), parameters, n_train, {}), keep_input=False)
-    content[METRICS_KEY] = MetricRecord(metrics)
-    return content
+    return legacy_fit_result([array.numpy() for array in arrays.values()], n_train, metrics)
 
 
 def _sampling_generator(home: NodeHome, dataset: str, server_round: int):  # type: ignore[no-untyped-def]

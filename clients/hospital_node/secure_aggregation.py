@@ -16,18 +16,93 @@ Two guards wrap the mod:
 - the egress guard on what actually leaves: only SecAgg+'s own record, the legacy fit
   result's bookkeeping and our declared per-site metrics and site name; every array
   record must be empty (the update leaves only as the masked vector).
+
+The collect stage serves a securely aggregated statistics study the same way (its signed
+spec rides in the legacy fit config; :mod:`clients.hospital_node.study_round`). A study's
+handler checks the settings the mod will actually mask with, which the mod keeps in the
+run's context (:func:`secagg_settings`), rather than anything the coordinator restates.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-__all__ = ["SECAGG_RECORD", "secure_aggregation_mod"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["SECAGG_RECORD", "SecAggSettings", "legacy_fit_result", "secagg_settings", "secure_aggregation_mod"]
 
 #: flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS (not imported: the
 #: ClientApp module must stay light).
 SECAGG_RECORD = "secaggplus_configs"
+#: ... and RECORD_KEY_STATE: where ``secaggplus_mod`` keeps its state in the run's context.
+SECAGG_STATE = "secaggplus_state"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """The SecAgg+ settings this node's ``secaggplus_mod`` took from the setup stage and masks with."""
+
+    sample_num: int
+    share_num: int
+    threshold: int
+    clipping_range: float
+    quantization_range: int
+    modulus_range: int
+    max_weight: float
+
+    def to_mapping(self) -> dict[str, float | int]:
+        return {
+            "sample_num": self.sample_num,
+            "share_num": self.share_num,
+            "threshold": self.threshold,
+            "clipping_range": self.clipping_range,
+            "quantization_range": self.quantization_range,
+            "modulus_range": self.modulus_range,
+            "max_weight": self.max_weight,
+        }
+
+
+def secagg_settings(context: Context) -> SecAggSettings | None:
+    """The settings of the run's SecAgg+ setup stage as ``secaggplus_mod`` stored them; None before any."""
+    state: Mapping[str, object] | None = context.state.config_records.get(SECAGG_STATE)
+    keys = ("sample_num", "share_num", "threshold", "clipping_range", "target_range", "mod_range", "max_weight")
+    if state is None or any(key not in state for key in keys):
+        return None
+    number = (int, float)
+    if not all(isinstance(state[key], number) and not isinstance(state[key], bool) for key in keys):
+        return None
+    return SecAggSettings(
+        sample_num=int(state["sample_num"]),  # type: ignore[call-overload]
+        share_num=int(state["share_num"]),  # type: ignore[call-overload]
+        threshold=int(state["threshold"]),  # type: ignore[call-overload]
+        clipping_range=float(state["clipping_range"]),  # type: ignore[arg-type]
+        quantization_range=int(state["target_range"]),  # type: ignore[call-overload]
+        modulus_range=int(state["mod_range"]),  # type: ignore[call-overload]
+        max_weight=float(state["max_weight"]),  # type: ignore[arg-type]
+    )
+
+
+def legacy_fit_result(values: Sequence[np.ndarray], num_examples: int, metrics: Mapping[str, float]) -> RecordDict:
+    """Flower's legacy fit result of `values` (the vector ``secaggplus_mod`` masks) and `num_examples`, plus our metrics.
+
+    The legacy result's own metrics stay empty: ours travel in ``METRICS_KEY``, where the
+    egress guard and the coordinator check them.
+    """
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    from federation.protocol import METRICS_KEY
+
+    parameters = ndarrays_to_parameters(list(values))
+    content = fitres_to_recorddict(FitRes(Status(Code.OK, "ok"), parameters, num_examples, {}), keep_input=False)
+    content[METRICS_KEY] = MetricRecord(dict(metrics))
+    return content
 
 _MAY_LEAVE = {SECAGG_RECORD, "fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status", "metrics", "node"}
 

@@ -35,6 +35,26 @@ A study is answered once per submission: its reservation is then used up and a r
 refused. The admission reply carries no number; the answer reply carries the
 :class:`~federation.protocol.SiteAnswer` and the ledger's epsilons
 (:data:`~federation.protocol.STATISTICS_METRICS`), nothing else.
+
+Secure aggregation (the signed spec's ``[federation] secure_aggregation = true``): the
+answer leaves only through SecAgg+, as the collect stage of Flower's workflow (a
+``train`` message through ``secaggplus_mod``), and a ``query.statistics`` message for
+such a study is refused, as is a SecAgg+ one for a plain study. Steps 1 to 4 are the
+same: the node adds its own noise (an exact sum behind SecAgg+ would not be DP, and a
+site that drops out would leave the others' exact values in the sum) and suppresses on
+its noisy counts. Before it reads a row, the node checks the settings its mod will mask
+with (:func:`federation.protocol.secure_sum_problems`: at least two sites, weight 1,
+quantisation exact on integers, no wrap-around of the sum). Then its answer is rounded
+to whole quanta (1 for a count, the scale / 256 for a sum: post-processing) and encoded
+as integer vectors, zero in its suppressed cells, with a 0/1 reported-cell vector
+(:func:`federation.protocol.secure_encoding`). A value beyond the clipping range would be
+clipped by SecAgg+ and distort the sum: the node sends nothing but a refusal; the
+ledger is charged all the same and the audit log says why, because whether a noisy value
+fits is a fact about the noisy answer. Otherwise the ledger is charged, the audit log
+records every value as sent and marks it masked (with the SecAgg+ settings, the size and
+digest of the vector before masking), and the reply is the legacy fit result of the
+vectors with weight 1 beside the ledger's epsilons; the mod masks the vector and clears
+every array before anything leaves.
 """
 
 from __future__ import annotations
@@ -54,6 +74,7 @@ from clients.hospital_node.home import DatasetEntry, NodeHome
 from clients.hospital_node.rounds import _open_home, _refuse
 from federation.protocol import (
     CONFIG_KEY,
+    LEGACY_FIT_CONFIG,
     METRICS_KEY,
     NODE_KEY,
     REFUSED_BAD_INSTRUCTION,
@@ -61,6 +82,7 @@ from federation.protocol import (
     REFUSED_DATASET,
     REFUSED_POLICY,
     RELEASE_METRICS,
+    SECURE_SUM_WEIGHT,
     STATISTICS_ACTION,
     STATISTICS_KEY,
     STATISTICS_METRICS,
@@ -71,6 +93,9 @@ from federation.protocol import (
     SiteAnswer,
     SiteRelease,
     node_record,
+    release_quantum,
+    secure_encoding,
+    secure_sum_problems,
 )
 from privacy.accountant import LEDGER_ACCOUNTANT
 from privacy.errors import PrivacyError, QueryError
@@ -78,16 +103,19 @@ from privacy.governance import spec_digest
 from privacy.ledger import PrivacyLedger
 
 if TYPE_CHECKING:
+    from clients.hospital_node.secure_aggregation import SecAggSettings
     from privacy.query import Release, StatisticsQuery
 
-__all__ = ["Sampler", "answer_study", "noisy_answer", "opendp_sampler", "release_layout", "suppressed_cells"]
+__all__ = [
+    "Sampler", "answer_study", "guard_secure", "noisy_answer", "opendp_sampler", "release_layout", "suppressed_cells",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Adds one release's noise to its exact vector: the node's is OpenDP's (:func:`opendp_sampler`).
 Sampler = Callable[["Release", np.ndarray], np.ndarray]
 
-_KINDS = ("query", STATISTICS_ACTION, "release")
+_KINDS = ("query", STATISTICS_ACTION, "release", "train")  # train: SecAgg+'s collect stage of a secure study
 # A statistic's releases that count its patients per cell: what suppression reads (noisy).
 _CELL_SIZES = ("count", "total")
 
@@ -100,25 +128,32 @@ class _About:
     dataset: str
 
 
-def answer_study(kind: str, msg: Message, node_config: Mapping[str, Any]) -> Message:
-    """Handle one message of a study ("query", "statistics" or "release") and build the reply."""
+def answer_study(kind: str, msg: Message, node_config: Mapping[str, Any], *, secagg: SecAggSettings | None = None) -> Message:
+    """Handle one message of a study ("query", "statistics", "release", or "train": SecAgg+'s collect stage) and build the reply."""
     home: NodeHome | None = None
     about: _About | None = None
     try:
         home = _open_home(node_config)
-        config = msg.content.config_records.get(CONFIG_KEY)
+        key = LEGACY_FIT_CONFIG if kind == "train" else CONFIG_KEY
+        config = msg.content.config_records.get(key)
         if config is None:
-            raise ProtocolError(f"the message has no '{CONFIG_KEY}' ConfigRecord")
+            raise ProtocolError(f"the message has no '{key}' ConfigRecord")
         signed = SignedSpec.from_config(config)
         if kind not in _KINDS:
             raise ProtocolError(f"a statistics study takes {', '.join(_KINDS)} messages, not {kind}")
         query = parse_query(signed)
         about = _About(spec_digest(signed.spec_json), query.dataset)
         run_id = str(msg.metadata.run_id)
-        admission = admit_study(home, signed, query, run_id=run_id, kind=kind)
+        answering = kind in (STATISTICS_ACTION, "train")
+        admission = admit_study(home, signed, query, run_id=run_id, kind=STATISTICS_ACTION if answering else kind)
+        if answering:
+            _check_route(kind, query, secagg)
         if kind != "release":
             _check_cohort(home, query, admission)
-        if kind == STATISTICS_ACTION:
+        if kind == "train":
+            assert secagg is not None  # _check_route
+            content = _answer_secure(home, query, signed, admission, run_id, secagg)
+        elif kind == STATISTICS_ACTION:
             content = _answer(home, query, signed, admission, run_id)
         else:
             content = RecordDict({METRICS_KEY: MetricRecord({})})
@@ -295,17 +330,46 @@ def _check_cohort(home: NodeHome, query: StatisticsQuery, admission: Admission) 
     raise Refusal(REFUSED_POLICY, f"dataset '{query.dataset}' has fewer patients than the minimum cohort of {minimum}")
 
 
-def _answer(home: NodeHome, query: StatisticsQuery, signed: SignedSpec, admission: Admission, run_id: str) -> RecordDict:
-    from clients.hospital_node.statistics import evaluate
+def _check_route(kind: str, query: StatisticsQuery, secagg: SecAggSettings | None) -> None:
+    """The answer leaves the way the signed spec says, and SecAgg+'s settings carry it hidden and exact; no row is read.
 
-    # Admitted: the whole query is reserved; its budget and caps were checked.
-    assert admission.budget is not None and admission.reservation is not None
-    exact = evaluate(query, _frame(home.dataset(query.dataset)))
-    answer = noisy_answer(query, exact, min_cell_size=admission.policy.min_cell_size)
-    del exact  # nothing below reads the true vectors
-    problems = answer.problems(release_layout(query), query.n_cells)
+    Raises
+    ------
+    ProtocolError
+        A plain answer asked of a securely aggregated study or the other way round, or
+        SecAgg+ settings under which the sum would reveal or distort this site's answer.
+    """
+    if kind == STATISTICS_ACTION and query.secure_aggregation:
+        raise ProtocolError(
+            "this study's signed spec asks for secure aggregation (federation.secure_aggregation): its answer leaves "
+            "only masked, through SecAgg+, never as a plain 'query.statistics' reply; nothing was sent"
+        )
+    if kind != "train":
+        return
+    if not query.secure_aggregation:
+        raise ProtocolError(
+            "this study's signed spec does not ask for secure aggregation: it is answered by a 'query.statistics' "
+            "message, not through SecAgg+; nothing was sent"
+        )
+    if secagg is None:
+        raise ProtocolError("a study's train message must be the collect stage of a SecAgg+ round; nothing was sent")
+    problems = secure_sum_problems(
+        sample_num=secagg.sample_num,
+        clipping_range=secagg.clipping_range,
+        quantization_range=secagg.quantization_range,
+        modulus_range=secagg.modulus_range,
+        max_weight=secagg.max_weight,
+    )
     if problems:
-        raise ProtocolError("egress guard: the answer is not the query's release plan (" + "; ".join(problems[:3]) + "); nothing was sent")
+        raise ProtocolError(
+            "the coordinator's SecAgg+ settings would not keep this site's answer hidden and exact ("
+            + "; ".join(problems) + "); nothing was read or sent"
+        )
+
+
+def _charge(home: NodeHome, query: StatisticsQuery, admission: Admission, run_id: str) -> dict[str, float]:
+    """Charge every reserved release of the study; the ledger's epsilons after it (what the reply reports)."""
+    assert admission.budget is not None
     budget = admission.budget
     submission = admission.submission.submission_id
     with PrivacyLedger.open(home.ledger_path) as ledger:
@@ -321,13 +385,116 @@ def _answer(home: NodeHome, query: StatisticsQuery, signed: SignedSpec, admissio
         )
         epsilon = ledger.spent(query.dataset, delta=budget.delta)
         epsilon_run = ledger.spent(query.dataset, delta=budget.delta, submission=submission)
-    metrics = {"epsilon": epsilon, "epsilon-run": epsilon_run}
+    return {"epsilon": epsilon, "epsilon-run": epsilon_run}
+
+
+def _answer_secure(
+    home: NodeHome, query: StatisticsQuery, signed: SignedSpec, admission: Admission, run_id: str, secagg: SecAggSettings
+) -> RecordDict:
+    """The answer as SecAgg+'s collect stage takes it: the legacy fit result of the encoded answer, weight 1."""
+    from clients.hospital_node.secure_aggregation import legacy_fit_result
+    from clients.hospital_node.statistics import evaluate
+
+    # Admitted: the whole query is reserved; its budget and caps were checked.
+    assert admission.budget is not None and admission.reservation is not None
+    exact = evaluate(query, _frame(home.dataset(query.dataset)))
+    noisy = noisy_answer(query, exact, min_cell_size=admission.policy.min_cell_size)
+    del exact  # nothing below reads the true vectors
+    layout = release_layout(query)
+    answer, vectors = secure_encoding(noisy, layout, query.n_cells)
+    del noisy  # what is sent is the answer in whole quanta
+    clipping = secagg.clipping_range
+    fits = all(float(np.abs(v).max(initial=0.0)) <= clipping for v in vectors)
+    metrics = _charge(home, query, admission, run_id)
+    record = _answer_record(run_id, query, signed, answer, metrics, admission)
+    digest = hashlib.sha256(b"".join(np.ascontiguousarray(v, dtype="<f8").tobytes() for v in vectors))
+    record |= {
+        "bytes": sum(v.size * 8 for v in vectors),
+        "sha256": digest.hexdigest(),  # of the vector before masking: what the sum holds of this site
+        "secure_aggregation": {
+            "protocol": "SecAgg+",
+            "masked": fits,
+            "weight": SECURE_SUM_WEIGHT,
+            "quanta": [release_quantum(r.mechanism, r.scale) for r in query.releases()],
+            "reported_cells": [int(x) for x in vectors[-1]],
+            **secagg.to_mapping(),
+        },
+    }
+    if not fits:
+        # Whether a noisy value fits is a fact about the noisy answer, so the refusal is
+        # itself a release of it: charged above, and recorded with nothing else leaving.
+        reason = (
+            f"this site's noisy answer does not fit the SecAgg+ clipping range of {clipping:.0f} quanta the coordinator "
+            f"chose for {secagg.sample_num} sites and would be clipped; nothing was sent. The study was charged: "
+            "the refusal depends on the noisy answer"
+        )
+        record |= {"releases": [], "metrics": [], "metric_values": {}, "bytes": 0, "refused": {"code": REFUSED_BAD_INSTRUCTION, "reason": reason}}
+        home.audit_log().append("release", record)
+        raise Refusal(REFUSED_BAD_INSTRUCTION, reason, record=False)
+    content = legacy_fit_result(vectors, SECURE_SUM_WEIGHT, metrics)
+    home.audit_log().append("release", record)
+    guard_secure(content, query, clipping)
+    logger.info(
+        "run %s: answered study %s on dataset '%s' through SecAgg+ (%d releases, %d cell(s) suppressed, masked); "
+        "epsilon spent %.3f at delta %g",
+        run_id, spec_digest(signed.spec_json)[:12], query.dataset, len(answer.releases), len(answer.suppressed),
+        metrics["epsilon"], admission.budget.delta,
+    )
+    return content
+
+
+_LEGACY_FIT_RESULT = {"fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status"}
+
+
+def guard_secure(content: RecordDict, query: StatisticsQuery, clipping_range: float) -> None:
+    """The egress guard of a securely aggregated answer, before ``secaggplus_mod`` masks it.
+
+    Only the legacy fit result and the ledger's epsilons; the weight 1, no legacy metrics;
+    the vector is the plan's releases then the reported cells, each value a whole number
+    of quanta within the clipping range, the reported cells 0 or 1.
+    """
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import parameters_to_ndarrays
+
+    metrics = content.get(METRICS_KEY)
+    if set(content) != _LEGACY_FIT_RESULT | {METRICS_KEY} or not isinstance(metrics, MetricRecord):
+        raise ProtocolError("egress guard: a secure study reply may carry only the legacy fit result and 'metrics'; nothing was sent")
+    undeclared = sorted(set(metrics) - set(STATISTICS_METRICS))
+    if undeclared:
+        raise ProtocolError(f"egress guard: undeclared metric(s) {', '.join(undeclared)} in a secure study reply; nothing was sent")
+    fitres = compat.recorddict_to_fitres(content, keep_input=True)
+    if fitres.num_examples != SECURE_SUM_WEIGHT or fitres.metrics:
+        raise ProtocolError(f"egress guard: a secure study reply has weight {SECURE_SUM_WEIGHT} and no legacy metrics; nothing was sent")
+    vectors = parameters_to_ndarrays(fitres.parameters)
+    sizes = [r.size for r in query.releases()] + [query.n_cells]
+    if [v.size for v in vectors] != sizes:
+        raise ProtocolError("egress guard: the secure vector is not the query's release plan; nothing was sent")
+    for vector in vectors:
+        if not (np.all(np.isfinite(vector)) and np.all(vector == np.rint(vector)) and np.all(np.abs(vector) <= clipping_range)):
+            raise ProtocolError("egress guard: the secure vector holds a value that is not whole quanta within the clipping range; nothing was sent")
+    if not np.all((vectors[-1] == 0) | (vectors[-1] == 1)):
+        raise ProtocolError("egress guard: the reported cells of a secure vector must be 0 or 1; nothing was sent")
+
+
+def _answer(home: NodeHome, query: StatisticsQuery, signed: SignedSpec, admission: Admission, run_id: str) -> RecordDict:
+    from clients.hospital_node.statistics import evaluate
+
+    # Admitted: the whole query is reserved; its budget and caps were checked.
+    assert admission.budget is not None and admission.reservation is not None
+    exact = evaluate(query, _frame(home.dataset(query.dataset)))
+    answer = noisy_answer(query, exact, min_cell_size=admission.policy.min_cell_size)
+    del exact  # nothing below reads the true vectors
+    problems = answer.problems(release_layout(query), query.n_cells)
+    if problems:
+        raise ProtocolError("egress guard: the answer is not the query's release plan (" + "; ".join(problems[:3]) + "); nothing was sent")
+    metrics = _charge(home, query, admission, run_id)
     content = RecordDict({STATISTICS_KEY: answer.to_record(), METRICS_KEY: MetricRecord(metrics)})
     home.audit_log().append("release", _answer_record(run_id, query, signed, answer, metrics, admission))
     guard(STATISTICS_ACTION, content, query)
     logger.info(
         "run %s: answered study %s on dataset '%s' (%d releases, %d cell(s) suppressed); epsilon spent %.3f at delta %g",
-        run_id, spec_digest(signed.spec_json)[:12], query.dataset, len(answer.releases), len(answer.suppressed), epsilon, budget.delta,
+        run_id, spec_digest(signed.spec_json)[:12], query.dataset, len(answer.releases), len(answer.suppressed),
+        metrics["epsilon"], admission.budget.delta,
     )
     return content
 

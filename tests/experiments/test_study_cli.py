@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from experiments.errors import SpecError
+from experiments.errors import SpecError, SubmissionError
 from experiments.study import StudySpec, study_cost
 from experiments.study_cli import app
 
@@ -39,7 +39,47 @@ def test_validate_prints_the_name_the_digest_and_the_plans_size() -> None:
     assert result.output == (
         f"ok: htn-onset-survival-by-sex ({spec.digest()[:12]})\n"
         "dataset 'htn_cohort': 1 statistic(s) over 2 cell(s), 2 DP release(s)\n"
+        "answers: each site's noisy answer, in plain (each is DP on its own)\n"
     )
+
+
+@pytest.fixture
+def secure_study(tmp_path: Path) -> Path:
+    path = tmp_path / "secure.toml"
+    path.write_text(EXAMPLE.read_text() + "\n[federation]\nsecure_aggregation = true\n")
+    return path
+
+
+def test_validate_and_cost_say_that_the_answers_are_securely_aggregated(secure_study: Path) -> None:
+    shown = runner.invoke(app, ["validate", str(secure_study)])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.endswith(
+        "answers: securely aggregated (SecAgg+, federation.secure_aggregation = true): the coordinator sees only the "
+        "totals over the sites, at least 2\n"
+    )
+    assert json.loads(runner.invoke(app, ["cost", "--json", str(secure_study)]).output)["secure_aggregation"] is True
+    assert json.loads(runner.invoke(app, ["cost", "--json", str(EXAMPLE)]).output)["secure_aggregation"] is False
+
+
+def test_a_bad_federation_table_is_refused_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad_federation.toml"
+    path.write_text(EXAMPLE.read_text() + "\n[federation]\nsecure_aggregation = \"yes\"\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert isinstance(result.exception, SpecError)
+    assert list(result.exception.problems) == ["federation.secure_aggregation must be true or false; found 'yes'"]
+
+
+def test_submit_refuses_too_few_sites_for_secure_aggregation_before_signing(secure_study: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["submit", str(secure_study), "--superlink", "nowhere", "--key", str(tmp_path / "missing.key"),
+              "--submissions-dir", str(tmp_path / "subs"), "--min-sites", "1"],
+    )
+    assert isinstance(result.exception, SubmissionError)
+    assert str(result.exception).startswith(
+        "--min-sites 1 is too few for a study with federation.secure_aggregation = true: SecAgg+ sums the answers of "
+        "at least 2 sites"
+    )
+    assert not (tmp_path / "subs").exists()
 
 
 def test_cost_shows_each_release_and_the_charge_per_site() -> None:

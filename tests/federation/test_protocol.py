@@ -272,3 +272,120 @@ def test_an_imaging_instruction_is_checked_field_by_field() -> None:
     assert instruction.imaging is not None
     wider = replace(instruction, imaging=replace(instruction.imaging, size=64))
     assert spec_mismatches(wider, mapping) == ["imaging.size differs from the signed spec's imaging.size"]
+
+
+# ---------------------------------------------------------------- a study's answer under SecAgg+
+
+
+def _plan() -> list:  # type: ignore[type-arg]
+    from federation.protocol import ReleaseLayout
+
+    return [
+        ReleaseLayout("n", "count", "discrete-laplace", 2.0, 1.0, (3,)),
+        ReleaseLayout("bp", "sum", "laplace", 150.0, 50.0, (3,)),
+        ReleaseLayout("km", "events", "discrete-laplace", 2.0, 1.0, (2, 3, 2)),
+    ]
+
+
+def _answer(count: list, total: list, events: list, suppressed: tuple = ()):  # type: ignore[no-untyped-def, type-arg]
+    from federation.protocol import SiteAnswer, SiteRelease
+
+    return SiteAnswer(
+        (
+            SiteRelease("n", "count", tuple(count), 2.0, "discrete-laplace", 1.0),
+            SiteRelease("bp", "sum", tuple(total), 150.0, "laplace", 50.0),
+            SiteRelease("km", "events", tuple(events), 2.0, "discrete-laplace", 1.0),
+        ),
+        suppressed,
+    )
+
+
+def test_secure_settings_keep_integers_exact_and_the_sum_inside_the_modulus() -> None:
+    from federation.protocol import SECAGG_MODULUS, secure_clipping_range, secure_sum_problems
+
+    for nodes in (2, 3, 30, 540, 1000):
+        c = secure_clipping_range(nodes)
+        assert 2 * c <= 2**31 - 1 and nodes * 2 * c < SECAGG_MODULUS
+        assert secure_sum_problems(
+            sample_num=nodes, clipping_range=float(c), quantization_range=2 * c, modulus_range=SECAGG_MODULUS, max_weight=1.0
+        ) == []
+    assert secure_clipping_range(3) == 715_827_882
+
+
+def test_secure_settings_that_would_distort_or_reveal_an_answer_are_named() -> None:
+    from federation.protocol import secure_sum_problems
+
+    good = {"sample_num": 3, "clipping_range": 100.0, "quantization_range": 200, "modulus_range": 1 << 32, "max_weight": 1.0}
+    assert secure_sum_problems(**{**good, "sample_num": 1}) == [
+        "a secure sum over 1 site(s) would reveal a site's answer; it needs at least 2"
+    ]
+    assert secure_sum_problems(**{**good, "max_weight": 400.0}) == [
+        "SecAgg+ max_weight must be 1 (each answer unscaled); found 400.0"
+    ]
+    assert secure_sum_problems(**{**good, "clipping_range": 8.0, "quantization_range": 1 << 22})[0].startswith(
+        "SecAgg+ quantization_range must be twice an integral clipping_range"
+    )
+    assert secure_sum_problems(**{**good, "clipping_range": float(2**30), "quantization_range": 2**31}) == [
+        "SecAgg+ quantization_range must fit an int32; found 2147483648"
+    ]
+    assert secure_sum_problems(**{**good, "sample_num": 4, "clipping_range": float(2**29), "quantization_range": 2**30}) == [
+        "SecAgg+ modulus_range 4294967296 would wrap around the sum of 4 site(s) at quantization range 1073741824"
+    ]
+
+
+def test_a_sites_answer_is_sent_in_whole_quanta_with_its_reported_cells() -> None:
+    from federation.protocol import SUM_QUANTA_PER_SCALE, secure_encoding
+
+    answer = _answer([12.0, None, -3.0], [1000.2, None, -75.1], [1, 2, None, None, 5, 6, 7, 8, None, None, 11, 12], (1,))
+    sent, vectors = secure_encoding(answer, _plan(), 3)
+    quantum = 150.0 / SUM_QUANTA_PER_SCALE
+    assert [list(v) for v in vectors] == [
+        [12.0, 0.0, -3.0],
+        [round(1000.2 / quantum), 0.0, round(-75.1 / quantum)],
+        [1, 2, 0, 0, 5, 6, 7, 8, 0, 0, 11, 12],
+        [1.0, 0.0, 1.0],
+    ]
+    # The values sent are the rounded ones, within half a quantum of the noisy ones; counts unchanged.
+    assert sent.releases[0].values == answer.releases[0].values and sent.suppressed == (1,)
+    assert sent.releases[1].values[1] is None
+    assert abs(sent.releases[1].values[0] - 1000.2) <= quantum / 2 and sent.releases[1].values[0] == vectors[1][0] * quantum
+
+
+def test_the_sum_of_the_sites_vectors_reads_back_as_their_totals_and_reporting_sites() -> None:
+    import numpy as np
+
+    from federation.protocol import SecureTotals, secure_encoding
+
+    answers = [
+        _answer([12.0, None, -3.0], [1000.2, None, -75.1], [1, 2, None, None, 5, 6, 7, 8, None, None, 11, 12], (1,)),
+        _answer([20.0, None, 4.0], [-10.0, None, 3.3], [1, 1, None, None, 1, 1, 1, 1, None, None, 1, 1], (1,)),
+        _answer([30.0, 9.0, 1.0], [5.0, 6.0, 7.0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    ]
+    encoded = [secure_encoding(a, _plan(), 3) for a in answers]
+    sums = [sum(v[i] for _, v in encoded) / 3 * 3 for i in range(4)]  # the workflow's mean times the contributors
+    totals = SecureTotals.from_sums(sums, _plan(), 3, contributors=3)
+    assert totals.sites == (3, 1, 3)
+    assert totals.releases[0].values == (62.0, 9.0, 2.0)
+    sent = [s for s, _ in encoded]
+    for index in (0, 2):
+        assert totals.releases[1].values[index] == pytest.approx(sum(s.releases[1].values[index] for s in sent), abs=1e-9)
+    assert totals.to_mapping()["suppressed"] == [] and totals.to_mapping()["sites"] == [3, 1, 3]
+    only_third = SecureTotals.from_sums([np.where(np.arange(v.size) >= 0, v, 0) for v in encoded[2][1]], _plan(), 3, contributors=1)
+    assert only_third.sites == (1, 1, 1)
+
+
+def test_sums_that_honest_sites_cannot_give_are_refused() -> None:
+    import numpy as np
+
+    from federation.protocol import SecureTotals
+
+    good = [np.array([3.0, 0.0, 1.0]), np.array([2.0, 0.0, 5.0]), np.zeros(12), np.array([2.0, 0.0, 1.0])]
+    assert SecureTotals.from_sums(good, _plan(), 3, contributors=2).releases[0].values == (3.0, None, 1.0)
+    with pytest.raises(ProtocolError, match="vector 1 of the secure sum is not in whole quanta"):
+        SecureTotals.from_sums([good[0], good[1] + 0.4, *good[2:]], _plan(), 3, contributors=2)
+    with pytest.raises(ProtocolError, match="more than 2 site"):
+        SecureTotals.from_sums([*good[:3], np.array([3.0, 0.0, 1.0])], _plan(), 3, contributors=2)
+    with pytest.raises(ProtocolError, match="the secure sum of n.count has a value in a cell no site reported"):
+        SecureTotals.from_sums([np.array([3.0, 1.0, 1.0]), *good[1:]], _plan(), 3, contributors=2)
+    with pytest.raises(ProtocolError, match="holds 3 vector"):
+        SecureTotals.from_sums(good[:3], _plan(), 3, contributors=2)

@@ -600,6 +600,88 @@ def test_bad_bounds_scale_and_mechanism_are_refused() -> None:
         NoisyVector([1.0], "gauss", 1.0)
 
 
+# ---------------------------------------------------------------- securely aggregated totals
+
+
+def _secure_total(vectors: Sequence[NoisyVector]) -> NoisyVector:
+    """What SecAgg+ gives the coordinator of per-site vectors: their sum where reported, and how many reported."""
+    present = np.array([v.present() for v in vectors])
+    total = sum(np.where(v.present()[:, None] if v.values.ndim == 2 else v.present(), np.nan_to_num(v.values), 0.0) for v in vectors)
+    sites = present.sum(axis=0)
+    values = np.where((sites > 0)[:, None] if total.ndim == 2 else sites > 0, total, np.nan)
+    return NoisyVector(values, vectors[0].mechanism, vectors[0].scale, sites=sites)
+
+
+def _three_sites(rng: np.random.Generator, width: int = 1, *, mechanism: str, scale: float, low: int, high: int) -> list[NoisyVector]:
+    """Three sites' noisy vectors over 3 cells; site 2 suppressed cell 1, and nobody released cell 2 but site 0."""
+    shape = (3,) if width == 1 else (3, width)
+    out = []
+    for site in range(3):
+        values = rng.integers(low, high, size=shape).astype(float)
+        values += rng.laplace(0, scale, size=shape) if mechanism == "laplace" else discrete_laplace(rng, scale, shape)
+        if site == 2:
+            values[1] = np.nan
+        if site > 0:
+            values[2] = np.nan
+        out.append(NoisyVector(values, mechanism, scale))
+    return out
+
+
+def _same(secure: Sequence[object], plain: Sequence[object]) -> None:
+    for got, want in zip(secure, plain, strict=True):
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,), strict=True):
+            assert a.sites == b.sites and a.suppressed == b.suppressed and a.note == b.note
+            np.testing.assert_allclose([a.estimate, a.lower, a.upper], [b.estimate, b.lower, b.upper], rtol=1e-9, atol=1e-9)
+
+
+def test_a_secure_total_pools_as_the_sites_own_vectors_do_for_every_rule() -> None:
+    rng = np.random.default_rng(2024)
+    counts = _three_sites(rng, mechanism="discrete-laplace", scale=4.0, low=200, high=400)
+    events = [NoisyVector(np.where(c.present(), np.floor(np.nan_to_num(c.values) / 3), np.nan), "discrete-laplace", 4.0) for c in counts]
+    sums = [NoisyVector(np.where(c.present(), rng.laplace(0, 30.0, 3) + 5 * np.nan_to_num(c.values), np.nan), "laplace", 30.0) for c in counts]
+    squares = [NoisyVector(np.where(c.present(), rng.laplace(0, 900.0, 3) + 300 * np.nan_to_num(c.values), np.nan), "laplace", 900.0) for c in counts]
+    one = {name: [_secure_total(v)] for name, v in {"counts": counts, "events": events, "sums": sums, "squares": squares}.items()}
+    _same(pooled_count(one["counts"]), pooled_count(counts))
+    _same(pooled_sum(one["sums"], one["counts"], bounds=BOUNDS), pooled_sum(sums, counts, bounds=BOUNDS))
+    _same(pooled_mean(one["sums"], one["counts"], bounds=BOUNDS, squares=one["squares"]),
+          pooled_mean(sums, counts, bounds=BOUNDS, squares=squares))
+    _same(pooled_variance(one["sums"], one["squares"], one["counts"], bounds=BOUNDS), pooled_variance(sums, squares, counts, bounds=BOUNDS))
+    _same(pooled_proportion(one["events"], one["counts"]), pooled_proportion(events, counts))
+    bins = _three_sites(rng, 5, mechanism="discrete-laplace", scale=2.0, low=20, high=90)
+    _same(merged_histogram([_secure_total(bins)]), merged_histogram(bins))
+    edges = [0, 10, 20, 30, 40, 50]
+    _same(pooled_quantiles([_secure_total(bins)], edges=edges), pooled_quantiles(bins, edges=edges))
+    tables = _three_sites(rng, 4, mechanism="discrete-laplace", scale=2.0, low=10, high=60)
+    _same(pooled_odds_ratio([_secure_total(tables)]), pooled_odds_ratio(tables))
+    km_events = _three_sites(rng, 4, mechanism="discrete-laplace", scale=2.0, low=5, high=20)
+    censored = [NoisyVector(np.where(e.present()[:, None], np.nan_to_num(e.values) // 2, np.nan), "discrete-laplace", 2.0) for e in km_events]
+    totals = [NoisyVector(np.where(e.present(), 200.0, np.nan), "discrete-laplace", 2.0) for e in km_events]
+    _same(pooled_survival([_secure_total(km_events)], [_secure_total(censored)], [_secure_total(totals)]),
+          pooled_survival(km_events, censored, totals))
+    # The reporting sites are counted per cell; the noise of a cell is that many sites' draws.
+    assert [e.sites for e in pooled_count(one["counts"])] == [3, 2, 1]
+
+
+def test_the_noise_of_a_secure_total_is_that_of_its_reporting_sites() -> None:
+    total, _ = pooled_count([NoisyVector([30.0, 10.0], "discrete-laplace", 2.0, sites=[3, 1])])
+    three = pooled_count([NoisyVector([10.0], "discrete-laplace", 2.0)] * 3)[0]
+    assert (total.lower, total.upper, total.sites) == (three.lower, three.upper, 3)
+
+
+def test_from_answer_reads_the_sites_of_a_secure_total() -> None:
+    answer = {
+        "releases": [{"statistic": "n", "name": "count", "values": [12, None, 30], "scale": 1.0, "mechanism": "discrete-laplace"}],
+        "suppressed": [1],
+        "sites": [2, 0, 3],
+    }
+    vector = NoisyVector.from_answer(answer, statistic="n", name="count", cells=3)
+    assert list(vector.sites) == [2, 0, 3] and list(vector.contributions()) == [2, 0, 3]
+    with pytest.raises(StatisticsError, match="sites must hold one number per cell \\(3\\)"):
+        NoisyVector.from_answer({**answer, "sites": [1, 2]}, statistic="n", name="count", cells=3)
+    with pytest.raises(StatisticsError, match="sites must hold one whole number >= 0 per cell"):
+        NoisyVector([1.0, 2.0], "laplace", 1.0, sites=[1, -1])
+
+
 # ---------------------------------------------------------------- labelled rows
 
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 
 from clients.hospital_node.client_app import app as client_app
@@ -144,3 +145,233 @@ def test_a_study_nobody_approved_stops_with_each_sites_status(alliance, tmp_path
     spec = StudySpec.from_mapping(mapping)
     with pytest.raises(NotEnoughNodesError, match="0 of 3 hospital node\\(s\\) accepted the study.*awaiting approval"):
         _run(alliance, spec, tmp_path, run_id=206, approved=False)
+
+
+# ---------------------------------------------------------------- securely aggregated studies
+
+
+def _secure(name: str = "htn_prevalence.toml", study: str | None = None) -> StudySpec:
+    mapping = json.loads(StudySpec.from_toml(EXAMPLES / name).canonical_json())
+    mapping["federation"] = {"secure_aggregation": True}
+    if study is not None:
+        mapping["study"]["name"] = study
+    return StudySpec.from_mapping(mapping)
+
+
+def _persistent(home: Path, node_id: int, run_id: int, received: list[Message] | None = None):  # type: ignore[no-untyped-def]
+    """The node's ClientApp as a SuperNode runs it: one Context per run (SecAgg+ keeps its state there);
+    an exception becomes an error reply; every reply the coordinator receives is kept in `received`."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    context = Context(run_id=run_id, node_id=node_id, node_config={"home": str(home)}, state=RecordDict(), run_config={})
+
+    def handle(message: Message) -> Message:
+        try:
+            reply = client_app(message=message, context=context)
+        except Exception as err:  # noqa: BLE001 - as Flower's ClientApp runner reports it
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=message)
+        if received is not None:
+            received.append(reply)
+        return reply
+
+    return handle
+
+
+def _released(site, run_id: int) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    [record] = [
+        e.payload for e in NodeHome.open(site.home).audit_log().entries()
+        if e.kind == "release" and e.payload["run"] == str(run_id) and e.payload["message"] == "statistics"
+    ]
+    return record
+
+
+def test_a_secure_studys_totals_are_the_sum_of_what_each_node_released(alliance, tmp_path: Path) -> None:
+    from federation.study import combine
+
+    spec = _secure()
+    run_id = 301
+    received: list[Message] = []
+    handlers = {10 + i: _persistent(s.home, 10 + i, run_id, received) for i, s in enumerate(alliance)}
+    result, tracker = _run(alliance, spec, tmp_path, run_id=run_id, handlers=handlers)
+    assert tracker.status == "FINISHED"
+    assert result.totals is not None and result.answers == {}
+    assert result.contributors == ["hospital_1", "hospital_2", "hospital_3"]
+    records = [_released(site, run_id) for site in alliance]
+    cells = spec.query.n_cells
+    for index, release in enumerate(result.totals.releases):
+        sent = [r["releases"][index] for r in records]
+        assert all(s["secure_aggregation"]["masked"] for s in records) if index == 0 else True
+        for at, total in enumerate(release.values):
+            values = [s["values"][at] for s in sent if s["values"][at] is not None]
+            if not values:
+                assert total is None
+                continue
+            # Counts exactly; sums to floating point: what each node recorded as sent (in whole quanta).
+            assert total == pytest.approx(sum(values), rel=1e-12, abs=1e-9)
+    reported = [sum(cell not in r["suppressed"] for r in records) for cell in range(cells)]
+    assert list(result.totals.sites) == reported
+    # Pooled from the totals, the estimates are those pooled from the nodes' own (recorded) answers.
+    plain = combine(spec.query, [{"releases": r["releases"], "suppressed": r["suppressed"]} for r in records])
+    assert len(plain) == len(result.rows)
+    for secure_row, plain_row in zip(result.rows, plain, strict=True):
+        assert (secure_row.statistic, secure_row.cell, secure_row.quantity) == (plain_row.statistic, plain_row.cell, plain_row.quantity)
+        assert secure_row.value.sites == plain_row.value.sites and secure_row.value.suppressed == plain_row.value.suppressed
+        np.testing.assert_allclose(
+            [secure_row.value.estimate, secure_row.value.lower, secure_row.value.upper],
+            [plain_row.value.estimate, plain_row.value.lower, plain_row.value.upper],
+            rtol=1e-9, atol=1e-9,
+        )
+    # Each node was charged the whole query once, and says so in its reply's plain part.
+    charged = epsilon(spec.query.events(), delta=BUDGET_DELTA, accountant="pld")
+    for site in alliance:
+        assert result.epsilon[site.name]["epsilon-run"] == pytest.approx(charged, rel=1e-9)
+        with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
+            assert sum(c.run_id == str(run_id) for c in ledger.charges(DATASET)) == len(spec.query.releases())
+    summary = json.loads((tmp_path / "out" / SUMMARY_FILE).read_text())
+    assert summary["secure_aggregation"] is True
+    assert summary["secure_sum"]["contributing_sites"] == ["hospital_1", "hospital_2", "hospital_3"]
+    assert all(s["suppressed_cells"] is None and s["in_secure_sum"] for s in summary["sites"].values())
+    assert tracker.tags["medfed.secure_aggregation"] == "true"
+    assert "securely aggregated (SecAgg+: only totals were seen)" in (tmp_path / "out" / "estimates.txt").read_text().replace("\n", " ")
+
+
+def test_the_coordinator_of_a_secure_study_receives_no_sites_vector(alliance, tmp_path: Path) -> None:
+    from flwr.common import bytes_to_ndarray
+
+    from federation.protocol import secure_clipping_range, secure_encoding
+    from federation.study import release_layout
+
+    spec = _secure(study="secure-view")
+    run_id = 302
+    received: list[Message] = []
+    handlers = {10 + i: _persistent(s.home, 10 + i, run_id, received) for i, s in enumerate(alliance)}
+    _run(alliance, spec, tmp_path, run_id=run_id, handlers=handlers)
+    masked = []
+    for reply in received:
+        assert not reply.has_error()
+        assert STATISTICS_KEY not in reply.content  # no plain answer, ever
+        assert all(len(record) == 0 for record in reply.content.array_records.values())  # no plain array
+        secagg = reply.content.config_records.get("secaggplus_configs")
+        if secagg is not None and "masked_params" in secagg:
+            masked.append([bytes_to_ndarray(b) for b in secagg["masked_params"]])
+    assert len(masked) == len(alliance)
+    # What a node's masked vector holds is not its answer: the plaintext vectors appear nowhere.
+    layout = release_layout(spec)
+    for site in alliance:
+        record = _released(site, run_id)
+        answer = SiteAnswer.from_json(json.dumps({"releases": [
+            {k: r[k] for k in ("statistic", "name", "values", "scale", "mechanism", "sensitivity")} for r in record["releases"]
+        ], "suppressed": record["suppressed"]}))
+        _, plain = secure_encoding(answer, layout, spec.query.n_cells)
+        shifted = [p + secure_clipping_range(3) for p in plain]  # as SecAgg+ quantises them, before masking
+        for vectors in masked:
+            assert not any(np.array_equal(v, p) for v in vectors for p in plain + shifted)
+    kept = json.loads((tmp_path / "out" / ANSWERS_FILE).read_text())
+    assert all("answer" not in r for r in kept["replies"])
+    assert [r["answer_masked"] for r in kept["replies"] if r["message"] == "statistics"] == [True] * 3
+    assert kept["secure_sum"]["protocol"] == "SecAgg+" and kept["secure_sum"]["contributors"] == 3
+
+
+def test_a_node_that_drops_out_before_its_masked_answer_is_left_out_and_keeps_its_budget(alliance, tmp_path: Path) -> None:
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    spec = _secure(study="secure-dropout")
+    run_id = 303
+    handlers = {10 + i: _persistent(s.home, 10 + i, run_id) for i, s in enumerate(alliance)}
+    dying, seen, holder = handlers[12], {"train": 0}, {}
+
+    def dies_before_sending_its_masked_answer(message: Message) -> Message:
+        if message.metadata.message_type == "train":
+            seen["train"] += 1
+            if seen["train"] == 3:  # setup, share keys, then the collect stage: gone
+                holder["grid"].disconnect(12)
+                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=message)
+        return dying(message)
+
+    handlers[12] = dies_before_sending_its_masked_answer
+    _approve(alliance, spec)
+    grid = InProcessGrid(handlers, run_id=run_id)
+    holder["grid"] = grid
+    tracker = InMemoryTracker()
+    result = run_study(grid, spec, signed=signed_spec(spec, alliance[0].home.parent.parent), tracker=tracker,
+                       output_dir=tmp_path / "out", options=OPTIONS)
+    assert result.contributors == ["hospital_1", "hospital_2"]
+    assert {o.site: o.status for o in result.sites.values()}["hospital_3"] == "dropped"
+    records = [_released(site, run_id) for site in alliance[:2]]
+    counts = [i for i, r in enumerate(spec.query.releases()) if r.mechanism == "discrete-laplace"][0]
+    for at, total in enumerate(result.totals.releases[counts].values):
+        values = [r["releases"][counts]["values"][at] for r in records if r["releases"][counts]["values"][at] is not None]
+        assert total == (sum(values) if values else None)
+    with PrivacyLedger.open(NodeHome.open(alliance[2].home).ledger_path) as ledger:
+        assert [c for c in ledger.charges(DATASET) if c.run_id == str(run_id)] == []
+
+
+def test_a_secure_study_needs_two_sites_whatever_min_sites_says(alliance, tmp_path: Path) -> None:
+    spec = _secure(study="secure-lonely")
+    _approve(alliance[:1], spec)
+    grid = InProcessGrid({10: _persistent(alliance[0].home, 10, 304), 11: _handler(alliance[1].home)}, run_id=304)
+    options = StudyOptions(min_sites=1, node_wait_seconds=0.1, approval_wait_seconds=0.1, timeout_seconds=60)
+    with pytest.raises(NotEnoughNodesError, match=r"1 of 2 hospital node\(s\) accepted the study; it needs 2 \(secure aggregation: SecAgg\+ sums at least 2 sites' answers\)"):
+        run_study(grid, spec, signed=signed_spec(spec, alliance[0].home.parent.parent), tracker=InMemoryTracker(),
+                  output_dir=tmp_path / "out", options=options)
+    with PrivacyLedger.open(NodeHome.open(alliance[0].home).ledger_path) as ledger:
+        assert [c for c in ledger.charges(DATASET) if c.run_id == "304"] == []
+
+
+def test_a_node_that_drops_out_after_its_masked_answer_is_in_the_sum_and_charged(alliance, tmp_path: Path) -> None:
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    spec = _secure(study="secure-late-dropout")
+    run_id = 305
+    handlers = {10 + i: _persistent(s.home, 10 + i, run_id) for i, s in enumerate(alliance)}
+    dying, seen, holder = handlers[12], {"train": 0}, {}
+
+    def dies_after_sending_its_masked_answer(message: Message) -> Message:
+        if message.metadata.message_type == "train":
+            seen["train"] += 1
+            if seen["train"] == 4:  # the unmask stage: its answer is in the sum already
+                holder["grid"].disconnect(12)
+                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=message)
+        return dying(message)
+
+    handlers[12] = dies_after_sending_its_masked_answer
+    _approve(alliance, spec)
+    grid = InProcessGrid(handlers, run_id=run_id)
+    holder["grid"] = grid
+    result = run_study(grid, spec, signed=signed_spec(spec, alliance[0].home.parent.parent), tracker=InMemoryTracker(),
+                       output_dir=tmp_path / "out", options=OPTIONS)
+    # Two share holders of three recover its masks: its answer counts, and it was charged.
+    assert result.contributors == ["hospital_1", "hospital_2", "hospital_3"]
+    assert result.totals is not None and result.totals.contributors == 3
+    records = [_released(site, run_id) for site in alliance]
+    for at, total in enumerate(result.totals.releases[1].values):
+        values = [r["releases"][1]["values"][at] for r in records if r["releases"][1]["values"][at] is not None]
+        assert total == (sum(values) if values else None)
+    with PrivacyLedger.open(NodeHome.open(alliance[2].home).ledger_path) as ledger:
+        assert sum(c.run_id == str(run_id) for c in ledger.charges(DATASET)) == len(spec.query.releases())
+
+
+def test_a_refusal_at_the_collect_stage_reaches_the_coordinator_and_charges_nothing(alliance, tmp_path: Path) -> None:
+    from clients.hospital_node.governance import revoke
+
+    spec = _secure(study="secure-revoked")
+    run_id = 306
+    handlers = {10 + i: _persistent(s.home, 10 + i, run_id) for i, s in enumerate(alliance)}
+    revoking = handlers[11]
+
+    def officer_revokes_after_the_query(message: Message) -> Message:
+        if message.metadata.message_type == "train" and "fitins.config" in message.content.config_records:
+            revoke(NodeHome.open(alliance[1].home), spec.digest(), dataset=DATASET, reason="ethics review", by="officer")
+        return revoking(message)
+
+    handlers[11] = officer_revokes_after_the_query
+    result, _ = _run(alliance, spec, tmp_path, run_id=run_id, handlers=handlers)
+    assert result.contributors == ["hospital_1", "hospital_3"]
+    [refused] = [o for o in result.sites.values() if o.site == "hospital_2"]
+    assert (refused.status, refused.reason) == ("refused", "approval revoked by this node's officer: ethics review")
+    assert result.totals is not None and max(result.totals.sites) == 2
+    with PrivacyLedger.open(NodeHome.open(alliance[1].home).ledger_path) as ledger:
+        assert [c for c in ledger.charges(DATASET) if c.run_id == str(run_id)] == []

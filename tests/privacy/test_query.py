@@ -22,6 +22,7 @@ from privacy.query import (
     MAX_FILTER_TERMS,
     MAX_IN_VALUES,
     MAX_STATISTICS,
+    STATISTIC_KINDS,
     And,
     Compare,
     Const,
@@ -243,6 +244,33 @@ def test_the_canonical_mapping_fills_defaults_and_writes_numbers_as_floats() -> 
     assert mapping["statistics"][7] == {"kind": "histogram", "name": "histogram_bmi", "column": "bmi", "bins": [15.0, 25.0, 30.0, 45.0]}
     assert mapping["data"]["filter"] == 'age >= 18 and region != "north" and bmi is not null'
     assert "kind" not in mapping and "study" not in mapping  # the spec's, not the query's
+
+
+def test_a_study_is_plain_unless_federation_asks_for_secure_aggregation() -> None:
+    assert StatisticsQuery.from_mapping(spec()).secure_aggregation is False
+    plain = StatisticsQuery.from_mapping(spec()).to_mapping()
+    assert "federation" not in plain  # a plain study's canonical form is as it was before the option existed
+    assert StatisticsQuery.from_mapping(changed("federation", {"secure_aggregation": False})).to_mapping() == plain
+    secure = StatisticsQuery.from_mapping(changed("federation", {"secure_aggregation": True}))
+    assert secure.secure_aggregation is True
+    assert secure.to_mapping()["federation"] == {"secure_aggregation": True}
+    assert StatisticsQuery.from_mapping(json.loads(json.dumps(secure.to_mapping()))) == secure
+    # Every statistic kind can be securely aggregated: each pools from totals over the sites.
+    assert {s.kind for s in secure.statistics} == set(STATISTIC_KINDS)
+
+
+def test_the_federation_table_of_a_study_is_checked_by_field() -> None:
+    assert problems_of(changed("federation", {"secure_aggregation": 1})) == (
+        "federation.secure_aggregation must be true or false; found 1",
+    )
+    assert problems_of(changed("federation", {"secure_agregation": True})) == (
+        "federation.secure_agregation is not a known key; did you mean 'secure_aggregation'?",
+    )
+    assert problems_of(changed("federation", {"secure_aggregation": True, "rounds": 3, "min_nodes": 3})) == (
+        "federation.rounds is an experiment's setting; a study's [federation] has only secure_aggregation",
+        "federation.min_nodes is an experiment's setting; a study's [federation] has only secure_aggregation",
+    )
+    assert problems_of(changed("federation", True)) == ("federation must be a table; found true",)
 
 
 # ---------------------------------------------------------------- problems, by field
@@ -773,7 +801,7 @@ def test_a_mapping_stuffed_with_keys_is_answered_in_bounded_work() -> None:
     mapping.update({f"t{i}": {} for i in range(10_000)})
     mapping["data"]["group_by"] = ["sex"] * 1_000_000
     assert problems_of(mapping) == (
-        "the spec has 10000 tables that are not known; the tables are [data], [columns], [statistics], [privacy]",
+        "the spec has 10000 tables that are not known; the tables are [data], [columns], [statistics], [privacy], [federation]",
         "data.group_by lists 1000000 columns; at most 4 are allowed",
         "privacy has 10000 keys that are not known; its keys are epsilon, delta, split, mechanism",
     )

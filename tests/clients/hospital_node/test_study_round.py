@@ -520,3 +520,192 @@ def test_a_dataset_below_the_minimum_cohort_is_refused_and_gives_its_reservation
     with PrivacyLedger.open(home.ledger_path) as ledger:
         [reservation] = ledger.run_reservations("htn_cohort")
         assert reservation.released_at is not None and ledger.charges("htn_cohort") == []
+
+
+# ---------------------------------------------------------------- secure aggregation (SecAgg+'s collect stage)
+
+
+def _secure_study() -> StudySpec:
+    return study(federation={"secure_aggregation": True})
+
+
+def _settings(**changes: Any):  # type: ignore[no-untyped-def]
+    from clients.hospital_node.secure_aggregation import SecAggSettings
+    from federation.protocol import SECAGG_MODULUS, secure_clipping_range
+
+    c = secure_clipping_range(3)
+    values = {"sample_num": 3, "share_num": 3, "threshold": 2, "clipping_range": float(c), "quantization_range": 2 * c,
+              "modulus_range": SECAGG_MODULUS, "max_weight": 1.0} | changes
+    return SecAggSettings(**values)
+
+
+def _collect_message(signed: SignedSpec) -> Message:
+    """The collect stage as the node's handler receives it from secaggplus_mod: the legacy fit layout."""
+    from flwr.app import ArrayRecord
+
+    return Message(
+        content=RecordDict({"fitins.config": signed.add_to(ConfigRecord()), "fitins.parameters": ArrayRecord()}),
+        dst_node_id=5, message_type=MessageType.TRAIN,
+    )
+
+
+def _admitted(home: NodeHome, spec: StudySpec) -> SignedSpec:
+    _approve(home, spec)
+    signed = sign(spec, fresh=True)
+    assert not answer("query", study_message(MessageType.QUERY, signed), _config(home)).has_error()
+    return signed
+
+
+def _vectors(reply: Message) -> list[np.ndarray]:
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import parameters_to_ndarrays
+
+    return parameters_to_ndarrays(compat.recorddict_to_fitres(reply.content, keep_input=True).parameters)
+
+
+def test_a_secure_study_answers_whole_quanta_with_weight_one_recorded_as_masked(home: NodeHome) -> None:
+    import flwr.compat.common.recorddict_compat as compat
+
+    from federation.protocol import SUM_QUANTA_PER_SCALE, release_quantum
+
+    spec = _secure_study()
+    signed = _admitted(home, spec)
+    reply = answer("train", _collect_message(signed), _config(home), secagg=_settings())
+    assert not reply.has_error(), reply.error
+    assert set(reply.content) == {"fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status", METRICS_KEY, "node"}
+    assert STATISTICS_KEY not in reply.content  # the plain answer never leaves
+    assert compat.recorddict_to_fitres(reply.content, keep_input=True).num_examples == 1
+    vectors = _vectors(reply)
+    [record] = [e.payload for e in home.audit_log().entries() if e.kind == "release" and e.payload["message"] == "statistics"]
+    releases = spec.query.releases()
+    assert len(vectors) == len(releases) + 1
+    for vector, sent, release in zip(vectors, record["releases"], releases, strict=False):
+        quantum = release_quantum(release.mechanism, release.scale)
+        assert np.all(vector == np.rint(vector))
+        # The audit log records each value as it entered the masked vector; 0 in suppressed cells.
+        assert [0.0 if v is None else v for v in sent["values"]] == pytest.approx(list(vector * quantum), rel=1e-12)
+    assert release_quantum("laplace", 256.0) == 256.0 / SUM_QUANTA_PER_SCALE
+    assert list(vectors[-1]) == [0.0 if c in record["suppressed"] else 1.0 for c in range(spec.query.n_cells)]
+    secure = record["secure_aggregation"]
+    assert (secure["protocol"], secure["masked"], secure["weight"], secure["max_weight"]) == ("SecAgg+", True, 1, 1.0)
+    assert secure["reported_cells"] == [int(x) for x in vectors[-1]]
+    assert record["sha256"] == __import__("hashlib").sha256(b"".join(v.astype("<f8").tobytes() for v in vectors)).hexdigest()
+    # `medfed node egress` tells the officer the values left masked, as this site's part of a sum.
+    from clients.hospital_node.egress_records import what_left
+
+    [entry] = [e for e in home.audit_log().entries() if e.kind == "release" and e.payload["message"] == "statistics"]
+    assert what_left(entry)[1].startswith("SecAgg+ masked, as whole quanta beside a reported-cell vector")
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert len(ledger.charges("htn_cohort")) == len(releases)
+    assert governance.ledger_disagreement(home, home.audit_log().entries()) == []
+
+
+def test_a_secure_study_is_not_answered_in_plain_and_a_plain_one_not_through_secagg(home: NodeHome, cohort_path: Path) -> None:
+    secure = _admitted(home, _secure_study())
+    plain = _admitted(home, study())
+    cohort_path.unlink()  # a refusal before any row is read
+    reply = answer(STATISTICS_ACTION, study_message(STATISTICS, secure), _config(home))
+    assert reply.error.code == REFUSED_BAD_INSTRUCTION
+    assert "asks for secure aggregation (federation.secure_aggregation): its answer leaves only masked" in reply.error.reason
+    reply = answer("train", _collect_message(plain), _config(home), secagg=_settings())
+    assert reply.error.code == REFUSED_BAD_INSTRUCTION
+    assert "does not ask for secure aggregation" in reply.error.reason
+    _ledger_charges_none(home)
+
+
+def _ledger_charges_none(home: NodeHome) -> None:
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert ledger.charges("htn_cohort") == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"max_weight": 400.0}, "SecAgg+ max_weight must be 1"),
+        ({"sample_num": 1}, "a secure sum over 1 site(s) would reveal a site's answer"),
+        ({"clipping_range": 8.0, "quantization_range": 1 << 22}, "quantization_range must be twice an integral clipping_range"),
+        ({"modulus_range": 1 << 16}, "would wrap around the sum of 3 site(s)"),
+    ],
+)
+def test_secagg_settings_that_would_reveal_or_distort_the_answer_are_refused_before_any_row_is_read(
+    home: NodeHome, cohort_path: Path, changes: dict[str, Any], named: str
+) -> None:
+    signed = _admitted(home, _secure_study())
+    cohort_path.unlink()  # reading it would fail with a connector error instead
+    reply = answer("train", _collect_message(signed), _config(home), secagg=_settings(**changes))
+    assert reply.error.code == REFUSED_BAD_INSTRUCTION
+    assert "the coordinator's SecAgg+ settings would not keep this site's answer hidden and exact" in reply.error.reason
+    assert named in reply.error.reason and "nothing was read or sent" in reply.error.reason
+    _ledger_charges_none(home)
+    missing = answer("train", _collect_message(signed), _config(home), secagg=None)
+    assert "must be the collect stage of a SecAgg+ round" in missing.error.reason
+
+
+def test_an_answer_secagg_would_clip_is_not_sent_and_the_refusal_is_charged(home: NodeHome) -> None:
+    from clients.hospital_node.egress_records import what_left
+
+    spec = _secure_study()
+    signed = _admitted(home, spec)
+    # A clipping range of 5 quanta: the synthetic cohort's noisy counts do not fit.
+    reply = answer("train", _collect_message(signed), _config(home), secagg=_settings(clipping_range=5.0, quantization_range=10))
+    assert reply.error.code == REFUSED_BAD_INSTRUCTION
+    assert "does not fit the SecAgg+ clipping range of 5 quanta" in reply.error.reason
+    assert "nothing was sent" in reply.error.reason and "The study was charged" in reply.error.reason
+    [entry] = [e for e in home.audit_log().entries() if e.kind == "release" and e.payload["message"] == "statistics"]
+    assert entry.payload["releases"] == [] and entry.payload["refused"]["code"] == REFUSED_BAD_INSTRUCTION
+    assert what_left(entry)[1].startswith("refusal code 4001: this site's noisy answer does not fit")
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert len(ledger.charges("htn_cohort")) == len(spec.query.releases())
+    assert governance.ledger_disagreement(home, home.audit_log().entries()) == []
+    # Answered (by its refusal) once: a second collect stage is a replay.
+    again = answer("train", _collect_message(signed), _config(home), secagg=_settings())
+    assert again.error.code == REFUSED_REPLAY
+
+
+def test_the_secure_egress_guard_lets_only_the_plans_whole_quanta_leave() -> None:
+    from clients.hospital_node.secure_aggregation import legacy_fit_result
+    from clients.hospital_node.study_round import guard_secure
+
+    query = _secure_study().query
+    good = [np.zeros(r.size) for r in query.releases()] + [np.ones(query.n_cells)]
+    guard_secure(legacy_fit_result(good, 1, {"epsilon": 1.0}), query, 100.0)
+    with pytest.raises(ProtocolError, match="weight 1 and no legacy metrics"):
+        guard_secure(legacy_fit_result(good, 7, {"epsilon": 1.0}), query, 100.0)
+    with pytest.raises(ProtocolError, match="not whole quanta within the clipping range"):
+        guard_secure(legacy_fit_result([good[0] + 0.5, *good[1:]], 1, {}), query, 100.0)
+    with pytest.raises(ProtocolError, match="not whole quanta within the clipping range"):
+        guard_secure(legacy_fit_result([good[0] + 101, *good[1:]], 1, {}), query, 100.0)
+    with pytest.raises(ProtocolError, match="not the query's release plan"):
+        guard_secure(legacy_fit_result(good[:-1], 1, {}), query, 100.0)
+    with pytest.raises(ProtocolError, match="reported cells of a secure vector must be 0 or 1"):
+        guard_secure(legacy_fit_result([*good[:-1], good[-1] * 2], 1, {}), query, 100.0)
+    with pytest.raises(ProtocolError, match="undeclared metric\\(s\\) num-examples"):
+        guard_secure(legacy_fit_result(good, 1, {"num-examples": 300.0}), query, 100.0)
+    content = legacy_fit_result(good, 1, {})
+    content[STATISTICS_KEY] = ConfigRecord({"medfed.answer": "{}"})
+    with pytest.raises(ProtocolError, match="may carry only the legacy fit result"):
+        guard_secure(content, query, 100.0)
+
+
+def test_a_policy_that_requires_secure_aggregation_admits_a_secure_study_and_shows_the_officer_how_it_leaves(home: NodeHome) -> None:
+    from dataclasses import replace
+
+    from typer.testing import CliRunner
+
+    from clients.hospital_node.cli import app as node_cli
+
+    home.policy_path.write_text(replace(home.policy(), require_secure_aggregation=True).render())
+    plain = answer("query", study_message(MessageType.QUERY, sign(study(), fresh=True)), _config(home))
+    assert plain.error.code == REFUSED_POLICY
+    assert read_refusal(plain.error.reason, "")[1] == (
+        "this node's policy requires secure aggregation; the study does not use it (federation.secure_aggregation)"
+    )
+    secure = _secure_study()
+    pending = answer("query", study_message(MessageType.QUERY, sign(secure, fresh=True)), _config(home))
+    assert pending.error.code == AWAITING_APPROVAL  # requested, not refused
+    [request] = [e.payload for e in home.audit_log().entries() if e.kind == "request" and e.payload["spec_digest"] == secure.digest()]
+    assert request["secure_aggregation"] is True
+    shown = CliRunner().invoke(node_cli, ["requests", "--home", str(home.path)], env={"COLUMNS": "200"})
+    assert "how it leaves" in shown.output
+    assert "securely aggregated (SecAgg+): masked, the coordinator sees only totals over the sites" in shown.output
+    assert "the node will refuse it" not in shown.output.split(secure.digest())[1]
