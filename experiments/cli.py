@@ -18,7 +18,7 @@ from rich.table import Table
 from experiments.cost import PrivacyPlan, plan_privacy
 from experiments.errors import SubmissionError
 from experiments.spec import ExperimentSpec
-from experiments.progress import RunProgress, results_table, round_line, site_results
+from experiments.progress import RunProgress, pooled_result, released_rows, results_table, round_line, site_results
 from experiments.submit import (
     DEFAULT_SUBMISSIONS_DIR,
     RunStatus,
@@ -174,14 +174,11 @@ def _follow(
     mlflow_run = progress.mlflow_run_id
     if mlflow_run is not None:
         results = site_results(record.tracking_uri, mlflow_run)
-        row = {"federated model (validation AUC at each site)": [_metric(r.metrics.get("eval_auc")) for r in results.values()]}
-        console.print(results_table(f"submission {record.submission_id[:12]}: final model", row, results))
+        label = "federated model: validation AUC from the sites' DP score histograms"
+        cells, pooled = released_rows(results, pooled_result(record.tracking_uri, mlflow_run))
+        console.print(results_table(f"submission {record.submission_id[:12]}: final model", {label: cells}, results, all_sites={label: pooled}))
     typer.echo(f"submission {record.submission_id} finished in run {status.run_id}; results in MLflow run {mlflow_run} "
                f"({record.tracking_uri})")
-
-
-def _metric(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command()
@@ -213,6 +210,12 @@ def _table(spec: ExperimentSpec, plan: PrivacyPlan) -> Table:
     table.add_row("total steps", str(plan.total_steps))
     table.add_row("δ", f"{plan.delta:g}")
     table.add_row(f"ε per site, planning estimate ({plan.accountant.upper()})", f"{plan.epsilon_per_site:.3f}")
+    table.add_row("ε of the DP-SGD rounds per site (PLD)", f"{plan.epsilon_training_charged_per_site:.3f}")
+    table.add_row("ε of the training-set size (once, discrete Laplace)", f"{plan.count_epsilon:g}")
+    table.add_row(
+        "ε of the validation-score histogram (discrete Laplace)",
+        f"{plan.evaluation_epsilon:g} " + ("every round and the final model" if plan.evaluate_every_round else "once, final model"),
+    )
     table.add_row("ε charged per site (PLD)", f"{plan.epsilon_charged_per_site:.3f}")
     table.add_row("secure aggregation", spec.secure_aggregation_summary())
     table.caption = "ε composes with each dataset's earlier spend (not by adding); nodes keep the total."

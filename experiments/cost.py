@@ -12,6 +12,23 @@ one self-composed event (:meth:`privacy.events.DPEvent.times`), at the spec's de
   partner's *planning estimate*, the one a ``target_epsilon`` is met by (the noise search
   and the node's check of the target use it too). PRV and PLD agree to about 1 %.
 
+Besides its rounds, a run releases on each site (:func:`privacy.events.training_releases`):
+
+- the training-set size, once, as a discrete Laplace count at ``privacy.count_epsilon``
+  (default :data:`privacy.limits.DEFAULT_COUNT_EPSILON`, 0.1), which the coordinator
+  reuses to weight every round (post-processing);
+- the final model's validation scores, once, as a histogram by label with discrete
+  Laplace noise at ``privacy.evaluation_epsilon`` (default
+  :data:`privacy.limits.DEFAULT_EVALUATION_EPSILON`, 0.5), for the site's and the pooled
+  AUC and calibration; with ``privacy.evaluate_every_round`` also the incoming model's,
+  every round.
+
+The ε share rule: these are fixed, separate amounts on top of DP-SGD's, composed with the
+rounds by PLD (never added), so ``epsilon_charged_per_site`` counts them; a
+``target_epsilon`` sets the DP-SGD noise alone (``epsilon_training_charged_per_site``
+meets it), and the planning estimate (``epsilon_per_site``, Opacus's accountants compose
+the subsampled Gaussian only) is DP-SGD's alone.
+
 These numbers are the increment this experiment alone costs. It is not what a node will
 report as spent afterwards: a node composes this experiment's events with every earlier
 release on the same dataset, and composition is not additive (the total is less than the
@@ -27,7 +44,8 @@ from experiments.spec import ExperimentSpec
 from privacy import limits
 from privacy.accountant import LEDGER_ACCOUNTANT, epsilon, epsilon_bound, noise_for_target, steps_per_epoch
 from privacy.errors import AccountingError
-from privacy.events import DPEvent
+from privacy.events import DPEvent, training_releases
+from privacy.limits import DEFAULT_COUNT_EPSILON, DEFAULT_EVALUATION_EPSILON
 
 __all__ = ["PrivacyPlan", "PrivacySchedule", "plan_privacy", "privacy_schedule"]
 
@@ -53,7 +71,12 @@ class PrivacySchedule:
     noise_from_target
         Whether the noise was derived from the spec's ``target_epsilon``.
     target_epsilon
-        The spec's target, when it gave one.
+        The spec's target, when it gave one (for the DP-SGD rounds).
+    count_epsilon
+        Epsilon of the once-per-run discrete Laplace release of each site's training-set size.
+    evaluation_epsilon, evaluate_every_round
+        Epsilon of each release of a site's validation-score histogram, and whether it is
+        released every round besides the final one.
     """
 
     noise_multiplier: float
@@ -65,6 +88,9 @@ class PrivacySchedule:
     accountant: str
     noise_from_target: bool
     target_epsilon: float | None = None
+    count_epsilon: float = DEFAULT_COUNT_EPSILON
+    evaluation_epsilon: float = DEFAULT_EVALUATION_EPSILON
+    evaluate_every_round: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,12 +103,15 @@ class PrivacyPlan(PrivacySchedule):
         Planning estimate: this experiment's events on one site's dataset composed by the
         spec's accountant (``accountant``, PRV or RDP).
     epsilon_charged_per_site
-        The same events composed as every node's ledger composes them (PLD): what each
-        site is charged.
+        Every event of the run (the DP-SGD rounds and the count release) composed as
+        every node's ledger composes them (PLD): what each site is charged.
+    epsilon_training_charged_per_site
+        The DP-SGD rounds alone by PLD: what a ``target_epsilon`` is met by.
     """
 
     epsilon_per_site: float
     epsilon_charged_per_site: float
+    epsilon_training_charged_per_site: float
 
 
 def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
@@ -131,6 +160,9 @@ def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
         accountant=privacy.accountant,
         noise_from_target=privacy.target_epsilon is not None,
         target_epsilon=privacy.target_epsilon,
+        count_epsilon=privacy.count_epsilon,
+        evaluation_epsilon=privacy.evaluation_epsilon,
+        evaluate_every_round=privacy.evaluate_every_round,
     )
 
 
@@ -143,11 +175,19 @@ def plan_privacy(spec: ExperimentSpec, schedule: PrivacySchedule | None = None) 
         The spec's ``target_epsilon`` cannot be reached with any noise multiplier.
     """
     schedule = schedule or privacy_schedule(spec)
-    event = DPEvent(
+    update = DPEvent(
         noise_multiplier=schedule.noise_multiplier, sample_rate=schedule.sample_rate, steps=schedule.steps_per_round
-    ).times(schedule.rounds)
+    )
+    event = update.times(schedule.rounds)
+    releases = training_releases(
+        update,
+        count_epsilon=schedule.count_epsilon,
+        evaluation_epsilon=schedule.evaluation_epsilon,
+        evaluate_every_round=schedule.evaluate_every_round,
+    )
     return PrivacyPlan(
         **asdict(schedule),
         epsilon_per_site=epsilon([event], delta=schedule.delta, accountant=schedule.accountant),
-        epsilon_charged_per_site=epsilon([event], delta=schedule.delta, accountant=LEDGER_ACCOUNTANT),
+        epsilon_charged_per_site=epsilon(releases.composed(schedule.rounds), delta=schedule.delta, accountant=LEDGER_ACCOUNTANT),
+        epsilon_training_charged_per_site=epsilon([event], delta=schedule.delta, accountant=LEDGER_ACCOUNTANT),
     )

@@ -4,10 +4,12 @@ The coordinator records every round of a submission into one MLflow run (continu
 across coordinator restarts) tagged ``medfed.submission_id``. `medfed experiment submit
 --wait`, `resume` and the demo read it back while it runs: :class:`RunProgress` yields the
 rounds as they end, :func:`site_results` the final per-site metrics, and
-:func:`results_table` renders the final table: one row per model (the federated model as
-the nodes evaluated it on their validation splits; the demo adds local-only and pooled
-baselines), one column per site, then the ε each site's dataset was charged by this run
-and the dataset's lifetime total, as each node's ledger reported them.
+:func:`results_table` renders the final table: one row per model (the federated model's
+quality from each site's noisy validation-score histogram, and pooled over all sites;
+the demo adds local-only and pooled baselines), one column per site, then the ε each
+site's dataset was charged by this run and the dataset's lifetime total, as each node's
+ledger reported them. No site sends an exact metric: every quality number is
+post-processing of a DP histogram (:mod:`federation.metrics`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["RunProgress", "SiteResult", "results_table", "round_line", "site_results"]
+__all__ = ["RunProgress", "SiteResult", "pooled_result", "released_rows", "results_table", "round_line", "site_results"]
 
 # MLflow metric names (the coordinator writes `<site>.<metric>` and the aggregate `<metric>`).
 EVAL_AUC = "eval_auc"
 EVAL_ACCURACY = "eval_accuracy"
-TRAIN_LOSS = "train_loss"
 EPSILON_DATASET = "epsilon"  # the dataset's lifetime total after the round, from the node's ledger
 EPSILON_RUN = "epsilon_run"  # what this submission alone charged the dataset, from the node's ledger
 
@@ -74,11 +75,12 @@ class RunProgress:
         run_id = self.mlflow_run_id
         if run_id is None:
             return []
-        losses = {m.step: m.value for m in self._client.get_metric_history(run_id, TRAIN_LOSS)}
+        # Every round logs the run's epsilon; quality only where nodes evaluated every round.
+        spent = {m.step: m.value for m in self._client.get_metric_history(run_id, EPSILON_RUN)}
         out = []
-        for step in sorted(s for s in losses if s > self.shown):
-            metrics = {TRAIN_LOSS: losses[step]}
-            for key in (EVAL_AUC, EVAL_ACCURACY, EPSILON_DATASET, EPSILON_RUN):
+        for step in sorted(s for s in spent if s > self.shown):
+            metrics = {EPSILON_RUN: spent[step]}
+            for key in (EVAL_AUC, EVAL_ACCURACY, EPSILON_DATASET):
                 history = {m.step: m.value for m in self._client.get_metric_history(run_id, key)}
                 wanted = step - 1 if key.startswith("eval") else step
                 if wanted in history:
@@ -90,12 +92,11 @@ class RunProgress:
 
 def round_line(step: int, rounds: int, metrics: Mapping[str, float], *, accuracy: bool = False) -> str:
     """One line of progress for a finished round."""
-    shown = f"accuracy {metrics.get(EVAL_ACCURACY, math.nan):.3f}, " if accuracy else ""
-    return (
-        f"round {step}/{rounds}: train loss {metrics[TRAIN_LOSS]:.3f}, {shown}"
-        f"AUC of the model it started from {metrics.get(EVAL_AUC, math.nan):.3f}, "
-        f"ε charged by this run (max over sites) {metrics.get(EPSILON_RUN, math.nan):.3f}"
-    )
+    quality = ""
+    if EVAL_AUC in metrics:  # the spec evaluates every round
+        shown = f", accuracy {metrics.get(EVAL_ACCURACY, math.nan):.3f}" if accuracy else ""
+        quality = f"pooled AUC of the model it started from {metrics[EVAL_AUC]:.3f}{shown}, "
+    return f"round {step}/{rounds}: {quality}ε charged by this run (max over sites) {metrics.get(EPSILON_RUN, math.nan):.3f}"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,17 @@ class SiteResult:
     metrics: dict[str, float]  # the final model on its validation split: eval_auc, eval_accuracy, ...
     epsilon_run: float
     epsilon_dataset: float
+
+
+def pooled_result(tracking_uri: str, mlflow_run_id: str) -> dict[str, float]:
+    """The final model's pooled quality (``eval_auc``, ...) over every site, from the tracked run."""
+    data = _client(tracking_uri).get_run(mlflow_run_id).data.metrics
+    return {key: value for key, value in data.items() if "." not in key and key.startswith("eval_")}
+
+
+def released_rows(results: Mapping[str, SiteResult], pooled: Mapping[str, float], metric: str = EVAL_AUC) -> tuple[list[str], str]:
+    """The federated model's `metric` as the sites released it (noisy histograms): a cell per site, and pooled."""
+    return [_fmt3(r.metrics.get(metric)) for r in results.values()], _fmt3(pooled.get(metric))
 
 
 def site_results(tracking_uri: str, mlflow_run_id: str, sites: Sequence[str] | None = None) -> dict[str, SiteResult]:
@@ -149,3 +161,7 @@ def results_table(
 
 def _fmt(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def _fmt3(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"

@@ -367,6 +367,18 @@ class PrivacySection(_Table):
     target_epsilon: Annotated[float, Strict(), Field(gt=0, le=limits.MAX_EPSILON, allow_inf_nan=False)] | None = None  # per site, for this experiment
     accountant: Accountant = "prv"
     min_cohort_size: Count | None = None  # tightens each node's policy, never loosens it
+    # Each site's training-set size, released once per run (discrete Laplace, this epsilon,
+    # composed on top of the DP-SGD rounds) and reused to weight every round.
+    count_epsilon: Annotated[float, Strict(), Field(gt=0, le=limits.MAX_COUNT_EPSILON, allow_inf_nan=False)] = (
+        limits.DEFAULT_COUNT_EPSILON
+    )
+    # Each site's validation scores of the final model, released as a histogram by label
+    # (discrete Laplace, this epsilon) for the site's and the pooled AUC and calibration;
+    # with evaluate_every_round also those of the model each round starts from, every round.
+    evaluation_epsilon: Annotated[
+        float, Strict(), Field(gt=0, le=limits.MAX_EVALUATION_EPSILON, allow_inf_nan=False)
+    ] = limits.DEFAULT_EVALUATION_EPSILON
+    evaluate_every_round: Annotated[bool, Strict()] = False
 
     @classmethod
     def table_problems(cls, raw: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -521,6 +533,9 @@ _TASK_SPECIFIC_KEYS = (("data", "features"), ("data", "label"), ("model", "chann
 _LATER_KEYS: dict[tuple[str, str], object] = {
     ("federation", "approval_wait_seconds"): 3600.0,
     ("privacy", "min_cohort_size"): None,
+    ("privacy", "count_epsilon"): limits.DEFAULT_COUNT_EPSILON,
+    ("privacy", "evaluation_epsilon"): limits.DEFAULT_EVALUATION_EPSILON,
+    ("privacy", "evaluate_every_round"): False,
     ("federation", "secure_aggregation"): False,
     ("federation", "secagg_num_shares"): None,
     ("federation", "secagg_reconstruction_threshold"): None,

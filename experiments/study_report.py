@@ -53,6 +53,7 @@ __all__ = [
     "ReportFiles",
     "ReportRow",
     "log_report",
+    "new_figure",
     "metric_key",
     "plot_histograms",
     "plot_proportions",
@@ -348,7 +349,8 @@ def _file_name(prefix: str, statistic: str) -> str:
     return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', statistic)}.png"
 
 
-def _figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
+    """A Matplotlib figure on the Agg canvas, outside pyplot (`width` x `height` inches)."""
     # A bare Figure renders on the Agg canvas and leaves pyplot's global state alone:
     # the coordinator is a long-lived process.
     from matplotlib.figure import Figure
@@ -364,7 +366,7 @@ def plot_proportions(rows: Sequence[ReportRow], directory: Path) -> list[Path]:
     """
     written = []
     for statistic, mine in _by_statistic(rows, "proportion").items():
-        figure = _figure(max(5.0, 0.7 * len(mine) + 2), 4.0)
+        figure = new_figure(max(5.0, 0.7 * len(mine) + 2), 4.0)
         axes = figure.add_subplot()
         xs = list(range(len(mine)))
         shown = [r for r in mine if not r.value.suppressed]
@@ -403,7 +405,7 @@ def plot_histograms(rows: Sequence[ReportRow], directory: Path) -> list[Path]:
     for statistic, mine in _by_statistic(rows, "histogram").items():
         cells = _by_cell(mine)
         nrows, ncols = _grid(len(cells))
-        figure = _figure(4.0 * ncols, 3.2 * nrows)
+        figure = new_figure(4.0 * ncols, 3.2 * nrows)
         for index, (cell, bins) in enumerate(cells.items()):
             axes = figure.add_subplot(nrows, ncols, index + 1)
             axes.set_title(_cell_label(cell), fontsize="small")
@@ -431,7 +433,7 @@ def plot_survival(rows: Sequence[ReportRow], directory: Path) -> list[Path]:
     """One PNG per survival statistic: a step curve per cell from S = 1 at the first edge, with its band."""
     written = []
     for statistic, mine in _by_statistic(rows, "survival").items():
-        figure = _figure(7.0, 4.5)
+        figure = new_figure(7.0, 4.5)
         axes = figure.add_subplot()
         for index, (cell, points) in enumerate(_by_cell(mine).items()):
             colour = f"C{index % 10}"

@@ -12,13 +12,19 @@ The sequence (DESIGN.md, "Data flow of one experiment"):
    tracked. The coordinator's own slow start (importing torch, MLflow and Opacus,
    building the model, composing the plan's epsilon) happens while the first query wave
    is out;
-3. the tracked run starts; each round is one *train* wave (nodes evaluate the incoming
-   global model, then train it with DP-SGD) aggregated by the spec's strategy; with
+3. the tracked run starts; each round is one *train* wave (nodes train the incoming
+   global model with DP-SGD, weighted by each site's released noisy training size; with
+   ``privacy.evaluate_every_round`` they also release the incoming model's noisy
+   validation-score histogram) aggregated by the spec's strategy; with
    ``federation.secure_aggregation`` the round is Flower's SecAgg+ workflow instead
    (:mod:`federation.secure_aggregation`: three more waves, and the coordinator sees
    only the sum of the updates), collected, checked and tracked the same way;
 4. one *evaluate* wave on the final model, during which the model and the spec are
-   saved and logged; then the final metrics and a privacy summary.
+   saved and logged; each node answers with its noisy validation-score histogram by
+   label. The headline quality is the *pooled* AUC, loss, accuracy, Brier score and
+   calibration curve of the summed histograms (:mod:`federation.metrics`), each site's
+   own from its histogram beside it; the calibration curve is saved and logged as
+   ``calibration.csv`` and ``calibration.png``; then a privacy summary.
 
 After the tracked run starts and after every round the coordinator checkpoints the
 submission (:mod:`federation.checkpoint`) in its output folder. A Flower run of the same
@@ -49,7 +55,8 @@ from experiments.spec import ExperimentSpec
 from experiments.tracking import Tracker
 from federation.checkpoint import Checkpoint
 from federation.errors import FederationError, NotEnoughNodesError
-from federation.metrics import aggregate_site_metrics
+from experiments.quality_report import write_calibration
+from federation.metrics import QUALITY_METRICS, aggregate_site_metrics, pooled_quality, site_quality
 from federation.participants import ParticipantGrid
 from federation.protocol import (
     ARRAYS_KEY,
@@ -295,11 +302,16 @@ def _metric_site(site: str) -> str:
 
 
 def _round_metrics(step_metrics: Mapping[int, Mapping[str, float]], sites: Mapping[int, SiteOutcome], keys: Iterable[str]) -> dict[str, float]:
-    """Aggregate plus per-site metrics in MLflow's naming (``<site>.<metric>``)."""
+    """Aggregate plus per-site metrics in MLflow's naming (``<site>.<metric>``).
+
+    A reply's score histogram counts as its quality metrics (``eval-auc``, ...): per site
+    from its own histogram, in the aggregate from the pooled one.
+    """
     keys = tuple(keys)
     flat = {k: v for k, v in aggregate_site_metrics(list(step_metrics.values())).items() if k in keys}
     for node, metrics in step_metrics.items():
-        flat.update({f"{_metric_site(sites[node].site)}.{k}": v for k, v in metrics.items() if k in keys})
+        derived = {**metrics, **site_quality(metrics)}
+        flat.update({f"{_metric_site(sites[node].site)}.{k}": v for k, v in derived.items() if k in keys})
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
@@ -538,10 +550,11 @@ def run_experiment(
             if new_arrays is None:
                 raise FederationError(f"round {server_round}: the strategy produced no model")
             arrays = new_arrays
-            # Nodes evaluated the model they received: that of the previous round.
-            incoming = _round_metrics(answered, sites, EVAL_METRICS)
-            trained = _round_metrics(answered, sites, ("train-loss", "epsilon", "epsilon-run"))
-            tracker.log_metrics(incoming, step=server_round - 1)
+            # With evaluate_every_round, nodes scored the model they received: that of the previous round.
+            incoming = _round_metrics(answered, sites, QUALITY_METRICS)
+            trained = _round_metrics(answered, sites, ("epsilon", "epsilon-run"))
+            if incoming:
+                tracker.log_metrics(incoming, step=server_round - 1)
             tracker.log_metrics(trained, step=server_round)
             history[server_round - 1] = {**history.get(server_round - 1, {}), **incoming}
             history[server_round] = {**history.get(server_round, {}), **trained}
@@ -565,9 +578,14 @@ def run_experiment(
         nodes = list(participants.get_node_ids())
         final_sites = _wave(participants, MessageType.EVALUATE, final_record, nodes, sites, EVAL_METRICS, timeout, save_model)
         for node, metrics in final_sites.items():
-            sites[node].final = metrics
-        final = _round_metrics(final_sites, sites, EVAL_METRICS)
+            sites[node].final = site_quality(metrics)
+        # The headline: the pooled quality over every site's validation patients.
+        final = _round_metrics(final_sites, sites, QUALITY_METRICS)
         tracker.log_metrics(final, step=fed.rounds)
+        pooled = pooled_quality(list(final_sites.values()))
+        if pooled is not None:
+            for path in write_calibration(pooled.calibration, output_dir, auc=pooled.auc):
+                tracker.log_artifact(path)
         history[fed.rounds] = {**history.get(fed.rounds, {}), **final}
 
         result = ExperimentResult(spec, plan, sites, history, final, arrays, run_id)

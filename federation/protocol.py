@@ -1,19 +1,25 @@
 """The wire contract between the coordinator and a hospital node.
 
 This module is the *whole* contract: the ServerApp and the ClientApp import nothing
-else of each other. It depends only on Flower's record types, the standard library and
-the plain numbers of :mod:`privacy.limits`, so a node imports it cheaply.
+else of each other. It depends only on Flower's record types, the standard library, the
+plain numbers of :mod:`privacy.limits` and the score bins of :mod:`models.evaluation`
+(numpy), so a node imports it cheaply.
 
 One experiment is three kinds of message wave:
 
 ``query``     before anything runs: will the node take part (signature, its officer's
               approval, policy, budget; dataset registered and readable, features
-              present)? Reply: counts, no arrays; or a refusal, of which
+              present)? Reply: the node's training-set size as a discrete Laplace
+              count released once per run (charged), no arrays; or a refusal, of which
               ``AWAITING_APPROVAL`` means "ask again later".
-``train``     one per round: the node evaluates the incoming global model on its
-              validation split, then trains it with DP-SGD and charges its ledger.
-              Reply: the trained arrays and metrics.
-``evaluate``  once, after the last round: the node evaluates the final model.
+``train``     one per round: the node trains the incoming global model with DP-SGD
+              and charges its ledger. Reply: the trained arrays, the released size
+              and the node's epsilon; with ``privacy.evaluate_every_round`` also the
+              incoming model's noisy validation-score histogram.
+``evaluate``  once, after the last round: the node scores the final model on its
+              validation split and releases the histogram of the scores by label
+              (discrete Laplace, charged once per run); the coordinator computes
+              each site's and the pooled AUC, loss and calibration from them.
 
 Every message's config carries the instruction and the research partner's
 :class:`SignedSpec`; the node checks the signature and that the instruction is what the
@@ -29,7 +35,8 @@ and clipping the coordinator chose ride in the same config (``SECAGG_MAX_WEIGHT_
 ``SECAGG_CLIPPING_KEY``) so the node can refuse an update the protocol would clip. The
 reply's ``METRICS_KEY`` and ``NODE_KEY`` records travel in plain, beside the masked
 vector: per-site loss, AUC of the incoming model and epsilon are the researcher's
-per-site report, not part of the update that SecAgg+ hides.
+per-site report, not part of the update that SecAgg+ hides. The SecAgg+ weight
+(``fitres.num_examples``) is the node's released noisy training size.
 
 A node that refuses answers with an error reply whose code is one of
 ``REFUSAL_CODES`` and whose reason is a one-line message meant for the researcher.
@@ -93,13 +100,19 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord
 
+from models.evaluation import SCORE_BINS
 from privacy import limits
 
 __all__ = [
+    "ACCOUNTING_METRICS",
     "ARRAYS_KEY",
     "AWAITING_APPROVAL",
     "CONFIG_KEY",
+    "DP_METRICS",
     "EVAL_METRICS",
+    "SCORE_METRICS",
+    "score_histogram_of",
+    "score_metrics",
     "IMAGING_TASK",
     "INSTRUCTION_KEY",
     "ImagingInstruction",
@@ -213,26 +226,28 @@ SIGNER_KEY = "medfed.spec-signer"
 SUBMISSION_KEY = "medfed.submission"
 
 # The metric keys a reply may carry: a node sends exactly these, the coordinator
-# rejects anything else. "num-examples" is Flower's weighting key.
-EVAL_METRICS = (
-    "eval-num-examples",
-    "eval-loss",
-    "eval-auc",
-    "eval-accuracy",
-    "eval-brier",
-)
-TRAIN_METRICS = (
-    "num-examples",
-    *EVAL_METRICS,
-    "train-loss",
-    "steps",
+# rejects anything else. "num-examples" is Flower's weighting key: the site's
+# training-set size as a discrete Laplace count released once per run (charged to the
+# node's ledger, privacy.count_epsilon) and clamped at 1, the same value in every reply of
+# the run. No reply carries an exact count or a metric computed on private rows: a
+# model's quality leaves as SCORE_METRICS, a validation-score histogram by label over
+# models.evaluation's fixed bins ("eval-scores-<label>-<bin>"), each count with discrete
+# Laplace noise (privacy.evaluation_epsilon), from which the coordinator computes AUC,
+# loss, accuracy, Brier score and calibration (post-processing).
+SCORE_METRICS = tuple(f"eval-scores-{label}-{b:02d}" for label in (0, 1) for b in range(SCORE_BINS))
+EVAL_METRICS = SCORE_METRICS
+# Numbers that come from the signed spec and the node's ledger, not from patient rows.
+ACCOUNTING_METRICS = (
+    "steps",  # the spec's steps per round
     "epsilon",  # the dataset's lifetime epsilon after this round, at its budget's delta (the node's ledger)
     "epsilon-run",  # what this submission alone has charged the dataset so far, same delta
 )
-QUERY_METRICS = (
-    "num-examples",
-    "eval-num-examples",
-)
+TRAIN_METRICS = ("num-examples", *ACCOUNTING_METRICS, *SCORE_METRICS)  # scores only with evaluate_every_round
+QUERY_METRICS = ("num-examples",)
+# The metrics whose value must be the output of a DP mechanism the node released (or its
+# declared post-processing): the egress guard checks each against the release, and every
+# other metric against the accounting values the node recorded.
+DP_METRICS = ("num-examples", *SCORE_METRICS)
 # A run that ends before its last round tells the nodes that accepted it (a query message
 # with this action, type "query.release"): each gives back the budget it reserved for the
 # rounds that will not come, and takes no further message of that submission. The reply
@@ -595,6 +610,31 @@ def _noise_mismatch(instruction: TrainInstruction, noise: Any) -> list[str]:
 def node_record(site: str) -> ConfigRecord:
     """The record a node attaches to name itself (its site name, never patient data)."""
     return ConfigRecord({"site": site})
+
+
+def score_metrics(histogram: Sequence[Sequence[float]]) -> dict[str, float]:
+    """A ``(2, SCORE_BINS)`` score histogram (row 0 the negatives) as a reply's SCORE_METRICS."""
+    flat = [float(v) for row in histogram for v in row]
+    if len(histogram) != 2 or len(flat) != len(SCORE_METRICS):
+        raise ProtocolError(f"a score histogram has 2 rows of {SCORE_BINS} bins")
+    return dict(zip(SCORE_METRICS, flat, strict=True))
+
+
+def score_histogram_of(metrics: Mapping[str, float]) -> list[list[float]] | None:
+    """The score histogram a reply's metrics carry, as 2 rows; None if it carries none.
+
+    Raises
+    ------
+    ProtocolError
+        The reply carries some of the histogram's bins but not all.
+    """
+    present = [key for key in SCORE_METRICS if key in metrics]
+    if not present:
+        return None
+    if len(present) != len(SCORE_METRICS):
+        raise ProtocolError(f"reply carries {len(present)} of the {len(SCORE_METRICS)} bins of a score histogram")
+    values = [float(metrics[key]) for key in SCORE_METRICS]
+    return [values[:SCORE_BINS], values[SCORE_BINS:]]
 
 
 def read_site(content: Mapping[str, Any], fallback: str) -> str:

@@ -9,7 +9,8 @@ canonical JSON, the research partner's signed submission of it, the MLflow track
 and the coordinator's output folder, in which each submission has its own folder (its
 checkpoint, so that a restarted coordinator continues it; its final model and summary). A bad spec
 or too few nodes fail the run with a one-line reason that ``flwr ls`` shows as the
-run's status details.
+run's status details. Every reply the run receives is kept in the submission's folder
+(:mod:`federation.received`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main(grid: Grid, context: Context) -> None:
     from experiments.tracking import MlflowTracker, default_tracking_uri
     from federation.experiment import run_experiment
     from federation.protocol import SignedSpec, is_statistics_spec
+    from federation.received import RECEIVED_FILE, ReceivedLog
     from privacy.governance import Submission
 
     config = context.run_config
@@ -54,12 +56,13 @@ def main(grid: Grid, context: Context) -> None:
     tracking_uri = str(config.get("tracking-uri", "")) or default_tracking_uri()
     output_root = Path(str(config.get("output-dir", "")) or ".medfed/runs")
     run_id = grid.run.run_id
+    output_dir = output_root / submission.submission_id  # one per submission: its checkpoint, its model
     result = run_experiment(
-        grid,
+        ReceivedLog(grid, output_dir / RECEIVED_FILE),
         spec,
         signed=signed,
         tracker=MlflowTracker(tracking_uri),
-        output_dir=output_root / submission.submission_id,  # one per submission: its checkpoint, its model
+        output_dir=output_dir,
         tags={"flwr.run_id": str(run_id)},
         flower_run_id=run_id,
     )
@@ -78,6 +81,7 @@ def _run_study(grid: Grid, context: Context) -> None:
     from experiments.tracking import MlflowTracker, default_tracking_uri
     from federation.protocol import SignedSpec
     from experiments.study_run import StudyOptions
+    from federation.received import RECEIVED_FILE, ReceivedLog
     from federation.study import run_study
     from privacy.governance import Submission
 
@@ -91,7 +95,7 @@ def _run_study(grid: Grid, context: Context) -> None:
     tracking_uri = str(config.get("tracking-uri", "")) or default_tracking_uri()
     output_root = Path(str(config.get("output-dir", "")) or ".medfed/runs")
     result = run_study(
-        grid,
+        ReceivedLog(grid, output_root / submission.submission_id / RECEIVED_FILE),
         spec,
         signed=signed,
         tracker=MlflowTracker(tracking_uri),

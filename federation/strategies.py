@@ -21,7 +21,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam")
 
 
 def _aggregate(replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """Flower's metric hook: our weighting (validation size for eval, max for epsilon)."""
+    """Flower's metric hook: sums, the largest epsilon, the pooled quality of the score histograms."""
     return MetricRecord(aggregate_site_metrics([read_metrics(r, TRAIN_METRICS) for r in replies]))
 
 

@@ -37,7 +37,7 @@ from clients.hospital_node.governance import approve, governance_state, set_budg
 from clients.hospital_node.home import DatasetEntry, NodeHome
 from experiments.cost import PrivacyPlan, plan_privacy
 from experiments.spec import ExperimentSpec
-from experiments.progress import RunProgress, SiteResult, results_table, round_line, site_results
+from experiments.progress import RunProgress, SiteResult, pooled_result, released_rows, results_table, round_line, site_results
 from experiments.submit import follow, prepare_submission, start_run
 from experiments.tracking import default_tracking_uri
 from medfed.cluster import LocalCluster, flower_env
@@ -218,6 +218,7 @@ def comparison_table(
     results: Mapping[str, SiteResult],
     *,
     metrics: tuple[str, ...] = ("auc",),
+    released: Mapping[str, float] | None = None,
 ) -> Table:
     """Federated vs local-only vs pooled models on each site's validation split, and each site's ε.
 
@@ -225,7 +226,11 @@ def comparison_table(
     with the baselines a research partner cannot have: `tensors` holds each site's
     ``(x_train, y_train, x_val, y_val)``; the local-only and pooled models are trained here
     with the federated run's DP-SGD parameters and step count, so every model costs each
-    patient the same epsilon. `results` are the sites' ε as their ledgers reported them.
+    patient the same epsilon. `results` are the sites' ε as their ledgers reported them,
+    and the federated model's AUC as each site released it (a noisy score histogram);
+    `released` the pooled quality from the summed histograms. The demo knows the data it
+    generated, so its other rows are exact: beside them the released row shows what the
+    DP noise costs the researcher's view.
     """
     import torch
 
@@ -252,6 +257,9 @@ def comparison_table(
     pooled = {label: cell(model, x_val_all, y_val_all) for label, model in models.items()}
     shown = " / ".join(_METRIC_NAMES[m] for m in metrics)
     ordered = {name: results.get(name, SiteResult({}, math.nan, math.nan)) for name in tensors}
+    if released is not None and "auc" in metrics:
+        label = "federated, as released (AUC from DP score histograms)"
+        rows[label], pooled[label] = released_rows(ordered, released)
     title = f"Validation {shown} at ε ≈ {plan.epsilon_charged_per_site:.2f} per patient (δ = {plan.delta:g})"
     return results_table(title, rows, ordered, all_sites=pooled)
 
@@ -352,7 +360,8 @@ def run_demo(workdir: Path, *, n_hospitals: int = 3, rounds: int = 5, seed: int 
         )
         for s in sites
     }
-    console.print(comparison_table(spec, plan, tensors, model_path, results))
+    released = pooled_result(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
+    console.print(comparison_table(spec, plan, tensors, model_path, results, released=released))
     print_budgets(console, sites, DATASET)
     console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

@@ -32,7 +32,7 @@ from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.tracking import default_tracking_uri
 from federation.experiment import instruction_for
-from experiments.progress import site_results
+from experiments.progress import pooled_result, site_results
 from medfed.demo import (
     Site,
     comparison_table,
@@ -188,7 +188,8 @@ def run_imaging_demo(
     model_path = workdir / "runs" / submission_id / "final_model.pt"
     results = site_results(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
     tensors = site_tensors(spec, sites)
-    console.print(comparison_table(spec, plan, tensors, model_path, results, metrics=("accuracy", "auc")))
+    released = pooled_result(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
+    console.print(comparison_table(spec, plan, tensors, model_path, results, metrics=("accuracy", "auc"), released=released))
     print_budgets(console, sites, DATASET)
     console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

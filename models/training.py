@@ -4,7 +4,9 @@
 step independently with probability ``sample_rate``), per-sample gradients clipped to
 ``max_grad_norm`` over all parameters jointly, Gaussian noise of standard deviation
 ``noise_multiplier * max_grad_norm`` added to the sum, divided by the expected batch
-size ``round(sample_rate * n)``. An empty batch still takes a pure-noise step. Opacus's
+size ``round(sample_rate * size)``, where ``size`` is the ``expected_size`` the caller
+gives (a node gives its released, noisy training size, so that the update's scale is no
+function of the exact count) or, by default, ``n``. An empty batch still takes a pure-noise step. Opacus's
 ``DPOptimizer`` clips and noises (on the ghost-clipping path Opacus also computes the
 per-sample gradient norms); this module decides how to drive it cheaply:
 
@@ -74,7 +76,7 @@ from torch.nn import functional as F
 if TYPE_CHECKING:  # Opacus is imported on first use: a ClientApp module imports lightly.
     from opacus.optimizers import DPOptimizer
 
-__all__ = ["EvalMetrics", "TrainStats", "auc_score", "evaluate", "train_dp", "train_plain"]
+__all__ = ["EvalMetrics", "TrainStats", "auc_score", "evaluate", "predict", "train_dp", "train_plain"]
 
 # Per-sample gradient entries per step (trainable parameters x expected batch size) up
 # to which a step counts as small: one intra-op thread, and the flat linear chain where
@@ -316,11 +318,16 @@ def train_dp(
     learning_rate: float,
     proximal_mu: float = 0.0,
     generator: torch.Generator | None = None,
+    expected_size: float | None = None,
 ) -> TrainStats:
     """Run `steps` DP-SGD steps on `model` in place.
 
     Parameters
     ----------
+    expected_size
+        The size the expected batch ``round(sample_rate * expected_size)`` is computed
+        from; ``len(x)`` when None. Dividing by a constant derived from the exact n makes
+        the update's scale a function of n; a DP release of n (post-processing) does not.
     proximal_mu
         FedProx's proximal weight. Its gradient ``mu * (w - w_global)`` depends only on
         the weights the node received, never on patient data, so it is added after the
@@ -335,7 +342,9 @@ def train_dp(
     if noise_multiplier <= 0 or max_grad_norm <= 0 or learning_rate <= 0:
         raise ValueError("noise_multiplier, max_grad_norm and learning_rate must be > 0")
     n = len(x)
-    expected_batch_size = max(1, round(sample_rate * n))
+    if expected_size is not None and not (math.isfinite(expected_size) and expected_size >= 1):
+        raise ValueError(f"expected_size must be >= 1; found {expected_size!r}")
+    expected_batch_size = max(1, round(sample_rate * (n if expected_size is None else expected_size)))
     model.train()
     # What PrivacyEngine.make_private checks: no layer that mixes patients (BatchNorm).
     ModuleValidator.validate(model, strict=True)
@@ -428,6 +437,13 @@ def auc_score(scores: np.ndarray, labels: np.ndarray) -> float:
         ranks[order[start:end]] = (start + end + 1) / 2.0
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The model's predicted probabilities for the rows of `x`, shape ``(n,)``."""
+    model.eval()
+    return torch.sigmoid(model(x)).reshape(-1).double().numpy()
 
 
 @torch.no_grad()

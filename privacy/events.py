@@ -38,6 +38,9 @@ __all__ = [
     "MECHANISMS",
     "POISSON_GAUSSIAN",
     "WHOLE_DATASET_MECHANISMS",
+    "TrainingReleases",
+    "count_event",
+    "training_releases",
 ]
 
 #: DP-SGD's mechanism: the Poisson-subsampled Gaussian. Opacus's PRV and RDP
@@ -139,3 +142,46 @@ def _event_problems(*, noise_multiplier: object, sample_rate: object, steps: obj
 
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def count_event(*, epsilon: float) -> DPEvent:
+    """One count (sensitivity 1: add or remove one patient) released by discrete Laplace at pure `epsilon`.
+
+    The scale is ``1 / epsilon``: ``P(k) ∝ exp(-epsilon |k|)``, which is epsilon-DP for a
+    sensitivity of 1. A training run releases its training-set size so, once.
+    """
+    if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 < epsilon < float("inf"):
+        raise AccountingError(f"count epsilon must be a finite number > 0; found {epsilon!r}")
+    return DPEvent(noise_multiplier=1.0 / float(epsilon), sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)
+
+
+@dataclass(frozen=True)
+class TrainingReleases:
+    """Everything one training run releases on a site's dataset, as DP events.
+
+    ``per_round`` one round's releases, in order: the DP-SGD update, then (when the spec
+    evaluates every round) the histogram of the incoming model's validation scores.
+    ``once`` the run's once-per-run releases, in the reservation's order: the training-set
+    size, then the final model's validation-score histogram.
+    """
+
+    per_round: tuple[DPEvent, ...]
+    once: tuple[DPEvent, ...]
+
+    def composed(self, rounds: int) -> list[DPEvent]:
+        """Every event of a run of `rounds` rounds (each round's releases self-composed)."""
+        return [event.times(rounds) for event in self.per_round] + list(self.once)
+
+
+def training_releases(
+    update: DPEvent, *, count_epsilon: float, evaluation_epsilon: float, evaluate_every_round: bool
+) -> TrainingReleases:
+    """What a training run whose rounds release `update` (DP-SGD) releases besides, by the spec's privacy options.
+
+    The training-set size and the validation-score histogram are both counts of patients
+    (add or remove one: one count changes by one), released by discrete Laplace
+    (:func:`count_event`) at their epsilon.
+    """
+    evaluation = count_event(epsilon=evaluation_epsilon)
+    per_round = (update, evaluation) if evaluate_every_round else (update,)
+    return TrainingReleases(per_round, (count_event(epsilon=count_epsilon), evaluation))

@@ -87,7 +87,7 @@ logger = logging.getLogger(__name__)
 
 # Bumped whenever the table layout changes; stored in PRAGMA user_version and in the
 # ledger_schema table, and checked on every open.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # How long a process waits for another one's transaction before giving up.
 _BUSY_TIMEOUT_SECONDS = 30.0
@@ -228,13 +228,25 @@ BEGIN SELECT RAISE(ABORT, 'a run reservation keeps its terms'); END;
 CREATE TRIGGER run_reservation_events_are_never_deleted BEFORE DELETE ON run_reservation_events
 BEGIN SELECT RAISE(ABORT, 'run reservations are kept for the officer'); END;
 """
+# Schema 5: a run may release events once per run besides its rounds' (a training run's
+# noisy training-set size, used for weighting every round, and its final evaluation):
+# they are run_reservation_events marked once = 1, numbered after the round's releases,
+# each charged as round 0 of the run by :meth:`PrivacyLedger.charge_once`;
+# run_reservations.once_charged says which were (bit k: the k-th once-per-run event).
+_SCHEMA_5 = """
+ALTER TABLE run_reservation_events ADD COLUMN once INTEGER NOT NULL DEFAULT 0 CHECK (once IN (0, 1));
+ALTER TABLE run_reservations ADD COLUMN once_charged INTEGER NOT NULL DEFAULT 0 CHECK (once_charged >= 0);
+CREATE TRIGGER run_reservations_once_charges_are_kept BEFORE UPDATE OF once_charged ON run_reservations
+WHEN (NEW.once_charged & OLD.once_charged) != OLD.once_charged
+BEGIN SELECT RAISE(ABORT, 'a run reservation only moves forward (more rounds charged, then released)'); END;
+"""
 _TABLES = {"charges", "ledger_schema", "run_reservation_events", "run_reservations"}
 
 #: A run reservation's states, as the officer reads them.
 LIVE = "live"  # counts against the budget; rounds may be charged
 EXPIRED = "expired"  # its run went quiet for longer than the hold: counts no more
 RELEASED = "released"  # the run ended with rounds unused: given back, no more charges
-USED_UP = "used up"  # every reserved round was charged
+USED_UP = "used up"  # every reserved round (and once-per-run release) was charged
 RUN_STATES = (LIVE, EXPIRED, RELEASED, USED_UP)
 
 
@@ -267,6 +279,10 @@ class RunReservation:
         expiring, or a charge): expiry counts from there.
     released_at
         When the run gave back what it did not use; None while it holds.
+    once, once_charged
+        Events the run releases once, whatever its rounds (a training run's noisy
+        training-set size and its final evaluation), each charged as round 0 by
+        :meth:`PrivacyLedger.charge_once`; and which were (a flag per event, in order).
     """
 
     dataset: str
@@ -277,15 +293,28 @@ class RunReservation:
     reserved_at: datetime
     active_at: datetime
     released_at: datetime | None = None
+    once: tuple[DPEvent, ...] = ()
+    once_charged: tuple[bool, ...] = ()  # () or one flag per `once` event
+
+    def __post_init__(self) -> None:
+        flags = tuple(bool(flag) for flag in self.once_charged) or (False,) * len(self.once)
+        if len(flags) != len(self.once):
+            raise ValueError(f"once_charged has {len(flags)} flag(s) for {len(self.once)} once-per-run event(s)")
+        object.__setattr__(self, "once_charged", flags)
 
     @property
     def remaining(self) -> int:
         """Rounds reserved and not charged yet."""
         return self.rounds - self.charged
 
+    @property
+    def used_up(self) -> bool:
+        """Every reserved round and every once-per-run event was charged."""
+        return self.charged >= self.rounds and all(self.once_charged)
+
     def state(self, *, hold: timedelta, now: datetime) -> str:
         """One of :data:`RUN_STATES` at `now`, for a hold time of `hold`."""
-        if self.charged >= self.rounds:
+        if self.used_up:
             return USED_UP
         if self.released_at is not None:
             return RELEASED
@@ -293,13 +322,14 @@ class RunReservation:
 
     def expires_at(self, hold: timedelta) -> datetime | None:
         """When it stops counting unless a round is charged first; None once released or used up."""
-        if self.released_at is not None or self.charged >= self.rounds:
+        if self.released_at is not None or self.used_up:
             return None
         return self.active_at + hold
 
     def held(self) -> list[DPEvent]:
-        """The rounds not charged yet, one event per release (their composition); needs ``remaining >= 1``."""
-        return [event.times(self.remaining) for event in self.events]
+        """The rounds not charged yet, one event per release (their composition), and the once-per-run events not charged yet."""
+        rounds = [event.times(self.remaining) for event in self.events] if self.remaining >= 1 else []
+        return rounds + [event for event, charged in zip(self.once, self.once_charged, strict=True) if not charged]
 
 
 @dataclass(frozen=True)
@@ -371,9 +401,11 @@ class LedgerStore(Protocol):
 
 def _moves_forward(old: RunReservation, new: RunReservation) -> str | None:
     """Why `new` may not follow `old` (the rules SQLite's triggers keep), or None."""
-    terms = ("dataset", "submission", "events", "rounds", "reserved_at")
+    terms = ("dataset", "submission", "events", "rounds", "reserved_at", "once")
     if any(getattr(old, name) != getattr(new, name) for name in terms):
         return "a run reservation keeps its terms"
+    if any(was and not now for was, now in zip(old.once_charged, new.once_charged, strict=True)):
+        return "a run reservation only moves forward (more rounds charged, then released)"
     if new.charged < old.charged or old.released_at is not None:
         return "a run reservation only moves forward (more rounds charged, then released)"
     return None
@@ -517,7 +549,7 @@ class SqliteLedgerStore:
             with self._transaction() as conn:
                 found = _inspect(conn)  # another process may have created or upgraded it meanwhile
                 if found == (0, set(), set()):
-                    self._apply(conn, _SCHEMA + _SCHEMA_3 + _SCHEMA_4)
+                    self._apply(conn, _SCHEMA + _SCHEMA_3 + _SCHEMA_4 + _SCHEMA_5)
                     logger.info("created privacy ledger %s (schema %d)", self.path, SCHEMA_VERSION)
                     return
                 version, tables, recorded = found
@@ -538,7 +570,7 @@ class SqliteLedgerStore:
             )
 
     def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
-        """Schema 1, 2 or 3 to 4, in the caller's transaction; charges keep their events.
+        """Schema 1, 2, 3 or 4 to 5, in the caller's transaction; charges keep their events.
 
         Every charge and run reservation from before schema 4 released one event per
         round: it becomes release 0 of its round.
@@ -548,7 +580,7 @@ class SqliteLedgerStore:
         rounds, keyed by the run id, active since the latest of them: it counts until it
         expires, as before it counted until the officer saw it.
         """
-        self._apply(conn, (_SCHEMA_3 if version < 3 else "") + _SCHEMA_4)
+        self._apply(conn, (_SCHEMA_3 if version < 3 else "") + (_SCHEMA_4 if version < 4 else "") + _SCHEMA_5)
         if version != 2:
             return
         rows = conn.execute(
@@ -642,7 +674,7 @@ class SqliteLedgerStore:
         rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM run_reservations r{where} ORDER BY r.id", parameters).fetchall()
         events: dict[int, list[Sequence[object]]] = {}
         for row in conn.execute(
-            "SELECT e.reservation, e.release, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps "
+            "SELECT e.reservation, e.release, e.mechanism, e.noise_multiplier, e.sample_rate, e.steps, e.once "
             f"FROM run_reservation_events e JOIN run_reservations r ON r.id = e.reservation{where} "
             "ORDER BY e.reservation, e.release",
             parameters,
@@ -665,19 +697,20 @@ class SqliteLedgerStore:
     @staticmethod
     def _insert_run(conn: sqlite3.Connection, run: RunReservation) -> None:
         cursor = conn.execute(
-            "INSERT INTO run_reservations (dataset, submission, rounds, charged, reserved_at, active_at, released_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO run_reservations (dataset, submission, rounds, charged, reserved_at, active_at, released_at, "
+            "once_charged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.dataset, run.submission, run.rounds, run.charged, run.reserved_at.isoformat(),
                 run.active_at.isoformat(), None if run.released_at is None else run.released_at.isoformat(),
+                _mask(run.once_charged),
             ),
         )
         conn.executemany(
-            "INSERT INTO run_reservation_events (reservation, release, mechanism, noise_multiplier, sample_rate, steps) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO run_reservation_events (reservation, release, mechanism, noise_multiplier, sample_rate, steps, once) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (cursor.lastrowid, release, event.mechanism, event.noise_multiplier, event.sample_rate, event.steps)
-                for release, event in enumerate(run.events)
+                (cursor.lastrowid, release, event.mechanism, event.noise_multiplier, event.sample_rate, event.steps, int(once))
+                for release, (event, once) in enumerate([*((e, False) for e in run.events), *((e, True) for e in run.once)])
             ],
         )
 
@@ -690,10 +723,11 @@ class SqliteLedgerStore:
         if refused:
             raise LedgerError(f"the privacy ledger {self.path} refuses the change: {refused}")
         conn.execute(
-            "UPDATE run_reservations SET charged = ?, active_at = ?, released_at = ? WHERE dataset = ? AND submission = ?",
+            "UPDATE run_reservations SET charged = ?, active_at = ?, released_at = ?, once_charged = ? "
+            "WHERE dataset = ? AND submission = ?",
             (
                 run.charged, run.active_at.isoformat(), None if run.released_at is None else run.released_at.isoformat(),
-                run.dataset, run.submission,
+                _mask(run.once_charged), run.dataset, run.submission,
             ),
         )
 
@@ -759,19 +793,21 @@ class SqliteLedgerStore:
             raise LedgerError(f"privacy ledger {self.path} holds an unreadable {what}: {err}") from err
 
     def _run(self, row: Sequence[object], event_rows: Sequence[Sequence[object]]) -> RunReservation:
-        row_id, dataset, submission, rounds, charged, reserved_at, active_at, released_at = row
+        row_id, dataset, submission, rounds, charged, reserved_at, active_at, released_at, once_charged = row
         what = f"run reservation (row {row_id})"
         if [release for release, *_ in event_rows] != list(range(len(event_rows))) or not event_rows:
             raise LedgerError(
                 f"privacy ledger {self.path} holds an unreadable {what}: its events are not releases 0..k-1 "
                 f"(found {[release for release, *_ in event_rows]})"
             )
-        events = tuple(self._event(columns, what) for _, *columns in event_rows)
+        events = tuple(self._event(columns, what) for _, *columns, once in event_rows if not once)
+        once_events = tuple(self._event(columns, what) for _, *columns, once in event_rows if once)
         try:
             return RunReservation(
                 str(dataset), str(submission), events, int(rounds), int(charged),  # type: ignore[call-overload]
                 _read_time(reserved_at, self.path), _read_time(active_at, self.path),
                 None if released_at is None else _read_time(released_at, self.path),
+                once_events, tuple(bool(int(once_charged) >> k & 1) for k in range(len(once_events))),  # type: ignore[call-overload]
             )
         except (TypeError, ValueError) as err:
             raise LedgerError(f"privacy ledger {self.path} holds an unreadable {what}: {err}") from err
@@ -799,12 +835,13 @@ class _SqliteTransaction:
 
 
 _COLUMNS = "id, dataset, run_id, round, release, mechanism, noise_multiplier, sample_rate, steps, charged_at, submission"
-_RUN_COLUMNS = "r.id, r.dataset, r.submission, r.rounds, r.charged, r.reserved_at, r.active_at, r.released_at"
+_RUN_COLUMNS = "r.id, r.dataset, r.submission, r.rounds, r.charged, r.reserved_at, r.active_at, r.released_at, r.once_charged"
 # The schemas a file is upgraded from, with the tables each has.
 _UPGRADABLE = {
     1: {"charges", "ledger_schema"},
     2: {"charges", "ledger_schema", "reservations"},
     3: {"charges", "ledger_schema", "run_reservations"},
+    4: {"charges", "ledger_schema", "run_reservation_events", "run_reservations"},
 }
 
 
@@ -935,12 +972,15 @@ class PrivacyLedger:
         budget: Budget,
         hold: timedelta,
         run_cap: Budget | None = None,
+        once: Sequence[DPEvent] = (),
     ) -> RunReservation:
         """Hold `rounds` rounds on `dataset` for `submission`, or refuse.
 
         A round releases `event` (a training round: its DP-SGD event) or `events` (a
         statistics query, a run of one round: its releases in order, charged as releases
-        0..k-1); give one of the two. In one transaction: the composition (at
+        0..k-1); give one of the two. `once` are events the run releases once whatever
+        its rounds (a training run's noisy training-set size), charged by
+        :meth:`charge_once`. In one transaction: the composition (at
         ``budget.delta``) of every charge to the dataset, every other live reservation's
         remaining rounds and this run's rounds must not exceed ``budget.epsilon``; and
         the submission's charges plus its rounds must not exceed `run_cap` (the
@@ -961,21 +1001,24 @@ class PrivacyLedger:
         _check_dataset(dataset)
         _check_submission(submission)
         held = _round_events(event, events)
+        once = tuple(once)
+        if any(not isinstance(item, DPEvent) for item in once):
+            raise AccountingError(f"once must be a sequence of DPEvent; found {once!r}")
         _check_count(rounds, "rounds")
         _check_hold(hold)
         with self._store.write() as transaction:
             now = self._clock()
             existing = _find(transaction, dataset, submission)
             if existing is None:
-                wanted = [e.times(rounds) for e in held]
+                wanted = [e.times(rounds) for e in held] + list(once)
                 self._check_budget(transaction, dataset, submission, wanted, budget, run_cap, hold, now)
-                reservation = RunReservation(dataset, submission, held, rounds, 0, now, now)
+                reservation = RunReservation(dataset, submission, held, rounds, 0, now, now, once=once)
                 transaction.put_run_reservation(reservation)
                 logger.info(
                     "reserved %d round(s) of %s on dataset '%s' for submission %s", rounds, _describe_all(held), dataset, submission
                 )
                 return reservation
-            if (existing.events, existing.rounds) != (held, rounds):
+            if (existing.events, existing.rounds, existing.once) != (held, rounds, once):
                 raise LedgerError(
                     f"submission '{submission}' holds a reservation of {existing.rounds} round(s) of "
                     f"{_describe_all(existing.events)} on dataset '{dataset}'; a run of {rounds} round(s) of "
@@ -1027,6 +1070,11 @@ class PrivacyLedger:
                 raise LedgerError(
                     f"round {round} of run '{run_id}' was already charged to dataset '{dataset}'; a second release is refused"
                 )
+            if reservation.remaining < 1:
+                raise BudgetExhaustedError(
+                    f"submission '{submission}' on dataset '{dataset}' has been charged all {reservation.rounds} round(s) "
+                    "it reserved; another round is refused (the rounds of a submission are capped, continuations included)"
+                )
             reservation = self._renew(transaction, reservation, budget, run_cap, hold, now)
             charges = [
                 Charge(dataset, run_id, round, event, now, submission, release)
@@ -1040,6 +1088,63 @@ class PrivacyLedger:
             dataset, run_id, round, submission, reservation.charged + 1, reservation.rounds, _describe_all(reservation.events),
         )
         return charges
+
+    def charge_once(
+        self,
+        dataset: str,
+        *,
+        submission: str,
+        run_id: str,
+        index: int,
+        budget: Budget,
+        hold: timedelta,
+        run_cap: Budget | None = None,
+    ) -> list[Charge]:
+        """Charge `submission`'s `index`-th once-per-run event (round 0 of run `run_id`), or nothing if it was charged.
+
+        Call it when the reply carrying it is about to leave. Returns the charges made
+        now: empty when it was charged already (by this run or an earlier run of the
+        submission: the node then sends the value it released then, post-processing, and
+        nothing new leaves). A reservation that expired is first reserved again, under
+        :meth:`reserve_run`'s checks.
+
+        Raises
+        ------
+        BudgetExhaustedError
+            The reservation was released or used up, or it expired and no longer fits.
+        LedgerError
+            No reservation for the submission, it holds no such once-per-run event, or
+            storage failed.
+        """
+        _check_key(dataset, run_id, 0)
+        _check_submission(submission)
+        _check_hold(hold)
+        with self._store.write() as transaction:
+            now = self._clock()
+            reservation = _find(transaction, dataset, submission)
+            if reservation is None:
+                raise LedgerError(
+                    f"no run reservation for submission '{submission}' on dataset '{dataset}'; "
+                    "a node reserves a run when it admits it, before it releases anything"
+                )
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(reservation.once):
+                raise LedgerError(
+                    f"submission '{submission}' reserved {len(reservation.once)} once-per-run event(s) on dataset "
+                    f"'{dataset}'; there is no once-per-run event {index!r}"
+                )
+            if reservation.once_charged[index]:
+                return []
+            reservation = self._renew(transaction, reservation, budget, run_cap, hold, now)
+            event = reservation.once[index]
+            charge = Charge(dataset, run_id, 0, event, now, submission, len(reservation.events) + index)
+            transaction.add_charge(charge)
+            flags = tuple(flag or k == index for k, flag in enumerate(reservation.once_charged))
+            transaction.put_run_reservation(replace(reservation, once_charged=flags, active_at=now))
+        logger.info(
+            "charged dataset '%s': run %s of submission %s, its once-per-run release %d (%s)",
+            dataset, run_id, submission, index, _describe_all((event,)),
+        )
+        return [charge]
 
     def release_run(self, dataset: str, *, submission: str) -> RunReservation | None:
         """Close `submission`'s reservation on `dataset` and give back its unused rounds.
@@ -1164,6 +1269,11 @@ class PrivacyLedger:
 
     def __repr__(self) -> str:
         return f"PrivacyLedger({self.location!r})"
+
+
+def _mask(flags: Sequence[bool]) -> int:
+    """Once-per-run charged flags as run_reservations.once_charged stores them (bit k: event k)."""
+    return sum(1 << k for k, flag in enumerate(flags) if flag)
 
 
 def _find(transaction: LedgerTransaction, dataset: str, submission: str) -> RunReservation | None:

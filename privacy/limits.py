@@ -22,6 +22,10 @@ from __future__ import annotations
 import math
 
 __all__ = [
+    "DEFAULT_COUNT_EPSILON",
+    "DEFAULT_EVALUATION_EPSILON",
+    "MAX_COUNT_EPSILON",
+    "MAX_EVALUATION_EPSILON",
     "MAX_EPSILON",
     "MAX_LOCAL_EPOCHS",
     "MAX_ROUNDS",
@@ -33,6 +37,16 @@ __all__ = [
     "schedule_problems",
 ]
 
+#: The epsilon of a training run's one release of each site's training-set size (a
+#: discrete Laplace count, reused to weight every round), when the spec does not say.
+DEFAULT_COUNT_EPSILON = 0.1
+#: The most a spec's ``privacy.count_epsilon`` may be.
+MAX_COUNT_EPSILON = 1.0
+#: The epsilon of a training run's release of each site's validation scores (a histogram
+#: by label, discrete Laplace), in the final round, when the spec does not say.
+DEFAULT_EVALUATION_EPSILON = 0.5
+#: The most a spec's ``privacy.evaluation_epsilon`` may be (per evaluation).
+MAX_EVALUATION_EPSILON = 2.0
 #: Federated rounds of one experiment.
 MAX_ROUNDS = 1000
 #: Local epochs per round.

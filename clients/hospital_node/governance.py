@@ -29,9 +29,11 @@ research columns and no more cells than the policy's ``max_cells``, and step 6 r
 one round of one event per release of the query (its whole cost) before any row is read;
 its answer charges them all, and a submission is answered once.
 
-The final evaluate message (the run completed) and a release message (the run ended
-early) give back the rounds the submission did not use; the node takes no further
-training round of it, so a replayed finished submission trains nowhere.
+The final evaluate message (the run completed) is admitted like a round, since it
+releases the run's charged validation-score histogram; once it is answered, or refused,
+the run ends (:func:`end_run`). A release message (the run ended early) ends it at once.
+An ended run gives back what it reserved and did not use; the node takes no further
+message of it, so a replayed finished submission trains and evaluates nowhere.
 
 Every epsilon the node computes is the ledger's (dp-accounting's PLD): the experiment's
 own at the spec's delta (also against the spec's ``target_epsilon``, which the
@@ -75,7 +77,7 @@ from federation.protocol import (
 from privacy.accountant import LEDGER_ACCOUNTANT, epsilon, epsilon_bound
 from privacy.audit import AuditEntry, AuditLog
 from privacy.errors import AccountingError, BudgetExhaustedError, KeyFileError, LedgerError, SignatureError
-from privacy.events import DPEvent
+from privacy.events import DPEvent, TrainingReleases, count_event, training_releases
 from privacy.governance import (
     APPROVED,
     DENIED,
@@ -91,7 +93,14 @@ from privacy.governance import (
     verify_submission,
 )
 from privacy.keys import load_public_key
-from privacy.limits import MAX_EPSILON, schedule_problems
+from privacy.limits import (
+    DEFAULT_COUNT_EPSILON,
+    DEFAULT_EVALUATION_EPSILON,
+    MAX_COUNT_EPSILON,
+    MAX_EPSILON,
+    MAX_EVALUATION_EPSILON,
+    schedule_problems,
+)
 from privacy.ledger import LIVE, RELEASED, USED_UP, Budget, PrivacyLedger, RunReservation
 
 __all__ = [
@@ -144,8 +153,7 @@ class Admission:
     spec_digest: str
     policy: NodePolicy
     submission: Submission
-    # None for an evaluate message, which releases no DP-charged arrays and is admitted
-    # on signature, approval and policy alone (so it imports no accountant).
+    # None for a release message, which releases nothing and is admitted on its signature alone.
     budget: Budget | None = None
     run_cap: Budget | None = None
     cost: float | None = None  # this experiment's own epsilon on the dataset, all rounds, at the spec's delta
@@ -154,6 +162,28 @@ class Admission:
 
 def _round_event(instruction: TrainInstruction) -> DPEvent:
     return DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps)
+
+
+def training_releases_of(instruction: TrainInstruction, spec: Mapping[str, Any]) -> TrainingReleases:
+    """What a training run releases on this node, by the instruction and the signed `spec`'s privacy options.
+
+    The node reads the options from the signed spec itself (never from the coordinator's
+    config) and checks them as the spec's validation does: a value out of range is refused.
+    """
+    privacy = spec.get("privacy", {})
+    options = {}
+    for key, default, limit in (
+        ("count_epsilon", DEFAULT_COUNT_EPSILON, MAX_COUNT_EPSILON),
+        ("evaluation_epsilon", DEFAULT_EVALUATION_EPSILON, MAX_EVALUATION_EPSILON),
+    ):
+        value = privacy.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= limit:
+            raise Refusal(REFUSED_BAD_INSTRUCTION, f"privacy.{key} must be a number in (0, {limit:g}]; found {value!r}")
+        options[key] = float(value)
+    every_round = privacy.get("evaluate_every_round", False)
+    if not isinstance(every_round, bool):
+        raise Refusal(REFUSED_BAD_INSTRUCTION, f"privacy.evaluate_every_round must be true or false; found {every_round!r}")
+    return training_releases(_round_event(instruction), evaluate_every_round=every_round, **options)
 
 
 def _experiment_event(instruction: TrainInstruction) -> DPEvent:
@@ -203,8 +233,11 @@ def verified_entries(home: NodeHome) -> tuple[AuditEntry, ...]:
 def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[str]:
     """Releases the audit log records that the ledger does not hold as charges: tampering.
 
-    A training round's release is one charge; a statistics answer's is one charge per
-    release of its query, with the events its record lists. The other way round is
+    A training round's release is its charges (the DP-SGD update, and the incoming
+    model's score histogram when the spec evaluates every round); a statistics answer's
+    is one charge per release of its query, with the events its record lists; a
+    once-per-run release a reply records as charged then (the training-set size, the
+    final evaluation) is a charge at round 0 of its run. The other way round is
     legitimate: a node that crashed after charging and before recording the release has
     a charge without a release record (spend never hidden).
     """
@@ -215,13 +248,25 @@ def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[s
     missing = []
     for entry in entries:
         message = entry.payload.get("message")
-        if entry.kind != "release" or message not in ("train", STATISTICS_ACTION):
+        if entry.kind != "release":
             continue
         payload = entry.payload
         key = (str(payload.get("dataset")), str(payload.get("run")), int(payload.get("round", -1)))
+        releases = payload.get("dp_releases") or {}
+        once = (key[0], key[1], 0)
+        for name, release in sorted(releases.items()):
+            if isinstance(release, Mapping) and release.get("charged") == "now":
+                wanted = (release.get("mechanism"), release.get("scale"), 1.0, 1)
+                if wanted not in [(e.mechanism, e.noise_multiplier, e.sample_rate, e.steps) for e in charged.get(once, [])]:
+                    missing.append(f"seq {entry.seq}: run {key[1]} once-per-run release {name} on dataset '{key[0]}'")
+        if message not in ("train", STATISTICS_ACTION):
+            continue
         charge = payload.get("charge", {})
         if message == "train":
             recorded = [(charge.get("noise_multiplier"), charge.get("sample_rate"), charge.get("steps"))]
+            scores = releases.get("eval-scores")
+            if isinstance(scores, Mapping):  # evaluated every round: the round's second release
+                recorded.append((scores.get("scale"), 1.0, 1))
             held = [(e.noise_multiplier, e.sample_rate, e.steps) for e in charged.get(key, [])]
         else:
             recorded = [tuple(e.get(k) for k in _EVENT_KEYS) for e in charge.get("events", [])]
@@ -261,8 +306,10 @@ class _Ask:
     delta: float  # the spec's
     secure: bool
     target: float | None  # the spec's target_epsilon, if it has one
-    cost: Callable[[], float]  # the run's own epsilon, every round, at `delta` (the ledger's accountant)
+    cost: Callable[[], float]  # the run's own epsilon, every round and once-per-run release, at `delta` (the ledger's accountant)
     request: Callable[[str, str, float, str], dict[str, Any]]  # (signer, fingerprint, cost, run id): the officer's request
+    once: tuple[DPEvent, ...] = ()  # what the run releases once, whatever its rounds (a training run's noisy size)
+    target_cost: Callable[[], float] | None = None  # what a target_epsilon is met by (DP-SGD alone), if not `cost`
 
 
 def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str]:
@@ -292,11 +339,11 @@ def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str]:
 def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str) -> Admission:
     """Decide whether this node takes part in `kind` ("query", "train", "evaluate", "release") of the run.
 
-    Query and train are checked against every cap and the budget, and hold the run's
-    reservation for the signed submission (reserved by the first of them, found by the
-    others); evaluate (no DP-charged release) against signature, approval and policy, and
-    gives back the rounds the submission did not use; release (the run ended early) only
-    against the signature, and gives them back too.
+    Query, train and evaluate are checked against every cap and the budget, and hold the
+    run's reservation for the signed submission (reserved by the first of them, found by
+    the others); an evaluate that is refused ends the run (the handler ends it after its
+    answer); release (the run ended early) is checked only against the signature, and
+    gives back what the run did not use.
 
     Raises
     ------
@@ -314,16 +361,23 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     if mismatches:
         raise Refusal(REFUSED_SIGNATURE, "the instruction is not what the signed spec says: " + "; ".join(mismatches))
     target = spec.get("privacy", {}).get("target_epsilon")
+    releases = training_releases_of(instruction, spec)
     ask = _Ask(
         dataset=instruction.dataset,
         task=instruction.task,
-        events=(_round_event(instruction),),
+        events=releases.per_round,
         rounds=instruction.rounds,
         delta=instruction.delta,
         secure=bool(spec.get("federation", {}).get("secure_aggregation", False)),
         target=None if target is None else float(target),
-        cost=lambda: epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
-        request=lambda signer, fingerprint, cost, run: _request(instruction, spec, signer, fingerprint, cost, run),
+        cost=lambda: epsilon(
+            [_experiment_event(instruction), *releases.composed(instruction.rounds)[1:]],
+            delta=instruction.delta,
+            accountant=LEDGER_ACCOUNTANT,
+        ),
+        request=lambda signer, fingerprint, cost, run: _request(instruction, spec, releases, signer, fingerprint, cost, run),
+        once=releases.once,
+        target_cost=lambda: epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
     )
     return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
 
@@ -422,19 +476,48 @@ def _admit(  # noqa: PLR0913
     """Steps 3 to 6 of admission (see the module docstring), for an experiment's or a study's ask."""
     home.dataset(ask.dataset)  # an unregistered dataset is refused, not requested
     if kind in ("evaluate", "release"):
-        # The run completed, or ended early (signed, and the instruction is the spec):
-        # whatever else is decided below, the rounds it did not use go back to the dataset.
+        # The run completed, or ended early (signed, and the instruction is the spec).
         # Its final evaluation is answered once: a run's end is not a metric oracle.
         with PrivacyLedger.open(home.ledger_path) as ledger:
-            if kind == "evaluate" and _run_state(ledger, ask.dataset, submission.submission_id, home.policy()) == RELEASED:
+            state = _run_state(ledger, ask.dataset, submission.submission_id, home.policy())
+            if kind == "evaluate" and state in (RELEASED, USED_UP):
                 raise Refusal(
                     REFUSED_REPLAY,
                     f"the run of submission {submission.submission_id[:12]} has ended on this node; its final "
                     "evaluation is answered once",
                 )
-            ledger.release_run(ask.dataset, submission=submission.submission_id)
-    if kind == "release":
-        return Admission(partner.name, digest, home.policy(), submission)
+            if kind == "release":  # the rounds it did not use go back to the dataset
+                ledger.release_run(ask.dataset, submission=submission.submission_id)
+                return Admission(partner.name, digest, home.policy(), submission)
+        # An evaluation is admitted like a round (it releases a charged histogram); refused,
+        # it still ends the run: what the run did not use goes back to the dataset.
+        try:
+            return _admit_steps(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
+        except Refusal:
+            end_run(home, ask.dataset, submission.submission_id)
+            raise
+    return _admit_steps(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
+
+
+def end_run(home: NodeHome, dataset: str, submission_id: str) -> None:
+    """Close the submission's run on `dataset`: what it reserved and did not use goes back to the dataset."""
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        ledger.release_run(dataset, submission=submission_id)
+
+
+def _admit_steps(  # noqa: PLR0913
+    home: NodeHome,
+    ask: _Ask,
+    signed: SignedSpec,
+    partner: Any,
+    submission: Submission,
+    digest: str,
+    spec: dict[str, Any],
+    *,
+    run_id: str,
+    kind: str,
+) -> Admission:
+    """Steps 3 to 6 for a message that may release: policy, decision, submission, caps and budget."""
 
     # 3. policy
     policy = home.policy()
@@ -474,16 +557,15 @@ def _admit(  # noqa: PLR0913
     if spent_by is None:
         _check_new_submission(state, decision, submission, kind, policy, ask.dataset)
 
-    if kind == "evaluate":
-        return Admission(partner.name, digest, policy, submission)
-
     # 6. caps and budget
     cost = ask.cost()
     if ask.target is not None:
-        # Judged, like the coordinator's search for the noise, by the ledger's accountant.
-        if cost > ask.target * (1 + _TARGET_SLACK):
+        # Judged, like the coordinator's search for the noise, by the ledger's accountant,
+        # on the DP-SGD rounds the target sets the noise of (the count release is on top).
+        trained = (ask.target_cost or ask.cost)()
+        if trained > ask.target * (1 + _TARGET_SLACK):
             raise Refusal(
-                REFUSED_SIGNATURE, f"the instruction would cost epsilon {cost:.3f}, over the signed target_epsilon {ask.target:g}"
+                REFUSED_SIGNATURE, f"the instruction would cost epsilon {trained:.3f}, over the signed target_epsilon {ask.target:g}"
             )
     caps = [(policy.max_epsilon_per_experiment, REFUSED_POLICY, "this node's policy limit per experiment")]
     if decision.max_epsilon is not None:
@@ -542,10 +624,11 @@ def _reserve(
                 [held] = [r for r in ledger.run_reservations(ask.dataset) if r.submission == submission.submission_id]
                 return held
         try:
-            return ledger.reserve_run(
+            reservation = ledger.reserve_run(
                 ask.dataset,
                 submission=submission.submission_id,
                 events=ask.events,
+                once=ask.once,
                 rounds=ask.rounds,
                 budget=budget,
                 hold=policy.reservation_hold,
@@ -553,6 +636,14 @@ def _reserve(
             )
         except (BudgetExhaustedError, LedgerError) as err:
             raise Refusal(REFUSED_BUDGET, str(err)) from None
+    if kind == "train" and reservation.remaining < 1:  # every round charged; the final evaluation may be held still
+        raise Refusal(
+            REFUSED_BUDGET,
+            f"submission '{submission.submission_id}' on dataset '{ask.dataset}' has been charged all "
+            f"{reservation.rounds} round(s) it reserved; another round is refused (the rounds of a submission are "
+            "capped, continuations included)",
+        )
+    return reservation
 
 
 def _run_state(ledger: PrivacyLedger, dataset: str, submission_id: str, policy: NodePolicy) -> str | None:
@@ -583,7 +674,13 @@ def _check_new_submission(
 
 
 def _request(
-    instruction: TrainInstruction, spec: dict[str, Any], signer: str, fingerprint: str, cost: float, run_id: str
+    instruction: TrainInstruction,
+    spec: dict[str, Any],
+    releases: TrainingReleases,
+    signer: str,
+    fingerprint: str,
+    cost: float,
+    run_id: str,
 ) -> dict[str, Any]:
     return {
         "spec_digest": instruction.spec_digest,
@@ -599,6 +696,11 @@ def _request(
         "noise_multiplier": instruction.noise_multiplier,
         "sample_rate": instruction.sample_rate,
         "steps_per_round": instruction.steps,
+        # Besides the rounds: the once-per-run noisy training-set size and validation-score
+        # histogram, and the histogram every round if the spec asks.
+        "count_epsilon": 1.0 / releases.once[0].noise_multiplier,
+        "evaluation_epsilon": 1.0 / releases.once[1].noise_multiplier,
+        "evaluate_every_round": len(releases.per_round) > 1,
         "requested_epsilon": spec.get("privacy", {}).get("target_epsilon"),
         "cost_epsilon": cost,
         "first_run": run_id,
@@ -990,7 +1092,21 @@ def _requested_events(payload: Mapping[str, Any]) -> list[DPEvent] | None:
     ):
         return None
     event = DPEvent(values["noise_multiplier"], values["sample_rate"], values["steps_per_round"]).times(values["rounds"])  # type: ignore[arg-type]
-    return [event] if epsilon_bound([event], delta=values["delta"]) <= MAX_EPSILON else None  # type: ignore[arg-type]
+    if epsilon_bound([event], delta=values["delta"]) > MAX_EPSILON:  # type: ignore[arg-type]
+        return None
+    # Requests recorded before training's own releases were accounted have none of these.
+    extra = []
+    count, evaluation = payload.get("count_epsilon"), payload.get("evaluation_epsilon")
+    if _is_epsilon(count, MAX_COUNT_EPSILON):
+        extra.append(count_event(epsilon=float(count)))  # type: ignore[arg-type]
+    if _is_epsilon(evaluation, MAX_EVALUATION_EPSILON):
+        histogram = count_event(epsilon=float(evaluation))  # type: ignore[arg-type]
+        extra.append(histogram.times(values["rounds"] + 1) if payload.get("evaluate_every_round") is True else histogram)  # type: ignore[operator]
+    return [event, *extra]
+
+
+def _is_epsilon(value: object, limit: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= limit
 
 
 def pending_requests(home: NodeHome) -> list[PendingRequest]:

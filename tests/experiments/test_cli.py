@@ -79,6 +79,9 @@ def test_cost_prints_the_plan_as_a_table() -> None:
         "total steps": "100",
         "δ": "1e-05",
         "ε per site, planning estimate (PRV)": f"{plan.epsilon_per_site:.3f}",
+        "ε of the DP-SGD rounds per site (PLD)": f"{plan.epsilon_training_charged_per_site:.3f}",
+        "ε of the training-set size (once, discrete Laplace)": "0.1",
+        "ε of the validation-score histogram (discrete Laplace)": "0.5 once, final model",
         "ε charged per site (PLD)": f"{plan.epsilon_charged_per_site:.3f}",
         "secure aggregation": "off (the coordinator sees each site's DP-noised update)",
     }

@@ -14,7 +14,7 @@ from experiments.cost import PrivacyPlan, plan_privacy
 from experiments.errors import SpecError
 from experiments.spec import ExperimentSpec
 from privacy.accountant import epsilon, noise_for_target
-from privacy.events import DPEvent
+from privacy.events import DISCRETE_LAPLACE, DPEvent
 from tests.peak_memory import MIB, peak_memory
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "experiments" / "examples" / "hypertension.toml"
@@ -55,8 +55,8 @@ def test_a_target_epsilon_gives_the_noise_that_reaches_it_within_one_percent() -
     assert plan.noise_from_target is True and plan.target_epsilon == 2.0
     # Met by the ledger's accountant, which every site is charged with; the spec's (PRV)
     # planning estimate reads within 1 % of it.
-    assert 2.0 - 0.01 <= plan.epsilon_charged_per_site <= 2.0
-    assert plan.epsilon_per_site == pytest.approx(plan.epsilon_charged_per_site, rel=0.01)
+    assert 2.0 - 0.01 <= plan.epsilon_training_charged_per_site <= 2.0
+    assert plan.epsilon_per_site == pytest.approx(plan.epsilon_training_charged_per_site, rel=0.01)
     assert plan.noise_multiplier == noise_for_target(target_epsilon=2.0, delta=1e-5, sample_rate=0.05, steps=100)
 
 
@@ -87,7 +87,7 @@ def test_a_target_looser_than_the_least_noise_trains_with_the_least_noise() -> N
     spec = spec_with(federation={"rounds": 1}, privacy={"sample_rate": 0.001, "noise_multiplier": None, "target_epsilon": 12.0})
     plan = plan_privacy(spec)
     assert plan.noise_multiplier == 0.5 and plan.noise_from_target
-    assert 3.0 < plan.epsilon_charged_per_site < 3.5
+    assert 3.0 < plan.epsilon_training_charged_per_site < 3.5
 
 
 def test_costing_a_spec_at_the_limits_takes_bounded_memory() -> None:
@@ -100,8 +100,38 @@ def test_costing_a_spec_at_the_limits_takes_bounded_memory() -> None:
 
 def test_the_plan_carries_the_epsilon_the_nodes_charge_beside_the_planning_estimate() -> None:
     plan = plan_privacy(ExperimentSpec.from_toml(EXAMPLE))
-    # What every node's ledger will charge: the same 100 steps composed by PLD.
-    assert plan.epsilon_charged_per_site == epsilon([DPEvent(1.0, 0.05, 100)], delta=1e-5, accountant="pld")
-    assert plan.epsilon_charged_per_site == pytest.approx(3.502, abs=1e-3)
-    # The planning estimate (PRV) agrees to about 1 %.
-    assert plan.epsilon_charged_per_site == pytest.approx(plan.epsilon_per_site, rel=1e-2)
+    # What every node's ledger will charge: the same 100 steps and the once-per-run releases
+    # (discrete Laplace: the training-set size at the default count epsilon 0.1, the final
+    # evaluation's histogram at the default evaluation epsilon 0.5), composed by PLD.
+    count = DPEvent(10.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
+    histogram = DPEvent(2.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
+    assert (plan.count_epsilon, plan.evaluation_epsilon, plan.evaluate_every_round) == (0.1, 0.5, False)
+    assert plan.epsilon_charged_per_site == epsilon(
+        [DPEvent(1.0, 0.05, 100), count, histogram], delta=1e-5, accountant="pld"
+    )
+    assert plan.epsilon_training_charged_per_site == epsilon([DPEvent(1.0, 0.05, 100)], delta=1e-5, accountant="pld")
+    assert plan.epsilon_training_charged_per_site == pytest.approx(3.502, abs=1e-3)
+    # Composition is not additive: less than the sum, more than the rounds alone.
+    assert plan.epsilon_training_charged_per_site < plan.epsilon_charged_per_site < plan.epsilon_training_charged_per_site + 0.6
+    # The planning estimate (PRV) of the DP-SGD rounds agrees to about 1 %.
+    assert plan.epsilon_training_charged_per_site == pytest.approx(plan.epsilon_per_site, rel=1e-2)
+
+
+def test_the_count_epsilon_comes_from_the_spec_and_is_charged() -> None:
+    small = plan_privacy(spec_with(privacy={"count_epsilon": 0.05}))
+    large = plan_privacy(spec_with(privacy={"count_epsilon": 1.0}))
+    assert (small.count_epsilon, large.count_epsilon) == (0.05, 1.0)
+    assert small.epsilon_training_charged_per_site == large.epsilon_training_charged_per_site
+    assert small.epsilon_charged_per_site < large.epsilon_charged_per_site
+
+
+def test_evaluating_every_round_is_charged_every_round_and_once_more_for_the_final_model() -> None:
+    spec = ExperimentSpec.from_toml(EXAMPLE)
+    every = spec_with(privacy={"evaluate_every_round": True, "evaluation_epsilon": 0.2})
+    plan = plan_privacy(every)
+    count = DPEvent(10.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
+    histogram = DPEvent(5.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
+    assert plan.epsilon_charged_per_site == epsilon(
+        [DPEvent(1.0, 0.05, 100), histogram.times(5), count, histogram], delta=1e-5, accountant="pld"
+    )
+    assert plan.epsilon_charged_per_site > plan_privacy(spec).epsilon_charged_per_site

@@ -108,7 +108,8 @@ def test_four_distinct_problems_are_all_reported_in_field_order() -> None:
         "federation.rounds must be >= 1; found 0",
         "privacy.delta must be < 1; found 1.5",
         "privacy.colour is not a known key; the keys of [privacy] are delta, max_grad_norm, "
-        "sample_rate, noise_multiplier, target_epsilon, accountant, min_cohort_size",
+        "sample_rate, noise_multiplier, target_epsilon, accountant, min_cohort_size, count_epsilon, "
+        "evaluation_epsilon, evaluate_every_round",
     )
     assert str(info.value) == "spec.toml has 4 problems:\n" + "\n".join(f"  {p}" for p in info.value.problems)
 
@@ -539,6 +540,18 @@ def test_keys_added_later_stay_out_of_the_digest_at_their_default_and_count_when
     assert stricter.to_mapping()["privacy"]["min_cohort_size"] == 500
     assert stricter.digest() != base.digest()
     assert ExperimentSpec.from_json(stricter.canonical_json()) == stricter
+    assert "count_epsilon" not in base.to_mapping()["privacy"] and base.privacy.count_epsilon == 0.1
+    mapping["privacy"]["count_epsilon"] = 0.2
+    assert ExperimentSpec.from_mapping(mapping).to_mapping()["privacy"]["count_epsilon"] == 0.2
+
+
+@pytest.mark.parametrize(("value", "problem"), [(0.0, "must be > 0; found 0"), (1.5, "must be <= 1; found 1.5")])
+def test_a_count_epsilon_outside_its_range_is_a_problem_naming_the_field(value: float, problem: str) -> None:
+    mapping = tomllib.loads(EXAMPLE.read_text())
+    mapping["privacy"]["count_epsilon"] = value
+    with pytest.raises(SpecError) as info:
+        ExperimentSpec.from_mapping(mapping)
+    assert info.value.problems == (f"privacy.count_epsilon {problem}",)
 
 
 def test_imaging_canonical_form_fills_defaults_leaves_out_tabular_keys_and_round_trips() -> None:

@@ -23,6 +23,7 @@ from federation.errors import FederationError, NotEnoughNodesError
 from federation.experiment import run_experiment
 from federation.inprocess_grid import InProcessGrid
 from medfed.demo import DATASET, EXAMPLE_SPEC, approve_everywhere, prepare_alliance, signed_spec
+from privacy.accountant import epsilon
 from privacy.ledger import PrivacyLedger
 
 
@@ -58,8 +59,13 @@ def _handler(home: Path):
 
 @pytest.fixture(scope="module")
 def alliance(tmp_path_factory: pytest.TempPathFactory):
+    from clients.hospital_node.governance import set_budget
+
     workdir = tmp_path_factory.mktemp("alliance")
-    return prepare_alliance(workdir, n_hospitals=3, seed=5)
+    sites = prepare_alliance(workdir, n_hospitals=3, seed=5)
+    for site in sites:  # room for every run of this module, each with its once-per-run releases
+        set_budget(NodeHome.open(site.home), DATASET, epsilon_=40.0, delta=1e-5, by="test-officer")
+    return sites
 
 
 def _grid(sites, run_id: int) -> InProcessGrid:
@@ -73,20 +79,30 @@ def test_rounds_train_charge_and_track(alliance, tmp_path: Path) -> None:
 
     assert tracker.status == "FINISHED"
     assert {o.status for o in result.sites.values()} == {"accepted"}
-    # Evaluations of the incoming model at steps 0 and 1, of the final model at step 2.
-    assert sorted(tracker.metrics["eval_auc"]) == [0, 1, 2]
+    # The final model only (evaluate_every_round is off): its pooled AUC over every site's
+    # validation patients, from the sites' noisy score histograms, and each site's own.
+    assert sorted(tracker.metrics["eval_auc"]) == [2]
     assert 0.6 <= tracker.metrics["eval_auc"][2] <= 0.95
+    assert all(0.0 <= tracker.metrics[f"{site.name}.eval_auc"][2] <= 1.0 for site in alliance)
+    assert "train_loss" not in tracker.metrics and not any(k.startswith("eval_scores") for k in tracker.metrics)
     assert sorted(tracker.metrics["hospital_2.epsilon"]) == [1, 2]
     assert (tmp_path / "final_model.pt").is_file()
     assert {"privacy_summary.json", "spec.json"} <= set(tracker.artifacts)
+    assert {"calibration.csv", "calibration.png"} <= set(tracker.files)
+    assert tracker.files["calibration.png"].startswith(b"\x89PNG")
+    calibration = (tmp_path / "calibration.csv").read_text().splitlines()
+    assert calibration[0] == "score_low,score_high,patients,predicted_risk,observed_risk" and len(calibration) > 3
 
     plan = plan_privacy(spec)
     for site in alliance:
         with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
             charges = [c for c in ledger.charges(DATASET) if c.run_id == "101"]
-            assert [c.round for c in charges] == [1, 2]
+            # Round 0: the once-per-run releases, the noisy training size, then the final evaluation.
+            assert [(c.round, c.release) for c in charges] == [(0, 1), (1, 0), (2, 0), (0, 2)]
             spent = ledger.spent(DATASET, delta=plan.delta)
-        assert tracker.metrics[f"{site.name}.epsilon"][2] == pytest.approx(spent)
+            # What the last round reported: everything but the final evaluation, charged after it.
+            before_evaluation = epsilon([c.event for c in ledger.charges(DATASET)][:-1], delta=plan.delta, accountant="pld")
+        assert tracker.metrics[f"{site.name}.epsilon"][2] == pytest.approx(before_evaluation) and before_evaluation < spent
 
 
 def test_a_node_refusing_the_query_is_left_out(alliance, tmp_path: Path) -> None:
@@ -109,9 +125,11 @@ def test_fewer_nodes_than_the_minimum_stops_before_tracking(alliance, tmp_path: 
 def test_other_strategies_run(alliance, tmp_path: Path, strategy: str) -> None:
     extra = {"proximal_mu": 0.1} if strategy == "fedprox" else {"server_learning_rate": 0.3}
     tracker = InMemoryTracker()
-    spec = _spec(federation={"strategy": strategy, "rounds": 2, **extra})
+    # Evaluated every round: the pooled AUC of the initial model is tracked at step 0.
+    spec = _spec(federation={"strategy": strategy, "rounds": 2, **extra}, privacy={"evaluate_every_round": True})
     result = _run(alliance, spec, 104 if strategy == "fedprox" else 105, tracker, tmp_path)
     assert tracker.status == "FINISHED"
+    assert sorted(tracker.metrics["eval_auc"]) == [0, 1, 2]
     initial = tracker.metrics["eval_auc"][0]
     assert initial + 0.05 <= result.final["eval_auc"] <= 0.95
 
@@ -146,8 +164,6 @@ def _imaging_spec(**sections: dict[str, object]) -> ExperimentSpec:
 def test_an_imaging_experiment_trains_a_cnn_across_nodes_and_charges_each(imaging_alliance, tmp_path: Path) -> None:
     import torch
 
-    from clients.hospital_node.imaging_connector import ImagingConnector
-    from federation.experiment import instruction_for
     from models.imaging import SmallCNN
 
     spec = _imaging_spec()
@@ -156,25 +172,23 @@ def test_an_imaging_experiment_trains_a_cnn_across_nodes_and_charges_each(imagin
 
     assert tracker.status == "FINISHED"
     assert {o.status for o in result.sites.values()} == {"accepted"}
-    assert sorted(tracker.metrics["eval_accuracy"]) == [0, 1, 2]
+    assert sorted(tracker.metrics["eval_accuracy"]) == [2]
     assert 0.0 <= tracker.metrics["eval_accuracy"][2] <= 1.0
-    # Every node evaluated on its own validation patients, one image each.
-    request = instruction_for(spec, plan_privacy(spec)).imaging
-    sizes = {}
-    for site in imaging_alliance:
-        home = NodeHome.open(site.home)
-        sizes[site.name] = ImagingConnector(home, home.dataset("chest_ct")).load(request).n_val
-    assert tracker.metrics["eval_num_examples"][2] == sum(sizes.values())
+    # No exact count left any node: the weights are the noisy training sizes, released once.
+    assert "eval_num_examples" not in tracker.metrics
     for outcome in result.sites.values():
-        assert outcome.final["eval-num-examples"] == sizes[outcome.site]
+        assert "eval-num-examples" not in outcome.final and "num-examples" not in outcome.final
+        [size] = {r["num-examples"] for r in outcome.rounds.values()}  # one release, reused by every round
+        assert size >= 1.0
 
     for site in imaging_alliance:
         home = NodeHome.open(site.home)
         with PrivacyLedger.open(home.ledger_path) as ledger:
-            assert [c.round for c in ledger.charges("chest_ct") if c.run_id == "201"] == [1, 2]
-            # The node reports the ledger's epsilon at its budget's delta.
-            spent = ledger.spent("chest_ct", delta=governance_state(home).budgets["chest_ct"].delta)
-        assert tracker.metrics[f"{site.name}.epsilon"][2] == pytest.approx(spent)
+            assert [c.round for c in ledger.charges("chest_ct") if c.run_id == "201"] == [0, 1, 2, 0]  # 0: size, evaluation
+            # The node reports the ledger's epsilon at its budget's delta, as of its last round.
+            delta = governance_state(home).budgets["chest_ct"].delta
+            before_evaluation = epsilon([c.event for c in ledger.charges("chest_ct")][:-1], delta=delta, accountant="pld")
+        assert tracker.metrics[f"{site.name}.epsilon"][2] == pytest.approx(before_evaluation)
 
     model = tracker.models["model"]
     assert isinstance(model, SmallCNN) and model.image_size == 32
@@ -348,11 +362,13 @@ def test_a_submission_continues_from_its_checkpoint_and_ends_as_an_uninterrupted
             run_experiment(_grid(alliance, 201), spec, signed=signed, tracker=tracker, output_dir=tmp_path / "a", on_round=die_after_round_2)
         resumed = run_experiment(_grid(alliance, 202), spec, signed=signed, tracker=tracker, output_dir=tmp_path / "a", flower_run_id=202)
         assert tracker.resumed == "in-memory" and tracker.status == "FINISHED"
-        assert sorted(tracker.metrics["train_loss"]) == [1, 2, 3, 4]  # one tracked run across both
+        assert sorted(tracker.metrics["epsilon_run"]) == [1, 2, 3, 4]  # one tracked run across both
         for site in alliance:
             with PrivacyLedger.open(NodeHome.open(site.home).ledger_path) as ledger:
                 charged = [(c.run_id, c.round) for c in ledger.charges(DATASET) if c.run_id in ("201", "202")]
-            assert charged == [("201", 1), ("201", 2), ("202", 3), ("202", 4)]
+            # The noisy training size is released once per submission (round 0 of its first run), then reused.
+            # The final evaluation, once, by the run that finished.
+            assert charged == [("201", 0), ("201", 1), ("201", 2), ("202", 3), ("202", 4), ("202", 0)]
 
         approve_everywhere(alliance, spec)  # a second run of the same spec, uninterrupted
         whole = run_experiment(_grid(alliance, 203), spec, signed=signed_spec(spec, workdir), tracker=InMemoryTracker(), output_dir=tmp_path / "b")

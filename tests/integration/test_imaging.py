@@ -80,7 +80,7 @@ def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> No
         agree += int((truth == y_val).sum())
         total += len(y_val)
     ceiling = agree / total
-    assert total == metrics["eval_num_examples"] == 22
+    assert total == 22 and "eval_num_examples" not in metrics  # no exact count leaves a node
     assert ceiling < 1  # the label noise reaches validation, so the upper bound means something
 
     # Final federated accuracy in a band: learned from the images, never above the ceiling.
@@ -93,7 +93,7 @@ def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> No
         home = NodeHome.open(site.home)
         budget_delta = governance_state(home).budgets[DATASET].delta
         with PrivacyLedger.open(home.ledger_path) as ledger:
-            assert [c.round for c in ledger.charges(DATASET)] == [1, 2, 3, 4, 5]
+            assert [c.round for c in ledger.charges(DATASET)] == [0, 1, 2, 3, 4, 5]  # 0: the noisy training size
             # What the node reported is its ledger's PLD epsilon at its budget's delta ...
             assert metrics[f"{site.name}.epsilon"] == pytest.approx(ledger.spent(DATASET, delta=budget_delta))
             # ... and at the spec's delta the ledger holds exactly what the plan said it would charge.

@@ -14,12 +14,15 @@ from clients.hospital_node.home import NodeHome
 from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from experiments.submit import submit, wait_for_run
+from federation.protocol import SCORE_METRICS
+from federation.received import RECEIVED_FILE, read_received
 from medfed.cluster import flower_env
 from medfed.demo import EXAMPLE_SPEC, approve_everywhere, partner_key_path, prepare_alliance
 from privacy.accountant import epsilon
-from privacy.events import DPEvent
+from privacy.events import DPEvent, count_event
 from privacy.keys import load_private_key
 
+from .accounted import assert_every_number_is_accounted
 from .conftest import running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -65,27 +68,33 @@ def test_two_rounds_train_track_and_account(cluster) -> None:
     assert run.data.params["privacy.delta"] == str(spec.privacy.delta)
     metrics = run.data.metrics
 
-    # Final federated AUC in a band: better than chance, not implausibly good under DP.
+    # Final federated AUC, pooled from the sites' noisy score histograms, in a band: better
+    # than chance, not implausibly good under DP. Computed once, for the final model.
     assert 0.65 <= metrics["eval_auc"] <= 0.95, metrics["eval_auc"]
     history = client.get_metric_history(run.info.run_id, "eval_auc")
-    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert sorted(m.step for m in history) == [2]
 
-    # Each site reports its ledger's epsilon: the run's steps composed by PLD at the dataset
-    # budget's delta, the same number its officer reads with `medfed node budget`.
+    # Each site's ledger holds the run's steps, its noisy training size and its final
+    # evaluation, composed by PLD at the dataset budget's delta, the same number its officer
+    # reads with `medfed node budget`; its last round reported all but the evaluation.
     steps = DPEvent(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * 2)
+    count = count_event(epsilon=plan.count_epsilon)  # the noisy training size, released once per run
+    scores = count_event(epsilon=plan.evaluation_epsilon)  # the final model's score histogram, once
     for site in sites:
         home = NodeHome.open(site.home)
         [row] = [r for r in budget_status(home) if r.dataset == spec.data.dataset]
         assert row.budget is not None
-        assert metrics[f"{site.name}.epsilon"] == pytest.approx(row.spent, rel=1e-9)
-        assert row.spent == pytest.approx(epsilon([steps], delta=row.budget.delta, accountant="pld"), rel=1e-9)
+        assert metrics[f"{site.name}.epsilon"] == pytest.approx(
+            epsilon([steps, count], delta=row.budget.delta, accountant="pld"), rel=1e-9
+        )
+        assert row.spent == pytest.approx(epsilon([steps, count, scores], delta=row.budget.delta, accountant="pld"), rel=1e-9)
         # The run completed: its reservation is used up, nothing is held any more.
         assert row.open_reservations == 0 and [s.state for s in row.reservations] == ["used up"]
     # The partner's planning estimate is a fresh Opacus PRV accountant given the same steps.
     expected = PRVAccountant()
     expected.history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * 2)]
     assert plan.epsilon_per_site == pytest.approx(expected.get_epsilon(delta=plan.delta), rel=1e-5)
-    assert plan.epsilon_charged_per_site == pytest.approx(epsilon([steps], delta=plan.delta, accountant="pld"), rel=1e-9)
+    assert plan.epsilon_charged_per_site == pytest.approx(epsilon([steps, count, scores], delta=plan.delta, accountant="pld"), rel=1e-9)
     # The coordinator composed the same plan while the nodes answered the query, and logged it.
     assert float(run.data.params["plan.epsilon_per_site"]) == pytest.approx(plan.epsilon_per_site, rel=1e-6)
     assert float(run.data.params["plan.epsilon_charged_per_site"]) == pytest.approx(plan.epsilon_charged_per_site, rel=1e-6)
@@ -95,7 +104,18 @@ def test_two_rounds_train_track_and_account(cluster) -> None:
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert sum(p.numel() for p in model.parameters()) == len(spec.data.features) + 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"spec.json", "privacy_summary.json"} <= artifacts
+    assert {"spec.json", "privacy_summary.json", "calibration.csv", "calibration.png"} <= artifacts
+
+    # Promise 2, walked from the coordinator's side: every number of every reply it received
+    # (query, train, evaluate) is a recorded DP release of the sending node or an accounting
+    # value, and no exact count, loss or AUC is among them.
+    [received] = [p for p in (workdir / "runs").glob(f"*/{RECEIVED_FILE}") if _flower_runs(p) == {run_id}]
+    checked = assert_every_number_is_accounted(received, {site.name: site.home for site in sites})
+    assert checked >= len(sites) * (1 + 2 * 4 + len(SCORE_METRICS))  # query, two rounds, the final histogram
+
+
+def _flower_runs(path) -> set[int]:  # type: ignore[no-untyped-def]
+    return {reply["flower_run"] for reply in read_received(path)}
 
 
 def test_too_few_nodes_fails_before_tracking(cluster) -> None:

@@ -449,3 +449,27 @@ def test_auc_of_perfect_and_reversed_rankings() -> None:
 @pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1, 1]])
 def test_auc_is_undefined_with_one_class(labels: list[int]) -> None:
     assert math.isnan(auc_score([0.2, 0.5, 0.9], labels))
+
+
+def test_the_expected_batch_size_comes_from_the_size_given_not_the_exact_n() -> None:
+    # A node passes its released (noisy) training size: the update's scale then depends on
+    # no exact count. One step from the same weights, sampling and noise: twice the size,
+    # half the step.
+    x, y = cohort(200)
+    steps = {}
+    for size in (200.0, 400.0):
+        torch.manual_seed(3)
+        model = LogisticRegression(16)
+        before = flat(model)
+        torch.manual_seed(5)
+        train_dp(model, x, y, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, steps=1, learning_rate=0.1,
+                 generator=torch.Generator().manual_seed(5), expected_size=size)
+        steps[size] = flat(model) - before
+    torch.testing.assert_close(steps[400.0], steps[200.0] / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_train_dp_refuses_an_expected_size_below_one() -> None:
+    x, y = cohort(50)
+    with pytest.raises(ValueError, match="expected_size must be >= 1"):
+        train_dp(LogisticRegression(16), x, y, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, steps=1,
+                 learning_rate=0.1, expected_size=0.0)

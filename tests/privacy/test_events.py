@@ -62,3 +62,20 @@ def test_events_of_different_mechanisms_with_equal_parameters_differ() -> None:
 def test_times_keeps_the_mechanism(mechanism: str) -> None:
     event = DPEvent(2.0, 1.0, 1, mechanism)
     assert event.times(5) == DPEvent(2.0, 1.0, 5, mechanism)
+
+
+def test_a_count_event_is_discrete_laplace_of_scale_one_over_epsilon_and_costs_its_epsilon() -> None:
+    from privacy.accountant import epsilon
+    from privacy.events import DISCRETE_LAPLACE, count_event
+
+    event = count_event(epsilon=0.1)
+    assert event == DPEvent(noise_multiplier=10.0, sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)
+    assert epsilon([event], delta=1e-5, accountant="pld") == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), True])
+def test_a_count_event_refuses_an_epsilon_that_is_not_positive_and_finite(value: object) -> None:
+    from privacy.events import count_event
+
+    with pytest.raises(AccountingError, match="count epsilon must be a finite number > 0"):
+        count_event(epsilon=value)  # type: ignore[arg-type]

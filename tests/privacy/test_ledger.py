@@ -281,8 +281,8 @@ def test_the_file_is_a_versioned_wal_database(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [4]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [5]
     finally:
         conn.close()
 
@@ -323,10 +323,10 @@ def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     PrivacyLedger.open(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 5")
+    conn.execute("PRAGMA user_version = 6")
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 5, newer than this medfed reads")):
+    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 6, newer than this medfed reads")):
         PrivacyLedger.open(path)
 
 
@@ -957,7 +957,7 @@ def test_a_schema_1_ledger_is_upgraded_in_place_and_keeps_its_charges(tmp_path: 
         [charge] = ledger.charges("htn_cohort")
         assert (charge.event, charge.submission) == (EVENT, None)
         _reserve(ledger, "s2", budget=Budget(5.0, DELTA))
-    assert _versions(path) == (4, [1, 4], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (5, [1, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
 
 
 def _open_round(run_id: str, round_: int, noise: float, at: str) -> str:
@@ -978,7 +978,7 @@ def test_a_schema_2_ledger_is_upgraded_and_its_open_rounds_become_run_reservatio
         "htn_cohort", "7", (EVENT,), 2, 0,
         datetime(2026, 1, 2, 10, tzinfo=UTC), datetime(2026, 1, 2, 11, tzinfo=UTC),
     )
-    assert _versions(path) == (4, [1, 2, 4], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (5, [1, 2, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
 
 
 def test_a_schema_2_ledger_whose_run_held_two_events_is_not_upgraded(tmp_path: Path) -> None:
@@ -1013,7 +1013,7 @@ def test_a_schema_3_ledger_is_upgraded_and_its_charges_and_reservations_become_r
         # New rows carry on after the copied ones.
         ledger.charge("htn_cohort", run_id="41", round=2, **ROUND)
         _reserve_query(ledger)
-    assert _versions(path) == (4, [3, 4], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (5, [3, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
     conn = sqlite3.connect(path)
     try:
         assert [row[0] for row in conn.execute("SELECT id FROM charges ORDER BY id")] == [1, 2]
@@ -1077,3 +1077,97 @@ def test_the_ledgers_composed_epsilon_is_dp_accountings_pld(rounds: list[tuple[f
         ours = ledger.spent("d", delta=DELTA)
     # The same accountant at the same discretisation; only the order of composition differs.
     assert ours == pytest.approx(reference.get_epsilon(DELTA), rel=1e-3)
+
+
+# -------------------------------------------------------- once-per-run events (schema 5)
+
+COUNT = DPEvent(noise_multiplier=10.0, sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)
+
+
+def test_a_once_per_run_event_is_reserved_with_the_rounds_and_charged_once(new_ledger: LedgerFactory) -> None:
+    ledger = new_ledger()
+    ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=ROUNDS, budget=ROOMY, hold=HOLD, once=(COUNT,))
+    assert ledger.reserved("htn_cohort", hold=HOLD) == [EVENT.times(ROUNDS), COUNT]
+    first = ledger.charge_once("htn_cohort", submission="s1", run_id="r1", index=0, budget=ROOMY, hold=HOLD)
+    again = new_ledger().charge_once("htn_cohort", submission="s1", run_id="r2", index=0, budget=ROOMY, hold=HOLD)
+    assert [(c.round, c.release, c.event) for c in first] == [(0, 1, COUNT)]
+    assert again == []
+    assert new_ledger().reserved("htn_cohort", hold=HOLD) == [EVENT.times(ROUNDS)]
+    ledger.charge_round("htn_cohort", submission="s1", run_id="r1", round=1, budget=ROOMY, hold=HOLD)
+    assert ledger.events("htn_cohort") == [COUNT, EVENT]
+    assert ledger.spent("htn_cohort", delta=DELTA, submission="s1") == pytest.approx(
+        epsilon([COUNT, EVENT], delta=DELTA, accountant="pld")
+    )
+
+
+EVALUATION = DPEvent(noise_multiplier=2.0, sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)
+
+
+def test_each_once_per_run_event_is_charged_on_its_own_and_the_run_is_used_up_after_the_last(
+    new_ledger: LedgerFactory, clock: Clock
+) -> None:
+    ledger = new_ledger()
+    ledger.reserve_run(
+        "htn_cohort", submission="s1", event=EVENT, rounds=1, budget=ROOMY, hold=HOLD, once=(COUNT, EVALUATION)
+    )
+    [count] = ledger.charge_once("htn_cohort", submission="s1", run_id="r1", index=0, budget=ROOMY, hold=HOLD)
+    ledger.charge_round("htn_cohort", submission="s1", run_id="r1", round=1, budget=ROOMY, hold=HOLD)
+    # Every round charged, the final evaluation still held: live, and no further round.
+    [run] = ledger.run_reservations()
+    assert run.once_charged == (True, False) and run.state(hold=HOLD, now=clock()) == LIVE
+    assert ledger.reserved("htn_cohort", hold=HOLD) == [EVALUATION]
+    with pytest.raises(BudgetExhaustedError, match="all 1 round"):
+        ledger.charge_round("htn_cohort", submission="s1", run_id="r1", round=2, budget=ROOMY, hold=HOLD)
+    [evaluation] = new_ledger().charge_once("htn_cohort", submission="s1", run_id="r2", index=1, budget=ROOMY, hold=HOLD)
+    assert [(c.run_id, c.round, c.release, c.event) for c in (count, evaluation)] == [
+        ("r1", 0, 1, COUNT), ("r2", 0, 2, EVALUATION)
+    ]
+    [run] = new_ledger().run_reservations()
+    assert run.once_charged == (True, True) and run.state(hold=HOLD, now=clock()) == USED_UP
+    with pytest.raises(LedgerError, match="no once-per-run event 2"):
+        ledger.charge_once("htn_cohort", submission="s1", run_id="r2", index=2, budget=ROOMY, hold=HOLD)
+
+
+def test_the_file_refuses_to_uncharge_a_once_per_run_event(tmp_path: Path, clock: Clock) -> None:
+    with PrivacyLedger.open(tmp_path / "ledger.db", clock=clock) as ledger:
+        ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=1, budget=ROOMY, hold=HOLD, once=(COUNT,))
+        ledger.charge_once("htn_cohort", submission="s1", run_id="r1", index=0, budget=ROOMY, hold=HOLD)
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    with pytest.raises(sqlite3.IntegrityError, match="only moves forward"), conn:
+        conn.execute("UPDATE run_reservations SET once_charged = 0")
+    conn.close()
+
+
+def test_the_budget_check_counts_the_once_per_run_event(new_ledger: LedgerFactory) -> None:
+    ledger = new_ledger()
+    tight = Budget(epsilon([EVENT.times(ROUNDS)], delta=DELTA, accountant="pld") * 1.001, DELTA)
+    with pytest.raises(BudgetExhaustedError, match="dataset 'htn_cohort'"):
+        ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=ROUNDS, budget=tight, hold=HOLD, once=(COUNT,))
+    assert ledger.run_reservations() == []
+
+
+def test_a_submission_cannot_reserve_again_with_other_once_events(new_ledger: LedgerFactory) -> None:
+    ledger = new_ledger()
+    ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=ROUNDS, budget=ROOMY, hold=HOLD, once=(COUNT,))
+    with pytest.raises(LedgerError, match="holds a reservation"):
+        ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=ROUNDS, budget=ROOMY, hold=HOLD)
+
+
+def test_a_schema_4_ledger_is_upgraded_to_5_with_no_once_events(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path, clock=clock) as ledger:
+        ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=ROUNDS, budget=ROOMY, hold=HOLD)
+    conn = sqlite3.connect(path)
+    with conn:  # back to schema 4's layout
+        conn.execute("DROP TRIGGER run_reservation_events_keep_their_terms")
+        conn.execute("ALTER TABLE run_reservation_events DROP COLUMN once")
+        conn.execute("DROP TRIGGER run_reservations_keep_their_terms")
+        conn.execute("DROP TRIGGER run_reservations_only_move_forward")
+        conn.execute("DROP TRIGGER run_reservations_once_charges_are_kept")
+        conn.execute("ALTER TABLE run_reservations DROP COLUMN once_charged")
+        conn.execute("UPDATE ledger_schema SET version = 4")
+        conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    with PrivacyLedger.open(path, clock=clock) as ledger:
+        [run] = ledger.run_reservations()
+        assert (run.events, run.once, run.once_charged) == ((EVENT,), (), ())

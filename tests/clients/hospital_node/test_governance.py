@@ -114,10 +114,12 @@ def test_an_unseen_spec_is_recorded_once_as_a_request_and_awaits_the_officer(hom
     assert pending.request.spec_digest == SPEC.digest()
     assert pending.request.signer == PARTNER
     plan = plan_privacy(SPEC)
-    # The node's own accountant (PLD by default policy) agrees with the researcher's PRV cost.
-    assert pending.cost == pytest.approx(plan.epsilon_per_site, rel=2e-2)
+    # The officer sees what the researcher's `cost` says each site is charged: every release
+    # of the run (rounds, training-set size, final evaluation) composed by PLD.
+    assert pending.cost == pytest.approx(plan.epsilon_charged_per_site, rel=1e-6)
+    assert pending.cost > plan.epsilon_training_charged_per_site  # the count and the evaluation compose on top
     assert pending.position is not None and pending.position.budget == Budget(50.0, 1e-5)
-    assert pending.projected == pytest.approx(plan.epsilon_per_site, rel=0.05)
+    assert pending.projected == pytest.approx(plan.epsilon_charged_per_site, rel=1e-6)
 
 
 def test_after_approval_the_same_spec_is_accepted(home: NodeHome) -> None:
@@ -155,7 +157,7 @@ def test_a_revoked_approval_stops_the_next_round_and_is_final(home: NodeHome) ->
     with pytest.raises(GovernanceError, match="revocation is final"):
         governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        assert [c.round for c in ledger.charges("htn_cohort")] == [1]
+        assert [c.round for c in ledger.charges("htn_cohort")] == [0, 1]  # 0: the run's noisy training size
 
 
 def test_an_expired_approval_is_refused(home: NodeHome) -> None:
@@ -259,6 +261,8 @@ def test_a_target_epsilon_spec_cannot_be_given_less_noise_than_its_target_needs(
 def test_hostile_counts_are_refused_at_the_node_in_little_memory(home: NodeHome) -> None:
     governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     assert not _ask(home, signed_message(MessageType.QUERY, SPEC)).has_error()  # warm: imports are not the request's
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        warm = ledger.charges("htn_cohort")  # the warm query's release of the noisy training size
     message = signed_message(MessageType.QUERY, SPEC)
     config = message.content["config"]
     hostile = json.loads(config["medfed.instruction"]) | {"rounds": 10**9, "local_epochs": 10**6, "steps": 10**9, "sample_rate": 1e-9}
@@ -270,7 +274,7 @@ def test_hostile_counts_are_refused_at_the_node_in_little_memory(home: NodeHome)
     assert "sample_rate must be in [0.001, 1]; found 1e-09" in reason
     assert peak < 16 * MIB
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        assert ledger.charges("htn_cohort") == []
+        assert ledger.charges("htn_cohort") == warm
 
 
 def test_a_noise_whose_epsilon_is_beyond_the_limit_is_refused_before_a_tight_accountant_runs(home: NodeHome) -> None:
@@ -417,8 +421,8 @@ def test_of_two_concurrent_runs_on_a_budget_that_fits_one_the_second_is_refused_
     assert not _train(home, SPEC, 2, signed=first).has_error()
     with PrivacyLedger.open(home.ledger_path) as ledger:
         assert [(c.run_id, c.round, c.submission) for c in ledger.charges("htn_cohort")] == [
-            ("31", 1, first.submission_id), ("31", 2, first.submission_id)
-        ]
+            ("31", 0, first.submission_id), ("31", 1, first.submission_id), ("31", 2, first.submission_id)
+        ]  # round 0: the noisy training size, released with the query
         assert [r.submission for r in ledger.run_reservations()] == [first.submission_id]
 
 
@@ -431,7 +435,12 @@ def test_a_run_that_ends_early_gives_back_what_it_did_not_use(home: NodeHome) ->
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     [after] = governance.budget_status(home)
     assert (after.open_reservations, after.reserved, after.held) == (0, 0.0, after.spent)
-    assert after.spent == before.spent
+    # The evaluation released its charged histogram; the unused round went back.
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [(c.round, c.release, c.event.mechanism) for c in ledger.charges("htn_cohort")] == [
+            (0, 1, "discrete-laplace"), (1, 0, "poisson-gaussian"), (0, 2, "discrete-laplace")
+        ]
+        assert after.spent == pytest.approx(ledger.spent("htn_cohort", delta=1e-5)) and after.spent > before.spent - before.reserved
     [status] = after.reservations
     assert (status.state, status.reservation.charged, status.reservation.rounds, status.expires_at) == ("released", 1, 2, None)
     # The submission is closed: a late round 2 is refused as a replay.
@@ -446,7 +455,7 @@ def test_the_rounds_of_a_submission_are_capped(home: NodeHome) -> None:
     code, reason = _refusal(_train(home, SPEC, 1))  # round 1 again, though the run has used both its rounds
     assert code == REFUSED_BUDGET and "has been charged all 2 round(s) it reserved" in reason
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        assert len(ledger.charges("htn_cohort")) == 2
+        assert [c.round for c in ledger.charges("htn_cohort")] == [0, 1, 2]
 
 
 def test_an_admitted_run_keeps_its_reservation_when_the_budget_is_lowered(home: NodeHome) -> None:
@@ -525,7 +534,8 @@ def test_a_charge_deleted_from_the_ledger_stops_all_work(home: NodeHome) -> None
     conn.close()
     code, reason = _refusal(_train(home, SPEC, 2))
     assert code == REFUSED_INTEGRITY
-    assert "lacks 1 charge(s) its audit log records (first: seq" in reason
+    # Both the round and the once-per-run training size it released are missing.
+    assert "lacks 2 charge(s) its audit log records (first: seq" in reason and "once-per-run release num-examples" in reason
 
 
 # ---------------------------------------------------------------- the officer's commands
@@ -570,10 +580,10 @@ def test_the_evidence_pack_holds_decisions_charges_releases_and_a_plot(home: Nod
     evidence = json.loads((out / "evidence.json").read_text())
     assert evidence["audit"]["ok"] is True
     assert [d["kind"] for d in evidence["decisions"]] == ["request", "approval"]
-    assert [(c["run"], c["round"]) for c in evidence["charges"]] == [("31", 1), ("31", 2)]
+    assert [(c["run"], c["round"]) for c in evidence["charges"]] == [("31", 0), ("31", 1), ("31", 2)]  # 0: the noisy size
     assert len(evidence["releases"]) == 2
     curve = [v for _, v in evidence["cumulative_epsilon"]["htn_cohort"]]
-    assert len(curve) == 2 and 0 < curve[0] < curve[1] <= 50.0
+    assert len(curve) == 3 and 0 < curve[0] < curve[1] < curve[2] <= 50.0  # the noisy size, then two rounds
     assert "OK: " in (out / "audit_verification.txt").read_text()
     assert "What left the site" in (out / "report.html").read_text()
     again = _cli("report", "--out", str(out), "--home", str(home.path))
@@ -634,4 +644,5 @@ def test_query_and_evaluate_are_admitted_without_importing_torch(home: NodeHome,
          signed.submission],
         capture_output=True, text=True, timeout=120, check=False,
     )
-    assert done.stdout.split() == [str(kind == "evaluate"), "False", "False"], done.stderr
+    # Both are admitted with the dataset's budget (an evaluation releases a charged histogram).
+    assert done.stdout.split() == ["False", "False", "False"], done.stderr

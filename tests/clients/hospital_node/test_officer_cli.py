@@ -61,7 +61,7 @@ def test_budget_with_the_ledger_deleted_warns_and_shows_no_remaining_budget(home
     _trained_then_ledger_lost(home)
     shown = _cli("budget", "--home", str(home.path))
     assert shown.exit_code == 1
-    assert "lacks 1 charge(s) that the signed audit log records" in " ".join(shown.stderr.split())
+    assert "lacks 2 charge(s) that the signed audit log records" in " ".join(shown.stderr.split())
     row = next(line for line in shown.stdout.splitlines() if "htn_cohort" in line)
     assert "≥ 0.000" in row and "unknown" in row
     assert "50.000" not in shown.stdout  # the whole budget is never shown as remaining
@@ -73,7 +73,7 @@ def test_requests_with_the_ledger_deleted_warn_and_project_nothing(home: NodeHom
     _trained_then_ledger_lost(home)
     shown = _cli("requests", "--home", str(home.path))
     assert shown.exit_code == 1
-    assert "lacks 1 charge(s)" in " ".join(shown.stderr.split())
+    assert "lacks 2 charge(s)" in " ".join(shown.stderr.split())
     assert "unknown: the ledger disagrees with the audit log" in shown.stdout
     assert "at least ε 0.000 (the ledger is incomplete)" in shown.stdout
 
@@ -83,12 +83,12 @@ def test_the_evidence_pack_is_written_headed_by_the_disagreement(home: NodeHome,
     out = tmp_path / "pack"
     made = _cli("report", "--out", str(out), "--home", str(home.path))
     assert made.exit_code == 1
-    assert "lacks 1 charge(s)" in " ".join(made.stderr.split())
+    assert "lacks 2 charge(s)" in " ".join(made.stderr.split())
     evidence = json.loads((out / "evidence.json").read_text())
-    assert evidence["ledger_check"]["ok"] is False and len(evidence["ledger_check"]["missing_charges"]) == 1
-    assert evidence["warnings"] == ["the privacy ledger lacks 1 charge(s) the audit log records"]
+    assert evidence["ledger_check"]["ok"] is False and len(evidence["ledger_check"]["missing_charges"]) == 2
+    assert evidence["warnings"] == ["the privacy ledger lacks 2 charge(s) the audit log records"]
     page = (out / "report.html").read_text()
-    assert page.index("WARNING: the privacy ledger lacks 1 charge(s)") < page.index("Audit log verification")
+    assert page.index("WARNING: the privacy ledger lacks 2 charge(s)") < page.index("Audit log verification")
     assert "DISAGREES" in page
 
 
@@ -105,7 +105,7 @@ def test_a_ledger_that_agrees_gives_clean_views(home: NodeHome, tmp_path: Path) 
     assert replies == [("query refused", None), ("train", 1)]  # awaiting approval, then the round
     [train] = [r for r in evidence["replies"] if r["reply"] == "train"]
     assert any(line.startswith("epsilon = ") for line in train["what_left"])
-    assert any(line.startswith("train-loss = ") for line in train["what_left"])
+    assert any(line.startswith("num-examples = ") for line in train["what_left"])
 
 
 # ---------------------------------------------------------------- approvals nobody asked for

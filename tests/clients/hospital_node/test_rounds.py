@@ -18,6 +18,10 @@ from experiments.cost import plan_privacy
 from experiments.spec import ExperimentSpec
 from federation.experiment import instruction_for
 from federation.protocol import (
+    EVAL_METRICS,
+    QUERY_METRICS,
+    REFUSED_REPLAY,
+    SCORE_METRICS,
     REFUSED_BAD_INSTRUCTION,
     REFUSED_DATASET,
     TRAIN_METRICS,
@@ -27,6 +31,7 @@ from federation.protocol import (
 )
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
 from models.tabular import build_tabular_model
+from privacy.events import DISCRETE_LAPLACE, DPEvent
 from privacy.keys import load_public_key
 from privacy.ledger import PrivacyLedger
 
@@ -75,11 +80,15 @@ def test_train_reply_carries_declared_metrics_and_the_ledgers_epsilon(home: Node
     reply = answer("train", _message(MessageType.TRAIN, instruction), {"home": str(home.path)})
     assert not reply.has_error(), reply.error
     metrics = read_metrics(reply.content, TRAIN_METRICS)
-    assert set(metrics) == set(TRAIN_METRICS)
+    # No loss, no AUC: the model's quality leaves only as the final evaluation's DP histogram.
+    assert set(metrics) == {"num-examples", "steps", "epsilon", "epsilon-run"}
     assert metrics["steps"] == instruction.steps
     with PrivacyLedger.open(home.ledger_path) as ledger:
         submission = sign(example_spec()).submission_id  # the partner-signed submission the message carried
-        assert [(c.run_id, c.round, c.submission) for c in ledger.charges("htn_cohort")] == [("77", 1, submission)]
+        # Round 0: the once-per-run noisy training-set size; round 1: the DP-SGD steps.
+        charges = ledger.charges("htn_cohort")
+        assert [(c.run_id, c.round, c.submission) for c in charges] == [("77", 0, submission), ("77", 1, submission)]
+        assert charges[0].event == DPEvent(10.0, 1.0, 1, mechanism=DISCRETE_LAPLACE)
         assert metrics["epsilon"] == ledger.spent("htn_cohort", delta=1e-6)
     [row] = budget_status(home)
     assert row.spent == metrics["epsilon"]  # one epsilon: what left, what the officer reads
@@ -103,7 +112,7 @@ def test_a_round_is_released_and_charged_only_once(home: NodeHome) -> None:
     assert again.error.code == REFUSED_BAD_INSTRUCTION
     assert "already trained and charged" in again.error.reason
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        assert len(ledger.charges("htn_cohort")) == 1
+        assert [c.round for c in ledger.charges("htn_cohort")] == [0, 1]
 
 
 def test_unknown_dataset_is_refused_with_the_site_name_and_nothing_charged(home: NodeHome) -> None:
@@ -186,11 +195,11 @@ def test_an_imaging_train_reply_carries_the_cnns_arrays(imaging_site) -> None:  
     reply = answer("train", message, {"home": str(imaging_site.home.path)})
     assert not reply.has_error(), reply.error
     metrics = read_metrics(reply.content, TRAIN_METRICS)
-    assert metrics["num-examples"] + metrics["eval-num-examples"] == 14
+    assert metrics["num-examples"] >= 1 and "eval-num-examples" not in metrics  # a noisy count, never the exact one
     shapes = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
     assert shapes["features.0.weight"] == (8, 1, 3, 3) and shapes["head.weight"] == (1, 16)
     with PrivacyLedger.open(imaging_site.home.ledger_path) as ledger:
-        assert [(c.run_id, c.round) for c in ledger.charges("chest_ct")] == [("77", 1)]
+        assert [(c.run_id, c.round) for c in ledger.charges("chest_ct")] == [("77", 0), ("77", 1)]
 
 
 def test_a_tabular_instruction_on_an_imaging_dataset_is_refused(imaging_site) -> None:  # type: ignore[no-untyped-def]
@@ -228,9 +237,15 @@ def test_every_reply_is_recorded_query_and_evaluate_included(home: NodeHome) -> 
     assert not query.has_error() and not evaluate.has_error(), (query.error, evaluate.error)
     records = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
     assert [(r["message"], r["round"]) for r in records] == [("query", 1), ("evaluate", 5)]
-    assert records[0]["metrics"] == ["eval-num-examples", "num-examples"]
+    assert records[0]["metrics"] == ["num-examples"]
+    assert records[0]["dp_releases"]["num-examples"]["mechanism"] == DISCRETE_LAPLACE
+    assert max(1, *records[0]["dp_releases"]["num-examples"]["output"]) == query.content["metrics"]["num-examples"]
     assert records[0]["bytes"] == query.content["metrics"].count_bytes()
-    assert records[1]["arrays"] == {} and "eval-auc" in records[1]["metrics"]
+    # The evaluation leaves as its noisy score histogram, and nothing else.
+    assert records[1]["arrays"] == {} and records[1]["metrics"] == sorted(SCORE_METRICS)
+    histogram = records[1]["dp_releases"]["eval-scores"]
+    assert histogram["mechanism"] == DISCRETE_LAPLACE and histogram["scale"] == 2.0  # evaluation_epsilon 0.5
+    assert [evaluate.content["metrics"][k] for k in SCORE_METRICS] == histogram["output"]
     # The digest is of the values that left, so an officer can match it to the coordinator's copy.
     sent = {k: evaluate.content["metrics"][k] for k in sorted(evaluate.content["metrics"])}
     assert records[1]["sha256"] == hashlib.sha256(json.dumps(sent, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -251,3 +266,159 @@ def test_the_egress_guard_refuses_an_undeclared_metric(home: NodeHome, monkeypat
     assert reply.error.code == REFUSED_BAD_INSTRUCTION
     assert "egress guard: undeclared metric(s) mean-age in a query reply; nothing was sent" in reply.error.reason
     assert not [e for e in home.audit_log().entries() if e.kind == "release"]
+
+
+# ---------------------------------------------------------------- the released training-set size
+
+
+def _two_rounds(home: NodeHome) -> tuple[Message, Message, Message]:
+    config = {"home": str(home.path)}
+    query = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), config)
+    first = answer("train", _message(MessageType.TRAIN, _instruction(), server_round=1), config)
+    second = answer("train", _message(MessageType.TRAIN, _instruction(), server_round=2), config)
+    assert not any(r.has_error() for r in (query, first, second)), [r.error for r in (query, first, second) if r.has_error()]
+    return query, first, second
+
+
+def test_the_training_size_is_released_once_charged_once_and_reused_by_every_reply(home: NodeHome) -> None:
+    query, first, second = _two_rounds(home)
+    sent = {read_metrics(r.content, allowed)["num-examples"] for r, allowed in ((query, QUERY_METRICS), (first, TRAIN_METRICS), (second, TRAIN_METRICS))}
+    assert len(sent) == 1  # post-processing of one release
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        counts = [c for c in ledger.charges("htn_cohort") if c.event.mechanism == DISCRETE_LAPLACE]
+        [reservation] = ledger.run_reservations("htn_cohort")
+    assert [(c.round, c.event.noise_multiplier) for c in counts] == [(0, 10.0)]  # count_epsilon 0.1 by default
+    assert reservation.once_charged == (True, False) and reservation.charged == 2  # the final evaluation is still held
+    records = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
+    assert [r["dp_releases"]["num-examples"]["charged"] for r in records] == ["now", "earlier in the run (reused)", "earlier in the run (reused)"]
+
+
+def test_no_reply_carries_the_exact_training_size_over_seeded_draws(home: NodeHome) -> None:
+    # The example cohort's exact training size; the noisy one differs from it most of the time
+    # (discrete Laplace at scale 10 is 0 with probability tanh(1/20) = 5 %).
+    from clients.hospital_node.connectors import TabularConnector
+    from privacy.mechanisms import add_noise
+
+    exact = TabularConnector(home.dataset("htn_cohort")).load().select(FEATURES, _instruction().scaling).n_train
+    draws = add_noise([exact] * 400, mechanism=DISCRETE_LAPLACE, scale=10.0)
+    assert 0.01 < float((draws == exact).mean()) < 0.12
+    query = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
+    [record] = [e.payload for e in home.audit_log().entries() if e.kind == "release"]
+    assert query.content["metrics"]["num-examples"] == max(1, *record["dp_releases"]["num-examples"]["output"])
+
+
+def test_a_count_whose_value_is_lost_after_its_release_is_never_drawn_again(home: NodeHome) -> None:
+    from clients.hospital_node.released import RELEASED_DIR
+
+    config = {"home": str(home.path)}
+    assert not answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), config).has_error()
+    for path in (home.path / RELEASED_DIR).iterdir():
+        path.unlink()
+    reply = answer("train", _message(MessageType.TRAIN, _instruction()), config)
+    assert reply.has_error() and "cannot be released again" in reply.error.reason
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [c.round for c in ledger.charges("htn_cohort")] == [0]
+
+
+def test_the_egress_guard_refuses_a_count_that_is_not_the_release(home: NodeHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clients.hospital_node.rounds as rounds
+
+    original = rounds._query
+
+    def exact(*args: object) -> RecordDict:
+        content = original(*args)  # type: ignore[arg-type]
+        content["metrics"]["num-examples"] = 1234.0  # as if the exact count were sent
+        return content
+
+    monkeypatch.setitem(rounds._HANDLERS, "query", exact)
+    reply = answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), {"home": str(home.path)})
+    assert reply.has_error() and "is neither the output of one of the node's DP releases" in reply.error.reason
+
+
+# ---------------------------------------------------------------- the model's quality as DP histograms
+
+
+def _exact_histogram(home: NodeHome, arrays: ArrayRecord) -> list[int]:
+    """What the node's validation split scores to, exactly: only a test on the node's own data sees it."""
+    from clients.hospital_node.connectors import TabularConnector
+    from models.evaluation import score_histogram
+    from models.training import predict
+
+    split = TabularConnector(home.dataset("htn_cohort")).load().select(FEATURES, _instruction().scaling)
+    model = build_tabular_model("logistic", len(FEATURES))
+    model.load_state_dict(arrays.to_torch_state_dict())
+    import torch
+
+    x_val = torch.from_numpy(split.x_val)
+    return [int(v) for v in score_histogram(predict(model, x_val), split.y_val.astype(int)).ravel()]
+
+
+def test_the_final_evaluation_is_a_charged_noisy_histogram_answered_once(home: NodeHome) -> None:
+    config = {"home": str(home.path)}
+    _two_rounds(home)
+    final = _message(MessageType.EVALUATE, _instruction(), server_round=2)
+    reply = answer("evaluate", final, config)
+    assert not reply.has_error(), reply.error
+    sent = read_metrics(reply.content, EVAL_METRICS)
+    assert list(sent) == list(SCORE_METRICS)
+    exact = _exact_histogram(home, final.content["arrays"])
+    noise = [sent[k] - e for k, e in zip(SCORE_METRICS, exact, strict=True)]
+    # Discrete Laplace at scale 2 per bin (variance 2 t^2 / (1 + ...) < 8): 40 bins differ from
+    # the exact counts, and their sum stays within 5 standard deviations of the total.
+    assert sum(1 for n in noise if n != 0) >= 20
+    assert abs(sum(noise)) < 5 * (8 * len(noise)) ** 0.5
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        charges = [(c.round, c.release, c.event.noise_multiplier) for c in ledger.charges("htn_cohort") if c.event.mechanism == DISCRETE_LAPLACE]
+        [reservation] = ledger.run_reservations("htn_cohort")
+    assert charges == [(0, 1, 10.0), (0, 2, 2.0)]  # the training size, then the evaluation
+    assert reservation.once_charged == (True, True) and reservation.released_at is not None
+    # A second final evaluation (another model, or the same) is refused: the run has ended.
+    again = answer("evaluate", _message(MessageType.EVALUATE, _instruction(), server_round=2), config)
+    assert again.error.code == REFUSED_REPLAY and "its final evaluation is answered once" in again.error.reason
+
+
+def test_evaluating_every_round_releases_the_incoming_histogram_as_the_rounds_second_charge(tmp_path: Path) -> None:
+    spec = example_spec(privacy={"evaluate_every_round": True, "evaluation_epsilon": 1.0})
+    path = tmp_path / "cohort.csv"
+    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
+    node = NodeHome.create(tmp_path / "home", name="hospital_9")
+    node.register_dataset(DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES))
+    govern(node, "htn_cohort", approve_spec=spec)
+    instruction = instruction_for(spec, plan_privacy(spec))
+    model = build_tabular_model(instruction.model_kind, len(instruction.features))
+    message = signed_message(MessageType.TRAIN, spec, instruction=instruction, server_round=1, arrays=ArrayRecord(model.state_dict()))
+    reply = answer("train", message, {"home": str(node.path)})
+    assert not reply.has_error(), reply.error
+    metrics = read_metrics(reply.content, TRAIN_METRICS)
+    assert set(metrics) == {"num-examples", "steps", "epsilon", "epsilon-run", *SCORE_METRICS}
+    with PrivacyLedger.open(node.ledger_path) as ledger:
+        rounds = [(c.round, c.release, c.event.mechanism) for c in ledger.charges("htn_cohort") if c.round == 1]
+    assert rounds == [(1, 0, "poisson-gaussian"), (1, 1, DISCRETE_LAPLACE)]
+    [record] = [e.payload for e in node.audit_log().entries() if e.kind == "release"]
+    assert [metrics[k] for k in SCORE_METRICS] == record["dp_releases"]["eval-scores"]["output"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("eval-auc", 0.81), ("train-loss", 0.4), ("eval-scores-1-10", None)],
+    ids=["an exact AUC", "an exact training loss", "an altered histogram bin"],
+)
+def test_the_egress_guard_refuses_any_number_that_is_not_a_release(
+    home: NodeHome, monkeypatch: pytest.MonkeyPatch, key: str, value: float | None
+) -> None:
+    import clients.hospital_node.rounds as rounds
+
+    original = rounds._evaluate
+
+    def leaky(*args: object) -> RecordDict:
+        content = original(*args)  # type: ignore[arg-type]
+        metrics = content["metrics"]
+        metrics[key] = metrics[key] + 1.0 if value is None else value
+        return content
+
+    monkeypatch.setitem(rounds._HANDLERS, "evaluate", leaky)
+    config = {"home": str(home.path)}
+    assert not answer("query", _message(MessageType.QUERY, _instruction(), arrays=False), config).has_error()
+    reply = answer("evaluate", _message(MessageType.EVALUATE, _instruction(), server_round=2), config)
+    assert reply.has_error() and "egress guard" in reply.error.reason and key in reply.error.reason
+    assert [e.payload["message"] for e in home.audit_log().entries() if e.kind == "release"] == ["query"]

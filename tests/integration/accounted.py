@@ -1,0 +1,67 @@
+"""Promise 2 from the coordinator's side: every number that reached it is a node's accounted release.
+
+Walks the replies the coordinator received for a submission (``received.jsonl``,
+:mod:`federation.received`) and checks each number against the signed audit log of the
+node that sent it: a DP release's recorded output (with its declared post-processing),
+or an accounting value the node recorded with the same reply; and each node's ledger
+holds a charge for every release its log records.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clients.hospital_node.governance import ledger_disagreement, verified_entries
+from clients.hospital_node.home import NodeHome
+from federation.protocol import ACCOUNTING_METRICS, SCORE_METRICS
+from federation.received import read_received
+
+__all__ = ["assert_every_number_is_accounted"]
+
+
+def _accounted(metrics: dict[str, float], record: dict[str, Any]) -> list[str]:
+    """The metrics of a reply that `record` (one release entry of the node's audit log) does not account for."""
+    releases = record.get("dp_releases") or {}
+    accounting = record.get("accounting") or {}
+    wrong = []
+    for key, value in metrics.items():
+        if key in ACCOUNTING_METRICS:
+            ok = accounting.get(key) == value
+        elif key == "num-examples":
+            release = releases.get("num-examples")
+            ok = release is not None and release["post_processing"] == "max(1, output)" and value == max(1, *release["output"])
+        elif key in SCORE_METRICS:
+            release = releases.get("eval-scores")
+            ok = release is not None and release["post_processing"] == "none" and value == release["output"][SCORE_METRICS.index(key)]
+        else:
+            ok = False  # no other number may leave
+        if not ok:
+            wrong.append(f"{key}={value}")
+    return wrong
+
+
+def assert_every_number_is_accounted(received: Path, homes: dict[str, Path]) -> int:
+    """Check every reply in `received` against its node's audit log (`homes`: site name -> node home); returns the numbers checked."""
+    checked = 0
+    entries = {site: verified_entries(NodeHome.open(home)) for site, home in homes.items()}
+    for site, home in homes.items():
+        assert ledger_disagreement(NodeHome.open(home), entries[site]) == [], site  # every recorded release is charged
+    replies = read_received(received)
+    assert replies, f"{received} holds no reply"
+    for reply in replies:
+        if reply["error"] is not None:
+            continue  # a refusal: a code and a reason, no number
+        records = reply["records"]
+        site = records["node"]["values"]["site"]
+        metrics = records.get("metrics", {}).get("values", {})
+        assert set(records) <= {"node", "metrics", "arrays"}, (site, sorted(records))  # nothing else, in the plain layout
+        candidates = [
+            e.payload for e in entries[site]
+            if e.kind == "release" and e.payload.get("run") == str(reply["flower_run"])
+            and e.payload.get("message") == reply["message_type"].split(".")[0]
+        ]
+        problems = [_accounted(metrics, record) for record in candidates]
+        assert any(not p for p in problems), (site, reply["message_type"], problems or "no release record")
+        checked += len(metrics)
+    return checked
