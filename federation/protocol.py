@@ -30,13 +30,13 @@ With ``federation.secure_aggregation`` a train wave runs through Flower's SecAgg
 knows Flower's legacy fit layout: the instruction's config travels as
 ``LEGACY_FIT_CONFIG`` with the global model as the numbered arrays of
 ``LEGACY_FIT_ARRAYS`` (in the model's ``state_dict`` order), and the node answers with
-a legacy fit result whose arrays the mod masks before they leave. The SecAgg+ weighting
-and clipping the coordinator chose ride in the same config (``SECAGG_MAX_WEIGHT_KEY``,
-``SECAGG_CLIPPING_KEY``) so the node can refuse an update the protocol would clip. The
-reply's ``METRICS_KEY`` and ``NODE_KEY`` records travel in plain, beside the masked
-vector: per-site loss, AUC of the incoming model and epsilon are the researcher's
-per-site report, not part of the update that SecAgg+ hides. The SecAgg+ weight
-(``fitres.num_examples``) is the node's released noisy training size.
+a legacy fit result whose arrays the mod masks before they leave. The node judges
+whether SecAgg+ would clip its weighted update by the settings its own mod took from the
+round's setup stage (what it will mask with), never by anything restated beside them.
+The reply's ``METRICS_KEY`` and ``NODE_KEY`` records travel in plain, beside the masked
+vector: the released training size, the node's epsilon and, when the spec evaluates
+every round, its noisy score histogram, each a DP release or an accounting value. The
+SecAgg+ weight (``fitres.num_examples``) is the node's released noisy training size.
 
 A node that refuses answers with an error reply whose code is one of
 ``REFUSAL_CODES`` and whose reason is a one-line message meant for the researcher.
@@ -142,8 +142,6 @@ __all__ = [
     "REFUSED_POLICY",
     "REFUSED_REPLAY",
     "REFUSED_SIGNATURE",
-    "SECAGG_CLIPPING_KEY",
-    "SECAGG_MAX_WEIGHT_KEY",
     "SIGNATURE_KEY",
     "SIGNER_KEY",
     "STATISTICS_ACTION",
@@ -212,11 +210,9 @@ REFUSAL_CODES = (
     REFUSED_REPLAY,
 )
 
-# Secure aggregation: Flower's legacy fit layout, and the SecAgg+ settings a node checks.
+# Secure aggregation: Flower's legacy fit layout.
 LEGACY_FIT_CONFIG = "fitins.config"
 LEGACY_FIT_ARRAYS = "fitins.parameters"
-SECAGG_CLIPPING_KEY = "medfed.secagg-clipping-range"
-SECAGG_MAX_WEIGHT_KEY = "medfed.secagg-max-weight"
 
 # The signed spec travels beside the instruction in every message's config record: the
 # node checks the signature and that the instruction is what the signed spec says.

@@ -46,8 +46,6 @@ from flwr.serverapp import Grid
 from federation.participants import DelegatingGrid
 from federation.protocol import (
     METRICS_KEY,
-    SECAGG_CLIPPING_KEY,
-    SECAGG_MAX_WEIGHT_KEY,
     SECAGG_MODULUS,
     SECURE_SUM_WEIGHT,
     ProtocolError,
@@ -230,7 +228,7 @@ class SecureRound:
         outcome = _run_workflow(
             grid,
             server_round=server_round,
-            fit_config={**dict(config), SECAGG_CLIPPING_KEY: CLIPPING_RANGE, SECAGG_MAX_WEIGHT_KEY: float(self.max_weight)},
+            fit_config=dict(config),
             parameters=[arrays[name].numpy() for name in names],
             num_shares=self.num_shares,
             reconstruction_threshold=self.reconstruction_threshold,

@@ -103,10 +103,8 @@ from federation.protocol import (
     REFUSED_DATASET,
     REFUSED_POLICY,
     RELEASE_METRICS,
-    SECAGG_CLIPPING_KEY,
     SPEC_KEY,
     STATISTICS_ACTION,
-    SECAGG_MAX_WEIGHT_KEY,
     TRAIN_METRICS,
     score_metrics,
     ProtocolError,
@@ -145,19 +143,20 @@ class _Request:
     arrays: ArrayRecord | None
     run_id: str
     secure: bool  # Flower's legacy fit layout under SecAgg+: numbered arrays, legacy reply
+    secagg: SecAggSettings | None = None  # what this node's secaggplus_mod will mask with (its setup stage's)
     # What the handler released by a DP mechanism, by metric key: the value the guard lets leave.
     released: dict[str, float] = field(default_factory=dict)
     release_records: dict[str, object] = field(default_factory=dict)  # the same releases, as the audit log records them
 
 
-def _request(kind: str, msg: Message) -> _Request:
+def _request(kind: str, msg: Message, secagg: SecAggSettings | None = None) -> _Request:
     records = msg.content.config_records
     secure = kind == "train" and LEGACY_FIT_CONFIG in records
     config = records.get(LEGACY_FIT_CONFIG if secure else CONFIG_KEY)
     if config is None:
         raise ProtocolError(f"the message has no '{CONFIG_KEY}' ConfigRecord")
     arrays = msg.content.array_records.get(LEGACY_FIT_ARRAYS if secure else ARRAYS_KEY)
-    return _Request(config, arrays, str(msg.metadata.run_id), secure)
+    return _Request(config, arrays, str(msg.metadata.run_id), secure, secagg if secure else None)
 
 
 def answer(kind: str, msg: Message, node_config: Mapping[str, Any], *, secagg: SecAggSettings | None = None) -> Message:
@@ -176,7 +175,7 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any], *, secagg: S
     instruction: TrainInstruction | None = None
     try:
         home = _open_home(node_config)
-        request = _request(kind, msg)
+        request = _request(kind, msg, secagg)
         instruction = TrainInstruction.from_config(request.config)
         signed = SignedSpec.from_config(request.config)
         _check_accounting(instruction)  # before admission reserves the run's rounds of this event
@@ -600,11 +599,18 @@ def _check_secagg_range(request: _Request, arrays: ArrayRecord, n_train: float) 
 
     ``secaggplus_mod`` multiplies the update by ``n_train / max_weight`` (the released noisy size) and clips it to
     ``[-clipping_range, clipping_range]`` before quantising; an update it would clip, or a
-    weight above 1, would silently change the aggregate, so nothing is sent instead.
+    weight above 1, would silently change the aggregate, so nothing is sent instead. The
+    settings judged are those the mod took from the round's setup stage and will mask
+    with (``request.secagg``), not what the coordinator restates in the train config.
     """
-    clipping, max_weight = request.config.get(SECAGG_CLIPPING_KEY), request.config.get(SECAGG_MAX_WEIGHT_KEY)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in (clipping, max_weight)):
-        raise ProtocolError(f"a secure-aggregation train message needs positive '{SECAGG_CLIPPING_KEY}' and '{SECAGG_MAX_WEIGHT_KEY}'")
+    if request.secagg is None:
+        raise ProtocolError(
+            "a secure-aggregation train message must be SecAgg+'s collect stage, whose settings this node's "
+            "secaggplus_mod holds from the round's setup stage; it holds none for this run, so nothing was sent"
+        )
+    clipping, max_weight = request.secagg.clipping_range, request.secagg.max_weight
+    if not all(math.isfinite(v) and v > 0 for v in (clipping, max_weight)):
+        raise ProtocolError("the SecAgg+ setup stage gave a clipping range or max_weight that is not a positive number; nothing was sent")
     weight = n_train / float(max_weight)  # type: ignore[arg-type]
     if weight > 1:
         raise ProtocolError(

@@ -4,7 +4,10 @@ Walks the replies the coordinator received for a submission (``received.jsonl``,
 :mod:`federation.received`) and checks each number against the signed audit log of the
 node that sent it: a DP release's recorded output (with its declared post-processing),
 or an accounting value the node recorded with the same reply; and each node's ledger
-holds a charge for every release its log records.
+holds a charge for every release its log records. Under SecAgg+ a reply also carries
+Flower's legacy fit result, whose weight must be the released training size and whose
+arrays must be empty, and SecAgg+'s own record (keys, shares, the masked vector: random
+to the coordinator), which the node's record must say left masked.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from federation.protocol import ACCOUNTING_METRICS, SCORE_METRICS
 from federation.received import read_received
 
 __all__ = ["assert_every_number_is_accounted"]
+
+_SECURE = {"secaggplus_configs", "fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status"}
 
 
 def _accounted(metrics: dict[str, float], record: dict[str, Any]) -> list[str]:
@@ -54,12 +59,17 @@ def assert_every_number_is_accounted(received: Path, homes: dict[str, Path]) -> 
             continue  # a refusal: a code and a reason, no number
         records = reply["records"]
         site = records["node"]["values"]["site"]
-        metrics = records.get("metrics", {}).get("values", {})
-        assert set(records) <= {"node", "metrics", "arrays"}, (site, sorted(records))  # nothing else, in the plain layout
+        metrics = dict(records.get("metrics", {}).get("values", {}))
+        assert set(records) <= {"node", "metrics", "arrays", *_SECURE}, (site, sorted(records))  # nothing else
+        if "fitres.parameters" in records:  # SecAgg+'s collect stage: the update left only masked
+            assert records["fitres.parameters"]["shapes"] == {}, site
+            assert not records.get("fitres.metrics", {}).get("values"), site
+            metrics["num-examples"] = records["fitres.num_examples"]["values"]["num_examples"]  # SecAgg+'s weight
         candidates = [
             e.payload for e in entries[site]
             if e.kind == "release" and e.payload.get("run") == str(reply["flower_run"])
             and e.payload.get("message") == reply["message_type"].split(".")[0]
+            and ("secaggplus_configs" not in records or e.payload.get("secure_aggregation", {}).get("masked") is True)
         ]
         problems = [_accounted(metrics, record) for record in candidates]
         assert any(not p for p in problems), (site, reply["message_type"], problems or "no release record")

@@ -19,15 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from clients.hospital_node.connectors import TabularConnector
 from clients.hospital_node.home import NodeHome
 from clients.hospital_node.rounds import KEPT_UPDATES_DIR, update_digest
 from experiments.spec import ExperimentSpec
 from experiments.submit import prepare_submission, start_run, wait_for_run
+from federation.received import RECEIVED_FILE
 from medfed.cluster import LocalCluster, flower_env
 from medfed.demo import DATASET, EXAMPLE_SPEC, approve_everywhere, partner_key_path, prepare_alliance
 from privacy.keys import load_private_key
 
+from .accounted import assert_every_number_is_accounted
 from .conftest import running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -78,10 +79,14 @@ def _kept(site, run_id: int, server_round: int) -> dict[str, np.ndarray]:  # typ
     return update
 
 
-def _n_train(site, spec: ExperimentSpec) -> int:  # type: ignore[no-untyped-def]
-    scaling = {k: (float(v[0]), float(v[1])) for k, v in spec.data.scaling.items()}
-    entry = NodeHome.open(site.home).dataset(DATASET)
-    return TabularConnector(entry).load().select(tuple(spec.data.features), scaling).n_train
+def _released_size(site, run_id: int) -> float:  # type: ignore[no-untyped-def]
+    """The training size the node released for the run (noisy, clamped at 1): FedAvg's weight, as its audit log says."""
+    outputs = [
+        e.payload["dp_releases"]["num-examples"]["output"] for e in NodeHome.open(site.home).audit_log().entries()
+        if e.kind == "release" and e.payload["run"] == str(run_id) and "num-examples" in e.payload.get("dp_releases", {})
+    ]
+    [[noisy]] = {tuple(o) for o in outputs}  # one release, reused by every reply of the run
+    return float(max(1, noisy))
 
 
 def _assert_fedavg(saved: Path, updates: list[dict[str, np.ndarray]], weights: list[int]) -> None:
@@ -99,9 +104,11 @@ def test_the_coordinator_saves_plain_fedavg_of_the_masked_updates(cluster) -> No
     run_id, output = _submit(local, workdir, spec)
     status = wait_for_run(run_id, connection=local.connection, env=flower_env(local.flwr_home), timeout=900, poll=1.0)
     assert status.succeeded, status
-    weights = [_n_train(site, spec) for site in sites]
+    weights = [_released_size(site, run_id) for site in sites]
     assert len(set(weights)) > 1  # unequal cohorts: weighting matters
     _assert_fedavg(output / "final_model.pt", [_kept(s, run_id, 2) for s in sites], weights)
+    # Every number the coordinator received, masked vectors aside, is an accounted release.
+    assert assert_every_number_is_accounted(output / RECEIVED_FILE, {site.name: site.home for site in sites}) > 0
     for site in sites:  # the node warned that it keeps updates
         assert "debug: keeping the update released in run" in local.log_path(f"supernode-{site.name}").read_text()
 
@@ -138,6 +145,6 @@ def test_a_node_killed_mid_round_is_recovered_and_the_run_finishes(cluster) -> N
     _assert_fedavg(
         output / "final_model.pt",
         [_kept(s, run_id, 1) for s in survivors],
-        [_n_train(s, spec) for s in survivors],
+        [_released_size(s, run_id) for s in survivors],
     )
     assert not (sites[2].home / KEPT_UPDATES_DIR / f"run{run_id}-round1.npz").exists()

@@ -11,8 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.hospital_node.rounds import _check_secagg_range, _Request
-from clients.hospital_node.secure_aggregation import SECAGG_RECORD, secure_aggregation_mod
-from federation.protocol import SECAGG_CLIPPING_KEY, SECAGG_MAX_WEIGHT_KEY, ProtocolError
+from clients.hospital_node.secure_aggregation import SECAGG_RECORD, SecAggSettings, secure_aggregation_mod
+from federation.protocol import ProtocolError
 
 
 @pytest.fixture(autouse=True)
@@ -75,8 +75,14 @@ def test_a_refusal_in_the_collect_stage_comes_back_as_that_refusal() -> None:
 
 
 def _request(clipping: float = 8.0, max_weight: float = 100.0) -> _Request:
-    config = ConfigRecord({SECAGG_CLIPPING_KEY: clipping, SECAGG_MAX_WEIGHT_KEY: max_weight})
-    return _Request(config=config, arrays=None, run_id="41", secure=True)
+    """A collect-stage request: the settings are what the node's own mod took from the setup stage."""
+    settings = SecAggSettings(
+        sample_num=3, share_num=3, threshold=2, clipping_range=clipping, quantization_range=1 << 22,
+        modulus_range=1 << 32, max_weight=max_weight,
+    )
+    # The coordinator may restate anything in the config: the node does not read it.
+    config = ConfigRecord({"medfed.secagg-clipping-range": 1e9, "medfed.secagg-max-weight": 1e9})
+    return _Request(config=config, arrays=None, run_id="41", secure=True, secagg=settings)
 
 
 def _arrays(value: float) -> ArrayRecord:
@@ -102,7 +108,7 @@ def test_a_weight_above_one_is_refused_without_naming_the_count() -> None:
     assert "101" not in str(info.value)
 
 
-def test_missing_secagg_settings_are_a_protocol_error() -> None:
+def test_a_secure_train_message_that_did_not_come_through_the_mod_is_refused() -> None:
     request = _Request(config=ConfigRecord({}), arrays=None, run_id="41", secure=True)
-    with pytest.raises(ProtocolError, match="needs positive 'medfed.secagg-clipping-range' and 'medfed.secagg-max-weight'"):
+    with pytest.raises(ProtocolError, match="must be SecAgg\\+'s collect stage.*nothing was sent"):
         _check_secagg_range(request, _arrays(0.1), 10)
