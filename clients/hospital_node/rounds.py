@@ -40,16 +40,17 @@ What else a training reply reveals about the training size n, and what is done a
   noisy_n)`` with the run's released size (``train_dp(expected_size=...)``), so the scale
   is post-processing of an accounted release. The number of steps is the spec's, not n's.
 - *Flower's reply metadata.* A reply's ``Metadata`` carries run, message and node ids, a
-  reply-to id, the group id, ``created_at`` and the TTL; none is computed from data. But
-  ``created_at`` (and the reply's arrival time, which the SuperLink and the coordinator
-  see) lags the message by the ClientApp's runtime, which grows with n (an epoch is
-  ``steps`` Poisson batches of about ``sample_rate * n`` patients, and the data load and
-  the evaluation scan every row). That is a timing side channel of roughly n, not
-  covered by the ledger. It stays open: the reply waits on the coordinator's next poll
-  of the SuperNode, model loading and Flower's own overhead (seconds), which dominate
-  at the alliance's cohort sizes, and closing it would take padding every reply to a
-  fixed, policy-declared duration. The masked SecAgg+ update's ``fitres.num_examples``
-  is the released noisy size.
+  reply-to id, the group id, ``created_at`` (when the ClientApp built the reply) and the
+  TTL (the request's deadline minus that moment). Neither number is computed from rows,
+  but both encode the ClientApp's runtime (the coordinator subtracts the request's own
+  ``created_at``), as does the reply's arrival time; the runtime grows with n (an epoch
+  is ``steps`` Poisson batches of about ``sample_rate * n`` patients, and the data load
+  and the evaluation scan every row). That is a timing side channel of roughly n, not
+  covered by the ledger. It stays open: the runtime is a hardware-dependent, jittery
+  function of n whose n-dependent part is milliseconds to a second at the alliance's
+  cohort sizes, beside seconds of model loading and Flower's own overhead, and closing it
+  would take padding every reply to a fixed, policy-declared duration. The masked SecAgg+
+  update's ``fitres.num_examples`` is the released noisy size.
 
 A run is known to the ledger by its *submission*: the id in the partner-signed envelope
 (:class:`privacy.governance.Submission`), the same for every continuation of the
