@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from clients.hospital_node.errors import ConnectorError, DatasetNotFoundError, NodeError
@@ -360,6 +361,10 @@ def _model(instruction: TrainInstruction, arrays: ArrayRecord | None, *, numbere
         received = {k: tuple(v.shape) for k, v in state.items()}
         if expected != received:
             raise ProtocolError("the received model arrays do not match the instructed model")
+        if not all(bool(v.isfinite().all()) for v in state.values()):
+            # Checked before any row is read: a model that scores some patients NaN would
+            # turn a failure into an exact, uncharged answer about them.
+            raise ProtocolError("the received model holds a value that is not a finite number; nothing was read")
         model.load_state_dict(state)
     return model
 
@@ -388,20 +393,45 @@ def _tensors(data: TabularData | ImagingData):  # type: ignore[no-untyped-def]
     )
 
 
-def _check_cohort(data: TabularData | ImagingData, instruction: TrainInstruction, admission: Admission, request: _Request) -> None:
-    """The dataset must have the policy's minimum cohort (or the signed spec's, if stricter)."""
-    spec = SignedSpec.from_config(request.config).mapping()
-    minimum = max(admission.policy.min_cohort_size, int(spec.get("privacy", {}).get("min_cohort_size") or 0))
+def _check_layout(request: _Request) -> None:
+    """A train message travels the way the signed spec says: through SecAgg+ exactly when it asks for it."""
+    wanted = SignedSpec.from_config(request.config).mapping().get("federation", {}).get("secure_aggregation", False) is True
+    if request.secure != wanted:
+        how = "through SecAgg+" if wanted else "in plain (no SecAgg+)"
+        raise ProtocolError(f"the signed spec's federation.secure_aggregation says this run trains {how}; this message does not; nothing was read")
+
+
+def _check_cohort(
+    home: NodeHome, data: TabularData | ImagingData, instruction: TrainInstruction, admission: Admission, request: _Request
+) -> None:
+    """The dataset must have the policy's minimum cohort, and the run's released size the signed spec's.
+
+    The policy's minimum is the officer's fixed gate, judged on the exact count: the same
+    one bit whoever asks, however often. The spec's ``privacy.min_cohort_size`` is the
+    partner's, who could bisect the exact count with a series of thresholds: it is judged
+    on the run's released (noisy) training-set size, and a refusal by it charges that
+    release, since it depends on the noisy value.
+    """
+    minimum = admission.policy.min_cohort_size
     if data.n_train + data.n_val < minimum:
         # The count itself stays on the node: a small cohort is a disclosure risk.
         raise Refusal(REFUSED_POLICY, f"dataset '{instruction.dataset}' has fewer patients than the minimum cohort of {minimum}")
+    spec = SignedSpec.from_config(request.config).mapping()
+    wanted = int(spec.get("privacy", {}).get("min_cohort_size") or 0)
+    if wanted and _training_count(home, instruction, request, admission, data.n_train, charge=False) < wanted:
+        _training_count(home, instruction, request, admission, data.n_train)  # the refusal is a release of it: charged
+        raise Refusal(
+            REFUSED_POLICY,
+            f"dataset '{instruction.dataset}': the released training-set size is below the spec's "
+            f"privacy.min_cohort_size of {wanted}",
+        )
 
 
 def _query(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
     # Cheap on purpose: every check short of training, without importing torch, so the
     # query wave costs little more than Flower's floor for a wave.
     data = _load(home, instruction)
-    _check_cohort(data, instruction, admission, request)
+    _check_cohort(home, data, instruction, admission, request)
     weight = _training_count(home, instruction, request, admission, data.n_train)
     return RecordDict({METRICS_KEY: MetricRecord({"num-examples": weight})})
 
@@ -463,7 +493,11 @@ def _scores(model: Any, x_val: Any, y_val: Any) -> list[int]:
     from models.evaluation import score_histogram
     from models.training import predict
 
-    return [int(v) for v in score_histogram(predict(model, x_val), y_val.numpy().astype(int)).ravel()]
+    # A score that is not a number (a model whose arithmetic overflows on some patient) is
+    # put at 0.5, so that every patient falls in exactly one bin and the histogram's noise
+    # covers it: raising instead would answer, exactly and uncharged, whether such a patient exists.
+    scores = np.nan_to_num(predict(model, x_val), nan=0.5).clip(0.0, 1.0)
+    return [int(v) for v in score_histogram(scores, y_val.numpy().astype(int)).ravel()]
 
 
 def _send_scores(request: _Request, noisy: list[int], record: dict[str, object]) -> dict[str, float]:
@@ -489,9 +523,10 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
             )
     # Admitted for training: budget and caps were checked and the run's rounds are reserved.
     assert admission.budget is not None and admission.reservation is not None
+    _check_layout(request)
+    model = _model(instruction, request.arrays, numbered=request.secure)  # before any row is read
     data = _load(home, instruction)
-    _check_cohort(data, instruction, admission, request)
-    model = _model(instruction, request.arrays, numbered=request.secure)
+    _check_cohort(home, data, instruction, admission, request)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     x_train, y_train, x_val, y_val = _tensors(data)
     releases = _releases(instruction, request)
@@ -521,10 +556,11 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     if {k: tuple(v.shape) for k, v in arrays.items()} != expected:
         raise ProtocolError("egress guard: the trained arrays are not shaped like the instructed model; nothing was sent")
     weight = _training_count(home, instruction, request, admission, data.n_train)  # the same value, charged if not yet
-    secagg = _check_secagg_range(request, arrays, weight) if request.secure else None
     budget = admission.budget
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        # Charged as the reply is built: from here on it counts. One round of the reservation.
+        # Charged before anything about the trained model is judged: from here on it counts,
+        # and a refusal below (a function of the noisy update and the released size) is
+        # post-processing of this round's release, never a free retry. One round of the reservation.
         ledger.charge_round(
             instruction.dataset,
             submission=admission.submission.submission_id,
@@ -540,6 +576,9 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
         "run %s round %s: trained %s steps on dataset '%s'; epsilon spent %.3f at delta %g",
         run_id, server_round, stats.steps, instruction.dataset, epsilon, budget.delta,
     )
+    if not all(bool(a.numpy().size == 0 or np.isfinite(a.numpy()).all()) for a in arrays.values()):
+        raise ProtocolError(f"round {server_round}: the trained model holds a value that is not a finite number; nothing was sent (the round was charged)")
+    secagg = _check_secagg_range(request, arrays, weight) if request.secure else None
     accounting = {"steps": float(instruction.steps), "epsilon": epsilon, "epsilon-run": epsilon_run}
     request.released.update(accounting)
     metrics = {"num-examples": weight, **accounting}

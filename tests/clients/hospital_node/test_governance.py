@@ -355,7 +355,11 @@ def test_a_spec_may_tighten_the_policy_but_not_loosen_it(home: NodeHome) -> None
     _policy(home, min_cohort_size=10)
     stricter = example_spec(federation={"rounds": 2}, privacy={"min_cohort_size": 100_000})
     governance.approve(home, stricter.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
-    assert "minimum cohort of 100000" in _refusal(_ask(home, signed_message(MessageType.QUERY, stricter)))[1]
+    # The spec's floor is judged on the released (noisy, charged) size, never the exact count.
+    reason = _refusal(_ask(home, signed_message(MessageType.QUERY, stricter)))[1]
+    assert "released training-set size is below the spec's privacy.min_cohort_size of 100000" in reason
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert [(c.round, c.event.mechanism) for c in ledger.charges("htn_cohort")] == [(0, "discrete-laplace")]
     _policy(home, min_cohort_size=100_000)
     looser = example_spec(federation={"rounds": 2}, privacy={"min_cohort_size": 1})
     governance.approve(home, looser.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)

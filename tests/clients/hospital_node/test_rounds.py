@@ -422,3 +422,95 @@ def test_the_egress_guard_refuses_any_number_that_is_not_a_release(
     reply = answer("evaluate", _message(MessageType.EVALUATE, _instruction(), server_round=2), config)
     assert reply.has_error() and "egress guard" in reply.error.reason and key in reply.error.reason
     assert [e.payload["message"] for e in home.audit_log().entries() if e.kind == "release"] == ["query"]
+
+
+# ---------------------------------------------------------------- no free, exact answers by failure
+
+
+def test_a_model_that_is_not_finite_is_refused_before_any_row_is_read(home: NodeHome, monkeypatch: pytest.MonkeyPatch) -> None:
+    import clients.hospital_node.rounds as rounds
+
+    def no_reading(*args: object) -> None:
+        raise AssertionError("the dataset was read")
+
+    monkeypatch.setattr(rounds, "_load", no_reading)
+    model = build_tabular_model("logistic", len(FEATURES))
+    state = model.state_dict()
+    state["linear.bias"].fill_(float("-inf"))
+    message = signed_message(MessageType.TRAIN, example_spec(), instruction=_instruction(), server_round=1, arrays=ArrayRecord(state))
+    reply = answer("train", message, {"home": str(home.path)})
+    assert reply.error.code == REFUSED_BAD_INSTRUCTION and "not a finite number; nothing was read" in reply.error.reason
+
+
+def test_scores_that_overflow_to_nan_fall_in_a_bin_instead_of_failing(home: NodeHome) -> None:
+    # Finite weights whose products overflow float32 on some patients: inf - inf = NaN scores.
+    # The histogram still counts every validation patient once; nothing raises.
+    import torch
+
+    from clients.hospital_node.connectors import TabularConnector
+    from clients.hospital_node.rounds import _scores
+
+    split = TabularConnector(home.dataset("htn_cohort")).load().select(FEATURES, _instruction().scaling)
+    model = build_tabular_model("logistic", len(FEATURES))
+    with torch.no_grad():
+        signs = torch.tensor([(-1.0) ** i for i in range(len(FEATURES))])
+        model.linear.weight.copy_(3.4e38 * signs.unsqueeze(0))
+    x = torch.from_numpy(split.x_val)
+    assert torch.isnan(torch.sigmoid(model(x))).any()
+    histogram = _scores(model, x, torch.from_numpy(split.y_val))
+    assert sum(histogram) == len(split.y_val)
+
+
+def test_a_secure_layout_for_a_plain_spec_is_refused_before_any_row_is_read(home: NodeHome) -> None:
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+
+    from federation.protocol import LEGACY_FIT_ARRAYS, LEGACY_FIT_CONFIG
+
+    plain = _message(MessageType.TRAIN, _instruction())
+    model = build_tabular_model("logistic", len(FEATURES))
+    legacy = RecordDict({
+        LEGACY_FIT_CONFIG: plain.content.config_records["config"],
+        LEGACY_FIT_ARRAYS: parameters_to_arrayrecord(
+            ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]), keep_input=True
+        ),
+    })
+    reply = answer("train", Message(legacy, dst_node_id=1, message_type=MessageType.TRAIN), {"home": str(home.path)})
+    assert reply.error.code == REFUSED_BAD_INSTRUCTION
+    assert "federation.secure_aggregation says this run trains in plain" in reply.error.reason
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        assert ledger.charges("htn_cohort") == []
+
+
+def test_a_round_secagg_would_clip_is_refused_after_its_charge_so_it_cannot_be_retried_for_free(tmp_path: Path) -> None:
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+
+    from clients.hospital_node.secure_aggregation import SecAggSettings
+    from federation.protocol import LEGACY_FIT_ARRAYS, LEGACY_FIT_CONFIG
+
+    spec = example_spec(federation={"secure_aggregation": True, "min_nodes": 2})
+    path = tmp_path / "cohort.csv"
+    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
+    node = NodeHome.create(tmp_path / "home", name="hospital_9")
+    node.register_dataset(DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES))
+    govern(node, "htn_cohort", approve_spec=spec)
+    instruction = instruction_for(spec, plan_privacy(spec))
+    plain = signed_message(MessageType.TRAIN, spec, instruction=instruction, server_round=1, arrays=None)
+    model = build_tabular_model(instruction.model_kind, len(instruction.features))
+    legacy = RecordDict({
+        LEGACY_FIT_CONFIG: plain.content.config_records["config"],
+        LEGACY_FIT_ARRAYS: parameters_to_arrayrecord(
+            ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]), keep_input=True
+        ),
+    })
+    # The coordinator's setup stage chose a clipping range no trained model fits in.
+    tiny = SecAggSettings(sample_num=3, share_num=3, threshold=2, clipping_range=1e-9, quantization_range=1 << 22,
+                          modulus_range=1 << 32, max_weight=1e9)
+    config = {"home": str(node.path)}
+    first = answer("train", Message(legacy, dst_node_id=1, message_type=MessageType.TRAIN), config, secagg=tiny)
+    assert first.error.code == REFUSED_BAD_INSTRUCTION and "would be clipped; nothing was sent" in first.error.reason
+    again = answer("train", Message(legacy, dst_node_id=1, message_type=MessageType.TRAIN), config, secagg=tiny)
+    assert "already trained and charged" in again.error.reason  # no fresh, free retry of the same round
+    with PrivacyLedger.open(node.ledger_path) as ledger:
+        assert [(c.round, c.event.mechanism) for c in ledger.charges("htn_cohort")] == [(0, DISCRETE_LAPLACE), (1, "poisson-gaussian")]
