@@ -43,16 +43,33 @@ def _task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 77, 1, 1
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> NodeHome:
+def _governed_home(tmp_path: Path, spec: ExperimentSpec) -> NodeHome:
+    """A node home with the example cohort, whose officer approved `spec`."""
     path = tmp_path / "cohort.csv"
     generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
     node = NodeHome.create(tmp_path / "home", name="hospital_9")
     node.register_dataset(
         DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES)
     )
-    govern(node, "htn_cohort", approve_spec=example_spec())
+    govern(node, "htn_cohort", approve_spec=spec)
     return node
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> NodeHome:
+    return _governed_home(tmp_path, example_spec())
+
+
+def _legacy_train(config: ConfigRecord, instruction: TrainInstruction) -> Message:
+    """A train message in Flower's legacy fit layout (SecAgg+'s), carrying `config` and a fresh model."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+
+    from federation.protocol import LEGACY_FIT_ARRAYS, LEGACY_FIT_CONFIG
+
+    model = build_tabular_model(instruction.model_kind, len(instruction.features))
+    arrays = parameters_to_arrayrecord(ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]), keep_input=True)
+    return Message(RecordDict({LEGACY_FIT_CONFIG: config, LEGACY_FIT_ARRAYS: arrays}), dst_node_id=1, message_type=MessageType.TRAIN)
 
 
 def _instruction(**changes: object) -> TrainInstruction:
@@ -379,11 +396,7 @@ def test_the_final_evaluation_is_a_charged_noisy_histogram_answered_once(home: N
 
 def test_evaluating_every_round_releases_the_incoming_histogram_as_the_rounds_second_charge(tmp_path: Path) -> None:
     spec = example_spec(privacy={"evaluate_every_round": True, "evaluation_epsilon": 1.0})
-    path = tmp_path / "cohort.csv"
-    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
-    node = NodeHome.create(tmp_path / "home", name="hospital_9")
-    node.register_dataset(DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES))
-    govern(node, "htn_cohort", approve_spec=spec)
+    node = _governed_home(tmp_path, spec)
     instruction = instruction_for(spec, plan_privacy(spec))
     model = build_tabular_model(instruction.model_kind, len(instruction.features))
     message = signed_message(MessageType.TRAIN, spec, instruction=instruction, server_round=1, arrays=ArrayRecord(model.state_dict()))
@@ -462,20 +475,8 @@ def test_scores_that_overflow_to_nan_fall_in_a_bin_instead_of_failing(home: Node
 
 
 def test_a_secure_layout_for_a_plain_spec_is_refused_before_any_row_is_read(home: NodeHome) -> None:
-    from flwr.common import ndarrays_to_parameters
-    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
-
-    from federation.protocol import LEGACY_FIT_ARRAYS, LEGACY_FIT_CONFIG
-
     plain = _message(MessageType.TRAIN, _instruction())
-    model = build_tabular_model("logistic", len(FEATURES))
-    legacy = RecordDict({
-        LEGACY_FIT_CONFIG: plain.content.config_records["config"],
-        LEGACY_FIT_ARRAYS: parameters_to_arrayrecord(
-            ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]), keep_input=True
-        ),
-    })
-    reply = answer("train", Message(legacy, dst_node_id=1, message_type=MessageType.TRAIN), {"home": str(home.path)})
+    reply = answer("train", _legacy_train(plain.content.config_records["config"], _instruction()), {"home": str(home.path)})
     assert reply.error.code == REFUSED_BAD_INSTRUCTION
     assert "federation.secure_aggregation says this run trains in plain" in reply.error.reason
     with PrivacyLedger.open(home.ledger_path) as ledger:
@@ -483,34 +484,19 @@ def test_a_secure_layout_for_a_plain_spec_is_refused_before_any_row_is_read(home
 
 
 def test_a_round_secagg_would_clip_is_refused_after_its_charge_so_it_cannot_be_retried_for_free(tmp_path: Path) -> None:
-    from flwr.common import ndarrays_to_parameters
-    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
-
     from clients.hospital_node.secure_aggregation import SecAggSettings
-    from federation.protocol import LEGACY_FIT_ARRAYS, LEGACY_FIT_CONFIG
 
     spec = example_spec(federation={"secure_aggregation": True, "min_nodes": 2})
-    path = tmp_path / "cohort.csv"
-    generate_cohort(2, n_hospitals=3, seed=7).to_csv(path, index=False)
-    node = NodeHome.create(tmp_path / "home", name="hospital_9")
-    node.register_dataset(DatasetEntry(name="htn_cohort", path=path, id_column=ID_COLUMN, label_column=LABEL, feature_columns=FEATURES))
-    govern(node, "htn_cohort", approve_spec=spec)
+    node = _governed_home(tmp_path, spec)
     instruction = instruction_for(spec, plan_privacy(spec))
     plain = signed_message(MessageType.TRAIN, spec, instruction=instruction, server_round=1, arrays=None)
-    model = build_tabular_model(instruction.model_kind, len(instruction.features))
-    legacy = RecordDict({
-        LEGACY_FIT_CONFIG: plain.content.config_records["config"],
-        LEGACY_FIT_ARRAYS: parameters_to_arrayrecord(
-            ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]), keep_input=True
-        ),
-    })
     # The coordinator's setup stage chose a clipping range no trained model fits in.
     tiny = SecAggSettings(sample_num=3, share_num=3, threshold=2, clipping_range=1e-9, quantization_range=1 << 22,
                           modulus_range=1 << 32, max_weight=1e9)
     config = {"home": str(node.path)}
-    first = answer("train", Message(legacy, dst_node_id=1, message_type=MessageType.TRAIN), config, secagg=tiny)
+    first = answer("train", _legacy_train(plain.content.config_records["config"], instruction), config, secagg=tiny)
     assert first.error.code == REFUSED_BAD_INSTRUCTION and "would be clipped; nothing was sent" in first.error.reason
-    again = answer("train", Message(legacy, dst_node_id=1, message_type=MessageType.TRAIN), config, secagg=tiny)
+    again = answer("train", _legacy_train(plain.content.config_records["config"], instruction), config, secagg=tiny)
     assert "already trained and charged" in again.error.reason  # no fresh, free retry of the same round
     with PrivacyLedger.open(node.ledger_path) as ledger:
         assert [(c.round, c.event.mechanism) for c in ledger.charges("htn_cohort")] == [(0, DISCRETE_LAPLACE), (1, "poisson-gaussian")]
