@@ -107,6 +107,9 @@ class SiteOutcome:
 
     @property
     def epsilon(self) -> float | None:
+        """The dataset's epsilon as the node last reported it (after its final evaluation, if it answered it)."""
+        if "epsilon" in self.final:
+            return self.final["epsilon"]
         last = max(self.rounds, default=None)
         return None if last is None else self.rounds[last].get("epsilon")
 
@@ -578,9 +581,10 @@ def run_experiment(
         nodes = list(participants.get_node_ids())
         final_sites = _wave(participants, MessageType.EVALUATE, final_record, nodes, sites, EVAL_METRICS, timeout, save_model)
         for node, metrics in final_sites.items():
-            sites[node].final = site_quality(metrics)
-        # The headline: the pooled quality over every site's validation patients.
-        final = _round_metrics(final_sites, sites, QUALITY_METRICS)
+            sites[node].final = {**site_quality(metrics), **{k: v for k, v in metrics.items() if k.startswith("epsilon")}}
+        # The headline: the pooled quality over every site's validation patients; and each
+        # site's epsilon once its evaluation was charged (what the run charged in all).
+        final = _round_metrics(final_sites, sites, (*QUALITY_METRICS, "epsilon", "epsilon-run"))
         tracker.log_metrics(final, step=fed.rounds)
         pooled = pooled_quality(list(final_sites.values()))
         if pooled is not None:

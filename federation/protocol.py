@@ -231,13 +231,13 @@ SUBMISSION_KEY = "medfed.submission"
 # Laplace noise (privacy.evaluation_epsilon), from which the coordinator computes AUC,
 # loss, accuracy, Brier score and calibration (post-processing).
 SCORE_METRICS = tuple(f"eval-scores-{label}-{b:02d}" for label in (0, 1) for b in range(SCORE_BINS))
-EVAL_METRICS = SCORE_METRICS
 # Numbers that come from the signed spec and the node's ledger, not from patient rows.
 ACCOUNTING_METRICS = (
     "steps",  # the spec's steps per round
-    "epsilon",  # the dataset's lifetime epsilon after this round, at its budget's delta (the node's ledger)
+    "epsilon",  # the dataset's lifetime epsilon after this reply's charge, at its budget's delta (the node's ledger)
     "epsilon-run",  # what this submission alone has charged the dataset so far, same delta
 )
+EVAL_METRICS = (*SCORE_METRICS, "epsilon", "epsilon-run")
 TRAIN_METRICS = ("num-examples", *ACCOUNTING_METRICS, *SCORE_METRICS)  # scores only with evaluate_every_round
 QUERY_METRICS = ("num-examples",)
 # The metrics whose value must be the output of a DP mechanism the node released (or its

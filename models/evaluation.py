@@ -23,8 +23,14 @@ edge, so accuracy at 0.5 is exact up to the noise. Binning is the only approxima
 - The calibration curve is, per bin with patients in it, the bin's representative
   probability against the observed fraction of positives.
 
-Noisy counts are clamped at 0 first (post-processing); a label with no patients left
-after clamping makes AUC undefined (NaN), never a silent drop.
+Noisy counts enter the sums as they are, negative ones included: the noise is zero-mean
+and independent between bins and labels, so the sums, and the AUC's numerator and
+denominator (products of counts of the two labels), are unbiased, and the ratios
+consistent. Clamping each bin at 0 first would add phantom patients to every empty bin
+and pull the AUC towards 0.5. Only the results are kept in range (AUC and accuracy in
+[0, 1]); a label whose noisy total is not positive makes AUC undefined (NaN), never a
+silent drop. The calibration curve, read bin by bin, shows only bins whose noisy count is
+positive.
 """
 
 from __future__ import annotations
@@ -111,30 +117,35 @@ class BinnedQuality:
 def binned_quality(histogram: np.ndarray) -> BinnedQuality:
     """AUC, accuracy at 0.5, loss, Brier score and calibration of a ``(2, SCORE_BINS)`` histogram.
 
-    `histogram` may be noisy (floats, negative counts): it is clamped at 0 first.
+    `histogram` may be noisy (floats, negative counts); see the module docstring.
     """
     counts = np.asarray(histogram, dtype=float)
     if counts.shape != (2, SCORE_BINS):
         raise ValueError(f"a score histogram has shape (2, {SCORE_BINS}); found {counts.shape}")
     if not np.all(np.isfinite(counts)):
         raise ValueError("a score histogram holds a value that is not a finite number")
-    negatives, positives = np.maximum(counts, 0.0)
+    negatives, positives = counts
     n0, n1 = float(negatives.sum()), float(positives.sum())
     total = n0 + n1
     below = np.concatenate([[0.0], np.cumsum(negatives)[:-1]])  # negatives in lower bins
-    auc = float(np.sum(positives * (below + 0.5 * negatives)) / (n0 * n1)) if n0 > 0 and n1 > 0 else math.nan
+    auc = _within(float(np.sum(positives * (below + 0.5 * negatives)) / (n0 * n1)), 0.0, 1.0) if n0 > 0 and n1 > 0 else math.nan
     if total > 0:
         predicts_positive = np.arange(SCORE_BINS) >= SCORE_EDGES.index(0.5) + 1
-        accuracy = float((negatives[~predicts_positive].sum() + positives[predicts_positive].sum()) / total)
-        loss = float(-(positives @ np.log(REPRESENTATIVE) + negatives @ np.log1p(-REPRESENTATIVE)) / total)
-        brier = float((positives @ (1 - REPRESENTATIVE) ** 2 + negatives @ REPRESENTATIVE**2) / total)
+        accuracy = _within(float((negatives[~predicts_positive].sum() + positives[predicts_positive].sum()) / total), 0.0, 1.0)
+        loss = _within(float(-(positives @ np.log(REPRESENTATIVE) + negatives @ np.log1p(-REPRESENTATIVE)) / total), 0.0, math.inf)
+        brier = _within(float((positives @ (1 - REPRESENTATIVE) ** 2 + negatives @ REPRESENTATIVE**2) / total), 0.0, 1.0)
     else:
         accuracy = loss = brier = math.nan
     edges = (0.0, *SCORE_EDGES, 1.0)
+    shown_negatives, shown_positives = np.maximum(counts, 0.0)
     calibration = tuple(
-        CalibrationBin(edges[b], edges[b + 1], float(negatives[b] + positives[b]), float(REPRESENTATIVE[b]),
-                       float(positives[b] / (negatives[b] + positives[b])))
+        CalibrationBin(edges[b], edges[b + 1], float(shown_negatives[b] + shown_positives[b]), float(REPRESENTATIVE[b]),
+                       float(shown_positives[b] / (shown_negatives[b] + shown_positives[b])))
         for b in range(SCORE_BINS)
-        if negatives[b] + positives[b] > 0
+        if shown_negatives[b] + shown_positives[b] > 0
     )
     return BinnedQuality(n0, n1, auc, accuracy, loss, brier, calibration)
+
+
+def _within(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)

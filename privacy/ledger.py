@@ -1060,12 +1060,7 @@ class PrivacyLedger:
         _check_hold(hold)
         with self._store.write() as transaction:
             now = self._clock()
-            reservation = _find(transaction, dataset, submission)
-            if reservation is None:
-                raise LedgerError(
-                    f"no run reservation for submission '{submission}' on dataset '{dataset}'; "
-                    "a node reserves a run when it admits it, before it trains"
-                )
+            reservation = _held_by(transaction, dataset, submission)
             if transaction.round_charges(dataset, run_id, round):
                 raise LedgerError(
                     f"round {round} of run '{run_id}' was already charged to dataset '{dataset}'; a second release is refused"
@@ -1121,12 +1116,7 @@ class PrivacyLedger:
         _check_hold(hold)
         with self._store.write() as transaction:
             now = self._clock()
-            reservation = _find(transaction, dataset, submission)
-            if reservation is None:
-                raise LedgerError(
-                    f"no run reservation for submission '{submission}' on dataset '{dataset}'; "
-                    "a node reserves a run when it admits it, before it releases anything"
-                )
+            reservation = _held_by(transaction, dataset, submission)
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(reservation.once):
                 raise LedgerError(
                     f"submission '{submission}' reserved {len(reservation.once)} once-per-run event(s) on dataset "
@@ -1269,6 +1259,17 @@ class PrivacyLedger:
 
     def __repr__(self) -> str:
         return f"PrivacyLedger({self.location!r})"
+
+
+def _held_by(transaction: LedgerTransaction, dataset: str, submission: str) -> RunReservation:
+    """`submission`'s reservation on `dataset`, which every charge of a run needs."""
+    reservation = _find(transaction, dataset, submission)
+    if reservation is None:
+        raise LedgerError(
+            f"no run reservation for submission '{submission}' on dataset '{dataset}'; "
+            "a node reserves a run when it admits it, before it releases anything"
+        )
+    return reservation
 
 
 def _mask(flags: Sequence[bool]) -> int:

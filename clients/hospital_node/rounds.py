@@ -149,6 +149,7 @@ class _Request:
     # What the handler released by a DP mechanism, by metric key: the value the guard lets leave.
     released: dict[str, float] = field(default_factory=dict)
     release_records: dict[str, object] = field(default_factory=dict)  # the same releases, as the audit log records them
+    accounting: dict[str, float] = field(default_factory=dict)  # numbers from the spec and the ledger, not from rows
 
 
 def _request(kind: str, msg: Message, secagg: SecAggSettings | None = None) -> _Request:
@@ -188,6 +189,8 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any], *, secagg: S
             record = _reply_record(kind, request, instruction, content)
             if request.release_records:
                 record["dp_releases"] = dict(request.release_records)
+            if request.accounting:
+                record["accounting"] = dict(request.accounting)
             home.audit_log().append("release", record)
     except Refusal as err:
         return _refuse(msg, home, instruction, err.code, err.reason, record=err.record)
@@ -771,6 +774,17 @@ def _evaluate(home: NodeHome, instruction: TrainInstruction, request: _Request, 
             home, instruction, request, admission, FINAL_EVALUATION, _scores(model, x_val, y_val), subject=subject
         )
         metrics = _send_scores(request, list(release.noisy), {**release.record("none"), "model_sha256": subject})
+        assert admission.budget is not None
+        with PrivacyLedger.open(home.ledger_path) as ledger:  # the run's epsilon with its evaluation charged
+            accounting = {
+                "epsilon": ledger.spent(instruction.dataset, delta=admission.budget.delta),
+                "epsilon-run": ledger.spent(
+                    instruction.dataset, delta=admission.budget.delta, submission=admission.submission.submission_id
+                ),
+            }
+        request.released.update(accounting)
+        request.accounting.update(accounting)
+        metrics |= accounting
     finally:
         end_run(home, instruction.dataset, admission.submission.submission_id)
     return RecordDict({METRICS_KEY: MetricRecord(metrics)})

@@ -48,13 +48,29 @@ def test_a_calibrated_model_calibrates_in_every_well_filled_bin() -> None:
             assert abs(b.observed - b.predicted) < 0.05, b
 
 
-def test_noise_is_clamped_and_one_class_makes_auc_undefined_not_dropped() -> None:
+def test_noisy_counts_stay_in_the_sums_and_one_class_makes_auc_undefined_not_dropped() -> None:
     noisy = np.zeros((2, SCORE_BINS))
-    noisy[0, 3], noisy[0, 4], noisy[1, 2] = 40.0, -7.0, -3.0  # no positive survives clamping
+    noisy[0, 3], noisy[0, 4], noisy[1, 2] = 40.0, -7.0, -3.0  # the positives' noisy total is not positive
     quality = binned_quality(noisy)
-    assert math.isnan(quality.auc) and (quality.negatives, quality.positives) == (40.0, 0.0)
-    assert quality.accuracy == 1.0  # every negative is below 0.5
-    assert [b.patients for b in quality.calibration] == [40.0]
+    assert math.isnan(quality.auc) and (quality.negatives, quality.positives) == (33.0, -3.0)
+    assert quality.accuracy == 1.0  # 33 / 30 right, kept in range
+    assert [b.patients for b in quality.calibration] == [40.0]  # only bins whose noisy count is positive
+
+
+def test_the_auc_of_noisy_histograms_is_unbiased_where_clamping_would_pull_it_to_one_half() -> None:
+    # Three sites' worth of noise (discrete Laplace, scale 2, per bin) on 600 validation patients.
+    rng = np.random.default_rng(8)
+    scores, labels = _cohort(rng, 600)
+    exact = score_histogram(scores, labels)
+    truth = binned_quality(exact).auc
+    p = 1 - math.exp(-1 / 2.0)
+    draws, clamped = [], []
+    for _ in range(400):
+        noise = sum(rng.geometric(p, exact.shape) - rng.geometric(p, exact.shape) for _ in range(3))
+        draws.append(binned_quality(exact + noise).auc)
+        clamped.append(binned_quality(np.maximum(exact + noise, 0)).auc)
+    assert abs(float(np.mean(draws)) - truth) < 0.01
+    assert float(np.mean(clamped)) < truth - 0.02  # what clamping each bin first would report
 
 
 def test_pooling_histograms_is_the_auc_of_all_patients_together() -> None:

@@ -259,7 +259,8 @@ def test_every_reply_is_recorded_query_and_evaluate_included(home: NodeHome) -> 
     assert max(1, *records[0]["dp_releases"]["num-examples"]["output"]) == query.content["metrics"]["num-examples"]
     assert records[0]["bytes"] == query.content["metrics"].count_bytes()
     # The evaluation leaves as its noisy score histogram, and nothing else.
-    assert records[1]["arrays"] == {} and records[1]["metrics"] == sorted(SCORE_METRICS)
+    assert records[1]["arrays"] == {} and records[1]["metrics"] == sorted([*SCORE_METRICS, "epsilon", "epsilon-run"])
+    assert set(records[1]["accounting"]) == {"epsilon", "epsilon-run"}  # the ledger's, with the evaluation charged
     histogram = records[1]["dp_releases"]["eval-scores"]
     assert histogram["mechanism"] == DISCRETE_LAPLACE and histogram["scale"] == 2.0  # evaluation_epsilon 0.5
     assert [evaluate.content["metrics"][k] for k in SCORE_METRICS] == histogram["output"]
@@ -377,7 +378,7 @@ def test_the_final_evaluation_is_a_charged_noisy_histogram_answered_once(home: N
     reply = answer("evaluate", final, config)
     assert not reply.has_error(), reply.error
     sent = read_metrics(reply.content, EVAL_METRICS)
-    assert list(sent) == list(SCORE_METRICS)
+    assert set(sent) == {*SCORE_METRICS, "epsilon", "epsilon-run"}
     exact = _exact_histogram(home, final.content["arrays"])
     noise = [sent[k] - e for k, e in zip(SCORE_METRICS, exact, strict=True)]
     # Discrete Laplace at scale 2 per bin (variance 2 t^2 / (1 + ...) < 8): 40 bins differ from
