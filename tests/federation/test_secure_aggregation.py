@@ -29,6 +29,8 @@ from federation.secure_aggregation import SecureRound
 from medfed.demo import DATASET, EXAMPLE_SPEC, approve_everywhere, prepare_alliance, signed_spec
 from privacy.ledger import PrivacyLedger
 
+from .dropouts import COLLECT_STAGE, drops_out_at
+
 SECAGG_TOL = 1e-4  # SecAgg+ quantises to 2**22 levels over [-8, 8]: errors ~1e-5
 
 
@@ -139,19 +141,7 @@ def test_a_node_that_drops_out_mid_round_is_recovered_and_the_run_finishes(allia
     spec = _spec(rounds=1)
     run_id = 502
     handlers = {10 + i: _node(s.home, 10 + i, run_id) for i, s in enumerate(alliance)}
-    seen = {"train": 0}
-    holder: dict[str, InProcessGrid] = {}
-    dying = handlers[12]
-
-    def dies_before_sending_its_masked_update(message: Message) -> Message:
-        if message.metadata.message_type == "train":
-            seen["train"] += 1
-            if seen["train"] == 3:  # setup, share keys, then the collect stage: gone
-                holder["grid"].disconnect(12)
-                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=message)
-        return dying(message)
-
-    handlers[12] = dies_before_sending_its_masked_update
+    holder = drops_out_at(handlers, 12, COLLECT_STAGE)  # before it sends its masked update
     approve_everywhere(alliance, spec)
     grid = InProcessGrid(handlers, run_id=run_id)
     holder["grid"] = grid

@@ -29,6 +29,8 @@ from medfed.demo import BUDGET_DELTA, DATASET, prepare_alliance, signed_spec
 from privacy.accountant import epsilon
 from privacy.ledger import PrivacyLedger
 
+from .dropouts import COLLECT_STAGE, UNMASK_STAGE, drops_out_at
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "experiments" / "examples"
 OPTIONS = StudyOptions(min_sites=2, node_wait_seconds=0.1, approval_wait_seconds=0.1, timeout_seconds=60)
 
@@ -274,23 +276,10 @@ def test_the_coordinator_of_a_secure_study_receives_no_sites_vector(alliance, tm
 
 
 def test_a_node_that_drops_out_before_its_masked_answer_is_left_out_and_keeps_its_budget(alliance, tmp_path: Path) -> None:
-    from flwr.app import Error
-    from flwr.common.constant import ErrorCode
-
     spec = _secure(study="secure-dropout")
     run_id = 303
     handlers = {10 + i: _persistent(s.home, 10 + i, run_id) for i, s in enumerate(alliance)}
-    dying, seen, holder = handlers[12], {"train": 0}, {}
-
-    def dies_before_sending_its_masked_answer(message: Message) -> Message:
-        if message.metadata.message_type == "train":
-            seen["train"] += 1
-            if seen["train"] == 3:  # setup, share keys, then the collect stage: gone
-                holder["grid"].disconnect(12)
-                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=message)
-        return dying(message)
-
-    handlers[12] = dies_before_sending_its_masked_answer
+    holder = drops_out_at(handlers, 12, COLLECT_STAGE)  # before it sends its masked answer
     _approve(alliance, spec)
     grid = InProcessGrid(handlers, run_id=run_id)
     holder["grid"] = grid
@@ -321,23 +310,10 @@ def test_a_secure_study_needs_two_sites_whatever_min_sites_says(alliance, tmp_pa
 
 
 def test_a_node_that_drops_out_after_its_masked_answer_is_in_the_sum_and_charged(alliance, tmp_path: Path) -> None:
-    from flwr.app import Error
-    from flwr.common.constant import ErrorCode
-
     spec = _secure(study="secure-late-dropout")
     run_id = 305
     handlers = {10 + i: _persistent(s.home, 10 + i, run_id) for i, s in enumerate(alliance)}
-    dying, seen, holder = handlers[12], {"train": 0}, {}
-
-    def dies_after_sending_its_masked_answer(message: Message) -> Message:
-        if message.metadata.message_type == "train":
-            seen["train"] += 1
-            if seen["train"] == 4:  # the unmask stage: its answer is in the sum already
-                holder["grid"].disconnect(12)
-                return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=message)
-        return dying(message)
-
-    handlers[12] = dies_after_sending_its_masked_answer
+    holder = drops_out_at(handlers, 12, UNMASK_STAGE)  # after its masked answer is in the sum
     _approve(alliance, spec)
     grid = InProcessGrid(handlers, run_id=run_id)
     holder["grid"] = grid
