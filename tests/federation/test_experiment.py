@@ -73,7 +73,7 @@ def _grid(sites, run_id: int) -> InProcessGrid:
 
 
 def test_rounds_train_charge_and_track(alliance, tmp_path: Path) -> None:
-    spec = _spec()
+    spec = _spec(privacy={"evaluation_epsilon": 2.0})  # the largest: a released AUC close to the exact one
     tracker = InMemoryTracker()
     result = _run(alliance, spec, 101, tracker, tmp_path)
 
@@ -126,13 +126,16 @@ def test_fewer_nodes_than_the_minimum_stops_before_tracking(alliance, tmp_path: 
 def test_other_strategies_run(alliance, tmp_path: Path, strategy: str) -> None:
     extra = {"proximal_mu": 0.1} if strategy == "fedprox" else {"server_learning_rate": 0.3}
     tracker = InMemoryTracker()
-    # Evaluated every round: the pooled AUC of the initial model is tracked at step 0.
-    spec = _spec(federation={"strategy": strategy, "rounds": 2, **extra}, privacy={"evaluate_every_round": True})
+    # Evaluated every round: the pooled AUC of the initial model is tracked at step 0. At the
+    # largest evaluation epsilon (2) the released AUC of these validation patients stayed
+    # within 0.745-0.775 over 14 runs; at the default 0.5 it spread over 0.67-0.95.
+    spec = _spec(federation={"strategy": strategy, "rounds": 2, **extra},
+                 privacy={"evaluate_every_round": True, "evaluation_epsilon": 2.0})
     result = _run(alliance, spec, 104 if strategy == "fedprox" else 105, tracker, tmp_path)
     assert tracker.status == "FINISHED"
     assert sorted(tracker.metrics["eval_auc"]) == [0, 1, 2]
     initial = tracker.metrics["eval_auc"][0]
-    assert initial + 0.05 <= result.final["eval_auc"] <= 0.95
+    assert initial + 0.05 <= result.final["eval_auc"] <= 0.9
 
 
 # ---------------------------------------------------------------- the imaging task
