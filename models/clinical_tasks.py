@@ -1,0 +1,272 @@
+"""The alliance's clinical prediction tasks over OMOP CDM v5.4: concepts, windows, covariates.
+
+This module is the one definition of what medfed reads from a hospital's OMOP tables and
+how a task turns them into one row per unit of privacy. It is data only (no I/O): the
+node's cohort builder (``clients.hospital_node.data.cohorts``) turns it into queries, the
+spec validator (``experiments.spec``) checks a spec's ``[data.cohort]`` against it, the
+synthetic alliance (``medfed.synth_omop``) writes rows with these concepts, and
+``docs/omop_concepts.md`` lists them for people (a test keeps the two equal).
+
+Framing, as OHDSI's PatientLevelPrediction has it: a target cohort, an index date per
+row, covariates from look-back windows that end before the index date, and an outcome in
+a time-at-risk window that starts after it. Windows are days relative to the index date:
+``lookback_days = [-365, 0]`` reads ``[index - 365, index)``, the index day itself
+excluded; ``time_at_risk_days = [1, 365]`` reads ``[index + 1, index + 365]``.
+
+- **Onset tasks** (``hypertension_onset``, ``diabetes_onset``): index = the spec's
+  calendar ``index_date`` for everyone. Target: aged 18 or more at index, an observation
+  period covering the whole look-back and the index day, no diagnosis of the condition
+  (or drug for it) before index. Outcome: the condition's first diagnosis in the
+  time-at-risk. A patient without the outcome whose observation ends before the window
+  does is left out (not a negative: unknown). Unit of privacy: the patient.
+- **Pregnancy tasks** (``maternal_gdm_preeclampsia``, ``infant_lbw_preterm``): one row
+  per mother, her first pregnancy whose index falls in the spec's ``period``; index = the
+  pregnancy's start + ``index_gestation_days`` (140: 20 weeks). A pregnancy is a
+  ``pregnancy`` condition row: start = estimated conception, end = delivery. Maternal
+  outcome: gestational diabetes or pre-eclampsia diagnosed in the time-at-risk. Infant
+  outcome: at delivery, any recorded birth weight < 2500 g or gestational age < 37 weeks
+  (twins are one pregnancy: positive if either infant is). Unit of privacy: the mother;
+  her later pregnancies and her twins never add a row, so one mother is one row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "CONCEPTS",
+    "COVARIATE_KINDS",
+    "Concept",
+    "INDEX_GESTATION_DAYS",
+    "LOW_BIRTH_WEIGHT_G",
+    "PRETERM_WEEKS",
+    "SIGNALS",
+    "SIGNAL_SUMMARIES",
+    "Signal",
+    "TASKS",
+    "TYPE_DEVICE",
+    "TYPE_EHR",
+    "TYPE_SELF_REPORT",
+    "Task",
+    "covariates_of",
+]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A standard OMOP concept medfed reads: its id, table, name and (for values) unit."""
+
+    name: str
+    concept_id: int
+    domain: str  # "condition", "measurement", "observation", "drug", "gender", "unit", "type"
+    label: str  # the concept's name in the OMOP vocabulary
+    vocabulary: str  # "SNOMED 38341003", "LOINC 8480-6", "RxNorm 1202", ...
+    unit: str = ""  # the name of the unit concept values must carry (measurements)
+    plausible: tuple[float, float] | None = None  # physiologically possible range, inclusive
+
+
+def _concepts(*items: Concept) -> Mapping[str, Concept]:
+    return {c.name: c for c in items}
+
+
+CONCEPTS: Mapping[str, Concept] = _concepts(
+    # gender
+    Concept("male", 8507, "gender", "MALE", "Gender M"),
+    Concept("female", 8532, "gender", "FEMALE", "Gender F"),
+    # record types: where a measurement came from
+    Concept("ehr", 32817, "type", "EHR", "Type Concept"),
+    Concept("self_report", 32865, "type", "Patient self-report", "Type Concept"),
+    Concept("device", 32880, "type", "Standard algorithm", "Type Concept"),
+    # conditions
+    Concept("hypertension", 320128, "condition", "Essential hypertension", "SNOMED 59621000"),
+    Concept("type2_diabetes", 201826, "condition", "Type 2 diabetes mellitus", "SNOMED 44054006"),
+    Concept("pregnancy", 4299535, "condition", "Pregnant", "SNOMED 77386006"),
+    Concept("gestational_diabetes", 4024659, "condition", "Gestational diabetes mellitus", "SNOMED 11687002"),
+    Concept("preeclampsia", 439393, "condition", "Pre-eclampsia", "SNOMED 398254007"),
+    Concept("obesity", 433736, "condition", "Obesity", "SNOMED 414916001"),
+    Concept("hyperlipidemia", 432867, "condition", "Hyperlipidemia", "SNOMED 55822004"),
+    Concept("chronic_kidney_disease", 46271022, "condition", "Chronic kidney disease", "SNOMED 709044004"),
+    # measurements: clinic, lab, home and wearable
+    Concept("sbp", 3004249, "measurement", "Systolic blood pressure", "LOINC 8480-6", "mmHg", (40.0, 300.0)),
+    Concept("dbp", 3012888, "measurement", "Diastolic blood pressure", "LOINC 8462-4", "mmHg", (20.0, 200.0)),
+    Concept("heart_rate", 3027018, "measurement", "Heart rate", "LOINC 8867-4", "/min", (20.0, 250.0)),
+    Concept("glucose", 3004501, "measurement", "Glucose [Mass/volume] in Serum or Plasma", "LOINC 2345-7",
+            "mmol/L", (1.0, 45.0)),
+    Concept("hba1c", 3004410, "measurement", "Hemoglobin A1c/Hemoglobin.total in Blood", "LOINC 4548-4",
+            "%", (3.0, 20.0)),
+    Concept("bmi", 3038553, "measurement", "Body mass index (BMI) [Ratio]", "LOINC 39156-5", "kg/m2", (10.0, 90.0)),
+    Concept("body_temperature", 3020891, "measurement", "Body temperature", "LOINC 8310-5", "Cel", (30.0, 45.0)),
+    Concept("steps", 40762499, "measurement", "Number of steps in 24 hour Measured", "LOINC 41950-7",
+            "/d", (0.0, 100000.0)),
+    Concept("sleep_hours", 40762503, "measurement", "Sleep duration", "LOINC 93832-4", "h", (0.0, 24.0)),
+    Concept("birth_weight", 3001347, "measurement", "Birth weight Measured", "LOINC 8339-4", "g", (200.0, 7000.0)),
+    Concept("gestational_age_at_birth", 3048230, "measurement", "Gestational age at birth", "LOINC 76516-4",
+            "wk", (20.0, 45.0)),
+    # observations
+    Concept("current_smoker", 4298794, "observation", "Smoker", "SNOMED 77176002"),
+    Concept("family_history_hypertension", 4167217, "observation", "Family history of hypertension",
+            "SNOMED 160357008"),
+    # drugs (ingredients)
+    Concept("amlodipine", 1332418, "drug", "amlodipine", "RxNorm 17767"),
+    Concept("lisinopril", 1308216, "drug", "lisinopril", "RxNorm 29046"),
+    Concept("hydrochlorothiazide", 974166, "drug", "hydrochlorothiazide", "RxNorm 5487"),
+    Concept("metformin", 1503297, "drug", "metformin", "RxNorm 6809"),
+    # units
+    Concept("mmHg", 8876, "unit", "millimeter mercury column", "UCUM mm[Hg]"),
+    Concept("/min", 8541, "unit", "per minute", "UCUM /min"),
+    Concept("mmol/L", 8753, "unit", "millimole per liter", "UCUM mmol/L"),
+    Concept("%", 8554, "unit", "percent", "UCUM %"),
+    Concept("kg/m2", 9531, "unit", "kilogram per square meter", "UCUM kg/m2"),
+    Concept("Cel", 586323, "unit", "degree Celsius", "UCUM Cel"),
+    Concept("/d", 8512, "unit", "per day", "UCUM /d"),
+    Concept("h", 8505, "unit", "hour", "UCUM h"),
+    Concept("g", 8504, "unit", "gram", "UCUM g"),
+    Concept("wk", 8511, "unit", "week", "UCUM wk"),
+)
+
+TYPE_EHR = CONCEPTS["ehr"].concept_id
+TYPE_SELF_REPORT = CONCEPTS["self_report"].concept_id
+TYPE_DEVICE = CONCEPTS["device"].concept_id
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A home or wearable reading summarised over a window: device- or self-reported rows."""
+
+    name: str  # the measurement concept's name in CONCEPTS
+    threshold: float  # ``<name>_frac_above`` is the fraction of readings at or above it
+    alert: tuple[float, float]  # a recent reading outside [low, high] raises a rule alert
+
+
+SIGNALS: Mapping[str, Signal] = {
+    s.name: s
+    for s in (
+        Signal("sbp", 140.0, (80.0, 180.0)),
+        Signal("dbp", 90.0, (45.0, 120.0)),
+        Signal("glucose", 7.8, (3.5, 16.7)),
+        Signal("heart_rate", 100.0, (40.0, 130.0)),
+        Signal("sleep_hours", 7.0, (3.0, 14.0)),
+        Signal("steps", 7500.0, (0.0, 100000.0)),
+        Signal("body_temperature", 37.5, (35.0, 38.5)),
+    )
+}
+
+# Per signal, over the spec's reading window [index + start, index):
+#   mean, sd (of all readings), slope (per 30 days, least squares on reading time),
+#   night_mean (readings from 00:00 to 05:59 local time), frac_above (share of readings at
+#   or above the signal's threshold), days (share of the window's days with a reading:
+#   adherence). A patient with no reading in the window gets NULL for all but ``days`` (0).
+SIGNAL_SUMMARIES: tuple[str, ...] = ("mean", "sd", "slope", "night_mean", "frac_above", "days")
+
+# Every covariate a task may name, with its kind:
+#   demographic: at index; history: 1 if any record of the concept in the look-back;
+#   last: the last EHR value in the look-back (NULL if none); signal: a SIGNAL_SUMMARIES
+#   value; count: how many pregnancies ended in the look-back before this one.
+COVARIATE_KINDS: Mapping[str, str] = {
+    "age": "demographic",
+    "sex_male": "demographic",
+    "history_obesity": "history",
+    "history_hyperlipidemia": "history",
+    "history_chronic_kidney_disease": "history",
+    "history_gestational_diabetes": "history",
+    "history_preeclampsia": "history",
+    "history_hypertension": "history",
+    "current_smoker": "history",
+    "family_history_hypertension": "history",
+    "bmi_last": "last",
+    "hba1c_last": "last",
+    "glucose_last": "last",
+    "sbp_last": "last",
+    "dbp_last": "last",
+    "prior_pregnancies": "count",
+    **{f"{s}_{summary}": "signal" for s in SIGNALS for summary in SIGNAL_SUMMARIES},
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One prediction task: who is in it, what it predicts, and its default windows."""
+
+    name: str
+    description: str
+    label: str  # the label column of the task's cohort
+    outcome: tuple[str, ...]  # outcome concept names (any of them)
+    exclusion: tuple[str, ...]  # a record of any of these before index leaves a patient out
+    index: str  # "calendar": the spec's index_date; "gestation": pregnancy start + index_gestation_days
+    lookback_days: tuple[int, int]
+    reading_window_days: tuple[int, int]
+    time_at_risk_days: tuple[int, int]
+    unit_of_privacy: str
+    covariates: tuple[str, ...]  # those it may name; excluded: covariates that would restate its target
+
+
+_ALL = tuple(COVARIATE_KINDS)
+_PREGNANCY_ONLY = ("prior_pregnancies", "history_gestational_diabetes", "history_preeclampsia")
+
+TASKS: Mapping[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "hypertension_onset",
+            "Hypertension diagnosed within a year, among adults without hypertension at index",
+            "htn_onset_1y",
+            ("hypertension",),
+            ("hypertension", "amlodipine", "lisinopril", "hydrochlorothiazide"),
+            "calendar",
+            (-365, 0),
+            (-90, 0),
+            (1, 365),
+            "the patient",
+            tuple(c for c in _ALL if c not in ("history_hypertension", *_PREGNANCY_ONLY)),
+        ),
+        Task(
+            "diabetes_onset",
+            "Type 2 diabetes diagnosed within a year, among adults without diabetes at index",
+            "t2d_onset_1y",
+            ("type2_diabetes",),
+            ("type2_diabetes", "metformin"),
+            "calendar",
+            (-365, 0),
+            (-90, 0),
+            (1, 365),
+            "the patient",
+            tuple(c for c in _ALL if c not in _PREGNANCY_ONLY),
+        ),
+        Task(
+            "maternal_gdm_preeclampsia",
+            "Gestational diabetes or pre-eclampsia, from data before 20 weeks' gestation",
+            "gdm_or_preeclampsia",
+            ("gestational_diabetes", "preeclampsia"),
+            (),
+            "gestation",
+            (-365, 0),
+            (-140, 0),
+            (1, 182),
+            "the mother: her first pregnancy indexed in the period; later ones and twins add no row",
+            tuple(c for c in _ALL if c != "sex_male"),
+        ),
+        Task(
+            "infant_lbw_preterm",
+            "Low birth weight (< 2500 g) or preterm birth (< 37 weeks), from maternal and early-pregnancy data",
+            "lbw_or_preterm",
+            ("birth_weight", "gestational_age_at_birth"),
+            (),
+            "gestation",
+            (-365, 0),
+            (-140, 0),
+            (1, 182),
+            "the mother: her first pregnancy indexed in the period; twins are one row, positive if either infant is",
+            tuple(c for c in _ALL if c != "sex_male"),
+        ),
+    )
+}
+
+LOW_BIRTH_WEIGHT_G = 2500.0
+PRETERM_WEEKS = 37.0
+INDEX_GESTATION_DAYS = 140
+
+
+def covariates_of(task: str) -> tuple[str, ...]:
+    """The covariates ``task`` may name, in catalogue order."""
+    return TASKS[task].covariates
