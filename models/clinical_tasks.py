@@ -15,8 +15,8 @@ excluded; ``time_at_risk_days = [1, 365]`` reads ``[index + 1, index + 365]``.
 
 - **Onset tasks** (``hypertension_onset``, ``diabetes_onset``): index = the spec's
   calendar ``index_date`` for everyone. Target: aged 18 or more at index, an observation
-  period covering the whole look-back and the index day, no diagnosis of the condition
-  (or drug for it) before index. Outcome: the condition's first diagnosis in the
+  period covering the whole look-back and the index day, no record of the condition (or
+  of a drug for it) at any time up to and including the index day. Outcome: the condition's first diagnosis in the
   time-at-risk. A patient without the outcome whose observation ends before the window
   does is left out (not a negative: unknown). Unit of privacy: the patient.
 - **Pregnancy tasks** (``maternal_gdm_preeclampsia``, ``infant_lbw_preterm``): one row
@@ -31,11 +31,16 @@ excluded; ``time_at_risk_days = [1, 365]`` reads ``[index + 1, index + 365]``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
 
 __all__ = [
     "CONCEPTS",
+    "CohortDefinition",
+    "CohortDefinitionError",
     "COVARIATE_KINDS",
     "Concept",
     "INDEX_GESTATION_DAYS",
@@ -49,6 +54,7 @@ __all__ = [
     "TYPE_EHR",
     "TYPE_SELF_REPORT",
     "Task",
+    "cohort_problems",
     "covariates_of",
 ]
 
@@ -270,3 +276,183 @@ INDEX_GESTATION_DAYS = 140
 def covariates_of(task: str) -> tuple[str, ...]:
     """The covariates ``task`` may name, in catalogue order."""
     return TASKS[task].covariates
+
+
+@dataclass(frozen=True)
+class CohortDefinition:
+    """What a spec's ``[data.cohort]`` asks a node to build: a task, its dates, windows, covariates.
+
+    Build one with :meth:`from_mapping`, which reports every problem by field at once.
+    ``index_date`` is for calendar tasks, ``period`` (first and last index day, inclusive)
+    for pregnancy tasks; windows are ``(start, end)`` days relative to the index date as the
+    module docstring says.
+    """
+
+    task: str
+    covariates: tuple[str, ...]
+    lookback_days: tuple[int, int]
+    reading_window_days: tuple[int, int]
+    time_at_risk_days: tuple[int, int]
+    index_date: date | None = None
+    period: tuple[date, date] | None = None
+    index_gestation_days: int = INDEX_GESTATION_DAYS
+
+    @property
+    def label(self) -> str:
+        """The label column of this cohort."""
+        return TASKS[self.task].label
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], *, prefix: str = "data.cohort") -> CohortDefinition:
+        """Parse and check ``raw``; raise :class:`CohortDefinitionError` listing every problem."""
+        problems = cohort_problems(raw, prefix=prefix)
+        if problems:
+            raise CohortDefinitionError(problems)
+        task = TASKS[raw["task"]]
+        return cls(
+            task=task.name,
+            covariates=tuple(raw["covariates"]),
+            lookback_days=_window(raw.get("lookback_days"), task.lookback_days),
+            reading_window_days=_window(raw.get("reading_window_days"), task.reading_window_days),
+            time_at_risk_days=_window(raw.get("time_at_risk_days"), task.time_at_risk_days),
+            index_date=_date(raw["index_date"]) if "index_date" in raw else None,
+            period=(_date(raw["period"][0]), _date(raw["period"][1])) if "period" in raw else None,
+            index_gestation_days=int(raw.get("index_gestation_days", INDEX_GESTATION_DAYS)),
+        )
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The canonical mapping (ISO dates, lists), as a signed spec carries it."""
+        out: dict[str, Any] = {
+            "task": self.task,
+            "covariates": list(self.covariates),
+            "lookback_days": list(self.lookback_days),
+            "reading_window_days": list(self.reading_window_days),
+            "time_at_risk_days": list(self.time_at_risk_days),
+        }
+        if self.index_date is not None:
+            out["index_date"] = self.index_date.isoformat()
+        if self.period is not None:
+            out["period"] = [d.isoformat() for d in self.period]
+        if TASKS[self.task].index == "gestation":
+            out["index_gestation_days"] = self.index_gestation_days
+        return out
+
+
+class CohortDefinitionError(ValueError):
+    """A ``[data.cohort]`` table that names no known task, bad dates, or overlapping windows."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{field} {message}" for field, message in problems))
+
+
+_COHORT_KEYS = (
+    "task", "covariates", "index_date", "period", "index_gestation_days",
+    "lookback_days", "reading_window_days", "time_at_risk_days",
+)
+
+
+def _date(value: object) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(str(value))
+
+
+def _window(value: object, default: tuple[int, int]) -> tuple[int, int]:
+    return default if value is None else (int(value[0]), int(value[1]))  # type: ignore[index]
+
+
+def _date_problem(value: object) -> str | None:
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return None
+    if isinstance(value, str):
+        try:
+            date.fromisoformat(value)
+            return None
+        except ValueError:
+            pass
+    return f"must be a date (YYYY-MM-DD); found {value!r}"
+
+
+def _window_problem(value: object) -> str | None:
+    if (
+        isinstance(value, (list, tuple)) and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and value[0] <= value[1] and all(abs(v) <= 3650 for v in value)
+    ):
+        return None
+    return f"must be [start, end], whole days from the index date with start <= end, within 3650; found {value!r}"
+
+
+def cohort_problems(raw: Mapping[str, Any], *, prefix: str = "data.cohort") -> list[tuple[str, str]]:
+    """Every problem of a ``[data.cohort]`` mapping, as ``(field, message)`` pairs."""
+    if not isinstance(raw, Mapping):
+        return [(prefix, f"must be a table; found {type(raw).__name__}")]
+    problems: list[tuple[str, str]] = []
+    for key in raw:
+        if key not in _COHORT_KEYS:
+            close = difflib.get_close_matches(str(key), _COHORT_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(_COHORT_KEYS)}"
+            problems.append((f"{prefix}.{key}", f"is not a known key{hint}"))
+    name = raw.get("task")
+    task = TASKS.get(name) if isinstance(name, str) else None
+    if task is None:
+        problems.append((f"{prefix}.task", f"must be one of {', '.join(map(repr, TASKS))}; found {name!r}"))
+    covariates = raw.get("covariates")
+    if not isinstance(covariates, (list, tuple)) or not covariates or not all(isinstance(c, str) for c in covariates):
+        problems.append((f"{prefix}.covariates", f"must be a non-empty list of covariate names; found {covariates!r}"))
+    else:
+        repeated = sorted({c for c in covariates if covariates.count(c) > 1})
+        if repeated:
+            problems.append((f"{prefix}.covariates", f"lists {', '.join(map(repr, repeated))} more than once"))
+        if task is not None:
+            unknown = [c for c in covariates if c not in task.covariates]
+            if unknown:
+                problems.append((
+                    f"{prefix}.covariates",
+                    f"names {', '.join(map(repr, unknown))}, which task {task.name!r} cannot provide; "
+                    f"it provides: {', '.join(task.covariates)}",
+                ))
+    windows = {}
+    for key in ("lookback_days", "reading_window_days", "time_at_risk_days"):
+        if key in raw:
+            problem = _window_problem(raw[key])
+            if problem:
+                problems.append((f"{prefix}.{key}", problem))
+            else:
+                windows[key] = tuple(raw[key])
+        elif task is not None:
+            windows[key] = getattr(task, key)
+    for key in ("lookback_days", "reading_window_days"):
+        if key in windows and windows[key][1] > 0:
+            problems.append((f"{prefix}.{key}", f"must end on or before the index day (end <= 0): covariates come "
+                                                f"only from before the index date; found {list(windows[key])}"))
+    if "time_at_risk_days" in windows:
+        tar = windows["time_at_risk_days"]
+        if tar[0] < 1:
+            problems.append((f"{prefix}.time_at_risk_days", f"must start after the index day (start >= 1); found {list(tar)}"))
+    if task is not None and task.index == "calendar":
+        if "index_date" not in raw:
+            problems.append((f"{prefix}.index_date", f"is required for task {task.name!r} (the calendar index date)"))
+        for key in ("period", "index_gestation_days"):
+            if key in raw:
+                problems.append((f"{prefix}.{key}", f"applies only to pregnancy tasks, not {task.name!r}"))
+    if task is not None and task.index == "gestation":
+        if "period" not in raw:
+            problems.append((f"{prefix}.period", f"is required for task {task.name!r}: [first, last] index date"))
+        if "index_date" in raw:
+            problems.append((f"{prefix}.index_date", f"applies only to calendar tasks; {task.name!r} uses period"))
+        days = raw.get("index_gestation_days", INDEX_GESTATION_DAYS)
+        if not isinstance(days, int) or isinstance(days, bool) or not 28 <= days <= 182:
+            problems.append((f"{prefix}.index_gestation_days", f"must be whole days from 28 to 182; found {days!r}"))
+    if "index_date" in raw and (problem := _date_problem(raw["index_date"])):
+        problems.append((f"{prefix}.index_date", problem))
+    if "period" in raw:
+        period = raw["period"]
+        if not isinstance(period, (list, tuple)) or len(period) != 2:
+            problems.append((f"{prefix}.period", f"must be [first, last] dates; found {period!r}"))
+        else:
+            bad = [p for p in (_date_problem(v) for v in period) if p]
+            if bad:
+                problems.append((f"{prefix}.period", bad[0]))
+            elif _date(period[0]) > _date(period[1]):
+                problems.append((f"{prefix}.period", f"must not end before it starts; found {list(map(str, period))}"))
+    return problems
