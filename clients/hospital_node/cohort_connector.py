@@ -27,14 +27,16 @@ import numpy as np
 
 from clients.hospital_node.connectors import MIN_ROWS, TabularData, split_fraction
 from clients.hospital_node.errors import ConnectorError
+from federation.protocol import ProtocolError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from clients.hospital_node.home import DatasetEntry, NodeHome
     from models.clinical_tasks import CohortDefinition
+    from privacy.query import StatisticsQuery
 
-__all__ = ["cohort_arrays", "load_cohort"]
+__all__ = ["cohort_arrays", "load_cohort", "run_cohort", "study_cohort"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def load_cohort(
     removes the copy once read; copies of runs that never ended go after
     :data:`_STALE_SECONDS`.
     """
-    table = _run_cohort(home, entry, definition, run=run, last=last)
+    table = run_cohort(home, entry, definition, run=run, last=last)
     return cohort_arrays(
         table,
         source=f"cohort {definition.task!r} of dataset {entry.name!r}",
@@ -72,7 +74,11 @@ def load_cohort(
 _STALE_SECONDS = 7 * 24 * 3600
 
 
-def _run_cohort(home: NodeHome, entry: DatasetEntry, definition: CohortDefinition, *, run: str, last: bool) -> pa.Table:
+def run_cohort(home: NodeHome, entry: DatasetEntry, definition: CohortDefinition, *, run: str, last: bool = False) -> pa.Table:
+    """The cohort of ``definition`` for run ``run``: built from one snapshot on first use, then kept.
+
+    Kept owner-only in the node home's scratch folder until the run's ``last`` read.
+    """
     import hashlib
     import json
     import os
@@ -155,3 +161,17 @@ def cohort_arrays(
         x_val=np.ascontiguousarray(x[is_val]),
         y_val=np.ascontiguousarray(y[is_val]),
     )
+
+
+def study_cohort(query: StatisticsQuery) -> CohortDefinition:
+    """The cohort a study asks for: its covariates are the declared columns but the task's label."""
+    from models.clinical_tasks import TASKS as CLINICAL_TASKS
+    from models.clinical_tasks import CohortDefinition, CohortDefinitionError
+
+    assert query.cohort is not None
+    task = CLINICAL_TASKS.get(query.cohort.get("task"))
+    covariates = [name for name in query.column_names if task is None or name != task.label]
+    try:
+        return CohortDefinition.from_mapping({**query.cohort, "covariates": covariates})
+    except CohortDefinitionError as err:
+        raise ProtocolError(f"the study's cohort cannot be built on this node: {err}") from None
