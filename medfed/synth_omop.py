@@ -933,8 +933,13 @@ def _arrow(name: str, columns: Mapping[str, np.ndarray]) -> pa.Table:
 
 def _write(table: pa.Table, path: Path) -> None:
     # Through Python's file object, so a refused write is an OSError with its errno (the CLI's hints).
-    with open(path, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
+    try:
+        with open(path, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd")
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def write_omop_alliance(out: Path, *, n_hospitals: int, seed: int, patients_scale: float = 1.0) -> list[OmopSite]:
