@@ -245,6 +245,30 @@ def test_truth_prevalence_and_oracle_auc_are_in_band(alliance: list[OmopSite], t
     assert abs(rows["true_risk"].mean() - rows["label"].mean()) < 0.04
 
 
+@pytest.mark.parametrize(
+    ("task", "signal", "floor"),
+    [("hypertension_onset", "sbp", 0.7), ("diabetes_onset", "glucose", 0.65),
+     ("maternal_gdm_preeclampsia", "glucose", 0.65)],
+)
+def test_home_readings_before_the_index_carry_the_risk(
+    alliance: list[OmopSite], db: duckdb.DuckDBPyConnection, task: str, signal: str, floor: float
+) -> None:
+    """The latent factors behind the outcome show in the readings a model will see (reading window only)."""
+    db.register("truth_rows", truth(alliance, task))
+    start = TASKS[task].reading_window_days[0]
+    try:
+        seen = db.execute(f"""
+            SELECT t.label, avg(m.value_as_number) AS mean FROM truth_rows t JOIN measurement m
+              ON m.person_id = t.person_id AND m.measurement_concept_id = {CONCEPTS[signal].concept_id}
+             AND m.measurement_type_concept_id IN ({TYPE_DEVICE}, {TYPE_SELF_REPORT})
+             AND m.measurement_date >= t.index_date + {start} AND m.measurement_date < t.index_date
+            GROUP BY t.person_id, t.label""").df()
+    finally:
+        db.unregister("truth_rows")
+    assert len(seen) > 100 and seen["label"].sum() > 10
+    assert auc(seen["mean"].to_numpy(), seen["label"].to_numpy()) > floor
+
+
 @pytest.mark.parametrize("task", ["hypertension_onset", "diabetes_onset"])
 def test_onset_truth_is_what_the_task_rules_give_on_the_tables(
     alliance: list[OmopSite], db: duckdb.DuckDBPyConnection, task: str
