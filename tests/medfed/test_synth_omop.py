@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -58,13 +59,22 @@ def alliance(tmp_path_factory: pytest.TempPathFactory) -> list[OmopSite]:
 
 
 @pytest.fixture(scope="module")
-def db(alliance: list[OmopSite]) -> duckdb.DuckDBPyConnection:
+def database(alliance: list[OmopSite]) -> Iterator[duckdb.DuckDBPyConnection]:
     """One view per OMOP table over every hospital's Parquet file."""
     connection = duckdb.connect()
     for table in TABLES:
         files = ", ".join(f"'{site.folder / f'{table}.parquet'}'" for site in alliance)
         connection.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{files}])")
-    return connection
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def db(database: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A cursor of its own per test (a result one test leaves open never blocks the next)."""
+    cursor = database.cursor()
+    yield cursor
+    cursor.close()
 
 
 def truth(alliance: list[OmopSite], name: str) -> pd.DataFrame:
