@@ -210,12 +210,13 @@ class _Mix:
 
 def _mix(rng: np.random.Generator, site_index: int, scale: float) -> _Mix:
     tier = TIER_3 if site_index % 3 == 1 else TIER_2
+    # Draw order matters to reproducibility: keep it when adding a field (append new draws last).
     if tier == TIER_3:
-        n, age_mean, bmi_shift, bp_shift, visit_rate = rng.integers(2000, 3001), rng.uniform(52, 57), \
-            rng.uniform(0.5, 1.5), rng.uniform(1.0, 3.0), rng.uniform(2.2, 3.0)
-        urban = rng.uniform(0.7, 0.9)
+        n = rng.integers(2000, 3001)
+        age_mean, bmi_shift, bp_shift = rng.uniform(52, 57), rng.uniform(0.5, 1.5), rng.uniform(1.0, 3.0)
+        visit_rate, urban = rng.uniform(2.2, 3.0), rng.uniform(0.7, 0.9)
     else:
-        small = site_index % 3 == 2
+        small = site_index % 3 == 2  # too few patients for a good local-only model
         n = rng.integers(150, 301) if small else rng.integers(400, 1001)
         age_mean, bmi_shift, bp_shift = rng.uniform(40, 47), rng.uniform(-0.6, 0.6), rng.uniform(-2.0, 1.0)
         visit_rate, urban = rng.uniform(1.4, 2.0), rng.uniform(0.2, 0.6)
