@@ -393,6 +393,11 @@ def _read_password(path: Path | None) -> str:
     return password
 
 
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
 def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
@@ -407,7 +412,7 @@ def _stage_postgres(connection: duckdb.DuckDBPyConnection, source: OmopSource, w
     try:
         database = psycopg.connect(source.location, password=password, connect_timeout=_CONNECT_TIMEOUT_S)
     except psycopg.Error as err:
-        reason = _scrub(str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__, password)
+        reason = _scrub(_one_line(err), password)
         raise OmopSourceError(
             f"cannot connect to PostgreSQL {where}: {reason}; check the URL, that the server is up "
             "and reachable, and the password file"
@@ -449,7 +454,7 @@ def _stage_postgres(connection: duckdb.DuckDBPyConnection, source: OmopSource, w
                 _view_over(connection, name, staged)
                 logger.debug("staged %d rows of %s from PostgreSQL", rows, name)
     except psycopg.Error as err:
-        reason = _scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, password)
+        reason = _scrub(_one_line(err), password)
         raise OmopSourceError(f"cannot read PostgreSQL {where}: {reason}") from None
     finally:
         database.close()
