@@ -32,7 +32,7 @@ from federation.protocol import ProtocolError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from clients.hospital_node.home import DatasetEntry, NodeHome
+    from clients.hospital_node.home import DatasetEntry
     from models.clinical_tasks import CohortDefinition
     from privacy.query import StatisticsQuery
 
@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 
 def load_cohort(
-    home: NodeHome,
     entry: DatasetEntry,
     definition: CohortDefinition,
     scaling: Mapping[str, tuple[float, float]],
@@ -53,13 +52,13 @@ def load_cohort(
     """Build ``definition`` from the OMOP source ``entry``, once per run, as split, scaled arrays.
 
     The first message of run ``run`` reads the source in one snapshot and keeps the built
-    cohort in the node home (owner-only); the run's later messages read that copy, so every
+    cohort in the dataset's staging folder (owner-only); the run's later messages read that copy, so every
     round of a run trains on the same patients even while the source changes (a PostgreSQL
     source is read as one consistent snapshot per run). ``last`` (the final evaluation)
     removes the copy once read; copies of runs that never ended go after
     :data:`_STALE_SECONDS`.
     """
-    table = run_cohort(home, entry, definition, run=run, last=last)
+    table = run_cohort(entry, definition, run=run, last=last)
     return cohort_arrays(
         table,
         source=f"cohort {definition.task!r} of dataset {entry.name!r}",
@@ -74,10 +73,10 @@ def load_cohort(
 _STALE_SECONDS = 7 * 24 * 3600
 
 
-def run_cohort(home: NodeHome, entry: DatasetEntry, definition: CohortDefinition, *, run: str, last: bool = False) -> pa.Table:
+def run_cohort(entry: DatasetEntry, definition: CohortDefinition, *, run: str, last: bool = False) -> pa.Table:
     """The cohort of ``definition`` for run ``run``: built from one snapshot on first use, then kept.
 
-    Kept owner-only in the node home's scratch folder until the run's ``last`` read.
+    Kept owner-only in the dataset's staging folder until the run's ``last`` read.
     """
     import hashlib
     import json
@@ -89,7 +88,7 @@ def run_cohort(home: NodeHome, entry: DatasetEntry, definition: CohortDefinition
     from clients.hospital_node.data.cohorts import build_cohort
     from clients.hospital_node.data.sources import open_snapshot
 
-    folder = home.path / "scratch" / "cohorts"
+    folder = entry.path / "cohorts"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     now = time.time()
     for old in folder.glob("*.parquet"):
@@ -101,7 +100,7 @@ def run_cohort(home: NodeHome, entry: DatasetEntry, definition: CohortDefinition
         table = pq.read_table(path)
     else:
         assert entry.omop is not None  # an entry of kind "omop" carries its source
-        with open_snapshot(entry.omop, scratch=home.path / "scratch") as snapshot:
+        with open_snapshot(entry.omop, scratch=entry.path) as snapshot:
             table = build_cohort(snapshot.connection, definition)
         partial = path.with_suffix(".partial")
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -992,7 +992,7 @@ def _cohort_refusals(home: NodeHome, dataset: str, minimum: int, *, cohort: Mapp
             from models.clinical_tasks import CohortDefinition
 
             assert entry.omop is not None
-            with open_snapshot(entry.omop, scratch=home.path / "scratch") as snapshot:
+            with open_snapshot(entry.omop, scratch=entry.path) as snapshot:
                 patients = build_cohort(snapshot.connection, CohortDefinition.from_mapping(cohort)).num_rows
         elif entry.kind == "imaging":
             from clients.hospital_node.imaging_connector import ImagingConnector

@@ -323,7 +323,7 @@ def _study_frame(home: NodeHome, query: StatisticsQuery, *, run: str, last: bool
 
     from clients.hospital_node.cohort_connector import run_cohort, study_cohort
 
-    table = run_cohort(home, entry, study_cohort(query), run=run, last=last)
+    table = run_cohort(entry, study_cohort(query), run=run, last=last)
     return pl.from_arrow(table).lazy()
 
 
