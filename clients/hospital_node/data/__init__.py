@@ -1,0 +1,1 @@
+"""The node's data: OMOP sources, their validation, cohorts and local scoring."""
