@@ -2,8 +2,9 @@
 
 ``omop_tables`` (the OMOP CDM v5.4 subset medfed reads: tables, columns, DuckDB types),
 ``sources`` (OmopSource, open_snapshot, OmopSnapshot: a folder, SQLite file or PostgreSQL
-database as DuckDB views), ``validation`` (the cleaning rules and the ValidationReport).
+database as DuckDB views), ``validation`` (the cleaning rules and the ValidationReport),
+``cohorts`` (build_cohort: one row per unit of privacy from those views).
 Import-light: nothing here imports duckdb, pyarrow or psycopg at package import.
 """
 
-__all__ = ["omop_tables", "sources", "validation"]
+__all__ = ["cohorts", "omop_tables", "sources", "validation"]
