@@ -243,6 +243,7 @@ def save_scoring_weights(spec: ExperimentSpec, model: Any, output_dir: Path) -> 
         scaling={k: (float(v[0]), float(v[1])) for k, v in spec.data.scaling.items()},
         cohort=data.get("cohort"),
         medfed_version=version,
+        spec_json=spec.canonical_json(),
     )
     path = output_dir / WEIGHTS_FILE
     save_weights(path, model.state_dict(), metadata)

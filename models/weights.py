@@ -16,6 +16,9 @@ The metadata ties the weights to what the nodes approved (:class:`WeightsMetadat
 ``scaling``         JSON object ``{feature: [center, scale]}``; a feature becomes ``(x - center) / scale``
 ``cohort``          JSON of the spec's ``[data.cohort]`` (``null`` when the spec has none)
 ``medfed_version``  the medfed release that wrote the file
+``spec``            (optional) the canonical spec JSON itself; it must hash to ``spec_digest``, so
+                    a node whose officer approved the digest before the spec reached it can
+                    still read what it approved
 
 :func:`load_weights` refuses, with a message naming the file and what is wrong, a file
 that is not safetensors (a pickle or a ``torch.save`` zip is recognised and named as
@@ -26,6 +29,7 @@ one path given.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -66,6 +70,7 @@ class WeightsMetadata:
     cohort: Mapping[str, Any] | None = None
     hidden: tuple[int, ...] = ()
     medfed_version: str = ""
+    spec_json: str = ""  # the canonical JSON of the spec, when the writer includes it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
@@ -86,6 +91,8 @@ class WeightsMetadata:
                 problems.append(f"scaling.{name} is not one of the features")
             if not (math.isfinite(center) and math.isfinite(scale) and scale > 0):
                 problems.append(f"scaling.{name} must be a finite center and a finite scale > 0")
+        if self.spec_json and hashlib.sha256(self.spec_json.encode("utf-8")).hexdigest() != self.spec_digest:
+            problems.append("spec does not hash to spec_digest (the weights were altered or mislabelled)")
         if self.model_kind == "logistic" and self.hidden:
             problems.append("hidden applies only to model_kind 'mlp'")
         if problems:
@@ -102,6 +109,7 @@ class WeightsMetadata:
             "scaling": json.dumps({k: [c, s] for k, (c, s) in sorted(self.scaling.items())}, sort_keys=True),
             "cohort": json.dumps(None if self.cohort is None else dict(self.cohort), sort_keys=True),
             "medfed_version": self.medfed_version,
+            **({"spec": self.spec_json} if self.spec_json else {}),
         }
 
     @classmethod
@@ -146,6 +154,7 @@ class WeightsMetadata:
                 cohort=parsed["cohort"],
                 hidden=tuple(parsed["hidden"]),
                 medfed_version=raw["medfed_version"],
+                spec_json=raw.get("spec", ""),
             )
         except WeightsError as err:
             raise WeightsError(f"{where}: {err}") from None

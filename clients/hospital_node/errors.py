@@ -4,6 +4,7 @@
     ├── NodeHomeError          the node home or its node.toml is missing or invalid
     ├── DatasetNotFoundError   a dataset name is not registered on this node (also a KeyError)
     ├── ConnectorError         a dataset file cannot be read or fails validation (also a ValueError)
+    ├── ScoringError           local scoring refused: bad or unapproved weights, inputs that differ (also a ValueError)
     ├── AuditVerificationError the audit log failed verification: edited, deleted, reordered ...
     └── NodeServiceError       enrolment, the SuperNode process or the coordinator's TLS refused
 
@@ -22,6 +23,7 @@ __all__ = [
     "NodeError",
     "NodeHomeError",
     "NodeServiceError",
+    "ScoringError",
 ]
 
 
@@ -66,6 +68,10 @@ def _dataset_not_found(name: str, node: str, registered: tuple[str, ...]) -> Dat
 
 class ConnectorError(NodeError, ValueError):
     """A dataset file cannot be read, or its content does not fit its registration."""
+
+
+class ScoringError(NodeError, ValueError):
+    """Local scoring refused: weights that are not safetensors, not approved, or not the approved spec's model and inputs."""
 
 
 class AuditVerificationError(NodeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import struct
@@ -129,3 +130,11 @@ def test_a_truncated_header_is_refused(tmp_path: Path) -> None:
 def test_bad_metadata_names_the_field() -> None:
     with pytest.raises(WeightsError, match="scaling.pulse is not one of the features"):
         _metadata(scaling={"pulse": (0.0, 1.0)})
+
+
+def test_a_carried_spec_must_hash_to_the_digest() -> None:
+    spec = '{"data":{"dataset":"htn"}}'
+    digest = hashlib.sha256(spec.encode()).hexdigest()
+    assert _metadata(spec_digest=digest, spec_json=spec).spec_json == spec
+    with pytest.raises(WeightsError, match="spec does not hash to spec_digest"):
+        _metadata(spec_json=spec)
