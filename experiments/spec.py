@@ -54,6 +54,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, fiel
 from pydantic_core import PydanticCustomError
 
 from experiments.errors import SpecError
+from models.clinical_tasks import TASKS as CLINICAL_TASKS
+from models.clinical_tasks import CohortDefinition, cohort_problems
 from privacy import limits
 from privacy.accountant import epsilon_bound, steps_per_epoch
 from privacy.events import DPEvent
@@ -162,6 +164,23 @@ class DataSection(_Table):
     features: Annotated[tuple[Text, ...], Field(min_length=1)] | None = None
     label: Text | None = None
     scaling: dict[Text, tuple[Number, Positive]] = Field(default_factory=dict)
+    # A cohort the node builds from an OMOP source (models.clinical_tasks): the task, its
+    # dates and windows; its covariates are `features`. Kept in canonical form (ISO dates,
+    # every window filled) so that the signed spec says exactly what each node builds.
+    cohort: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_cohort(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("cohort"), Mapping) or "covariates" in raw["cohort"]:
+            return raw
+        try:
+            definition = CohortDefinition.from_mapping({**raw["cohort"], "covariates": list(raw.get("features") or ())})
+        except (ValueError, TypeError, KeyError, IndexError):
+            return raw  # table_problems reports it, by field
+        canonical = definition.to_mapping()
+        del canonical["covariates"]
+        return {**raw, "cohort": canonical}
 
     @field_validator("features")
     @classmethod
@@ -184,6 +203,8 @@ class DataSection(_Table):
         label = raw.get("label")
         if isinstance(label, str) and label in features:
             problems.append(("label", f"data.label {label!r} must not also be one of data.features"))
+        if raw.get("cohort") is not None:
+            problems += cls._cohort_problems(raw, features)
         scaling = raw.get("scaling")
         if isinstance(scaling, Mapping):
             for key in scaling:
@@ -191,6 +212,29 @@ class DataSection(_Table):
                     problems.append(
                         ("scaling", f"data.scaling.{key} is not one of data.features{_did_you_mean(key, features)}")
                     )
+        return problems
+
+    @staticmethod
+    def _cohort_problems(raw: Mapping[str, Any], features: Sequence[str]) -> list[tuple[str, str]]:
+        """A cohort's own problems (its covariates are data.features), its label, and its scaling."""
+        cohort = raw["cohort"]
+        if not isinstance(cohort, Mapping):
+            return [("cohort", f"data.cohort must be a table; found {_show(cohort)}")]
+        if "covariates" in cohort:
+            return [("cohort", "data.cohort.covariates is not a key: a cohort's covariates are data.features")]
+        problems = []
+        for field, message in cohort_problems({**cohort, "covariates": list(features)}):
+            field = "data.features" if field == "data.cohort.covariates" else field
+            problems.append(("cohort", f"{field} {message}"))
+        task = CLINICAL_TASKS.get(cohort.get("task")) if isinstance(cohort.get("task"), str) else None
+        if task is not None and raw.get("label") != task.label:
+            problems.append(("label", f"data.label must be {task.label!r}, the label of task {task.name!r}; "
+                                      f"found {raw.get('label')!r}"))
+        scaling = raw.get("scaling") if isinstance(raw.get("scaling"), Mapping) else {}
+        unscaled = [f for f in features if f not in scaling]
+        if unscaled:
+            problems.append(("scaling", f"data.scaling needs (center, scale) for every covariate of a cohort, "
+                                        f"the center also standing in for a missing value; missing: {', '.join(unscaled)}"))
         return problems
 
 
@@ -533,6 +577,7 @@ _TASK_SPECIFIC_KEYS = (("data", "features"), ("data", "label"), ("model", "chann
 _LATER_KEYS: dict[tuple[str, str], object] = {
     ("federation", "approval_wait_seconds"): 3600.0,
     ("privacy", "min_cohort_size"): None,
+    ("data", "cohort"): None,
     ("privacy", "count_epsilon"): limits.DEFAULT_COUNT_EPSILON,
     ("privacy", "evaluation_epsilon"): limits.DEFAULT_EVALUATION_EPSILON,
     ("privacy", "evaluate_every_round"): False,
@@ -566,7 +611,7 @@ def _task_problems(raw: Mapping[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         if imaging is None:
             problems.append((("imaging",), f"the [imaging] table is required for experiment.task = '{IMAGING_TASK}'"))
         if data is not None:
-            for key in ("features", "label", "scaling"):
+            for key in ("features", "label", "scaling", "cohort"):
                 if data.get(key):
                     problems.append((
                         ("data", key),

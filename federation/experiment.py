@@ -170,6 +170,7 @@ def instruction_for(spec: ExperimentSpec, plan: PrivacySchedule) -> TrainInstruc
         features=tuple(spec.data.features or ()),
         label=spec.data.label or "",
         scaling={k: (float(v[0]), float(v[1])) for k, v in spec.data.scaling.items()},
+        cohort=spec.data.cohort,
         task=spec.experiment.task,
         imaging=imaging,
         model_kind=spec.model.kind,

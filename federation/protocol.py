@@ -100,6 +100,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord
 
+from models.clinical_tasks import CohortDefinition, CohortDefinitionError
 from models.evaluation import SCORE_BINS
 from privacy import limits
 
@@ -400,6 +401,9 @@ class TrainInstruction:
     task: str = TABULAR_TASK
     channels: tuple[int, ...] = ()
     imaging: ImagingInstruction | None = None
+    # The spec's data.cohort, canonical (models.clinical_tasks.CohortDefinition without its
+    # covariates, which are `features`): the node builds this cohort from its OMOP source.
+    cohort: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -440,18 +444,39 @@ class TrainInstruction:
                 problems.append("features must not be empty")
             if self.imaging is not None or self.channels:
                 problems.append(f"imaging and channels apply only to task {IMAGING_TASK}")
+            if self.cohort is not None:
+                problems += self._cohort_problems()
             return problems
         if self.imaging is None:
             problems.append(f"task {IMAGING_TASK} needs its imaging parameters")
         else:
             problems += self.imaging.problems()
-        if self.features or self.label or self.scaling:
-            problems.append(f"features, label and scaling apply only to task {TABULAR_TASK}")
+        if self.features or self.label or self.scaling or self.cohort is not None:
+            problems.append(f"features, label, scaling and cohort apply only to task {TABULAR_TASK}")
         if not self.channels or not all(isinstance(c, int) and c >= 1 for c in self.channels):
             problems.append(f"channels must be one or more positive integers; found {list(self.channels)}")
         elif self.imaging is not None and isinstance(self.imaging.size, int) and self.imaging.size % 2 ** len(self.channels):
             problems.append(f"imaging.size must be a multiple of 2 ** len(channels) = {2 ** len(self.channels)}")
         return problems
+
+    def _cohort_problems(self) -> list[str]:
+        if not isinstance(self.cohort, Mapping) or "covariates" in self.cohort:
+            return ["cohort must be a table without covariates (they are the features)"]
+        try:
+            definition = self.cohort_definition()
+        except CohortDefinitionError as err:
+            return [f"cohort: {err}"]
+        problems = []
+        if definition.label != self.label:
+            problems.append(f"label must be {definition.label!r} for cohort task {definition.task!r}; found {self.label!r}")
+        if set(self.features) - set(self.scaling):
+            problems.append("every feature of a cohort needs a scaling (its center stands in for a missing value)")
+        return problems
+
+    def cohort_definition(self) -> CohortDefinition:
+        """The cohort to build: the instruction's cohort with the features as covariates."""
+        assert self.cohort is not None
+        return CohortDefinition.from_mapping({**self.cohort, "covariates": list(self.features)})
 
     def to_json(self) -> str:
         """Serialise to the canonical JSON carried in a ConfigRecord."""
@@ -583,6 +608,8 @@ def spec_mismatches(instruction: TrainInstruction, spec: Mapping[str, Any]) -> l
         scaling = {k: [c, s] for k, (c, s) in instruction.scaling.items()}
         if scaling != (get("data", "scaling") or {}):
             problems.append("scaling differs from the signed spec's data.scaling")
+        if (dict(instruction.cohort) if instruction.cohort is not None else None) != get("data", "cohort"):
+            problems.append("cohort differs from the signed spec's data.cohort")
         return problems + _noise_mismatch(instruction, get("privacy", "noise_multiplier"))
     if list(instruction.channels) != get("model", "channels"):
         problems.append("channels differ from the signed spec's model.channels")

@@ -397,8 +397,8 @@ def cohort_problems(raw: Mapping[str, Any], *, prefix: str = "data.cohort") -> l
     if task is None:
         problems.append((f"{prefix}.task", f"must be one of {', '.join(map(repr, TASKS))}; found {name!r}"))
     covariates = raw.get("covariates")
-    if not isinstance(covariates, (list, tuple)) or not covariates or not all(isinstance(c, str) for c in covariates):
-        problems.append((f"{prefix}.covariates", f"must be a non-empty list of covariate names; found {covariates!r}"))
+    if not isinstance(covariates, (list, tuple)) or not all(isinstance(c, str) for c in covariates):
+        problems.append((f"{prefix}.covariates", f"must be a list of covariate names; found {covariates!r}"))
     else:
         repeated = sorted({c for c in covariates if covariates.count(c) > 1})
         if repeated:

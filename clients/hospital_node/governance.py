@@ -69,6 +69,7 @@ from federation.protocol import (
     REFUSED_SIGNATURE,
     STATISTICS_ACTION,
     STATISTICS_TASK,
+    ProtocolError,
     SignedSpec,
     TrainInstruction,
     is_statistics_spec,
@@ -432,12 +433,17 @@ def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, r
 def _check_study(home: NodeHome, query: StatisticsQuery) -> None:
     """What a query may ask of this node's dataset, checked against its registration and policy: no row is read."""
     entry = home.dataset(query.dataset)
-    if entry.kind != "tabular":
-        raise Refusal(
-            REFUSED_DATASET, f"dataset '{query.dataset}' is of kind '{entry.kind}'; a statistics study needs a tabular dataset"
-        )
-    for problem in study_column_problems(entry, query):
-        raise Refusal(REFUSED_DATASET, problem)
+    wanted = "omop" if query.cohort is not None else "tabular"
+    if entry.kind != wanted:
+        what = "a study with data.cohort needs an OMOP source" if query.cohort is not None else "a statistics study needs a tabular dataset"
+        raise Refusal(REFUSED_DATASET, f"dataset '{query.dataset}' is of kind '{entry.kind}'; {what}")
+    if query.cohort is not None:
+        from clients.hospital_node.cohort_connector import study_cohort
+
+        study_cohort(query)  # the cohort's columns are the task's covariates and label, checked here
+    else:
+        for problem in study_column_problems(entry, query):
+            raise Refusal(REFUSED_DATASET, problem)
     policy = home.policy()
     if query.n_cells > policy.max_cells:
         raise Refusal(
@@ -943,12 +949,14 @@ def foreseen_refusals(home: NodeHome, spec_digest: str, dataset: str, *, max_eps
     if study:
         return reasons + _study_refusals(home, spec, policy)
     kind = home.dataset(dataset).kind
-    wanted = "imaging" if task == IMAGING_TASK else "tabular"
+    data = spec.get("data") if isinstance(spec.get("data"), dict) else {}
+    cohort = data.get("cohort")
+    wanted = "imaging" if task == IMAGING_TASK else "omop" if cohort is not None else "tabular"
     if kind != wanted:
         reasons.append(f"dataset '{dataset}' is of kind '{kind}'; task {task} needs a dataset of kind '{wanted}'")
         return reasons
     minimum = max(policy.min_cohort_size, int(spec.get("privacy", {}).get("min_cohort_size") or 0))
-    reasons += _cohort_refusals(home, dataset, minimum)
+    reasons += _cohort_refusals(home, dataset, minimum, cohort={**cohort, "covariates": data.get("features")} if cohort else None)
     return reasons
 
 
@@ -965,14 +973,28 @@ def _study_refusals(home: NodeHome, spec: Mapping[str, Any], policy: NodePolicy)
         _check_study(home, query)
     except Refusal as err:
         return [err.reason]
+    except ProtocolError as err:
+        return [str(err)]
     return _cohort_refusals(home, query.dataset, policy.min_cohort_size)
 
 
-def _cohort_refusals(home: NodeHome, dataset: str, minimum: int) -> list[str]:
-    """The query's cohort check, run ahead: the count stays on the node and out of the message."""
+def _cohort_refusals(home: NodeHome, dataset: str, minimum: int, *, cohort: Mapping[str, Any] | None = None) -> list[str]:
+    """The query's cohort check, run ahead: the count stays on the node and out of the message.
+
+    For an OMOP source, ``cohort`` is the spec's cohort (its covariates included), built here
+    from a fresh snapshot of the source.
+    """
     entry = home.dataset(dataset)
     try:
-        if entry.kind == "imaging":
+        if cohort is not None:
+            from clients.hospital_node.data.cohorts import build_cohort
+            from clients.hospital_node.data.sources import open_snapshot
+            from models.clinical_tasks import CohortDefinition
+
+            assert entry.omop is not None
+            with open_snapshot(entry.omop, scratch=home.path / "scratch") as snapshot:
+                patients = build_cohort(snapshot.connection, CohortDefinition.from_mapping(cohort)).num_rows
+        elif entry.kind == "imaging":
             from clients.hospital_node.imaging_connector import ImagingConnector
 
             patients = ImagingConnector(home, entry).labelled_patients()

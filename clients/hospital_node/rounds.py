@@ -320,10 +320,14 @@ def _check_accounting(instruction: TrainInstruction) -> None:
         )
 
 
-def _load(home: NodeHome, instruction: TrainInstruction) -> TabularData | ImagingData:
-    """The dataset's arrays, split by patient: TabularData or ImagingData, per the task."""
+def _load(home: NodeHome, instruction: TrainInstruction, *, run: str, last: bool = False) -> TabularData | ImagingData:
+    """The dataset's arrays, split by patient: TabularData or ImagingData, per the task.
+
+    A cohort is built once per ``run`` (``last``: the run's final read), see
+    :func:`clients.hospital_node.cohort_connector.load_cohort`.
+    """
     entry = home.dataset(instruction.dataset)
-    wanted = "imaging" if instruction.task == IMAGING_TASK else "tabular"
+    wanted = "imaging" if instruction.task == IMAGING_TASK else "omop" if instruction.cohort is not None else "tabular"
     if entry.kind != wanted:
         raise Refusal(
             REFUSED_DATASET,
@@ -335,6 +339,10 @@ def _load(home: NodeHome, instruction: TrainInstruction) -> TabularData | Imagin
 
         assert instruction.imaging is not None  # TrainInstruction checks it
         return ImagingConnector(home, entry).load(instruction.imaging)
+    if instruction.cohort is not None:
+        from clients.hospital_node.cohort_connector import load_cohort
+
+        return load_cohort(home, entry, instruction.cohort_definition(), instruction.scaling, run=run, last=last)
     from clients.hospital_node.connectors import TabularConnector
 
     if entry.label_column != instruction.label:
@@ -433,7 +441,7 @@ def _check_cohort(
 def _query(home: NodeHome, instruction: TrainInstruction, request: _Request, admission: Admission) -> RecordDict:
     # Cheap on purpose: every check short of training, without importing torch, so the
     # query wave costs little more than Flower's floor for a wave.
-    data = _load(home, instruction)
+    data = _load(home, instruction, run=request.run_id)
     _check_cohort(home, data, instruction, admission, request)
     weight = _training_count(home, instruction, request, admission, data.n_train)
     return RecordDict({METRICS_KEY: MetricRecord({"num-examples": weight})})
@@ -528,7 +536,7 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     assert admission.budget is not None and admission.reservation is not None
     _check_layout(request)
     model = _model(instruction, request.arrays, numbered=request.secure)  # before any row is read
-    data = _load(home, instruction)
+    data = _load(home, instruction, run=request.run_id)
     _check_cohort(home, data, instruction, admission, request)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     x_train, y_train, x_val, y_val = _tensors(data)
@@ -765,7 +773,7 @@ def _evaluate(home: NodeHome, instruction: TrainInstruction, request: _Request, 
     from clients.hospital_node.released import FINAL_EVALUATION
 
     try:
-        data = _load(home, instruction)
+        data = _load(home, instruction, run=request.run_id, last=True)
         model = _model(instruction, request.arrays)
         _, _, x_val, y_val = _tensors(data)
         assert request.arrays is not None

@@ -185,7 +185,7 @@ def test_a_tabular_instruction_states_its_task_and_carries_no_imaging() -> None:
     [
         ({"task": "segmentation"}, "task must be one of tabular-classification, imaging-classification; found 'segmentation'"),
         ({"imaging": None}, "task imaging-classification needs its imaging parameters"),
-        ({"features": ("age",)}, "features, label and scaling apply only to task tabular-classification"),
+        ({"features": ("age",)}, "features, label, scaling and cohort apply only to task tabular-classification"),
         ({"model_kind": "mlp"}, "model_kind must be one of cnn for task imaging-classification; found 'mlp'"),
         ({"channels": ()}, r"channels must be one or more positive integers; found \[\]"),
         ({"channels": (8, 16, 32, 64, 128, 256)}, r"imaging.size must be a multiple of 2 \*\* len\(channels\) = 64"),
