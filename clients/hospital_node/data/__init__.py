@@ -1,3 +1,1 @@
-"""The node's data: OMOP sources, cohort builders and local risk scoring (``scoring``)."""
-
-__all__: list[str] = []
+"""The node's data: OMOP sources, their validation, cohorts and local scoring."""
