@@ -13,7 +13,8 @@ hospital's node and sends nothing anywhere. In order:
    the weights carry, which must hash to the approved digest. The weights' model kind,
    hidden layers, features (in order), scaling and ``[data.cohort]`` must equal that
    spec's, field by field; the first that differs is named and nothing is written.
-3. **The cohort** is the approved ``[data.cohort]`` rebuilt with the scoring date
+3. **The cohort** is the approved ``[data.cohort]`` (its covariates are ``data.features``,
+   as for training) rebuilt with the scoring date
    (``--as-of``, default today) as index date, by the node's cohort builder
    (``clients.hospital_node.data.cohorts.build_cohort(..., scoring=True)``): the target
    cohort of that day, no outcome required. Calendar tasks take ``index_date = as_of``;
@@ -323,9 +324,11 @@ def check_weights_against_spec(metadata: WeightsMetadata, spec: Mapping[str, Any
 # ---------------------------------------------------------------- cohort and inputs
 
 
-def _scoring_definition(raw: Mapping[str, Any], as_of: date) -> CohortDefinition:
+def _scoring_definition(spec: Mapping[str, Any], as_of: date) -> CohortDefinition:
+    """The approved spec's cohort (its covariates are ``data.features``), indexed on the scoring date."""
+    data = _table(spec, "data")
     try:
-        definition = CohortDefinition.from_mapping(raw)
+        definition = CohortDefinition.from_mapping({**data["cohort"], "covariates": list(data.get("features") or ())})
     except CohortDefinitionError as err:
         raise ScoringError(f"the approved spec's data.cohort is invalid: {err}") from None
     if TASKS[definition.task].index == "calendar":
@@ -598,22 +601,24 @@ def _write_lookup(path: Path, patients: Sequence[PatientScore]) -> None:
 
 @contextmanager
 def omop_connection(home: NodeHome, entry: DatasetEntry) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read snapshot of the dataset's OMOP tables (``clients.hospital_node.data.sources``)."""
-    try:
-        from clients.hospital_node.data.sources import OmopSource, open_snapshot
-    except ImportError:
-        raise ScoringError("this node has no OMOP sources module (clients.hospital_node.data.sources); update medfed") from None
+    """A read snapshot of the dataset's OMOP tables (``clients.hospital_node.data.sources``).
+
+    Raises
+    ------
+    ScoringError
+        If the dataset is not an OMOP source.
+    """
     source = getattr(entry, "omop", None)
     if source is None:
-        if entry.path.is_dir():
-            source = OmopSource(kind="folder", location=str(entry.path))
-        elif entry.path.suffix in (".sqlite", ".sqlite3", ".db"):
-            source = OmopSource(kind="sqlite", location=str(entry.path))
-        else:
-            raise ScoringError(f"dataset '{entry.name}' is not an OMOP dataset (a folder of OMOP tables or a SQLite file)")
-    scratch = home.path / SCORING_DIR / ".scratch"
-    make_private_folder(scratch)
-    with open_snapshot(source, scratch=scratch) as snapshot:
+        raise ScoringError(
+            f"dataset '{entry.name}' is of kind '{entry.kind}'; scoring builds its cohort from an OMOP source "
+            "(register one with kind 'omop')"
+        )
+    try:
+        from clients.hospital_node.data.sources import open_snapshot
+    except ImportError:
+        raise ScoringError("this node has no OMOP sources module (clients.hospital_node.data.sources); update medfed") from None
+    with open_snapshot(source, scratch=home.path / "scratch") as snapshot:  # where training stages its snapshots too
         yield snapshot.connection
 
 
@@ -700,7 +705,7 @@ def score_patients(  # noqa: PLR0913
     if approved.dataset != dataset:
         raise ScoringError(f"the weights were checked for dataset '{approved.dataset}', not '{dataset}'")
     tensors, metadata, status = approved.tensors, approved.metadata, approved.approval
-    definition = _scoring_definition(_table(approved.spec, "data")["cohort"], as_of)
+    definition = _scoring_definition(approved.spec, as_of)
 
     builder = cohort_builder or _default_builder()
     try:

@@ -43,9 +43,8 @@ FEATURES = ("age", "sbp_mean", "bmi_last", "glucose_mean")
 SCALING = {"age": (50.0, 15.0), "sbp_mean": (130.0, 15.0), "bmi_last": (27.0, 5.0), "glucose_mean": (6.0, 1.5)}
 COEFFICIENTS = (0.8, 1.2, 0.5, 0.7)
 INTERCEPT = -2.0
-COHORT = {
+COHORT = {  # canonical, as a validated spec carries it: its covariates are data.features
     "task": "hypertension_onset",
-    "covariates": [*FEATURES, "sbp_slope"],
     "index_date": "2024-01-01",
     "lookback_days": [-365, 0],
     "reading_window_days": [-90, 0],
@@ -211,7 +210,7 @@ def test_scores_rank_patients_as_their_known_risk(home: NodeHome, connection, tm
     assert all(a.risk >= b.risk for a, b in zip(result.patients, result.patients[1:]))
     # The cohort asked for: the approved definition, indexed on the scoring date, for scoring.
     ((definition, scoring),) = builder.asked
-    assert scoring is True and definition.index_date == AS_OF and definition.covariates == (*FEATURES, "sbp_slope")
+    assert scoring is True and definition.index_date == AS_OF and definition.covariates == FEATURES
 
 
 def test_logistic_drivers_are_coefficient_times_scaled_value(home: NodeHome, connection, tmp_path: Path) -> None:
@@ -473,3 +472,46 @@ def test_the_cli_answers_bad_weights_in_one_line(home: NodeHome, tmp_path: Path,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- with the node's cohort builder
+
+
+def test_scoring_builds_the_approved_cohort_on_the_scoring_date_from_omop_rows(home: NodeHome, tmp_path: Path) -> None:
+    from models.clinical_tasks import CONCEPTS as C
+
+    from .omop_folder import open_omop, write_omop
+
+    features = ("age", "sbp_mean")
+    spec = _spec(features=list(features), scaling={"age": [50.0, 15.0], "sbp_mean": [130.0, 15.0]})
+    _approve(home, spec)
+    weights = _weights(tmp_path / "w.safetensors", spec, features=features)
+    old, young, treated, unobserved = BASE_ID + 1, BASE_ID + 2, BASE_ID + 3, BASE_ID + 4
+    people = [(old, 1955), (young, 1985), (treated, 1960), (unobserved, 1970)]
+    observed = {"observation_period_start_date": date(2020, 1, 1), "observation_period_end_date": date(2026, 6, 30)}
+
+    def sbp(person: int, days_before: int, value: float) -> dict[str, Any]:
+        day = AS_OF - timedelta(days=days_before)
+        return {"person_id": person, "measurement_concept_id": C["sbp"].concept_id, "measurement_date": day,
+                "measurement_datetime": datetime.combine(day, datetime.min.time()) + timedelta(hours=8),
+                "measurement_type_concept_id": TYPE_DEVICE, "value_as_number": value,
+                "unit_concept_id": C["mmHg"].concept_id}
+
+    folder = write_omop(tmp_path / "omop-rows", {
+        "person": [{"person_id": p, "gender_concept_id": C["female"].concept_id, "year_of_birth": y,
+                    "month_of_birth": 6, "day_of_birth": 1} for p, y in people],
+        "observation_period": [{"person_id": p, **observed} for p in (old, young, treated)],
+        "condition_occurrence": [{"person_id": treated, "condition_concept_id": C["hypertension"].concept_id,
+                                  "condition_start_date": date(2023, 5, 1), "condition_type_concept_id": TYPE_EHR}],
+        "measurement": [sbp(old, d, 150.0) for d in (30, 20, 10)] + [sbp(old, 2, 186.0)]
+        + [sbp(young, d, 118.0) for d in (30, 20, 10)],
+    })
+    connection = open_omop(folder)
+    result = score_patients(home, weights, dataset=DATASET, connection=connection, as_of=AS_OF, threshold=1.0)
+
+    assert [p.person_id for p in result.patients] == [old, young]  # the treated and the unobserved are not in the target
+    first = result.patients[0]
+    assert [(a.signal, a.direction, a.on) for a in first.alerts] == [("sbp", "high", AS_OF - timedelta(days=2))]
+    expected = 1.0 / (1.0 + math.exp(-(INTERCEPT + 0.8 * (70 - 50) / 15 + 1.2 * ((3 * 150 + 186) / 4 - 130) / 15)))
+    assert first.risk == pytest.approx(expected, abs=1e-3)
+    assert "sbp" in first.trend
