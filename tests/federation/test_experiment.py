@@ -94,6 +94,7 @@ def test_rounds_train_charge_and_track(alliance, tmp_path: Path) -> None:
     tensors, metadata = load_weights(tmp_path / "final_model.safetensors")
     assert metadata.spec_digest == spec.digest() and metadata.model_kind == spec.model.kind
     assert metadata.features == tuple(spec.data.features or ())
+    assert metadata.spec_json == spec.canonical_json()  # so a node that pre-approved the digest can read its spec
     assert set(tensors) == set(torch.load(tmp_path / "final_model.pt", weights_only=True))
     assert "final_model.safetensors" in tracker.files
     assert {"privacy_summary.json", "spec.json"} <= set(tracker.artifacts)
