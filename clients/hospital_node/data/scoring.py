@@ -342,9 +342,8 @@ def _inputs(table: pa.Table, metadata: WeightsMetadata) -> np.ndarray:
     columns = []
     for name in metadata.features:
         center, scale = metadata.scaling.get(name, (0.0, 1.0))
-        raw = np.array(table.column(name).cast("float64").to_pylist(), dtype=object)
-        values = np.array([center if v is None or not math.isfinite(v) else v for v in raw], dtype=np.float64)
-        columns.append((values - center) / scale)
+        values = table.column(name).cast("float64").to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
+        columns.append((np.where(np.isfinite(values), values, center) - center) / scale)
     return np.stack(columns, axis=1) if columns else np.zeros((table.num_rows, 0))
 
 

@@ -23,13 +23,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from clients.hospital_node.data.scoring import (
-    ScoringError,
-    approved_weights,
-    rule_alerts,
-    score_patients,
-)
-from clients.hospital_node.errors import DatasetNotFoundError
+from clients.hospital_node.data.scoring import approved_weights, rule_alerts, score_patients
+from clients.hospital_node.errors import DatasetNotFoundError, ScoringError
 from clients.hospital_node.governance import approve, revoke
 from clients.hospital_node.home import NodeHome
 from models.clinical_tasks import CONCEPTS, TYPE_DEVICE, TYPE_EHR, TYPE_SELF_REPORT, CohortDefinition
@@ -280,7 +275,8 @@ def test_rule_alerts_name_signal_direction_and_date() -> None:
 # ---------------------------------------------------------------- outputs
 
 
-def test_html_has_one_chart_per_flagged_patient_and_no_person_id(home: NodeHome, connection, tmp_path: Path) -> None:
+def test_html_has_one_chart_per_flagged_patient_and_no_person_id(home: NodeHome, connection, tmp_path: Path, caplog) -> None:
+    caplog.set_level("DEBUG")
     spec = _spec()
     _approve(home, spec)
     rows = _cohort_rows(40, seed=3)
@@ -296,7 +292,7 @@ def test_html_has_one_chart_per_flagged_patient_and_no_person_id(home: NodeHome,
     assert html.count('<img class="trend-chart"') == len(flagged)
     assert html.count("data:image/png;base64,") == len(flagged)
     assert all(p.key in html for p in flagged)
-    text = html + result.csv_path.read_text()
+    text = html + result.csv_path.read_text() + caplog.text
     assert not any(str(r["person_id"]) in text for r in rows)
 
     with result.csv_path.open() as handle:
@@ -453,6 +449,50 @@ def test_an_unknown_dataset_is_refused(home: NodeHome, tmp_path: Path) -> None:
         approved_weights(home, tmp_path / "w.safetensors", dataset="elsewhere")
 
 
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run `medfed ...` as the console script does; expect exit code 2 and return its one-line error."""
+    from medfed.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["medfed", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_the_cli_refuses_an_unapproved_spec_in_one_line(home: NodeHome, tmp_path: Path, capsys, monkeypatch) -> None:
+    weights = _weights(tmp_path / "w.safetensors", _spec())
+    err = _cli(["node", "score", str(weights), "--home", str(home.path), "--dataset", DATASET], capsys, monkeypatch)
+    assert "is not approved on dataset 'htn_omop'" in err
+
+
+def test_the_cli_refuses_an_unknown_dataset_in_one_line(home: NodeHome, tmp_path: Path, capsys, monkeypatch) -> None:
+    weights = _weights(tmp_path / "w.safetensors", _spec())
+    err = _cli(["node", "score", str(weights), "--home", str(home.path), "--dataset", "nowhere"], capsys, monkeypatch)
+    assert "dataset 'nowhere' is not registered" in err
+
+
+def test_the_cli_refuses_features_that_differ_in_one_line(home: NodeHome, tmp_path: Path, capsys, monkeypatch) -> None:
+    approved = _spec()
+    _approve(home, approved)
+    other = ("age", "sbp_mean", "bmi_last", "steps_mean")
+    metadata = WeightsMetadata(spec_digest=_digest(approved), model_kind="logistic", features=other, cohort=COHORT)
+    save_weights(tmp_path / "w.safetensors", build_tabular_model("logistic", 4).state_dict(), metadata)
+    err = _cli(["node", "score", str(tmp_path / "w.safetensors"), "--home", str(home.path), "--dataset", DATASET],
+               capsys, monkeypatch)
+    assert "'steps_mean'" in err
+
+
+def test_the_cli_scores_only_an_omop_dataset(home: NodeHome, tmp_path: Path, capsys, monkeypatch) -> None:
+    spec = _spec()
+    _approve(home, spec)
+    weights = _weights(tmp_path / "w.safetensors", spec)
+    err = _cli(["node", "score", str(weights), "--home", str(home.path), "--dataset", DATASET], capsys, monkeypatch)
+    assert "is of kind 'tabular'; scoring builds its cohort from an OMOP source" in err
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -462,16 +502,10 @@ def test_an_unknown_dataset_is_refused(home: NodeHome, tmp_path: Path) -> None:
     ],
 )
 def test_the_cli_answers_bad_weights_in_one_line(home: NodeHome, tmp_path: Path, capsys, monkeypatch, make, message) -> None:
-    from medfed.cli import main
-
     weights = tmp_path / "w.safetensors"
     make(weights)
-    monkeypatch.setattr(sys, "argv", ["medfed", "node", "score", str(weights), "--home", str(home.path), "--dataset", DATASET])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
+    err = _cli(["node", "score", str(weights), "--home", str(home.path), "--dataset", DATASET], capsys, monkeypatch)
+    assert message in err and str(weights) in err
 
 
 # ---------------------------------------------------------------- with the node's cohort builder
