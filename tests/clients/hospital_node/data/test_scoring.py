@@ -341,6 +341,16 @@ def test_an_output_folder_open_to_others_is_refused(home: NodeHome, connection, 
     assert list(shared.iterdir()) == []
 
 
+def test_an_empty_cohort_writes_empty_outputs_and_is_audited(home: NodeHome, connection, tmp_path: Path) -> None:
+    spec = _spec()
+    _approve(home, spec)
+    result = _score(home, _weights(tmp_path / "w.safetensors", spec), connection, StandInCohort([]))
+    assert result.patients == () and result.record.patients_scored == 0
+    assert result.csv_path.read_text().splitlines() == ["patient_key,risk,rank,flagged,top_drivers,trend,rule_alerts"]
+    assert "trend-chart" not in result.html_path.read_text()
+    assert home.audit_log().entries()[-1].kind == "scoring"
+
+
 # ---------------------------------------------------------------- the audit record
 
 
