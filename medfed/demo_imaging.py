@@ -23,6 +23,7 @@ import shutil
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -50,6 +51,7 @@ __all__ = [
     "EXAMPLE_SPEC",
     "LABEL_NOISE",
     "imaging_demo_spec",
+    "pixel_baselines",
     "prepare_imaging_alliance",
     "run_imaging_demo",
     "site_tensors",
@@ -152,6 +154,25 @@ def site_tensors(spec: ExperimentSpec, sites: list[Site]) -> dict[str, tuple]:  
     return tensors
 
 
+def pixel_baselines(tensors: dict[str, tuple]) -> dict[str, Any]:  # type: ignore[type-arg]
+    """The non-learned baseline row: a threshold on one global pixel statistic, no CNN.
+
+    The statistic (image max, mean, standard deviation or 99th percentile, whichever ranks
+    best) and its threshold are chosen on the pooled training images of every site, which
+    only the demo, knowing the data it generated, can do; it is scored on the validation
+    patients the CNN is scored on. Without DP: it shows what no spatial feature can do.
+    """
+    import torch
+
+    from models.pixel_threshold import fit_pixel_threshold
+
+    model = fit_pixel_threshold(torch.cat([t[0] for t in tensors.values()]), torch.cat([t[1] for t in tensors.values()]))
+    return {f"threshold on image {_STATISTIC_NAMES[model.statistic]} (no CNN; fit on pooled training, no DP)": model}
+
+
+_STATISTIC_NAMES = {"max": "maximum", "mean": "mean", "std": "std", "p99": "99th percentile"}
+
+
 def run_imaging_demo(
     workdir: Path,
     *,
@@ -189,7 +210,11 @@ def run_imaging_demo(
     results = site_results(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
     tensors = site_tensors(spec, sites)
     released = pooled_result(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
-    console.print(comparison_table(spec, plan, tensors, model_path, results, metrics=("accuracy", "auc"), released=released))
+    table = comparison_table(
+        spec, plan, tensors, model_path, results, metrics=("accuracy", "auc"), released=released,
+        baselines=pixel_baselines(tensors),
+    )
+    console.print(table)
     print_budgets(console, sites, DATASET)
     console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")
