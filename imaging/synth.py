@@ -305,7 +305,7 @@ def _phantom(rng: np.random.Generator, size: int, depth: int, lesion: bool) -> n
 #: What the phantom draws from, in HU or in pixels of a 32 x 32 image: the peak contrast
 #: of the finding, the vessels and the calcifications; a lesion's semi-axis; the noise.
 _FINDING_HU = (60.0, 100.0)
-_LESION_RADIUS = (2.6, 4.0)
+_LESION_RADIUS = (3.0, 4.5)
 _VESSEL_WIDTH = 0.55
 _DECOY_LENGTH = 0.55
 _NOISE_HU = (6.0, 14.0)
@@ -527,6 +527,9 @@ def write_cohort(
         raise ValueError("n_patients >= 1, size >= 8 and slices >= 1 are required")
     root = Path(root)
     rng = np.random.default_rng(seed)
+    # The phantoms draw from their own stream: tuning them never moves the identifiers,
+    # hence the pseudonyms and every node's train/validation split.
+    pixels = np.random.default_rng((seed, 1))
     planter = _Planter(rng)
     planter.text.update({site.institution, "PACSQUORV"})
     n_lesion = max(int(round(lesion_fraction * n_patients)), 1 if lesion_fraction > 0 else 0)
@@ -540,7 +543,7 @@ def write_cohort(
         burned = index in burned_set
         folder = root / f"{values['id']}_{values['name'].split('^')[0]}"
         depth = slices if modality == "CT" else 1
-        hu = _phantom(rng, size, depth, lesion=bool(label))
+        hu = _phantom(pixels, size, depth, lesion=bool(label))
         burn_text = f"{values['name'].replace('^', ' ')} {values['id']}" if burned else None
         if modality == "CT":
             files = _write_ct(folder, site, planter, values, hu, burn_text)

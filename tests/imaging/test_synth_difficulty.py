@@ -3,8 +3,8 @@
 Images go through what a node does to them (decode, rescale, the example spec's window,
 the maximum over the slices), from three hospitals' exports of 100 patients each. The
 bands were measured on phantoms drawn the same way (``_phantom``, window, maximum): over
-2000, the best statistic's AUC was 0.55 (max and p99; mean 0.50, std 0.51); a CNN trained
-without DP on 400 reached 0.99 on 300 others. The CNN test takes 30-75 s on a shared CPU.
+2000, the best statistic's AUC was 0.56 (p99; max 0.55, mean 0.51, std 0.52); a CNN trained
+without DP on 400 reached 0.998 on 300 others. The CNN test takes 30-75 s on a shared CPU.
 """
 
 from __future__ import annotations
