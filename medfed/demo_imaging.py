@@ -50,11 +50,13 @@ __all__ = [
     "DATASET",
     "EXAMPLE_SPEC",
     "LABEL_NOISE",
+    "TRUTH_FILE",
     "imaging_demo_spec",
     "pixel_baselines",
     "prepare_imaging_alliance",
     "run_imaging_demo",
     "site_tensors",
+    "validation_truth",
     "write_labels",
 ]
 
@@ -62,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 DATASET = "chest_ct"
 EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "experiments" / "examples" / "imaging.toml"
+#: Beside each hospital's labels file: the labels its images show (the generator's).
+TRUTH_FILE = "truth.csv"
 #: Share of each hospital's labels that disagree with the image (report errors).
 LABEL_NOISE = 0.1
 #: What every hospital's registration keeps of its export, and how it de-identifies it:
@@ -118,6 +122,8 @@ def prepare_imaging_alliance(
         )
         labels = workdir / "data" / name / "labels.csv"
         write_labels(labels, cohort.labels, label_noise=label_noise, seed=seed * 1000 + index)
+        # What the images show, for checks that know the generated data; never registered.
+        write_labels(workdir / "data" / name / TRUTH_FILE, cohort.labels, label_noise=0.0, seed=0)
         path = workdir / "homes" / name
         home = NodeHome.open(path) if (path / "node.toml").exists() else NodeHome.create(path, name=name)
         entry = DatasetEntry(
@@ -171,6 +177,32 @@ def pixel_baselines(tensors: dict[str, tuple]) -> dict[str, Any]:  # type: ignor
 
 
 _STATISTIC_NAMES = {"max": "maximum", "mean": "mean", "std": "std", "p99": "99th percentile"}
+
+
+def validation_truth(spec: ExperimentSpec, sites: list[Site]) -> dict[str, Any]:
+    """Each site's validation labels as its images show them, in :func:`site_tensors`' order.
+
+    The node's connector, loading the same cached images with the generator's own labels
+    (:data:`TRUTH_FILE`) instead of the hospital's noisy ones: where the two disagree, a
+    model reading the images is bound to be wrong.
+    """
+    import dataclasses
+
+    import torch
+
+    from clients.hospital_node.imaging_connector import ImagingConnector
+
+    request = instruction_for(spec, plan_privacy(spec)).imaging
+    assert request is not None
+    truth = {}
+    for site in sites:
+        home = NodeHome.open(site.home)
+        entry = home.dataset(spec.data.dataset)
+        assert entry.imaging is not None
+        source = dataclasses.replace(entry.imaging, labels=entry.imaging.labels.with_name(TRUTH_FILE))
+        data = ImagingConnector(home, dataclasses.replace(entry, imaging=source)).load(request)
+        truth[site.name] = torch.from_numpy(data.y_val)
+    return truth
 
 
 def run_imaging_demo(

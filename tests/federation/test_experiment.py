@@ -202,7 +202,7 @@ def test_an_imaging_experiment_trains_a_cnn_across_nodes_and_charges_each(imagin
     model = tracker.models["model"]
     assert isinstance(model, SmallCNN) and model.image_size == 32
     state = torch.load(tmp_path / "final_model.pt", weights_only=True)
-    assert tuple(state["features.0.weight"].shape) == (8, 1, 3, 3)
+    assert tuple(state["features.0.weight"].shape) == (spec.model.channels[0], 1, 3, 3)  # type: ignore[index]
     assert tracker.params["imaging.window_center"] == "90.0"
 
 

@@ -48,3 +48,16 @@ def test_the_table_shows_the_federated_cnn_and_the_pixel_threshold_on_the_same_p
     row = labels.index(label)
     # The maximum separates these images: the baseline is exact on every site and all together.
     assert [column._cells[row] for column in table.columns[1:]] == ["1.000 / 1.000"] * 3
+
+
+def test_validation_truth_is_what_the_images_show_whatever_the_labels_file_says(tmp_path: Path) -> None:
+    from medfed.demo_imaging import prepare_imaging_alliance, site_tensors, validation_truth
+    from tests.clients.hospital_node.conftest import write_node_secret
+
+    for index, byte in ((1, 7), (2, 8)):  # secrets that leave validation patients at both sites
+        write_node_secret(tmp_path / "homes" / f"hospital_{index}", bytes([byte]) * 32)
+    sites = prepare_imaging_alliance(tmp_path, n_hospitals=2, n_patients=12, seed=3, label_noise=1.0)
+    spec = imaging_demo_spec(rounds=1, n_hospitals=2)
+    truth = validation_truth(spec, sites)
+    for name, (_, _, _, y_val) in site_tensors(spec, sites).items():
+        assert len(y_val) > 0 and torch.equal(truth[name], 1 - y_val)  # every label in the file flipped
