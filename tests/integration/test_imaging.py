@@ -19,7 +19,7 @@ from federation.received import RECEIVED_FILE, read_received
 from experiments.submit import submit, wait_for_run
 from medfed.cluster import flower_env
 from medfed.demo import approve_everywhere, partner_key_path
-from medfed.demo_imaging import DATASET, imaging_demo_spec, prepare_imaging_alliance, site_tensors
+from medfed.demo_imaging import DATASET, imaging_demo_spec, prepare_imaging_alliance, site_tensors, validation_truth
 from privacy.keys import load_private_key
 from tests.clients.hospital_node.conftest import write_node_secret
 
@@ -73,23 +73,23 @@ def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> No
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
 
-    # The ceiling: the share of validation labels that agree with their images (the lesion
-    # window maps soft tissue to 0 and a lesion to 1, so the image says which is true).
-    # The model the coordinator saved, scored here on the nodes' validation images (the test
-    # may read them; no node sends an exact accuracy): the headline is only the sites'
-    # noisy score histograms, which on 22 validation patients say little.
+    # The ceiling: the share of validation labels that agree with their images (the
+    # generator's own labels, loaded by the same connector: no pixel threshold tells a
+    # lesion from its decoy). The model the coordinator saved, scored here on the nodes'
+    # validation images (the test may read them; no node sends an exact accuracy): the
+    # headline is only the sites' noisy score histograms, which on 23 validation patients say little.
     from models.training import evaluate
 
     saved = build_imaging_model("cnn", spec.imaging.size, channels=spec.model.channels or ())  # type: ignore[union-attr]
     saved.load_state_dict(torch.load(workdir / "runs" / _submission(workdir, run_id) / "final_model.pt", weights_only=True))
+    truths = validation_truth(spec, sites)
     agree = total = right = 0
-    for _, _, x_val, y_val in site_tensors(spec, sites).values():
-        truth = (x_val.reshape(len(x_val), -1).amax(dim=1) > 0.5).float()
-        agree += int((truth == y_val).sum())
+    for name, (_, _, x_val, y_val) in site_tensors(spec, sites).items():
+        agree += int((truths[name] == y_val).sum())
         right += round(evaluate(saved, x_val, y_val).accuracy * len(y_val))
         total += len(y_val)
     ceiling = agree / total
-    assert total == 22 and "eval_num_examples" not in metrics  # no exact count leaves a node
+    assert total == 23 and "eval_num_examples" not in metrics  # no exact count leaves a node
     assert ceiling < 1  # the label noise reaches validation, so the upper bound means something
 
     # Final federated accuracy in a band: learned from the images, never above the ceiling.
