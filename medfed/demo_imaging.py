@@ -94,7 +94,7 @@ def prepare_imaging_alliance(
     workdir: Path,
     *,
     n_hospitals: int,
-    n_patients: int = 60,
+    n_patients: int = 150,
     seed: int = 7,
     label_noise: float = LABEL_NOISE,
     burned_in_fraction: float = 0.1,
@@ -211,7 +211,7 @@ def run_imaging_demo(
     n_hospitals: int = 3,
     rounds: int = 5,
     seed: int = 7,
-    n_patients: int = 60,
+    n_patients: int = 150,
     console: Console | None = None,
 ) -> None:
     """Run the whole imaging demo; raises DemoError (or a package's error) with a clear message."""
