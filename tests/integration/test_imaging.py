@@ -27,7 +27,7 @@ from .conftest import running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-N_PATIENTS = 60
+N_PATIENTS = 150
 SEED = 11
 
 
@@ -77,7 +77,7 @@ def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> No
     # generator's own labels, loaded by the same connector: no pixel threshold tells a
     # lesion from its decoy). The model the coordinator saved, scored here on the nodes'
     # validation images (the test may read them; no node sends an exact accuracy): the
-    # headline is only the sites' noisy score histograms, which on 23 validation patients say little.
+    # headline is only the sites' noisy score histograms, which on 50 validation patients say little.
     from models.training import evaluate
 
     saved = build_imaging_model("cnn", spec.imaging.size, channels=spec.model.channels or ())  # type: ignore[union-attr]
@@ -89,7 +89,7 @@ def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> No
         right += round(evaluate(saved, x_val, y_val).accuracy * len(y_val))
         total += len(y_val)
     ceiling = agree / total
-    assert total == 23 and "eval_num_examples" not in metrics  # no exact count leaves a node
+    assert total == 50 and "eval_num_examples" not in metrics  # no exact count leaves a node
     assert ceiling < 1  # the label noise reaches validation, so the upper bound means something
 
     # Final federated accuracy in a band: learned from the images, never above the ceiling.
