@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.cost import plan_privacy
@@ -78,23 +79,28 @@ def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> No
     # lesion from its decoy). The model the coordinator saved, scored here on the nodes'
     # validation images (the test may read them; no node sends an exact accuracy): the
     # headline is only the sites' noisy score histograms, which on 50 validation patients say little.
-    from models.training import evaluate
+    from models.training import auc_score, predict
 
     saved = build_imaging_model("cnn", spec.imaging.size, channels=spec.model.channels or ())  # type: ignore[union-attr]
     saved.load_state_dict(torch.load(workdir / "runs" / _submission(workdir, run_id) / "final_model.pt", weights_only=True))
     truths = validation_truth(spec, sites)
-    agree = total = right = 0
+    scores, labels, truth = [], [], []
     for name, (_, _, x_val, y_val) in site_tensors(spec, sites).items():
-        agree += int((truths[name] == y_val).sum())
-        right += round(evaluate(saved, x_val, y_val).accuracy * len(y_val))
-        total += len(y_val)
-    ceiling = agree / total
+        scores.append(predict(saved, x_val))
+        labels.append(y_val.numpy())
+        truth.append(truths[name])
+    labels_, truth_ = np.concatenate(labels), np.concatenate(truth).astype(np.float64)
+    total = len(labels_)
     assert total == 50 and "eval_num_examples" not in metrics  # no exact count leaves a node
+    ceiling = auc_score(truth_, labels_)  # the generator's own labels as scores: the best any model ranks
     assert ceiling < 1  # the label noise reaches validation, so the upper bound means something
 
-    # Final federated accuracy in a band: learned from the images, never above the ceiling.
-    accuracy = right / total
-    assert 0.68 <= accuracy <= ceiling + 1 / total + 1e-6, (accuracy, ceiling)
+    # Final federated AUC in a band: learned from the images (a lesion and its decoy share
+    # their brightness: no pixel threshold gets far), never above the ceiling. AUC, not
+    # accuracy at 0.5: under DP on ~100 training images a site's CNN ranks well (AUC
+    # 0.77-0.90 in six seeded reruns) but its scores sit on one side of 0.5 (accuracy 0.46-0.58).
+    auc = auc_score(np.concatenate(scores), labels_)
+    assert 0.65 <= auc <= ceiling + 0.02, (auc, ceiling)
     # The released one, post-processing of the sites' noisy histograms: defined (and logged,
     # for the final model only) exactly when the pooled noisy count of patients is positive.
     history = client.get_metric_history(run.info.run_id, "eval_accuracy")
