@@ -212,8 +212,8 @@ def test_an_imaging_experiment_trains_a_cnn_across_nodes_and_charges_each(imagin
     model = tracker.models["model"]
     assert isinstance(model, SmallCNN) and model.image_size == 32
     state = torch.load(tmp_path / "final_model.pt", weights_only=True)
-    assert tuple(state["features.0.weight"].shape) == (8, 1, 3, 3)
-    assert tracker.params["imaging.window_center"] == "240.0"
+    assert tuple(state["features.0.weight"].shape) == (spec.model.channels[0], 1, 3, 3)  # type: ignore[index]
+    assert tracker.params["imaging.window_center"] == "90.0"
 
 
 def test_an_imaging_experiment_is_refused_by_a_node_whose_dataset_is_tabular(alliance, tmp_path: Path) -> None:
