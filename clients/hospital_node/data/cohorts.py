@@ -13,8 +13,9 @@ choice open, this module takes it as follows.
 - Look-back ``[index + start, index + end)`` and reading window ``[index + start,
   index + end)`` never reach the index day (the definition checks ``end <= 0``); a record
   is in a date window by its (start) date, a reading by ``measurement_datetime``, or
-  ``measurement_date`` at midnight when the datetime is null. Time-at-risk is
-  ``[index + start, index + end]`` inclusive.
+  ``measurement_date`` at midnight when the datetime is null (a reading's date is taken to
+  be its datetime's day, as OMOP has it: the scan skips rows by date before it looks at
+  times). Time-at-risk is ``[index + start, index + end]`` inclusive.
 - Onset tasks: target = aged 18 or more at index, an observation period with start <=
   index + look-back start and end >= index, no exclusion condition or drug starting on or
   before the index day. Label = any outcome condition starting in the time-at-risk (the
@@ -33,8 +34,9 @@ choice open, this module takes it as follows.
   ``sex_male`` 1.0 for the male gender concept, 0.0 for female, null otherwise;
   ``history_*``, ``current_smoker``, ``family_history_hypertension``: 1.0 when a condition
   (observation for the last two) of that concept starts in the look-back, else 0.0;
-  ``*_last``: the last EHR-typed value of that measurement in the look-back (latest date,
-  then datetime, then row id; null values skipped); ``prior_pregnancies``: distinct
+  ``*_last``: the last EHR-typed value of that measurement in the look-back (latest
+  datetime, a row with only a date counting as midnight, then highest row id; null values
+  skipped); ``prior_pregnancies``: distinct
   pregnancies (by conception date) ending in the look-back and, for pregnancy tasks,
   before this pregnancy's start. Signal summaries read device- and self-reported readings
   with a value in the reading window: mean, sample sd (null below 2 readings), slope of
@@ -46,7 +48,10 @@ choice open, this module takes it as follows.
 
 Only what the definition names is computed: a history, last value or signal that is not
 asked for adds no join and no aggregate, and the measurement view is filtered by concept,
-record type and window before anything is grouped. All work stays inside DuckDB, which
+record type and window before anything is grouped. Readings are grouped per person and
+signal with the summary kinds some named covariate asks for (``sbp_sd`` and
+``glucose_mean`` compute both kinds for both signals) and then pivoted to the named
+columns: one group-by with a filtered aggregate per named column measured slower. All work stays inside DuckDB, which
 streams the views and spills to its ``temp_directory`` under its ``memory_limit``; the
 caller owns the connection and its settings.
 """
