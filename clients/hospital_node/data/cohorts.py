@@ -403,7 +403,6 @@ def _signal_ctes(definition: CohortDefinition, signals: dict[str, tuple[str, str
     start, end = definition.reading_window_days
     length = end - start
     wanted = {summary for _, summary in signals.values()}
-    # Time relative to the index day keeps the least-squares sums well conditioned.
     aggregates = []
     if "mean" in wanted:
         aggregates.append("avg(r.v) AS mean")
@@ -432,6 +431,7 @@ def _signal_ctes(definition: CohortDefinition, signals: dict[str, tuple[str, str
     if "days" in wanted:
         reading_columns.append(f"CAST(date_diff('day', {_shift(index, start)}, CAST({ts} AS DATE)) AS INTEGER) AS day")
     if needs_time:
+        # Days relative to the index day keep the least-squares sums well conditioned.
         reading_columns.append(f"epoch({ts} - CAST({index} AS TIMESTAMP)) / 86400.0 AS t")
     if needs_night:
         reading_columns.append("m.measurement_datetime IS NOT NULL AND hour(m.measurement_datetime) < 6 AS night")
