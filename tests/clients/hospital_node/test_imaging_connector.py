@@ -43,10 +43,34 @@ def _deid_entries(home: NodeHome) -> list[dict[str, object]]:
     return [dict(e.payload) for e in home.audit_log().entries() if e.kind == "deidentification"]
 
 
-def _lesion(data: ImagingData, split: str = "train") -> np.ndarray:
-    """Ground truth read off the images: the lesion window maps soft tissue to 0, a lesion to 1."""
+def _original_images(cohort: SynthCohort) -> tuple[np.ndarray, np.ndarray]:
+    """Each generated patient's image made from its original files, not through the node: (images, labels).
+
+    The same reading and preprocessing library calls as the connector, on the files before
+    de-identification: a lesion shows only in its shape (a decoy is as bright), so no
+    pixel threshold can tell which image is whose; the nearest original image can.
+    """
+    from imaging.preprocess import PreprocessConfig
+    from imaging.reading import scan_files, sort_slices
+    from imaging.volumes import series_volume
+
+    config = PreprocessConfig(size=(16, 16), intensity="window", window=(240.0, 400.0))
+    images, labels = [], []
+    for patient in cohort.patients:
+        scan = scan_files(list(patient.files))
+        [series] = [s for p in scan.index.patients for study in p.studies for s in study.series]
+        images.append(series_volume(sort_slices(series), config).max(axis=0).ravel())
+        labels.append(patient.label)
+    return np.stack(images), np.array(labels, dtype=np.float32)
+
+
+def _lesion(data: ImagingData, split: str, cohort: SynthCohort) -> np.ndarray:
+    """The label of each loaded image's patient, found by its nearest original image."""
     x = data.x_train if split == "train" else data.x_val
-    return (x.reshape(len(x), -1).max(axis=1) > 0.5).astype(np.float32)
+    originals, labels = _original_images(cohort)
+    flat = x.reshape(len(x), -1)
+    distances = ((flat[:, None, :] - originals[None, :, :]) ** 2).sum(axis=2)
+    return labels[distances.argmin(axis=1)]
 
 
 def _leaks(cohort: SynthCohort, text: str) -> list[str]:
@@ -79,10 +103,10 @@ def test_load_gives_one_image_per_patient_with_its_own_label(imaging_site: Imagi
     assert data.n_train + data.n_val == N_PATIENTS
     assert data.x_train.shape == (data.n_train, 1, 16, 16) and data.x_train.dtype == np.float32
     assert data.n_val >= 1
-    # Labels reached the right images through the keyed pseudonyms: each label says
-    # whether its image holds the lesion.
-    np.testing.assert_array_equal(data.y_train, _lesion(data, "train"))
-    np.testing.assert_array_equal(data.y_val, _lesion(data, "val"))
+    # Labels reached the right images through the keyed pseudonyms: each label is that of
+    # the patient whose original files make the image.
+    np.testing.assert_array_equal(data.y_train, _lesion(data, "train", imaging_site.cohort))
+    np.testing.assert_array_equal(data.y_val, _lesion(data, "val", imaging_site.cohort))
     assert 0 < data.y_train.sum() < data.n_train
     assert data.skipped == {}
 
@@ -100,7 +124,7 @@ def test_a_patient_with_two_series_is_still_one_sample(imaging_site: ImagingSite
     _copy_series(imaging_site.folder, patient_dir)
     data = ImagingConnector(imaging_site.home, imaging_site.entry).load(IMAGING_REQUEST)
     assert data.n_train + data.n_val == N_PATIENTS
-    np.testing.assert_array_equal(data.y_train, _lesion(data, "train"))
+    np.testing.assert_array_equal(data.y_train, _lesion(data, "train", imaging_site.cohort))
 
 
 def test_labels_with_an_issuer_column_map_to_the_same_patients(imaging_site: ImagingSite) -> None:
