@@ -518,8 +518,8 @@ def test_the_imaging_example_validates_with_its_values() -> None:
     assert spec.imaging is not None
     assert (spec.imaging.modalities, spec.imaging.body_parts) == (("CT",), ("CHEST",))
     assert (spec.imaging.size, spec.imaging.intensity, spec.imaging.projection) == (32, "window", "mip")
-    assert (spec.imaging.window, spec.imaging.window_center, spec.imaging.window_width) == (None, 240.0, 400.0)
-    assert (spec.model.kind, spec.model.channels) == ("cnn", (8, 16))
+    assert (spec.imaging.window, spec.imaging.window_center, spec.imaging.window_width) == (None, 90.0, 100.0)
+    assert (spec.model.kind, spec.model.channels) == ("cnn", (16, 32))
 
 
 def test_adding_the_imaging_task_left_tabular_digests_unchanged() -> None:

@@ -12,7 +12,8 @@ from experiments.spec import ExperimentSpec
 from medfed.demo import EXAMPLE_SPEC
 
 EXAMPLES = Path(EXAMPLE_SPEC).parent
-COHORT_EXAMPLES = sorted(EXAMPLES.glob("omop_*.toml"))
+# The experiment specs among them (omop_htn_incidence.toml is a statistics study).
+COHORT_EXAMPLES = sorted(p for p in EXAMPLES.glob("omop_*.toml") if tomllib.loads(p.read_text()).get("kind") != "statistics")
 
 
 def _raw(name: str = "omop_hypertension.toml") -> dict:
