@@ -40,7 +40,9 @@ choice open, this module takes it as follows.
   pregnancies (by conception date) ending in the look-back and, for pregnancy tasks,
   before this pregnancy's start. Signal summaries read device- and self-reported readings
   with a value in the reading window: mean, sample sd (null below 2 readings), slope of
-  value on time in units per 30 days (null below 2 readings or without time spread),
+  value on time in units per 30 days (null unless there are at least ``SLOPE_MIN_READINGS``
+  (3) readings whose times span at least ``SLOPE_MIN_SPAN_DAYS`` (7) days: fewer or closer
+  readings give slopes of hundreds of units per 30 days),
   night_mean of readings whose datetime is from 00:00 to 05:59 (a reading with only a
   date has no hour and never counts as night), frac_above = share at or above the
   signal's threshold, days = distinct reading days / window length in days (0.0 without
@@ -70,6 +72,8 @@ from models.clinical_tasks import (
     LOW_BIRTH_WEIGHT_G,
     PRETERM_WEEKS,
     SIGNAL_SUMMARIES,
+    SLOPE_MIN_READINGS,
+    SLOPE_MIN_SPAN_DAYS,
     SIGNALS,
     TASKS,
     TYPE_DEVICE,
@@ -409,7 +413,12 @@ def _signal_ctes(definition: CohortDefinition, signals: dict[str, tuple[str, str
     if "sd" in wanted:
         aggregates.append("stddev_samp(r.v) AS sd")
     if "slope" in wanted:
-        aggregates.append("CASE WHEN count(*) >= 2 AND var_pop(r.t) > 0 THEN regr_slope(r.v, r.t) * 30 END AS slope")
+        # Two readings hours apart give a slope of hundreds of units per 30 days: a slope needs
+        # SLOPE_MIN_READINGS readings whose times span SLOPE_MIN_SPAN_DAYS days or more.
+        aggregates.append(
+            f"CASE WHEN count(*) >= {SLOPE_MIN_READINGS} AND max(r.t) - min(r.t) >= {float(SLOPE_MIN_SPAN_DAYS)!r} "
+            "THEN regr_slope(r.v, r.t) * 30 END AS slope"
+        )
     if "night_mean" in wanted:
         aggregates.append("avg(r.v) FILTER (WHERE r.night) AS night_mean")
     if "frac_above" in wanted:
