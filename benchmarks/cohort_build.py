@@ -180,6 +180,18 @@ def child(variant: str, folder: Path, *, threads: int, memory_limit: str) -> Non
     print(json.dumps({"variant": variant, "seconds": seconds, "rows": rows, "peak_rss_mib": peak_kib / 1024}))
 
 
+def _duckdb_version() -> str:
+    import duckdb
+
+    return str(duckdb.__version__)
+
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=1_000_000)
@@ -204,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                  memory_limit=args.memory_limit)
         print(f"generated {args.patients:,} patients, {args.readings:,} readings in "
               f"{time.perf_counter() - started:.1f} s ({folder})", flush=True)
+    load_at_start = os.getloadavg()  # the VM is shared: a busy start explains a slow run
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "cohort": []}
     for _ in range(args.repeats):
         for variant in ("plain", "cohort"):
@@ -226,11 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "load_average": os.getloadavg(), "patients": args.patients, "readings": args.readings,
+        "duckdb": _duckdb_version(), "commit": _commit(),
+        "load_average_start": load_at_start, "load_average": os.getloadavg(),
+        "patients": args.patients, "readings": args.readings,
         "threads": args.threads, "memory_limit": args.memory_limit, "repeats": args.repeats,
         "variants": summary, "ratio_cohort_to_plain": ratio,
     }
-    print(f"cohort / plain = {ratio:.2f}x (goal <= 1.5x); load average {os.getloadavg()}")
+    print(f"cohort / plain = {ratio:.2f}x (goal <= 1.5x); load average {load_at_start} at start, "
+          f"{os.getloadavg()} at end; DuckDB {report['duckdb']}, commit {report['commit']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
