@@ -381,7 +381,9 @@ def _measurements(definition: CohortDefinition, where: str) -> str:
     join, with constant bounds DuckDB pushes into the scan; people outside the cohort fall
     away at the final join. Pregnancy tasks join each mother's index date first. Each reader
     scans the view on its own: one scan under an ``OR`` of both filters measured slower, as
-    DuckDB then pushes no filter into the Parquet reader.
+    DuckDB then pushes no filter into the Parquet reader; with the look-back's date range
+    pushed, splitting a third of all rows by type, concept and time cost as much as the
+    second scan it saved (BENCHMARKS.md, cohort building).
     """
     if TASKS[definition.task].index == "calendar":
         return f"FROM measurement AS m\nWHERE m.value_as_number IS NOT NULL AND {where}"
