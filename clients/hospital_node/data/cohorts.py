@@ -40,7 +40,9 @@ choice open, this module takes it as follows.
   pregnancies (by conception date) ending in the look-back and, for pregnancy tasks,
   before this pregnancy's start. Signal summaries read device- and self-reported readings
   with a value in the reading window: mean, sample sd (null below 2 readings), slope of
-  value on time in units per 30 days (null below 2 readings or without time spread),
+  value on time in units per 30 days (null unless there are at least ``SLOPE_MIN_READINGS``
+  (3) readings whose times span at least ``SLOPE_MIN_SPAN_DAYS`` (7) days: fewer or closer
+  readings give slopes of hundreds of units per 30 days),
   night_mean of readings whose datetime is from 00:00 to 05:59 (a reading with only a
   date has no hour and never counts as night), frac_above = share at or above the
   signal's threshold, days = distinct reading days / window length in days (0.0 without
@@ -71,6 +73,8 @@ from models.clinical_tasks import (
     PRETERM_WEEKS,
     SIGNAL_SUMMARIES,
     SIGNALS,
+    SLOPE_MIN_READINGS,
+    SLOPE_MIN_SPAN_DAYS,
     TASKS,
     TYPE_DEVICE,
     TYPE_EHR,
@@ -377,7 +381,9 @@ def _measurements(definition: CohortDefinition, where: str) -> str:
     join, with constant bounds DuckDB pushes into the scan; people outside the cohort fall
     away at the final join. Pregnancy tasks join each mother's index date first. Each reader
     scans the view on its own: one scan under an ``OR`` of both filters measured slower, as
-    DuckDB then pushes no filter into the Parquet reader.
+    DuckDB then pushes no filter into the Parquet reader; with the look-back's date range
+    pushed, splitting a third of all rows by type, concept and time cost as much as the
+    second scan it saved (BENCHMARKS.md, cohort building).
     """
     if TASKS[definition.task].index == "calendar":
         return f"FROM measurement AS m\nWHERE m.value_as_number IS NOT NULL AND {where}"
@@ -409,7 +415,12 @@ def _signal_ctes(definition: CohortDefinition, signals: dict[str, tuple[str, str
     if "sd" in wanted:
         aggregates.append("stddev_samp(r.v) AS sd")
     if "slope" in wanted:
-        aggregates.append("CASE WHEN count(*) >= 2 AND var_pop(r.t) > 0 THEN regr_slope(r.v, r.t) * 30 END AS slope")
+        # Two readings hours apart give a slope of hundreds of units per 30 days: a slope needs
+        # SLOPE_MIN_READINGS readings whose times span SLOPE_MIN_SPAN_DAYS days or more.
+        aggregates.append(
+            f"CASE WHEN count(*) >= {SLOPE_MIN_READINGS} AND max(r.t) - min(r.t) >= {float(SLOPE_MIN_SPAN_DAYS)!r} "
+            "THEN regr_slope(r.v, r.t) * 30 END AS slope"
+        )
     if "night_mean" in wanted:
         aggregates.append("avg(r.v) FILTER (WHERE r.night) AS night_mean")
     if "frac_above" in wanted:

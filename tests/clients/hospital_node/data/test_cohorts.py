@@ -347,6 +347,47 @@ def test_slope_is_units_per_30_days(tmp_path: Path) -> None:
     assert build(tmp_path, tables, onset(["sbp_slope"])).column("sbp_slope").to_pylist() == [pytest.approx(30.0)]
 
 
+def sbp_slopes(tmp_path: Path, series: dict[int, list[tuple[datetime, float]]]) -> list[float | None]:
+    tables = {
+        "person": [person(pid) for pid in series], "observation_period": [observed(pid) for pid in series],
+        "measurement": [reading(pid, "sbp", when, value) for pid, readings in series.items() for when, value in readings],
+    }
+    return build(tmp_path, tables, onset(["sbp_slope"])).column("sbp_slope").to_pylist()
+
+
+def test_two_readings_hours_apart_give_no_slope(tmp_path: Path) -> None:
+    # Least squares would say (150 - 120) / (3 h) = 7200 mmHg per 30 days.
+    assert sbp_slopes(tmp_path, {1: [(datetime(2023, 12, 1, 8), 120.0), (datetime(2023, 12, 1, 11), 150.0)]}) == [None]
+
+
+def test_two_readings_weeks_apart_give_no_slope(tmp_path: Path) -> None:
+    assert sbp_slopes(tmp_path, {1: [(datetime(2023, 11, 1, 8), 120.0), (datetime(2023, 12, 1, 8), 150.0)]}) == [None]
+
+
+def test_three_readings_within_two_days_give_no_slope(tmp_path: Path) -> None:
+    readings = [(datetime(2023, 12, 1, 8), 120.0), (datetime(2023, 12, 2, 8), 130.0), (datetime(2023, 12, 3, 8), 150.0)]
+    assert sbp_slopes(tmp_path, {1: readings}) == [None]
+
+
+def test_three_readings_over_ten_days_give_the_least_squares_slope(tmp_path: Path) -> None:
+    # t = 0, 4, 10 days; v = 120, 126, 129: mean t 14/3, mean v 125;
+    # sum (t - mean t)(v - mean v) = (-14/3)(-5) + (-2/3)(1) + (16/3)(4) = 44,
+    # sum (t - mean t)^2 = (196 + 4 + 256) / 9 = 152/3: slope 132/152 = 33/38 per day.
+    readings = [(datetime(2023, 12, 1, 8), 120.0), (datetime(2023, 12, 5, 8), 126.0), (datetime(2023, 12, 11, 8), 129.0)]
+    assert sbp_slopes(tmp_path, {1: readings}) == [pytest.approx(30 * 33 / 38)]
+
+
+def test_a_slope_needs_seven_days_between_first_and_last_reading(tmp_path: Path) -> None:
+    start = datetime(2023, 12, 1, 8)
+    series = {
+        1: [(start, 120.0), (start + timedelta(days=3), 130.0), (start + timedelta(days=7), 134.0)],  # exactly 7 days
+        2: [(start, 120.0), (start + timedelta(days=3), 130.0), (start + timedelta(days=7, seconds=-1), 134.0)],
+    }
+    # Person 1: t = 0, 3, 7, mean 10/3; v = 120, 130, 134, mean 128: sum of cross products
+    # (-10/3)(-8) + (-1/3)(2) + (11/3)(6) = 48, of squares (100 + 1 + 121) / 9 = 74/3: 72/37 per day.
+    assert sbp_slopes(tmp_path, series) == [pytest.approx(30 * 72 / 37), None]
+
+
 def test_signal_edge_cases_without_readings_one_reading_one_instant_and_date_only(tmp_path: Path) -> None:
     noon = datetime(2023, 12, 1, 12)
     tables = {
