@@ -4,6 +4,7 @@
     ├── NodeHomeError          the node home or its node.toml is missing or invalid
     ├── DatasetNotFoundError   a dataset name is not registered on this node (also a KeyError)
     ├── ConnectorError         a dataset file cannot be read or fails validation (also a ValueError)
+    │   └── OmopSourceError    an OMOP source cannot be opened: missing table or column, bad URL, unsafe password file
     ├── AuditVerificationError the audit log failed verification: edited, deleted, reordered ...
     └── NodeServiceError       enrolment, the SuperNode process or the coordinator's TLS refused
 
@@ -22,6 +23,7 @@ __all__ = [
     "NodeError",
     "NodeHomeError",
     "NodeServiceError",
+    "OmopSourceError",
 ]
 
 
@@ -66,6 +68,16 @@ def _dataset_not_found(name: str, node: str, registered: tuple[str, ...]) -> Dat
 
 class ConnectorError(NodeError, ValueError):
     """A dataset file cannot be read, or its content does not fit its registration."""
+
+
+class OmopSourceError(ConnectorError):
+    """An OMOP source cannot be opened as a snapshot.
+
+    A folder, file or table that is missing, a required column that is absent, a URL that
+    holds a password, a password file others can read, or a server that cannot be reached.
+    The message names the table, column, field or file and says what to do; it never holds
+    a password or a value read from patient data.
+    """
 
 
 class AuditVerificationError(NodeError):
