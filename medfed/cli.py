@@ -59,16 +59,32 @@ app.add_typer(coordinator_app, name="coordinator")
 @app.command()
 def synth(
     out: str = typer.Option(..., "--out", help="Folder to write one sub-folder per hospital into."),
-    hospitals: int = typer.Option(3, "--hospitals", min=1, help="Number of hospitals."),
+    hospitals: int = typer.Option(3, "--hospitals", help="Number of hospitals (at least 1)."),
     seed: int = typer.Option(7, "--seed", help="Seed; the same seed gives the same alliance."),
+    omop: bool = typer.Option(
+        False, "--omop", help="Write OMOP CDM v5.4 tables (Parquet) and ground truth per hospital: the alliance v2."
+    ),
+    scale: float = typer.Option(1.0, "--scale", help="With --omop: multiplies every hospital's number of patients."),
 ) -> None:
-    """Generate a synthetic alliance: one hypertension cohort (CSV + Parquet) per hospital."""
+    """Generate a synthetic alliance: one hypertension cohort (CSV + Parquet) per hospital, or OMOP tables with --omop."""
     from pathlib import Path
 
-    from medfed.synth import write_alliance
+    from medfed.errors import SynthError
 
-    for cohort in write_alliance(Path(out), n_hospitals=hospitals, seed=seed):
-        typer.echo(f"{cohort.site}: {cohort.n_patients} patients -> {cohort.parquet_path.parent}")
+    if hospitals < 1:
+        raise SynthError(f"--hospitals must be at least 1; found {hospitals}")
+    if not omop:
+        if scale != 1.0:
+            raise SynthError("--scale applies only with --omop")
+        from medfed.synth import write_alliance
+
+        for cohort in write_alliance(Path(out), n_hospitals=hospitals, seed=seed):
+            typer.echo(f"{cohort.site}: {cohort.n_patients} patients -> {cohort.parquet_path.parent}")
+        return
+    from medfed.synth_omop import write_omop_alliance
+
+    for site in write_omop_alliance(Path(out), n_hospitals=hospitals, seed=seed, patients_scale=scale):
+        typer.echo(f"{site.site} ({site.tier}): {site.n_patients} patients -> {site.folder} (truth: {site.truth})")
 
 
 class DemoTask(str, Enum):

@@ -2,10 +2,11 @@
 
     MedfedError
     ├── ClusterError   a local Flower process failed to start or become ready
-    └── DemoError      the demo could not finish
+    ├── DemoError      the demo could not finish
+    └── SynthError     a synthetic alliance cannot be written as asked
 """
 
-__all__ = ["ClusterError", "DemoError", "MedfedError"]
+__all__ = ["ClusterError", "DemoError", "MedfedError", "SynthError"]
 
 
 class MedfedError(Exception):
@@ -18,3 +19,7 @@ class ClusterError(MedfedError, RuntimeError):
 
 class DemoError(MedfedError, RuntimeError):
     """The demo could not finish."""
+
+
+class SynthError(MedfedError, ValueError):
+    """A synthetic alliance cannot be written as asked (bad size or scale, a file where a folder must be)."""
