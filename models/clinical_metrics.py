@@ -27,6 +27,7 @@ probabilities and 0/1 labels as arrays and returns numbers; no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = [
     "clinical_summary",
     "reliability_curve",
     "threshold_metrics",
+    "within_group_auc",
 ]
 
 # Scores are kept this far inside (0, 1) before taking logits: a score of exactly 0 or 1
@@ -97,6 +99,24 @@ def auc_delong(scores: np.ndarray, labels: np.ndarray, *, level: float = 0.95) -
     se = math.sqrt(float(v10.var(ddof=1)) / m + float(v01.var(ddof=1)) / n)
     z = float(stats.norm.ppf(0.5 + level / 2))
     return AucInterval(auc, se, max(0.0, auc - z * se), min(1.0, auc + z * se), level, m, n)
+
+
+def within_group_auc(groups: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """The AUC over positive-negative pairs from the same group only (a stratified AUC).
+
+    Each group is ``(scores, labels)``; its AUC weighs by its pairs (positives x
+    negatives), and a group with one class adds none. Unlike the AUC of the groups'
+    union it compares no patient of one group (site) with one of another, so scores from
+    different models, or sites with different base rates, do not mix. NaN with no pair.
+    """
+    concordant = pairs = 0.0
+    for scores, labels in groups:
+        result = auc_delong(scores, labels)
+        weight = result.positives * result.negatives
+        if weight:
+            concordant += result.auc * weight
+            pairs += weight
+    return concordant / pairs if pairs else math.nan
 
 
 @dataclass(frozen=True)

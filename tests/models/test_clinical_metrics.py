@@ -14,6 +14,7 @@ from models.clinical_metrics import (
     clinical_summary,
     reliability_curve,
     threshold_metrics,
+    within_group_auc,
 )
 from models.training import auc_score
 
@@ -90,6 +91,17 @@ def test_delong_is_nan_without_both_classes_and_has_no_interval_with_one_positiv
     assert math.isnan(auc_delong(np.array([0.2, 0.4]), np.array([0, 0])).auc)
     one = auc_delong(np.array([0.9, 0.2, 0.4]), np.array([1, 0, 0]))
     assert one.auc == 1.0 and math.isnan(one.se) and math.isnan(one.low)
+
+
+def test_within_group_auc_pairs_patients_of_the_same_group_only() -> None:
+    # Group a: AUC 1 over 1 x 2 pairs; group b: AUC 0 over 2 x 1 pairs; group c: one class, no pair.
+    # Pooled, b's high scores would outrank a's positive; within groups it is (2 + 0) / 4.
+    a = (np.array([0.3, 0.1, 0.2]), np.array([1, 0, 0]))
+    b = (np.array([0.8, 0.7, 0.9]), np.array([1, 1, 0]))
+    c = (np.array([0.5, 0.6]), np.array([0, 0]))
+    assert within_group_auc([a, b, c]) == pytest.approx(0.5)
+    assert within_group_auc([a]) == 1.0
+    assert math.isnan(within_group_auc([c]))
 
 
 # ---------------------------------------------------------------- calibration
