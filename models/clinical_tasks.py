@@ -106,9 +106,11 @@ CONCEPTS: Mapping[str, Concept] = _concepts(
     Concept("steps", 40762499, "measurement", "Number of steps in 24 hour Measured", "LOINC 41950-7",
             "/d", (0.0, 100000.0)),
     Concept("sleep_hours", 40762503, "measurement", "Sleep duration", "LOINC 93832-4", "h", (0.0, 24.0)),
-    Concept("birth_weight", 3001347, "measurement", "Birth weight Measured", "LOINC 8339-4", "g", (200.0, 7000.0)),
-    Concept("gestational_age_at_birth", 3048230, "measurement", "Gestational age at birth", "LOINC 76516-4",
-            "wk", (20.0, 45.0)),
+    Concept("birth_weight", 3011043, "measurement", "Birth weight Measured", "LOINC 8339-4", "g", (200.0, 7000.0)),
+    # LOINC 76516-4 (concept 46234792) lies in the Observation domain; the Measurement-domain
+    # standard concept for gestational age at birth is SNOMED's.
+    Concept("gestational_age_at_birth", 4260747, "measurement", "Length of gestation at birth",
+            "SNOMED 412726003", "wk", (20.0, 45.0)),
     # observations
     Concept("current_smoker", 4298794, "observation", "Smoker", "SNOMED 77176002"),
     Concept("family_history_hypertension", 4167217, "observation", "Family history of hypertension",

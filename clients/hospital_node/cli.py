@@ -20,6 +20,7 @@ from clients.hospital_node.officer_cli import budget_app, decision_commands, par
 from clients.hospital_node.runtime.apps_cli import apps_app
 from clients.hospital_node.service import NodeService
 from clients.hospital_node.service_cli import doctor, enrol, start, status, stop
+from clients.hospital_node.source_cli import source_app
 
 __all__ = ["app", "dataset_app"]
 
@@ -28,6 +29,7 @@ HOME_ENVVAR = "MEDFED_NODE_HOME"
 app = typer.Typer(help="Run and govern a hospital node.", no_args_is_help=True)
 dataset_app = typer.Typer(help="Register and list the node's datasets.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(source_app, name="source")
 app.add_typer(audit_app, name="audit")
 app.command("egress")(egress)
 for _command in (enrol, start, stop, status, doctor, *decision_commands, report):
@@ -215,7 +217,11 @@ def list_datasets(
         table.add_column(column)
     for name in sorted(datasets):
         entry = datasets[name]
-        if entry.imaging is not None:
+        location = str(entry.path)
+        if entry.omop is not None:
+            location = entry.omop.describe()
+            middle = ("person_id", "-", "OMOP CDM v5.4", "-")
+        elif entry.imaging is not None:
             source = entry.imaging
             selection = [
                 ",".join(source.modalities) or "any modality",
@@ -229,7 +235,7 @@ def list_datasets(
         cells = (
             name,
             entry.kind,
-            str(entry.path),
+            location,
             *middle,
             f"{entry.validation_fraction:g}",
             str(entry.split_seed),

@@ -34,11 +34,21 @@ allows the medfed release installed here). ``node.toml`` looks like::
     split_seed = 0
     deid = { options = [], burned_in = { mode = "exclude" } }   # imaging.DeidConfig
 
+    [datasets.ehr]
+    kind = "omop"                      # OMOP CDM v5.4 tables (clients.hospital_node.data.sources)
+    source = "postgres"                # "folder" (Parquet/CSV per table), "sqlite" or "postgres"
+    location = "postgresql://reader@db.hospital.local:5432/cdm"   # a folder, a file, or a URL
+    password_file = "secrets/cdm.pw"   # postgres only: owner-only (0600); relative to the home
+    schema = "cdm"                     # postgres only; default "public"
+
 It is parsed once, into frozen :class:`DatasetEntry` values, and every problem is
 reported at once, by field. Registering a dataset validates its file first and then
 replaces ``node.toml`` atomically, so a failed registration leaves it untouched;
 registering an imaging dataset also de-identifies its folder into the node's cache
-(``clients.hospital_node.imaging_connector``).
+(``clients.hospital_node.imaging_connector``); registering an OMOP dataset opens it as a
+snapshot and validates it (``clients.hospital_node.data``). An OMOP entry's ``path`` is the
+folder where its snapshots are staged, ``<home>/omop-scratch/<name>`` (not written to
+``node.toml``).
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from clients.hospital_node.data.sources import SOURCE_KINDS, OmopSource
 from clients.hospital_node.errors import DatasetNotFoundError, NodeHomeError
 from clients.hospital_node.policy import POLICY_FILE, NodePolicy
 from privacy.keys import toml_string
@@ -61,6 +72,7 @@ from privacy.private_files import FOLDER_MODE, create_private, make_private_fold
 
 if TYPE_CHECKING:
     from clients.hospital_node.connectors import TabularData
+    from clients.hospital_node.data.validation import ValidationReport
     from clients.hospital_node.imaging_connector import ImagingInventory
     from imaging.deid_config import DeidConfig
     from privacy.audit import AuditLog
@@ -74,6 +86,7 @@ __all__ = [
     "DATASET_KINDS",
     "KEYS_DIR",
     "LEDGER_FILE",
+    "OMOP_SCRATCH_DIR",
     "DatasetEntry",
     "ImagingSource",
     "NodeHome",
@@ -87,6 +100,7 @@ LEDGER_FILE = "ledger.sqlite"
 AUDIT_LOG_FILE = "audit.jsonl"
 KEYS_DIR = "keys"
 CACHE_DIR = "imaging-cache"  # de-identified images and what is derived from them, per dataset
+OMOP_SCRATCH_DIR = "omop-scratch"  # an OMOP dataset's staged snapshot while it is open, per dataset
 AUDIT_KEY_NAME = "node_audit"
 
 # Node and dataset names appear in paths, TOML table headers and audit records.
@@ -103,7 +117,10 @@ _OPTIONAL_IMAGING_KEYS = (
     "modalities", "body_parts", "series_description", "deid", "validation_fraction", "split_seed"
 )
 _IMAGING_KEYS = _REQUIRED_IMAGING_KEYS + _OPTIONAL_IMAGING_KEYS
-DATASET_KINDS = ("tabular", "imaging")
+_REQUIRED_OMOP_KEYS = ("kind", "source", "location")
+_OPTIONAL_OMOP_KEYS = ("password_file", "schema", "validation_fraction", "split_seed")
+_OMOP_KEYS = _REQUIRED_OMOP_KEYS + _OPTIONAL_OMOP_KEYS
+DATASET_KINDS = ("tabular", "imaging", "omop")
 
 _DEFAULT_VALIDATION_FRACTION = 0.2
 _DEFAULT_SPLIT_SEED = 0
@@ -222,6 +239,8 @@ def _table_problems(name: str, raw: Mapping[str, Any]) -> list[str]:
         ]
     if kind == "imaging":
         return _imaging_table_problems(name, raw)
+    if kind == "omop":
+        return _omop_table_problems(name, raw)
     problems = _name_problems(name)
     problems += [
         _unknown_key(f"{prefix}.{key}", key, _DATASET_KEYS)
@@ -333,6 +352,75 @@ def _imaging_table_problems(name: str, raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _omop_problems(prefix: str, *, source: object, location: object, password_file: object, schema: object) -> list[str]:
+    """Problems with an OMOP source's settings; every one. Only the URL's shape: no connection."""
+    problems: list[str] = []
+    if source not in SOURCE_KINDS:
+        hint = difflib.get_close_matches(str(source), SOURCE_KINDS, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        problems.append(f"{prefix}.source must be one of {', '.join(map(repr, SOURCE_KINDS))}; found {source!r}{suggestion}")
+    if not isinstance(location, str) or not location.strip():
+        problems.append(f"{prefix}.location must be a non-empty string: a folder, a SQLite file or a postgresql:// URL")
+    elif not _is_utf8(location):
+        problems.append(f"{prefix}.location is not valid UTF-8 and cannot be written to node.toml")
+    elif source == "postgres":
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(location)
+            has_password = parts.password is not None or "password=" in parts.query.lower()
+        except ValueError:
+            problems.append(f"{prefix}.location must be a postgresql:// URL; this one does not parse")
+        else:
+            if parts.scheme not in ("postgresql", "postgres"):
+                problems.append(f"{prefix}.location must be a postgresql:// URL; found scheme {parts.scheme!r}")
+            if has_password:
+                problems.append(f"{prefix}.location holds a password; move it to {prefix}.password_file (mode 0600)")
+    if source == "postgres":
+        if password_file is None:
+            problems.append(f"{prefix}.password_file is required for source 'postgres' (a file, mode 0600)")
+        elif not isinstance(password_file, (str, Path)) or not str(password_file).strip():
+            problems.append(f"{prefix}.password_file must be the path of a file")
+        elif not _is_utf8(str(password_file)):
+            problems.append(f"{prefix}.password_file is not valid UTF-8 and cannot be written to node.toml")
+        if not isinstance(schema, str) or not schema.strip():
+            problems.append(f"{prefix}.schema must be a non-empty schema name")
+    else:
+        if password_file is not None:
+            problems.append(f"{prefix}.password_file applies only to source 'postgres'")
+        if schema != "public":
+            problems.append(f"{prefix}.schema applies only to source 'postgres'")
+    return problems
+
+
+def _omop_table_problems(name: str, raw: Mapping[str, Any]) -> list[str]:
+    """Every problem of one ``[datasets.<name>]`` table of kind ``omop``."""
+    prefix = f"datasets.{name}"
+    problems = _name_problems(name)
+    for key in raw:
+        if key in _OMOP_KEYS:
+            continue
+        if key in _DATASET_KEYS or key in _IMAGING_KEYS:
+            problems.append(f"{prefix}.{key} does not apply to kind 'omop'; its tables follow OMOP CDM v5.4")
+        else:
+            problems.append(_unknown_key(f"{prefix}.{key}", key, _OMOP_KEYS))
+    problems += [f"{prefix}.{key} is missing" for key in _REQUIRED_OMOP_KEYS if key not in raw]
+    if "source" in raw and "location" in raw:
+        problems += _omop_problems(
+            prefix,
+            source=raw["source"],
+            location=raw["location"],
+            password_file=raw.get("password_file"),
+            schema=raw.get("schema", "public"),
+        )
+    problems += _split_problems(
+        prefix,
+        validation_fraction=raw.get("validation_fraction", _DEFAULT_VALIDATION_FRACTION),
+        split_seed=raw.get("split_seed", _DEFAULT_SPLIT_SEED),
+    )
+    return problems
+
+
 @dataclass(frozen=True)
 class ImagingSource:
     """What makes an imaging dataset besides its DICOM folder (the entry's ``path``).
@@ -378,8 +466,9 @@ class DatasetEntry:
     """One registered dataset: where its data is and how to read it.
 
     A ``tabular`` entry names a file and its columns; an ``imaging`` entry names a DICOM
-    folder and carries an :class:`ImagingSource`, and leaves the column fields empty.
-    ``path`` is absolute; :meth:`from_mapping` resolves a relative ``path`` from
+    folder and carries an :class:`ImagingSource`, and leaves the column fields empty; an
+    ``omop`` entry carries an :class:`~clients.hospital_node.data.sources.OmopSource` and its
+    ``path`` is the folder where its snapshots are staged. ``path`` is absolute; :meth:`from_mapping` resolves a relative ``path`` from
     ``node.toml`` against the node home. Constructing an invalid entry raises
     :class:`NodeHomeError` naming every bad field.
     """
@@ -395,6 +484,7 @@ class DatasetEntry:
     split_seed: int = _DEFAULT_SPLIT_SEED
     kind: str = "tabular"
     imaging: ImagingSource | None = None
+    omop: OmopSource | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence of names and a str path; store the canonical types.
@@ -416,7 +506,11 @@ class DatasetEntry:
             problems.append(f"{prefix}.kind must be one of {', '.join(map(repr, DATASET_KINDS))}; found {self.kind!r}")
         elif self.kind == "imaging":
             problems += self._imaging_problems(prefix)
+        elif self.kind == "omop":
+            problems += self._omop_problems(prefix)
         else:
+            if self.omop is not None:
+                problems.append(f"{prefix}.omop applies only to kind 'omop'")
             if self.imaging is not None:
                 problems.append(f"{prefix}.imaging applies only to kind 'imaging'")
             problems += _column_problems(
@@ -457,13 +551,39 @@ class DatasetEntry:
         )
         return problems
 
+    def _omop_problems(self, prefix: str) -> list[str]:
+        problems = []
+        if any((self.id_column, self.label_column, self.feature_columns, self.site_column, self.site_value)):
+            problems.append(
+                f"{prefix}: id_column, label_column, feature_columns and the site filter apply only "
+                "to kind 'tabular'; an OMOP dataset's tables follow OMOP CDM v5.4"
+            )
+        if self.imaging is not None:
+            problems.append(f"{prefix}.imaging applies only to kind 'imaging'")
+        source = self.omop
+        if source is None:
+            problems.append(f"{prefix}.omop is required for kind 'omop' (the source: folder, SQLite file or PostgreSQL)")
+            return problems
+        if source.kind != "postgres" and not Path(source.location).is_absolute():
+            problems.append(f"{prefix}.location must be an absolute path; found {source.location!r}")
+        if source.credentials_file is not None and not source.credentials_file.is_absolute():
+            problems.append(f"{prefix}.password_file must be an absolute path; found {str(source.credentials_file)!r}")
+        problems += _omop_problems(
+            prefix,
+            source=source.kind,
+            location=source.location,
+            password_file=source.credentials_file,
+            schema=source.schema,
+        )
+        return problems
+
     @property
     def columns(self) -> tuple[str, ...]:
         """Every column the registration reads: id, label, features, then the site column.
 
-        Empty for an imaging dataset, which has no columns.
+        Empty for an imaging or OMOP dataset, which has no declared columns.
         """
-        if self.kind == "imaging":
+        if self.kind in ("imaging", "omop"):
             return ()
         site = (self.site_column,) if self.site_column is not None else ()
         return (self.id_column, self.label_column, *self.feature_columns, *site)
@@ -480,6 +600,24 @@ class DatasetEntry:
         problems = _table_problems(name, raw)
         if problems:
             raise NodeHomeError(_listing(f"dataset registration {name!r} is invalid", problems))
+        if raw.get("kind") == "omop":
+            location = raw["location"]
+            if raw["source"] != "postgres":
+                stored_location = Path(location).expanduser()
+                location = str(stored_location if stored_location.is_absolute() else home / stored_location)
+            password_file = raw.get("password_file")
+            credentials = None
+            if password_file is not None:
+                stored_file = Path(password_file).expanduser()
+                credentials = stored_file if stored_file.is_absolute() else home / stored_file
+            return cls(
+                name=name,
+                path=home / OMOP_SCRATCH_DIR / name,
+                kind="omop",
+                omop=OmopSource(raw["source"], location, credentials, raw.get("schema", "public")),
+                validation_fraction=raw.get("validation_fraction", _DEFAULT_VALIDATION_FRACTION),
+                split_seed=raw.get("split_seed", _DEFAULT_SPLIT_SEED),
+            )
         path = raw["path"]
         stored = Path(path).expanduser()
         if raw.get("kind", "tabular") == "imaging":
@@ -641,6 +779,28 @@ def _render_imaging(entry: DatasetEntry, home: Path) -> list[str]:
     return lines
 
 
+def _render_omop(entry: DatasetEntry, home: Path) -> list[str]:
+    source = entry.omop
+    assert source is not None  # an OMOP entry always has one
+    location = source.location if source.kind == "postgres" else _stored_path(Path(source.location), home)
+    lines = [
+        "",
+        f"[datasets.{entry.name}]",
+        'kind = "omop"',
+        f"source = {toml_string(source.kind)}",
+        f"location = {toml_string(location)}",
+    ]
+    if source.credentials_file is not None:
+        lines.append(f"password_file = {toml_string(_stored_path(source.credentials_file, home))}")
+    if source.kind == "postgres":
+        lines.append(f"schema = {toml_string(source.schema)}")
+    lines += [
+        f"validation_fraction = {float(entry.validation_fraction)!r}",
+        f"split_seed = {int(entry.split_seed)}",
+    ]
+    return lines
+
+
 def _render_config(config: _NodeConfig, home: Path) -> str:
     lines = [
         "# medfed node home. `medfed node` rewrites this file: comments are not kept.",
@@ -652,6 +812,9 @@ def _render_config(config: _NodeConfig, home: Path) -> str:
         entry = config.datasets[name]
         if entry.kind == "imaging":
             lines += _render_imaging(entry, home)
+            continue
+        if entry.kind == "omop":
+            lines += _render_omop(entry, home)
             continue
         lines += [
             "",
@@ -875,7 +1038,7 @@ class NodeHome:
 
     def register_dataset(
         self, entry: DatasetEntry, *, replace: bool = False
-    ) -> TabularData | ImagingInventory:
+    ) -> TabularData | ImagingInventory | ValidationReport:
         """Validate the dataset's file, then record it in ``node.toml``.
 
         The file is read and checked through the connector first; ``node.toml`` is
@@ -883,11 +1046,14 @@ class NodeHome:
         de-identified into the node's cache then (an audited step), so that training
         later starts from de-identified images only.
 
+        An OMOP dataset is opened as one snapshot and validated first; the snapshot's
+        staged files are gone when this returns.
+
         Returns
         -------
-        TabularData | ImagingInventory
-            The validated data (tabular) or what was found (imaging), so that callers
-            can report its counts.
+        TabularData | ImagingInventory | ValidationReport
+            The validated data (tabular), what was found (imaging) or the validation
+            report (OMOP), so that callers can report its counts.
 
         Raises
         ------
@@ -904,6 +1070,18 @@ class NodeHome:
                 f"dataset {entry.name!r} is already registered on node {current.name!r}; "
                 "pass --replace to replace it"
             )
+        if entry.kind == "omop":
+            assert entry.omop is not None  # an OMOP entry always has one
+            from clients.hospital_node.data.sources import open_snapshot
+
+            with open_snapshot(entry.omop, scratch=entry.path) as snapshot:
+                report = snapshot.report
+            self._record(current, entry)
+            logger.info(
+                "registered OMOP dataset %s on node %s: %d rows kept, %d dropped by validation",
+                entry.name, current.name, sum(t.kept for t in report.tables), report.rows_dropped,
+            )
+            return report
         if entry.kind == "imaging":
             from clients.hospital_node.imaging_connector import ImagingConnector
 

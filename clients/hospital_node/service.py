@@ -637,6 +637,12 @@ class NodeService:
 def _dataset_check(node: NodeHome, entry: DatasetEntry) -> Check:
     what = f"dataset {entry.name!r}"
     try:
+        if entry.kind == "omop":
+            assert entry.omop is not None
+            from clients.hospital_node.data.sources import check_source
+
+            check_source(entry.omop)  # no full read here: `medfed node source validate` does that
+            return Check("ok", what, f"{entry.omop.describe()} in place (a full read: `medfed node source validate`)")
         if entry.kind == "imaging":
             assert entry.imaging is not None
             if not entry.path.is_dir():

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
     from clients.hospital_node.data.validation import ValidationReport
 
-__all__ = ["BATCH_ROWS", "SOURCE_KINDS", "OmopSnapshot", "OmopSource", "open_snapshot"]
+__all__ = ["BATCH_ROWS", "SOURCE_KINDS", "OmopSnapshot", "OmopSource", "check_source", "open_snapshot"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def open_snapshot(source: OmopSource, *, scratch: Path, today: date | None = Non
 
     from clients.hospital_node.data.validation import validate
 
+    check_source(source)
     snapshot_date = today or datetime.now(timezone.utc).date()
     work = _private_scratch(Path(scratch))
     connection: duckdb.DuckDBPyConnection | None = None
@@ -145,6 +146,33 @@ def open_snapshot(source: OmopSource, *, scratch: Path, today: date | None = Non
         if connection is not None:
             connection.close()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_source(source: OmopSource) -> None:
+    """The checks that need no connection: the folder or file is there, the URL and password file are safe.
+
+    Raises
+    ------
+    OmopSourceError
+        Naming the field or file and what to do.
+    """
+    if source.kind == "folder":
+        folder = Path(source.location)
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise OmopSourceError(
+                f"OMOP folder {folder} {what}; give the folder that holds <table>.parquet or <table>.csv files"
+            )
+    elif source.kind == "sqlite":
+        path = Path(source.location)
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise OmopSourceError(f"SQLite file {path} {what}; give the OMOP database file")
+        if not os.access(path, os.R_OK):
+            raise OmopSourceError(f"SQLite file {path} is not readable by this user; grant it read access")
+    else:
+        _check_url(source.location)
+        _read_password(source.credentials_file)
 
 
 def _private_scratch(scratch: Path) -> Path:
@@ -365,6 +393,11 @@ def _read_password(path: Path | None) -> str:
     return password
 
 
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
 def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
@@ -379,7 +412,7 @@ def _stage_postgres(connection: duckdb.DuckDBPyConnection, source: OmopSource, w
     try:
         database = psycopg.connect(source.location, password=password, connect_timeout=_CONNECT_TIMEOUT_S)
     except psycopg.Error as err:
-        reason = _scrub(str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__, password)
+        reason = _scrub(_one_line(err), password)
         raise OmopSourceError(
             f"cannot connect to PostgreSQL {where}: {reason}; check the URL, that the server is up "
             "and reachable, and the password file"
@@ -421,7 +454,7 @@ def _stage_postgres(connection: duckdb.DuckDBPyConnection, source: OmopSource, w
                 _view_over(connection, name, staged)
                 logger.debug("staged %d rows of %s from PostgreSQL", rows, name)
     except psycopg.Error as err:
-        reason = _scrub(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, password)
+        reason = _scrub(_one_line(err), password)
         raise OmopSourceError(f"cannot read PostgreSQL {where}: {reason}") from None
     finally:
         database.close()

@@ -26,6 +26,7 @@ from medfed.demo import EXAMPLE_SPEC
 from privacy.governance import Submission, sign_submission
 from imaging.synth import SynthCohort, write_cohort
 from medfed.synth import FEATURES, ID_COLUMN, LABEL, generate_cohort
+from tests.postgres import fresh_database, postgres_server  # noqa: F401 - fixtures: one server per session
 
 # Planted in synthetic cells; must never appear in any message.
 SENTINEL = "PHI-SENTINEL-123"

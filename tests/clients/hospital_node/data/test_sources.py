@@ -15,7 +15,7 @@ from clients.hospital_node.data.omop_tables import TABLES
 from clients.hospital_node.data.sources import BATCH_ROWS, OmopSource, open_snapshot
 from clients.hospital_node.errors import OmopSourceError
 
-from .conftest import PostgresServer, write_password_file
+from tests.postgres import PostgresServer, write_password_file
 from .omop_data import SNAPSHOT, load_postgres, write_csv_folder, write_parquet_folder, write_sqlite
 
 

@@ -1,9 +1,10 @@
-"""A real PostgreSQL server for the OMOP source tests, started from Debian's binaries in a temp folder.
+"""A real PostgreSQL server for tests, started from Debian's binaries in a temp folder (pytest fixtures).
 
 The server runs as the ``postgres`` system user when the tests run as root (PostgreSQL
 refuses root), listens on a unix socket in its own temporary folder and on a free loopback
 port, and is stopped in ``finally``. Without the binaries the tests that need it are skipped
-with how to install them (CI installs them: see ``.ci/run``).
+with how to install them (CI installs them: see ``.ci/run``). ``tests/clients/hospital_node/conftest.py``
+imports the fixtures, so one server serves the whole session.
 """
 
 from __future__ import annotations
