@@ -124,7 +124,6 @@ def load_site(site, spec, scratch: Path) -> SiteArrays | None:  # type: ignore[n
 
     definition = CohortDefinition.from_mapping({**spec.data.cohort, "covariates": list(spec.data.features)})
     with open_snapshot(OmopSource("folder", str(site.folder)), scratch=scratch) as snapshot:
-        _finish_pending(snapshot.connection)
         table = build_cohort(snapshot.connection, definition)
     truth = pq.read_table(Path(site.truth) / f"{definition.task}.parquet", columns=["person_id", "true_risk"])
     joined = table.join(truth.rename_columns(["person_id", "oracle_risk"]), "person_id", join_type="left outer")
@@ -156,19 +155,6 @@ def load_site(site, spec, scratch: Path) -> SiteArrays | None:  # type: ignore[n
         y_val=data.y_val,
         true_risk_val=np.where(risk > 0, risk - 1.0, np.nan),
     )
-
-
-def _finish_pending(connection) -> None:  # type: ignore[no-untyped-def]
-    """Drain a result the validation left open (a ``fetchone``): DuckDB 2 refuses new work until then.
-
-    A stop-gap for i11-sources' ``validate`` as merged here; harmless once it drains its own results.
-    """
-    import duckdb
-
-    try:
-        connection.fetchall()
-    except duckdb.Error:
-        pass
 
 
 # ---------------------------------------------------------------- models

@@ -375,11 +375,11 @@ def validate(
             table_problems.append(Problem(name, column, kind, int(rows), _rule(name, kind, True)))
         optional = [c.name for c in table.columns if not c.required and c.name in present[name]]
         if optional:
-            sums = connection.execute(
+            # fetchall, not fetchone: DuckDB 2 refuses the connection's next query while a result is open.
+            [sums] = connection.execute(
                 "SELECT " + ", ".join(f"count(*) FILTER (WHERE {_q('_bad_' + c)})" for c in optional)
                 + f" FROM {_q('_typed_' + name)}"
-            ).fetchone()
-            assert sums is not None
+            ).fetchall()
             table_problems += [
                 Problem(name, c, "wrong_type", int(n), _rule(name, "wrong_type", False))
                 for c, n in zip(optional, sums) if n
@@ -387,10 +387,9 @@ def validate(
         concept_columns = ((table.concept, table.domain),) if table.concept and table.domain else ()
         for column_name, domain in (*concept_columns, *_EXTRA_CONCEPT_COLUMNS.get(name, ())):
             ids = ", ".join(map(str, _concepts_read(domain)))
-            unused = connection.execute(
+            [unused] = connection.execute(
                 f"SELECT count(*) FROM {_q(name)} WHERE {_q(column_name)} NOT IN ({ids})"
-            ).fetchone()
-            assert unused is not None
+            ).fetchall()
             if unused[0]:
                 table_problems.append(Problem(name, column_name, "unused_concept", int(unused[0]),
                                               _rule(name, "unused_concept", True)))
