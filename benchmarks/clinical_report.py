@@ -369,8 +369,7 @@ def write_outputs(out: Path, task: str, spec, rows: list[Row], sites: Sequence[S
     lines = [
         f"# Clinical report: {task}",
         "",
-        f"Spec `{Path(str(spec.source)).name if hasattr(spec, 'source') else spec.experiment.name}` "
-        f"({spec.experiment.name}): {len(spec.data.features)} covariates, logistic model, "
+        f"Spec `{spec.experiment.name}` (experiments/examples, cohort task {task}): {len(spec.data.features)} covariates, logistic model, "
         f"{spec.federation.rounds} rounds × {spec.federation.local_epochs} local epoch(s), learning rate "
         f"{spec.federation.learning_rate:g}, sampling rate {spec.privacy.sample_rate:g}, δ = {spec.privacy.delta:g}.",
         f"Validation: {n_val} patients ({pos_val} with the outcome) over {len(sites)} sites, each site's own split "
@@ -626,9 +625,91 @@ def node_path_unavailable() -> str | None:
     return None
 
 
+def _node_handler(home: Path):  # type: ignore[no-untyped-def]
+    """The node's installed ClientApp, dispatching one message as Flower does (tests/federation/test_experiment.py)."""
+    from flwr.app import Context, Message, RecordDict
+
+    from clients.hospital_node.client_app import app
+
+    def handle(message: Message) -> Message:
+        context = Context(run_id=message.metadata.run_id, node_id=message.metadata.dst_node_id,
+                          node_config={"home": str(home)}, state=RecordDict(), run_config={})
+        return app(message=message, context=context)
+
+    return handle
+
+
+def dp_spec(spec, target_epsilon: float):  # type: ignore[no-untyped-def]
+    """`spec` with the noise derived from `target_epsilon` (per site, DP-SGD rounds) and in-process waits."""
+    from experiments.spec import ExperimentSpec
+
+    import json
+
+    mapping = json.loads(spec.canonical_json())
+    mapping["experiment"]["name"] = f"{mapping['experiment']['name']}-dp-eps{target_epsilon:g}"
+    mapping["privacy"].pop("noise_multiplier", None)
+    mapping["privacy"]["target_epsilon"] = float(target_epsilon)
+    mapping["federation"].update({"node_wait_seconds": 0.1, "approval_wait_seconds": 0.1})
+    return ExperimentSpec.from_mapping(mapping, source=f"{spec.experiment.name} (DP, target ε {target_epsilon:g})")
+
+
 def dp_node_path(spec, schedule: Schedule, sites: Sequence[SiteArrays], target_epsilon: float, *,  # type: ignore[no-untyped-def]
                  workdir: Path, alliance) -> DpResult:
-    raise NotImplementedError  # replaced once the node home registers OMOP sources
+    """The DP row through the real federated path: each site a governed node home with its OMOP folder registered.
+
+    ``run_experiment`` over an ``InProcessGrid`` hands every message to each site's own
+    ClientApp (query, signed-spec and approval checks, budget reservation, cohort built
+    from the snapshot, DP-SGD, ledger charge, noisy size and evaluation releases); the
+    final model is read back from the run's ``final_model.pt``, and the ε charged is each
+    node's own ledger's (everything the run released, at the budget's δ).
+    """
+    import shutil
+
+    import torch
+
+    from clients.hospital_node.data.sources import OmopSource
+    from clients.hospital_node.governance import set_budget
+    from clients.hospital_node.home import DatasetEntry, NodeHome
+    from experiments.cost import plan_privacy
+    from experiments.tracking import InMemoryTracker
+    from federation.experiment import run_experiment
+    from federation.inprocess_grid import InProcessGrid
+    from medfed.demo import Site, approve_everywhere, govern_site, partner_key_path, remaining_budgets, signed_spec
+
+    dspec = dp_spec(spec, target_epsilon)
+    dataset = dspec.data.dataset
+    base = workdir / f"eps-{target_epsilon:g}"
+    shutil.rmtree(base, ignore_errors=True)
+    public_key = partner_key_path(base).with_suffix(".pub")
+    wanted = {s.name for s in sites}
+    homes: list[Site] = []
+    for site in alliance:
+        if site.site not in wanted:
+            continue
+        path = base / "homes" / site.site
+        home = NodeHome.create(path, name=site.site)
+        home.register_dataset(DatasetEntry(name=dataset, path=path / "omop-scratch" / dataset, kind="omop",
+                                           omop=OmopSource("folder", str(site.folder)),
+                                           validation_fraction=VALIDATION_FRACTION, split_seed=SPLIT_SEED))
+        govern_site(home, dataset, partner_public_key=public_key)
+        set_budget(home, dataset, epsilon_=40.0, delta=dspec.privacy.delta, by="clinical-report")
+        homes.append(Site(site.site, path))
+    approve_everywhere(homes, dspec)
+    grid = InProcessGrid({10 + i: _node_handler(h.home) for i, h in enumerate(homes)}, run_id=int(target_epsilon * 1000) + 7)
+    tracker = InMemoryTracker()
+    result = run_experiment(grid, dspec, signed=signed_spec(dspec, base), tracker=tracker, output_dir=base / "run")
+    model = initial_model(dspec)
+    model.load_state_dict(torch.load(base / "run" / "final_model.pt", weights_only=True))
+    spent = remaining_budgets(homes, dataset)
+    statuses = {o.site: (o.status, o.reason) for o in result.sites.values()}
+    refused = sorted(name for name, (status, _) in statuses.items() if status != "accepted")
+    plan = plan_privacy(dspec)
+    path = ("federation.experiment.run_experiment over InProcessGrid, each site's node handler and home "
+            f"(OMOP folder registered; ε planned per site {plan.epsilon_charged_per_site:.3f} incl. the count and "
+            "evaluation releases)")
+    if refused:
+        path += f"; not accepted: {'; '.join(f'{n} ({statuses[n][0]}: {statuses[n][1]})' for n in refused)}"
+    return DpResult(model, {name: spent_eps for name, (spent_eps, _budget) in spent.items()}, plan.noise_multiplier, path)
 
 
 if __name__ == "__main__":
