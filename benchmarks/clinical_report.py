@@ -111,50 +111,70 @@ def spec_for_task(task: str):  # type: ignore[no-untyped-def]
     raise SystemExit(f"no example spec in {EXAMPLES} builds task {task!r}")
 
 
-def load_site(site, spec, scratch: Path) -> SiteArrays | None:  # type: ignore[no-untyped-def]
-    """Build `spec`'s cohort at `site` (an OmopSite) as a node does; None when it is too small to split."""
+@dataclass
+class SiteCohort:
+    """One site's built cohort joined with the generator's true risk, before the split."""
+
+    name: str
+    tier: str
+    n_patients: int
+    table: object  # pyarrow.Table: the cohort and an ``oracle_risk`` column
+    label: str
+    covariates: tuple[str, ...]
+    scaling: Mapping[str, tuple[float, float]]
+
+    def arrays(self, split_seed: int = SPLIT_SEED) -> SiteArrays | None:
+        """The node's split of this cohort (``cohort_arrays``) at `split_seed`; None when too small to split."""
+        from clients.hospital_node.cohort_connector import cohort_arrays
+        from clients.hospital_node.errors import ConnectorError
+
+        try:
+            data = cohort_arrays(
+                self.table,  # type: ignore[arg-type]
+                source=f"{self.name} cohort",
+                label=self.label,
+                # The true risk rides through the node's own split as one more column: scaled
+                # by (-1, 1) it is risk + 1, and a patient the truth lacks takes the center, 0.
+                covariates=(*self.covariates, "oracle_risk"),
+                scaling={**self.scaling, "oracle_risk": (-1.0, 1.0)},
+                validation_fraction=VALIDATION_FRACTION,
+                split_seed=split_seed,
+            )
+        except ConnectorError as err:
+            logger.warning("%s: %s; left out", self.name, err)
+            return None
+        risk = data.x_val[:, -1].astype(np.float64)
+        return SiteArrays(
+            name=self.name,
+            tier=self.tier,
+            n_patients=self.n_patients,
+            cohort=self.table.num_rows,  # type: ignore[attr-defined]
+            x_train=np.ascontiguousarray(data.x_train[:, :-1]),
+            y_train=data.y_train,
+            x_val=np.ascontiguousarray(data.x_val[:, :-1]),
+            y_val=data.y_val,
+            true_risk_val=np.where(risk > 0, risk - 1.0, np.nan),
+        )
+
+
+def load_site(site, spec, scratch: Path) -> SiteCohort:  # type: ignore[no-untyped-def]
+    """Build `spec`'s cohort at `site` (an OmopSite) as a node does, and join the generator's true risk."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clients.hospital_node.cohort_connector import cohort_arrays
     from clients.hospital_node.data.cohorts import build_cohort
     from clients.hospital_node.data.sources import OmopSource, open_snapshot
-    from clients.hospital_node.errors import ConnectorError
     from models.clinical_tasks import CohortDefinition
 
     definition = CohortDefinition.from_mapping({**spec.data.cohort, "covariates": list(spec.data.features)})
     with open_snapshot(OmopSource("folder", str(site.folder)), scratch=scratch) as snapshot:
         table = build_cohort(snapshot.connection, definition)
     truth = pq.read_table(Path(site.truth) / f"{definition.task}.parquet", columns=["person_id", "true_risk"])
-    joined = table.join(truth.rename_columns(["person_id", "oracle_risk"]), "person_id", join_type="left outer")
-    # The true risk rides through the node's own split as one more column: scaled by (-1, 1)
-    # it is risk + 1, and a patient the truth lacks takes the center, 0.
-    scaling = {**spec.data.scaling, "oracle_risk": (-1.0, 1.0)}
-    try:
-        data = cohort_arrays(
-            joined.cast(joined.schema.set(joined.schema.get_field_index("oracle_risk"), pa.field("oracle_risk", pa.float64()))),
-            source=f"{site.site} {definition.task}",
-            label=definition.label,
-            covariates=(*definition.covariates, "oracle_risk"),
-            scaling=scaling,
-            validation_fraction=VALIDATION_FRACTION,
-            split_seed=SPLIT_SEED,
-        )
-    except ConnectorError as err:
-        logger.warning("%s: %s; left out", site.site, err)
-        return None
-    risk = data.x_val[:, -1].astype(np.float64)
-    return SiteArrays(
-        name=site.site,
-        tier=site.tier,
-        n_patients=site.n_patients,
-        cohort=table.num_rows,
-        x_train=np.ascontiguousarray(data.x_train[:, :-1]),
-        y_train=data.y_train,
-        x_val=np.ascontiguousarray(data.x_val[:, :-1]),
-        y_val=data.y_val,
-        true_risk_val=np.where(risk > 0, risk - 1.0, np.nan),
-    )
+    truth = truth.rename_columns(["person_id", "oracle_risk"])
+    truth = truth.set_column(1, "oracle_risk", truth.column(1).cast(pa.float64()))
+    joined = table.join(truth, "person_id", join_type="left outer")
+    return SiteCohort(site.site, site.tier, site.n_patients, joined, definition.label, definition.covariates,
+                      dict(spec.data.scaling))
 
 
 # ---------------------------------------------------------------- models
@@ -456,7 +476,7 @@ def _plot_per_site(path: Path, task: str, rows: list[Row], sites: Sequence[SiteA
 
 
 def log_to_mlflow(tracking_uri: str, task: str, spec, rows: list[Row], files: Mapping[str, Path], *,  # type: ignore[no-untyped-def]
-                  threshold: float, params: Mapping[str, object]) -> str:
+                  threshold: float, params: Mapping[str, object], extra: Mapping[str, float] = {}) -> str:
     """One MLflow run per task in experiment ``clinical-report``: each row's metrics and the report's files."""
     from experiments.tracking import MlflowTracker
 
@@ -478,6 +498,7 @@ def log_to_mlflow(tracking_uri: str, task: str, spec, rows: list[Row], files: Ma
         metrics.update({f"{key}.{site}.auc": v for site, v in row.per_site.items()})
         if row.charged:
             metrics[f"{key}.epsilon_max"] = max(row.charged.values())
+    metrics.update(extra)
     try:
         tracker.log_metrics(metrics, step=0)
         for path in files.values():
@@ -494,6 +515,7 @@ class TaskResult:
     task: str
     rows: list[Row]
     small_sites: list[str]
+    repeated: list[tuple[int, float, float]]  # (split seed, federated, local-only) AUC at the small sites
     check: bool
     message: str
     mlflow_run_id: str
@@ -503,9 +525,33 @@ class TaskResult:
 DpRunner = Callable[[object, Schedule, Sequence[SiteArrays], float], DpResult]
 
 
+def _small_sites_auc(scores: Mapping[str, np.ndarray], sites: Sequence[SiteArrays], small_site: int) -> float:
+    return within_group_auc([(scores[s.name], s.y_val.astype(np.int8)) for s in sites if s.small(small_site)])
+
+
+def small_site_repeats(spec, schedule: Schedule, cohorts: Sequence[SiteCohort], *, seeds: Sequence[int],  # type: ignore[no-untyped-def]
+                       small_site: int) -> list[tuple[int, float, float]]:
+    """(split seed, federated, local-only) AUC at the small sites, each seed a fresh node split and fresh training.
+
+    A small site holds a few dozen validation patients and a handful of outcomes, so one
+    split decides little; each seed re-splits every site (as a node with that
+    ``split_seed`` would) and retrains both rows.
+    """
+    out = []
+    for seed in seeds:
+        sites = [a for a in (c.arrays(seed) for c in cohorts) if a is not None]
+        local = {s.name: scores_of(train_plain_model(spec, schedule, s.x_train, s.y_train, seed=10 + i), s.x_val)
+                 for i, s in enumerate(sites)}
+        federated = fedavg(spec, schedule, sites, plain_step(schedule))
+        fed = {s.name: scores_of(federated, s.x_val) for s in sites}
+        out.append((seed, _small_sites_auc(fed, sites, small_site), _small_sites_auc(local, sites, small_site)))
+    return out
+
+
 def report_task(task: str, spec, sites: Sequence[SiteArrays], out: Path, *, epsilons: Sequence[float],  # type: ignore[no-untyped-def]
                 small_site: int, tracking_uri: str, dp_runner: DpRunner = dp_in_process,
-                notes: Sequence[str] = (), params: Mapping[str, object] | None = None) -> TaskResult:
+                notes: Sequence[str] = (), params: Mapping[str, object] | None = None,
+                cohorts: Sequence[SiteCohort] = (), repeats: int = 1) -> TaskResult:
     """Train every row on `sites`, evaluate on their validation rows, write and log the report of `task`."""
     schedule = schedule_of(spec)
     started = time.monotonic()
@@ -535,19 +581,32 @@ def report_task(task: str, spec, sites: Sequence[SiteArrays], out: Path, *, epsi
     by_name = {r.name: r for r in rows}
     small = [s.name for s in sites if s.small(small_site)]
     fed_small, local_small = by_name[FEDERATED].small_auc, by_name[LOCAL].small_auc
+    repeated = [(SPLIT_SEED, fed_small, local_small)]
+    if cohorts and repeats > 1:
+        repeated += small_site_repeats(spec, schedule, cohorts, seeds=range(SPLIT_SEED + 1, SPLIT_SEED + repeats),
+                                       small_site=small_site)
     if not small:
         check, message = False, f"{task}: no site has fewer than {small_site} patients; the check cannot be made"
     else:
-        check = bool(fed_small > local_small)
+        fed_mean = float(np.nanmean([f for _, f, _ in repeated]))
+        local_mean = float(np.nanmean([lo for _, _, lo in repeated]))
+        wins = sum(f > lo for _, f, lo in repeated)
+        check = bool(fed_mean > local_mean)
         per_site = ", ".join(f"{n} {by_name[FEDERATED].per_site.get(n, math.nan):.3f} vs {by_name[LOCAL].per_site.get(n, math.nan):.3f}"
                              for n in small)
-        message = (f"{task}: federated vs local-only AUC at the small sites ({len(small)}, <{small_site} patients): "
-                   f"{fed_small:.3f} vs {local_small:.3f} -> {'HOLDS' if check else 'FAILS'} (per site: {per_site})")
+        message = (f"{task}: federated vs local-only AUC at the {len(small)} small sites (<{small_site} patients, "
+                   f"within-site pairs), mean over {len(repeated)} split seed(s): {fed_mean:.3f} vs {local_mean:.3f} "
+                   f"-> {'HOLDS' if check else 'FAILS'}; federated ahead in {wins} of {len(repeated)} "
+                   f"(each seed: {', '.join(f'{f:.3f}/{lo:.3f}' for _, f, lo in repeated)}); "
+                   f"split seed {SPLIT_SEED} per site: {per_site}")
     notes.append(f"check: {message}")
     notes.append(f"trained and evaluated in {time.monotonic() - started:.0f} s")
     files = write_outputs(out / task, task, spec, rows, sites, threshold=threshold, small_site=small_site, notes=notes)
-    run_id = log_to_mlflow(tracking_uri, task, spec, rows, files, threshold=threshold, params=dict(params or {}))
-    return TaskResult(task, rows, small, check, message, run_id, files)
+    extra = {"check.holds": float(check)}
+    if small:
+        extra.update({"check.federated_small_sites_auc_mean": fed_mean, "check.local_small_sites_auc_mean": local_mean})
+    run_id = log_to_mlflow(tracking_uri, task, spec, rows, files, threshold=threshold, params=dict(params or {}), extra=extra)
+    return TaskResult(task, rows, small, repeated, check, message, run_id, files)
 
 
 # ---------------------------------------------------------------- command line
@@ -563,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--scale", type=float, default=1.0, help="patients_scale of the generated alliance")
     parser.add_argument("--epsilons", type=float, nargs=2, default=(1.0, 4.0), help="the DP rows' target ε per site")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="split seeds over which the small-site check compares local-only and federated")
     parser.add_argument("--small-site", type=int, default=SMALL_SITE, help="a site with fewer patients is small")
     parser.add_argument("--dp-path", choices=("node", "in-process", "auto"), default="auto",
                         help="DP rows through the node path, in process, or the node path where this checkout has it")
@@ -582,15 +643,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for task in args.task or list(TASKS):
         spec = spec_for_task(task)
         t0 = time.monotonic()
-        loaded = [load_site(site, spec, out / "scratch") for site in alliance]
+        cohorts = [load_site(site, spec, out / "scratch") for site in alliance]
+        loaded = [c.arrays() for c in cohorts]
         sites = [s for s in loaded if s is not None]
-        notes = [f"left out (cohort too small to split): {s.site}" for s, a in zip(alliance, loaded, strict=True) if a is None]
+        notes = [f"left out (cohort too small to split): {c.name}" for c, a in zip(cohorts, loaded, strict=True) if a is None]
         runner, path_note = dp_runner_for(args.dp_path, out / "dp-runs" / task, alliance)
         if path_note:
             notes.append(path_note)
         print(f"{task}: cohorts built in {time.monotonic() - t0:.0f} s "
               f"({', '.join(f'{s.name} {s.cohort}' for s in sites)})")
         result = report_task(task, spec, sites, out, epsilons=args.epsilons, small_site=args.small_site,
+                             cohorts=cohorts, repeats=args.repeats,
                              tracking_uri=tracking_uri, dp_runner=runner, notes=notes,
                              params={"hospitals": args.hospitals, "seed": args.seed, "scale": args.scale,
                                      "epsilons": list(args.epsilons), "small_site": args.small_site})
