@@ -622,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the alliance, reports and MLflow store")
     parser.add_argument("--task", action="append", choices=sorted(TASKS), help="a task (repeatable); default: all")
-    parser.add_argument("--hospitals", type=int, default=6)
+    parser.add_argument("--hospitals", type=int, default=12)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--scale", type=float, default=1.0, help="patients_scale of the generated alliance")
     parser.add_argument("--epsilons", type=float, nargs=2, default=(1.0, 4.0), help="the DP rows' target ε per site")
