@@ -459,7 +459,7 @@ def _plot_per_site(path: Path, task: str, rows: list[Row], sites: Sequence[SiteA
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(sites) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(sites) + 2), 5.4))
     width = 0.8 / max(1, len(rows))
     positions = np.arange(len(sites))
     for i, row in enumerate(rows):
@@ -471,9 +471,12 @@ def _plot_per_site(path: Path, task: str, rows: list[Row], sites: Sequence[SiteA
         if s.small(small_site):
             tick.set_color("firebrick")
             tick.set_fontweight("bold")
+    for position, s in zip(positions, sites, strict=True):
+        if all(not math.isfinite(row.per_site.get(s.name, math.nan)) for row in rows):
+            ax.text(position, 0.32, "no AUC:\none class in\nvalidation", ha="center", va="bottom", fontsize=6, color="grey")
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
     ax.set(ylim=(0.3, 1.0), ylabel="validation AUC at the site", title=f"{task}: AUC per site (small sites in red)")
-    ax.legend(fontsize=7, ncols=2, loc="lower right")
+    ax.legend(fontsize=7, ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
