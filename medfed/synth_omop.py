@@ -210,12 +210,13 @@ class _Mix:
 
 def _mix(rng: np.random.Generator, site_index: int, scale: float) -> _Mix:
     tier = TIER_3 if site_index % 3 == 1 else TIER_2
+    # Draw order matters to reproducibility: keep it when adding a field (append new draws last).
     if tier == TIER_3:
-        n, age_mean, bmi_shift, bp_shift, visit_rate = rng.integers(2000, 3001), rng.uniform(52, 57), \
-            rng.uniform(0.5, 1.5), rng.uniform(1.0, 3.0), rng.uniform(2.2, 3.0)
-        urban = rng.uniform(0.7, 0.9)
+        n = rng.integers(2000, 3001)
+        age_mean, bmi_shift, bp_shift = rng.uniform(52, 57), rng.uniform(0.5, 1.5), rng.uniform(1.0, 3.0)
+        visit_rate, urban = rng.uniform(2.2, 3.0), rng.uniform(0.7, 0.9)
     else:
-        small = site_index % 3 == 2
+        small = site_index % 3 == 2  # too few patients for a good local-only model
         n = rng.integers(150, 301) if small else rng.integers(400, 1001)
         age_mean, bmi_shift, bp_shift = rng.uniform(40, 47), rng.uniform(-0.6, 0.6), rng.uniform(-2.0, 1.0)
         visit_rate, urban = rng.uniform(1.4, 2.0), rng.uniform(0.2, 0.6)
@@ -489,13 +490,14 @@ class _Site:
                             + 0.5 * (parity[m] == 0) + 0.08 * np.maximum(a - 35, 0))
             gdm = rng.random(k) < p_gdm
             pe = rng.random(k) < p_pe
-            base = (-2.8 + 0.1 * (bp - 115) + 1.3 * p.smoker[w] + 0.7 * (glu - 5.3) + 1.2 * prior_adverse[m] + 3.2 * twins
-                    + 0.12 * np.maximum(a - 35, 0) + 0.25 * np.maximum(20 - a, 0) - 0.05 * (bmi - 25))
+            base = (-2.8 + 0.1 * (bp - 115) + 1.3 * p.smoker[w] + 0.7 * (glu - 5.3) + 1.2 * prior_adverse[m]
+                    + 3.2 * twins + 0.12 * np.maximum(a - 35, 0) + 0.25 * np.maximum(20 - a, 0) - 0.05 * (bmi - 25))
             p_adv_pe, p_adv_no = _sigmoid(base + 1.8), _sigmoid(base)
             p_adverse = p_pe * p_adv_pe + (1 - p_pe) * p_adv_no  # the index-time probability
             adverse = rng.random(k) < np.where(pe, p_adv_pe, p_adv_no)
-            records.append(dict(who=w, conception=c, twins=twins, gdm=gdm, pe=pe, p_maternal=1 - (1 - p_gdm) * (1 - p_pe),
-                                p_infant=p_adverse, adverse=adverse, glu=glu, bp=bp, bmi=bmi))
+            records.append({"who": w, "conception": c, "twins": twins, "gdm": gdm, "pe": pe,
+                            "p_maternal": 1 - (1 - p_gdm) * (1 - p_pe), "p_infant": p_adverse, "adverse": adverse,
+                            "glu": glu, "bp": bp, "bmi": bmi})
             prior_gdm[m] |= gdm
             prior_pe[m] |= pe
             prior_adverse[m] |= adverse
@@ -552,7 +554,8 @@ class _Site:
         rate = self.mix.visit_rate * (0.6 + 0.012 * np.clip(p.age_at(_INDEX) - 20, 0, None)) + 0.5 * sick
         count = rng.poisson(rate * years)
         who = np.repeat(np.arange(p.n), count)
-        day = p.obs_start[who] + np.floor(rng.random(who.size) * (p.obs_end[who] - p.obs_start[who] + 1)).astype(np.int64)
+        span = p.obs_end[who] - p.obs_start[who] + 1
+        day = p.obs_start[who] + np.floor(rng.random(who.size) * span).astype(np.int64)
         # Every recorded diagnosis is made at a visit.
         extra_who, extra_day = [who], [day]
         for name in _CHRONIC:
@@ -570,7 +573,8 @@ class _Site:
         dbp = 0.5 * sbp + 18 + p.dbp_offset[who] + rng.normal(0, 4, n)
         self._measure(who[bp_taken], "dbp", ts[bp_taken], TYPE_EHR, dbp[bp_taken])
         pulse = rng.random(n) < 0.6
-        self._measure(who[pulse], "heart_rate", ts[pulse], TYPE_EHR, p.rest_hr[who[pulse]] + 6 + rng.normal(0, 6, pulse.sum()))
+        self._measure(who[pulse], "heart_rate", ts[pulse], TYPE_EHR,
+                      p.rest_hr[who[pulse]] + 6 + rng.normal(0, 6, pulse.sum()))
         weighed = rng.random(n) < 0.5
         self._measure(who[weighed], "bmi", ts[weighed], TYPE_EHR,
                       p.bmi_at(day[weighed], who[weighed]) + rng.normal(0, 0.3, weighed.sum()))
@@ -579,7 +583,9 @@ class _Site:
         lab = rng.random(n) < np.where(diabetic, 0.6, 0.2 + 0.2 * (glu > 6.0))
         self._measure(who[lab], "glucose", ts[lab], TYPE_EHR, glu[lab] + rng.normal(0, 0.35, lab.sum()))
         a1c = rng.random(n) < np.where(diabetic, 0.6, 0.15 + 0.25 * (glu > 6.0))
-        self._measure(who[a1c], "hba1c", ts[a1c], TYPE_EHR, (glu[a1c] + 1.0 + 2.59) / 1.59 + rng.normal(0, 0.2, a1c.sum()))
+        # HbA1c from mean glucose (ADAG: mean = 1.59 * HbA1c - 2.59), a day's mean a little above fasting.
+        self._measure(who[a1c], "hba1c", ts[a1c], TYPE_EHR,
+                      (glu[a1c] + 1.0 + 2.59) / 1.59 + rng.normal(0, 0.2, a1c.sum()))
         for name, has in (("current_smoker", p.smoker), ("family_history_hypertension", p.family)):
             noted = has[who] & (rng.random(n) < (0.7 if name == "current_smoker" else 0.45))
             self.observations.add(person=p.person_id[who[noted]], concept=CONCEPTS[name].concept_id, day=day[noted],
@@ -643,7 +649,6 @@ class _Site:
         band = adult & (rng.random(p.n) < _sigmoid(-0.2 - 0.045 * (age - 40) + 0.9 * p.urban))
         meter = adult & (rng.random(p.n) < _sigmoid(-2.2 + 1.6 * (p.glu_at(np.full(p.n, _INDEX), everyone) - 6.0)))
         self.has = {"cuff": cuff, "band": band, "meter": meter}
-        self.device_end = end
         adherence = rng.gamma(3.0, 1 / 3.0, p.n)
         # Home cuff: sbp/dbp pairs, mostly morning and evening.
         owners = np.flatnonzero(cuff)
@@ -681,7 +686,9 @@ class _Site:
         hour = np.clip(around + rng.normal(0, 1.2, n), 0, 23.99)
         hour = np.where(around == 3.0, rng.uniform(0, 6, n), hour)
         night = hour < 6
-        sbp = self.sbp(day, who) + np.where(night, -8.0, np.where(hour < 10, 3.0, 0.0)) + p.bp_var[who] * rng.standard_normal(n)
+        # Pressure dips at night and surges in the morning; each patient has their own variability.
+        circadian = np.where(night, -8.0, np.where(hour < 10, 3.0, 0.0))
+        sbp = self.sbp(day, who) + circadian + p.bp_var[who] * rng.standard_normal(n)
         dbp = 0.5 * sbp + 18 + p.dbp_offset[who] + 0.5 * p.bp_var[who] * rng.standard_normal(n)
         typed = rng.random(n) < 1 / 7
         kind = np.where(typed, TYPE_SELF_REPORT, TYPE_DEVICE)
@@ -693,8 +700,9 @@ class _Site:
         rng = self.rng
         n = who.size
         slot = rng.choice(3, n, p=[0.5, 0.4, 0.1])
-        hour = np.select([slot == 0, slot == 1], [rng.uniform(6, 9, n), rng.choice([13.5, 20.0], n) + rng.uniform(0, 1.5, n)],
-                         rng.uniform(0, 6, n))
+        fasting, after_meal, night = rng.uniform(6, 9, n), rng.choice([13.5, 20.0], n) + rng.uniform(0, 1.5, n), \
+            rng.uniform(0, 6, n)
+        hour = np.select([slot == 0, slot == 1], [fasting, after_meal], night)
         g = self.glucose(day, who) + extra
         g = g + (slot == 1) * rng.gamma(2.0, 0.6, n) * (1 + np.maximum(g - 5, 0) / 3) + rng.normal(0, 0.4, n)
         self._measure(who, "glucose", _ts(day, hour), TYPE_DEVICE, g)
@@ -723,18 +731,21 @@ class _Site:
         sbp = preg["bp"][vw] - 4 + 25.0 * after_pe + rng.normal(0, 7, vw.size)
         ts = _ts(vday, rng.uniform(8, 17, vw.size))
         self._measure(who_idx[vw], "sbp", ts, TYPE_EHR, sbp)
-        self._measure(who_idx[vw], "dbp", ts, TYPE_EHR, 0.5 * sbp + 18 + p.dbp_offset[who_idx[vw]] + rng.normal(0, 4, vw.size))
+        self._measure(who_idx[vw], "dbp", ts, TYPE_EHR,
+                      0.5 * sbp + 18 + p.dbp_offset[who_idx[vw]] + rng.normal(0, 4, vw.size))
         # Early-pregnancy home monitoring (antenatal programme) for most mothers.
         monitored = rng.random(k) < 0.75
         for device, rate, cap in (("cuff", 0.09, 14), ("meter", 0.06, 9)):
             owners = np.flatnonzero(monitored)
-            who, day = self._events(owners, c[owners] + 14, c[owners] + INDEX_GESTATION_DAYS, np.full(owners.size, rate), cap)
+            who, day = self._events(owners, c[owners] + 14, c[owners] + INDEX_GESTATION_DAYS,
+                                    np.full(owners.size, rate), cap)
             if device == "cuff":
                 self._cuff(who_idx[who], day, rng.choice([7.0, 19.5, 3.0, 13.0], who.size, p=[0.45, 0.4, 0.07, 0.08]))
             else:
                 self._meter(who_idx[who], day, extra=preg["glu"][who] - self.glucose(day, who_idx[who]))
         # Delivery: an inpatient stay; birth weight and gestational age per infant, recorded on the mother.
-        self.visits.add(person=pid, concept=VISIT_CONCEPTS["inpatient"], start=delivery, end=delivery + rng.integers(1, 5, k))
+        stay = rng.integers(1, 5, k)
+        self.visits.add(person=pid, concept=VISIT_CONCEPTS["inpatient"], start=delivery, end=delivery + stay)
         ts = _ts(delivery, rng.uniform(0, 24, k))
         for infant in range(2):
             born = np.flatnonzero(preg["twins"]) if infant else np.arange(k)

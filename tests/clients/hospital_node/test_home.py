@@ -373,7 +373,7 @@ def test_open_reports_every_problem_of_an_imaging_registration(tmp_path: Path) -
         "datasets.chest.series_description is not a valid regular expression (RE2 syntax): missing ): axial(",
         "datasets.chest.deid.options[0] 'clean_descriptor' is not a PS3.15 option; did you mean 'clean_descriptors'?",
         "datasets.chest.deid.max_date_shift_days must be an integer in 1..36500; found 0",
-        "datasets.other.kind must be one of 'tabular', 'imaging'; found 'imagng'; did you mean 'imaging'?",
+        "datasets.other.kind must be one of 'tabular', 'imaging', 'omop'; found 'imagng'; did you mean 'imaging'?",
     ):
         assert f"  - {line}" in lines, line
 

@@ -78,3 +78,16 @@ def test_an_entry_needs_absolute_paths_and_its_source(node: NodeHome) -> None:
         omop_entry(node, OmopSource("folder", "rel"))
     with pytest.raises(NodeHomeError, match=r"datasets.ehr.omop is required for kind 'omop'"):
         DatasetEntry(name="ehr", path=node.path / "x", kind="omop")
+
+
+def test_doctor_checks_an_omop_source_without_reading_it(node: NodeHome, tmp_path: Path) -> None:
+    from clients.hospital_node.service import _dataset_check
+
+    folder = write_parquet_folder(tmp_path / "omop")
+    entry = omop_entry(node, OmopSource("folder", str(folder)))
+    assert _dataset_check(node, entry).level == "ok"
+    (folder / "person.parquet").rename(tmp_path / "moved.parquet")  # a table gone: found by a full read only
+    assert _dataset_check(node, entry).level == "ok"
+    gone = omop_entry(node, OmopSource("folder", str(tmp_path / "gone")))
+    check = _dataset_check(node, gone)
+    assert check.level == "fail" and "does not exist" in check.detail

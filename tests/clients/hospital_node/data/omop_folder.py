@@ -51,16 +51,22 @@ SCHEMAS: Mapping[str, pa.Schema] = {
 ID_COLUMNS = {name: schema.names[0] for name, schema in SCHEMAS.items()}
 
 
-def write_omop(folder: Path, tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> Path:
-    """Write ``tables`` (rows as dicts; missing columns null, missing ids numbered) as ``<table>.parquet``."""
-    folder.mkdir(parents=True, exist_ok=True)
+def arrow_tables(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, pa.Table]:
+    """``tables`` (rows as dicts; missing columns null, missing ids numbered) as Arrow tables, all seven."""
+    out = {}
     for name, schema in SCHEMAS.items():
         rows = list(tables.get(name, ()))
-        id_column = ID_COLUMNS[name]
         if name != "person":
-            rows = [{id_column: i + 1, **row} for i, row in enumerate(rows)]
-        columns = {field.name: [row.get(field.name) for row in rows] for field in schema}
-        pq.write_table(pa.table(columns, schema=schema), folder / f"{name}.parquet")
+            rows = [{ID_COLUMNS[name]: i + 1, **row} for i, row in enumerate(rows)]
+        out[name] = pa.table({field.name: [row.get(field.name) for row in rows] for field in schema}, schema=schema)
+    return out
+
+
+def write_omop(folder: Path, tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> Path:
+    """Write ``tables`` as one ``<table>.parquet`` per OMOP table in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, table in arrow_tables(tables).items():
+        pq.write_table(table, folder / f"{name}.parquet")
     return folder
 
 
@@ -70,4 +76,13 @@ def open_omop(folder: Path) -> duckdb.DuckDBPyConnection:
     for name in SCHEMAS:
         path = str(folder / f"{name}.parquet").replace("'", "''")
         connection.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
+    return connection
+
+
+def open_in_memory(tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> duckdb.DuckDBPyConnection:
+    """The same views over Arrow tables in memory: for property tests that build many populations."""
+    connection = duckdb.connect()
+    for name, table in arrow_tables(tables).items():
+        connection.register(f"{name}_arrow", table)
+        connection.execute(f"CREATE VIEW {name} AS SELECT * FROM {name}_arrow")
     return connection

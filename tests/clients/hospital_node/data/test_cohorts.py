@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,17 +11,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clients.hospital_node.data.cohorts import build_cohort, cohort_sql
 from models.clinical_tasks import (
     CONCEPTS,
+    INDEX_GESTATION_DAYS,
+    TASKS,
     TYPE_DEVICE,
     TYPE_EHR,
     TYPE_SELF_REPORT,
     CohortDefinition,
     CohortDefinitionError,
 )
-from tests.clients.hospital_node.data.omop_folder import open_omop, write_omop
+from tests.clients.hospital_node.data.omop_folder import open_in_memory, open_omop, write_omop
 
 MALE, FEMALE = CONCEPTS["male"].concept_id, CONCEPTS["female"].concept_id
 INDEX = date(2024, 1, 1)
@@ -387,3 +392,190 @@ def test_pregnancy_signals_use_each_mothers_own_window(tmp_path: Path) -> None:
         {"glucose_mean": 6.0, "glucose_days": pytest.approx(1 / 140)},
         {"glucose_mean": 7.0, "glucose_days": pytest.approx(1 / 140)},
     ]
+
+
+# ------------------------------------------------------------ leakage (properties)
+# Covariates come only from before the index day, labels only from the time-at-risk: for
+# random small populations, rows on or after the index day never move a covariate, and rows
+# before the time-at-risk never move a label.
+
+
+CONDITIONS = ("obesity", "hyperlipidemia", "hypertension", "type2_diabetes", "gestational_diabetes", "preeclampsia")
+MEASUREMENTS = ("sbp", "glucose", "bmi", "birth_weight", "gestational_age_at_birth")
+KINDS = (TYPE_EHR, TYPE_DEVICE, TYPE_SELF_REPORT)
+DATE_COLUMN = {"condition_occurrence": "condition_start_date", "measurement": "measurement_date",
+               "observation": "observation_date", "drug_exposure": "drug_exposure_start_date"}
+FIRST_DAY, LAST_DAY = date(2019, 1, 1), date(2025, 12, 31)
+
+DEFINITIONS = {
+    "diabetes_onset": CohortDefinition.from_mapping({
+        "task": "diabetes_onset", "index_date": INDEX.isoformat(),
+        "covariates": ["age", "sex_male", "history_obesity", "history_hypertension", "current_smoker", "bmi_last",
+                       "glucose_last", *[f"glucose_{s}" for s in ("mean", "sd", "slope", "night_mean", "frac_above", "days")],
+                       "sbp_mean"]}),
+    "hypertension_onset": CohortDefinition.from_mapping({
+        "task": "hypertension_onset", "index_date": INDEX.isoformat(), "lookback_days": [-200, -10],
+        "reading_window_days": [-60, -1],
+        "covariates": ["age", "history_obesity", "sbp_last", "sbp_mean", "sbp_slope", "sbp_days"]}),
+    "maternal_gdm_preeclampsia": pregnancy(
+        "maternal_gdm_preeclampsia", ["age", "prior_pregnancies", "history_gestational_diabetes", "history_preeclampsia",
+                                      "bmi_last", "sbp_mean", "sbp_sd", "sbp_frac_above", "sbp_night_mean", "glucose_days"]),
+    "infant_lbw_preterm": pregnancy(
+        "infant_lbw_preterm", ["age", "prior_pregnancies", "glucose_mean", "glucose_slope", "current_smoker"]),
+}
+
+uniform_days = st.integers(0, (LAST_DAY - FIRST_DAY).days).map(lambda n: FIRST_DAY + timedelta(n))
+
+
+EDGES = (0, 0, 0, 0, -1, -1, 1, -10, -11, -60, -61, -90, -91, -140, -141, -200, -201, -365, -366, 182, 183, 365, 366)
+
+
+def near(anchors: list[date]) -> st.SearchStrategy[date]:
+    """Dates on an anchor's window edges (index day, look-back and window starts), where leaks hide, or near it."""
+    return st.one_of(
+        st.tuples(st.sampled_from(anchors), st.sampled_from(EDGES)).map(lambda t: t[0] + timedelta(t[1])),
+        st.tuples(st.sampled_from(anchors), st.integers(-400, 400)).map(lambda t: t[0] + timedelta(t[1])),
+    )
+
+
+@st.composite
+def populations(draw: st.DrawFn) -> dict[str, list[dict[str, Any]]]:
+    n = draw(st.integers(1, 4))
+    tables: dict[str, list[dict[str, Any]]] = {t: [] for t in ("person", "observation_period", *DATE_COLUMN)}
+    for pid in range(1, n + 1):
+        male = draw(st.booleans())
+        tables["person"].append(person(pid, born=draw(st.dates(date(1950, 1, 1), date(2006, 12, 31))), male=male))
+        anchors = [INDEX]
+        for _ in range(draw(st.integers(0, 2))):
+            conception = draw(st.dates(date(2020, 6, 1), date(2024, 2, 1)))
+            anchors.append(conception + timedelta(INDEX_GESTATION_DAYS))
+            tables["condition_occurrence"].append(condition(pid, "pregnancy", conception, conception + timedelta(270)))
+        days = near(anchors)
+        if draw(st.integers(0, 3)):  # mostly observed throughout, so that most people are in the cohort
+            tables["observation_period"].append(observed(pid))
+        else:
+            start, end = sorted([draw(days), draw(days)])
+            tables["observation_period"].append(observed(pid, start, end))
+        for _ in range(draw(st.integers(0, 4))):
+            tables["condition_occurrence"].append(condition(pid, draw(st.sampled_from(CONDITIONS)), draw(days)))
+        for _ in range(draw(st.integers(0, 12))):
+            when = datetime.combine(draw(days), datetime.min.time()) + timedelta(minutes=draw(st.integers(0, 1439)))
+            tables["measurement"].append(reading(pid, draw(st.sampled_from(MEASUREMENTS)), when,
+                                                 float(draw(st.integers(1, 4000))), draw(st.sampled_from(KINDS)),
+                                                 dated_only=draw(st.booleans())))
+        for _ in range(draw(st.integers(0, 2))):
+            tables["observation"].append(observation(pid, "current_smoker", draw(days)))
+        if draw(st.integers(0, 3)) == 0:
+            tables["drug_exposure"].append(drug(pid, draw(st.sampled_from(["amlodipine", "metformin"])), draw(days)))
+    return tables
+
+
+def run(tables: dict[str, list[dict[str, Any]]], definition: CohortDefinition, *, scoring: bool = False) -> pa.Table:
+    return build_cohort(open_in_memory(tables), definition, scoring=scoring)
+
+
+def covariates(table: pa.Table, definition: CohortDefinition) -> dict[tuple[int, date], list[Any]]:
+    return {(r["person_id"], r["index_date"]): [r[c] for c in definition.covariates] for r in table.to_pylist()}
+
+
+def assert_same_covariates(before: pa.Table, after: pa.Table, definition: CohortDefinition, *, every_row: bool) -> None:
+    old, new = covariates(before, definition), covariates(after, definition)
+    if every_row:
+        assert old.keys() == new.keys()
+    for key in old.keys() & new.keys():
+        for name, a, b in zip(definition.covariates, old[key], new[key]):
+            assert (a is None and b is None) or (a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)), (
+                key, name, a, b)
+
+
+def index_of(tables: dict[str, list[dict[str, Any]]], definition: CohortDefinition) -> dict[int, date]:
+    return dict(zip(*run(tables, definition, scoring=True).select(["person_id", "index_date"]).to_pydict().values()))
+
+
+def moved(row: dict[str, Any], table: str, when: date, rng: random.Random, concepts: tuple[str, ...] | None) -> dict[str, Any]:
+    """``row`` with a new date, value and (from ``concepts``) concept; a measurement keeps its time of day."""
+    row = dict(row)
+    row[DATE_COLUMN[table]] = when
+    if table == "measurement":
+        if row["measurement_datetime"] is not None:
+            row["measurement_datetime"] = datetime.combine(when, row["measurement_datetime"].time())
+        row["value_as_number"] = float(rng.randint(1, 4000))
+        if concepts:
+            row["measurement_concept_id"] = CONCEPTS[rng.choice([c for c in concepts if c in MEASUREMENTS])].concept_id
+    elif table == "condition_occurrence":
+        row["condition_end_date"] = when
+        if concepts:
+            row["condition_concept_id"] = CONCEPTS[rng.choice([c for c in concepts if c in CONDITIONS])].concept_id
+    return row
+
+
+LEAKAGE = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+every_task = pytest.mark.parametrize("task", sorted(DEFINITIONS))
+
+
+@LEAKAGE
+@every_task
+@given(tables=populations(), start=st.integers(1, 200), length=st.integers(0, 400))
+def test_moving_the_time_at_risk_moves_no_covariate(tables: dict[str, list[dict[str, Any]]], task: str,
+                                                    start: int, length: int) -> None:
+    definition = DEFINITIONS[task]
+    other = CohortDefinition.from_mapping({**definition.to_mapping(), "time_at_risk_days": [start, start + length]})
+    assert_same_covariates(run(tables, definition), run(tables, other), definition, every_row=False)
+
+
+@LEAKAGE
+@every_task
+@given(tables=populations())
+def test_deleting_every_row_after_the_index_day_moves_no_covariate(tables: dict[str, list[dict[str, Any]]], task: str) -> None:
+    definition = DEFINITIONS[task]
+    index = index_of(tables, definition)
+    kept = {name: [row for row in rows if name not in DATE_COLUMN or row["person_id"] not in index
+                   or row[DATE_COLUMN[name]] <= index[row["person_id"]]]
+            for name, rows in tables.items()}
+    assert_same_covariates(run(tables, definition, scoring=True), run(kept, definition, scoring=True), definition,
+                           every_row=True)
+
+
+@LEAKAGE
+@every_task
+@given(tables=populations(), rng=st.randoms(use_true_random=False))
+def test_changing_rows_on_or_after_the_index_day_moves_no_covariate(tables: dict[str, list[dict[str, Any]]], task: str,
+                                                                    rng: random.Random) -> None:
+    definition = DEFINITIONS[task]
+    index = index_of(tables, definition)
+    changed = dict(tables)
+    for name in ("measurement", "condition_occurrence"):
+        changed[name] = [
+            moved(row, name, index[row["person_id"]] + timedelta(rng.choice([0, 0, 1, rng.randint(0, 400)])), rng,
+                  (*CONDITIONS, *MEASUREMENTS))
+            if row["person_id"] in index and row[DATE_COLUMN[name]] >= index[row["person_id"]]
+            and row.get("condition_concept_id") != CONCEPTS["pregnancy"].concept_id else row
+            for row in tables[name]]
+    assert_same_covariates(run(tables, definition, scoring=True), run(changed, definition, scoring=True), definition,
+                           every_row=False)
+
+
+@LEAKAGE
+@every_task
+@given(tables=populations(), rng=st.randoms(use_true_random=False))
+def test_rows_before_the_time_at_risk_never_move_a_label(tables: dict[str, list[dict[str, Any]]], task: str,
+                                                         rng: random.Random) -> None:
+    definition = DEFINITIONS[task]
+    index = index_of(tables, definition)
+    # Rows that define the target (exclusions up to the index day, pregnancies) stay as they are.
+    fixed = {CONCEPTS[c].concept_id for c in (*TASKS[task].exclusion, "pregnancy")}
+    pool = tuple(c for c in (*CONDITIONS, *MEASUREMENTS) if CONCEPTS[c].concept_id not in fixed)
+    changed = dict(tables)
+    for name in ("measurement", "condition_occurrence"):
+        rows = []
+        for row in tables[name]:
+            pid = row["person_id"]
+            concept = row.get("condition_concept_id", row.get("measurement_concept_id"))
+            before = index.get(pid, INDEX) + timedelta(definition.time_at_risk_days[0] - 1)
+            if pid in index and concept not in fixed and row[DATE_COLUMN[name]] <= before:
+                row = moved(row, name, before - timedelta(rng.choice([0, 0, 1, rng.randint(0, 600)])), rng, pool)
+            rows.append(row)
+        changed[name] = rows
+    before_table, after_table = run(tables, definition), run(changed, definition)
+    assert before_table.select(["person_id", "index_date", definition.label]).equals(
+        after_table.select(["person_id", "index_date", definition.label]))
