@@ -400,6 +400,9 @@ def write_outputs(out: Path, task: str, spec, rows: list[Row], sites: Sequence[S
         f"(fraction {VALIDATION_FRACTION}, seed {SPLIT_SEED}, as the node splits).",
         f"Threshold for sensitivity/specificity/PPV/NPV: **{threshold:.4f}**, the outcome's prevalence in the pooled "
         "training rows (a score at or above it is a positive prediction).",
+        "DP rows are named by the target ε of their DP-SGD rounds (δ as above); the ε charged is what each site's "
+        "ledger was charged for the whole run (through the node path: the DP-SGD rounds, the once-per-run noisy "
+        "training size and the final evaluation's noisy score histogram, composed by PLD).",
         f"Small sites (fewer than {small_site} patients): "
         + (", ".join(s.name for s in sites if s.small(small_site)) or "none") + ".",
         "",
