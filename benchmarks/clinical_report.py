@@ -582,8 +582,11 @@ def report_task(task: str, spec, sites: Sequence[SiteArrays], out: Path, *, epsi
         rows.append(Row(name, {s.name: scores_of(result.model, s.x_val) for s in sites}, charged=result.charged))
         notes.append(f"{name}: {result.path}; noise multiplier {result.noise_multiplier:.3f}; ε charged per site "
                      + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.charged.items())) + f" (δ = {schedule.delta:g})")
-    rows.append(Row(ORACLE, {s.name: s.true_risk_val for s in sites}))
     missing = sum(int(np.isnan(s.true_risk_val).sum()) for s in sites)
+    if missing < sum(len(s.true_risk_val) for s in sites):
+        rows.append(Row(ORACLE, {s.name: s.true_risk_val for s in sites}))
+    else:
+        notes.append("oracle: no validation patient has a row in the generator's truth; no oracle row")
     if missing:
         notes.append(f"oracle: {missing} validation patients have no row in the generator's truth and are left out of its row")
     threshold = float(y_all.mean())

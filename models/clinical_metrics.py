@@ -196,11 +196,13 @@ def reliability_curve(scores: np.ndarray, labels: np.ndarray, *, groups: int = 1
     """Patients sorted by predicted risk, split in `groups` groups of near-equal size (deciles).
 
     Ties in the score are split by a stable sort; fewer patients than groups give one
-    group per patient.
+    group per patient, and no patient no group.
     """
     p, y = _arrays(scores, labels)
     if groups < 1:
         raise ValueError(f"groups must be >= 1; found {groups}")
+    if len(p) == 0:
+        return ()
     order = np.argsort(p, kind="stable")
     return tuple(
         ReliabilityBin(len(part), float(p[part].mean()), float(y[part].mean()))

@@ -163,6 +163,10 @@ def test_reliability_curve_groups_by_predicted_risk_into_deciles() -> None:
     assert [b.observed for b in curve] == [0.0] * 5 + [1.0] * 5
 
 
+def test_reliability_curve_of_no_patient_is_empty() -> None:
+    assert reliability_curve(np.array([]), np.array([])) == ()
+
+
 def test_reliability_curve_of_calibrated_scores_lies_near_the_diagonal() -> None:
     scores, labels = _cohort(20000, seed=10)
     for b in reliability_curve(scores, labels):
