@@ -115,6 +115,8 @@ class StudySpec:
             query = StatisticsQuery.from_mapping(mapping, source=source, max_cells=max_cells)
         except QueryError as err:
             problems.extend(err.problems)
+        if query is not None and query.cohort is not None:
+            problems.extend(study_cohort_problems(query))
         if problems or study is None or query is None:
             raise SpecError(source, problems)
         return cls(study=study, query=query)
@@ -201,3 +203,19 @@ def _study_section(raw: Any, problems: list[str]) -> StudySection | None:
         return None
     assert isinstance(description, str) and isinstance(mlflow_experiment, str)
     return StudySection(name=name, description=description, mlflow_experiment=mlflow_experiment)
+
+
+def study_cohort_problems(query: StatisticsQuery) -> list[str]:
+    """A study's ``data.cohort`` against the clinical tasks: its covariates are the declared columns but the label."""
+    from models.clinical_tasks import TASKS as CLINICAL_TASKS
+    from models.clinical_tasks import cohort_problems
+
+    assert query.cohort is not None
+    task = CLINICAL_TASKS.get(query.cohort.get("task")) if isinstance(query.cohort.get("task"), str) else None
+    if "covariates" in query.cohort:
+        return ["data.cohort.covariates is not a key: a study cohort's covariates are its declared [columns]"]
+    covariates = [name for name in query.column_names if task is None or name != task.label]
+    problems = []
+    for field, message in cohort_problems({**query.cohort, "covariates": covariates}):
+        problems.append(f"{'columns' if field == 'data.cohort.covariates' else field} {message}")
+    return problems

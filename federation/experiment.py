@@ -84,6 +84,7 @@ __all__ = ["ExperimentResult", "SiteOutcome", "build_model", "instruction_for", 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "final_model.pt"
+WEIGHTS_FILE = "final_model.safetensors"  # what a node scores its patients with (models.weights)
 SUMMARY_FILE = "privacy_summary.json"
 APPROVAL_POLL_SECONDS = 5.0
 HOLD_FILE = "HOLD"
@@ -215,6 +216,39 @@ def _build_model(spec: ExperimentSpec):  # type: ignore[no-untyped-def]
     assert spec.data.features is not None  # the spec's rules
     model = build_tabular_model(spec.model.kind, len(spec.data.features), hidden=spec.model.hidden)
     return model, torch.zeros(2, len(spec.data.features))
+
+
+def save_scoring_weights(spec: ExperimentSpec, model: Any, output_dir: Path) -> Path:
+    """Write the tabular model as ``final_model.safetensors``: tensors and metadata, no pickled code.
+
+    Its metadata binds the weights to the spec the nodes approved (the same digest the
+    run's submissions and approvals name) and say how a node turns its cohort into the
+    model's inputs (features in order, scaling, ``[data.cohort]``), so that a node can
+    score its own patients with it after checking all of that against its officer's
+    approval (``medfed node score``).
+    """
+    from federation.release import BundleError, release_version
+    from models.weights import WeightsMetadata, save_weights
+
+    assert spec.data.features is not None  # a tabular spec's rules
+    data = json.loads(spec.canonical_json()).get("data", {})
+    try:
+        version = release_version()
+    except BundleError:  # a source checkout without an install: the weights still carry the rest
+        version = "unknown"
+    metadata = WeightsMetadata(
+        spec_digest=spec.digest(),
+        model_kind=spec.model.kind,
+        hidden=tuple(spec.model.hidden) if spec.model.kind == "mlp" else (),
+        features=tuple(spec.data.features),
+        scaling={k: (float(v[0]), float(v[1])) for k, v in spec.data.scaling.items()},
+        cohort=data.get("cohort"),
+        medfed_version=version,
+        spec_json=spec.canonical_json(),
+    )
+    path = output_dir / WEIGHTS_FILE
+    save_weights(path, model.state_dict(), metadata)
+    return path
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -575,6 +609,8 @@ def run_experiment(
             model.load_state_dict(arrays.to_torch_state_dict())
             output_dir.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), output_dir / MODEL_FILE)
+            if spec.experiment.task != IMAGING_TASK:
+                tracker.log_artifact(save_scoring_weights(spec, model, output_dir))
             tracker.log_text(spec.canonical_json(), "spec.json")
             tracker.log_model(model, input_example=input_example.numpy())
 

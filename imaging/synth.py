@@ -8,8 +8,13 @@ scanner vendor and model, rescale encoding (slope, intercept, signed or not), MO
 or MONOCHROME2 radiographs, implicit or explicit VR, CT as slices or as one enhanced
 multi-frame instance.
 
-The label is in the pixels: a bright blob (a "lesion") is present if and only if the
-patient's label is 1. Every planted identifier is remembered, so
+The label is in the pixels, and only in their arrangement: a patient with label 1 has
+a lesion (a flat-topped ellipse of varying size, elongation, orientation and place), one
+with label 0 a decoy (two thin vessel segments of the same peak contrast and about as
+many bright pixels). Vessels, calcifications, body size, tissue level, gradient and noise
+level vary alike in both classes, so no global statistic of the image (its maximum, mean,
+standard deviation or a percentile) tells the classes apart, and a spatial filter does.
+Every planted identifier is remembered, so
 :meth:`SynthCohort.find_leaks` can tell whether any of them survives de-identification.
 """
 
@@ -238,22 +243,105 @@ class _Planter:
         return value
 
 
-def _phantom(
-    rng: np.random.Generator, size: int, depth: int, lesion: tuple[int, int, int] | None
-) -> np.ndarray:
-    """A body-like volume in HU: air, an elliptic body with noise, an optional bright blob."""
+def _phantom(rng: np.random.Generator, size: int, depth: int, lesion: bool) -> np.ndarray:
+    """A body-like volume in HU: air, an elliptic body, distractors, and a lesion or its decoy.
+
+    Only the *shape* of one finding depends on the label, so that no global statistic of
+    the image tells the classes apart (see the module docstring):
+
+    - the finding: a lesion (an ellipsoid of varying size, elongation, orientation and
+      place) if `lesion`, else a decoy, a thin vessel segment drawn with the same peak
+      contrast and about as many bright pixels. Both images hold the same intensities in
+      about the same amounts; only a spatial filter sees a blob rather than a line;
+    - the body's size and place, its tissue level, a linear gradient across it and the
+      noise level vary per image, so the mean, standard deviation and percentiles vary
+      far more between patients than one finding moves them;
+    - up to three more vessels and up to four calcifications (single bright voxels), in
+      every image, from the same contrast range as the finding, so the image maximum is
+      as often theirs as the finding's.
+    """
     z, y, x = np.mgrid[0:depth, 0:size, 0:size].astype(np.float32)
-    c = (size - 1) / 2.0
-    body = ((x - c) / (0.42 * size)) ** 2 + ((y - c) / (0.32 * size)) ** 2 <= 1.0
-    hu = np.full((depth, size, size), -1000.0, dtype=np.float32)
-    hu[body] = 40.0
-    hu += rng.normal(0.0, 8.0, hu.shape).astype(np.float32)
-    if lesion is not None:
-        lz, ly, lx = lesion
-        radius = max(size / 12.0, 1.5)
-        blob = np.exp(-(((x - lx) ** 2 + (y - ly) ** 2) / (2 * radius**2) + ((z - lz) ** 2) / 2.0))
-        hu += 400.0 * blob.astype(np.float32)
+    scale = size / 32.0
+    cy = (size - 1) / 2.0 + rng.uniform(-0.03, 0.03) * size
+    cx = (size - 1) / 2.0 + rng.uniform(-0.03, 0.03) * size
+    ax, ay = rng.uniform(0.34, 0.47) * size, rng.uniform(0.25, 0.37) * size
+    body = ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2 <= 1.0
+    direction = rng.uniform(0.0, 2 * np.pi)
+    ramp = ((x - cx) * np.cos(direction) + (y - cy) * np.sin(direction)) / size
+    tissue = 40.0 + rng.uniform(-10.0, 10.0) + rng.uniform(0.0, 30.0) * ramp
+    hu = np.where(body, tissue, -1000.0).astype(np.float32)
+    contrast = rng.uniform(*_FINDING_HU)
+    if lesion:
+        ly, lx = _point_inside(rng, cx, cy, ax * 0.75, ay * 0.75)
+        lz = rng.uniform(0.0, depth - 1.0)
+        long_axis = rng.uniform(*_LESION_RADIUS) * scale
+        short_axis = long_axis * rng.uniform(0.5, 1.0)
+        angle = rng.uniform(0.0, np.pi)
+        u = (x - lx) * np.cos(angle) + (y - ly) * np.sin(angle)
+        v = -(x - lx) * np.sin(angle) + (y - ly) * np.cos(angle)
+        # A flat top with soft edges (a super-Gaussian in plane), as solid nodules look.
+        plane = (u / long_axis) ** 2 + (v / short_axis) ** 2
+        blob = np.exp(-0.5 * (plane**2 + ((z - lz) / 1.2) ** 2))
+        hu += (contrast * blob).astype(np.float32)
+    else:
+        # As many pixels above half its peak as a lesion of median size has (about
+        # 4.35 * long * short axis), on two segments of a thin vessel's width.
+        radius = float(np.mean(_LESION_RADIUS)) * scale
+        length = _DECOY_LENGTH * 4.35 * 0.75 * radius**2 / (2.355 * _VESSEL_WIDTH * scale) / 2
+        for _ in range(2):
+            decoy = _vessel(rng, x[0], y[0], cx, cy, ax, ay, _VESSEL_WIDTH * scale, contrast, length)
+            hu += np.where(body, decoy, 0.0).astype(np.float32)
+    for _ in range(int(rng.integers(0, 4))):
+        width = _VESSEL_WIDTH * scale
+        vessel = _vessel(rng, x[0], y[0], cx, cy, ax, ay, width, rng.uniform(*_FINDING_HU), rng.uniform(0.3, 0.7) * size)
+        hu += np.where(body, vessel, 0.0).astype(np.float32)
+    for _ in range(int(rng.integers(0, 5))):
+        py, px = _point_inside(rng, cx, cy, ax * 0.9, ay * 0.9)
+        hu[int(rng.integers(0, depth)), py, px] += rng.uniform(*_FINDING_HU)
+    hu += rng.normal(0.0, rng.uniform(*_NOISE_HU), hu.shape).astype(np.float32)
     return hu
+
+
+#: What the phantom draws from, in HU or in pixels of a 32 x 32 image: the peak contrast
+#: of the finding, the vessels and the calcifications; a lesion's semi-axis; the noise.
+_FINDING_HU = (60.0, 100.0)
+_LESION_RADIUS = (3.0, 4.5)
+_VESSEL_WIDTH = 0.55
+_DECOY_LENGTH = 0.55
+_NOISE_HU = (6.0, 14.0)
+
+
+def _point_inside(rng: np.random.Generator, cx: float, cy: float, ax: float, ay: float) -> tuple[int, int]:
+    """A pixel uniformly inside the ellipse centred at (cx, cy) with semi-axes ax, ay."""
+    radius, angle = np.sqrt(rng.uniform(0.0, 1.0)), rng.uniform(0.0, 2 * np.pi)
+    return int(round(cy + ay * radius * np.sin(angle))), int(round(cx + ax * radius * np.cos(angle)))
+
+
+def _vessel(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    y: np.ndarray,
+    cx: float,
+    cy: float,
+    ax: float,
+    ay: float,
+    width: float,
+    contrast: float,
+    length: float,
+) -> np.ndarray:
+    """A thin, slightly curved bright segment of about `length` pixels, centred inside the body.
+
+    `width` is the standard deviation of its Gaussian cross-section, in pixels.
+    """
+    middle = np.array(_point_inside(rng, cx, cy, ax * 0.6, ay * 0.6), dtype=np.float32)
+    heading = rng.uniform(0.0, 2 * np.pi)
+    start = middle - 0.5 * length * np.array([np.sin(heading), np.cos(heading)], dtype=np.float32)
+    bend = rng.uniform(-0.4, 0.4)
+    t = np.linspace(0.0, 1.0, max(int(4 * length), 8), dtype=np.float32)
+    angle = heading + bend * t
+    curve = start + length * np.stack([np.cumsum(np.sin(angle)), np.cumsum(np.cos(angle))], axis=1) / len(t)
+    d2 = (y[None] - curve[:, 0, None, None]) ** 2 + (x[None] - curve[:, 1, None, None]) ** 2
+    return contrast * np.exp(-0.5 * d2.min(axis=0) / width**2)
 
 
 def _burn_text(stored: np.ndarray, text: str) -> None:
@@ -439,6 +527,9 @@ def write_cohort(
         raise ValueError("n_patients >= 1, size >= 8 and slices >= 1 are required")
     root = Path(root)
     rng = np.random.default_rng(seed)
+    # The phantoms draw from their own stream: tuning them never moves the identifiers,
+    # hence the pseudonyms and every node's train/validation split.
+    pixels = np.random.default_rng((seed, 1))
     planter = _Planter(rng)
     planter.text.update({site.institution, "PACSQUORV"})
     n_lesion = max(int(round(lesion_fraction * n_patients)), 1 if lesion_fraction > 0 else 0)
@@ -452,15 +543,7 @@ def write_cohort(
         burned = index in burned_set
         folder = root / f"{values['id']}_{values['name'].split('^')[0]}"
         depth = slices if modality == "CT" else 1
-        lesion = None
-        if label:
-            margin = max(size // 4, 2)
-            lesion = (
-                depth // 2,
-                int(rng.integers(margin + size // 8, size - margin - size // 8)),
-                int(rng.integers(margin, size - margin)),
-            )
-        hu = _phantom(rng, size, depth, lesion)
+        hu = _phantom(pixels, size, depth, lesion=bool(label))
         burn_text = f"{values['name'].replace('^', ' ')} {values['id']}" if burned else None
         if modality == "CT":
             files = _write_ct(folder, site, planter, values, hu, burn_text)

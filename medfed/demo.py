@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -219,6 +219,7 @@ def comparison_table(
     *,
     metrics: tuple[str, ...] = ("auc",),
     released: Mapping[str, float] | None = None,
+    baselines: Mapping[str, Any] | None = None,
 ) -> Table:
     """Federated vs local-only vs pooled models on each site's validation split, and each site's ε.
 
@@ -230,7 +231,9 @@ def comparison_table(
     and the federated model's AUC as each site released it (a noisy score histogram);
     `released` the pooled quality from the summed histograms. The demo knows the data it
     generated, so its other rows are exact: beside them the released row shows what the
-    DP noise costs the researcher's view.
+    DP noise costs the researcher's view. `baselines` are further models (label to a
+    module giving one logit per row), already fitted, scored on the same validation splits
+    right after the federated one.
     """
     import torch
 
@@ -242,7 +245,7 @@ def comparison_table(
 
     federated, _ = build_model(spec)
     federated.load_state_dict(torch.load(model_path, weights_only=True))
-    models = {"federated (all sites)": federated}
+    models = {"federated (all sites)": federated, **(baselines or {})}
     for i, (name, (x, y, _, _)) in enumerate(tensors.items()):
         models[f"local-only {name}"] = _train_baseline(spec, plan, x, y, seed=100 + i)
     x_all = torch.cat([t[0] for t in tensors.values()])

@@ -23,6 +23,7 @@ import shutil
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -49,10 +50,13 @@ __all__ = [
     "DATASET",
     "EXAMPLE_SPEC",
     "LABEL_NOISE",
+    "TRUTH_FILE",
     "imaging_demo_spec",
+    "pixel_baselines",
     "prepare_imaging_alliance",
     "run_imaging_demo",
     "site_tensors",
+    "validation_truth",
     "write_labels",
 ]
 
@@ -60,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 DATASET = "chest_ct"
 EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "experiments" / "examples" / "imaging.toml"
+#: Beside each hospital's labels file: the labels its images show (the generator's).
+TRUTH_FILE = "truth.csv"
 #: Share of each hospital's labels that disagree with the image (report errors).
 LABEL_NOISE = 0.1
 #: What every hospital's registration keeps of its export, and how it de-identifies it:
@@ -88,7 +94,7 @@ def prepare_imaging_alliance(
     workdir: Path,
     *,
     n_hospitals: int,
-    n_patients: int = 60,
+    n_patients: int = 150,
     seed: int = 7,
     label_noise: float = LABEL_NOISE,
     burned_in_fraction: float = 0.1,
@@ -116,6 +122,8 @@ def prepare_imaging_alliance(
         )
         labels = workdir / "data" / name / "labels.csv"
         write_labels(labels, cohort.labels, label_noise=label_noise, seed=seed * 1000 + index)
+        # What the images show, for checks that know the generated data; never registered.
+        write_labels(workdir / "data" / name / TRUTH_FILE, cohort.labels, label_noise=0.0, seed=0)
         path = workdir / "homes" / name
         home = NodeHome.open(path) if (path / "node.toml").exists() else NodeHome.create(path, name=name)
         entry = DatasetEntry(
@@ -152,13 +160,58 @@ def site_tensors(spec: ExperimentSpec, sites: list[Site]) -> dict[str, tuple]:  
     return tensors
 
 
+def pixel_baselines(tensors: dict[str, tuple]) -> dict[str, Any]:  # type: ignore[type-arg]
+    """The non-learned baseline row: a threshold on one global pixel statistic, no CNN.
+
+    The statistic (image max, mean, standard deviation or 99th percentile, whichever ranks
+    best) and its threshold are chosen on the pooled training images of every site, which
+    only the demo, knowing the data it generated, can do; it is scored on the validation
+    patients the CNN is scored on. Without DP: it shows what no spatial feature can do.
+    """
+    import torch
+
+    from models.pixel_threshold import fit_pixel_threshold
+
+    model = fit_pixel_threshold(torch.cat([t[0] for t in tensors.values()]), torch.cat([t[1] for t in tensors.values()]))
+    return {f"threshold on image {_STATISTIC_NAMES[model.statistic]} (no CNN; fit on pooled training, no DP)": model}
+
+
+_STATISTIC_NAMES = {"max": "maximum", "mean": "mean", "std": "std", "p99": "99th percentile"}
+
+
+def validation_truth(spec: ExperimentSpec, sites: list[Site]) -> dict[str, Any]:
+    """Each site's validation labels as its images show them, in :func:`site_tensors`' order.
+
+    The node's connector, loading the same cached images with the generator's own labels
+    (:data:`TRUTH_FILE`) instead of the hospital's noisy ones: where the two disagree, a
+    model reading the images is bound to be wrong.
+    """
+    import dataclasses
+
+    import torch
+
+    from clients.hospital_node.imaging_connector import ImagingConnector
+
+    request = instruction_for(spec, plan_privacy(spec)).imaging
+    assert request is not None
+    truth = {}
+    for site in sites:
+        home = NodeHome.open(site.home)
+        entry = home.dataset(spec.data.dataset)
+        assert entry.imaging is not None
+        source = dataclasses.replace(entry.imaging, labels=entry.imaging.labels.with_name(TRUTH_FILE))
+        data = ImagingConnector(home, dataclasses.replace(entry, imaging=source)).load(request)
+        truth[site.name] = torch.from_numpy(data.y_val)
+    return truth
+
+
 def run_imaging_demo(
     workdir: Path,
     *,
     n_hospitals: int = 3,
     rounds: int = 5,
     seed: int = 7,
-    n_patients: int = 60,
+    n_patients: int = 150,
     console: Console | None = None,
 ) -> None:
     """Run the whole imaging demo; raises DemoError (or a package's error) with a clear message."""
@@ -189,7 +242,11 @@ def run_imaging_demo(
     results = site_results(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
     tensors = site_tensors(spec, sites)
     released = pooled_result(tracking_uri, mlflow_run_id) if mlflow_run_id else {}
-    console.print(comparison_table(spec, plan, tensors, model_path, results, metrics=("accuracy", "auc"), released=released))
+    table = comparison_table(
+        spec, plan, tensors, model_path, results, metrics=("accuracy", "auc"), released=released,
+        baselines=pixel_baselines(tensors),
+    )
+    console.print(table)
     print_budgets(console, sites, DATASET)
     console.print(f"MLflow run {mlflow_run_id}: `mlflow ui --backend-store-uri {tracking_uri}`")
     console.print(f"done in {time.monotonic() - started:.0f} s; every process stopped.")

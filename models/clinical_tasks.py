@@ -70,6 +70,12 @@ class Concept:
     vocabulary: str  # "SNOMED 38341003", "LOINC 8480-6", "RxNorm 1202", ...
     unit: str = ""  # the name of the unit concept values must carry (measurements)
     plausible: tuple[float, float] | None = None  # physiologically possible range, inclusive
+    # Where the id comes from: "Athena", OHDSI's standard vocabulary, as public ETLs with
+    # checked concept tables use it; "unconfirmed", the standard id we believe it is, not
+    # yet seen in such a table; "local", an id in the range OHDSI reserves for local
+    # concepts (above 2,000,000,000), used where the standard id could not be confirmed:
+    # a hospital whose ETL wrote the standard id maps it to this one before registering.
+    confirmed: str = "Athena"
 
 
 def _concepts(*items: Concept) -> Mapping[str, Concept]:
@@ -83,38 +89,39 @@ CONCEPTS: Mapping[str, Concept] = _concepts(
     # record types: where a measurement came from
     Concept("ehr", 32817, "type", "EHR", "Type Concept"),
     Concept("self_report", 32865, "type", "Patient self-report", "Type Concept"),
-    Concept("device", 32880, "type", "Standard algorithm", "Type Concept"),
+    Concept("device", 2000000010, "type", "Device reading (home or wearable)", "medfed local", confirmed="local"),
     # conditions
     Concept("hypertension", 320128, "condition", "Essential hypertension", "SNOMED 59621000"),
     Concept("type2_diabetes", 201826, "condition", "Type 2 diabetes mellitus", "SNOMED 44054006"),
-    Concept("pregnancy", 4299535, "condition", "Pregnant", "SNOMED 77386006"),
-    Concept("gestational_diabetes", 4024659, "condition", "Gestational diabetes mellitus", "SNOMED 11687002"),
-    Concept("preeclampsia", 439393, "condition", "Pre-eclampsia", "SNOMED 398254007"),
+    Concept("pregnancy", 4299535, "condition", "Pregnant", "SNOMED 77386006", confirmed="unconfirmed"),
+    Concept("gestational_diabetes", 4024659, "condition", "Gestational diabetes mellitus", "SNOMED 11687002", confirmed="unconfirmed"),
+    Concept("preeclampsia", 439393, "condition", "Pre-eclampsia", "SNOMED 398254007", confirmed="unconfirmed"),
     Concept("obesity", 433736, "condition", "Obesity", "SNOMED 414916001"),
     Concept("hyperlipidemia", 432867, "condition", "Hyperlipidemia", "SNOMED 55822004"),
-    Concept("chronic_kidney_disease", 46271022, "condition", "Chronic kidney disease", "SNOMED 709044004"),
+    Concept("chronic_kidney_disease", 46271022, "condition", "Chronic kidney disease", "SNOMED 709044004", confirmed="unconfirmed"),
     # measurements: clinic, lab, home and wearable
     Concept("sbp", 3004249, "measurement", "Systolic blood pressure", "LOINC 8480-6", "mmHg", (40.0, 300.0)),
     Concept("dbp", 3012888, "measurement", "Diastolic blood pressure", "LOINC 8462-4", "mmHg", (20.0, 200.0)),
     Concept("heart_rate", 3027018, "measurement", "Heart rate", "LOINC 8867-4", "/min", (20.0, 250.0)),
-    Concept("glucose", 3004501, "measurement", "Glucose [Mass/volume] in Serum or Plasma", "LOINC 2345-7",
-            "mmol/L", (1.0, 45.0)),
+    Concept("glucose", 3020491, "measurement", "Glucose [Moles/volume] in Serum or Plasma", "LOINC 14749-6",
+            "mmol/L", (1.0, 45.0), confirmed="unconfirmed"),
     Concept("hba1c", 3004410, "measurement", "Hemoglobin A1c/Hemoglobin.total in Blood", "LOINC 4548-4",
             "%", (3.0, 20.0)),
     Concept("bmi", 3038553, "measurement", "Body mass index (BMI) [Ratio]", "LOINC 39156-5", "kg/m2", (10.0, 90.0)),
     Concept("body_temperature", 3020891, "measurement", "Body temperature", "LOINC 8310-5", "Cel", (30.0, 45.0)),
-    Concept("steps", 40762499, "measurement", "Number of steps in 24 hour Measured", "LOINC 41950-7",
-            "/d", (0.0, 100000.0)),
-    Concept("sleep_hours", 40762503, "measurement", "Sleep duration", "LOINC 93832-4", "h", (0.0, 24.0)),
+    Concept("steps", 2000000001, "measurement", "Number of steps in 24 hour Measured", "LOINC 41950-7",
+            "/d", (0.0, 100000.0), confirmed="local"),
+    Concept("sleep_hours", 2000000002, "measurement", "Sleep duration", "LOINC 93832-4", "h", (0.0, 24.0),
+            confirmed="local"),
     Concept("birth_weight", 3011043, "measurement", "Birth weight Measured", "LOINC 8339-4", "g", (200.0, 7000.0)),
     # LOINC 76516-4 (concept 46234792) lies in the Observation domain; the Measurement-domain
     # standard concept for gestational age at birth is SNOMED's.
     Concept("gestational_age_at_birth", 4260747, "measurement", "Length of gestation at birth",
             "SNOMED 412726003", "wk", (20.0, 45.0)),
     # observations
-    Concept("current_smoker", 4298794, "observation", "Smoker", "SNOMED 77176002"),
+    Concept("current_smoker", 4298794, "observation", "Smoker", "SNOMED 77176002", confirmed="unconfirmed"),
     Concept("family_history_hypertension", 4167217, "observation", "Family history of hypertension",
-            "SNOMED 160357008"),
+            "SNOMED 160357008", confirmed="unconfirmed"),
     # drugs (ingredients)
     Concept("amlodipine", 1332418, "drug", "amlodipine", "RxNorm 17767"),
     Concept("lisinopril", 1308216, "drug", "lisinopril", "RxNorm 29046"),
@@ -127,7 +134,7 @@ CONCEPTS: Mapping[str, Concept] = _concepts(
     Concept("%", 8554, "unit", "percent", "UCUM %"),
     Concept("kg/m2", 9531, "unit", "kilogram per square meter", "UCUM kg/m2"),
     Concept("Cel", 586323, "unit", "degree Celsius", "UCUM Cel"),
-    Concept("/d", 8512, "unit", "per day", "UCUM /d"),
+    Concept("/d", 2000000003, "unit", "per day", "UCUM /d", confirmed="local"),
     Concept("h", 8505, "unit", "hour", "UCUM h"),
     Concept("g", 8504, "unit", "gram", "UCUM g"),
     Concept("wk", 8511, "unit", "week", "UCUM wk"),
@@ -399,8 +406,8 @@ def cohort_problems(raw: Mapping[str, Any], *, prefix: str = "data.cohort") -> l
     if task is None:
         problems.append((f"{prefix}.task", f"must be one of {', '.join(map(repr, TASKS))}; found {name!r}"))
     covariates = raw.get("covariates")
-    if not isinstance(covariates, (list, tuple)) or not covariates or not all(isinstance(c, str) for c in covariates):
-        problems.append((f"{prefix}.covariates", f"must be a non-empty list of covariate names; found {covariates!r}"))
+    if not isinstance(covariates, (list, tuple)) or not all(isinstance(c, str) for c in covariates):
+        problems.append((f"{prefix}.covariates", f"must be a list of covariate names; found {covariates!r}"))
     else:
         repeated = sorted({c for c in covariates if covariates.count(c) > 1})
         if repeated:

@@ -89,6 +89,7 @@ AUDIT_KINDS: tuple[str, ...] = (
     "app",
     "submission",
     "policy",
+    "scoring",
 )
 PROBLEM_KINDS: tuple[str, ...] = (
     "edited",

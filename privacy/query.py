@@ -102,6 +102,7 @@ import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime
 from typing import Any, Union
 
 from privacy import limits
@@ -195,7 +196,7 @@ STUDY_KIND = "statistics"
 ENVELOPE_KEYS = ("kind", "study")
 
 _TABLES = ("data", "columns", "statistics", "privacy", "federation")
-_DATA_KEYS = ("dataset", "filter", "group_by")
+_DATA_KEYS = ("dataset", "filter", "group_by", "cohort")
 _PRIVACY_KEYS = ("epsilon", "delta", "split", "mechanism")
 _FEDERATION_KEYS = ("secure_aggregation",)
 # An experiment's [federation] keys: named as such when a study carries one.
@@ -779,6 +780,10 @@ class StatisticsQuery:
     split: str = "equal"
     mechanism: str = "laplace"
     secure_aggregation: bool = False
+    # A cohort the node builds from its OMOP source (``[data.cohort]``; dates as ISO text):
+    # its task, dates and windows, checked by ``experiments.study`` and by the node against
+    # the clinical task definitions. Its covariates are the declared columns but its label.
+    cohort: Mapping[str, Any] | None = None
 
     @classmethod
     def from_mapping(
@@ -871,6 +876,8 @@ class StatisticsQuery:
         data: dict[str, Any] = {"dataset": self.dataset, "group_by": [group.column for group in self.group_by]}
         if self.filter is not None:
             data["filter"] = self.filter.render()
+        if self.cohort is not None:  # only when asked: a study of a flat dataset keeps its digest
+            data["cohort"] = dict(self.cohort)
         mapping: dict[str, Any] = {
             "data": data,
             "columns": {column.name: column.to_mapping() for column in self.columns},
@@ -950,6 +957,7 @@ class _Check:
         dataset = self.text(data.get("dataset", _ABSENT), "data.dataset") if data is not None else None
         expr = self.filter(data.get("filter", _ABSENT)) if data is not None else None
         group_by = self.group_by(data.get("group_by", []) if data is not None else [])
+        cohort = self.cohort(data.get("cohort", _ABSENT)) if data is not None else None
         privacy = self.table(raw.get("privacy", _ABSENT), "privacy", _PRIVACY_KEYS)
         epsilon = self.epsilon(privacy.get("epsilon", _ABSENT)) if privacy is not None else None
         statistics = self.statistics(raw.get("statistics", _ABSENT), epsilon)
@@ -982,7 +990,25 @@ class _Check:
         return StatisticsQuery(
             dataset=dataset, filter=expr, columns=columns, group_by=group_by, statistics=statistics,
             epsilon=epsilon, delta=delta, split=split, mechanism=mechanism, secure_aggregation=secure,
+            cohort=cohort,
         )
+
+    def cohort(self, raw: Any) -> dict[str, Any] | None:
+        """``data.cohort``: a table, kept with its dates as ISO text (its content is judged against the tasks)."""
+        if raw is _ABSENT:
+            return None
+        if not isinstance(raw, Mapping):
+            self.add(f"data.cohort must be a table; found {_show(raw)}")
+            return None
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, (date, datetime)):
+                return value.isoformat()
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+
+        return {str(key): plain(value) for key, value in raw.items()}
 
     def federation(self, raw: Any) -> bool | None:
         """``[federation]``: whether the answers travel through SecAgg+ (absent: they do not)."""

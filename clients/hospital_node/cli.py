@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from clients.hospital_node.audit_cli import audit_app, egress
+from clients.hospital_node.data.scoring_cli import score
 from clients.hospital_node.errors import NodeError
 from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
 from clients.hospital_node.officer_cli import budget_app, decision_commands, partners_app, policy_app, report
@@ -32,6 +33,7 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(source_app, name="source")
 app.add_typer(audit_app, name="audit")
 app.command("egress")(egress)
+app.command("score")(score)
 for _command in (enrol, start, stop, status, doctor, *decision_commands, report):
     app.command(_command.__name__)(_command)
 app.add_typer(partners_app, name="partners")

@@ -27,20 +27,21 @@ import numpy as np
 
 from clients.hospital_node.connectors import MIN_ROWS, TabularData, split_fraction
 from clients.hospital_node.errors import ConnectorError
+from federation.protocol import ProtocolError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from clients.hospital_node.home import DatasetEntry, NodeHome
+    from clients.hospital_node.home import DatasetEntry
     from models.clinical_tasks import CohortDefinition
+    from privacy.query import StatisticsQuery
 
-__all__ = ["cohort_arrays", "load_cohort"]
+__all__ = ["cohort_arrays", "load_cohort", "run_cohort", "study_cohort"]
 
 logger = logging.getLogger(__name__)
 
 
 def load_cohort(
-    home: NodeHome,
     entry: DatasetEntry,
     definition: CohortDefinition,
     scaling: Mapping[str, tuple[float, float]],
@@ -51,13 +52,13 @@ def load_cohort(
     """Build ``definition`` from the OMOP source ``entry``, once per run, as split, scaled arrays.
 
     The first message of run ``run`` reads the source in one snapshot and keeps the built
-    cohort in the node home (owner-only); the run's later messages read that copy, so every
+    cohort in the dataset's staging folder (owner-only); the run's later messages read that copy, so every
     round of a run trains on the same patients even while the source changes (a PostgreSQL
     source is read as one consistent snapshot per run). ``last`` (the final evaluation)
     removes the copy once read; copies of runs that never ended go after
     :data:`_STALE_SECONDS`.
     """
-    table = _run_cohort(home, entry, definition, run=run, last=last)
+    table = run_cohort(entry, definition, run=run, last=last)
     return cohort_arrays(
         table,
         source=f"cohort {definition.task!r} of dataset {entry.name!r}",
@@ -72,7 +73,11 @@ def load_cohort(
 _STALE_SECONDS = 7 * 24 * 3600
 
 
-def _run_cohort(home: NodeHome, entry: DatasetEntry, definition: CohortDefinition, *, run: str, last: bool) -> pa.Table:
+def run_cohort(entry: DatasetEntry, definition: CohortDefinition, *, run: str, last: bool = False) -> pa.Table:
+    """The cohort of ``definition`` for run ``run``: built from one snapshot on first use, then kept.
+
+    Kept owner-only in the dataset's staging folder until the run's ``last`` read.
+    """
     import hashlib
     import json
     import os
@@ -83,7 +88,7 @@ def _run_cohort(home: NodeHome, entry: DatasetEntry, definition: CohortDefinitio
     from clients.hospital_node.data.cohorts import build_cohort
     from clients.hospital_node.data.sources import open_snapshot
 
-    folder = home.path / "scratch" / "cohorts"
+    folder = entry.path / "cohorts"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     now = time.time()
     for old in folder.glob("*.parquet"):
@@ -95,7 +100,7 @@ def _run_cohort(home: NodeHome, entry: DatasetEntry, definition: CohortDefinitio
         table = pq.read_table(path)
     else:
         assert entry.omop is not None  # an entry of kind "omop" carries its source
-        with open_snapshot(entry.omop, scratch=home.path / "scratch") as snapshot:
+        with open_snapshot(entry.omop, scratch=entry.path) as snapshot:
             table = build_cohort(snapshot.connection, definition)
         partial = path.with_suffix(".partial")
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -155,3 +160,17 @@ def cohort_arrays(
         x_val=np.ascontiguousarray(x[is_val]),
         y_val=np.ascontiguousarray(y[is_val]),
     )
+
+
+def study_cohort(query: StatisticsQuery) -> CohortDefinition:
+    """The cohort a study asks for: its covariates are the declared columns but the task's label."""
+    from models.clinical_tasks import TASKS as CLINICAL_TASKS
+    from models.clinical_tasks import CohortDefinition, CohortDefinitionError
+
+    assert query.cohort is not None
+    task = CLINICAL_TASKS.get(query.cohort.get("task"))
+    covariates = [name for name in query.column_names if task is None or name != task.label]
+    try:
+        return CohortDefinition.from_mapping({**query.cohort, "covariates": covariates})
+    except CohortDefinitionError as err:
+        raise ProtocolError(f"the study's cohort cannot be built on this node: {err}") from None

@@ -5,6 +5,7 @@
     ├── DatasetNotFoundError   a dataset name is not registered on this node (also a KeyError)
     ├── ConnectorError         a dataset file cannot be read or fails validation (also a ValueError)
     │   └── OmopSourceError    an OMOP source cannot be opened: missing table or column, bad URL, unsafe password file
+    ├── ScoringError           local scoring refused: bad or unapproved weights, inputs that differ (also a ValueError)
     ├── AuditVerificationError the audit log failed verification: edited, deleted, reordered ...
     └── NodeServiceError       enrolment, the SuperNode process or the coordinator's TLS refused
 
@@ -24,6 +25,7 @@ __all__ = [
     "NodeHomeError",
     "NodeServiceError",
     "OmopSourceError",
+    "ScoringError",
 ]
 
 
@@ -78,6 +80,10 @@ class OmopSourceError(ConnectorError):
     The message names the table, column, field or file and says what to do; it never holds
     a password or a value read from patient data.
     """
+
+
+class ScoringError(NodeError, ValueError):
+    """Local scoring refused: weights that are not safetensors, not approved, or not the approved spec's model and inputs."""
 
 
 class AuditVerificationError(NodeError):

@@ -69,6 +69,7 @@ from federation.protocol import (
     REFUSED_SIGNATURE,
     STATISTICS_ACTION,
     STATISTICS_TASK,
+    ProtocolError,
     SignedSpec,
     TrainInstruction,
     is_statistics_spec,
@@ -432,12 +433,17 @@ def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, r
 def _check_study(home: NodeHome, query: StatisticsQuery) -> None:
     """What a query may ask of this node's dataset, checked against its registration and policy: no row is read."""
     entry = home.dataset(query.dataset)
-    if entry.kind != "tabular":
-        raise Refusal(
-            REFUSED_DATASET, f"dataset '{query.dataset}' is of kind '{entry.kind}'; a statistics study needs a tabular dataset"
-        )
-    for problem in study_column_problems(entry, query):
-        raise Refusal(REFUSED_DATASET, problem)
+    wanted = "omop" if query.cohort is not None else "tabular"
+    if entry.kind != wanted:
+        what = "a study with data.cohort needs an OMOP source" if query.cohort is not None else "a statistics study needs a tabular dataset"
+        raise Refusal(REFUSED_DATASET, f"dataset '{query.dataset}' is of kind '{entry.kind}'; {what}")
+    if query.cohort is not None:
+        from clients.hospital_node.cohort_connector import study_cohort
+
+        study_cohort(query)  # the cohort's columns are the task's covariates and label, checked here
+    else:
+        for problem in study_column_problems(entry, query):
+            raise Refusal(REFUSED_DATASET, problem)
     policy = home.policy()
     if query.n_cells > policy.max_cells:
         raise Refusal(
@@ -967,6 +973,8 @@ def _study_refusals(home: NodeHome, spec: Mapping[str, Any], policy: NodePolicy)
         _check_study(home, query)
     except Refusal as err:
         return [err.reason]
+    except ProtocolError as err:
+        return [str(err)]
     return _cohort_refusals(home, query.dataset, policy.min_cohort_size)
 
 
@@ -984,7 +992,7 @@ def _cohort_refusals(home: NodeHome, dataset: str, minimum: int, *, cohort: Mapp
             from models.clinical_tasks import CohortDefinition
 
             assert entry.omop is not None
-            with open_snapshot(entry.omop, scratch=home.path / "scratch") as snapshot:
+            with open_snapshot(entry.omop, scratch=entry.path) as snapshot:
                 patients = build_cohort(snapshot.connection, CohortDefinition.from_mapping(cohort)).num_rows
         elif entry.kind == "imaging":
             from clients.hospital_node.imaging_connector import ImagingConnector

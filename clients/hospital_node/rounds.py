@@ -342,7 +342,7 @@ def _load(home: NodeHome, instruction: TrainInstruction, *, run: str, last: bool
     if instruction.cohort is not None:
         from clients.hospital_node.cohort_connector import load_cohort
 
-        return load_cohort(home, entry, instruction.cohort_definition(), instruction.scaling, run=run, last=last)
+        return load_cohort(entry, instruction.cohort_definition(), instruction.scaling, run=run, last=last)
     from clients.hospital_node.connectors import TabularConnector
 
     if entry.label_column != instruction.label:

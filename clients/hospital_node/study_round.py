@@ -149,7 +149,7 @@ def answer_study(kind: str, msg: Message, node_config: Mapping[str, Any], *, sec
         if answering:
             _check_route(kind, query, secagg)
         if kind != "release":
-            _check_cohort(home, query, admission)
+            _check_cohort(home, query, admission, run_id)
         if kind == "train":
             assert secagg is not None  # _check_route
             content = _answer_secure(home, query, signed, admission, run_id, secagg)
@@ -310,7 +310,24 @@ def _frame(entry: DatasetEntry):  # type: ignore[no-untyped-def]
     return lazy
 
 
-def _check_cohort(home: NodeHome, query: StatisticsQuery, admission: Admission) -> None:
+def _study_frame(home: NodeHome, query: StatisticsQuery, *, run: str, last: bool = False):  # type: ignore[no-untyped-def]
+    """The rows a query reads: the registered flat dataset, or the cohort it asks of an OMOP source.
+
+    A cohort is built once per run (``last``: the study's answer, its final read) with the
+    query's declared columns, but the task's label, as its covariates.
+    """
+    entry = home.dataset(query.dataset)
+    if query.cohort is None:
+        return _frame(entry)
+    import polars as pl
+
+    from clients.hospital_node.cohort_connector import run_cohort, study_cohort
+
+    table = run_cohort(entry, study_cohort(query), run=run, last=last)
+    return pl.from_arrow(table).lazy()
+
+
+def _check_cohort(home: NodeHome, query: StatisticsQuery, admission: Admission, run: str) -> None:
     """The dataset must hold the policy's minimum cohort, as for any task; the count stays on the node.
 
     Counted once admitted (reading rows needs the reservation first); a dataset below the
@@ -320,7 +337,7 @@ def _check_cohort(home: NodeHome, query: StatisticsQuery, admission: Admission) 
 
     minimum = admission.policy.min_cohort_size
     try:
-        patients = int(_frame(home.dataset(query.dataset)).select(pl.len()).collect().item())
+        patients = int(_study_frame(home, query, run=run).select(pl.len()).collect().item())
     except pl.exceptions.PolarsError as err:
         raise ConnectorError(f"dataset {query.dataset!r}: the file is not readable ({type(err).__name__})") from None
     if patients >= minimum:
@@ -397,7 +414,7 @@ def _answer_secure(
 
     # Admitted: the whole query is reserved; its budget and caps were checked.
     assert admission.budget is not None and admission.reservation is not None
-    exact = evaluate(query, _frame(home.dataset(query.dataset)))
+    exact = evaluate(query, _study_frame(home, query, run=run_id, last=True))
     noisy = noisy_answer(query, exact, min_cell_size=admission.policy.min_cell_size)
     del exact  # nothing below reads the true vectors
     layout = release_layout(query)
@@ -481,7 +498,7 @@ def _answer(home: NodeHome, query: StatisticsQuery, signed: SignedSpec, admissio
 
     # Admitted: the whole query is reserved; its budget and caps were checked.
     assert admission.budget is not None and admission.reservation is not None
-    exact = evaluate(query, _frame(home.dataset(query.dataset)))
+    exact = evaluate(query, _study_frame(home, query, run=run_id, last=True))
     answer = noisy_answer(query, exact, min_cell_size=admission.policy.min_cell_size)
     del exact  # nothing below reads the true vectors
     problems = answer.problems(release_layout(query), query.n_cells)

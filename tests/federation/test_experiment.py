@@ -23,6 +23,7 @@ from federation.errors import FederationError, NotEnoughNodesError
 from federation.experiment import run_experiment
 from federation.inprocess_grid import InProcessGrid
 from medfed.demo import DATASET, EXAMPLE_SPEC, approve_everywhere, prepare_alliance, signed_spec
+from models.weights import load_weights
 from privacy.accountant import epsilon
 from privacy.ledger import PrivacyLedger
 
@@ -87,6 +88,15 @@ def test_rounds_train_charge_and_track(alliance, tmp_path: Path) -> None:
     assert "train_loss" not in tracker.metrics and not any(k.startswith("eval_scores") for k in tracker.metrics)
     assert sorted(tracker.metrics["hospital_2.epsilon"]) == [1, 2]
     assert (tmp_path / "final_model.pt").is_file()
+    # The weights a node scores with: safetensors bound to the approved spec, logged beside it.
+    import torch
+
+    tensors, metadata = load_weights(tmp_path / "final_model.safetensors")
+    assert metadata.spec_digest == spec.digest() and metadata.model_kind == spec.model.kind
+    assert metadata.features == tuple(spec.data.features or ())
+    assert metadata.spec_json == spec.canonical_json()  # so a node that pre-approved the digest can read its spec
+    assert set(tensors) == set(torch.load(tmp_path / "final_model.pt", weights_only=True))
+    assert "final_model.safetensors" in tracker.files
     assert {"privacy_summary.json", "spec.json"} <= set(tracker.artifacts)
     assert {"calibration.csv", "calibration.png"} <= set(tracker.files)
     assert tracker.files["calibration.png"].startswith(b"\x89PNG")
@@ -202,8 +212,8 @@ def test_an_imaging_experiment_trains_a_cnn_across_nodes_and_charges_each(imagin
     model = tracker.models["model"]
     assert isinstance(model, SmallCNN) and model.image_size == 32
     state = torch.load(tmp_path / "final_model.pt", weights_only=True)
-    assert tuple(state["features.0.weight"].shape) == (8, 1, 3, 3)
-    assert tracker.params["imaging.window_center"] == "240.0"
+    assert tuple(state["features.0.weight"].shape) == (spec.model.channels[0], 1, 3, 3)  # type: ignore[index]
+    assert tracker.params["imaging.window_center"] == "90.0"
 
 
 def test_an_imaging_experiment_is_refused_by_a_node_whose_dataset_is_tabular(alliance, tmp_path: Path) -> None:

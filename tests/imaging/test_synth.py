@@ -36,14 +36,16 @@ def test_the_sites_differ_in_vendor_encoding_and_photometry(cohort_factory: Coho
     }
 
 
-def test_a_lesion_is_present_if_and_only_if_the_label_is_one(cohort_factory: CohortFactory) -> None:
+def test_every_image_holds_a_bright_finding_whatever_its_label(cohort_factory: CohortFactory) -> None:
+    # A lesion if the label is 1, a decoy vessel of the same brightness if 0: the peak
+    # no longer tells the label (tests/imaging/test_synth_difficulty.py measures that).
     cohort = cohort_factory(
         hospital="east", modality="CT", n_patients=6, size=32, slices=3, seed=4, lesion_fraction=0.5, burned_in_fraction=0
     )
     assert sorted(p.label for p in cohort.patients) == [0, 0, 0, 1, 1, 1]
     for patient in cohort.patients:
         peak = max(float(to_modality_units(decode_pixels(d), d).max()) for d in map(pydicom.dcmread, patient.files))
-        assert (peak > 250.0) == bool(patient.label), f"label {patient.label} with peak {peak:.0f} HU"
+        assert 90.0 < peak < 600.0, f"label {patient.label} with peak {peak:.0f} HU"
 
 
 def test_the_burned_in_share_is_flagged_and_visible_in_the_pixels(cohort_factory: CohortFactory) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments.cost import plan_privacy
@@ -19,7 +20,7 @@ from federation.received import RECEIVED_FILE, read_received
 from experiments.submit import submit, wait_for_run
 from medfed.cluster import flower_env
 from medfed.demo import approve_everywhere, partner_key_path
-from medfed.demo_imaging import DATASET, imaging_demo_spec, prepare_imaging_alliance, site_tensors
+from medfed.demo_imaging import DATASET, imaging_demo_spec, prepare_imaging_alliance, site_tensors, validation_truth
 from privacy.keys import load_private_key
 from tests.clients.hospital_node.conftest import write_node_secret
 
@@ -27,7 +28,7 @@ from .conftest import running_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-N_PATIENTS = 60
+N_PATIENTS = 150
 SEED = 11
 
 
@@ -73,28 +74,33 @@ def test_two_nodes_learn_the_lesion_up_to_the_label_noise_ceiling(cluster) -> No
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
 
-    # The ceiling: the share of validation labels that agree with their images (the lesion
-    # window maps soft tissue to 0 and a lesion to 1, so the image says which is true).
-    # The model the coordinator saved, scored here on the nodes' validation images (the test
-    # may read them; no node sends an exact accuracy): the headline is only the sites'
-    # noisy score histograms, which on 22 validation patients say little.
-    from models.training import evaluate
+    # The ceiling: the share of validation labels that agree with their images (the
+    # generator's own labels, loaded by the same connector: no pixel threshold tells a
+    # lesion from its decoy). The model the coordinator saved, scored here on the nodes'
+    # validation images (the test may read them; no node sends an exact accuracy): the
+    # headline is only the sites' noisy score histograms, which on 50 validation patients say little.
+    from models.training import auc_score, predict
 
     saved = build_imaging_model("cnn", spec.imaging.size, channels=spec.model.channels or ())  # type: ignore[union-attr]
     saved.load_state_dict(torch.load(workdir / "runs" / _submission(workdir, run_id) / "final_model.pt", weights_only=True))
-    agree = total = right = 0
-    for _, _, x_val, y_val in site_tensors(spec, sites).values():
-        truth = (x_val.reshape(len(x_val), -1).amax(dim=1) > 0.5).float()
-        agree += int((truth == y_val).sum())
-        right += round(evaluate(saved, x_val, y_val).accuracy * len(y_val))
-        total += len(y_val)
-    ceiling = agree / total
-    assert total == 22 and "eval_num_examples" not in metrics  # no exact count leaves a node
+    truths = validation_truth(spec, sites)
+    scores, labels, truth = [], [], []
+    for name, (_, _, x_val, y_val) in site_tensors(spec, sites).items():
+        scores.append(predict(saved, x_val))
+        labels.append(y_val.numpy())
+        truth.append(truths[name])
+    labels_, truth_ = np.concatenate(labels), np.concatenate(truth).astype(np.float64)
+    total = len(labels_)
+    assert total == 50 and "eval_num_examples" not in metrics  # no exact count leaves a node
+    ceiling = auc_score(truth_, labels_)  # the generator's own labels as scores: the best any model ranks
     assert ceiling < 1  # the label noise reaches validation, so the upper bound means something
 
-    # Final federated accuracy in a band: learned from the images, never above the ceiling.
-    accuracy = right / total
-    assert 0.68 <= accuracy <= ceiling + 1 / total + 1e-6, (accuracy, ceiling)
+    # Final federated AUC in a band: learned from the images (a lesion and its decoy share
+    # their brightness: no pixel threshold gets far), never above the ceiling. AUC, not
+    # accuracy at 0.5: under DP on ~100 training images a site's CNN ranks well (AUC
+    # 0.77-0.90 in six seeded reruns) but its scores sit on one side of 0.5 (accuracy 0.46-0.58).
+    auc = auc_score(np.concatenate(scores), labels_)
+    assert 0.65 <= auc <= ceiling + 0.02, (auc, ceiling)
     # The released one, post-processing of the sites' noisy histograms: defined (and logged,
     # for the final model only) exactly when the pooled noisy count of patients is positive.
     history = client.get_metric_history(run.info.run_id, "eval_accuracy")

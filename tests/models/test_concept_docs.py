@@ -19,5 +19,5 @@ def test_the_committed_file_equals_the_generated_one() -> None:
 def test_one_row_per_concept_with_its_unit_and_range() -> None:
     rows = [line for line in concepts_markdown().splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(CONCEPTS)
-    assert "| sbp | 3004249 | measurement | LOINC 8480-6 | Systolic blood pressure | mmHg (8876) | 40 to 300 |" in rows
-    assert "| pregnancy | 4299535 | condition | SNOMED 77386006 | Pregnant |  |  |" in rows
+    assert "| sbp | 3004249 | measurement | LOINC 8480-6 | Systolic blood pressure | mmHg (8876) | 40 to 300 | Athena |" in rows
+    assert "| pregnancy | 4299535 | condition | SNOMED 77386006 | Pregnant |  |  | unconfirmed |" in rows

@@ -181,7 +181,7 @@ def test_audit_errors_belong_to_the_privacy_tree() -> None:
 def test_every_governance_event_has_a_kind() -> None:
     assert AUDIT_KINDS == (
         "request", "approval", "denial", "revocation", "refusal",
-        "release", "charge", "deidentification", "key", "budget", "app", "submission", "policy",
+        "release", "charge", "deidentification", "key", "budget", "app", "submission", "policy", "scoring",
     )  # fmt: skip
 
 

@@ -190,7 +190,7 @@ def _cast(connection: duckdb.DuckDBPyConnection, relation: str, source: str, typ
         elif type_ == "DOUBLE":
             value = f"CASE WHEN isfinite({value}) THEN {value} END"
         try:
-            connection.execute(f"SELECT {value} FROM {_q(relation)} AS r LIMIT 0")
+            connection.execute(f"SELECT {value} FROM {_q(relation)} AS r LIMIT 0").fetchall()
         except Exception:  # noqa: BLE001 - duckdb refuses some casts at bind time; go through text
             continue
         return value, f"({ref} IS NOT NULL AND {value} IS NULL)"
@@ -375,11 +375,10 @@ def validate(
             table_problems.append(Problem(name, column, kind, int(rows), _rule(name, kind, True)))
         optional = [c.name for c in table.columns if not c.required and c.name in present[name]]
         if optional:
-            # fetchall, not fetchone: DuckDB 2 refuses the connection's next query while a result is open.
-            [sums] = connection.execute(
+            sums = connection.execute(
                 "SELECT " + ", ".join(f"count(*) FILTER (WHERE {_q('_bad_' + c)})" for c in optional)
                 + f" FROM {_q('_typed_' + name)}"
-            ).fetchall()
+            ).fetchall()[0]
             table_problems += [
                 Problem(name, c, "wrong_type", int(n), _rule(name, "wrong_type", False))
                 for c, n in zip(optional, sums) if n
@@ -387,9 +386,9 @@ def validate(
         concept_columns = ((table.concept, table.domain),) if table.concept and table.domain else ()
         for column_name, domain in (*concept_columns, *_EXTRA_CONCEPT_COLUMNS.get(name, ())):
             ids = ", ".join(map(str, _concepts_read(domain)))
-            [unused] = connection.execute(
+            unused = connection.execute(
                 f"SELECT count(*) FROM {_q(name)} WHERE {_q(column_name)} NOT IN ({ids})"
-            ).fetchall()
+            ).fetchall()[0]
             if unused[0]:
                 table_problems.append(Problem(name, column_name, "unused_concept", int(unused[0]),
                                               _rule(name, "unused_concept", True)))

@@ -207,14 +207,15 @@ def test_an_imaging_train_reply_carries_the_cnns_arrays(imaging_site) -> None:  
     imaging_site.home.register_dataset(imaging_site.entry)
     spec = _imaging_spec()
     govern(imaging_site.home, "chest_ct", approve_spec=spec, min_cohort_size=10)
-    arrays = ArrayRecord(build_imaging_model("cnn", 16, channels=(8, 16)).state_dict())
+    arrays = ArrayRecord(build_imaging_model("cnn", 16, channels=spec.model.channels or ()).state_dict())
     message = signed_message(MessageType.TRAIN, spec, arrays=arrays)
     reply = answer("train", message, {"home": str(imaging_site.home.path)})
     assert not reply.has_error(), reply.error
     metrics = read_metrics(reply.content, TRAIN_METRICS)
     assert metrics["num-examples"] >= 1 and "eval-num-examples" not in metrics  # a noisy count, never the exact one
     shapes = {k: tuple(v.shape) for k, v in reply.content["arrays"].items()}
-    assert shapes["features.0.weight"] == (8, 1, 3, 3) and shapes["head.weight"] == (1, 16)
+    first, last = spec.model.channels[0], spec.model.channels[-1]  # type: ignore[index]
+    assert shapes["features.0.weight"] == (first, 1, 3, 3) and shapes["head.weight"] == (1, last)
     with PrivacyLedger.open(imaging_site.home.ledger_path) as ledger:
         assert [(c.run_id, c.round) for c in ledger.charges("chest_ct")] == [("77", 0), ("77", 1)]
 

@@ -1,0 +1,240 @@
+"""Cohort building at hospital scale: `build_cohort` against a plain DuckDB group-by over the same readings.
+
+One synthetic hospital is written straight to Parquet by DuckDB (``COPY (SELECT ... FROM
+range(n)) TO ...``): ``--patients`` people (default 1,000,000), each with an observation
+period, some conditions, drugs and smoking observations, and ``--readings`` measurement
+rows (default 100,000,000; stored by person, as an export by patient is) spread over
+2022-2024: home and wearable systolic and diastolic pressure, glucose and heart rate, and
+clinic (EHR) BMI and pressure. Then, each in a fresh process under the same DuckDB
+``memory_limit`` and thread count:
+
+- ``plain``: per person and concept, avg, sample sd and count of the device and
+  self-reported readings of the four signals in the 90-day window before the index date,
+  one group-by over ``measurement.parquet`` (the aggregation work without the cohort
+  logic): the baseline;
+- ``cohort``: :func:`clients.hospital_node.data.cohorts.build_cohort` for
+  ``hypertension_onset`` at 2024-01-01 with age, sex_male, sbp/dbp mean, sd, slope,
+  frac_above, days, glucose_mean, heart_rate_mean, bmi_last, history_obesity, over views
+  of the Parquet files.
+
+Each variant runs ``--repeats`` times, interleaved (plain, cohort, plain, ...), and the
+script reports the median seconds of each, their ratio, and each process's peak resident
+memory (``ru_maxrss``). Data generation is reused when the folder already holds a
+hospital of the same size.
+
+Run from the repository root:
+``python benchmarks/cohort_build.py [--patients N] [--readings N] [--memory-limit 4GB] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.clinical_tasks import (  # noqa: E402
+    CONCEPTS,
+    TYPE_DEVICE,
+    TYPE_EHR,
+    TYPE_SELF_REPORT,
+    CohortDefinition,
+)
+
+TABLES = ("person", "observation_period", "visit_occurrence", "condition_occurrence",
+          "measurement", "observation", "drug_exposure")
+INDEX = dt.date(2024, 1, 1)
+WINDOW = (-90, 0)
+SIGNALS = ("sbp", "dbp", "glucose", "heart_rate")
+COVARIATES = [
+    "age", "sex_male",
+    *[f"{s}_{summary}" for s in ("sbp", "dbp") for summary in ("mean", "sd", "slope", "frac_above", "days")],
+    "glucose_mean", "heart_rate_mean", "bmi_last", "history_obesity",
+]
+
+
+def cid(name: str) -> int:
+    return CONCEPTS[name].concept_id
+
+
+def generate(folder: Path, *, patients: int, readings: int, threads: int, memory_limit: str) -> None:
+    """Write the hospital's seven tables as Parquet with DuckDB, without holding them in Python."""
+    import duckdb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}; SET memory_limit = '{memory_limit}'; "
+                f"SET temp_directory = '{folder / 'spill'}'; SET preserve_insertion_order = false")
+    # hash(i, salt) gives repeatable pseudo-random draws per row.
+    h = "CAST(hash(range, {salt}) % {n} AS BIGINT)"
+    per_person = max(1, readings // patients)
+    out = {t: str(folder / f"{t}.parquet") for t in TABLES}
+    con.execute(f"""COPY (SELECT range AS person_id,
+        CAST(CASE WHEN {h.format(salt=1, n=2)} = 0 THEN {cid('male')} ELSE {cid('female')} END AS INTEGER) AS gender_concept_id,
+        CAST(1940 + {h.format(salt=2, n=66)} AS INTEGER) AS year_of_birth,
+        CAST(1 + {h.format(salt=3, n=12)} AS INTEGER) AS month_of_birth,
+        CAST(1 + {h.format(salt=4, n=28)} AS INTEGER) AS day_of_birth,
+        NULL::TIMESTAMP AS birth_datetime, NULL::BIGINT AS care_site_id, NULL::BIGINT AS location_id
+        FROM range({patients})) TO '{out['person']}' (FORMAT parquet)""")
+    con.execute(f"""COPY (SELECT range AS observation_period_id, range AS person_id,
+        DATE '2019-01-01' + CAST({h.format(salt=5, n=1200)} AS INTEGER) AS observation_period_start_date,
+        DATE '2025-12-31' - CAST({h.format(salt=6, n=900)} AS INTEGER) AS observation_period_end_date,
+        {TYPE_EHR} AS period_type_concept_id
+        FROM range({patients})) TO '{out['observation_period']}' (FORMAT parquet)""")
+    conditions = [cid(c) for c in ("hypertension", "obesity", "hyperlipidemia", "type2_diabetes")]
+    con.execute(f"""COPY (SELECT range AS condition_occurrence_id, CAST({h.format(salt=7, n=patients)} AS BIGINT) AS person_id,
+        CAST(list_extract({conditions}, 1 + CAST({h.format(salt=8, n=len(conditions))} AS INTEGER)) AS INTEGER) AS condition_concept_id,
+        DATE '2019-01-01' + CAST({h.format(salt=9, n=2555)} AS INTEGER) AS condition_start_date,
+        NULL::DATE AS condition_end_date, {TYPE_EHR} AS condition_type_concept_id
+        FROM range({patients // 2})) TO '{out['condition_occurrence']}' (FORMAT parquet)""")
+    drugs = [cid(d) for d in ("amlodipine", "lisinopril", "metformin")]
+    con.execute(f"""COPY (SELECT range AS drug_exposure_id, CAST({h.format(salt=10, n=patients)} AS BIGINT) AS person_id,
+        CAST(list_extract({drugs}, 1 + CAST({h.format(salt=11, n=len(drugs))} AS INTEGER)) AS INTEGER) AS drug_concept_id,
+        DATE '2019-01-01' + CAST({h.format(salt=12, n=2555)} AS INTEGER) AS drug_exposure_start_date,
+        NULL::DATE AS drug_exposure_end_date, {TYPE_EHR} AS drug_type_concept_id
+        FROM range({patients // 10})) TO '{out['drug_exposure']}' (FORMAT parquet)""")
+    con.execute(f"""COPY (SELECT range AS observation_id, CAST({h.format(salt=13, n=patients)} AS BIGINT) AS person_id,
+        {cid('current_smoker')} AS observation_concept_id,
+        DATE '2019-01-01' + CAST({h.format(salt=14, n=2555)} AS INTEGER) AS observation_date,
+        {TYPE_EHR} AS observation_type_concept_id, NULL::DOUBLE AS value_as_number
+        FROM range({patients // 5})) TO '{out['observation']}' (FORMAT parquet)""")
+    con.execute(f"""COPY (SELECT range AS visit_occurrence_id, range AS person_id, 9202 AS visit_concept_id,
+        DATE '2023-06-01' AS visit_start_date, DATE '2023-06-01' AS visit_end_date, {TYPE_EHR} AS visit_type_concept_id
+        FROM range(0)) TO '{out['visit_occurrence']}' (FORMAT parquet)""")
+    # Readings: mostly home and wearable signals, some clinic values; times spread over 2022-2024.
+    kinds = [(cid("sbp"), TYPE_DEVICE, 125.0, 18.0), (cid("dbp"), TYPE_DEVICE, 80.0, 11.0),
+             (cid("heart_rate"), TYPE_DEVICE, 72.0, 12.0), (cid("glucose"), TYPE_SELF_REPORT, 6.0, 1.5),
+             (cid("sbp"), TYPE_SELF_REPORT, 128.0, 18.0), (cid("dbp"), TYPE_SELF_REPORT, 82.0, 11.0),
+             (cid("bmi"), TYPE_EHR, 27.0, 5.0), (cid("sbp"), TYPE_EHR, 130.0, 18.0)]
+    concepts = [k[0] for k in kinds]
+    types = [k[1] for k in kinds]
+    means = [k[2] for k in kinds]
+    sds = [k[3] for k in kinds]
+    pick = f"1 + CAST({h.format(salt=15, n=len(kinds))} AS INTEGER)"
+    con.execute(f"""COPY (
+        SELECT range AS measurement_id, CAST(range // {per_person} AS BIGINT) % {patients} AS person_id,
+               CAST(list_extract({concepts}, k) AS INTEGER) AS measurement_concept_id,
+               CAST(ts AS DATE) AS measurement_date, ts AS measurement_datetime,
+               CAST(list_extract({types}, k) AS INTEGER) AS measurement_type_concept_id,
+               round(list_extract({means}, k) + list_extract({sds}, k) * ({h.format(salt=16, n=2001)} - 1000) / 577.0, 1)
+                   AS value_as_number,
+               NULL::INTEGER AS unit_concept_id
+        FROM (SELECT range, {pick} AS k,
+                     TIMESTAMP '2022-01-01' + to_seconds(CAST({h.format(salt=17, n=3 * 365 * 86400)} AS BIGINT)) AS ts
+              FROM range({readings}))
+        ) TO '{out['measurement']}' (FORMAT parquet, ROW_GROUP_SIZE 122880)""")
+    (folder / "meta.json").write_text(json.dumps({"patients": patients, "readings": readings}))
+
+
+def connect(folder: Path, *, threads: int, memory_limit: str) -> Any:
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}; SET memory_limit = '{memory_limit}'; "
+                f"SET temp_directory = '{folder / 'spill'}'")
+    return con
+
+
+def plain(folder: Path, *, threads: int, memory_limit: str) -> int:
+    con = connect(folder, threads=threads, memory_limit=memory_limit)
+    start = f"TIMESTAMP '{INDEX.isoformat()}' - INTERVAL {-WINDOW[0]} DAY"
+    table = con.sql(f"""
+        SELECT person_id, measurement_concept_id, avg(value_as_number) AS mean,
+               stddev_samp(value_as_number) AS sd, count(*) AS readings
+        FROM read_parquet('{folder / 'measurement.parquet'}')
+        WHERE measurement_concept_id IN ({', '.join(str(cid(s)) for s in SIGNALS)})
+          AND measurement_type_concept_id IN ({TYPE_DEVICE}, {TYPE_SELF_REPORT})
+          AND measurement_datetime >= {start} AND measurement_datetime < TIMESTAMP '{INDEX.isoformat()}'
+        GROUP BY person_id, measurement_concept_id""").to_arrow_table()
+    return table.num_rows
+
+
+def cohort(folder: Path, *, threads: int, memory_limit: str) -> int:
+    from clients.hospital_node.data.cohorts import build_cohort
+
+    con = connect(folder, threads=threads, memory_limit=memory_limit)
+    for name in TABLES:
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{folder / f'{name}.parquet'}')")
+    definition = CohortDefinition.from_mapping({
+        "task": "hypertension_onset", "index_date": INDEX.isoformat(), "covariates": COVARIATES,
+        "reading_window_days": list(WINDOW)})
+    return build_cohort(con, definition).num_rows
+
+
+def child(variant: str, folder: Path, *, threads: int, memory_limit: str) -> None:
+    work = {"plain": plain, "cohort": cohort}[variant]
+    started = time.perf_counter()
+    rows = work(folder, threads=threads, memory_limit=memory_limit)
+    seconds = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"variant": variant, "seconds": seconds, "rows": rows, "peak_rss_mib": peak_kib / 1024}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=1_000_000)
+    parser.add_argument("--readings", type=int, default=100_000_000)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-limit", default="4GB")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/medfed_cohort_bench"))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", choices=("plain", "cohort"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    folder = args.workdir / f"p{args.patients}_r{args.readings}"
+    if args.child:
+        child(args.child, folder, threads=args.threads, memory_limit=args.memory_limit)
+        return 0
+
+    meta = folder / "meta.json"
+    wanted = {"patients": args.patients, "readings": args.readings}
+    if not meta.exists() or json.loads(meta.read_text()) != wanted:
+        started = time.perf_counter()
+        generate(folder, patients=args.patients, readings=args.readings, threads=args.threads,
+                 memory_limit=args.memory_limit)
+        print(f"generated {args.patients:,} patients, {args.readings:,} readings in "
+              f"{time.perf_counter() - started:.1f} s ({folder})", flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "cohort": []}
+    for _ in range(args.repeats):
+        for variant in ("plain", "cohort"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", variant, "--patients", str(args.patients),
+                 "--readings", str(args.readings), "--threads", str(args.threads),
+                 "--memory-limit", args.memory_limit, "--workdir", str(args.workdir)],
+                check=True, capture_output=True, text=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            runs[variant].append(result)
+            print(f"  {variant:6s} {result['seconds']:7.2f} s  peak RSS {result['peak_rss_mib']:7.0f} MiB  "
+                  f"{result['rows']:,} rows", flush=True)
+    summary = {
+        variant: {"median_s": statistics.median(r["seconds"] for r in rs),
+                  "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "rows": rs[-1]["rows"],
+                  "seconds": [r["seconds"] for r in rs]}
+        for variant, rs in runs.items()
+    }
+    ratio = summary["cohort"]["median_s"] / summary["plain"]["median_s"]
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "load_average": os.getloadavg(), "patients": args.patients, "readings": args.readings,
+        "threads": args.threads, "memory_limit": args.memory_limit, "repeats": args.repeats,
+        "variants": summary, "ratio_cohort_to_plain": ratio,
+    }
+    print(f"cohort / plain = {ratio:.2f}x (goal <= 1.5x); load average {os.getloadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
