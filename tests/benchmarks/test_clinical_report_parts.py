@@ -24,10 +24,10 @@ def _module():  # type: ignore[no-untyped-def]
     return sys.modules[name]
 
 
-def _site(cr, name: str, n_patients: int, y_val: list[int], n_train: int = 10):  # type: ignore[no-untyped-def]
+def _site(cr, name: str, n_patients: int, y_val: list[int], n_train: int = 10, width: int = 3):  # type: ignore[no-untyped-def]
     y = np.asarray(y_val, dtype=np.float32)
-    return cr.SiteArrays(name, "tier2", n_patients, n_patients, np.zeros((n_train, 15), np.float32),
-                         np.zeros(n_train, np.float32), np.zeros((len(y), 15), np.float32), y, np.full(len(y), 0.5))
+    return cr.SiteArrays(name, "tier2", n_patients, n_patients, np.zeros((n_train, width), np.float32),
+                         np.zeros(n_train, np.float32), np.zeros((len(y), width), np.float32), y, np.full(len(y), 0.5))
 
 
 def test_fedavg_weighs_each_site_by_its_training_rows() -> None:
@@ -66,9 +66,10 @@ def test_the_small_site_check_fails_without_a_small_site(tmp_path: Path) -> None
     cr = _module()
     spec = cr.spec_for_task("diabetes_onset")
     rng = np.random.default_rng(0)
+    width = len(spec.data.features)
 
     def site(name: str) -> object:
-        x = rng.normal(size=(200, 15)).astype(np.float32)
+        x = rng.normal(size=(200, width)).astype(np.float32)
         y = (rng.random(200) < 1 / (1 + np.exp(-x[:, 0] * 2 + 1))).astype(np.float32)
         return cr.SiteArrays(name, "tier3", 1000, 200, x[:150], y[:150], x[150:], y[150:], np.full(50, math.nan))
 
