@@ -110,6 +110,8 @@ def spec_for_task(task: str):  # type: ignore[no-untyped-def]
 
     for path in sorted(EXAMPLES.glob("omop_*.toml")):
         mapping = tomllib.loads(path.read_text())
+        if "experiment" not in mapping:
+            continue  # a statistics study over the same source (kind = "statistics"), not a model
         if mapping.get("data", {}).get("cohort", {}).get("task") == task:
             return ExperimentSpec.from_mapping(mapping, source=str(path))
     raise SystemExit(f"no example spec in {EXAMPLES} builds task {task!r}")
