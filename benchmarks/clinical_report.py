@@ -16,7 +16,7 @@ on the same per-site validation patients:
 - **federated with DP** at two target epsilons: the real federated path
   (``federation.experiment.run_experiment`` over ``InProcessGrid``, each site's own node
   handler and governed node home with the OMOP folder registered), when this checkout's
-  node home can register an OMOP source; otherwise FedAvg over ``train_dp`` at each site
+  node home can register an OMOP source (``--dp-path in-process`` asks for the other); otherwise FedAvg over ``train_dp`` at each site
   with the noise ``privacy.accountant.noise_for_target`` gives for the target, which the
   report then says. Either way the ε each site was charged is reported;
 - **oracle**: the generator's own outcome probability (``<truth>/<task>.parquet``), the
@@ -39,9 +39,15 @@ Written per task to ``<out>/<task>/``: ``report.md`` (the table), ``report.csv``
 ``per_site.png`` (AUC per site by row, small sites marked); and logged to MLflow (a
 SQLite store ``<out>/mlflow.db``, experiment ``clinical-report``, one run per task).
 
-The check: federated (non-DP) beats local-only at the small sites. The script prints it
-per task and exits 1 when it fails for any task (or a task has no small site), so it can
-be asserted. Run from the repository root::
+The check: federated (non-DP) beats local-only at the small sites. A small site's split
+holds a handful of outcomes, so the check compares the mean of that AUC over
+``--repeats`` node split seeds (5; each a fresh split and fresh training of both rows).
+The script prints it per task and exits 1 when it fails for any task (or a task has no
+small site), so it can be asserted.
+
+The DP runs' node homes lower the policy's ``min_cohort_size`` to ``--min-cohort-size``
+(20; the node default is 100, which would leave the small sites' pregnancy cohorts out
+of the DP rows only); the report says so. Run from the repository root::
 
     .venv/bin/python benchmarks/clinical_report.py --out /tmp/clinical-report [--task diabetes_onset]
 """
