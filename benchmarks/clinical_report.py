@@ -16,9 +16,10 @@ on the same per-site validation patients:
 - **federated with DP** at two target epsilons: the real federated path
   (``federation.experiment.run_experiment`` over ``InProcessGrid``, each site's own node
   handler and governed node home with the OMOP folder registered), when this checkout's
-  node home can register an OMOP source (``--dp-path in-process`` asks for the other); otherwise FedAvg over ``train_dp`` at each site
-  with the noise ``privacy.accountant.noise_for_target`` gives for the target, which the
-  report then says. Either way the ε each site was charged is reported;
+  node home can register an OMOP source; otherwise (or with ``--dp-path in-process``)
+  FedAvg over ``train_dp`` at each site with the noise that
+  ``privacy.accountant.noise_for_target`` gives for the target, which the report then
+  says. Either way the ε each site was charged is reported;
 - **oracle**: the generator's own outcome probability (``<truth>/<task>.parquet``), the
   best any model of these covariates could hope for.
 
