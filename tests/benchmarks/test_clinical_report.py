@@ -7,29 +7,21 @@ DP row through the real node path on three sites.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.benchmarks.report_module import clinical_report
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 TASK = "diabetes_onset"
 
 
 def _module():  # type: ignore[no-untyped-def]
-    name = "clinical_report"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "clinical_report.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return clinical_report()
 
 
 @pytest.fixture(scope="module")

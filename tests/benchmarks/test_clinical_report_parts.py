@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.report_module import clinical_report
+
 
 
 def _module():  # type: ignore[no-untyped-def]
-    name = "clinical_report"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "clinical_report.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return clinical_report()
 
 
 def _site(cr, name: str, n_patients: int, y_val: list[int], n_train: int = 10, width: int = 3):  # type: ignore[no-untyped-def]

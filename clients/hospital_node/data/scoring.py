@@ -599,7 +599,7 @@ def _write_lookup(path: Path, patients: Sequence[PatientScore]) -> None:
 
 
 @contextmanager
-def omop_connection(home: NodeHome, entry: DatasetEntry) -> Iterator[duckdb.DuckDBPyConnection]:
+def omop_connection(entry: DatasetEntry) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read snapshot of the dataset's OMOP tables (``clients.hospital_node.data.sources``).
 
     Raises
@@ -607,25 +607,20 @@ def omop_connection(home: NodeHome, entry: DatasetEntry) -> Iterator[duckdb.Duck
     ScoringError
         If the dataset is not an OMOP source.
     """
-    source = getattr(entry, "omop", None)
-    if source is None:
+    from clients.hospital_node.data.sources import open_snapshot
+
+    if entry.omop is None:
         raise ScoringError(
             f"dataset '{entry.name}' is of kind '{entry.kind}'; scoring builds its cohort from an OMOP source "
             "(register one with kind 'omop')"
         )
-    try:
-        from clients.hospital_node.data.sources import open_snapshot
-    except ImportError:
-        raise ScoringError("this node has no OMOP sources module (clients.hospital_node.data.sources); update medfed") from None
-    with open_snapshot(source, scratch=home.path / "scratch") as snapshot:  # where training stages its snapshots too
+    with open_snapshot(entry.omop, scratch=entry.path) as snapshot:  # where training stages its snapshots too
         yield snapshot.connection
 
 
 def _default_builder() -> CohortBuilder:
-    try:
-        from clients.hospital_node.data.cohorts import build_cohort
-    except ImportError:
-        raise ScoringError("this node has no cohort builder (clients.hospital_node.data.cohorts); update medfed") from None
+    from clients.hospital_node.data.cohorts import build_cohort
+
     return build_cohort
 
 

@@ -47,7 +47,7 @@ def score(
     node = NodeHome.open(home)
     entry = node.dataset(dataset)
     approved = approved_weights(node, weights, dataset=dataset)  # before any patient data is opened
-    with omop_connection(node, entry) as connection:
+    with omop_connection(entry) as connection:
         result = score_patients(
             node, approved, dataset=dataset, connection=connection, as_of=day, threshold=threshold, out=out
         )

@@ -32,7 +32,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory):
     ))
     site = sites[0]
     home = NodeHome.open(site.home)
-    with omop_connection(home, home.dataset(OMOP_DATASET)) as connection:
+    with omop_connection(home.dataset(OMOP_DATASET)) as connection:
         result = score_patients(home, weights, dataset=OMOP_DATASET, connection=connection,
                                 as_of=DEFAULT_SCORING_DATE, threshold=1.0, out=workdir / "scores")
     planted = pq.read_table(site.generated.truth / "planted_alerts.parquet").to_pandas()
