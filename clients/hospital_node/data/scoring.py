@@ -247,7 +247,7 @@ def approved_spec(home: NodeHome, digest: str, dataset: str, *, carried: str = "
         revoked), or the node holds no signed spec for it.
     """
     from clients.hospital_node.governance import Refusal, governance_state
-    from privacy.governance import APPROVED, EXPIRED, PENDING
+    from privacy.governance import APPROVED, EXPIRED, PENDING, spec_digest
 
     try:
         state = governance_state(home)
@@ -262,14 +262,14 @@ def approved_spec(home: NodeHome, digest: str, dataset: str, *, carried: str = "
         )
     request = state.requests.get((digest, dataset))
     spec = request.payload.get("spec") if request is not None else None
-    if not isinstance(spec, dict) and carried and hashlib.sha256(carried.encode("utf-8")).hexdigest() == digest:
+    if not isinstance(spec, dict) and carried and spec_digest(carried) == digest:
         spec = json.loads(carried)
     if not isinstance(spec, dict):
         raise ScoringError(
             f"spec {digest[:12]} was approved on dataset '{dataset}' before its request arrived, and the weights carry "
             "no copy of it: the node has no spec to check them against; use the final_model.safetensors the coordinator wrote"
         )
-    if hashlib.sha256(_canonical_json(spec).encode("ascii")).hexdigest() != digest:
+    if spec_digest(_canonical_json(spec)) != digest:
         raise ScoringError(f"the spec recorded for {digest[:12]} does not hash to it; run `medfed node audit verify`")
     return spec, status
 
