@@ -27,10 +27,14 @@ bottom-k/2, for k a fixed fraction of m) and reports the largest bound, each com
 level ``(1 - c) / len(options)``: a Bonferroni correction, so the reported bound keeps
 confidence ``c`` although the best option was picked after seeing the scores.
 
-Why not a library: jax-privacy's ``auditing`` module implements this p-value, but it
-comes with JAX, which a hospital node does not otherwise install; privacy-estimates and
-privacy-meter predate the one-run method. The formula above is the paper's own
-(Appendix D); the tests check it against its closed forms.
+Why not a library (PyPI, December 2026): jax-privacy 2.0's ``auditing`` module implements
+this p-value, but comes with JAX, which a hospital node does not otherwise install;
+opake-auditing 0.16 has a one-run estimator, but on the Opake engine (its own torch
+substrate and DP-SGD, whose canary partitioning and scores assume training through it),
+while a node must audit the DP-SGD it runs (Opacus, through ``models.training``);
+privacy-estimates 0.1 (2022) and privacy-meter 1.0 (2023) predate the one-run method. The
+formula above is the paper's own (Appendix D); the tests check it against its closed forms
+and against randomized response.
 
 scipy does the binomial tails and the root search. This module reads no data and
 imports nothing of medfed's but its errors.
