@@ -311,3 +311,18 @@ def test_the_command_refuses_a_folder_that_is_no_node_home(tmp_path: Path) -> No
     result = runner.invoke(node_cli.app, ["privacy-check", "--home", str(tmp_path / "nowhere"), "--run", RUN])
     assert isinstance(result.exception, NodeHomeError)
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_bound_above_the_charge_is_reported_as_a_finding(trained: NodeHome) -> None:
+    from dataclasses import replace
+
+    from clients.hospital_node.privacy_check import PrivacyCheckResult
+    from clients.hospital_node.privacy_check_cli import report_lines
+
+    checked = run_privacy_check(trained, RUN, canaries=200, seed=3)
+    # What a leaky training would show: the same record with a bound above the run's charge.
+    leaky = PrivacyCheckResult(checked.mechanism, replace(checked.bound, epsilon=4.0), checked.audit_seq)
+    assert leaky.exceeds_charge and leaky.to_mapping()["exceeds_charge"] is True
+    lines = report_lines(leaky)
+    assert lines[-2].startswith("  FINDING: the lower bound is above the charged epsilon. At 95% confidence")
+    assert not checked.exceeds_charge and lines[-1].endswith("nothing left the node")
