@@ -19,7 +19,6 @@ from clients.hospital_node.governance import approve
 from clients.hospital_node.home import DatasetEntry, NodeHome
 from clients.hospital_node.privacy_check import (
     AUDIT_KIND,
-    MechanismPhase,
     audit_mechanism,
     find_run,
     run_privacy_check,
