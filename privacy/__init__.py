@@ -8,6 +8,7 @@ Import-light: Opacus (and torch) load only when an epsilon is first computed.
 - ``query``: StatisticsQuery, a statistics query (filter language, group-by cells, release plan), checked by field.
 - ``accountant``: epsilon of composed events (PLD for the ledger; PRV or RDP to plan), noise for a target.
 - ``mechanisms``: OpenDP's noise samplers for statistics releases (imported on its own: NumPy, OpenDP).
+- ``one_run_audit``: one-run auditing's empirical epsilon lower bound (imported on its own: NumPy, SciPy).
 - ``ledger``: PrivacyLedger, the per-node record of every charge and run reservation, SQLite or in memory.
 - ``keys``: Ed25519 key pairs, signatures, fingerprints, the trusted-partner registry.
 - ``audit``: AuditLog, the node's append-only, hash-chained, signed audit log.

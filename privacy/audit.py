@@ -90,6 +90,7 @@ AUDIT_KINDS: tuple[str, ...] = (
     "submission",
     "policy",
     "scoring",
+    "privacy_check",
 )
 PROBLEM_KINDS: tuple[str, ...] = (
     "edited",

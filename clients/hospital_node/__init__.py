@@ -6,7 +6,8 @@ so importing this package pulls in neither torch nor pandas. Import from the mod
 (TabularConnector, InMemoryConnector, TabularData), ``imaging_connector`` (DICOM folders
 to one de-identified image per patient), ``client_app``, ``rounds``, ``study_round`` (a
 statistics study's admission and noisy answer), ``cli``,
-``audit_cli`` (`medfed node audit`).
+``audit_cli`` (`medfed node audit`), ``privacy_check`` (one-run auditing of a run's DP-SGD
+on the node's data; `medfed node privacy-check` in ``privacy_check_cli``).
 """
 
 __all__: list[str] = []

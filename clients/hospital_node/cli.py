@@ -18,6 +18,7 @@ from clients.hospital_node.data.scoring_cli import score
 from clients.hospital_node.errors import NodeError
 from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
 from clients.hospital_node.officer_cli import budget_app, decision_commands, partners_app, policy_app, report
+from clients.hospital_node.privacy_check_cli import privacy_check
 from clients.hospital_node.runtime.apps_cli import apps_app
 from clients.hospital_node.service import NodeService
 from clients.hospital_node.service_cli import doctor, enrol, start, status, stop
@@ -34,6 +35,7 @@ app.add_typer(source_app, name="source")
 app.add_typer(audit_app, name="audit")
 app.command("egress")(egress)
 app.command("score")(score)
+app.command("privacy-check")(privacy_check)
 for _command in (enrol, start, stop, status, doctor, *decision_commands, report):
     app.command(_command.__name__)(_command)
 app.add_typer(partners_app, name="partners")

@@ -6,6 +6,7 @@
     ├── ConnectorError         a dataset file cannot be read or fails validation (also a ValueError)
     │   └── OmopSourceError    an OMOP source cannot be opened: missing table or column, bad URL, unsafe password file
     ├── ScoringError           local scoring refused: bad or unapproved weights, inputs that differ (also a ValueError)
+    ├── PrivacyCheckError      the empirical privacy check cannot audit this run: unknown, not DP-SGD, a home that does not verify
     ├── AuditVerificationError the audit log failed verification: edited, deleted, reordered ...
     └── NodeServiceError       enrolment, the SuperNode process or the coordinator's TLS refused
 
@@ -25,6 +26,7 @@ __all__ = [
     "NodeHomeError",
     "NodeServiceError",
     "OmopSourceError",
+    "PrivacyCheckError",
     "ScoringError",
 ]
 
@@ -84,6 +86,14 @@ class OmopSourceError(ConnectorError):
 
 class ScoringError(NodeError, ValueError):
     """Local scoring refused: weights that are not safetensors, not approved, or not the approved spec's model and inputs."""
+
+
+class PrivacyCheckError(NodeError, ValueError):
+    """The empirical privacy check cannot audit a run: an unknown run id, a run that trained
+    no model with DP-SGD here, a home whose audit log or ledger does not verify, bad options.
+
+    Raised before anything is trained or written.
+    """
 
 
 class AuditVerificationError(NodeError):

@@ -759,6 +759,9 @@ def _release_record(
             "delta": budget.delta,
             "accountant": LEDGER_ACCOUNTANT,
         },
+        # The whole instruction the round trained by (the signed spec's values, the noise the
+        # coordinator chose): what `medfed node privacy-check` re-trains the run's mechanism with.
+        "instruction": json.loads(instruction.to_json()),
     }
 
 

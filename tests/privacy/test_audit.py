@@ -182,6 +182,7 @@ def test_every_governance_event_has_a_kind() -> None:
     assert AUDIT_KINDS == (
         "request", "approval", "denial", "revocation", "refusal",
         "release", "charge", "deidentification", "key", "budget", "app", "submission", "policy", "scoring",
+        "privacy_check",
     )  # fmt: skip
 
 
