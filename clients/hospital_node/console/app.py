@@ -237,8 +237,8 @@ class Console:
         """The session of a post whose CSRF token matches; refused otherwise (nothing is written)."""
         session = self.session(request)
         if not csrf_ok(session.csrf, fields.get("csrf")):
-            given = "missing" if not fields.get("csrf") else "does not match your session"
-            raise _Refused(403, f"the form's security token (CSRF) is {given}; nothing was written. "
+            given = "is missing" if not fields.get("csrf") else "does not match your session"
+            raise _Refused(403, f"the form's security token (CSRF) {given}; nothing was written. "
                                 "Open the page again from the console and resend the form")
         return session
 
