@@ -42,8 +42,11 @@ def _nice_top(value: float) -> float:
 
 def epsilon_svg(points: Sequence[ChartPoint], *, budget: float | None, held: float | None, title: str) -> str:
     """The chart as an ``<svg>`` element (escaped text throughout), for a page to embed as is."""
-    top = max([budget or 0.0, held or 0.0, *(p.epsilon for p in points), 0.1]) * 1.1
-    top = _nice_top(top)
+    used = max([held or 0.0, *(p.epsilon for p in points), 0.0])
+    # A spend far below the budget would lie flat on the axis: the chart then zooms to the spend and says
+    # where the budget is, rather than drawing it.
+    zoomed = budget is not None and used > 0 and budget > 4 * used
+    top = _nice_top(max(used if zoomed else max(used, budget or 0.0), 0.1) * 1.15)
     if points:
         start, end = points[0].at, points[-1].at
     else:
@@ -72,12 +75,16 @@ def epsilon_svg(points: Sequence[ChartPoint], *, budget: float | None, held: flo
         parts.append(f'<text x="{_LEFT - 6}" y="{y(value) + 4:.1f}" text-anchor="end" font-size="11">{value:g}</text>')
     for i in range(5):
         at = start + (end - start) * i / 4
-        parts.append(f'<text x="{x(at):.1f}" y="{_TOP + plot_h + 16}" text-anchor="middle" font-size="11">'
+        anchor = "start" if i == 0 else "end" if i == 4 else "middle"
+        parts.append(f'<text x="{x(at):.1f}" y="{_TOP + plot_h + 16}" text-anchor="{anchor}" font-size="11">'
                      f"{escape(at.strftime('%m-%d %H:%M'))}</text>")
     parts.append(f'<text x="{_LEFT + plot_w / 2}" y="{_H - 8}" text-anchor="middle" font-size="12">time (UTC)</text>')
     parts.append(f'<text x="14" y="{_TOP + plot_h / 2}" text-anchor="middle" font-size="12" '
                  f'transform="rotate(-90 14 {_TOP + plot_h / 2})">cumulative ε</text>')
-    if budget is not None:
+    if budget is not None and zoomed:
+        parts.append(f'<text x="{_LEFT + plot_w - 4}" y="{_TOP + 14}" text-anchor="end" font-size="11" fill="#b00">'
+                     f"budget ε {budget:g}: above the chart (the spend is under a quarter of it)</text>")
+    elif budget is not None:
         parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y(budget):.1f}" y2="{y(budget):.1f}" '
                      'stroke="#b00" stroke-dasharray="6 4" stroke-width="1.5"/>')
         parts.append(f'<text x="{_LEFT + plot_w - 4}" y="{y(budget) - 5:.1f}" text-anchor="end" font-size="11" fill="#b00">'
