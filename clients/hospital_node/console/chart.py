@@ -73,11 +73,13 @@ def epsilon_svg(points: Sequence[ChartPoint], *, budget: float | None, held: flo
         value = top * i / 5
         parts.append(f'<line x1="{_LEFT}" x2="{_LEFT + plot_w}" y1="{y(value):.1f}" y2="{y(value):.1f}" stroke="#e4e4e4"/>')
         parts.append(f'<text x="{_LEFT - 6}" y="{y(value) + 4:.1f}" text-anchor="end" font-size="11">{value:g}</text>')
+    # Ticks as fine as the span needs: seconds for a run watched live, days for a dataset's lifetime.
+    tick = "%H:%M:%S" if span < 7200 else "%m-%d %H:%M" if span < 3 * 86400 else "%Y-%m-%d"
     for i in range(5):
         at = start + (end - start) * i / 4
         anchor = "start" if i == 0 else "end" if i == 4 else "middle"
         parts.append(f'<text x="{x(at):.1f}" y="{_TOP + plot_h + 16}" text-anchor="{anchor}" font-size="11">'
-                     f"{escape(at.strftime('%m-%d %H:%M'))}</text>")
+                     f"{escape(at.strftime(tick))}</text>")
     parts.append(f'<text x="{_LEFT + plot_w / 2}" y="{_H - 8}" text-anchor="middle" font-size="12">time (UTC)</text>')
     parts.append(f'<text x="14" y="{_TOP + plot_h / 2}" text-anchor="middle" font-size="12" '
                  f'transform="rotate(-90 14 {_TOP + plot_h / 2})">cumulative ε</text>')
