@@ -589,6 +589,8 @@ def create_app(
                 return console.refuse(request, err, session)
             except governance.Refusal as err:  # the audit log failed verification between two reads
                 return console.refuse(request, _Refused(409, err.reason), None)
+            except (NodeError, PrivacyError) as err:  # the node home or its ledger cannot be read
+                return console.refuse(request, _Refused(500, f"the node's records cannot be read: {err}"), None)
 
         return endpoint
 

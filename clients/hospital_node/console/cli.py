@@ -19,7 +19,7 @@ from clients.hospital_node.console.accounts import MIN_PASSWORD_LENGTH, OfficerA
 from clients.hospital_node.errors import ConsoleError, NodeError
 from clients.hospital_node.home import NodeHome
 
-__all__ = ["console_app"]
+__all__ = ["allowed_hosts", "console_app", "host_warning"]
 
 HOME_ENVVAR = "MEDFED_NODE_HOME"
 _HOME_HELP = "The node home folder."
@@ -39,7 +39,16 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _allowed_hosts(host: str) -> list[str]:
+def host_warning(host: str) -> str | None:
+    """What `medfed node console --host HOST` warns, or None for a loopback address."""
+    if _loopback(host):
+        return None
+    return (f"warning: --host {host} makes the console reachable from other machines over plain HTTP: officer "
+            "passwords and session cookies would cross the network unencrypted. Prefer the default 127.0.0.1 "
+            "and an SSH tunnel (ssh -L 8470:127.0.0.1:8470 node-host)")
+
+
+def allowed_hosts(host: str) -> list[str]:
     """The Host headers the console answers: loopback names, plus the bound address when it is one."""
     from clients.hospital_node.console.app import LOOPBACK_HOSTS
 
@@ -65,14 +74,10 @@ def serve(
 
     from clients.hospital_node.console.app import create_app
 
-    app = create_app(home, session_minutes=session_minutes, allowed_hosts=_allowed_hosts(host))
-    if not _loopback(host):
-        typer.secho(
-            f"warning: --host {host} makes the console reachable from other machines over plain HTTP: officer "
-            "passwords and session cookies would cross the network unencrypted. Prefer the default 127.0.0.1 "
-            "and an SSH tunnel (ssh -L 8470:127.0.0.1:8470 node-host)",
-            fg=typer.colors.RED, err=True,
-        )
+    app = create_app(home, session_minutes=session_minutes, allowed_hosts=allowed_hosts(host))
+    warning = host_warning(host)
+    if warning is not None:
+        typer.secho(warning, fg=typer.colors.RED, err=True)
     shown = f"[{host}]" if ":" in host else host
     node = NodeHome.open(home)
     typer.echo(f"console of node {node.name!r} on http://{shown}:{port}/ "

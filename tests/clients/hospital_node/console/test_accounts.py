@@ -67,3 +67,13 @@ def test_an_officer_name_must_be_a_plain_name(home: NodeHome) -> None:
 def test_the_console_command_without_a_home_says_what_to_give() -> None:
     result = CliRunner().invoke(node_cli, ["console"], env={"MEDFED_NODE_HOME": ""})
     assert str(result.exception) == "--home is required (or set MEDFED_NODE_HOME)"
+
+
+def test_only_a_loopback_address_is_served_without_a_warning() -> None:
+    from clients.hospital_node.console.cli import allowed_hosts, host_warning
+
+    assert host_warning("127.0.0.1") is None and host_warning("::1") is None and host_warning("localhost") is None
+    warning = host_warning("0.0.0.0")
+    assert warning is not None and "reachable from other machines over plain HTTP" in warning
+    assert allowed_hosts("127.0.0.1")[:2] == ["127.0.0.1", "localhost"]
+    assert allowed_hosts("10.1.2.3")[-1] == "10.1.2.3" and allowed_hosts("0.0.0.0") == ["*"]
