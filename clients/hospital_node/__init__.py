@@ -6,7 +6,8 @@ so importing this package pulls in neither torch nor pandas. Import from the mod
 (TabularConnector, InMemoryConnector, TabularData), ``imaging_connector`` (DICOM folders
 to one de-identified image per patient), ``client_app``, ``rounds``, ``study_round`` (a
 statistics study's admission and noisy answer), ``cli``,
-``audit_cli`` (`medfed node audit`).
+``audit_cli`` (`medfed node audit`), ``pending_view`` (a request in words, for the CLI and
+the console), ``console`` (the officer's web console, `medfed node console`).
 """
 
 __all__: list[str] = []
