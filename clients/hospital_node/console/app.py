@@ -212,9 +212,13 @@ class Console:
         return session
 
     def render(self, request: Request, name: str, code: int = 200, session: Session | None = None, **context: Any) -> Response:
-        node = self.node()
-        audit = context.pop("audit", None) or audit_state(node)
-        context |= {"node": node.name, "audit": audit, "session": session, "nav": request.url.path}
+        audit = context.pop("audit", None)
+        try:
+            node = self.node()
+            node_name, audit = node.name, audit or audit_state(node)
+        except (NodeError, PrivacyError):  # the page says why; the header cannot name the node
+            node_name, audit = self.home_path.name, audit or AuditState(None, 0, "", "", ())
+        context |= {"node": node_name, "audit": audit, "session": session, "nav": request.url.path}
         return self.templates.TemplateResponse(request, name, context, status_code=code)
 
     def refuse(self, request: Request, err: _Refused, session: Session | None) -> Response:

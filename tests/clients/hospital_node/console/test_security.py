@@ -319,3 +319,10 @@ def test_the_console_does_not_start_with_an_accounts_file_others_can_read(home: 
     OfficerAccounts(home.path).path.chmod(0o644)
     with pytest.raises(ConsoleError, match=r"console_officers.json is open to other users \(mode 0644\); run `chmod 600"):
         create_app(home.path)
+
+
+def test_a_node_home_that_became_unreadable_is_a_page_that_says_so(client: TestClient, home: NodeHome) -> None:
+    (home.path / "node.toml").write_text("this is [not toml")
+    page = client.get("/budgets")
+    assert page.status_code == 500 and "the node's records cannot be read" in _message(page.text)
+    assert "Traceback" not in page.text
