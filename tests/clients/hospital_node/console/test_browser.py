@@ -19,7 +19,7 @@ import pytest
 from clients.hospital_node.home import NodeHome
 from medfed.cluster import free_port
 
-from .conftest import OFFICER, PASSWORD, SPEC, ask
+from .conftest import SPEC, ask
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[3] / "artifacts" / "console"
@@ -34,11 +34,24 @@ pytestmark = [
 ]
 
 
+OFFICER, PASSWORD = "erin", "a passphrase typed twice"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 @pytest.fixture
 def console_url(home: NodeHome) -> Iterator[str]:
-    """`medfed node console --home H` as a real process on a free loopback port, ready when /login answers."""
+    """An officer account made by `medfed node console init`, then `medfed node console --home H` as a real
+    process on a free loopback port, ready when /login answers."""
+    made = subprocess.run(
+        [sys.executable, "-m", "medfed.cli", "node", "console", "init", "--home", str(home.path), "--officer", OFFICER],
+        input=f"{PASSWORD}\n{PASSWORD}\n", capture_output=True, text=True, env=_env(), timeout=60, check=False,
+    )
+    assert made.returncode == 0, made.stderr
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = _env()
     process = subprocess.Popen(
         [sys.executable, "-m", "medfed.cli", "node", "console", "--home", str(home.path), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
