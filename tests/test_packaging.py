@@ -51,3 +51,16 @@ def test_hospital_side_never_imports_mlflow() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_the_console_templates_and_stylesheet_ship_with_the_package() -> None:
+    # A wheel holds non-Python files only when package-data names them; the console renders these at run time.
+    from fnmatch import fnmatch
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["clients"]
+    console = ROOT / "clients" / "hospital_node" / "console"
+    files = [p for folder in ("templates", "static") for p in (console / folder).iterdir() if p.is_file()]
+    assert files
+    for path in files:
+        relative = path.relative_to(ROOT / "clients").as_posix()
+        assert any(fnmatch(relative, pattern) for pattern in globs), f"{relative} is not in [tool.setuptools.package-data] clients"

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from clients.hospital_node.audit_cli import audit_app, egress
+from clients.hospital_node.console.cli import console_app
 from clients.hospital_node.data.scoring_cli import score
 from clients.hospital_node.errors import NodeError
 from clients.hospital_node.home import DatasetEntry, ImagingSource, NodeHome
@@ -42,6 +43,7 @@ app.add_typer(partners_app, name="partners")
 app.add_typer(budget_app, name="budget")
 app.add_typer(apps_app, name="apps")
 app.add_typer(policy_app, name="policy")
+app.add_typer(console_app, name="console")
 
 _HOME_HELP = "The node home folder (holds node.toml and the privacy ledger)."
 

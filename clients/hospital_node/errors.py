@@ -8,7 +8,8 @@
     ├── ScoringError           local scoring refused: bad or unapproved weights, inputs that differ (also a ValueError)
     ├── PrivacyCheckError      the empirical privacy check cannot audit this run: unknown, not DP-SGD, a home that does not verify
     ├── AuditVerificationError the audit log failed verification: edited, deleted, reordered ...
-    └── NodeServiceError       enrolment, the SuperNode process or the coordinator's TLS refused
+    ├── NodeServiceError       enrolment, the SuperNode process or the coordinator's TLS refused
+    └── ConsoleError           the officer's console: no or bad officer accounts, an unsafe accounts file
 
 Messages name files, fields and columns, and give counts; they never hold a value read
 from patient data.
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Sequence
 __all__ = [
     "AuditVerificationError",
     "ConnectorError",
+    "ConsoleError",
     "DatasetNotFoundError",
     "NodeError",
     "NodeHomeError",
@@ -124,3 +126,7 @@ class NodeServiceError(NodeError):
     Not enrolled, a bundle for another node or key, a SuperNode that runs already or
     exits, or a coordinator whose TLS certificate does not verify against the alliance CA.
     """
+
+
+class ConsoleError(NodeError):
+    """The officer's console cannot start or an officer account cannot be made (no accounts, bad name or password)."""

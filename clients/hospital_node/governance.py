@@ -115,10 +115,12 @@ __all__ = [
     "approve",
     "audited_policy",
     "budget_status",
+    "decision_dataset",
     "deny",
     "foreseen_refusals",
     "governance_state",
     "ledger_disagreement",
+    "parse_expiry",
     "pending_requests",
     "revoke",
     "set_budget",
@@ -873,6 +875,38 @@ def approve(
         },
     )
     return digest
+
+
+def parse_expiry(text: str | None) -> datetime | None:
+    """An approval's expiry as the officer types it (``YYYY-MM-DD`` or an ISO date-time; UTC unless it says).
+
+    The CLI's ``--expires`` and the console's expiry field read it here, so both record the same instant.
+    """
+    if text is None or not text.strip():
+        return None
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise GovernanceError(f"--expires {text!r} is not a date; use YYYY-MM-DD or an ISO date-time") from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def decision_dataset(home: NodeHome, spec_hash: str, dataset: str | None) -> str:
+    """The dataset a denial or revocation of `spec_hash` concerns: `dataset` if given, else the only one it names.
+
+    Raises
+    ------
+    GovernanceError
+        The hash matches no spec or several, or the spec concerns several datasets.
+    """
+    if dataset is not None and dataset.strip():
+        return dataset.strip()
+    _, state = _officer_log(home)
+    digest = _resolve(state, spec_hash)
+    datasets = sorted({d for (h, d) in set(state.requests) | set(state.decisions) if h == digest})
+    if len(datasets) != 1:
+        raise GovernanceError(f"spec {digest[:16]} concerns datasets {', '.join(datasets)}; name one with --dataset")
+    return datasets[0]
 
 
 def deny(home: NodeHome, spec_hash: str, *, dataset: str, reason: str, by: str) -> str:

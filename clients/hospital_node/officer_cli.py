@@ -26,7 +26,6 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
@@ -37,6 +36,7 @@ from rich.table import Table
 from clients.hospital_node import governance
 from clients.hospital_node.errors import GovernanceError, NodeError
 from clients.hospital_node.home import NodeHome
+from clients.hospital_node.pending_view import node_checks_pass, request_fields
 from clients.hospital_node.policy import POLICY_FIELDS, NodePolicy, parse_settings
 from privacy.errors import PrivacyError
 from privacy.ledger import EXPIRED, LIVE
@@ -154,68 +154,20 @@ def requests(home: Path = typer.Option(..., "--home", envvar=HOME_ENVVAR, help=_
         raise typer.Exit(1 if missing else 0)
     console = Console()
     for item in pending:
-        payload, position = item.request.payload, item.position
-        budget = position.budget if position is not None else None
-        after = _fmt(item.projected)
-        if budget is not None and item.projected is not None and item.projected > budget.epsilon:
-            after += " (over the budget: approving it would not let it run)"
-        held = f"ε {_fmt(position.held if position is not None else None)}"
-        if missing:
-            held, after = f"at least {held} (the ledger is incomplete)", "unknown: the ledger disagrees with the audit log"
         table = Table(title=f"request {item.request.spec_digest}", show_header=False, title_justify="left")
         table.add_column("field")
         table.add_column("value", overflow="fold")
-        foreseen = refusals[(item.request.spec_digest, item.request.dataset)]
-        study = payload.get("task") == "statistics"
-        if study:
-            releases = payload.get("releases") or []
-            asks = ("what it releases", f"{len(releases)} DP releases over {payload.get('cells', '?')} cell(s): " + "; ".join(
-                f"{r.get('statistic')}.{r.get('name')} ({r.get('mechanism')}, scale {r.get('scale', 0):.4g})" for r in releases
-            ))
-        else:
-            asks = ("rounds", str(payload.get("rounds", "")))
-        secure = (payload.get("spec", {}).get("federation") or {}).get("secure_aggregation") is True
-        if study:
-            travels = (
-                "securely aggregated (SecAgg+): masked, the coordinator sees only totals over the sites"
-                if secure else "in plain: the coordinator sees this site's noisy answer"
-            )
-        else:
-            travels = "SecAgg+: masked, the coordinator sees only the sum of the updates" if secure else "in plain"
-        for field, value in (
-            ("study" if study else "experiment", item.request.experiment),
-            ("description", str(payload.get("description", ""))),
-            ("signed by", f"{item.request.signer} ({payload.get('signer_fingerprint', '')})"),
-            ("asked at (UTC)", item.request.at.isoformat()),
-            ("task", "statistics (answers under formal DP)") if study else ("task, model", f"{payload.get('task', '')}, {payload.get('model', '')}"),
-            ("dataset", item.request.dataset),
-            asks,
-            ("how it leaves", travels),
-            (f"cost of this {'study' if study else 'experiment'}", f"ε {_fmt(item.cost)} at δ {payload.get('delta', '')}"),
-            ("dataset budget", "not set" if budget is None else f"ε {budget.epsilon:g} at δ {budget.delta:g}"),
-            ("spent or reserved now", held),
-            (f"after this {'study' if study else 'experiment'}", after if missing else f"ε {after}"),
-        ):
+        for field, value in request_fields(item, ledger_incomplete=bool(missing)):
             table.add_row(field, escape(value))
+        foreseen = refusals[(item.request.spec_digest, item.request.dataset)]
         if foreseen:
             table.add_row("[red]the node will refuse it[/]", "[red]" + escape("\n".join(foreseen)) + "[/]")
         else:
-            checks = "policy, registered columns and cell limit allow it" if study else "policy and cohort size allow it"
-            table.add_row("node checks", checks)
+            table.add_row("node checks", node_checks_pass(item))
         console.print(table)
     typer.echo("decide with `medfed node approve|deny <spec hash> --dataset <dataset>`")
     if missing:
         raise typer.Exit(1)
-
-
-def _expiry(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise GovernanceError(f"--expires {text!r} is not a date; use YYYY-MM-DD or an ISO date-time") from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def approve(
@@ -235,7 +187,7 @@ def approve(
     node = NodeHome.open(home)
     with _governed():
         digest = governance.approve(
-            node, spec_hash, dataset=dataset, by=by or _officer(), max_epsilon=max_epsilon, expires=_expiry(expires),
+            node, spec_hash, dataset=dataset, by=by or _officer(), max_epsilon=max_epsilon, expires=governance.parse_expiry(expires),
             runs=runs, not_yet_requested=not_yet_requested,
         )
         foreseen = governance.foreseen_refusals(node, digest, dataset, max_epsilon=max_epsilon)
@@ -251,20 +203,6 @@ def approve(
         typer.echo("no request for it has arrived yet: the node checks its policy and cohort size when it does")
 
 
-def _dataset_of(node: NodeHome, digest_prefix: str, dataset: str | None) -> str:
-    if dataset is not None:
-        return dataset
-    state = governance.governance_state(node)
-    try:
-        digest = state.resolve(digest_prefix)
-    except ValueError as err:
-        raise GovernanceError(str(err)) from None
-    datasets = sorted({d for (h, d) in set(state.requests) | set(state.decisions) if h == digest})
-    if len(datasets) != 1:
-        raise GovernanceError(f"spec {digest[:16]} concerns datasets {', '.join(datasets)}; name one with --dataset")
-    return datasets[0]
-
-
 _HASH_ARGUMENT = typer.Argument(..., help="The spec hash (at least 8 hex characters).")
 _REASON_OPTION = typer.Option(..., "--reason", help="One line the researcher will see.")
 _DATASET_OPTION = typer.Option(None, "--dataset", help="Needed only if the spec concerns several datasets.")
@@ -275,7 +213,7 @@ _BY_OPTION = typer.Option(None, "--by", help=_BY_HELP)
 def _decide(decide, home: Path, spec_hash: str, dataset: str | None, reason: str, by: str | None) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     node = NodeHome.open(home)
     with _governed():
-        name = _dataset_of(node, spec_hash, dataset)
+        name = governance.decision_dataset(node, spec_hash, dataset)
         return decide(node, spec_hash, dataset=name, reason=reason, by=by or _officer()), name
 
 

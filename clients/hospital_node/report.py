@@ -44,14 +44,14 @@ from privacy.governance import GovernanceState
 from privacy.keys import fingerprint, load_public_key
 from privacy.ledger import Charge, PrivacyLedger
 
-__all__ = ["EvidencePack", "write_report"]
+__all__ = ["EvidencePack", "epsilon_curve", "write_report"]
 
 _DECISION_KINDS = ("request", "approval", "denial", "revocation")
 _CHARGE_FIELDS = ("dataset", "run", "round", "release", "charged_at", "mechanism", "noise_multiplier", "sample_rate", "steps")
 _RESERVATION_FIELDS = ("dataset", "submission", "state", "rounds", "charged", "reserved_at", "expires_at", "released_at")
 
 
-def _curve(charges: Sequence[Charge], *, delta: float) -> list[tuple[datetime, float]]:
+def epsilon_curve(charges: Sequence[Charge], *, delta: float) -> list[tuple[datetime, float]]:
     """(time, composed epsilon after that charge, as the ledger composes it), oldest first."""
     ordered = sorted(charges, key=lambda c: c.charged_at)
     return [
@@ -160,7 +160,7 @@ def write_report(home: NodeHome, out: Path, *, spec_hash: str | None = None) -> 
             if setting is not None:
                 budgets[dataset] = setting.epsilon
             charges = ledger.charges(dataset)
-            curves[dataset] = _curve(charges, delta=delta)
+            curves[dataset] = epsilon_curve(charges, delta=delta)
             for charge in charges:
                 if digest is None or charge.run_id in runs:
                     event = charge.event
