@@ -41,7 +41,7 @@ from clients.hospital_node.policy import POLICY_FIELDS, NodePolicy, parse_settin
 from privacy.errors import PrivacyError
 from privacy.ledger import EXPIRED, LIVE
 
-__all__ = ["budget_app", "decision_commands", "partners_app", "policy_app", "report", "requests"]
+__all__ = ["budget_app", "current_officer", "decision_commands", "partners_app", "policy_app", "report", "requests"]
 
 HOME_ENVVAR = "MEDFED_NODE_HOME"
 _HOME_HELP = "The node home folder."
@@ -51,7 +51,8 @@ budget_app = typer.Typer(help="Each dataset's lifetime privacy budget: show it, 
 policy_app = typer.Typer(help="The node policy: every experiment's standing limits. Show it, or set fields.", no_args_is_help=True)
 
 
-def _officer() -> str:
+def current_officer() -> str:
+    """Who runs this command, as the audit log names them: the user name, or 'officer' if none can be read."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -103,8 +104,8 @@ def partners_add(
     """Trust a research partner's key; compare its fingerprint with the partner's first."""
     node = NodeHome.open(home)
     with _governed():
-        partner = node.trusted_partners().add(name, public_key, added_by=by or _officer())
-        node.audit_log().append("key", {"action": "trust", "partner": name, "fingerprint": partner.fingerprint, "by": by or _officer()})
+        partner = node.trusted_partners().add(name, public_key, added_by=by or current_officer())
+        node.audit_log().append("key", {"action": "trust", "partner": name, "fingerprint": partner.fingerprint, "by": by or current_officer()})
     typer.echo(f"node {node.name!r} now trusts partner {name!r} ({partner.fingerprint})")
 
 
@@ -118,7 +119,7 @@ def partners_remove(
     node = NodeHome.open(home)
     with _governed():
         partner = node.trusted_partners().remove(name)
-        node.audit_log().append("key", {"action": "distrust", "partner": name, "fingerprint": partner.fingerprint, "by": by or _officer()})
+        node.audit_log().append("key", {"action": "distrust", "partner": name, "fingerprint": partner.fingerprint, "by": by or current_officer()})
     typer.echo(f"node {node.name!r} no longer trusts partner {name!r} ({partner.fingerprint})")
 
 
@@ -187,7 +188,7 @@ def approve(
     node = NodeHome.open(home)
     with _governed():
         digest = governance.approve(
-            node, spec_hash, dataset=dataset, by=by or _officer(), max_epsilon=max_epsilon, expires=governance.parse_expiry(expires),
+            node, spec_hash, dataset=dataset, by=by or current_officer(), max_epsilon=max_epsilon, expires=governance.parse_expiry(expires),
             runs=runs, not_yet_requested=not_yet_requested,
         )
         foreseen = governance.foreseen_refusals(node, digest, dataset, max_epsilon=max_epsilon)
@@ -214,7 +215,7 @@ def _decide(decide, home: Path, spec_hash: str, dataset: str | None, reason: str
     node = NodeHome.open(home)
     with _governed():
         name = governance.decision_dataset(node, spec_hash, dataset)
-        return decide(node, spec_hash, dataset=name, reason=reason, by=by or _officer()), name
+        return decide(node, spec_hash, dataset=name, reason=reason, by=by or current_officer()), name
 
 
 def deny(
@@ -322,7 +323,7 @@ def budget_set(
     """Set (or change) a dataset's lifetime budget; the change is audited."""
     node = NodeHome.open(home)
     with _governed():
-        budget = governance.set_budget(node, dataset, epsilon_=epsilon_, delta=delta, by=by or _officer())
+        budget = governance.set_budget(node, dataset, epsilon_=epsilon_, delta=delta, by=by or current_officer())
     typer.echo(f"dataset {dataset!r} on node {node.name!r}: lifetime budget ε {budget.epsilon:g} at δ {budget.delta:g}")
 
 
@@ -404,7 +405,7 @@ def policy_set(
     """Change policy settings: each validated, the change audited, policy.toml rewritten whole (0600)."""
     node = NodeHome.open(home)
     with _governed():
-        _, changed = governance.set_policy(node, parse_settings(settings), by=by or _officer())
+        _, changed = governance.set_policy(node, parse_settings(settings), by=by or current_officer())
     for key, change in changed.items():
         typer.echo(f"policy.{key}: {_setting(change['from'])} -> {_setting(change['to'])}")
     typer.echo(f"node {node.name!r}: policy written to {node.policy_path} and recorded in the audit log")

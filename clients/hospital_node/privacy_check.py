@@ -126,6 +126,7 @@ class PrivacyCheckResult:
     mechanism: RunMechanism
     bound: OneRunBound
     audit_seq: int
+    by: str | None = None  # who asked for the check (the CLI's user, the console's officer)
 
     @property
     def exceeds_charge(self) -> bool:
@@ -164,6 +165,7 @@ class PrivacyCheckResult:
             "epsilon_run": mechanism.epsilon_run,
             "accountant": LEDGER_ACCOUNTANT,
             "exceeds_charge": self.exceeds_charge,
+            "by": self.by,
         }
 
 
@@ -447,10 +449,12 @@ def run_privacy_check(
     canaries: int = DEFAULT_CANARIES,
     confidence: float = DEFAULT_CONFIDENCE,
     seed: int | None = None,
+    by: str | None = None,
 ) -> PrivacyCheckResult:
     """Audit run `run_id`'s DP-SGD mechanism on this node's data and record the check in the audit log.
 
-    The plain function behind ``medfed node privacy-check`` and the officer's console.
+    The plain function behind ``medfed node privacy-check`` and the officer's console;
+    ``by`` (the officer or user who asked) is recorded with the result.
     Every problem with the home, the run or the options is raised before anything is
     trained or written.
 
@@ -485,11 +489,11 @@ def run_privacy_check(
     )
     if not math.isfinite(bound.epsilon):
         raise PrivacyCheckError(f"run '{run_id}': the audit gave no finite bound; nothing was recorded")
-    result = PrivacyCheckResult(mechanism, bound, audit_seq=-1)
+    result = PrivacyCheckResult(mechanism, bound, audit_seq=-1, by=by)
     entry = node.audit_log().append(AUDIT_KIND, result.to_mapping())
     if result.exceeds_charge:
         logger.warning(
             "privacy check of run %s: empirical lower bound %.3f exceeds the charged epsilon %.3f", run_id, bound.epsilon,
             mechanism.epsilon_charged,
         )
-    return PrivacyCheckResult(mechanism, bound, audit_seq=entry.seq)
+    return PrivacyCheckResult(mechanism, bound, audit_seq=entry.seq, by=by)

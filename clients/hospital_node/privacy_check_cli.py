@@ -62,11 +62,14 @@ def privacy_check(
     confidence: float = typer.Option(0.95, "--confidence", help="Confidence of the lower bound, in [0.5, 1)."),
     seed: int | None = typer.Option(None, "--seed", help="Fix the canaries and the noise (reproductions only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the recorded result as JSON."),
+    by: str | None = typer.Option(None, "--by", help="Who asks (recorded in the audit log); default: your user name."),
 ) -> None:
     """Re-train a run's DP-SGD mechanism with canaries on this node and bound its epsilon from below. Nothing leaves the node."""
+    from clients.hospital_node.officer_cli import current_officer
     from clients.hospital_node.privacy_check import run_privacy_check
 
-    result = run_privacy_check(home, run, dataset=dataset, canaries=canaries, confidence=confidence, seed=seed)
+    result = run_privacy_check(home, run, dataset=dataset, canaries=canaries, confidence=confidence, seed=seed,
+                               by=by or current_officer())
     if as_json:
         typer.echo(json.dumps({**result.to_mapping(), "audit_seq": result.audit_seq}, indent=2, sort_keys=True))
     else:

@@ -75,6 +75,7 @@ from clients.hospital_node.report import epsilon_curve, write_report
 from clients.hospital_node.service import NodeService
 from privacy.audit import AUDIT_KINDS, AuditEntry, AuditLog
 from privacy.errors import PrivacyError
+from privacy.events import POISSON_GAUSSIAN
 from privacy.governance import APPROVED, EXPIRED, GovernanceState
 from privacy.keys import fingerprint, load_public_key
 from privacy.ledger import PrivacyLedger
@@ -352,9 +353,11 @@ class Console:
         title = f"dataset {dataset}: cumulative ε at δ {delta:g} (PLD), every charge numbered"
         svg = epsilon_svg(points, budget=row.budget.epsilon if row.budget else None, held=row.held, title=title)
         details = [(p, c.event) for p, c in zip(points, charges, strict=True)]
+        # Runs with DP-SGD rounds here: the ones the empirical privacy check can re-train.
+        checkable = sorted({c.run_id for c in charges if c.event.mechanism == POISSON_GAUSSIAN and c.round >= 1}, key=_run_order)
         spec_links = {p.spec: d for d in {*spec_of_submission.values(), *spec_of_run.values()} for p in points if d[:12] == p.spec}
         return self.render(request, "budget.html", session=session, audit=audit, dataset=dataset, row=row, missing=missing,
-                           svg=svg, details=details, spec_links=spec_links, fmt=_fmt)
+                           svg=svg, details=details, spec_links=spec_links, checkable=checkable, fmt=_fmt)
 
     def requests(self, request: Request) -> Response:
         session = self.session(request)
@@ -490,6 +493,34 @@ class Console:
         return self.render(request, "confirm.html", session=session, action=action, digest=digest, dataset=dataset,
                            limits=limits, reason=reason, foreseen=foreseen, carried=carried, recorded=recorded)
 
+    async def privacy_check(self, request: Request) -> Response:
+        session: Session | None = None
+        try:
+            fields = await self.form(request)
+            session = self.checked(request, fields)
+            return await run_in_threadpool(self._privacy_check, request, session, fields)
+        except _Refused as err:
+            return self.refuse(request, err, session)
+
+    def _privacy_check(self, request: Request, session: Session, fields: Mapping[str, str]) -> Response:
+        """The empirical privacy check of one run, as `medfed node privacy-check` runs it, named for the officer."""
+        from clients.hospital_node.privacy_check import run_privacy_check
+        from clients.hospital_node.privacy_check_cli import report_lines
+
+        node = self.node()
+        if audit_state(node).ok is False:
+            raise _Refused(409, "the node's audit log fails verification, so the console runs no check; nothing was written. "
+                                "Run `medfed node audit verify` and restore the log first")
+        run, dataset = fields.get("run", "").strip(), fields.get("dataset", "").strip() or None
+        if not run:
+            raise _Refused(400, "run is empty; name the run to check (the budget page lists the runs that trained here)")
+        try:
+            result = run_privacy_check(node, run, dataset=dataset, by=session.officer)
+        except NodeError as err:  # PrivacyCheckError among them: unknown run, no DP-SGD, a home that does not verify
+            raise _Refused(400, f"{err}; nothing was written") from None
+        logger.info("console: officer %r: privacy check of run %s (entry %d)", session.officer, run, result.audit_seq)
+        return self.render(request, "privacy_check.html", session=session, result=result, lines=report_lines(result))
+
     def audit(self, request: Request) -> Response:
         session = self.session(request)
         node = self.node()
@@ -555,6 +586,11 @@ def _token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def _run_order(run: str) -> tuple[int, str]:
+    """Flower run ids are numbers; order them as numbers, anything else after them."""
+    return (int(run), "") if run.isdigit() else (2**63, run)
+
+
 def _safe_next(target: str) -> str:
     """Only a path of this console (never another site) is a place to return to after logging in."""
     return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
@@ -607,11 +643,14 @@ def create_app(
         except _LoginNeeded:
             return RedirectResponse("/login", status_code=303)
 
-    async def decide(request: Request) -> Response:
-        try:
-            return await console.decide(request)
-        except _LoginNeeded as err:
-            return RedirectResponse("/login?" + urlencode({"why": err.why} if err.why else {}), status_code=303)
+    def posted(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except _LoginNeeded as err:
+                return RedirectResponse("/login?" + urlencode({"why": err.why} if err.why else {}), status_code=303)
+
+        return endpoint
 
     routes = [
         Route("/", page(console.front)),
@@ -622,7 +661,8 @@ def create_app(
         Route("/budgets/{dataset}", page(console.budget)),
         Route("/requests", page(console.requests)),
         Route("/requests/{digest}/{dataset}", page(console.request_detail)),
-        Route("/decide", decide, methods=["POST"]),
+        Route("/decide", posted(console.decide), methods=["POST"]),
+        Route("/privacy-check", posted(console.privacy_check), methods=["POST"]),
         Route("/audit", page(console.audit)),
         Route("/egress", page(console.egress)),
         Route("/evidence.zip", page(console.evidence)),

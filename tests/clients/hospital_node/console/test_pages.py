@@ -92,3 +92,33 @@ def test_the_evidence_pack_downloads_as_a_zip(browser: TestClient) -> None:
     assert re.fullmatch(r'attachment; filename="evidence-hospital_5-\d{8}T\d{6}Z\.zip"', got.headers["content-disposition"])
     names = zipfile.ZipFile(io.BytesIO(got.content)).namelist()
     assert sorted(names) == [f"evidence-hospital_5/{n}" for n in ("audit_verification.txt", "epsilon.png", "evidence.json", "report.html")]
+
+
+def test_the_privacy_check_button_runs_the_check_for_the_run_and_records_it_under_the_officer(
+    trained: NodeHome, tmp_path: Path
+) -> None:
+    target = tmp_path / "site"
+    shutil.copytree(trained.path.parent, target)
+    home = NodeHome.open(target / "home")
+    with TestClient(create_app(home.path), base_url="http://127.0.0.1") as client:
+        log_in(client)
+        budget = client.get("/budgets/htn_cohort").text
+        assert _table(budget, "privacy-check") == [[], ["41", "Check run 41"]]
+        token = re.search(r'name="csrf" value="([^"]+)"', budget.split('id="privacy-check"')[1]).group(1)  # type: ignore[union-attr]
+        before = len(home.audit_log().entries())
+
+        forged = client.post("/privacy-check", data={"csrf": "forged", "run": "41", "dataset": "htn_cohort"})
+        unknown = client.post("/privacy-check", data={"csrf": token, "run": "999", "dataset": "htn_cohort"})
+        assert forged.status_code == 403 and unknown.status_code == 400
+        assert "nothing was written" in unknown.text and len(home.audit_log().entries()) == before
+
+        page = client.post("/privacy-check", data={"csrf": token, "run": "41", "dataset": "htn_cohort"})
+    assert page.status_code == 200, page.text
+    body = page.text.split('id="check-facts"')[1].split("</table>")[0]
+    facts = {_text(k): _text(v) for k, v in re.findall(r"<th>(.*?)</th><td[^>]*>(.*?)</td>", body, re.S)}
+    bound = float(facts["empirical ε lower bound"].split()[0])
+    charged = float(facts["ε charged for this run's DP-SGD"])
+    assert 0.0 <= bound < charged and 'id="finding"' not in page.text
+    [entry] = home.audit_log().entries()[before:]
+    assert entry.kind == "privacy_check" and entry.payload["by"] == OFFICER and entry.payload["run"] == "41"
+    assert entry.payload["epsilon_lower_bound"] == pytest.approx(bound, abs=1e-3)
