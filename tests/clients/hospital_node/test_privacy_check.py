@@ -132,7 +132,7 @@ def test_the_bound_is_recorded_beside_the_runs_charge_in_the_signed_audit_log(tr
     assert set(record.payload) == {
         "run", "dataset", "spec_digest", "submission", "method", "mechanism", "canaries", "guess_options", "guesses",
         "correct", "k_plus", "k_minus", "confidence", "delta", "epsilon_lower_bound", "epsilon_charged", "epsilon_run",
-        "accountant", "exceeds_charge",
+        "accountant", "exceeds_charge", "by",
     }
     assert trained.audit_log().verify(load_public_key(trained.audit_public_key_path)).ok
     with PrivacyLedger.open(trained.ledger_path) as ledger:  # the check released nothing: no charge
