@@ -20,9 +20,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medfed demo
 
+# Two pytest workers (pytest-xdist), one test file each at a time: a file's module-scoped
+# cluster fixtures stay in one process, and CI's two cores are both busy. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not integration and not slow"
