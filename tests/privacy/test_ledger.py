@@ -281,8 +281,8 @@ def test_the_file_is_a_versioned_wal_database(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
-        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [5]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [6]
     finally:
         conn.close()
 
@@ -323,10 +323,10 @@ def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     PrivacyLedger.open(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 6")
+    conn.execute("PRAGMA user_version = 7")
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 6, newer than this medfed reads")):
+    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 7, newer than this medfed reads")):
         PrivacyLedger.open(path)
 
 
@@ -957,7 +957,7 @@ def test_a_schema_1_ledger_is_upgraded_in_place_and_keeps_its_charges(tmp_path: 
         [charge] = ledger.charges("htn_cohort")
         assert (charge.event, charge.submission) == (EVENT, None)
         _reserve(ledger, "s2", budget=Budget(5.0, DELTA))
-    assert _versions(path) == (5, [1, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (6, [1, 6], ["charge_groups", "charges", "ledger_schema", "run_reservation_events", "run_reservations"])
 
 
 def _open_round(run_id: str, round_: int, noise: float, at: str) -> str:
@@ -978,7 +978,7 @@ def test_a_schema_2_ledger_is_upgraded_and_its_open_rounds_become_run_reservatio
         "htn_cohort", "7", (EVENT,), 2, 0,
         datetime(2026, 1, 2, 10, tzinfo=UTC), datetime(2026, 1, 2, 11, tzinfo=UTC),
     )
-    assert _versions(path) == (5, [1, 2, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (6, [1, 2, 6], ["charge_groups", "charges", "ledger_schema", "run_reservation_events", "run_reservations"])
 
 
 def test_a_schema_2_ledger_whose_run_held_two_events_is_not_upgraded(tmp_path: Path) -> None:
@@ -1013,7 +1013,7 @@ def test_a_schema_3_ledger_is_upgraded_and_its_charges_and_reservations_become_r
         # New rows carry on after the copied ones.
         ledger.charge("htn_cohort", run_id="41", round=2, **ROUND)
         _reserve_query(ledger)
-    assert _versions(path) == (5, [3, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (6, [3, 6], ["charge_groups", "charges", "ledger_schema", "run_reservation_events", "run_reservations"])
     conn = sqlite3.connect(path)
     try:
         assert [row[0] for row in conn.execute("SELECT id FROM charges ORDER BY id")] == [1, 2]
@@ -1159,6 +1159,10 @@ def test_a_schema_4_ledger_is_upgraded_to_5_with_no_once_events(tmp_path: Path, 
         ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=ROUNDS, budget=ROOMY, hold=HOLD)
     conn = sqlite3.connect(path)
     with conn:  # back to schema 4's layout
+        conn.execute("DROP TABLE charge_groups")
+        conn.execute("DROP TRIGGER charges_compose")
+        conn.execute("DROP INDEX charges_by_submission")
+        conn.execute("DROP INDEX run_reservations_open")
         conn.execute("DROP TRIGGER run_reservation_events_keep_their_terms")
         conn.execute("ALTER TABLE run_reservation_events DROP COLUMN once")
         conn.execute("DROP TRIGGER run_reservations_keep_their_terms")
