@@ -263,8 +263,54 @@ class GovernanceState:
     @classmethod
     def from_entries(cls, entries: Iterable[AuditEntry]) -> GovernanceState:
         state = cls()
+        state.extend(entries)
+        return state
+
+    def extend(self, entries: Iterable[AuditEntry]) -> None:
+        """Replay `entries`, which follow the ones this state was built from, in order."""
         for entry in entries:
-            state._apply(entry)
+            self._apply(entry)
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """This state as plain JSON: what a node signs into its audit checkpoint (see :meth:`from_snapshot`).
+
+        Its size grows with the budgets, requests, decisions and submissions the log
+        records, not with its other entries (releases, charges, refusals).
+        """
+        return {
+            "budgets": [[b.dataset, b.epsilon, b.delta, b.at.isoformat(), b.by] for b in self.budgets.values()],
+            "requests": [[r.spec_digest, r.dataset, r.at.isoformat(), dict(r.payload)] for r in self.requests.values()],
+            "history": [_decision_row(d) for d in self.history],
+            "submissions": [
+                [u.submission_id, u.spec_digest, u.dataset, u.at.isoformat(), u.first_run, u.seq] for u in self.submissions.values()
+            ],
+        }
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Mapping[str, Any]) -> GovernanceState:
+        """The state :meth:`to_snapshot` wrote: equal, field by field, to the one replayed from the same entries.
+
+        Raises
+        ------
+        ValueError
+            The snapshot is not one :meth:`to_snapshot` writes.
+        """
+        state = cls()
+        try:
+            for dataset, eps, delta, at, by in snapshot["budgets"]:
+                state.budgets[dataset] = BudgetSetting(dataset, float(eps), float(delta), _parse_time(at), by)
+            for digest, dataset, at, payload in snapshot["requests"]:
+                state.requests[(digest, dataset)] = Request(digest, dataset, _parse_time(at), payload)
+            for row in snapshot["history"]:
+                decision = _decision_of(row)
+                state.history.append(decision)
+                state.decisions[(decision.spec_digest, decision.dataset)] = decision
+            for submission_id, digest, dataset, at, first_run, seq in snapshot["submissions"]:
+                state.submissions[(submission_id, dataset)] = SubmissionUse(
+                    submission_id, digest, dataset, _parse_time(at), first_run, int(seq)
+                )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a governance snapshot ({type(err).__name__}: {err})") from None
         return state
 
     def _apply(self, entry: AuditEntry) -> None:
@@ -354,6 +400,24 @@ class GovernanceState:
         if len(matches) > 1:
             raise ValueError(f"spec hash {prefix!r} is ambiguous: {', '.join(m[:16] for m in matches)}; give more characters")
         return matches[0]
+
+
+def _decision_row(decision: Decision) -> list[Any]:
+    return [
+        decision.status, decision.spec_digest, decision.dataset, decision.at.isoformat(), decision.by, decision.max_epsilon,
+        None if decision.expires is None else decision.expires.isoformat(), decision.reason, decision.runs, decision.seq,
+    ]
+
+
+def _decision_of(row: list[Any]) -> Decision:
+    status, digest, dataset, at, by, cap, expires, reason, runs, seq = row
+    if status not in (APPROVED, DENIED, REVOKED):
+        raise ValueError(f"decision status {status!r}")
+    return Decision(
+        status=status, spec_digest=digest, dataset=dataset, at=_parse_time(at), by=by,
+        max_epsilon=None if cap is None else float(cap), expires=None if expires is None else _parse_time(expires),
+        reason=reason, runs=int(runs), seq=int(seq),
+    )
 
 
 def _parse_time(text: str) -> datetime:

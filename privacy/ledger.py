@@ -1171,6 +1171,11 @@ class PrivacyLedger:
         """
         return [group.event for group in self.groups(dataset)]
 
+    def round_charges(self, dataset: str, run_id: str, round: int) -> list[Charge]:
+        """The charges of one round of one run, by release (an index look-up)."""
+        with self._store.read() as view:
+            return view.round_charges(dataset, run_id, round)
+
     def submission_charges(self, dataset: str, submission: str) -> list[Charge]:
         """`submission`'s charges to `dataset`, oldest first (an index look-up: as many as the run made)."""
         with self._store.read() as view:
