@@ -880,6 +880,8 @@ class _TailVerifier:
             )
             return self._result((), None)
         self._check_anchor(anchor)
+        if self.problems:  # the bytes after a moved anchor are no entries' boundaries: nothing more to read there
+            return self._result((), None)
         entries, position = self._check_tail(tail)
         self._check_head(head_data, entries)
         return self._result(entries, position)

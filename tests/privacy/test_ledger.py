@@ -1175,3 +1175,113 @@ def test_a_schema_4_ledger_is_upgraded_to_5_with_no_once_events(tmp_path: Path, 
     with PrivacyLedger.open(path, clock=clock) as ledger:
         [run] = ledger.run_reservations()
         assert (run.events, run.once, run.once_charged) == ((EVENT,), (), ())
+
+
+# -------------------------------------------------------- the running composition (schema 6)
+
+_KINDS = st.sampled_from(
+    [
+        {"noise_multiplier": 1.0, "sample_rate": 0.05, "mechanism": "poisson-gaussian"},
+        {"noise_multiplier": 1.3, "sample_rate": 0.02, "mechanism": "poisson-gaussian"},
+        {"noise_multiplier": 4.0, "sample_rate": 1.0, "mechanism": DISCRETE_LAPLACE},
+        {"noise_multiplier": 2.0, "sample_rate": 1.0, "mechanism": LAPLACE},
+    ]
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(charges=st.lists(st.tuples(_KINDS, st.integers(1, 30)), min_size=1, max_size=25))
+def test_the_running_composition_composes_exactly_as_every_charge(charges: list[tuple[dict, int]]) -> None:  # type: ignore[type-arg]
+    ledger = PrivacyLedger.in_memory()
+    for index, (kind, steps) in enumerate(charges):
+        ledger.charge("htn_cohort", run_id=f"run-{index}", round=1, steps=steps, **kind)
+    from_scratch = epsilon(ledger.events("htn_cohort"), delta=DELTA, accountant="pld")
+    assert ledger.spent("htn_cohort", delta=DELTA) == from_scratch  # to the last bit
+    assert len(ledger.composed("htn_cohort")) == len({tuple(sorted(kind.items())) for kind, _ in charges})
+
+
+def test_the_sqlite_running_composition_is_the_in_memory_one_and_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.db"
+    memory = PrivacyLedger.in_memory(clock=clock)
+    with PrivacyLedger.open(path, clock=clock) as sqlite:
+        for ledger in (sqlite, memory):
+            for round_ in range(1, 41):
+                ledger.charge("htn_cohort", run_id="r1", round=round_, **ROUND)
+            ledger.charge("htn_cohort", run_id="q1", round=0, noise_multiplier=4.0, sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)
+            ledger.charge("other", run_id="r2", round=1, **ROUND)
+    with PrivacyLedger.open(path, clock=clock) as reopened:  # a restart reads it back, nothing to rebuild
+        groups = reopened.groups("htn_cohort")
+        assert [(g.event, g.charges) for g in groups] == [(g.event, g.charges) for g in memory.groups("htn_cohort")]
+        assert [(g.event, g.charges) for g in groups] == [
+            (DPEvent(4.0, 1.0, 1, DISCRETE_LAPLACE), 1),
+            (DPEvent(1.0, 0.05, 40 * 20), 40),
+        ]
+        assert reopened.spent("htn_cohort", delta=DELTA) == epsilon(reopened.events("htn_cohort"), delta=DELTA, accountant="pld")
+        assert reopened.composition_problems() == [] and reopened.composition_lag() is None
+
+
+def test_a_charge_and_its_composition_commit_together(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path, clock=clock) as ledger:
+        ledger.charge("htn_cohort", run_id="r1", round=1, **ROUND)
+        with pytest.raises(RuntimeError, match="crash"), ledger._store.write() as transaction:
+            transaction.add_charge(Charge("htn_cohort", "r1", 2, DPEvent(1.0, 0.05, 20), clock.now))
+            raise RuntimeError("crash between the charge and the commit")
+        assert [g.charges for g in ledger.groups("htn_cohort")] == [1]
+        assert ledger.composition_problems() == [] and ledger.composition_lag() is None
+
+
+def test_the_running_composition_only_grows(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path) as ledger:
+        ledger.charge("htn_cohort", run_id="r1", round=1, **ROUND)
+    conn = sqlite3.connect(path)
+    try:
+        for statement in ("UPDATE charge_groups SET steps = 1", "DELETE FROM charge_groups"):
+            with pytest.raises(sqlite3.DatabaseError, match="only grows with the charges"):
+                conn.execute(statement)
+    finally:
+        conn.close()
+
+
+def test_a_charge_written_around_the_trigger_or_a_composition_edited_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path) as ledger:
+        ledger.charge("htn_cohort", run_id="r1", round=1, **ROUND)
+        ledger.charge("htn_cohort", run_id="r1", round=2, **ROUND)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DROP TRIGGER charges_compose")
+        conn.execute(
+            "INSERT INTO charges (dataset, run_id, round, release, mechanism, noise_multiplier, sample_rate, steps, charged_at) "
+            "VALUES ('htn_cohort', 'r1', 3, 0, 'poisson-gaussian', 1.0, 0.05, 20, '2026-03-01T09:00:00+00:00')"
+        )
+    conn.close()
+    with PrivacyLedger.open(path) as ledger:
+        assert ledger.composition_lag() == (
+            "the newest charge is row 3 but the running composition counts up to row 2: "
+            "charges were written around its trigger, or deleted"
+        )
+        assert ledger.composition_problems() == [
+            "dataset 'htn_cohort', poisson-gaussian noise 1.0 sample rate 0.05: the running composition holds "
+            "40 step(s) of 2 charge(s), the charges hold 60 step(s) of 3 charge(s)"
+        ]
+
+
+def test_a_schema_5_ledger_is_upgraded_with_its_running_composition_derived_from_its_charges(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path) as ledger:
+        for round_ in range(1, 4):
+            ledger.charge("htn_cohort", run_id="r1", round=round_, **ROUND)
+    conn = sqlite3.connect(path)
+    with conn:  # back to schema 5's layout
+        conn.execute("DROP TABLE charge_groups")
+        conn.execute("DROP TRIGGER charges_compose")
+        conn.execute("DROP INDEX charges_by_submission")
+        conn.execute("DROP INDEX run_reservations_open")
+        conn.execute("UPDATE ledger_schema SET version = 5")
+        conn.execute("PRAGMA user_version = 5")
+    conn.close()
+    with PrivacyLedger.open(path) as ledger:
+        assert [(g.event, g.charges) for g in ledger.groups("htn_cohort")] == [(DPEvent(1.0, 0.05, 60), 3)]
+        assert ledger.composition_problems() == []
