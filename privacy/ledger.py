@@ -420,6 +420,14 @@ class LedgerTransaction(Protocol):
         """`dataset`'s running composition: its charges grouped (see :class:`ChargeGroup`)."""
         ...
 
+    def all_groups(self) -> list[ChargeGroup]:
+        """Every dataset's running composition, by dataset."""
+        ...
+
+    def charges_after(self, row: int) -> list[tuple[int, Charge]]:
+        """The charges recorded after row id `row`, with their row ids, oldest first."""
+        ...
+
     def submission_charges(self, dataset: str, submission: str) -> list[Charge]:
         """The charges of `submission` to `dataset`, oldest first."""
         ...
@@ -586,6 +594,12 @@ class _InMemoryTransaction:
 
     def groups(self, dataset: str) -> list[ChargeGroup]:
         return _group_charges([(row, c) for row, c in enumerate(self.charges_list, start=1) if c.dataset == dataset])
+
+    def all_groups(self) -> list[ChargeGroup]:
+        return _group_charges(list(enumerate(self.charges_list, start=1)))
+
+    def charges_after(self, row: int) -> list[tuple[int, Charge]]:
+        return [(index, c) for index, c in enumerate(self.charges_list, start=1) if index > row]
 
     def submission_charges(self, dataset: str, submission: str) -> list[Charge]:
         return [c for c in self.charges_list if c.dataset == dataset and c.submission == submission]
@@ -849,14 +863,15 @@ class SqliteLedgerStore:
         ).fetchall()
         return [self._charge(row) for row in rows]
 
-    def _groups(self, conn: sqlite3.Connection, dataset: str) -> list[ChargeGroup]:
+    def _groups(self, conn: sqlite3.Connection, dataset: str | None) -> list[ChargeGroup]:
+        where, parameters = ("", ()) if dataset is None else ("WHERE dataset = ? ", (dataset,))
         rows = conn.execute(
-            "SELECT mechanism, noise_multiplier, sample_rate, steps, charges, last_charge FROM charge_groups "
-            "WHERE dataset = ? ORDER BY mechanism, noise_multiplier, sample_rate",
-            (dataset,),
+            "SELECT dataset, mechanism, noise_multiplier, sample_rate, steps, charges, last_charge FROM charge_groups "
+            f"{where}ORDER BY dataset, mechanism, noise_multiplier, sample_rate",
+            parameters,
         ).fetchall()
         return [
-            ChargeGroup(dataset, self._event(row[:4], "running composition"), int(row[4]), int(row[5])) for row in rows
+            ChargeGroup(str(row[0]), self._event(row[1:5], "running composition"), int(row[5]), int(row[6])) for row in rows
         ]
 
     def _submission_charges(self, conn: sqlite3.Connection, dataset: str, submission: str) -> list[Charge]:
@@ -1039,6 +1054,13 @@ class _SqliteTransaction:
     def groups(self, dataset: str) -> list[ChargeGroup]:
         return self._store._groups(self._conn, dataset)
 
+    def all_groups(self) -> list[ChargeGroup]:
+        return self._store._groups(self._conn, None)
+
+    def charges_after(self, row: int) -> list[tuple[int, Charge]]:
+        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM charges WHERE id > ? ORDER BY id", (row,)).fetchall()
+        return [(int(r[0]), self._store._charge(r)) for r in rows]
+
     def submission_charges(self, dataset: str, submission: str) -> list[Charge]:
         return self._store._submission_charges(self._conn, dataset, submission)
 
@@ -1159,6 +1181,22 @@ class PrivacyLedger:
         """`dataset`'s running composition: its charges as groups of equal events (see :class:`ChargeGroup`)."""
         with self._store.read() as view:
             return view.groups(dataset)
+
+    def composition_state(self) -> tuple[int, list[ChargeGroup]]:
+        """One consistent read for a checkpoint: the newest charge's row id counted, and every running composition."""
+        with self._store.read() as view:
+            groups = view.all_groups()
+            return max((g.last_charge for g in groups), default=0), groups
+
+    def composition_since(self, row: int) -> tuple[list[ChargeGroup], list[tuple[int, Charge]]]:
+        """Every running composition and the charges recorded after row id `row`, from one read.
+
+        The running composition must equal the one at `row` plus those charges: what a
+        node checks each message from its checkpoint, at a cost that follows the charges
+        since, not the ledger's size.
+        """
+        with self._store.read() as view:
+            return view.all_groups(), view.charges_after(row)
 
     def composed(self, dataset: str) -> list[DPEvent]:
         """The events that compose exactly as every charge to `dataset` does: one per group of equal events.

@@ -191,8 +191,9 @@ def _record_checkpoint(node: NodeHome, key: Ed25519PublicKey) -> str:
     except Refusal as err:
         raise GovernanceError(err.reason) from None
     checkpoint = AuditLog(node.audit_log_path).verify_tail(key).checkpoint
-    seq = "none" if checkpoint is None else str(checkpoint.position.count - 1)
-    return f"checkpoint at seq {seq}: each message verifies only the entries after it"
+    if checkpoint is None:
+        return "no checkpoint recorded: the log holds entries the node's governance cannot read"
+    return f"checkpoint at seq {checkpoint.position.count - 1}: each message verifies only the entries after it"
 
 
 def egress(

@@ -9,8 +9,8 @@ nothing the coordinator says about legitimacy; it reads only the node's own stat
    the log from its signed checkpoint on (:meth:`privacy.audit.AuditLog.verify_tail`),
    reads the governance state the checkpoint carries instead of replaying the log,
    checks the releases recorded since against the ledger, and checks that the ledger's
-   running composition still holds at least what the checkpoint recorded; then moves
-   the checkpoint to the end it verified. The full verification
+   running composition is exactly the checkpoint's plus the charges recorded since; then
+   moves the checkpoint to the end it verified. The full verification
    (:func:`full_check`: every entry, every release against the ledger, the running
    composition recomputed from every charge) runs when the node starts, in ``medfed
    node audit verify``, and for any message that finds no checkpoint; a full check that
@@ -275,31 +275,47 @@ def _composition_refusal(problems: Sequence[str]) -> Refusal:
     )
 
 
-def ledger_floor(ledger: PrivacyLedger) -> dict[str, list[list[Any]]]:
-    """The ledger's running composition as plain JSON, by dataset: what a checkpoint records."""
+def ledger_floor(ledger: PrivacyLedger) -> dict[str, Any]:
+    """The ledger's running composition as plain JSON, with the newest charge it counts: what a checkpoint records."""
+    last, groups = ledger.composition_state()
     return {
-        dataset: [[g.event.mechanism, g.event.noise_multiplier, g.event.sample_rate, g.event.steps, g.charges] for g in ledger.groups(dataset)]
-        for dataset in ledger.datasets()
+        "last_charge": last,
+        "groups": [[g.dataset, g.event.mechanism, g.event.noise_multiplier, g.event.sample_rate, g.event.steps, g.charges] for g in groups],
     }
 
 
 def floor_problems(ledger: PrivacyLedger, floor: Mapping[str, Any]) -> list[str]:
-    """Where the ledger's running composition holds less than `floor` (a checkpoint's): charges removed since.
+    """Where the ledger's running composition is not `floor` (a checkpoint's) plus the charges recorded since.
 
-    Charges only add to the running composition, so any group below the floor means the
-    ledger was rolled back or edited. Costs one look-up per dataset and group.
+    Charges only add to the running composition, and each adds its own steps: so the
+    composition now must be exactly the checkpoint's with every later charge added.
+    Anything else means charges or their composition were removed, edited or added
+    around the ledger's rules. Costs one read of the composition and of the charges
+    since the checkpoint.
     """
+    try:
+        last = int(floor["last_charge"])
+        expected: dict[tuple[str, str, float, float], list[int]] = {
+            (str(d), str(m), float(sigma), float(q)): [int(steps), int(count)] for d, m, sigma, q, steps, count in floor["groups"]
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        return [f"the checkpoint's ledger record is unreadable ({err!r})"]
+    groups, since = ledger.composition_since(last)
+    for _, charge in since:
+        e = charge.event
+        held = expected.setdefault((charge.dataset, e.mechanism, e.noise_multiplier, e.sample_rate), [0, 0])
+        held[0] += e.steps
+        held[1] += 1
+    now = {(g.dataset, g.event.mechanism, g.event.noise_multiplier, g.event.sample_rate): [g.event.steps, g.charges] for g in groups}
     problems = []
-    for dataset, rows in sorted(floor.items()):
-        now = {(g.event.mechanism, g.event.noise_multiplier, g.event.sample_rate): g for g in ledger.groups(dataset)}
-        for mechanism, sigma, q, steps, charges in rows:
-            group = now.get((mechanism, sigma, q))
-            if group is None or group.event.steps < steps or group.charges < charges:
-                held = "nothing" if group is None else f"{group.event.steps} step(s) of {group.charges} charge(s)"
-                problems.append(
-                    f"dataset '{dataset}', {mechanism} noise {sigma!r}: the checkpoint recorded {steps} step(s) of "
-                    f"{charges} charge(s), the ledger now holds {held}"
-                )
+    for key in sorted(set(expected) | set(now), key=repr):
+        if expected.get(key) != now.get(key):
+            dataset, mechanism, sigma, _ = key
+            want, have = expected.get(key, [0, 0]), now.get(key, [0, 0])
+            problems.append(
+                f"dataset '{dataset}', {mechanism} noise {sigma!r}: the checkpoint recorded and the charges since add up "
+                f"to {want[0]} step(s) of {want[1]} charge(s), the running composition holds {have[0]} step(s) of {have[1]}"
+            )
     return problems
 
 
@@ -337,7 +353,12 @@ def full_check(home: NodeHome) -> tuple[AuditEntry, ...]:
             log.drop_checkpoint()
             raise _ledger_refusal(missing) if missing else _composition_refusal(composition)
         if verification.position is not None:
-            log.advance_checkpoint(verification.position, _attachment(GovernanceState.from_entries(entries), ledger))
+            try:
+                attachment = _attachment(GovernanceState.from_entries(entries), ledger)
+            except (KeyError, TypeError, ValueError) as err:  # an entry the node's governance cannot read
+                logger.warning("no audit checkpoint recorded: the governance state cannot be read from the log (%r)", err)
+            else:
+                log.advance_checkpoint(verification.position, attachment)
     return entries
 
 
@@ -347,10 +368,13 @@ def checked_state(home: NodeHome) -> GovernanceState:
     What it catches and what only :func:`full_check` catches is written in
     :meth:`privacy.audit.AuditLog.verify_tail` (the log) and here (the ledger): every
     release recorded after the checkpoint must be charged; the running composition must
-    hold at least what the checkpoint recorded (charges deleted together with their
-    composition); and the newest charge must be counted in it (a charge written around
-    its trigger, the newest charges deleted). A charge deleted from before the checkpoint
-    while its composition is left alone changes no epsilon and is found by the full check.
+    be exactly the checkpoint's plus the charges recorded since (so charges deleted
+    together with their composition, before or after the checkpoint, a composition
+    edited, or a charge written around its trigger are refused); and the newest charge
+    must be counted in it. A charge row deleted from before the checkpoint while the
+    composition is left alone changes no epsilon (every epsilon is composed from the
+    running composition) and is found by the full check, which recomputes the
+    composition from every charge.
 
     Raises
     ------
