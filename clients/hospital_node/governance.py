@@ -586,8 +586,8 @@ def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, r
         _check_study(home, query)
         if kind == "statistics":
             with PrivacyLedger.open(home.ledger_path) as ledger:
-                state = _run_state(ledger, query.dataset, submission.submission_id, home.policy())
-            if state in (RELEASED, USED_UP):
+                run_state = _run_state(ledger, query.dataset, submission.submission_id, home.policy())
+            if run_state in (RELEASED, USED_UP):
                 raise Refusal(
                     REFUSED_REPLAY,
                     f"submission {submission.submission_id[:12]} has been answered (or ended) on this node; a study "
