@@ -24,7 +24,9 @@ run's ``query`` message (the log checked from its checkpoint, signature, policy,
 approval, caps, and the run reserved: the budget check composes the dataset's running
 composition with the live reservations and the run) and then as its ``train`` message of
 round 1 (the same checks; the reservation is found), then the run is ended (not timed).
-Reported: the median seconds of each, and large / small.
+Reported: the median seconds of each, and large / small; and the node-state check alone
+(:func:`clients.hospital_node.governance.checked_state`, the part that used to read the
+whole log and ledger), right after the run, with the size of the checkpoint it reads.
 
 The two histories spend about the same epsilon (the large one's rounds are noisier),
 because PLD's cost follows the composed privacy loss, which a budget bounds, and not
@@ -108,6 +110,8 @@ class Result:
     start_full_check_s: float
     query_admission_s: float
     train_admission_s: float
+    state_check_s: float  # governance.checked_state alone: the log from its checkpoint, the ledger against it
+    checkpoint_bytes: int
 
 
 def _canonical(value: object) -> str:
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built both homes in {time.perf_counter() - built:.1f} s; large history: rounds at noise {large_sigma}, "
               f"counts at scale {large_count_scale}", flush=True)
         times: dict[str, list[tuple[float, float]]] = {small.name: [], large.name: []}
+        checks: dict[str, list[float]] = {small.name: [], large.name: []}
         # One warm-up run each (imports, the accountant's first composition), then alternate.
         for node in (small, large):
             admit_once(node, instruction, _signed(spec, partner), "warm-up")
@@ -295,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             order = (small, large) if i % 2 == 0 else (large, small)
             for node in order:
                 times[node.name].append(admit_once(node, instruction, _signed(spec, partner), f"bench-{i}"))
+                start = time.perf_counter()
+                governance.checked_state(node.home)
+                checks[node.name].append(time.perf_counter() - start)
         wanted = [DPEvent(instruction.noise_multiplier, instruction.sample_rate, instruction.steps).times(instruction.rounds)]
         compositions = {"small": composition_times(small, wanted), "large": composition_times(large, wanted)}
         same_noise = [DPEvent(SMALL_SIGMA, Q, STEPS * ROUNDS_PER_RUN * large_runs),
@@ -307,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, node in (("small", small), ("large", large)):
             queries, trains = zip(*times[node.name], strict=True)
             results.append(Result(label, node.entries, node.charges, round(node.history_epsilon, 3), round(node.start_seconds, 3),
-                                  round(statistics.median(queries), 4), round(statistics.median(trains), 4)))
+                                  round(statistics.median(queries), 4), round(statistics.median(trains), 4),
+                                  round(statistics.median(checks[node.name]), 4), node.home.audit_log().checkpoint_path.stat().st_size))
             assert node.home.audit_log().verify(load_public_key_of(node)).ok
 
     small_r, large_r = results
@@ -315,11 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         "query": large_r.query_admission_s / small_r.query_admission_s,
         "train": large_r.train_admission_s / small_r.train_admission_s,
         "query+train": (large_r.query_admission_s + large_r.train_admission_s) / (small_r.query_admission_s + small_r.train_admission_s),
+        "state check": large_r.state_check_s / small_r.state_check_s,
     }
-    print(f"{'history':8} {'entries':>8} {'charges':>8} {'eps spent':>9} {'start (full) s':>14} {'query s':>8} {'train s':>8}")
+    print(f"{'history':8} {'entries':>8} {'charges':>8} {'eps spent':>9} {'start (full) s':>14} {'query s':>8} {'train s':>8} "
+          f"{'state check s':>13} {'checkpoint B':>12}")
     for r in results:
         print(f"{r.history:8} {r.audit_entries:8d} {r.charges:8d} {r.history_epsilon:9.3f} {r.start_full_check_s:14.3f} "
-              f"{r.query_admission_s:8.4f} {r.train_admission_s:8.4f}")
+              f"{r.query_admission_s:8.4f} {r.train_admission_s:8.4f} {r.state_check_s:13.4f} {r.checkpoint_bytes:12d}")
     print("large / small: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + f" (median of {args.iterations})")
     print("budget check composition alone (median of 5):")
     for label, found in compositions.items():

@@ -10,7 +10,7 @@ Import-light: Opacus (and torch) load only when an epsilon is first computed.
 - ``mechanisms``: OpenDP's noise samplers for statistics releases (imported on its own: NumPy, OpenDP).
 - ``ledger``: PrivacyLedger, the per-node record of every charge and run reservation, SQLite or in memory.
 - ``keys``: Ed25519 key pairs, signatures, fingerprints, the trusted-partner registry.
-- ``audit``: AuditLog, the node's append-only, hash-chained, signed audit log.
+- ``audit``: AuditLog, the node's append-only, hash-chained, signed audit log, and its signed checkpoint.
 - ``private_files``: files and folders only their owner may use, created so and checked so.
 - ``cli``: `medfed keys` (imported by the `medfed` command only).
 """
@@ -20,10 +20,13 @@ from privacy.audit import (
     AUDIT_KINDS,
     GENESIS_HASH,
     PROBLEM_KINDS,
+    AuditCheckpoint,
     AuditEntry,
     AuditLog,
+    AuditPosition,
     AuditProblem,
     AuditVerification,
+    TailVerification,
 )
 from privacy.errors import (
     AccountingError,
@@ -56,6 +59,7 @@ from privacy.ledger import (
     SCHEMA_VERSION,
     Budget,
     Charge,
+    ChargeGroup,
     InMemoryLedgerStore,
     LedgerStore,
     PrivacyLedger,
@@ -68,15 +72,18 @@ __all__ = [
     "ACCOUNTANTS",
     "AUDIT_KINDS",
     "AccountingError",
+    "AuditCheckpoint",
     "AuditEntry",
     "AuditEntryError",
     "AuditError",
     "AuditLog",
+    "AuditPosition",
     "AuditProblem",
     "AuditVerification",
     "Budget",
     "BudgetExhaustedError",
     "Charge",
+    "ChargeGroup",
     "DPEvent",
     "GENESIS_HASH",
     "InMemoryLedgerStore",
@@ -97,6 +104,7 @@ __all__ = [
     "SqliteLedgerStore",
     "StatisticsQuery",
     "TRUSTED_KEYS_FILE",
+    "TailVerification",
     "TrustedKey",
     "TrustedKeys",
     "TrustedKeysError",

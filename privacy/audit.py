@@ -27,9 +27,20 @@ key can rewrite everything, and a log rolled back together with its head to an o
 copy looks whole. Officers anchor against that by keeping the head hash that
 ``medfed node audit verify`` prints, for instance in an evidence pack.
 
-Signatures are domain-separated (``medfed audit entry v1`` / ``medfed audit head v1``
-prefixes), so a signature over an entry can never pass for one over a head record or
-over anything else the same key signs.
+A full verification reads the whole log: fine when a node starts, too slow for every
+message of a node with a long history. So beside the log (``<log>.checkpoint``) the node
+keeps a signed *checkpoint* of a verified end: the entry count, the last entry's hash
+and byte offsets, and whatever state the node derived from the entries up to there
+(:meth:`AuditLog.advance_checkpoint`). :meth:`AuditLog.verify_tail` then checks the
+checkpoint's signature, that its entry is still at its offsets, every entry after it and
+the head, at a cost that follows what was appended since, not the log's length; its
+docstring (and ``docs/node_checks.md``) says exactly which tampering it catches and which
+only :meth:`AuditLog.verify` does (an edit before the checkpoint that keeps its byte
+length).
+
+Signatures are domain-separated (``medfed audit entry v1`` / ``medfed audit head v1`` /
+``medfed audit checkpoint v1`` prefixes), so a signature over an entry can never pass for
+one over a head record, a checkpoint, or anything else the same key signs.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ sees each one with its state (:data:`RUN_STATES`) before and after.
 
 Memory never grows with the number of rounds: a reservation is a round's events and a
 count, each event composed as one self-composed event (:meth:`~privacy.events.DPEvent.times`).
+(The sentence at the top, "the dataset's spent epsilon is never stored", still holds: the
+running composition stores events, never an epsilon.)
 
 Storage is a seam with two implementations:
 
@@ -45,6 +47,15 @@ Storage is a seam with two implementations:
 
 The rules themselves (budget checks, states, caps) live once, in :class:`PrivacyLedger`,
 over a store's transaction (:class:`LedgerTransaction`).
+
+What a budget check reads does not grow with the number of charges. Every accountant
+merges equal events before composing, so the ledger keeps each dataset's *running
+composition* (:class:`ChargeGroup`: one row per mechanism, noise and sample rate, with
+the summed steps), updated by a trigger in the transaction of each charge (schema 6):
+composing it gives every charge's epsilon to the last bit. A budget check reads it, the
+submission's own charges and the reservations not yet released, each by an index.
+:meth:`PrivacyLedger.composition_problems` recomputes it from every charge (the node's
+full check); :meth:`PrivacyLedger.composition_lag` is the cheap look each message takes.
 """
 
 from __future__ import annotations
