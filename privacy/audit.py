@@ -124,7 +124,7 @@ _HEAD_CONTEXT = b"medfed audit head v1\n"
 _CHECKPOINT_CONTEXT = b"medfed audit checkpoint v1\n"
 _FIELDS = ("hash", "kind", "payload", "prev", "seq", "sig", "time")
 _HEAD_FIELDS = ("count", "last", "sig")
-_CHECKPOINT_FIELDS = ("attachment", "count", "end", "last", "sig", "start", "time")
+_CHECKPOINT_FIELDS = ("count", "end", "last", "start", "time")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -821,30 +821,23 @@ class TailVerification:
         return self.checkpoint is not None and not self.problems
 
 
-def _checkpoint_body(position: AuditPosition, time_text: str, attachment: object) -> dict[str, Any]:
-    return {
-        "count": position.count,
-        "last": position.last,
-        "start": position.start,
-        "end": position.end,
-        "time": time_text,
-        "attachment": attachment,
-    }
+def _checkpoint_header(position: AuditPosition, time_text: str) -> bytes:
+    header = {"count": position.count, "last": position.last, "start": position.start, "end": position.end, "time": time_text}
+    return _canonical(header).encode("ascii")
 
 
-def _checkpoint_message(body: Mapping[str, Any]) -> bytes:
-    return _CHECKPOINT_CONTEXT + hashlib.sha256(_canonical(body).encode("ascii")).hexdigest().encode("ascii")
+def _checkpoint_message(signed: bytes) -> bytes:
+    """What the node key signs: the context line and the SHA-256 of the header and attachment lines, as written."""
+    return _CHECKPOINT_CONTEXT + hashlib.sha256(signed).hexdigest().encode("ascii")
 
 
-def _parse_checkpoint(raw: bytes) -> tuple[dict[str, Any], str] | str:
-    """``(body, sig)`` of a checkpoint file, or why it is not one."""
+def _parse_checkpoint_header(line: bytes) -> dict[str, Any] | str:
     try:
-        text = raw.decode("ascii")
-        record = json.loads(text)
+        record = json.loads(line.decode("ascii"))
     except ValueError:
-        return "not a JSON object"
+        return "its first line is not a JSON object"
     if not isinstance(record, dict) or tuple(sorted(record)) != _CHECKPOINT_FIELDS:
-        return f"not a checkpoint (fields {', '.join(_CHECKPOINT_FIELDS)})"
+        return f"its first line is not a checkpoint header (fields {', '.join(_CHECKPOINT_FIELDS)})"
     for name in ("count", "start", "end"):
         value = record[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -855,12 +848,30 @@ def _parse_checkpoint(raw: bytes) -> tuple[dict[str, Any], str] | str:
         return "last is not 64 lowercase hex digits"
     if not isinstance(record["time"], str) or not _TIME.fullmatch(record["time"]):
         return "time is not a UTC time"
-    if not isinstance(record["attachment"], dict) or not isinstance(record["sig"], str):
-        return "attachment is not a JSON object, or sig not a string"
-    if _canonical(record) + "\n" != text:
-        return "its text is not in the form medfed writes"
-    signature = record.pop("sig")
-    return record, signature
+    return record
+
+
+def _parse_checkpoint(raw: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes, str] | str:
+    """``(header, attachment, signed bytes, sig)`` of a checkpoint file, or why it is not one.
+
+    Three lines: the header (count, last, start, end, time), the attachment, both as
+    canonical JSON, and the signature over the exact bytes of the first two, so nothing
+    is serialised again to check it.
+    """
+    lines = raw.split(b"\n")
+    if len(lines) != 4 or lines[3] != b"":
+        return "not three lines (header, attachment, signature)"
+    header = _parse_checkpoint_header(lines[0])
+    if isinstance(header, str):
+        return header
+    try:
+        attachment = json.loads(lines[1].decode("ascii"))
+        signature = lines[2].decode("ascii")
+    except ValueError:
+        return "its attachment is not JSON, or its signature not text"
+    if not isinstance(attachment, dict):
+        return "its attachment is not a JSON object"
+    return header, attachment, lines[0] + b"\n" + lines[1], signature
 
 
 class _TailVerifier:
@@ -1248,14 +1259,14 @@ class AuditLog:
         parsed = _parse_checkpoint(raw)
         if isinstance(parsed, str):
             return self._refused_checkpoint("malformed", f"{name} is unreadable: {parsed}")
-        body, signature = parsed
-        if not _signature_ok(public_key, _checkpoint_message(body), signature):
+        header, attachment, signed, signature = parsed
+        if not _signature_ok(public_key, _checkpoint_message(signed), signature):
             return self._refused_checkpoint(
                 "bad-signature", f"{name}'s signature does not verify with the node key: it was forged or edited"
             )
-        position = AuditPosition(body["count"], body["last"], body["start"], body["end"])
-        when = datetime.strptime(body["time"], _TIME_FORMAT).replace(tzinfo=UTC)
-        checkpoint = AuditCheckpoint(position, when, MappingProxyType(body["attachment"]))
+        position = AuditPosition(header["count"], header["last"], header["start"], header["end"])
+        when = datetime.strptime(header["time"], _TIME_FORMAT).replace(tzinfo=UTC)
+        checkpoint = AuditCheckpoint(position, when, MappingProxyType(attachment))
         verifier = _TailVerifier(name, self._head_path.name, public_key, checkpoint)
         if not self._path.exists():
             return verifier.run(0, b"", b"", self._read_head_bytes())
@@ -1285,7 +1296,13 @@ class AuditLog:
         """
         if self._signing_key is None:
             raise AuditError(f"the audit log {self._path} was opened read-only (without the node key)")
-        body = _checkpoint_body(position, datetime.now(UTC).strftime(_TIME_FORMAT), _plain_json(attachment, "attachment"))
+        try:
+            attached = _canonical(attachment)
+        except TypeError:  # a mapping or sequence JSON does not take as it is
+            attached = _canonical(_plain_json(attachment, "attachment"))
+        except ValueError as err:
+            raise AuditEntryError(f"a checkpoint attachment must be finite JSON: {err}") from None
+        signed = _checkpoint_header(position, datetime.now(UTC).strftime(_TIME_FORMAT)) + b"\n" + attached.encode("ascii")
         with self._locked(write=True) as fd:
             line = _pread_all(fd, position.start, position.end - position.start)
             parsed = _parse_line(line[:-1]) if line.endswith(b"\n") else None
@@ -1295,8 +1312,8 @@ class AuditLog:
             current = self._current_checkpoint_count()
             if current is not None and current >= position.count:
                 return False
-            record = {**body, "sig": _sign(self._signing_key, _checkpoint_message(body))}
-            _publish(self.checkpoint_path, (_canonical(record) + "\n").encode("ascii"), what="audit checkpoint", sync_folder=False)
+            signature = _sign(self._signing_key, _checkpoint_message(signed))
+            _publish(self.checkpoint_path, signed + b"\n" + signature.encode("ascii") + b"\n", what="audit checkpoint", sync_folder=False)
         logger.debug("audit checkpoint of %s at seq %d", self._path, position.count - 1)
         return True
 
@@ -1313,10 +1330,11 @@ class AuditLog:
 
     def _current_checkpoint_count(self) -> int | None:
         try:
-            parsed = _parse_checkpoint(self.checkpoint_path.read_bytes())
+            with self.checkpoint_path.open("rb") as handle:
+                header = _parse_checkpoint_header(handle.readline().rstrip(b"\n"))
         except OSError:
             return None
-        return None if isinstance(parsed, str) else int(parsed[0]["count"])
+        return None if isinstance(header, str) else int(header["count"])
 
     # ------------------------------------------------------------ internals
 

@@ -258,7 +258,16 @@ class GovernanceState:
         self.requests: dict[tuple[str, str], Request] = {}
         self.decisions: dict[tuple[str, str], Decision] = {}
         self.history: list[Decision] = []
-        self.submissions: dict[tuple[str, str], SubmissionUse] = {}
+        # A snapshot's submissions stay rows until asked for: a message looks at one or a few.
+        self._submissions: dict[tuple[str, str], SubmissionUse | list[Any]] = {}
+
+    @property
+    def submissions(self) -> dict[tuple[str, str], SubmissionUse]:
+        """Every submission that spent a run, by (submission id, dataset), in the order the log recorded them."""
+        for key, value in self._submissions.items():
+            if isinstance(value, list):
+                self._submissions[key] = _use_of(value)
+        return self._submissions  # type: ignore[return-value]  # every value is a SubmissionUse now
 
     @classmethod
     def from_entries(cls, entries: Iterable[AuditEntry]) -> GovernanceState:
@@ -305,10 +314,10 @@ class GovernanceState:
                 decision = _decision_of(row)
                 state.history.append(decision)
                 state.decisions[(decision.spec_digest, decision.dataset)] = decision
-            for submission_id, digest, dataset, at, first_run, seq in snapshot["submissions"]:
-                state.submissions[(submission_id, dataset)] = SubmissionUse(
-                    submission_id, digest, dataset, _parse_time(at), first_run, int(seq)
-                )
+            for row in snapshot["submissions"]:
+                if not isinstance(row, list) or len(row) != 6 or not isinstance(row[0], str) or not isinstance(row[2], str):
+                    raise ValueError(f"submission row {row!r}")
+                state._submissions[(row[0], row[2])] = row
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"not a governance snapshot ({type(err).__name__}: {err})") from None
         return state
@@ -326,7 +335,7 @@ class GovernanceState:
                 str(payload["submission_id"]), str(payload["spec_digest"]), str(payload["dataset"]), entry.time,
                 str(payload.get("run", "")), entry.seq,
             )
-            self.submissions.setdefault((use.submission_id, use.dataset), use)
+            self._submissions.setdefault((use.submission_id, use.dataset), use)
             return
         if entry.kind not in ("request", "approval", "denial", "revocation"):
             return
@@ -366,17 +375,25 @@ class GovernanceState:
 
     def submission(self, submission_id: str, dataset: str) -> SubmissionUse | None:
         """The record of `submission_id` having spent a run on `dataset`, if it did."""
-        return self.submissions.get((submission_id, dataset))
+        key = (submission_id, dataset)
+        value = self._submissions.get(key)
+        if isinstance(value, list):
+            value = self._submissions[key] = _use_of(value)
+        return value
 
     def spent_runs(self, spec_digest: str, dataset: str) -> list[SubmissionUse]:
         """Submissions that spent a run of the approval now in force for this spec and dataset."""
         decision = self.decision(spec_digest, dataset)
         if decision is None or decision.status != APPROVED:
             return []
-        return [
-            use for use in self.submissions.values()
-            if use.spec_digest == spec_digest and use.dataset == dataset and use.seq > decision.seq
-        ]
+        spent = []
+        for key, value in self._submissions.items():
+            digest, where, seq = (value[1], value[2], value[5]) if isinstance(value, list) else (value.spec_digest, value.dataset, value.seq)
+            if digest == spec_digest and where == dataset and int(seq) > decision.seq:
+                if isinstance(value, list):
+                    value = self._submissions[key] = _use_of(value)
+                spent.append(value)
+        return spent
 
     def pending(self) -> list[Request]:
         """Requests the officer has not decided, oldest first."""
@@ -400,6 +417,11 @@ class GovernanceState:
         if len(matches) > 1:
             raise ValueError(f"spec hash {prefix!r} is ambiguous: {', '.join(m[:16] for m in matches)}; give more characters")
         return matches[0]
+
+
+def _use_of(row: list[Any]) -> SubmissionUse:
+    submission_id, digest, dataset, at, first_run, seq = row
+    return SubmissionUse(str(submission_id), str(digest), str(dataset), _parse_time(str(at)), str(first_run), int(seq))
 
 
 def _decision_row(decision: Decision) -> list[Any]:

@@ -628,15 +628,19 @@ def test_the_checkpoint_never_moves_back(log: AuditLog, key: Ed25519PrivateKey) 
     assert later is not None and early is not None
     assert log.advance_checkpoint(later, {"state": "at seq 7"})
     assert not log.advance_checkpoint(early, {"state": "at seq 5"})
-    assert json.loads(log.checkpoint_path.read_text())["count"] == 8
+    assert json.loads(log.checkpoint_path.read_text().splitlines()[0])["count"] == 8
 
 
 def test_the_checkpoint_is_owner_only_and_signed_over_its_attachment(log: AuditLog, key: Ed25519PrivateKey) -> None:
     _checkpointed(log, key)
     assert stat.S_IMODE(log.checkpoint_path.stat().st_mode) == 0o600
-    record = json.loads(log.checkpoint_path.read_text())
-    assert sorted(record) == ["attachment", "count", "end", "last", "sig", "start", "time"]
+    header, attachment, signature = log.checkpoint_path.read_bytes().split(b"\n")[:3]
+    record = json.loads(header)
+    assert sorted(record) == ["count", "end", "last", "start", "time"]
     assert record["last"] == log.entries()[5].hash and record["end"] == len(b"".join(line + b"\n" for line in _lines(log)[:6]))
+    assert json.loads(attachment) == {"state": "at seq 5"}
+    digest = hashlib.sha256(header + b"\n" + attachment).hexdigest().encode()
+    key.public_key().verify(base64.b64decode(signature), b"medfed audit checkpoint v1\n" + digest)
 
 
 def _edit_payload(line: bytes, **changes: object) -> bytes:
@@ -694,12 +698,12 @@ def test_a_forged_or_edited_checkpoint_is_caught(log: AuditLog, key: Ed25519Priv
     elif forgery == "garbage":
         log.checkpoint_path.write_text("{not json\n")
     else:
-        record = json.loads(log.checkpoint_path.read_text())
+        header, attachment, signature, _ = log.checkpoint_path.read_bytes().split(b"\n")
         if forgery == "count-raised":
-            record["count"] = 8
+            header = _canonical({**json.loads(header), "count": 8})
         else:
-            record["attachment"] = {"state": "approved everything"}
-        log.checkpoint_path.write_bytes(_canonical(record) + b"\n")
+            attachment = _canonical({"state": "approved everything"})
+        log.checkpoint_path.write_bytes(b"\n".join([header, attachment, signature, b""]))
     expected = "malformed" if forgery == "garbage" else "bad-signature"
     assert _tail_problems(log, key) == [(None, expected)]
 

@@ -546,7 +546,8 @@ def test_a_charge_deleted_from_the_ledger_stops_all_work(home: NodeHome) -> None
 
 
 def _checkpoint(home: NodeHome) -> dict:  # type: ignore[type-arg]
-    return json.loads(home.audit_log().checkpoint_path.read_text())
+    header, attachment = home.audit_log().checkpoint_path.read_text().splitlines()[:2]
+    return {**json.loads(header), "attachment": json.loads(attachment)}
 
 
 def test_each_message_checks_the_log_from_a_checkpoint_that_moves_forward(home: NodeHome) -> None:
@@ -564,6 +565,21 @@ def test_each_message_checks_the_log_from_a_checkpoint_that_moves_forward(home: 
     assert tail.ok and [e.kind for e in tail.entries] == ["release"]
     # The checkpoint carries the governance state the message decides by, and the ledger's composition.
     assert governance.GovernanceState.from_snapshot(second["attachment"]["governance"]).status(SPEC.digest(), "htn_cohort") == "approved"
+
+
+
+def test_the_state_a_message_decides_by_is_the_state_the_whole_log_replays_to(home: NodeHome) -> None:
+    other = example_spec(federation={"rounds": 3})
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    _ask(home, signed_message(MessageType.QUERY, other))  # a request, pending
+    governance.deny(home, other.digest(), dataset="htn_cohort", by=OFFICER, reason="too many rounds")
+    assert not _train(home, SPEC, 1).has_error()
+    assert not _train(home, SPEC, 2).has_error()
+    from_checkpoint = governance.checked_state(home)
+    replayed = governance.GovernanceState.from_entries(home.audit_log().entries())
+    for name in ("budgets", "requests", "decisions", "history", "submissions"):
+        assert getattr(from_checkpoint, name) == getattr(replayed, name), name
+    assert len(replayed.submissions) == 1 and len(replayed.history) == 2
 
 
 def test_an_edit_before_the_checkpoint_is_caught_by_the_full_check_which_then_stops_all_work(home: NodeHome) -> None:
@@ -586,9 +602,11 @@ def test_an_edit_before_the_checkpoint_is_caught_by_the_full_check_which_then_st
 def test_a_forged_checkpoint_stops_all_work(home: NodeHome) -> None:
     governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
     assert not _ask(home, signed_message(MessageType.QUERY, SPEC)).has_error()
-    record = _checkpoint(home)
-    record["attachment"]["governance"]["budgets"][0][1] = 1000.0  # a larger budget, as if the officer had set one
-    home.audit_log().checkpoint_path.write_text(json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n")
+    header, attachment, signature = home.audit_log().checkpoint_path.read_text().splitlines()
+    edited = json.loads(attachment)
+    edited["governance"]["budgets"][0][1] = 1000.0  # a larger budget, as if the officer had set one
+    attachment = json.dumps(edited, sort_keys=True, separators=(",", ":"))
+    home.audit_log().checkpoint_path.write_text("\n".join([header, attachment, signature]) + "\n")
     code, reason = _refusal(_train(home, SPEC, 1))
     assert code == REFUSED_INTEGRITY
     assert reason.startswith("the node's audit log failed verification (1 problem(s))")
