@@ -1189,8 +1189,8 @@ _KINDS = st.sampled_from(
 )
 
 
-@settings(max_examples=15, deadline=None)
-@given(charges=st.lists(st.tuples(_KINDS, st.integers(1, 30)), min_size=1, max_size=25))
+@settings(max_examples=8, deadline=None)
+@given(charges=st.lists(st.tuples(_KINDS, st.integers(1, 30)), min_size=1, max_size=12))
 def test_the_running_composition_composes_exactly_as_every_charge(charges: list[tuple[dict, int]]) -> None:  # type: ignore[type-arg]
     ledger = PrivacyLedger.in_memory()
     for index, (kind, steps) in enumerate(charges):
