@@ -116,6 +116,7 @@ from privacy.ledger import LIVE, RELEASED, USED_UP, Budget, PrivacyLedger, RunRe
 
 __all__ = [
     "Admission",
+    "CHECKPOINT_VERSION",
     "DatasetBudget",
     "PendingRequest",
     "Refusal",
@@ -125,8 +126,10 @@ __all__ = [
     "approve",
     "audited_policy",
     "budget_status",
+    "checked_state",
     "deny",
     "foreseen_refusals",
+    "full_check",
     "governance_state",
     "ledger_disagreement",
     "pending_requests",
