@@ -11,7 +11,7 @@ Import-light: Opacus (and torch) load only when an epsilon is first computed.
 - ``one_run_audit``: one-run auditing's empirical epsilon lower bound (imported on its own: NumPy, SciPy).
 - ``ledger``: PrivacyLedger, the per-node record of every charge and run reservation, SQLite or in memory.
 - ``keys``: Ed25519 key pairs, signatures, fingerprints, the trusted-partner registry.
-- ``audit``: AuditLog, the node's append-only, hash-chained, signed audit log.
+- ``audit``: AuditLog, the node's append-only, hash-chained, signed audit log, and its signed checkpoint.
 - ``private_files``: files and folders only their owner may use, created so and checked so.
 - ``cli``: `medfed keys` (imported by the `medfed` command only).
 """
@@ -21,10 +21,13 @@ from privacy.audit import (
     AUDIT_KINDS,
     GENESIS_HASH,
     PROBLEM_KINDS,
+    AuditCheckpoint,
     AuditEntry,
     AuditLog,
+    AuditPosition,
     AuditProblem,
     AuditVerification,
+    TailVerification,
 )
 from privacy.errors import (
     AccountingError,
@@ -57,6 +60,7 @@ from privacy.ledger import (
     SCHEMA_VERSION,
     Budget,
     Charge,
+    ChargeGroup,
     InMemoryLedgerStore,
     LedgerStore,
     PrivacyLedger,
@@ -69,15 +73,18 @@ __all__ = [
     "ACCOUNTANTS",
     "AUDIT_KINDS",
     "AccountingError",
+    "AuditCheckpoint",
     "AuditEntry",
     "AuditEntryError",
     "AuditError",
     "AuditLog",
+    "AuditPosition",
     "AuditProblem",
     "AuditVerification",
     "Budget",
     "BudgetExhaustedError",
     "Charge",
+    "ChargeGroup",
     "DPEvent",
     "GENESIS_HASH",
     "InMemoryLedgerStore",
@@ -98,6 +105,7 @@ __all__ = [
     "SqliteLedgerStore",
     "StatisticsQuery",
     "TRUSTED_KEYS_FILE",
+    "TailVerification",
     "TrustedKey",
     "TrustedKeys",
     "TrustedKeysError",

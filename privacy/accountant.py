@@ -445,10 +445,44 @@ def _compose_prv(history: list[tuple[float, float, int]], delta: float) -> float
 def _compose_pld(history: list[Group], delta: float) -> float:
     from dp_accounting.pld import PLDAccountant
 
+    _guard_sparse_power()
     accountant = PLDAccountant(value_discretization_interval=_PLD_DISCRETIZATION)
     for mechanism, sigma, q, steps in history:
         accountant.compose(_dp_event(mechanism, sigma, q), steps)  # self-composed: one PLD per group
     return float(accountant.get_epsilon(delta))
+
+
+_SPARSE_GUARDED = False
+
+
+def _guard_sparse_power() -> None:
+    """Spare dp-accounting's sparse self-composition an exact integer power; the result is unchanged.
+
+    ``SparsePLDPmf.self_compose(n)`` decides between its sparse loop and the dense (FFT)
+    path by computing ``size ** n`` as a Python integer: at the step counts a node's
+    history reaches (hundreds of thousands of DP-SGD steps in one group) that power has
+    hundreds of thousands of digits and took seconds, the whole of a composition. This
+    takes the dense path at once when ``n * log(size)`` already shows the power past the
+    sparse limit (by a margin no rounding can cross), and leaves every other case to the
+    original: the same branch is taken, so every epsilon is bit for bit what it was
+    (``tests/privacy/test_accountant.py`` compares them). Installed once, on first use.
+    """
+    global _SPARSE_GUARDED
+    if _SPARSE_GUARDED:
+        return
+    from dp_accounting.pld import pld_pmf
+
+    original = pld_pmf.SparsePLDPmf.self_compose
+    limit = math.log(pld_pmf._MAX_PMF_SPARSE_SIZE) + 1.0
+
+    def self_compose(self, num_times, tail_mass_truncation=1e-15):  # type: ignore[no-untyped-def]
+        if isinstance(num_times, int) and num_times > 1 and self.size > 1 and num_times * math.log(self.size) > limit:
+            return self.to_dense_pmf().self_compose(num_times, tail_mass_truncation)
+        return original(self, num_times, tail_mass_truncation)
+
+    self_compose.original = original  # type: ignore[attr-defined]  # dp-accounting's own, for the tests
+    pld_pmf.SparsePLDPmf.self_compose = self_compose
+    _SPARSE_GUARDED = True
 
 
 # The mechanisms dp-accounting's RDP accountant composes (it has no discrete Laplace).

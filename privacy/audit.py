@@ -27,9 +27,20 @@ key can rewrite everything, and a log rolled back together with its head to an o
 copy looks whole. Officers anchor against that by keeping the head hash that
 ``medfed node audit verify`` prints, for instance in an evidence pack.
 
-Signatures are domain-separated (``medfed audit entry v1`` / ``medfed audit head v1``
-prefixes), so a signature over an entry can never pass for one over a head record or
-over anything else the same key signs.
+A full verification reads the whole log: fine when a node starts, too slow for every
+message of a node with a long history. So beside the log (``<log>.checkpoint``) the node
+keeps a signed *checkpoint* of a verified end: the entry count, the last entry's hash
+and byte offsets, and whatever state the node derived from the entries up to there
+(:meth:`AuditLog.advance_checkpoint`). :meth:`AuditLog.verify_tail` then checks the
+checkpoint's signature, that its entry is still at its offsets, every entry after it and
+the head, at a cost that follows what was appended since, not the log's length; its
+docstring (and ``docs/node_checks.md``) says exactly which tampering it catches and which
+only :meth:`AuditLog.verify` does (an edit before the checkpoint that keeps its byte
+length).
+
+Signatures are domain-separated (``medfed audit entry v1`` / ``medfed audit head v1`` /
+``medfed audit checkpoint v1`` prefixes), so a signature over an entry can never pass for
+one over a head record, a checkpoint, or anything else the same key signs.
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -64,13 +75,17 @@ from privacy.private_files import FILE_MODE
 
 __all__ = [
     "AUDIT_KINDS",
+    "AuditCheckpoint",
     "AuditEntry",
     "AuditLog",
+    "AuditPosition",
     "AuditProblem",
     "AuditVerification",
+    "CHECKPOINT_SUFFIX",
     "GENESIS_HASH",
     "HEAD_SUFFIX",
     "PROBLEM_KINDS",
+    "TailVerification",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,11 +118,14 @@ PROBLEM_KINDS: tuple[str, ...] = (
 )
 GENESIS_HASH = "0" * 64
 HEAD_SUFFIX = ".head"
+CHECKPOINT_SUFFIX = ".checkpoint"
 
 _ENTRY_CONTEXT = b"medfed audit entry v1\n"
 _HEAD_CONTEXT = b"medfed audit head v1\n"
+_CHECKPOINT_CONTEXT = b"medfed audit checkpoint v1\n"
 _FIELDS = ("hash", "kind", "payload", "prev", "seq", "sig", "time")
 _HEAD_FIELDS = ("count", "last", "sig")
+_CHECKPOINT_FIELDS = ("count", "end", "last", "start", "time")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -214,7 +232,8 @@ class AuditEntry:
 class AuditProblem:
     """One thing :meth:`AuditLog.verify` found wrong.
 
-    ``line`` is 1-based; 0 means the head record. ``seq`` is the entry's place in the
+    ``line`` is 1-based; 0 means the head record, -1 the checkpoint (the per-message
+    check, :meth:`AuditLog.verify_tail`, says where by seq and byte instead). ``seq`` is the entry's place in the
     chain where it can be told (for a missing entry, the first one missing).
     ``kind`` is one of :data:`PROBLEM_KINDS`.
     """
@@ -227,6 +246,8 @@ class AuditProblem:
     def __str__(self) -> str:
         if self.line == 0:
             where = "head record"
+        elif self.line == -1:
+            where = "after the checkpoint" if self.seq is None else f"checkpoint check (seq {self.seq})"
         elif self.seq is None:
             where = f"line {self.line}"
         else:
@@ -235,12 +256,32 @@ class AuditProblem:
 
 
 @dataclass(frozen=True)
+class AuditPosition:
+    """A place in the log: the first ``count`` entries, the last one's hash, and its line's bytes.
+
+    ``start`` is the byte offset where entry ``count - 1``'s line begins and ``end`` the
+    offset just past its newline, where the entries after it begin.
+    """
+
+    count: int
+    last: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class AuditVerification:
-    """What :meth:`AuditLog.verify` found: the number of lines, the last hash and any problems."""
+    """What :meth:`AuditLog.verify` found: the number of lines, the last hash and any problems.
+
+    When the log verified and holds entries, ``position`` is its verified end (what a
+    checkpoint records) and ``entries`` the entries it verified, from the same read.
+    """
 
     count: int
     last_hash: str | None
     problems: tuple[AuditProblem, ...]
+    position: AuditPosition | None = field(default=None, compare=False)
+    entries: tuple[AuditEntry, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -353,6 +394,8 @@ class _Line:
     number: int
     torn: bool  # the last line, without its newline
     parsed: _Parsed | None
+    start: int = 0  # byte offset of the line in the log
+    end: int = 0  # byte offset just past its newline
     signed: bool = False  # the signature verifies over the stored hash
     intact: bool = False  # the stored hash is the hash of the content
 
@@ -451,8 +494,13 @@ class _Verifier:
         if not torn_tail:
             pieces.pop()
         lines: list[_Line] = []
+        offset = 0
         for index, raw in enumerate(pieces):
-            line = _Line(number=index + 1, torn=torn_tail and index == len(pieces) - 1, parsed=None)
+            line = _Line(
+                number=index + 1, torn=torn_tail and index == len(pieces) - 1, parsed=None, start=offset,
+                end=offset + len(raw) + 1,
+            )
+            offset = line.end
             lines.append(line)
             parsed = _parse_line(raw)
             if isinstance(parsed, str):
@@ -719,7 +767,247 @@ class _Verifier:
         problems.sort(key=lambda problem: (problem.line, PROBLEM_KINDS.index(problem.kind)))
         last = self.lines[-1] if self.lines else None
         last_hash = last.entry.hash if last is not None and last.parsed is not None else None
-        return AuditVerification(count=len(self.lines), last_hash=last_hash, problems=tuple(problems))
+        whole = [line for line in self.lines if not line.torn]
+        position = None
+        if whole and whole[-1].parsed is not None and not problems:
+            anchor = whole[-1]
+            position = AuditPosition(anchor.entry.seq + 1, anchor.entry.hash, anchor.start, anchor.end)
+        return AuditVerification(
+            count=len(self.lines),
+            last_hash=last_hash,
+            problems=tuple(problems),
+            position=position,
+            entries=tuple(line.entry for line in self.lines if line.parsed is not None) if not problems else (),
+        )
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class AuditCheckpoint:
+    """A verified place in the log, signed by the node key: :data:`CHECKPOINT_SUFFIX` beside the log.
+
+    The node writes one after a full :meth:`AuditLog.verify` found no problem, and moves
+    it forward after each :meth:`AuditLog.verify_tail` that found none. ``attachment`` is
+    whatever state the node derived from the entries up to it (its governance state, its
+    ledger's composition); it is signed with the rest, so it is as trustworthy as the
+    verification that produced it.
+    """
+
+    position: AuditPosition
+    time: datetime
+    attachment: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TailVerification:
+    """What :meth:`AuditLog.verify_tail` found.
+
+    ``checkpoint`` is the signed checkpoint it started from (None: there is none, and
+    nothing was verified; the caller runs the full :meth:`AuditLog.verify`). ``entries``
+    are the entries after it, checked; ``position`` the verified end (the checkpoint's
+    own when nothing follows it); ``problems`` what is wrong, in :class:`AuditProblem`
+    terms (line -1 is the checkpoint file, 0 the head record).
+    """
+
+    checkpoint: AuditCheckpoint | None
+    entries: tuple[AuditEntry, ...]
+    position: AuditPosition | None
+    problems: tuple[AuditProblem, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when a checkpoint was found and everything the tail check covers is whole."""
+        return self.checkpoint is not None and not self.problems
+
+
+def _checkpoint_header(position: AuditPosition, time_text: str) -> bytes:
+    header = {"count": position.count, "last": position.last, "start": position.start, "end": position.end, "time": time_text}
+    return _canonical(header).encode("ascii")
+
+
+def _checkpoint_message(signed: bytes) -> bytes:
+    """What the node key signs: the context line and the SHA-256 of the header and attachment lines, as written."""
+    return _CHECKPOINT_CONTEXT + hashlib.sha256(signed).hexdigest().encode("ascii")
+
+
+def _parse_checkpoint_header(line: bytes) -> dict[str, Any] | str:
+    try:
+        record = json.loads(line.decode("ascii"))
+    except ValueError:
+        return "its first line is not a JSON object"
+    if not isinstance(record, dict) or tuple(sorted(record)) != _CHECKPOINT_FIELDS:
+        return f"its first line is not a checkpoint header (fields {', '.join(_CHECKPOINT_FIELDS)})"
+    for name in ("count", "start", "end"):
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{name} is not a non-negative integer"
+    if record["count"] < 1 or record["end"] <= record["start"]:
+        return "it covers no entry"
+    if not isinstance(record["last"], str) or not _HEX64.fullmatch(record["last"]):
+        return "last is not 64 lowercase hex digits"
+    if not isinstance(record["time"], str) or not _TIME.fullmatch(record["time"]):
+        return "time is not a UTC time"
+    return record
+
+
+def _parse_checkpoint(raw: bytes) -> tuple[dict[str, Any], dict[str, Any], bytes, str] | str:
+    """``(header, attachment, signed bytes, sig)`` of a checkpoint file, or why it is not one.
+
+    Three lines: the header (count, last, start, end, time), the attachment, both as
+    canonical JSON, and the signature over the exact bytes of the first two, so nothing
+    is serialised again to check it.
+    """
+    lines = raw.split(b"\n")
+    if len(lines) != 4 or lines[3] != b"":
+        return "not three lines (header, attachment, signature)"
+    header = _parse_checkpoint_header(lines[0])
+    if isinstance(header, str):
+        return header
+    try:
+        attachment = json.loads(lines[1].decode("ascii"))
+        signature = lines[2].decode("ascii")
+    except ValueError:
+        return "its attachment is not JSON, or its signature not text"
+    if not isinstance(attachment, dict):
+        return "its attachment is not a JSON object"
+    return header, attachment, lines[0] + b"\n" + lines[1], signature
+
+
+class _TailVerifier:
+    """The per-message check: the checkpoint, the entry it ends at, every entry after it, and the head.
+
+    It reads the checkpoint file, the anchor entry's own bytes at the offsets the
+    checkpoint records, the bytes after them, and the head record: never the entries
+    before the checkpoint.
+    """
+
+    def __init__(self, name: str, head_name: str, public_key: Ed25519PublicKey, checkpoint: AuditCheckpoint) -> None:
+        self.name = name
+        self.head_name = head_name
+        self.public_key = public_key
+        self.checkpoint = checkpoint
+        self.problems: list[AuditProblem] = []
+
+    def report(self, line: int, seq: int | None, kind: str, detail: str) -> None:
+        self.problems.append(AuditProblem(line=line, seq=seq, kind=kind, detail=detail))
+
+    def run(self, size: int, anchor: bytes, tail: bytes, head_data: bytes | None) -> TailVerification:
+        mark = self.checkpoint.position
+        if size < mark.end:
+            self.report(
+                -1, mark.count - 1, "truncated",
+                f"the log is {size} bytes, but its signed checkpoint covers {mark.end} bytes ({mark.count} entries): "
+                "entries up to the checkpoint were deleted, or the log was cut or replaced",
+            )
+            return self._result((), None)
+        self._check_anchor(anchor)
+        if self.problems:  # the bytes after a moved anchor are no entries' boundaries: nothing more to read there
+            return self._result((), None)
+        entries, position = self._check_tail(tail)
+        self._check_head(head_data, entries)
+        return self._result(entries, position)
+
+    def _check_anchor(self, anchor: bytes) -> None:
+        mark = self.checkpoint.position
+        seq = mark.count - 1
+        parsed = _parse_line(anchor[:-1]) if anchor.endswith(b"\n") else "its line is not where the checkpoint records it"
+        moved = (
+            "the entries before it were edited, inserted or deleted (the bytes moved), or it was itself changed"
+        )
+        if isinstance(parsed, str):
+            self.report(-1, seq, "edited", f"the entry the checkpoint ends at (seq {seq}) is not at byte {mark.start}: {moved}")
+            return
+        entry = parsed.entry
+        if entry.seq != seq or entry.hash != mark.last:
+            self.report(
+                -1, seq, "edited",
+                f"byte {mark.start} holds seq {entry.seq} (hash {entry.hash[:12]}), not the checkpoint's seq {seq} "
+                f"(hash {mark.last[:12]}): {moved}",
+            )
+            return
+        intact = _content_hash(entry.seq, parsed.time_text, entry.kind, parsed.payload, entry.prev) == entry.hash
+        if not intact or not parsed.canonical:
+            self.report(-1, seq, "edited", f"the entry the checkpoint ends at (seq {seq}) was changed after it was signed")
+        elif not _entry_signed(self.public_key, entry):
+            self.report(-1, seq, "bad-signature", f"the entry the checkpoint ends at (seq {seq}): {_UNSIGNED}")
+
+    def _check_tail(self, tail: bytes) -> tuple[tuple[AuditEntry, ...], AuditPosition]:
+        mark = self.checkpoint.position
+        expected, prev = mark.count, mark.last
+        position = mark
+        seen: set[str] = {mark.last}
+        entries: list[AuditEntry] = []
+        pieces = tail.split(b"\n")
+        torn = pieces.pop()
+        offset = mark.end
+        where = "after the checkpoint"
+        for raw in pieces:
+            start, offset = offset, offset + len(raw) + 1
+            parsed = _parse_line(raw)
+            if isinstance(parsed, str):
+                self.report(-1, expected, "malformed", f"byte {start}, {where}: {parsed}")
+                expected += 1
+                continue
+            entry = parsed.entry
+            intact = _content_hash(entry.seq, parsed.time_text, entry.kind, parsed.payload, entry.prev) == entry.hash
+            signed = _entry_signed(self.public_key, entry)
+            if not intact:
+                self.report(-1, entry.seq, "edited", _EDITED if signed else _EDITED_UNSIGNED)
+            elif not signed:
+                self.report(-1, entry.seq, "bad-signature", _UNSIGNED)
+            elif not parsed.canonical:
+                self.report(-1, entry.seq, "edited", "its text was changed (it is not in the form medfed writes)")
+            if entry.seq > expected:
+                self.report(-1, entry.seq, "deleted", f"{_seq_range(expected, entry.seq - 1)} missing before it ({where})")
+            elif entry.seq < expected:
+                kind = "inserted" if entry.hash in seen else "reordered"
+                what = "a copy of an earlier entry" if entry.hash in seen else f"it belongs before seq {expected}"
+                self.report(-1, entry.seq, kind, f"{what} ({where})")
+            elif entry.prev != prev:
+                self.report(-1, entry.seq, "inserted", f"its prev does not match the hash of seq {entry.seq - 1}: the chain breaks {where}")
+            seen.add(entry.hash)
+            expected, prev = entry.seq + 1, entry.hash
+            entries.append(entry)
+            position = AuditPosition(entry.seq + 1, entry.hash, start, offset)
+        if torn:
+            self.report(-1, expected, "truncated", f"the last line lacks its newline ({len(torn)} bytes): a write was cut off")
+        return tuple(entries), position
+
+    def _check_head(self, head_data: bytes | None, entries: Sequence[AuditEntry]) -> None:
+        if head_data is None:
+            self.report(0, None, "truncated", f"{self.head_name} is missing, so deleting the last entries cannot be ruled out")
+            return
+        parsed = _parse_head(head_data)
+        if isinstance(parsed, str):
+            self.report(0, None, "malformed", f"{self.head_name} is unreadable: {parsed}")
+            return
+        count, last, signature = parsed
+        if not _signature_ok(self.public_key, _head_message(count, last), signature):
+            self.report(0, None, "bad-signature", f"{self.head_name}'s signature does not verify with the node key")
+            return
+        mark = self.checkpoint.position
+        hashes = {mark.count - 1: mark.last, **{entry.seq: entry.hash for entry in entries}}
+        end = max(hashes) + 1
+        if count < mark.count:
+            self.report(
+                0, None, "truncated",
+                f"the signed head records {count} entries, fewer than the {mark.count} of the signed checkpoint: "
+                "the head (and perhaps the log) was replaced by an older copy",
+            )
+        elif count > end:
+            self.report(
+                end + 1, end, "truncated",
+                f"the signed head records {count} entries (last hash {last[:12]}), but the log holds entries up to "
+                f"seq {end - 1}: {_seq_range(end, count - 1)} deleted or lost",
+            )
+        elif hashes.get(count - 1) != last:
+            self.report(0, count - 1, "edited", f"its hash differs from the one the signed head records for seq {count - 1}")
+
+    def _result(self, entries: tuple[AuditEntry, ...], position: AuditPosition | None) -> TailVerification:
+        problems = tuple(self.problems)
+        return TailVerification(self.checkpoint, entries if not problems else (), position if not problems else None, problems)
 
 
 # ---------------------------------------------------------------- the log file
@@ -730,6 +1018,43 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _pread_all(fd: int, offset: int, length: int) -> bytes:
+    chunks: list[bytes] = []
+    while length > 0:
+        chunk = os.pread(fd, min(length, 1 << 20), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+        length -= len(chunk)
+    return b"".join(chunks)
+
+
+def _publish(path: Path, data: bytes, *, what: str, sync_folder: bool = True) -> None:
+    """Write `data` to `path` whole or not at all (a temporary file, fsync, rename), owner-only."""
+    folder = path.parent
+    try:
+        handle = tempfile.NamedTemporaryFile("wb", dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+        try:
+            with handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(handle.name, FILE_MODE)
+            os.replace(handle.name, path)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
+        if sync_folder:
+            directory = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a power cut
+            finally:
+                os.close(directory)
+    except OSError as err:
+        raise AuditError(f"cannot write the {what} {path}: {err.strerror}") from err
 
 
 def _read_tail(fd: int, size: int) -> tuple[bytes | None, bytes]:
@@ -785,6 +1110,11 @@ class AuditLog:
     def head_path(self) -> Path:
         """The signed head record beside it."""
         return self._head_path
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The signed checkpoint beside it (see :meth:`verify_tail`)."""
+        return self._path.with_name(self._path.name + CHECKPOINT_SUFFIX)
 
     @property
     def read_only(self) -> bool:
@@ -882,6 +1212,130 @@ class AuditLog:
         """
         data, head = self._snapshot()
         return _Verifier(data, head, head_name=self._head_path.name, public_key=public_key).run()
+
+    def verify_tail(self, public_key: Ed25519PublicKey) -> TailVerification:
+        """The per-message check: the signed checkpoint and what follows it, at a cost independent of what precedes it.
+
+        Reads the checkpoint (its signature must verify with the node key), the bytes of
+        the entry it ends at (at the offsets it records), every entry after it, and the
+        head record, all under one shared lock. It catches:
+
+        - a checkpoint that is not signed by the node key (forged, edited, another node's)
+          or unreadable;
+        - a log shorter than the checkpoint's end (truncation below the checkpoint, a log
+          deleted or replaced by a shorter one);
+        - an anchor entry (the checkpoint's last) that is not at its byte offset, does not
+          carry the checkpoint's seq and hash, or was changed or re-signed: so any edit,
+          insertion or deletion before the checkpoint that changes the byte length of the
+          entries before it;
+        - after the checkpoint, exactly what :meth:`verify` catches there: an edited,
+          unsigned, malformed or non-canonical entry, a deleted, inserted, reordered or
+          copied entry, a chain that does not link from the checkpoint's hash, a cut-off
+          last line;
+        - a head record that is missing, forged, older than the checkpoint, or records more
+          entries (the last ones deleted) or another last hash.
+
+        It does not read the entries before the anchor: an edit there that keeps their
+        byte length (a digit changed in a payload, a hash recomputed) is caught only by
+        :meth:`verify`, which the node runs at start and ``medfed node audit verify`` runs
+        on demand. Nor can it tell a log, head and checkpoint rolled back together to an
+        older copy (neither can :meth:`verify`).
+
+        Returns ``checkpoint=None`` and nothing verified when there is no checkpoint: the
+        caller then runs :meth:`verify`. A checkpoint file that exists but does not verify
+        is a problem, never a reason to skip the check.
+
+        Raises
+        ------
+        AuditError
+            If the files cannot be read or stay locked.
+        """
+        try:
+            raw = self.checkpoint_path.read_bytes()
+        except FileNotFoundError:
+            return TailVerification(None, (), None, ())
+        except OSError as err:
+            raise AuditError(f"cannot read the audit checkpoint {self.checkpoint_path}: {err.strerror}") from err
+        name = self.checkpoint_path.name
+        parsed = _parse_checkpoint(raw)
+        if isinstance(parsed, str):
+            return self._refused_checkpoint("malformed", f"{name} is unreadable: {parsed}")
+        header, attachment, signed, signature = parsed
+        if not _signature_ok(public_key, _checkpoint_message(signed), signature):
+            return self._refused_checkpoint(
+                "bad-signature", f"{name}'s signature does not verify with the node key: it was forged or edited"
+            )
+        position = AuditPosition(header["count"], header["last"], header["start"], header["end"])
+        when = datetime.strptime(header["time"], _TIME_FORMAT).replace(tzinfo=UTC)
+        checkpoint = AuditCheckpoint(position, when, MappingProxyType(attachment))
+        verifier = _TailVerifier(name, self._head_path.name, public_key, checkpoint)
+        if not self._path.exists():
+            return verifier.run(0, b"", b"", self._read_head_bytes())
+        with self._locked(write=False) as fd:
+            size = os.fstat(fd).st_size
+            if size < position.end:
+                return verifier.run(size, b"", b"", self._read_head_bytes())
+            anchor = _pread_all(fd, position.start, position.end - position.start)
+            tail = _pread_all(fd, position.end, size - position.end)
+            head = self._read_head_bytes()
+        return verifier.run(size, anchor, tail, head)
+
+    def advance_checkpoint(self, position: AuditPosition, attachment: Mapping[str, Any]) -> bool:
+        """Sign and write a checkpoint at `position`, a verified end of the log, with `attachment`.
+
+        Call it only with a position that :meth:`verify` or :meth:`verify_tail` has just
+        returned, and an attachment derived from the entries up to it. Under the log's
+        exclusive lock it checks that the entry at `position` is still there, byte for
+        byte where it was, and that the checkpoint on disk (if any) is behind it; the
+        checkpoint never moves backwards. Appends after `position` are left for the next
+        :meth:`verify_tail`. Returns whether it wrote one.
+
+        Raises
+        ------
+        AuditError
+            If the log is read-only, or the checkpoint cannot be written.
+        """
+        if self._signing_key is None:
+            raise AuditError(f"the audit log {self._path} was opened read-only (without the node key)")
+        try:
+            attached = _canonical(attachment)
+        except TypeError:  # a mapping or sequence JSON does not take as it is
+            attached = _canonical(_plain_json(attachment, "attachment"))
+        except ValueError as err:
+            raise AuditEntryError(f"a checkpoint attachment must be finite JSON: {err}") from None
+        signed = _checkpoint_header(position, datetime.now(UTC).strftime(_TIME_FORMAT)) + b"\n" + attached.encode("ascii")
+        with self._locked(write=True) as fd:
+            line = _pread_all(fd, position.start, position.end - position.start)
+            parsed = _parse_line(line[:-1]) if line.endswith(b"\n") else None
+            if not isinstance(parsed, _Parsed) or (parsed.entry.seq, parsed.entry.hash) != (position.count - 1, position.last):
+                logger.warning("not moving the audit checkpoint of %s: its entry at byte %d changed", self._path, position.start)
+                return False
+            current = self._current_checkpoint_count()
+            if current is not None and current >= position.count:
+                return False
+            signature = _sign(self._signing_key, _checkpoint_message(signed))
+            _publish(self.checkpoint_path, signed + b"\n" + signature.encode("ascii") + b"\n", what="audit checkpoint", sync_folder=False)
+        logger.debug("audit checkpoint of %s at seq %d", self._path, position.count - 1)
+        return True
+
+    def drop_checkpoint(self) -> None:
+        """Remove the checkpoint, after a full verification found a problem: every later check is then the full one."""
+        try:
+            self.checkpoint_path.unlink(missing_ok=True)
+        except OSError as err:
+            raise AuditError(f"cannot remove the audit checkpoint {self.checkpoint_path}: {err.strerror}") from err
+
+    def _refused_checkpoint(self, kind: str, detail: str) -> TailVerification:
+        placeholder = AuditCheckpoint(AuditPosition(0, GENESIS_HASH, 0, 0), datetime.now(UTC), MappingProxyType({}))
+        return TailVerification(placeholder, (), None, (AuditProblem(-1, None, kind, detail),))
+
+    def _current_checkpoint_count(self) -> int | None:
+        try:
+            with self.checkpoint_path.open("rb") as handle:
+                header = _parse_checkpoint_header(handle.readline().rstrip(b"\n"))
+        except OSError:
+            return None
+        return None if isinstance(header, str) else int(header["count"])
 
     # ------------------------------------------------------------ internals
 
@@ -1040,30 +1494,4 @@ class AuditLog:
 
     def _write_head(self, key: Ed25519PrivateKey, *, count: int, last: str) -> None:
         record = {"count": count, "last": last, "sig": _sign(key, _head_message(count, last))}
-        folder = self._head_path.parent
-        try:
-            handle = tempfile.NamedTemporaryFile(
-                "w",
-                encoding="ascii",
-                dir=folder,
-                prefix=f".{self._head_path.name}.",
-                suffix=".tmp",
-                delete=False,
-            )
-            try:
-                with handle:
-                    handle.write(_canonical(record) + "\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.chmod(handle.name, FILE_MODE)
-                os.replace(handle.name, self._head_path)
-            except BaseException:
-                Path(handle.name).unlink(missing_ok=True)
-                raise
-            directory = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(directory)  # the rename itself survives a power cut
-            finally:
-                os.close(directory)
-        except OSError as err:
-            raise AuditError(f"cannot write the audit head record {self._head_path}: {err.strerror}") from err
+        _publish(self._head_path, (_canonical(record) + "\n").encode("ascii"), what="audit head record")

@@ -258,13 +258,68 @@ class GovernanceState:
         self.requests: dict[tuple[str, str], Request] = {}
         self.decisions: dict[tuple[str, str], Decision] = {}
         self.history: list[Decision] = []
-        self.submissions: dict[tuple[str, str], SubmissionUse] = {}
+        # A snapshot's submissions stay rows until asked for: a message looks at one or a few.
+        self._submissions: dict[tuple[str, str], SubmissionUse | list[Any]] = {}
+
+    @property
+    def submissions(self) -> dict[tuple[str, str], SubmissionUse]:
+        """Every submission that spent a run, by (submission id, dataset), in the order the log recorded them."""
+        for key, value in self._submissions.items():
+            if isinstance(value, list):
+                self._submissions[key] = _use_of(value)
+        return self._submissions  # type: ignore[return-value]  # every value is a SubmissionUse now
 
     @classmethod
     def from_entries(cls, entries: Iterable[AuditEntry]) -> GovernanceState:
         state = cls()
+        state.extend(entries)
+        return state
+
+    def extend(self, entries: Iterable[AuditEntry]) -> None:
+        """Replay `entries`, which follow the ones this state was built from, in order."""
         for entry in entries:
-            state._apply(entry)
+            self._apply(entry)
+
+    def to_snapshot(self) -> dict[str, Any]:
+        """This state as plain JSON: what a node signs into its audit checkpoint (see :meth:`from_snapshot`).
+
+        Its size grows with the budgets, requests, decisions and submissions the log
+        records, not with its other entries (releases, charges, refusals).
+        """
+        return {
+            "budgets": [[b.dataset, b.epsilon, b.delta, b.at.isoformat(), b.by] for b in self.budgets.values()],
+            "requests": [[r.spec_digest, r.dataset, r.at.isoformat(), dict(r.payload)] for r in self.requests.values()],
+            "history": [_decision_row(d) for d in self.history],
+            "submissions": [
+                [u.submission_id, u.spec_digest, u.dataset, u.at.isoformat(), u.first_run, u.seq] for u in self.submissions.values()
+            ],
+        }
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Mapping[str, Any]) -> GovernanceState:
+        """The state :meth:`to_snapshot` wrote: equal, field by field, to the one replayed from the same entries.
+
+        Raises
+        ------
+        ValueError
+            The snapshot is not one :meth:`to_snapshot` writes.
+        """
+        state = cls()
+        try:
+            for dataset, eps, delta, at, by in snapshot["budgets"]:
+                state.budgets[dataset] = BudgetSetting(dataset, float(eps), float(delta), _parse_time(at), by)
+            for digest, dataset, at, payload in snapshot["requests"]:
+                state.requests[(digest, dataset)] = Request(digest, dataset, _parse_time(at), payload)
+            for row in snapshot["history"]:
+                decision = _decision_of(row)
+                state.history.append(decision)
+                state.decisions[(decision.spec_digest, decision.dataset)] = decision
+            for row in snapshot["submissions"]:
+                if not isinstance(row, list) or len(row) != 6 or not isinstance(row[0], str) or not isinstance(row[2], str):
+                    raise ValueError(f"submission row {row!r}")
+                state._submissions[(row[0], row[2])] = row
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"not a governance snapshot ({type(err).__name__}: {err})") from None
         return state
 
     def _apply(self, entry: AuditEntry) -> None:
@@ -280,7 +335,7 @@ class GovernanceState:
                 str(payload["submission_id"]), str(payload["spec_digest"]), str(payload["dataset"]), entry.time,
                 str(payload.get("run", "")), entry.seq,
             )
-            self.submissions.setdefault((use.submission_id, use.dataset), use)
+            self._submissions.setdefault((use.submission_id, use.dataset), use)
             return
         if entry.kind not in ("request", "approval", "denial", "revocation"):
             return
@@ -320,17 +375,25 @@ class GovernanceState:
 
     def submission(self, submission_id: str, dataset: str) -> SubmissionUse | None:
         """The record of `submission_id` having spent a run on `dataset`, if it did."""
-        return self.submissions.get((submission_id, dataset))
+        key = (submission_id, dataset)
+        value = self._submissions.get(key)
+        if isinstance(value, list):
+            value = self._submissions[key] = _use_of(value)
+        return value
 
     def spent_runs(self, spec_digest: str, dataset: str) -> list[SubmissionUse]:
         """Submissions that spent a run of the approval now in force for this spec and dataset."""
         decision = self.decision(spec_digest, dataset)
         if decision is None or decision.status != APPROVED:
             return []
-        return [
-            use for use in self.submissions.values()
-            if use.spec_digest == spec_digest and use.dataset == dataset and use.seq > decision.seq
-        ]
+        spent = []
+        for key, value in self._submissions.items():
+            digest, where, seq = (value[1], value[2], value[5]) if isinstance(value, list) else (value.spec_digest, value.dataset, value.seq)
+            if digest == spec_digest and where == dataset and int(seq) > decision.seq:
+                if isinstance(value, list):
+                    value = self._submissions[key] = _use_of(value)
+                spent.append(value)
+        return spent
 
     def pending(self) -> list[Request]:
         """Requests the officer has not decided, oldest first."""
@@ -354,6 +417,29 @@ class GovernanceState:
         if len(matches) > 1:
             raise ValueError(f"spec hash {prefix!r} is ambiguous: {', '.join(m[:16] for m in matches)}; give more characters")
         return matches[0]
+
+
+def _use_of(row: list[Any]) -> SubmissionUse:
+    submission_id, digest, dataset, at, first_run, seq = row
+    return SubmissionUse(str(submission_id), str(digest), str(dataset), _parse_time(str(at)), str(first_run), int(seq))
+
+
+def _decision_row(decision: Decision) -> list[Any]:
+    return [
+        decision.status, decision.spec_digest, decision.dataset, decision.at.isoformat(), decision.by, decision.max_epsilon,
+        None if decision.expires is None else decision.expires.isoformat(), decision.reason, decision.runs, decision.seq,
+    ]
+
+
+def _decision_of(row: list[Any]) -> Decision:
+    status, digest, dataset, at, by, cap, expires, reason, runs, seq = row
+    if status not in (APPROVED, DENIED, REVOKED):
+        raise ValueError(f"decision status {status!r}")
+    return Decision(
+        status=status, spec_digest=digest, dataset=dataset, at=_parse_time(at), by=by,
+        max_epsilon=None if cap is None else float(cap), expires=None if expires is None else _parse_time(expires),
+        reason=reason, runs=int(runs), seq=int(seq),
+    )
 
 
 def _parse_time(text: str) -> datetime:

@@ -33,6 +33,8 @@ sees each one with its state (:data:`RUN_STATES`) before and after.
 
 Memory never grows with the number of rounds: a reservation is a round's events and a
 count, each event composed as one self-composed event (:meth:`~privacy.events.DPEvent.times`).
+(The sentence at the top, "the dataset's spent epsilon is never stored", still holds: the
+running composition stores events, never an epsilon.)
 
 Storage is a seam with two implementations:
 
@@ -45,6 +47,15 @@ Storage is a seam with two implementations:
 
 The rules themselves (budget checks, states, caps) live once, in :class:`PrivacyLedger`,
 over a store's transaction (:class:`LedgerTransaction`).
+
+What a budget check reads does not grow with the number of charges. Every accountant
+merges equal events before composing, so the ledger keeps each dataset's *running
+composition* (:class:`ChargeGroup`: one row per mechanism, noise and sample rate, with
+the summed steps), updated by a trigger in the transaction of each charge (schema 6):
+composing it gives every charge's epsilon to the last bit. A budget check reads it, the
+submission's own charges and the reservations not yet released, each by an index.
+:meth:`PrivacyLedger.composition_problems` recomputes it from every charge (the node's
+full check); :meth:`PrivacyLedger.composition_lag` is the cheap look each message takes.
 """
 
 from __future__ import annotations
@@ -69,6 +80,7 @@ from privacy.events import POISSON_GAUSSIAN, DPEvent
 __all__ = [
     "Budget",
     "Charge",
+    "ChargeGroup",
     "EXPIRED",
     "InMemoryLedgerStore",
     "LIVE",
@@ -87,7 +99,7 @@ logger = logging.getLogger(__name__)
 
 # Bumped whenever the table layout changes; stored in PRAGMA user_version and in the
 # ledger_schema table, and checked on every open.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # How long a process waits for another one's transaction before giving up.
 _BUSY_TIMEOUT_SECONDS = 30.0
@@ -240,7 +252,46 @@ CREATE TRIGGER run_reservations_once_charges_are_kept BEFORE UPDATE OF once_char
 WHEN (NEW.once_charged & OLD.once_charged) != OLD.once_charged
 BEGIN SELECT RAISE(ABORT, 'a run reservation only moves forward (more rounds charged, then released)'); END;
 """
-_TABLES = {"charges", "ledger_schema", "run_reservation_events", "run_reservations"}
+# Schema 6: the running composition. Composition is commutative and every accountant
+# medfed uses first merges equal events (:func:`privacy.accountant.grouped_history`), so
+# a dataset's charges compose exactly as their groups do: one row per (dataset,
+# mechanism, noise_multiplier, sample_rate) holding the summed steps. A trigger keeps it
+# in the same transaction as each charge, whoever inserts the charge, so it can never
+# lag the charges after a crash; it only grows (triggers refuse the rest). The upgrade
+# derives it from the charges already there. Two indexes let the per-message path read a
+# submission's charges and the open reservations without scanning the history.
+_SCHEMA_6 = """
+CREATE TABLE charge_groups (
+    dataset          TEXT    NOT NULL,
+    mechanism        TEXT    NOT NULL,
+    noise_multiplier REAL    NOT NULL,
+    sample_rate      REAL    NOT NULL,
+    steps            INTEGER NOT NULL CHECK (steps >= 1),
+    charges          INTEGER NOT NULL CHECK (charges >= 1),
+    last_charge      INTEGER NOT NULL,
+    PRIMARY KEY (dataset, mechanism, noise_multiplier, sample_rate)
+);
+INSERT INTO charge_groups (dataset, mechanism, noise_multiplier, sample_rate, steps, charges, last_charge)
+SELECT dataset, mechanism, noise_multiplier, sample_rate, SUM(steps), COUNT(*), MAX(id)
+FROM charges GROUP BY dataset, mechanism, noise_multiplier, sample_rate;
+CREATE TRIGGER charges_compose AFTER INSERT ON charges
+BEGIN
+    INSERT INTO charge_groups (dataset, mechanism, noise_multiplier, sample_rate, steps, charges, last_charge)
+    VALUES (NEW.dataset, NEW.mechanism, NEW.noise_multiplier, NEW.sample_rate, NEW.steps, 1, NEW.id)
+    ON CONFLICT (dataset, mechanism, noise_multiplier, sample_rate) DO UPDATE SET
+        steps = steps + excluded.steps, charges = charges + 1, last_charge = excluded.last_charge;
+END;
+CREATE TRIGGER charge_groups_only_grow BEFORE UPDATE ON charge_groups
+WHEN NEW.steps <= OLD.steps OR NEW.charges <= OLD.charges OR NEW.dataset IS NOT OLD.dataset
+    OR NEW.mechanism IS NOT OLD.mechanism OR NEW.noise_multiplier IS NOT OLD.noise_multiplier
+    OR NEW.sample_rate IS NOT OLD.sample_rate
+BEGIN SELECT RAISE(ABORT, 'the running composition only grows with the charges'); END;
+CREATE TRIGGER charge_groups_are_never_deleted BEFORE DELETE ON charge_groups
+BEGIN SELECT RAISE(ABORT, 'the running composition only grows with the charges'); END;
+CREATE INDEX charges_by_submission ON charges (dataset, submission);
+CREATE INDEX run_reservations_open ON run_reservations (dataset) WHERE released_at IS NULL;
+"""
+_TABLES = {"charge_groups", "charges", "ledger_schema", "run_reservation_events", "run_reservations"}
 
 #: A run reservation's states, as the officer reads them.
 LIVE = "live"  # counts against the budget; rounds may be charged
@@ -261,6 +312,22 @@ class Charge:
     charged_at: datetime  # timezone-aware, UTC
     submission: str | None = None  # None for charges recorded before schema 3, or outside a run
     release: int = 0  # which of the round's events: 0 for a training round, 0..k-1 for a query's releases
+
+
+@dataclass(frozen=True)
+class ChargeGroup:
+    """Every charge to a dataset of one mechanism at one noise and sample rate, as one event.
+
+    ``event`` holds the summed steps; ``charges`` counts the charges it stands for and
+    ``last_charge`` is the newest one's row id (its place in the ledger's order). The
+    groups of a dataset are its running composition: :func:`privacy.accountant.epsilon`
+    of their events is, bit for bit, that of every charge.
+    """
+
+    dataset: str
+    event: DPEvent
+    charges: int
+    last_charge: int
 
 
 @dataclass(frozen=True)
@@ -360,6 +427,30 @@ class LedgerTransaction(Protocol):
         """The charges of this round of this run, by release (empty if none)."""
         ...
 
+    def groups(self, dataset: str) -> list[ChargeGroup]:
+        """`dataset`'s running composition: its charges grouped (see :class:`ChargeGroup`)."""
+        ...
+
+    def all_groups(self) -> list[ChargeGroup]:
+        """Every dataset's running composition, by dataset."""
+        ...
+
+    def charges_after(self, row: int) -> list[tuple[int, Charge]]:
+        """The charges recorded after row id `row`, with their row ids, oldest first."""
+        ...
+
+    def submission_charges(self, dataset: str, submission: str) -> list[Charge]:
+        """The charges of `submission` to `dataset`, oldest first."""
+        ...
+
+    def run_reservation(self, dataset: str, submission: str) -> RunReservation | None:
+        """`submission`'s run reservation on `dataset`, if it made one."""
+        ...
+
+    def open_reservations(self, dataset: str) -> list[RunReservation]:
+        """The run reservations on `dataset` not released yet (live, expired or used up), oldest first."""
+        ...
+
     def run_reservations(self, dataset: str) -> list[RunReservation]:
         """Every run reservation on `dataset`, whatever its state, oldest first."""
         ...
@@ -394,6 +485,18 @@ class LedgerStore(Protocol):
         """Run reservations (of `dataset`, or all), oldest first, in every state."""
         ...
 
+    def read(self) -> AbstractContextManager[LedgerTransaction]:
+        """A consistent view to read from (one snapshot; nothing written through it)."""
+        ...
+
+    def composition_problems(self) -> list[str]:
+        """Where the running composition disagrees with the charges, read in full (empty: they agree)."""
+        ...
+
+    def composition_lag(self) -> str | None:
+        """Why the running composition cannot be up to date with the newest charge, by a cheap look; or None."""
+        ...
+
     def close(self) -> None:
         """Release the storage; later calls raise :class:`LedgerError`."""
         ...
@@ -411,8 +514,26 @@ def _moves_forward(old: RunReservation, new: RunReservation) -> str | None:
     return None
 
 
+def _group_charges(charges: Sequence[tuple[int, Charge]]) -> list[ChargeGroup]:
+    """`(row id, charge)` pairs as their running composition, groups in accountant order."""
+    found: dict[tuple[str, str, float, float], tuple[int, int, int]] = {}
+    for row_id, charge in charges:
+        event = charge.event
+        key = (charge.dataset, event.mechanism, event.noise_multiplier, event.sample_rate)
+        steps, count, last = found.get(key, (0, 0, 0))
+        found[key] = (steps + event.steps, count + 1, max(last, row_id))
+    return [
+        ChargeGroup(dataset, DPEvent(sigma, q, steps, mechanism), count, last)
+        for (dataset, mechanism, sigma, q), (steps, count, last) in sorted(found.items())
+    ]
+
+
 class InMemoryLedgerStore:
-    """Charges and reservations in lists, guarded by a lock; gone when the process ends."""
+    """Charges and reservations in lists, guarded by a lock; gone when the process ends.
+
+    Its running composition is derived from the charges on every read (a simulation's
+    ledgers are short), so it never disagrees with them.
+    """
 
     location = ":memory:"
 
@@ -446,6 +567,18 @@ class InMemoryLedgerStore:
             self._check_open()
             return [r for r in self._reservations if dataset is None or r.dataset == dataset]
 
+    @contextmanager
+    def read(self) -> Iterator[LedgerTransaction]:
+        with self._lock:
+            self._check_open()
+            yield _InMemoryTransaction(list(self._charges), list(self._reservations))
+
+    def composition_problems(self) -> list[str]:
+        return []
+
+    def composition_lag(self) -> str | None:
+        return None
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -470,6 +603,24 @@ class _InMemoryTransaction:
     def run_reservations(self, dataset: str) -> list[RunReservation]:
         return [r for r in self.reservations_list if r.dataset == dataset]
 
+    def groups(self, dataset: str) -> list[ChargeGroup]:
+        return _group_charges([(row, c) for row, c in enumerate(self.charges_list, start=1) if c.dataset == dataset])
+
+    def all_groups(self) -> list[ChargeGroup]:
+        return _group_charges(list(enumerate(self.charges_list, start=1)))
+
+    def charges_after(self, row: int) -> list[tuple[int, Charge]]:
+        return [(index, c) for index, c in enumerate(self.charges_list, start=1) if index > row]
+
+    def submission_charges(self, dataset: str, submission: str) -> list[Charge]:
+        return [c for c in self.charges_list if c.dataset == dataset and c.submission == submission]
+
+    def run_reservation(self, dataset: str, submission: str) -> RunReservation | None:
+        return next((r for r in self.reservations_list if (r.dataset, r.submission) == (dataset, submission)), None)
+
+    def open_reservations(self, dataset: str) -> list[RunReservation]:
+        return [r for r in self.reservations_list if r.dataset == dataset and r.released_at is None]
+
     def add_charge(self, charge: Charge) -> None:
         if any(c.release == charge.release for c in self.round_charges(charge.dataset, charge.run_id, charge.round)):
             raise LedgerError(
@@ -492,8 +643,8 @@ class _InMemoryTransaction:
 class SqliteLedgerStore:
     """Charges and run reservations in a SQLite file (WAL mode), safe across threads and processes.
 
-    Opening creates the file and its schema if it is new or empty, upgrades a schema-1,
-    -2 or -3 ledger in place (one transaction), and otherwise checks that it is a medfed
+    Opening creates the file and its schema if it is new or empty, upgrades a schema-1
+    to -5 ledger in place (one transaction), and otherwise checks that it is a medfed
     privacy ledger of a schema this code reads.
 
     Raises
@@ -549,7 +700,7 @@ class SqliteLedgerStore:
             with self._transaction() as conn:
                 found = _inspect(conn)  # another process may have created or upgraded it meanwhile
                 if found == (0, set(), set()):
-                    self._apply(conn, _SCHEMA + _SCHEMA_3 + _SCHEMA_4 + _SCHEMA_5)
+                    self._apply(conn, _SCHEMA + _SCHEMA_3 + _SCHEMA_4 + _SCHEMA_5 + _SCHEMA_6)
                     logger.info("created privacy ledger %s (schema %d)", self.path, SCHEMA_VERSION)
                     return
                 version, tables, recorded = found
@@ -570,7 +721,7 @@ class SqliteLedgerStore:
             )
 
     def _upgrade(self, conn: sqlite3.Connection, version: int) -> None:
-        """Schema 1, 2, 3 or 4 to 5, in the caller's transaction; charges keep their events.
+        """Schema 1 to 5 to 6, in the caller's transaction; charges keep their events (and compose as before).
 
         Every charge and run reservation from before schema 4 released one event per
         round: it becomes release 0 of its round.
@@ -580,7 +731,10 @@ class SqliteLedgerStore:
         rounds, keyed by the run id, active since the latest of them: it counts until it
         expires, as before it counted until the officer saw it.
         """
-        self._apply(conn, (_SCHEMA_3 if version < 3 else "") + (_SCHEMA_4 if version < 4 else "") + _SCHEMA_5)
+        self._apply(
+            conn,
+            (_SCHEMA_3 if version < 3 else "") + (_SCHEMA_4 if version < 4 else "") + (_SCHEMA_5 if version < 5 else "") + _SCHEMA_6,
+        )
         if version != 2:
             return
         rows = conn.execute(
@@ -650,6 +804,57 @@ class SqliteLedgerStore:
         with self._read() as conn:
             return self._runs(conn, dataset)
 
+    @contextmanager
+    def read(self) -> Iterator[LedgerTransaction]:
+        """One read transaction (a WAL snapshot): every read through it sees the same ledger."""
+        with self._read() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield _SqliteTransaction(self, conn)
+            finally:
+                conn.execute("COMMIT")
+
+    def composition_problems(self) -> list[str]:
+        """The running composition recomputed from every charge, group by group (reads the whole ledger)."""
+        with self.read() as transaction:
+            assert isinstance(transaction, _SqliteTransaction)
+            conn = transaction._conn
+            recomputed = {
+                tuple(row[:4]): tuple(row[4:])
+                for row in conn.execute(
+                    "SELECT dataset, mechanism, noise_multiplier, sample_rate, SUM(steps), COUNT(*), MAX(id) FROM charges "
+                    "GROUP BY dataset, mechanism, noise_multiplier, sample_rate"
+                )
+            }
+            stored = {
+                tuple(row[:4]): tuple(row[4:])
+                for row in conn.execute(
+                    "SELECT dataset, mechanism, noise_multiplier, sample_rate, steps, charges, last_charge FROM charge_groups"
+                )
+            }
+        problems = []
+        for key in sorted(set(recomputed) | set(stored), key=repr):
+            dataset, mechanism, sigma, q = key
+            have, want = stored.get(key), recomputed.get(key)
+            if have != want:
+                what = f"dataset '{dataset}', {mechanism} noise {sigma!r} sample rate {q!r}"
+                held = "nothing" if have is None else f"{have[0]} step(s) of {have[1]} charge(s)"
+                found = "none" if want is None else f"{want[0]} step(s) of {want[1]} charge(s)"
+                problems.append(f"{what}: the running composition holds {held}, the charges hold {found}")
+        return problems
+
+    def composition_lag(self) -> str | None:
+        """Compares the newest charge's row id with the newest one the running composition counted: two index look-ups."""
+        with self._read() as conn:
+            (newest,) = conn.execute("SELECT MAX(id) FROM charges").fetchone()
+            (counted,) = conn.execute("SELECT MAX(last_charge) FROM charge_groups").fetchone()
+        if newest == counted:
+            return None
+        return (
+            f"the newest charge is row {newest} but the running composition counts up to row {counted}: "
+            "charges were written around its trigger, or deleted"
+        )
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
@@ -669,8 +874,37 @@ class SqliteLedgerStore:
         ).fetchall()
         return [self._charge(row) for row in rows]
 
-    def _runs(self, conn: sqlite3.Connection, dataset: str | None) -> list[RunReservation]:
-        where, parameters = ("", ()) if dataset is None else (" WHERE r.dataset = ?", (dataset,))
+    def _groups(self, conn: sqlite3.Connection, dataset: str | None) -> list[ChargeGroup]:
+        where, parameters = ("", ()) if dataset is None else ("WHERE dataset = ? ", (dataset,))
+        rows = conn.execute(
+            "SELECT dataset, mechanism, noise_multiplier, sample_rate, steps, charges, last_charge FROM charge_groups "
+            f"{where}ORDER BY dataset, mechanism, noise_multiplier, sample_rate",
+            parameters,
+        ).fetchall()
+        return [
+            ChargeGroup(str(row[0]), self._event(row[1:5], "running composition"), int(row[5]), int(row[6])) for row in rows
+        ]
+
+    def _submission_charges(self, conn: sqlite3.Connection, dataset: str, submission: str) -> list[Charge]:
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM charges WHERE dataset = ? AND submission = ? ORDER BY id", (dataset, submission)
+        ).fetchall()
+        return [self._charge(row) for row in rows]
+
+    def _runs(
+        self, conn: sqlite3.Connection, dataset: str | None, *, submission: str | None = None, open_only: bool = False
+    ) -> list[RunReservation]:
+        clauses, values = [], []
+        if dataset is not None:
+            clauses.append("r.dataset = ?")
+            values.append(dataset)
+        if submission is not None:
+            clauses.append("r.submission = ?")
+            values.append(submission)
+        if open_only:
+            clauses.append("r.released_at IS NULL")
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        parameters = tuple(values)
         rows = conn.execute(f"SELECT {_RUN_COLUMNS} FROM run_reservations r{where} ORDER BY r.id", parameters).fetchall()
         events: dict[int, list[Sequence[object]]] = {}
         for row in conn.execute(
@@ -715,7 +949,8 @@ class SqliteLedgerStore:
         )
 
     def _put_run(self, conn: sqlite3.Connection, run: RunReservation) -> None:
-        old = next((r for r in self._runs(conn, run.dataset) if r.submission == run.submission), None)
+        found = self._runs(conn, run.dataset, submission=run.submission)
+        old = found[0] if found else None
         if old is None:
             self._insert_run(conn, run)
             return
@@ -827,6 +1062,26 @@ class _SqliteTransaction:
     def run_reservations(self, dataset: str) -> list[RunReservation]:
         return self._store._runs(self._conn, dataset)
 
+    def groups(self, dataset: str) -> list[ChargeGroup]:
+        return self._store._groups(self._conn, dataset)
+
+    def all_groups(self) -> list[ChargeGroup]:
+        return self._store._groups(self._conn, None)
+
+    def charges_after(self, row: int) -> list[tuple[int, Charge]]:
+        rows = self._conn.execute(f"SELECT {_COLUMNS} FROM charges WHERE id > ? ORDER BY id", (row,)).fetchall()
+        return [(int(r[0]), self._store._charge(r)) for r in rows]
+
+    def submission_charges(self, dataset: str, submission: str) -> list[Charge]:
+        return self._store._submission_charges(self._conn, dataset, submission)
+
+    def run_reservation(self, dataset: str, submission: str) -> RunReservation | None:
+        found = self._store._runs(self._conn, dataset, submission=submission)
+        return found[0] if found else None
+
+    def open_reservations(self, dataset: str) -> list[RunReservation]:
+        return self._store._runs(self._conn, dataset, open_only=True)
+
     def add_charge(self, charge: Charge) -> None:
         self._store._insert_charge(self._conn, charge)
 
@@ -842,6 +1097,7 @@ _UPGRADABLE = {
     2: {"charges", "ledger_schema", "reservations"},
     3: {"charges", "ledger_schema", "run_reservations"},
     4: {"charges", "ledger_schema", "run_reservation_events", "run_reservations"},
+    5: {"charges", "ledger_schema", "run_reservation_events", "run_reservations"},
 }
 
 
@@ -929,8 +1185,68 @@ class PrivacyLedger:
         return self._store.charges(dataset)
 
     def events(self, dataset: str) -> list[DPEvent]:
-        """The DP events charged to `dataset`, oldest first."""
+        """The DP events charged to `dataset`, oldest first (reads every charge; see :meth:`composed`)."""
         return [c.event for c in self._store.charges(dataset)]
+
+    def groups(self, dataset: str) -> list[ChargeGroup]:
+        """`dataset`'s running composition: its charges as groups of equal events (see :class:`ChargeGroup`)."""
+        with self._store.read() as view:
+            return view.groups(dataset)
+
+    def composition_state(self) -> tuple[int, list[ChargeGroup]]:
+        """One consistent read for a checkpoint: the newest charge's row id counted, and every running composition."""
+        with self._store.read() as view:
+            groups = view.all_groups()
+            return max((g.last_charge for g in groups), default=0), groups
+
+    def composition_since(self, row: int) -> tuple[list[ChargeGroup], list[tuple[int, Charge]]]:
+        """Every running composition and the charges recorded after row id `row`, from one read.
+
+        The running composition must equal the one at `row` plus those charges: what a
+        node checks each message from its checkpoint, at a cost that follows the charges
+        since, not the ledger's size.
+        """
+        with self._store.read() as view:
+            return view.all_groups(), view.charges_after(row)
+
+    def composed(self, dataset: str) -> list[DPEvent]:
+        """The events that compose exactly as every charge to `dataset` does: one per group of equal events.
+
+        What every epsilon of the dataset is computed from: its length is the number of
+        distinct events charged (mechanism, noise, sample rate), not the number of
+        charges, so a budget check costs the same after ten charges as after ten thousand
+        of the same kinds. ``epsilon(composed(d))`` equals ``epsilon(events(d))`` to the
+        last bit: the accountant merges equal events first either way.
+        """
+        return [group.event for group in self.groups(dataset)]
+
+    def round_charges(self, dataset: str, run_id: str, round: int) -> list[Charge]:
+        """The charges of one round of one run, by release (an index look-up)."""
+        with self._store.read() as view:
+            return view.round_charges(dataset, run_id, round)
+
+    def submission_charges(self, dataset: str, submission: str) -> list[Charge]:
+        """`submission`'s charges to `dataset`, oldest first (an index look-up: as many as the run made)."""
+        with self._store.read() as view:
+            return view.submission_charges(dataset, submission)
+
+    def run_reservation(self, dataset: str, submission: str) -> RunReservation | None:
+        """`submission`'s run reservation on `dataset`, whatever its state, or None."""
+        with self._store.read() as view:
+            return view.run_reservation(dataset, submission)
+
+    def composition_problems(self) -> list[str]:
+        """Where the stored running composition disagrees with the charges, recomputed from all of them.
+
+        Empty when they agree. Reads the whole ledger: the check for node start and for
+        the officer's verification, not for every message (:meth:`composition_lag` is that one).
+        """
+        return self._store.composition_problems()
+
+    def composition_lag(self) -> str | None:
+        """Why the running composition cannot hold the newest charge (written around its trigger, or the
+        newest charges deleted), by comparing two row ids; None when it may. Costs the same at any size."""
+        return self._store.composition_lag()
 
     def datasets(self) -> list[str]:
         """Names of the datasets that have been charged or reserved, sorted."""
@@ -942,7 +1258,10 @@ class PrivacyLedger:
         With `submission`, only that submission's charges: what one run (continuations
         included) cost the dataset on its own.
         """
-        events = self.events(dataset) if submission is None else [c.event for c in self.charges(dataset) if c.submission == submission]
+        if submission is None:
+            events = self.composed(dataset)
+        else:
+            events = [c.event for c in self.submission_charges(dataset, submission)]
         return epsilon(events, delta=delta, accountant=LEDGER_ACCOUNTANT)
 
     def preview(
@@ -957,7 +1276,7 @@ class PrivacyLedger:
     ) -> float:
         """What :meth:`spent` would return after such a charge; nothing is written."""
         event = DPEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, mechanism=mechanism)
-        return epsilon([*self.events(dataset), event], delta=delta, accountant=LEDGER_ACCOUNTANT)
+        return epsilon([*self.composed(dataset), event], delta=delta, accountant=LEDGER_ACCOUNTANT)
 
     # -------------------------------------------------------- run reservations
 
@@ -1164,11 +1483,15 @@ class PrivacyLedger:
     def reserved(self, dataset: str, *, hold: timedelta) -> list[DPEvent]:
         """The live reservations' remaining rounds on `dataset`, one event per reservation and release."""
         now = self._clock()
-        return [e for r in self._store.run_reservations(dataset) if r.state(hold=hold, now=now) == LIVE for e in r.held()]
+        with self._store.read() as view:
+            return [e for r in view.open_reservations(dataset) if r.state(hold=hold, now=now) == LIVE for e in r.held()]
 
     def held(self, dataset: str, *, hold: timedelta) -> list[DPEvent]:
-        """What a budget check composes: the charges and the live reservations' remaining rounds."""
-        return self.events(dataset) + self.reserved(dataset, hold=hold)
+        """What a budget check composes: the charges (as their running composition) and the live reservations' remaining rounds."""
+        now = self._clock()
+        with self._store.read() as view:
+            live = [e for r in view.open_reservations(dataset) if r.state(hold=hold, now=now) == LIVE for e in r.held()]
+            return [g.event for g in view.groups(dataset)] + live
 
     # -------------------------------------------------------- rules
 
@@ -1217,10 +1540,11 @@ class PrivacyLedger:
         now: datetime,
     ) -> None:
         """Refuse `wanted` (the rounds to hold, one event per release) if the dataset's budget or the run's cap cannot take it."""
-        charges = transaction.charges(dataset)
-        held = [c.event for c in charges] + [
+        # The running composition and the open reservations: what the budget check reads
+        # grows with the kinds of events charged and the runs in flight, not the history.
+        held = [group.event for group in transaction.groups(dataset)] + [
             event
-            for r in transaction.run_reservations(dataset)
+            for r in transaction.open_reservations(dataset)
             if r.submission != submission and r.state(hold=hold, now=now) == LIVE
             for event in r.held()
         ]
@@ -1232,7 +1556,7 @@ class PrivacyLedger:
                 f"budget of {budget.epsilon:g} ({before:.3f} spent or reserved); the run is refused"
             )
         if run_cap is not None:
-            mine = [c.event for c in charges if c.submission == submission]
+            mine = [c.event for c in transaction.submission_charges(dataset, submission)]
             cost = epsilon([*mine, *wanted], delta=run_cap.delta, accountant=LEDGER_ACCOUNTANT)
             if cost > run_cap.epsilon:
                 raise BudgetExhaustedError(
@@ -1278,7 +1602,7 @@ def _mask(flags: Sequence[bool]) -> int:
 
 
 def _find(transaction: LedgerTransaction, dataset: str, submission: str) -> RunReservation | None:
-    return next((r for r in transaction.run_reservations(dataset) if r.submission == submission), None)
+    return transaction.run_reservation(dataset, submission)
 
 
 def _inspect(conn: sqlite3.Connection) -> tuple[int, set[str], set[int]]:

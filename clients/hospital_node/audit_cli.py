@@ -13,7 +13,7 @@ import json
 import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -21,10 +21,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from clients.hospital_node.egress_records import recorded_replies, reply_kind, what_left
-from clients.hospital_node.errors import AuditVerificationError, NodeError, NodeHomeError
+from clients.hospital_node.errors import AuditVerificationError, GovernanceError, NodeError, NodeHomeError
 from clients.hospital_node.home import NodeHome
 from privacy.audit import AUDIT_KINDS, AuditEntry, AuditLog
 from privacy.keys import fingerprint, load_public_key
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 __all__ = ["audit_app", "egress", "payload_lines"]
 
@@ -138,7 +141,14 @@ def verify(
         "instead of the one in the node home.",
     ),
 ) -> None:
-    """Check every entry's hash and signature, the chain's order and the signed head."""
+    """Check every entry's hash and signature, the chain's order and the signed head; record a checkpoint.
+
+    When the log verifies against the node's own key and the node key is readable here,
+    the ledger is checked against it as well and a signed checkpoint is recorded at its
+    end: each message then checks only what follows it. A log that fails loses its
+    checkpoint, so that every message runs the full verification, and is refused, until
+    the officer has dealt with it.
+    """
     node = NodeHome.open(home)
     key_path = public_key if public_key is not None else node.audit_public_key_path
     log = AuditLog(node.audit_log_path)
@@ -152,12 +162,38 @@ def verify(
     key = load_public_key(key_path)
     result = log.verify(key)
     if not result.ok:
+        log.drop_checkpoint()
         raise AuditVerificationError(str(log.path), [str(problem) for problem in result.problems])
     if result.last_hash is None:
         typer.echo("audit log ok: 0 entries (nothing has been audited yet)")
         return
     typer.echo(f"audit log ok: {result.count} entries, head {result.last_hash[:12]}")
     typer.echo(f"signed by node key {fingerprint(key)}")
+    typer.echo(_record_checkpoint(node, key))
+
+
+def _record_checkpoint(node: NodeHome, key: Ed25519PublicKey) -> str:
+    """Run the node's full check and record its checkpoint; what happened, in one line.
+
+    Raises
+    ------
+    GovernanceError
+        The ledger disagrees with the log (the node refuses all work until it is restored).
+    """
+    from clients.hospital_node.governance import Refusal, full_check
+
+    if not node.audit_key_path.exists() or not node.audit_public_key_path.exists():
+        return "no checkpoint recorded: the node key is not in this node home"
+    if fingerprint(load_public_key(node.audit_public_key_path)) != fingerprint(key):
+        return "no checkpoint recorded: the log was checked against another key than the node's"
+    try:
+        full_check(node)
+    except Refusal as err:
+        raise GovernanceError(err.reason) from None
+    checkpoint = AuditLog(node.audit_log_path).verify_tail(key).checkpoint
+    if checkpoint is None:
+        return "no checkpoint recorded: the log holds entries the node's governance cannot read"
+    return f"checkpoint at seq {checkpoint.position.count - 1}: each message verifies only the entries after it"
 
 
 def egress(

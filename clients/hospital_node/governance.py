@@ -4,7 +4,17 @@ Every message of a run passes :func:`admit` before any patient row is read. It t
 nothing the coordinator says about legitimacy; it reads only the node's own state:
 
 1. the audit log verifies against the node key, and every release it records is charged
-   in the ledger (otherwise the ledger or the log was tampered with);
+   in the ledger (otherwise the ledger or the log was tampered with). Per message this
+   is :func:`checked_state`, whose cost does not grow with the node's history: it checks
+   the log from its signed checkpoint on (:meth:`privacy.audit.AuditLog.verify_tail`),
+   reads the governance state the checkpoint carries instead of replaying the log,
+   checks the releases recorded since against the ledger, and checks that the ledger's
+   running composition is exactly the checkpoint's plus the charges recorded since; then
+   moves the checkpoint to the end it verified. The full verification
+   (:func:`full_check`: every entry, every release against the ledger, the running
+   composition recomputed from every charge) runs when the node starts, in ``medfed
+   node audit verify``, and for any message that finds no checkpoint; a full check that
+   fails removes the checkpoint, so every later message runs it too and is refused;
 2. the run carries a submission of its spec signed by a partner the officer trusts
    (:class:`privacy.governance.Submission`: spec digest, submission id, signing time),
    and the instruction is exactly what that spec says;
@@ -106,6 +116,7 @@ from privacy.ledger import LIVE, RELEASED, USED_UP, Budget, PrivacyLedger, RunRe
 
 __all__ = [
     "Admission",
+    "CHECKPOINT_VERSION",
     "DatasetBudget",
     "PendingRequest",
     "Refusal",
@@ -115,9 +126,11 @@ __all__ = [
     "approve",
     "audited_policy",
     "budget_status",
+    "checked_state",
     "decision_dataset",
     "deny",
     "foreseen_refusals",
+    "full_check",
     "governance_state",
     "ledger_disagreement",
     "parse_expiry",
@@ -224,13 +237,186 @@ def verified_entries(home: NodeHome) -> tuple[AuditEntry, ...]:
         raise Refusal(REFUSED_INTEGRITY, f"the node's audit key cannot be read ({err})", record=False) from None
     verification = log.verify(public_key)
     if not verification.ok:
+        log.drop_checkpoint()  # no message is admitted on the strength of an older checkpoint
+        raise _integrity(len(verification.problems))
+    return verification.entries
+
+
+#: What a node signs into its audit checkpoint besides the position: the layout's version.
+CHECKPOINT_VERSION = 1
+
+
+def _integrity(problems: int) -> Refusal:
+    return Refusal(
+        REFUSED_INTEGRITY,
+        f"the node's audit log failed verification ({problems} problem(s)); "
+        "the node refuses all work until its officer runs `medfed node audit verify`",
+        record=False,
+    )
+
+
+def _audit_key(home: NodeHome) -> Any:
+    try:
+        return load_public_key(home.audit_public_key_path)
+    except KeyFileError as err:
+        raise Refusal(REFUSED_INTEGRITY, f"the node's audit key cannot be read ({err})", record=False) from None
+
+
+def _ledger_refusal(missing: Sequence[str]) -> Refusal:
+    return Refusal(
+        REFUSED_INTEGRITY,
+        f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
+        f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
+        record=False,
+    )
+
+
+def _composition_refusal(problems: Sequence[str]) -> Refusal:
+    return Refusal(
+        REFUSED_INTEGRITY,
+        f"the node's privacy ledger's running composition disagrees with its charges ({len(problems)} problem(s); "
+        f"first: {problems[0]}); the node refuses all work until its officer restores the ledger",
+        record=False,
+    )
+
+
+def ledger_floor(ledger: PrivacyLedger) -> dict[str, Any]:
+    """The ledger's running composition as plain JSON, with the newest charge it counts: what a checkpoint records."""
+    last, groups = ledger.composition_state()
+    return {
+        "last_charge": last,
+        "groups": [[g.dataset, g.event.mechanism, g.event.noise_multiplier, g.event.sample_rate, g.event.steps, g.charges] for g in groups],
+    }
+
+
+def floor_problems(ledger: PrivacyLedger, floor: Mapping[str, Any]) -> list[str]:
+    """Where the ledger's running composition is not `floor` (a checkpoint's) plus the charges recorded since.
+
+    Charges only add to the running composition, and each adds its own steps: so the
+    composition now must be exactly the checkpoint's with every later charge added.
+    Anything else means charges or their composition were removed, edited or added
+    around the ledger's rules. Costs one read of the composition and of the charges
+    since the checkpoint.
+    """
+    try:
+        last = int(floor["last_charge"])
+        expected: dict[tuple[str, str, float, float], list[int]] = {
+            (str(d), str(m), float(sigma), float(q)): [int(steps), int(count)] for d, m, sigma, q, steps, count in floor["groups"]
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        return [f"the checkpoint's ledger record is unreadable ({err!r})"]
+    groups, since = ledger.composition_since(last)
+    for _, charge in since:
+        e = charge.event
+        held = expected.setdefault((charge.dataset, e.mechanism, e.noise_multiplier, e.sample_rate), [0, 0])
+        held[0] += e.steps
+        held[1] += 1
+    now = {(g.dataset, g.event.mechanism, g.event.noise_multiplier, g.event.sample_rate): [g.event.steps, g.charges] for g in groups}
+    problems = []
+    for key in sorted(set(expected) | set(now), key=repr):
+        if expected.get(key) != now.get(key):
+            dataset, mechanism, sigma, _ = key
+            want, have = expected.get(key, [0, 0]), now.get(key, [0, 0])
+            problems.append(
+                f"dataset '{dataset}', {mechanism} noise {sigma!r}: the checkpoint recorded and the charges since add up "
+                f"to {want[0]} step(s) of {want[1]} charge(s), the running composition holds {have[0]} step(s) of {have[1]}"
+            )
+    return problems
+
+
+def _attachment(state: GovernanceState, ledger: PrivacyLedger) -> dict[str, Any]:
+    return {"version": CHECKPOINT_VERSION, "governance": state.to_snapshot(), "ledger": ledger_floor(ledger)}
+
+
+def full_check(home: NodeHome) -> tuple[AuditEntry, ...]:
+    """The node's whole state verified, and a checkpoint recorded at its end; returns every entry.
+
+    The audit log in full (:meth:`~privacy.audit.AuditLog.verify`), every release it
+    records against the ledger (:func:`check_ledger`), and the ledger's running
+    composition recomputed from every charge. On success the checkpoint moves to the
+    verified end, carrying the governance state and the ledger's composition; on any
+    failure the checkpoint is removed (so no message is admitted on the strength of an
+    older one) and the refusal raised. Run at node start, by ``medfed node audit verify``
+    and by a message that finds no checkpoint.
+
+    Raises
+    ------
+    Refusal
+        REFUSED_INTEGRITY, with what failed.
+    """
+    log = home.audit_log()
+    public_key = _audit_key(home)
+    verification = log.verify(public_key)
+    if not verification.ok:
+        log.drop_checkpoint()
+        raise _integrity(len(verification.problems))
+    entries = verification.entries
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        missing = check_ledger(entries, ledger)
+        composition = ledger.composition_problems()
+        if missing or composition:
+            log.drop_checkpoint()
+            raise _ledger_refusal(missing) if missing else _composition_refusal(composition)
+        if verification.position is not None:
+            try:
+                attachment = _attachment(GovernanceState.from_entries(entries), ledger)
+            except (KeyError, TypeError, ValueError) as err:  # an entry the node's governance cannot read
+                logger.warning("no audit checkpoint recorded: the governance state cannot be read from the log (%r)", err)
+            else:
+                log.advance_checkpoint(verification.position, attachment)
+    return entries
+
+
+def checked_state(home: NodeHome) -> GovernanceState:
+    """Step 1 for one message: the node's state checked from its checkpoint on, and its governance state.
+
+    What it catches and what only :func:`full_check` catches is written in
+    :meth:`privacy.audit.AuditLog.verify_tail` (the log) and here (the ledger): every
+    release recorded after the checkpoint must be charged; the running composition must
+    be exactly the checkpoint's plus the charges recorded since (so charges deleted
+    together with their composition, before or after the checkpoint, a composition
+    edited, or a charge written around its trigger are refused); and the newest charge
+    must be counted in it. A charge row deleted from before the checkpoint while the
+    composition is left alone changes no epsilon (every epsilon is composed from the
+    running composition) and is found by the full check, which recomputes the
+    composition from every charge.
+
+    Raises
+    ------
+    Refusal
+        REFUSED_INTEGRITY, with what failed.
+    """
+    log = home.audit_log()
+    public_key = _audit_key(home)
+    tail = log.verify_tail(public_key)
+    if tail.checkpoint is None:
+        return GovernanceState.from_entries(full_check(home))
+    if not tail.ok:
+        raise _integrity(len(tail.problems))
+    attachment = tail.checkpoint.attachment
+    try:
+        if attachment.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"layout {attachment.get('version')!r}")
+        state = GovernanceState.from_snapshot(attachment["governance"])
+        floor = attachment["ledger"]
+    except (KeyError, ValueError) as err:
         raise Refusal(
-            REFUSED_INTEGRITY,
-            f"the node's audit log failed verification ({len(verification.problems)} problem(s)); "
-            "the node refuses all work until its officer runs `medfed node audit verify`",
+            REFUSED_INTEGRITY, f"the node's audit checkpoint holds no state this node reads ({err}); run `medfed node audit verify`",
             record=False,
-        )
-    return log.entries()
+        ) from None
+    state.extend(tail.entries)
+    with PrivacyLedger.open(home.ledger_path) as ledger:
+        missing = check_ledger(tail.entries, ledger)
+        if missing:
+            raise _ledger_refusal(missing)
+        composition = floor_problems(ledger, floor)
+        lag = ledger.composition_lag()
+        if composition or lag:
+            raise _composition_refusal([*composition, *([lag] if lag else [])])
+        if tail.entries:
+            assert tail.position is not None
+            log.advance_checkpoint(tail.position, _attachment(state, ledger))
+    return state
 
 
 def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[str]:
@@ -244,10 +430,14 @@ def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[s
     legitimate: a node that crashed after charging and before recording the release has
     a charge without a release record (spend never hidden).
     """
-    charged: dict[tuple[str, str, int], list[DPEvent]] = {}
-    for dataset in ledger.datasets():
-        for c in sorted(ledger.charges(dataset), key=lambda c: getattr(c, "release", 0)):
-            charged.setdefault((c.dataset, c.run_id, c.round), []).append(c.event)
+    found: dict[tuple[str, str, int], list[DPEvent]] = {}
+
+    def charged(key: tuple[str, str, int]) -> list[DPEvent]:
+        # One index look-up per round the entries name: the cost follows the entries, not the ledger.
+        if key not in found:
+            found[key] = [c.event for c in ledger.round_charges(*key)]
+        return found[key]
+
     missing = []
     for entry in entries:
         message = entry.payload.get("message")
@@ -260,7 +450,7 @@ def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[s
         for name, release in sorted(releases.items()):
             if isinstance(release, Mapping) and release.get("charged") == "now":
                 wanted = (release.get("mechanism"), release.get("scale"), 1.0, 1)
-                if wanted not in [(e.mechanism, e.noise_multiplier, e.sample_rate, e.steps) for e in charged.get(once, [])]:
+                if wanted not in [(e.mechanism, e.noise_multiplier, e.sample_rate, e.steps) for e in charged(once)]:
                     missing.append(f"seq {entry.seq}: run {key[1]} once-per-run release {name} on dataset '{key[0]}'")
         if message not in ("train", STATISTICS_ACTION):
             continue
@@ -270,10 +460,10 @@ def check_ledger(entries: Sequence[AuditEntry], ledger: PrivacyLedger) -> list[s
             scores = releases.get("eval-scores")
             if isinstance(scores, Mapping):  # evaluated every round: the round's second release
                 recorded.append((scores.get("scale"), 1.0, 1))
-            held = [(e.noise_multiplier, e.sample_rate, e.steps) for e in charged.get(key, [])]
+            held = [(e.noise_multiplier, e.sample_rate, e.steps) for e in charged(key)]
         else:
             recorded = [tuple(e.get(k) for k in _EVENT_KEYS) for e in charge.get("events", [])]
-            held = [tuple(_event_mapping(e)[k] for k in _EVENT_KEYS) for e in charged.get(key, [])]
+            held = [tuple(_event_mapping(e)[k] for k in _EVENT_KEYS) for e in charged(key)]
         if not held or held != recorded:
             missing.append(f"seq {entry.seq}: run {key[1]} round {key[2]} on dataset '{key[0]}'")
     return missing
@@ -315,28 +505,19 @@ class _Ask:
     target_cost: Callable[[], float] | None = None  # what a target_epsilon is met by (DP-SGD alone), if not `cost`
 
 
-def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str]:
+def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str, GovernanceState]:
     """Steps 1 and 2: the node's own state verifies, and the submission is signed by a trusted partner.
 
-    Returns the partner, the verified submission and the spec's digest.
+    Returns the partner, the verified submission, the spec's digest and the node's governance state.
     """
-    entries = verified_entries(home)
-    with PrivacyLedger.open(home.ledger_path) as ledger:
-        missing = check_ledger(entries, ledger)
-    if missing:
-        raise Refusal(
-            REFUSED_INTEGRITY,
-            f"the node's privacy ledger lacks {len(missing)} charge(s) its audit log records "
-            f"(first: {missing[0]}); the node refuses all work until its officer restores the ledger",
-            record=False,
-        )
+    state = checked_state(home)
     try:
         partner, submission = verify_submission(
             signed.spec_json, signed.submission, SpecSignature(signed.signature, signed.signer), home.trusted_partners()
         )
     except SignatureError as err:
         raise Refusal(REFUSED_SIGNATURE, str(err)) from None
-    return partner, submission, spec_digest(signed.spec_json)
+    return partner, submission, spec_digest(signed.spec_json), state
 
 
 def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str) -> Admission:
@@ -353,7 +534,7 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
     Refusal
         With the code and the reason; a pending request is recorded on the way.
     """
-    partner, submission, digest = _verify(home, signed)
+    partner, submission, digest, state = _verify(home, signed)
     # 2. the instruction is the signed spec
     if digest != instruction.spec_digest:
         raise Refusal(REFUSED_SIGNATURE, "the instruction names another spec than the one that was signed")
@@ -382,7 +563,7 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         once=releases.once,
         target_cost=lambda: epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
     )
-    return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
+    return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind, state=state)
 
 
 def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, run_id: str, kind: str) -> Admission:
@@ -401,7 +582,7 @@ def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, r
     Refusal
         With the code and the reason; a pending request is recorded on the way.
     """
-    partner, submission, digest = _verify(home, signed)
+    partner, submission, digest, state = _verify(home, signed)
     spec = signed.mapping()
     if not is_statistics_spec(spec):
         raise Refusal(REFUSED_BAD_INSTRUCTION, "the signed spec is an experiment, not a statistics study")
@@ -410,8 +591,8 @@ def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, r
         _check_study(home, query)
         if kind == "statistics":
             with PrivacyLedger.open(home.ledger_path) as ledger:
-                state = _run_state(ledger, query.dataset, submission.submission_id, home.policy())
-            if state in (RELEASED, USED_UP):
+                run_state = _run_state(ledger, query.dataset, submission.submission_id, home.policy())
+            if run_state in (RELEASED, USED_UP):
                 raise Refusal(
                     REFUSED_REPLAY,
                     f"submission {submission.submission_id[:12]} has been answered (or ended) on this node; a study "
@@ -429,7 +610,7 @@ def admit_study(home: NodeHome, signed: SignedSpec, query: StatisticsQuery, *, r
         cost=lambda: epsilon(events, delta=query.delta, accountant=LEDGER_ACCOUNTANT),
         request=lambda signer, fingerprint, cost, run: _study_request(query, spec, digest, signer, fingerprint, cost, run),
     )
-    return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
+    return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind, state=state)
 
 
 def _check_study(home: NodeHome, query: StatisticsQuery) -> None:
@@ -480,6 +661,7 @@ def _admit(  # noqa: PLR0913
     *,
     run_id: str,
     kind: str,
+    state: GovernanceState,
 ) -> Admission:
     """Steps 3 to 6 of admission (see the module docstring), for an experiment's or a study's ask."""
     home.dataset(ask.dataset)  # an unregistered dataset is refused, not requested
@@ -487,8 +669,8 @@ def _admit(  # noqa: PLR0913
         # The run completed, or ended early (signed, and the instruction is the spec).
         # Its final evaluation is answered once: a run's end is not a metric oracle.
         with PrivacyLedger.open(home.ledger_path) as ledger:
-            state = _run_state(ledger, ask.dataset, submission.submission_id, home.policy())
-            if kind == "evaluate" and state in (RELEASED, USED_UP):
+            run_state = _run_state(ledger, ask.dataset, submission.submission_id, home.policy())
+            if kind == "evaluate" and run_state in (RELEASED, USED_UP):
                 raise Refusal(
                     REFUSED_REPLAY,
                     f"the run of submission {submission.submission_id[:12]} has ended on this node; its final "
@@ -500,11 +682,11 @@ def _admit(  # noqa: PLR0913
         # An evaluation is admitted like a round (it releases a charged histogram); refused,
         # it still ends the run: what the run did not use goes back to the dataset.
         try:
-            return _admit_steps(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
+            return _admit_steps(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind, state=state)
         except Refusal:
             end_run(home, ask.dataset, submission.submission_id)
             raise
-    return _admit_steps(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind)
+    return _admit_steps(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind, state=state)
 
 
 def end_run(home: NodeHome, dataset: str, submission_id: str) -> None:
@@ -524,6 +706,7 @@ def _admit_steps(  # noqa: PLR0913
     *,
     run_id: str,
     kind: str,
+    state: GovernanceState,
 ) -> Admission:
     """Steps 3 to 6 for a message that may release: policy, decision, submission, caps and budget."""
 
@@ -536,7 +719,6 @@ def _admit_steps(  # noqa: PLR0913
         raise Refusal(REFUSED_POLICY, f"this node's policy requires secure aggregation; {what}")
 
     # 4. the officer's decision
-    state = GovernanceState.from_entries(verified_entries(home))
     status = state.status(digest, ask.dataset, datetime.now(UTC))
     if status == PENDING:
         if state.requests.get((digest, ask.dataset)) is None:
@@ -629,7 +811,8 @@ def _reserve(
                     "a replay trains nowhere (submit the spec again for a new run)",
                 )
             if state == USED_UP and kind == "query":
-                [held] = [r for r in ledger.run_reservations(ask.dataset) if r.submission == submission.submission_id]
+                held = ledger.run_reservation(ask.dataset, submission.submission_id)
+                assert held is not None  # its state was just read
                 return held
         try:
             reservation = ledger.reserve_run(
@@ -656,10 +839,8 @@ def _reserve(
 
 def _run_state(ledger: PrivacyLedger, dataset: str, submission_id: str, policy: NodePolicy) -> str | None:
     """The state of the submission's run reservation on `dataset` (live, expired, released, used up), or None."""
-    for reservation in ledger.run_reservations(dataset):
-        if reservation.submission == submission_id:
-            return reservation.state(hold=policy.reservation_hold, now=ledger.now())
-    return None
+    reservation = ledger.run_reservation(dataset, submission_id)
+    return None if reservation is None else reservation.state(hold=policy.reservation_hold, now=ledger.now())
 
 
 def _check_new_submission(

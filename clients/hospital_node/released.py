@@ -118,7 +118,7 @@ def release_once(  # noqa: PLR0913
     index = ONCE_PER_RUN.index(name)
     path = make_private_folder(home.path / RELEASED_DIR) / f"{_key(dataset, submission, name)}.json"
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        reservation = next((r for r in ledger.run_reservations(dataset) if r.submission == submission), None)
+        reservation = ledger.run_reservation(dataset, submission)
         if reservation is None or len(reservation.once) != len(ONCE_PER_RUN) or reservation.once[index] != event:
             raise NodeError(f"submission {submission[:12]} holds no reservation of its {name} on dataset '{dataset}'")
         if not path.is_file():

@@ -527,7 +527,7 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     if not 1 <= server_round <= instruction.rounds:
         raise ProtocolError(f"server-round must be in 1..{instruction.rounds} (the signed spec's rounds); found {server_round}")
     with PrivacyLedger.open(home.ledger_path) as ledger:
-        if any(c.run_id == run_id and c.round == server_round for c in ledger.charges(instruction.dataset)):
+        if ledger.round_charges(instruction.dataset, run_id, server_round):
             raise ProtocolError(
                 f"round {server_round} of run {run_id} was already trained and charged on "
                 f"dataset '{instruction.dataset}'; a second release is refused"

@@ -576,3 +576,28 @@ def test_when_pld_fails_with_discrete_laplace_nothing_is_returned() -> None:
     )
     with pytest.raises(AccountingError, match=f"^{re.escape(message)}$"):
         epsilon(events, delta=1e-15, accountant="pld")
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [DPEvent(9.5, 0.01, 300_000)],  # one large group: the dense path, chosen without the integer power
+        [DPEvent(1.0, 0.05, 100), DPEvent(10.0, 1.0, 1, "discrete-laplace")],
+        [DPEvent(4.0, 1.0, 3, "discrete-laplace"), DPEvent(2.0, 1.0, 2, "laplace"), DPEvent(3.0, 1.0, 1, "gaussian")],
+    ],
+)
+def test_the_sparse_power_guard_leaves_every_pld_epsilon_bit_for_bit(events: list[DPEvent]) -> None:
+    from dp_accounting.pld import PLDAccountant, pld_pmf
+
+    from privacy.accountant import _dp_event, grouped_history
+
+    guarded = epsilon(events, delta=1e-5, accountant="pld")  # installs the guard
+    patched = pld_pmf.SparsePLDPmf.self_compose
+    try:
+        pld_pmf.SparsePLDPmf.self_compose = patched.original  # dp-accounting's own
+        plain = PLDAccountant(value_discretization_interval=1e-3)
+        for mechanism, sigma, q, steps in grouped_history(events):
+            plain.compose(_dp_event(mechanism, sigma, q), steps)
+        assert guarded == float(plain.get_epsilon(1e-5))
+    finally:
+        pld_pmf.SparsePLDPmf.self_compose = patched

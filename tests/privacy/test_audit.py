@@ -581,3 +581,148 @@ def test_any_deletion_copy_or_reordering_of_lines_is_detected(
     unchanged = lines == _six_entries[0].split(b"\n")[:-1]
     assert result.ok == unchanged
     assert {p.kind for p in result.problems} <= {"deleted", "truncated", "reordered", "inserted"}
+
+
+# ---------------------------------------------------------------- the checkpoint and the per-message check
+
+
+def _checkpointed(log: AuditLog, key: Ed25519PrivateKey, *, then: int = 2) -> AuditLog:
+    """`log` verified in full, a checkpoint at seq 5 with a small attachment, then `then` more entries."""
+    position = log.verify(key.public_key()).position
+    assert position is not None and position.count == N_ENTRIES
+    assert log.advance_checkpoint(position, {"state": "at seq 5"})
+    for i in range(then):
+        log.append("release", _payload(N_ENTRIES + i))
+    return log
+
+
+def _tail_problems(log: AuditLog, key: Ed25519PrivateKey) -> list[tuple[int | None, str]]:
+    result = log.verify_tail(key.public_key())
+    assert result.checkpoint is not None and not result.ok
+    return [(p.seq, p.kind) for p in result.problems]
+
+
+def test_the_tail_check_returns_the_entries_after_the_checkpoint_and_its_attachment(log: AuditLog, key: Ed25519PrivateKey) -> None:
+    _checkpointed(log, key)
+    result = log.verify_tail(key.public_key())
+    assert result.ok, result.problems
+    assert [e.seq for e in result.entries] == [6, 7]
+    assert result.entries == log.entries()[6:]
+    assert result.checkpoint is not None and dict(result.checkpoint.attachment) == {"state": "at seq 5"}
+    assert result.checkpoint.position.count == 6
+    assert result.position is not None and (result.position.count, result.position.last) == (8, log.entries()[-1].hash)
+    # Moved forward, the next check starts at seq 7 and finds nothing after it.
+    assert log.advance_checkpoint(result.position, {"state": "at seq 7"})
+    again = log.verify_tail(key.public_key())
+    assert again.ok and again.entries == () and again.position == result.position
+
+
+def test_without_a_checkpoint_the_tail_check_verifies_nothing(log: AuditLog, key: Ed25519PrivateKey) -> None:
+    result = log.verify_tail(key.public_key())
+    assert result.checkpoint is None and not result.ok and result.problems == ()
+
+
+def test_the_checkpoint_never_moves_back(log: AuditLog, key: Ed25519PrivateKey) -> None:
+    early = log.verify(key.public_key()).position
+    _checkpointed(log, key)
+    later = log.verify(key.public_key()).position
+    assert later is not None and early is not None
+    assert log.advance_checkpoint(later, {"state": "at seq 7"})
+    assert not log.advance_checkpoint(early, {"state": "at seq 5"})
+    assert json.loads(log.checkpoint_path.read_text().splitlines()[0])["count"] == 8
+
+
+def test_the_checkpoint_is_owner_only_and_signed_over_its_attachment(log: AuditLog, key: Ed25519PrivateKey) -> None:
+    _checkpointed(log, key)
+    assert stat.S_IMODE(log.checkpoint_path.stat().st_mode) == 0o600
+    header, attachment, signature = log.checkpoint_path.read_bytes().split(b"\n")[:3]
+    record = json.loads(header)
+    assert sorted(record) == ["count", "end", "last", "start", "time"]
+    assert record["last"] == log.entries()[5].hash and record["end"] == len(b"".join(line + b"\n" for line in _lines(log)[:6]))
+    assert json.loads(attachment) == {"state": "at seq 5"}
+    digest = hashlib.sha256(header + b"\n" + attachment).hexdigest().encode()
+    key.public_key().verify(base64.b64decode(signature), b"medfed audit checkpoint v1\n" + digest)
+
+
+def _edit_payload(line: bytes, **changes: object) -> bytes:
+    record = _record(line)
+    record["payload"] = {**record["payload"], **changes}  # type: ignore[dict-item]
+    return _canonical(record)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        pytest.param(lambda ls: ls[:6] + [_edit_payload(ls[6], round=99)] + ls[7:], [(6, "edited")], id="edit-after"),
+        pytest.param(lambda ls: ls[:6] + ls[7:], [(7, "deleted")], id="delete-after"),
+        pytest.param(lambda ls: ls[:6] + [ls[7], ls[6]], [(7, "deleted"), (6, "reordered")], id="reorder-after"),
+        pytest.param(lambda ls: ls[:6] + [ls[6], ls[6], ls[7]], [(6, "inserted")], id="copy-after"),
+        pytest.param(lambda ls: ls[:7], [(7, "truncated")], id="last-deleted"),
+        pytest.param(lambda ls: ls[1:], [(5, "edited")], id="deleted-before"),
+        pytest.param(lambda ls: ls[:2] + [_edit_payload(ls[2], round=1000)] + ls[3:], [(5, "edited")], id="longer-edit-before"),
+        pytest.param(lambda ls: ls[:5] + [_edit_payload(ls[5], round=7)] + ls[6:], [(5, "edited")], id="anchor-edited"),
+        pytest.param(lambda ls: ls[:4], [(5, "truncated")], id="truncated-below"),
+        pytest.param(lambda ls: [], [(5, "truncated")], id="emptied"),
+    ],
+)
+def test_the_tail_check_catches_tampering_after_the_checkpoint_and_below_it(
+    log: AuditLog, key: Ed25519PrivateKey, tamper, expected: list[tuple[int | None, str]]  # type: ignore[no-untyped-def]
+) -> None:
+    _checkpointed(log, key)
+    _rewrite(log, tamper(_lines(log)))
+    assert _tail_problems(log, key) == expected
+    assert not log.verify(key.public_key()).ok  # and the full verification agrees
+
+
+def test_an_edit_before_the_checkpoint_that_keeps_its_length_is_caught_by_the_full_verification_only(
+    log: AuditLog, key: Ed25519PrivateKey
+) -> None:
+    _checkpointed(log, key)
+    lines = _lines(log)
+    lines[1] = _edit_payload(lines[1], round=7)  # 1 -> 7: the same bytes long, its stored hash kept
+    _rewrite(log, lines)
+    assert log.verify_tail(key.public_key()).ok  # documented: the tail check does not read it
+    assert _problems(log, key) == [(2, 1, "edited")]
+
+
+@pytest.mark.parametrize("forgery", ["other-key", "count-raised", "attachment-changed", "garbage"])
+def test_a_forged_or_edited_checkpoint_is_caught(log: AuditLog, key: Ed25519PrivateKey, tmp_path: Path, forgery: str) -> None:
+    _checkpointed(log, key)
+    if forgery == "other-key":
+        # Another key's checkpoint over this very log: a copy of the log signed by a stranger.
+        stranger = AuditLog(tmp_path / "other.jsonl", signing_key=Ed25519PrivateKey.generate())
+        stranger.path.write_bytes(log.path.read_bytes())
+        position = log.verify(key.public_key()).position
+        assert position is not None
+        stranger.advance_checkpoint(position, {"state": "forged"})
+        log.checkpoint_path.write_bytes(stranger.checkpoint_path.read_bytes())
+    elif forgery == "garbage":
+        log.checkpoint_path.write_text("{not json\n")
+    else:
+        header, attachment, signature, _ = log.checkpoint_path.read_bytes().split(b"\n")
+        if forgery == "count-raised":
+            header = _canonical({**json.loads(header), "count": 8})
+        else:
+            attachment = _canonical({"state": "approved everything"})
+        log.checkpoint_path.write_bytes(b"\n".join([header, attachment, signature, b""]))
+    expected = "malformed" if forgery == "garbage" else "bad-signature"
+    assert _tail_problems(log, key) == [(None, expected)]
+
+
+def test_a_head_rolled_back_behind_the_checkpoint_is_caught(log: AuditLog, key: Ed25519PrivateKey) -> None:
+    old_head = log.head_path.read_bytes()  # records 6 entries
+    _checkpointed(log, key, then=0)
+    position = log.verify(key.public_key()).position
+    log.append("release", _payload(6))
+    log.append("release", _payload(7))
+    assert position is not None
+    assert log.advance_checkpoint(log.verify(key.public_key()).position, {"state": "at seq 7"})  # type: ignore[arg-type]
+    log.head_path.write_bytes(old_head)
+    assert _tail_problems(log, key) == [(None, "truncated")]
+
+
+def test_dropping_the_checkpoint_leaves_the_full_verification(log: AuditLog, key: Ed25519PrivateKey) -> None:
+    _checkpointed(log, key)
+    log.drop_checkpoint()
+    assert not log.checkpoint_path.exists()
+    assert log.verify_tail(key.public_key()).checkpoint is None

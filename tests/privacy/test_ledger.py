@@ -281,8 +281,8 @@ def test_the_file_is_a_versioned_wal_database(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
-        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [5]
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert [row[0] for row in conn.execute("SELECT version FROM ledger_schema")] == [6]
     finally:
         conn.close()
 
@@ -323,10 +323,10 @@ def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     PrivacyLedger.open(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 6")
+    conn.execute("PRAGMA user_version = 7")
     conn.commit()
     conn.close()
-    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 6, newer than this medfed reads")):
+    with pytest.raises(LedgerError, match=re.escape(f"privacy ledger {path} has schema 7, newer than this medfed reads")):
         PrivacyLedger.open(path)
 
 
@@ -957,7 +957,7 @@ def test_a_schema_1_ledger_is_upgraded_in_place_and_keeps_its_charges(tmp_path: 
         [charge] = ledger.charges("htn_cohort")
         assert (charge.event, charge.submission) == (EVENT, None)
         _reserve(ledger, "s2", budget=Budget(5.0, DELTA))
-    assert _versions(path) == (5, [1, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (6, [1, 6], ["charge_groups", "charges", "ledger_schema", "run_reservation_events", "run_reservations"])
 
 
 def _open_round(run_id: str, round_: int, noise: float, at: str) -> str:
@@ -978,7 +978,7 @@ def test_a_schema_2_ledger_is_upgraded_and_its_open_rounds_become_run_reservatio
         "htn_cohort", "7", (EVENT,), 2, 0,
         datetime(2026, 1, 2, 10, tzinfo=UTC), datetime(2026, 1, 2, 11, tzinfo=UTC),
     )
-    assert _versions(path) == (5, [1, 2, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (6, [1, 2, 6], ["charge_groups", "charges", "ledger_schema", "run_reservation_events", "run_reservations"])
 
 
 def test_a_schema_2_ledger_whose_run_held_two_events_is_not_upgraded(tmp_path: Path) -> None:
@@ -1013,7 +1013,7 @@ def test_a_schema_3_ledger_is_upgraded_and_its_charges_and_reservations_become_r
         # New rows carry on after the copied ones.
         ledger.charge("htn_cohort", run_id="41", round=2, **ROUND)
         _reserve_query(ledger)
-    assert _versions(path) == (5, [3, 5], ["charges", "ledger_schema", "run_reservation_events", "run_reservations"])
+    assert _versions(path) == (6, [3, 6], ["charge_groups", "charges", "ledger_schema", "run_reservation_events", "run_reservations"])
     conn = sqlite3.connect(path)
     try:
         assert [row[0] for row in conn.execute("SELECT id FROM charges ORDER BY id")] == [1, 2]
@@ -1159,6 +1159,10 @@ def test_a_schema_4_ledger_is_upgraded_to_5_with_no_once_events(tmp_path: Path, 
         ledger.reserve_run("htn_cohort", submission="s1", event=EVENT, rounds=ROUNDS, budget=ROOMY, hold=HOLD)
     conn = sqlite3.connect(path)
     with conn:  # back to schema 4's layout
+        conn.execute("DROP TABLE charge_groups")
+        conn.execute("DROP TRIGGER charges_compose")
+        conn.execute("DROP INDEX charges_by_submission")
+        conn.execute("DROP INDEX run_reservations_open")
         conn.execute("DROP TRIGGER run_reservation_events_keep_their_terms")
         conn.execute("ALTER TABLE run_reservation_events DROP COLUMN once")
         conn.execute("DROP TRIGGER run_reservations_keep_their_terms")
@@ -1171,3 +1175,113 @@ def test_a_schema_4_ledger_is_upgraded_to_5_with_no_once_events(tmp_path: Path, 
     with PrivacyLedger.open(path, clock=clock) as ledger:
         [run] = ledger.run_reservations()
         assert (run.events, run.once, run.once_charged) == ((EVENT,), (), ())
+
+
+# -------------------------------------------------------- the running composition (schema 6)
+
+_KINDS = st.sampled_from(
+    [
+        {"noise_multiplier": 1.0, "sample_rate": 0.05, "mechanism": "poisson-gaussian"},
+        {"noise_multiplier": 1.3, "sample_rate": 0.02, "mechanism": "poisson-gaussian"},
+        {"noise_multiplier": 4.0, "sample_rate": 1.0, "mechanism": DISCRETE_LAPLACE},
+        {"noise_multiplier": 2.0, "sample_rate": 1.0, "mechanism": LAPLACE},
+    ]
+)
+
+
+@settings(max_examples=8, deadline=None)
+@given(charges=st.lists(st.tuples(_KINDS, st.integers(1, 30)), min_size=1, max_size=12))
+def test_the_running_composition_composes_exactly_as_every_charge(charges: list[tuple[dict, int]]) -> None:  # type: ignore[type-arg]
+    ledger = PrivacyLedger.in_memory()
+    for index, (kind, steps) in enumerate(charges):
+        ledger.charge("htn_cohort", run_id=f"run-{index}", round=1, steps=steps, **kind)
+    from_scratch = epsilon(ledger.events("htn_cohort"), delta=DELTA, accountant="pld")
+    assert ledger.spent("htn_cohort", delta=DELTA) == from_scratch  # to the last bit
+    assert len(ledger.composed("htn_cohort")) == len({tuple(sorted(kind.items())) for kind, _ in charges})
+
+
+def test_the_sqlite_running_composition_is_the_in_memory_one_and_survives_a_reopen(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.db"
+    memory = PrivacyLedger.in_memory(clock=clock)
+    with PrivacyLedger.open(path, clock=clock) as sqlite:
+        for ledger in (sqlite, memory):
+            for round_ in range(1, 41):
+                ledger.charge("htn_cohort", run_id="r1", round=round_, **ROUND)
+            ledger.charge("htn_cohort", run_id="q1", round=0, noise_multiplier=4.0, sample_rate=1.0, steps=1, mechanism=DISCRETE_LAPLACE)
+            ledger.charge("other", run_id="r2", round=1, **ROUND)
+    with PrivacyLedger.open(path, clock=clock) as reopened:  # a restart reads it back, nothing to rebuild
+        groups = reopened.groups("htn_cohort")
+        assert [(g.event, g.charges) for g in groups] == [(g.event, g.charges) for g in memory.groups("htn_cohort")]
+        assert [(g.event, g.charges) for g in groups] == [
+            (DPEvent(4.0, 1.0, 1, DISCRETE_LAPLACE), 1),
+            (DPEvent(1.0, 0.05, 40 * 20), 40),
+        ]
+        assert reopened.spent("htn_cohort", delta=DELTA) == epsilon(reopened.events("htn_cohort"), delta=DELTA, accountant="pld")
+        assert reopened.composition_problems() == [] and reopened.composition_lag() is None
+
+
+def test_a_charge_and_its_composition_commit_together(tmp_path: Path, clock: Clock) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path, clock=clock) as ledger:
+        ledger.charge("htn_cohort", run_id="r1", round=1, **ROUND)
+        with pytest.raises(RuntimeError, match="crash"), ledger._store.write() as transaction:
+            transaction.add_charge(Charge("htn_cohort", "r1", 2, DPEvent(1.0, 0.05, 20), clock.now))
+            raise RuntimeError("crash between the charge and the commit")
+        assert [g.charges for g in ledger.groups("htn_cohort")] == [1]
+        assert ledger.composition_problems() == [] and ledger.composition_lag() is None
+
+
+def test_the_running_composition_only_grows(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path) as ledger:
+        ledger.charge("htn_cohort", run_id="r1", round=1, **ROUND)
+    conn = sqlite3.connect(path)
+    try:
+        for statement in ("UPDATE charge_groups SET steps = 1", "DELETE FROM charge_groups"):
+            with pytest.raises(sqlite3.DatabaseError, match="only grows with the charges"):
+                conn.execute(statement)
+    finally:
+        conn.close()
+
+
+def test_a_charge_written_around_the_trigger_or_a_composition_edited_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path) as ledger:
+        ledger.charge("htn_cohort", run_id="r1", round=1, **ROUND)
+        ledger.charge("htn_cohort", run_id="r1", round=2, **ROUND)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DROP TRIGGER charges_compose")
+        conn.execute(
+            "INSERT INTO charges (dataset, run_id, round, release, mechanism, noise_multiplier, sample_rate, steps, charged_at) "
+            "VALUES ('htn_cohort', 'r1', 3, 0, 'poisson-gaussian', 1.0, 0.05, 20, '2026-03-01T09:00:00+00:00')"
+        )
+    conn.close()
+    with PrivacyLedger.open(path) as ledger:
+        assert ledger.composition_lag() == (
+            "the newest charge is row 3 but the running composition counts up to row 2: "
+            "charges were written around its trigger, or deleted"
+        )
+        assert ledger.composition_problems() == [
+            "dataset 'htn_cohort', poisson-gaussian noise 1.0 sample rate 0.05: the running composition holds "
+            "40 step(s) of 2 charge(s), the charges hold 60 step(s) of 3 charge(s)"
+        ]
+
+
+def test_a_schema_5_ledger_is_upgraded_with_its_running_composition_derived_from_its_charges(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    with PrivacyLedger.open(path) as ledger:
+        for round_ in range(1, 4):
+            ledger.charge("htn_cohort", run_id="r1", round=round_, **ROUND)
+    conn = sqlite3.connect(path)
+    with conn:  # back to schema 5's layout
+        conn.execute("DROP TABLE charge_groups")
+        conn.execute("DROP TRIGGER charges_compose")
+        conn.execute("DROP INDEX charges_by_submission")
+        conn.execute("DROP INDEX run_reservations_open")
+        conn.execute("UPDATE ledger_schema SET version = 5")
+        conn.execute("PRAGMA user_version = 5")
+    conn.close()
+    with PrivacyLedger.open(path) as ledger:
+        assert [(g.event, g.charges) for g in ledger.groups("htn_cohort")] == [(DPEvent(1.0, 0.05, 60), 3)]
+        assert ledger.composition_problems() == []

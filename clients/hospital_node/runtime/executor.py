@@ -143,6 +143,7 @@ class NodeExecutor:
         from flwr.supercore.runtime import RuntimeHttpClient
 
         self._seed_refused_runs()
+        self._check_node_state()
         client = RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address,
             insecure=True,  # loopback; the secret authenticates us, the task token each task
@@ -308,6 +309,20 @@ class NodeExecutor:
             logger.error("could not record the refusal of run %s in the audit log: %s", run_id, err)
             return
         self._refused_runs.add(run_id)
+
+    def _check_node_state(self) -> None:
+        """The full verification at start (audit log, ledger, running composition), which records the
+        checkpoint every message then checks from; a failure removes it, so each message is refused."""
+        from clients.hospital_node.governance import Refusal, full_check
+
+        try:
+            full_check(self._home())
+        except Refusal as err:
+            logger.error("the node's state failed its full check at start; every message will be refused: %s", err.reason)
+        except Exception as err:  # noqa: BLE001 - each message checks again and says why it refuses
+            logger.error("could not run the node's full check at start: %s", err)
+        else:
+            logger.info("node state verified in full; audit checkpoint recorded")
 
     def _seed_refused_runs(self) -> None:
         from federation.protocol import REFUSED_APP

@@ -21,8 +21,8 @@ runner = CliRunner()
 def node(tmp_path: Path) -> NodeHome:
     home = NodeHome.create(tmp_path / "node", name="hospital_2")
     log = home.audit_log()
-    log.append("request", {"spec_hash": "ab" * 32, "partner": "acme"})
-    log.append("approval", {"spec_hash": "ab" * 32, "epsilon_cap": 1.0})
+    log.append("request", {"spec_digest": "ab" * 32, "dataset": "htn_cohort", "partner": "acme"})
+    log.append("approval", {"spec_digest": "ab" * 32, "dataset": "htn_cohort", "max_epsilon": 1.0})
     for round_ in range(1, 4):
         log.append("charge", {"dataset": "htn_cohort", "round": round_, "epsilon": 0.1 * round_})
     log.append("release", {"digest": "sha256:" + "0" * 64, "bytes": 2048})
@@ -50,7 +50,21 @@ def test_verify_an_untouched_log(node: NodeHome) -> None:
     assert result.output.splitlines() == [
         f"audit log ok: 6 entries, head {last[:12]}",
         f"signed by node key {fingerprint(key)}",
+        "checkpoint at seq 5: each message verifies only the entries after it",
     ]
+    assert json.loads(node.audit_log().checkpoint_path.read_text().splitlines()[0])["count"] == 6
+
+
+def test_verify_of_an_edited_log_removes_the_checkpoint(node: NodeHome) -> None:
+    assert runner.invoke(audit_app, ["verify", *_home(node)]).exit_code == 0
+    checkpoint = node.audit_log().checkpoint_path
+    assert checkpoint.exists()
+    lines = node.audit_log_path.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b'"round":2', b'"round":9')  # before the checkpoint, the same length
+    node.audit_log_path.write_bytes(b"\n".join(lines))
+    result = runner.invoke(audit_app, ["verify", *_home(node)])
+    assert result.exit_code != 0
+    assert not checkpoint.exists()  # every message now runs the full verification, and is refused
 
 
 def test_verify_an_edited_log_lists_each_problem(node: NodeHome) -> None:

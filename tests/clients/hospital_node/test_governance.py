@@ -542,6 +542,97 @@ def test_a_charge_deleted_from_the_ledger_stops_all_work(home: NodeHome) -> None
     assert "lacks 2 charge(s) its audit log records (first: seq" in reason and "once-per-run release num-examples" in reason
 
 
+# ---------------------------------------------------------------- the checkpoint each message checks from
+
+
+def _checkpoint(home: NodeHome) -> dict:  # type: ignore[type-arg]
+    header, attachment = home.audit_log().checkpoint_path.read_text().splitlines()[:2]
+    return {**json.loads(header), "attachment": json.loads(attachment)}
+
+
+def test_each_message_checks_the_log_from_a_checkpoint_that_moves_forward(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    assert not home.audit_log().checkpoint_path.exists()
+    before = len(home.audit_log().entries())
+    assert not _ask(home, signed_message(MessageType.QUERY, SPEC)).has_error()  # no checkpoint yet: the full check writes one
+    first = _checkpoint(home)
+    assert first["count"] == before  # what the query's admission verified, before it recorded anything
+    assert not _train(home, SPEC, 1).has_error()
+    second = _checkpoint(home)
+    assert second["count"] > first["count"]
+    # What the next message will verify: the entries the round wrote after its admission, nothing before.
+    tail = home.audit_log().verify_tail(home.audit_log()._signing_key.public_key())  # type: ignore[union-attr]
+    assert tail.ok and [e.kind for e in tail.entries] == ["release"]
+    # The checkpoint carries the governance state the message decides by, and the ledger's composition.
+    assert governance.GovernanceState.from_snapshot(second["attachment"]["governance"]).status(SPEC.digest(), "htn_cohort") == "approved"
+
+
+
+def test_the_state_a_message_decides_by_is_the_state_the_whole_log_replays_to(home: NodeHome) -> None:
+    other = example_spec(federation={"rounds": 3})
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    _ask(home, signed_message(MessageType.QUERY, other))  # a request, pending
+    governance.deny(home, other.digest(), dataset="htn_cohort", by=OFFICER, reason="too many rounds")
+    assert not _train(home, SPEC, 1).has_error()
+    assert not _train(home, SPEC, 2).has_error()
+    from_checkpoint = governance.checked_state(home)
+    replayed = governance.GovernanceState.from_entries(home.audit_log().entries())
+    for name in ("budgets", "requests", "decisions", "history", "submissions"):
+        assert getattr(from_checkpoint, name) == getattr(replayed, name), name
+    assert len(replayed.submissions) == 1 and len(replayed.history) == 2
+
+
+def test_an_edit_before_the_checkpoint_is_caught_by_the_full_check_which_then_stops_all_work(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    assert not _ask(home, signed_message(MessageType.QUERY, SPEC)).has_error()
+    lines = home.audit_log_path.read_bytes().split(b"\n")
+    budget = next(i for i, line in enumerate(lines) if b'"kind":"budget"' in line)
+    lines[budget] = lines[budget].replace(b'"epsilon":50.0', b'"epsilon":90.0')  # the same length, its hash kept
+    home.audit_log_path.write_bytes(b"\n".join(lines))
+    # The per-message check does not read entries before the checkpoint (documented); its
+    # decisions come from the checkpoint's signed state, so the edit changes nothing it decides.
+    assert not _train(home, SPEC, 1).has_error()
+    with pytest.raises(governance.Refusal, match=re.escape("the node's audit log failed verification (1 problem(s))")):
+        governance.full_check(home)  # at node start, or `medfed node audit verify`
+    assert not home.audit_log().checkpoint_path.exists()
+    code, reason = _refusal(_train(home, SPEC, 2))
+    assert code == REFUSED_INTEGRITY and "failed verification" in reason
+
+
+def test_a_forged_checkpoint_stops_all_work(home: NodeHome) -> None:
+    governance.approve(home, SPEC.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    assert not _ask(home, signed_message(MessageType.QUERY, SPEC)).has_error()
+    header, attachment, signature = home.audit_log().checkpoint_path.read_text().splitlines()
+    edited = json.loads(attachment)
+    edited["governance"]["budgets"][0][1] = 1000.0  # a larger budget, as if the officer had set one
+    attachment = json.dumps(edited, sort_keys=True, separators=(",", ":"))
+    home.audit_log().checkpoint_path.write_text("\n".join([header, attachment, signature]) + "\n")
+    code, reason = _refusal(_train(home, SPEC, 1))
+    assert code == REFUSED_INTEGRITY
+    assert reason.startswith("the node's audit log failed verification (1 problem(s))")
+
+
+def test_charges_deleted_with_their_running_composition_stop_all_work(home: NodeHome) -> None:
+    spec = example_spec(federation={"rounds": 3})
+    governance.approve(home, spec.digest(), dataset="htn_cohort", by=OFFICER, not_yet_requested=True)
+    assert not _train(home, spec, 1).has_error()
+    assert not _train(home, spec, 2).has_error()  # its admission recorded round 1's charges in the checkpoint
+    conn = sqlite3.connect(home.ledger_path)
+    with conn:
+        conn.execute("DROP TRIGGER charges_are_never_deleted")
+        conn.execute("DROP TRIGGER charge_groups_only_grow")
+        (steps,) = conn.execute("SELECT steps FROM charges WHERE round = 1").fetchone()
+        conn.execute("DELETE FROM charges WHERE round = 1")
+        conn.execute(
+            "UPDATE charge_groups SET steps = steps - ?, charges = charges - 1 WHERE mechanism = 'poisson-gaussian'", (steps,)
+        )
+    conn.close()
+    code, reason = _refusal(_train(home, spec, 3))
+    assert code == REFUSED_INTEGRITY
+    assert "the node's privacy ledger's running composition disagrees with its charges" in reason
+    assert "the checkpoint recorded and the charges since add up to 40 step(s) of 2 charge(s), the running composition holds 20" in reason
+
+
 # ---------------------------------------------------------------- the officer's commands
 
 
