@@ -239,10 +239,26 @@ def test_pld_does_not_import_torch() -> None:
 
 @settings(max_examples=10, deadline=None)
 @given(events=st.lists(events_st, min_size=1, max_size=3), delta=deltas_st)
-def test_the_rdp_bound_is_never_tighter_than_pld(events: list[DPEvent], delta: float) -> None:
-    # PLD's pessimistic grid may put it above the true epsilon by up to its interval (1e-3):
-    # seen, sigma 4.625, q 0.00195, 192 steps at delta 7.4e-5: RDP 0.016253, PLD 0.016261.
-    assert epsilon_bound(events, delta=delta) >= epsilon(events, delta=delta, accountant="pld") * (1 - 1e-6) - 1e-3
+def test_the_rdp_bound_is_never_below_an_optimistic_pld(events: list[DPEvent], delta: float) -> None:
+    # RDP is an upper bound on the true epsilon; dp-accounting's optimistic PLD lies below it
+    # (up to float error). The ledger's pessimistic PLD is no reference here: its grid error
+    # grows with the steps composed, and at tiny epsilons it can exceed RDP (seen: sigma 5.0,
+    # q 0.001, 600 steps at delta 1.7e-4: RDP 0.0114, pessimistic PLD 0.0168, a 1e-5 grid 0.0071).
+    assert epsilon_bound(events, delta=delta) >= _optimistic_pld(events, delta) - 1e-9
+
+
+def _optimistic_pld(events: list[DPEvent], delta: float) -> float:
+    from dp_accounting.pld import privacy_loss_distribution
+
+    composed = None
+    for event in events:
+        pld = privacy_loss_distribution.from_gaussian_mechanism(
+            standard_deviation=event.noise_multiplier, sampling_prob=event.sample_rate, pessimistic_estimate=False,
+            use_connect_dots=False, value_discretization_interval=1e-3,
+        ).self_compose(event.steps)
+        composed = pld if composed is None else composed.compose(pld)
+    assert composed is not None
+    return float(composed.get_epsilon_for_delta(delta))
 
 
 def test_the_rdp_bound_of_a_billion_rounds_takes_no_memory() -> None:
