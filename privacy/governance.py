@@ -219,6 +219,7 @@ class Decision:
     reason: str = ""
     runs: int = 1  # how many submissions an approval allows
     seq: int = 0  # its audit entry's place in the log
+    rehearsal: bool = False  # given on a rehearsal's virtual hospital; a real node refuses it
 
     def status_at(self, now: datetime) -> str:
         """APPROVED, DENIED, REVOKED, or EXPIRED for an approval past its expiry."""
@@ -304,6 +305,7 @@ class GovernanceState:
             reason=str(payload.get("reason", "")),
             runs=int(payload.get("runs") or 1),
             seq=entry.seq,
+            rehearsal=payload.get("rehearsal") is True,
         )
         self.decisions[key] = decision
         self.history.append(decision)
