@@ -139,7 +139,7 @@ def simulate(
     workdir: str = typer.Option(".medfed/simulate", "--workdir", help="Where the rehearsal keeps hospitals (cached), homes and MLflow."),
     seed: int = typer.Option(7, "--seed", help="Seed of the generated hospitals."),
     scale: float = typer.Option(1.0, "--scale", help="Multiplies every hospital's number of patients."),
-    tier2_scale: float = typer.Option(0.15, "--tier2-scale", help="With --profile alliance: further multiplies tier-2 hospitals' size."),
+    tier2_scale: float = typer.Option(0.35, "--tier2-scale", help="With --profile alliance: further multiplies tier-2 hospitals' size."),
     ray_address: str = typer.Option("", "--ray-address", help="A running Ray cluster's head (host:port) instead of a local Ray."),
     cpus: int = typer.Option(0, "--cpus", min=0, help="CPUs for a local Ray (virtual nodes served at once); 0: all."),
     tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI; default: a SQLite store under --workdir."),

@@ -66,8 +66,8 @@ REHEARSAL_PARTNER = "alliance_rehearsal"
 REHEARSAL_OFFICER = "rehearsal-officer"
 #: Tier-2 hospitals of the alliance profile are generated at this share of their size by
 #: default: a 540-site rehearsal stays quick to generate, and the smallest fall below a
-#: node's minimum cohort size (100 patients by default), as small hospitals do.
-PROFILE_TIER2_SCALE = 0.15
+#: node's minimum cohort size (100 patients by default), as small hospitals do; 0.35 leaves about half of them below it.
+PROFILE_TIER2_SCALE = 0.35
 
 # Memory, measured by benchmarks/simulation_scale.py (BENCHMARKS.md, "Rehearsal at alliance
 # scale"), with headroom: a Ray actor serving the ClientApp (torch, Opacus, DuckDB, polars
