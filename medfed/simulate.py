@@ -181,7 +181,7 @@ def _data_folder(workdir: Path, profile: str, seed: int, patients_scale: float, 
 def _generate(workdir: Path, *, sites: int, profile: str, seed: int, patients_scale: float, tier2_scale: float,
               on_progress: Callable[[str], None]) -> list[Any]:
     """Each planned hospital's OMOP tables, generated once per profile/seed/scales and reused (cached)."""
-    from medfed.synth_omop import OmopSite, alliance_plan, default_plan, write_hospital
+    from medfed.synth_omop import OmopSite, alliance_plan, default_plan
 
     plan = (
         alliance_plan(sites, patients_scale=patients_scale, tier2_scale=tier2_scale)
@@ -189,26 +189,47 @@ def _generate(workdir: Path, *, sites: int, profile: str, seed: int, patients_sc
         else default_plan(sites, patients_scale=patients_scale)
     )
     folder = _data_folder(workdir, profile, seed, patients_scale, tier2_scale)
-    out, made, started = [], 0, time.monotonic()
+    started = time.monotonic()
+    missing = [h for h in plan if not (folder / h.name / "generated.json").is_file()]
+    for hospital in _in_parallel(_write_cached, [(folder, h, seed) for h in missing]):
+        del hospital  # written; read back below with the cached ones
+    out = []
     for hospital in plan:
-        done = folder / hospital.name / "generated.json"
-        if done.is_file():
-            meta = json.loads(done.read_text())
-            out.append(OmopSite(hospital.name, folder / hospital.name / "omop", folder / hospital.name / "truth",
-                                meta["tier"], int(meta["n_patients"])))
-            continue
-        site = write_hospital(folder, hospital, seed=seed)
-        done.write_text(json.dumps({"tier": site.tier, "n_patients": site.n_patients}) + "\n")
-        out.append(site)
-        made += 1
-        if made % 50 == 0:
-            on_progress(f"  generated {made} hospitals ({time.monotonic() - started:.0f} s)")
-    if made:
-        on_progress(f"  generated {made} hospital(s) in {time.monotonic() - started:.1f} s into {folder} "
-                    f"({len(plan) - made} cached)")
+        meta = json.loads((folder / hospital.name / "generated.json").read_text())
+        out.append(OmopSite(hospital.name, folder / hospital.name / "omop", folder / hospital.name / "truth",
+                            meta["tier"], int(meta["n_patients"])))
+    if missing:
+        on_progress(f"  generated {len(missing)} hospital(s) in {time.monotonic() - started:.1f} s into {folder} "
+                    f"({len(plan) - len(missing)} cached)")
     else:
         on_progress(f"  {len(plan)} hospitals from the cache in {folder}")
     return out
+
+
+def _write_cached(args: tuple[Path, Any, int]) -> str:
+    """Write one planned hospital and mark it complete (a worker process's job)."""
+    from medfed.synth_omop import write_hospital
+
+    folder, hospital, seed = args
+    site = write_hospital(folder, hospital, seed=seed)
+    (folder / hospital.name / "generated.json").write_text(json.dumps({"tier": site.tier, "n_patients": site.n_patients}) + "\n")
+    return site.site
+
+
+def _in_parallel(work: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """`work` over `items`, in order, on one worker process per CPU (serially for a handful).
+
+    Generating hospitals and governing their homes is independent per hospital and
+    CPU-bound; it runs before Ray starts, so the CPUs are free.
+    """
+    workers = min(os.cpu_count() or 1, len(items))
+    if workers <= 1 or len(items) < 8:
+        return [work(item) for item in items]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(work, items, chunksize=max(1, len(items) // (workers * 8))))
 
 
 def rehearsal_key_path(workdir: Path) -> Path:
@@ -219,6 +240,23 @@ def rehearsal_key_path(workdir: Path) -> Path:
     if not path.exists():
         generate_keypair(path.parent, REHEARSAL_PARTNER)
     return path
+
+
+def _govern_home(args: tuple[Path, str, Path, str, Path, str, float | None]) -> Path:
+    """One virtual hospital's officer, once: a rehearsal home with the OMOP source, the key, a budget, the approval."""
+    from clients.hospital_node.data.sources import OmopSource
+    from clients.hospital_node.governance import approve, set_budget
+    from clients.hospital_node.home import DatasetEntry, NodeHome
+    from medfed.demo import BUDGET_DELTA, BUDGET_EPSILON
+
+    path, name, folder, dataset, partner_public_key, digest, budget_epsilon = args
+    home = NodeHome.create(path, name=name, rehearsal=True)
+    entry = DatasetEntry(name=dataset, path=path / "omop-scratch" / dataset, kind="omop", omop=OmopSource("folder", str(folder)))
+    home.register_dataset(entry, replace=True)
+    home.trusted_partners().add(REHEARSAL_PARTNER, partner_public_key, added_by=REHEARSAL_OFFICER, rehearsal=True)
+    set_budget(home, dataset, epsilon_=budget_epsilon or BUDGET_EPSILON, delta=BUDGET_DELTA, by=REHEARSAL_OFFICER)
+    approve(home, digest, dataset=dataset, by=REHEARSAL_OFFICER, not_yet_requested=True, rehearsal=True)
+    return home.path
 
 
 def prepare_rehearsal(
@@ -241,11 +279,7 @@ def prepare_rehearsal(
     every rehearsal, so their ledgers and audit logs describe this rehearsal only; the
     folder of homes gets the manifest the ClientApp finds them by.
     """
-    from clients.hospital_node.data.sources import OmopSource
-    from clients.hospital_node.governance import approve, set_budget
-    from clients.hospital_node.home import DatasetEntry, NodeHome
     from clients.hospital_node.runtime.rehearsal import write_manifest
-    from medfed.demo import BUDGET_DELTA, BUDGET_EPSILON
 
     generated = _generate(workdir, sites=sites, profile=profile, seed=seed, patients_scale=patients_scale,
                           tier2_scale=tier2_scale, on_progress=on_progress)
@@ -253,23 +287,11 @@ def prepare_rehearsal(
     shutil.rmtree(homes_dir, ignore_errors=True)
     homes_dir.mkdir(parents=True)
     partner_public_key = rehearsal_key_path(workdir).with_suffix(".pub")
-    dataset = spec.data.dataset
     started = time.monotonic()
-    out = []
-    for hospital in generated:
-        path = homes_dir / hospital.site
-        home = NodeHome.create(path, name=hospital.site, rehearsal=True)
-        entry = DatasetEntry(
-            name=dataset,
-            path=path / "omop-scratch" / dataset,
-            kind="omop",
-            omop=OmopSource("folder", str(hospital.folder.resolve())),
-        )
-        home.register_dataset(entry, replace=True)
-        home.trusted_partners().add(REHEARSAL_PARTNER, partner_public_key, added_by=REHEARSAL_OFFICER, rehearsal=True)
-        set_budget(home, dataset, epsilon_=budget_epsilon or BUDGET_EPSILON, delta=BUDGET_DELTA, by=REHEARSAL_OFFICER)
-        approve(home, spec.digest(), dataset=dataset, by=REHEARSAL_OFFICER, not_yet_requested=True, rehearsal=True)
-        out.append(RehearsalSite(hospital.site, home.path, hospital.tier, hospital.n_patients))
+    jobs = [(homes_dir / h.site, h.site, h.folder.resolve(), spec.data.dataset, partner_public_key, spec.digest(), budget_epsilon)
+            for h in generated]
+    paths = _in_parallel(_govern_home, jobs)
+    out = [RehearsalSite(h.site, path, h.tier, h.n_patients) for h, path in zip(generated, paths, strict=True)]
     write_manifest(homes_dir, [s.name for s in out])
     on_progress(f"  {len(out)} rehearsal homes governed in {time.monotonic() - started:.1f} s (rehearsal key "
                 f"{REHEARSAL_PARTNER}, rehearsal approvals of spec {spec.digest()[:12]})")
