@@ -6,8 +6,9 @@ Each N runs in its own process (``--one N``): ``medfed simulate``'s path
 
 - generation and governance seconds (hospitals generated or taken from the cache, then a
   fresh governed rehearsal home each);
-- seconds per round: the gaps between the MLflow timestamps of the run's ``epsilon_run``
-  at rounds 1, 2 and 3 (rounds 2 and 3: round 1 carries the actors' first imports);
+- seconds per round: the mean gap between consecutive MLflow timestamps of the run's
+  ``epsilon_run``, which the coordinator logs after the query wave and after each of the
+  3 rounds (so the first gap also carries the actors' first training imports);
 - the coordinator's (driver's) peak RSS, the largest Ray worker's peak RSS, and the
   peak RSS of the driver's whole process tree (driver, Ray's processes, actors), sampled
   every 0.5 s from /proc;

@@ -456,7 +456,8 @@ def run_simulation(
                 return
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-message DEBUG lines; progress is ours
-    _ray_init(ray_address, workdir / "homes", cpus)
+    if not ray.is_initialized():  # `simulate` joins a cluster before it generates anything
+        _ray_init(ray_address, workdir / "homes", cpus)
     watcher = threading.Thread(target=follow, name="rehearsal-progress", daemon=True)
     watcher.start()
     console.print(f"  submission {record.submission_id[:12]} (signed with the rehearsal key) on the Simulation Engine: "
@@ -542,6 +543,10 @@ def simulate(
             "(fewer Ray actors at once), or run it on a Ray cluster (--ray-address; README). Nothing was started"
         )
     workdir = workdir.resolve()
+    if ray_address:
+        # Join the cluster now: one that answers on its port but is no Ray head fails here,
+        # before anything is written.
+        _ray_init(ray_address, workdir / "homes", None)
     workdir.mkdir(parents=True, exist_ok=True)
     plan = plan_privacy(spec)
     started = time.monotonic()
@@ -549,8 +554,14 @@ def simulate(
                   f"({spec.digest()[:12]}), {spec.federation.rounds} rounds on Flower's Simulation Engine")
     console.print(f"  memory: {estimate.describe()}")
     console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g}")
-    homes = prepare_rehearsal(workdir, spec, sites=sites, profile=profile, seed=seed, patients_scale=patients_scale,
-                              tier2_scale=tier2_scale, on_progress=console.print)
+    try:
+        homes = prepare_rehearsal(workdir, spec, sites=sites, profile=profile, seed=seed, patients_scale=patients_scale,
+                                  tier2_scale=tier2_scale, on_progress=console.print)
+    except BaseException:
+        import ray
+
+        ray.shutdown()
+        raise
     tracking_uri = tracking_uri or default_tracking_uri(workdir)
     result = run_simulation(workdir, spec, homes, tracking_uri=tracking_uri, console=console,
                             ray_address=ray_address, cpus=cpus)
