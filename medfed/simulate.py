@@ -78,8 +78,9 @@ ACTOR_MIB = 900.0
 RAY_BASE_MIB = 700.0
 DRIVER_BASE_MIB = 900.0
 PER_SITE_MIB = 2.0
-# Each generated hospital's OMOP tables and truth on disk, and its node home, at the scales used.
 _RAY_PORT = 6379
+# The Flower release whose (internal) simulation loop `_engine` reassembles.
+_FLWR_VERSION = "1.39.0"
 
 
 @dataclass(frozen=True)
@@ -333,13 +334,22 @@ def _ray_init(address: str | None, homes_dir: Path, num_cpus: int | None) -> Non
 def _engine(num_sites: int, run_config: dict[str, str], cpus_per_node: float) -> None:
     """Flower's simulation loop (``flwr.simulation.run_simulation._main_loop``), with the nodes registered first.
 
-    Flower starts the ServerApp thread before it registers the virtual nodes; our
+    Built from Flower 1.39's own pieces rather than its public ``run_simulation``, which
+    takes no run config (our ServerApp reads the spec, signature and tracking URI from
+    it) and starts the ServerApp thread before it registers the virtual nodes: our
     coordinator waits for ``federation.min_nodes`` and then takes the nodes it sees, so
-    here every node is registered before the ServerApp starts. The ServerApp and ClientApp
-    are the installed ones; the run config is what ``medfed experiment submit`` sends.
+    here every node is registered first. The ServerApp and ClientApp are the installed
+    ones; the run config is what ``medfed experiment submit`` sends.
     """
     from queue import Empty, Queue
 
+    import flwr
+
+    if flwr.__version__ != _FLWR_VERSION:
+        raise SimulationError(
+            f"medfed simulate drives Flower {_FLWR_VERSION}'s simulation loop; this environment has flwr "
+            f"{flwr.__version__}. Install flwr[simulation]=={_FLWR_VERSION}"
+        )
     from flwr.app import Context, RecordDict
     from flwr.server.superlink.fleet import vce
     from flwr.server.superlink.fleet.vce.metrics import VceMetrics
