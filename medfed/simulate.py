@@ -357,7 +357,7 @@ def _engine(num_sites: int, run_config: dict[str, str], cpus_per_node: float) ->
     from flwr.server.superlink.linkstate import LinkStateFactory
     from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import run_serverapp_th
+    from flwr.server.run_serverapp import run as run_serverapp
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
@@ -385,7 +385,19 @@ def _engine(num_sites: int, run_config: dict[str, str], cpus_per_node: float) ->
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
     stop = threading.Event()
     errors: Queue[BaseException] = Queue()
-    thread = run_serverapp_th(None, server_app, context, grid, "", stop, errors, False, Queue())
+
+    def coordinate() -> None:
+        try:
+            run_serverapp(grid=grid, context=context, server_app_dir="", loaded_server_app=server_app)
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            errors.put(err)
+        finally:
+            stop.set()  # ends the engine's loop
+
+    # A daemon, unlike Flower's own ServerApp thread: on Ctrl-C the coordinator may be
+    # waiting out a wave's timeout, and the rehearsal must stop now, Ray with it.
+    thread = threading.Thread(target=coordinate, name="medfed-serverapp", daemon=True)
+    thread.start()
     backend_config = {"client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0}, "init_args": {}, "actor": {"tensorflow": 0}}
     try:
         vce.start_vce(
@@ -400,14 +412,26 @@ def _engine(num_sites: int, run_config: dict[str, str], cpus_per_node: float) ->
             state_factory=state_factory,
             existing_nodes_mapping=nodes,
         )
-    finally:
+    except BaseException:
         stop.set()
-        thread.join()
+        raise
+    thread.join()
     try:
         failure = errors.get_nowait()
     except Empty:
         return
     raise SimulationError(f"the coordinator (ServerApp) failed: {failure}") from failure
+
+
+class _StopQuietly(logging.Filter):
+    """Once the rehearsal is being stopped (Ctrl-C, SIGTERM), drop Flower's engine logging the actors' end as errors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.stopping
 
 
 def _rss_mib() -> float:
@@ -465,7 +489,8 @@ def run_simulation(
             if finished:
                 return
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-message DEBUG lines; progress is ours
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.WARNING)  # Flower's per-message DEBUG lines; progress is ours
     if not ray.is_initialized():  # `simulate` joins a cluster before it generates anything
         _ray_init(ray_address, workdir / "homes", cpus)
     watcher = threading.Thread(target=follow, name="rehearsal-progress", daemon=True)
@@ -473,12 +498,18 @@ def run_simulation(
     console.print(f"  submission {record.submission_id[:12]} (signed with the rehearsal key) on the Simulation Engine: "
                   f"{len(sites)} virtual hospitals, {ray.cluster_resources().get('CPU', 0):g} CPUs in Ray"
                   f"{' at ' + ray_address if ray_address else ''}; tracking in {tracking_uri}")
+    stopping = _StopQuietly()
+    flwr_logger.addFilter(stopping)
     try:
         _engine(len(sites), run_config, cpus_per_node)
+    except BaseException:
+        stopping.stopping = True
+        raise
     finally:
         done.set()
         watcher.join()
         ray.shutdown()
+        flwr_logger.removeFilter(stopping)
     seconds = time.monotonic() - started
     marks = [started, *round_ends]
     return SimulationResult(
