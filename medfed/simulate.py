@@ -522,7 +522,7 @@ def run_simulation(
     )
 
 
-def _cohort_refusals(sites: Sequence[RehearsalSite], dataset: str) -> tuple[list[str], list[str]]:
+def _participation(sites: Sequence[RehearsalSite]) -> tuple[list[str], list[str]]:
     """Which sites trained (a charged release) and which refused, from their own audit logs."""
     from clients.hospital_node.home import NodeHome
 
@@ -606,7 +606,7 @@ def simulate(
     tracking_uri = tracking_uri or default_tracking_uri(workdir)
     result = run_simulation(workdir, spec, homes, tracking_uri=tracking_uri, console=console,
                             ray_address=ray_address, cpus=cpus)
-    trained, refused = _cohort_refusals(homes, spec.data.dataset)
+    trained, refused = _participation(homes)
     console.print(f"  {len(trained)} hospitals trained; {len(refused)} refused (each node's own audit log says why, e.g. "
                   f"a cohort below its minimum size){': ' + ', '.join(refused[:10]) if refused else ''}"
                   f"{' ...' if len(refused) > 10 else ''}")
