@@ -130,6 +130,30 @@ def demo(
         raise typer.Exit(130) from None
 
 
+@app.command()
+def simulate(
+    spec: str = typer.Argument(..., help="The experiment spec (TOML) to rehearse; it must build an OMOP cohort ([data.cohort])."),
+    sites: int = typer.Option(..., "--sites", help="Number of virtual hospitals (540: the whole alliance)."),
+    profile: str = typer.Option("alliance", "--profile", help="alliance: 17 cities, tier-3 and tier-2 hospitals 140:400; "
+                                "default: every third hospital tier-3, as `medfed synth --omop`."),
+    workdir: str = typer.Option(".medfed/simulate", "--workdir", help="Where the rehearsal keeps hospitals (cached), homes and MLflow."),
+    seed: int = typer.Option(7, "--seed", help="Seed of the generated hospitals."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiplies every hospital's number of patients."),
+    tier2_scale: float = typer.Option(0.35, "--tier2-scale", help="With --profile alliance: further multiplies tier-2 hospitals' size."),
+    ray_address: str = typer.Option("", "--ray-address", help="A running Ray cluster's head (host:port) instead of a local Ray."),
+    cpus: int = typer.Option(0, "--cpus", min=0, help="CPUs for a local Ray (virtual nodes served at once); 0: all."),
+    tracking_uri: str = typer.Option("", "--tracking-uri", help="MLflow tracking URI; default: a SQLite store under --workdir."),
+) -> None:
+    """Rehearse a spec at alliance scale: the same ServerApp and ClientApp on Flower's Simulation Engine (Ray)."""
+    from pathlib import Path
+
+    from medfed.demo import demo_console
+    from medfed.simulate import simulate as run
+
+    run(Path(workdir), Path(spec), sites=sites, profile=profile, seed=seed, patients_scale=scale, tier2_scale=tier2_scale,
+        ray_address=ray_address or None, cpus=cpus or None, tracking_uri=tracking_uri or None, console=demo_console())
+
+
 def _interrupt_on_sigterm(signum: int, frame: object) -> None:
     # A service manager stops us with SIGTERM: unwind like Ctrl-C so that every
     # `finally` (the demo's Flower processes among them) runs.

@@ -3,10 +3,11 @@
     MedfedError
     ├── ClusterError   a local Flower process failed to start or become ready
     ├── DemoError      the demo could not finish
+    ├── SimulationError a rehearsal on the simulation engine cannot start or did not finish
     └── SynthError     a synthetic alliance cannot be written as asked
 """
 
-__all__ = ["ClusterError", "DemoError", "MedfedError", "SynthError"]
+__all__ = ["ClusterError", "DemoError", "MedfedError", "SimulationError", "SynthError"]
 
 
 class MedfedError(Exception):
@@ -19,6 +20,10 @@ class ClusterError(MedfedError, RuntimeError):
 
 class DemoError(MedfedError, RuntimeError):
     """The demo could not finish."""
+
+
+class SimulationError(MedfedError, RuntimeError):
+    """A rehearsal on Flower's simulation engine cannot start as asked (memory, Ray cluster, spec) or did not finish."""
 
 
 class SynthError(MedfedError, ValueError):

@@ -84,14 +84,22 @@ from models.clinical_tasks import (
 )
 
 __all__ = [
+    "ALLIANCE_CITIES",
+    "ALLIANCE_TIER_2",
+    "ALLIANCE_TIER_3",
     "CALENDAR",
     "DEFAULT_INDEX_DATE",
     "DEFAULT_PERIOD",
     "DEFAULT_SCORING_DATE",
+    "HospitalPlan",
     "OmopSite",
+    "PROFILES",
     "SCHEMAS",
     "TABLES",
     "VISIT_CONCEPTS",
+    "alliance_plan",
+    "default_plan",
+    "write_hospital",
     "write_omop_alliance",
 ]
 
@@ -208,8 +216,9 @@ class _Mix:
     visit_rate: float
 
 
-def _mix(rng: np.random.Generator, site_index: int, scale: float) -> _Mix:
-    tier = TIER_3 if site_index % 3 == 1 else TIER_2
+def _mix(rng: np.random.Generator, site_index: int, scale: float, tier: str | None = None) -> _Mix:
+    # `tier` overrides the default pattern (a profile's plan); the draws are the same either way.
+    tier = tier or (TIER_3 if site_index % 3 == 1 else TIER_2)
     # Draw order matters to reproducibility: keep it when adding a field (append new draws last).
     if tier == TIER_3:
         n = rng.integers(2000, 3001)
@@ -404,10 +413,10 @@ def _ts(day: np.ndarray, hour: np.ndarray | float) -> np.ndarray:
 class _Site:
     """One hospital's generator: people, facts, rows, truth."""
 
-    def __init__(self, site_index: int, seed: int, scale: float) -> None:
+    def __init__(self, site_index: int, seed: int, scale: float, tier: str | None = None) -> None:
         self.site_index = site_index
         self.rng = np.random.default_rng([seed, site_index])
-        self.mix = _mix(self.rng, site_index, scale)
+        self.mix = _mix(self.rng, site_index, scale, tier)
         self.p = _people(self.rng, self.mix, site_index)
         self.conditions = _Rows(("person", "concept", "start", "end"))
         self.measurements = _Rows(("person", "concept", "ts", "type", "value", "planted"))
@@ -953,6 +962,75 @@ def _write(table: pa.Table, path: Path) -> None:
         raise OSError(err.errno, err.strerror, str(path)) from err
 
 
+#: The alliance's shape (DESIGN.md): 17 cities, 140 tier-3 and 400 tier-2 hospitals.
+ALLIANCE_CITIES = 17
+ALLIANCE_TIER_3 = 140
+ALLIANCE_TIER_2 = 400
+#: What ``profile`` may name: the default pattern (every third hospital tier-3) or the alliance's.
+PROFILES = ("default", "alliance")
+
+
+@dataclass(frozen=True)
+class HospitalPlan:
+    """One hospital a profile asks for: its index (which seeds it), name, tier, city and size factor."""
+
+    index: int
+    name: str
+    tier: str
+    city: int  # 1-based; 0 in the default profile, which has no cities
+    scale: float
+
+
+def alliance_plan(n_hospitals: int, *, patients_scale: float = 1.0, tier2_scale: float = 1.0) -> list[HospitalPlan]:
+    """The alliance profile's first `n_hospitals`: tier-3 and tier-2 in the alliance's 140:400 mix, over 17 cities.
+
+    Hospitals are dealt to the cities in turn, and tier-3 ones are spread evenly through
+    the list, so any prefix has the alliance's mix: 540 is the whole alliance. Tier-2
+    hospitals are also scaled by `tier2_scale` (small sites make a large rehearsal cheap to
+    generate, and some fall below a node's minimum cohort size, as small hospitals do).
+    Names read ``c<city>-t<tier>-<number>``, e.g. ``c07-t3-012``.
+    """
+    total = ALLIANCE_TIER_3 + ALLIANCE_TIER_2
+    plan: list[HospitalPlan] = []
+    counts = {TIER_3: 0, TIER_2: 0}
+    for i in range(n_hospitals):
+        # Hospital i is tier-3 when it takes the running share of tier-3 hospitals past a whole one.
+        tier = TIER_3 if (i + 1) * ALLIANCE_TIER_3 // total > i * ALLIANCE_TIER_3 // total else TIER_2
+        counts[tier] += 1
+        city = i % ALLIANCE_CITIES + 1
+        scale = patients_scale * (tier2_scale if tier == TIER_2 else 1.0)
+        plan.append(HospitalPlan(i + 1, f"c{city:02d}-t{tier[-1]}-{counts[tier]:03d}", tier, city, scale))
+    return plan
+
+
+def default_plan(n_hospitals: int, *, patients_scale: float = 1.0) -> list[HospitalPlan]:
+    """The default profile: ``hospital_1`` .. ``hospital_<n>``, every third from the first tier-3."""
+    return [
+        HospitalPlan(i, f"hospital_{i}", TIER_3 if i % 3 == 1 else TIER_2, 0, patients_scale)
+        for i in range(1, n_hospitals + 1)
+    ]
+
+
+def write_hospital(out: Path, plan: HospitalPlan, *, seed: int) -> OmopSite:
+    """Write one planned hospital's OMOP tables and truth into ``out/<name>/``."""
+    generator = _Site(plan.index, seed, plan.scale, plan.tier)
+    generator.simulate()
+    generator.rows()
+    folder, truth = out / plan.name / "omop", out / plan.name / "truth"
+    for path in (folder, truth):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise SynthError(f"cannot make folder {path}: a file is in the way ({err.strerror})") from err
+    for table_name, table in generator.tables().items():
+        _write(table, folder / f"{table_name}.parquet")
+    for task_name, table in generator.truth().items():
+        _write(table, truth / f"{task_name}.parquet")
+    site = OmopSite(site=plan.name, folder=folder, truth=truth, tier=generator.mix.tier, n_patients=generator.p.n)
+    logger.info("wrote %s (%s): %d patients", plan.name, site.tier, site.n_patients)
+    return site
+
+
 def write_omop_alliance(out: Path, *, n_hospitals: int, seed: int, patients_scale: float = 1.0) -> list[OmopSite]:
     """Write ``out/hospital_<i>/omop/<table>.parquet`` and ``out/hospital_<i>/truth/`` for each hospital.
 
@@ -974,23 +1052,4 @@ def write_omop_alliance(out: Path, *, n_hospitals: int, seed: int, patients_scal
         raise SynthError(f"--scale must be > 0 and at most 100; found {patients_scale}")
     if out.exists() and not out.is_dir():
         raise SynthError(f"--out {out} is a file, not a folder: name a folder to write the hospitals into")
-    sites: list[OmopSite] = []
-    for site_index in range(1, n_hospitals + 1):
-        generator = _Site(site_index, seed, patients_scale)
-        generator.simulate()
-        generator.rows()
-        name = f"hospital_{site_index}"
-        folder, truth = out / name / "omop", out / name / "truth"
-        for path in (folder, truth):
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError) as err:
-                raise SynthError(f"cannot make folder {path}: a file is in the way ({err.strerror})") from err
-        for table_name, table in generator.tables().items():
-            _write(table, folder / f"{table_name}.parquet")
-        for task_name, table in generator.truth().items():
-            _write(table, truth / f"{task_name}.parquet")
-        site = OmopSite(site=name, folder=folder, truth=truth, tier=generator.mix.tier, n_patients=generator.p.n)
-        logger.info("wrote %s (%s): %d patients", name, site.tier, site.n_patients)
-        sites.append(site)
-    return sites
+    return [write_hospital(out, plan, seed=seed) for plan in default_plan(n_hospitals, patients_scale=patients_scale)]

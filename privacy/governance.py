@@ -219,6 +219,7 @@ class Decision:
     reason: str = ""
     runs: int = 1  # how many submissions an approval allows
     seq: int = 0  # its audit entry's place in the log
+    rehearsal: bool = False  # given on a rehearsal's virtual hospital; a real node refuses it
 
     def status_at(self, now: datetime) -> str:
         """APPROVED, DENIED, REVOKED, or EXPIRED for an approval past its expiry."""
@@ -359,6 +360,7 @@ class GovernanceState:
             reason=str(payload.get("reason", "")),
             runs=int(payload.get("runs") or 1),
             seq=entry.seq,
+            rehearsal=payload.get("rehearsal") is True,
         )
         self.decisions[key] = decision
         self.history.append(decision)
@@ -428,17 +430,18 @@ def _decision_row(decision: Decision) -> list[Any]:
     return [
         decision.status, decision.spec_digest, decision.dataset, decision.at.isoformat(), decision.by, decision.max_epsilon,
         None if decision.expires is None else decision.expires.isoformat(), decision.reason, decision.runs, decision.seq,
+        decision.rehearsal,
     ]
 
 
 def _decision_of(row: list[Any]) -> Decision:
-    status, digest, dataset, at, by, cap, expires, reason, runs, seq = row
+    status, digest, dataset, at, by, cap, expires, reason, runs, seq, rehearsal = row
     if status not in (APPROVED, DENIED, REVOKED):
         raise ValueError(f"decision status {status!r}")
     return Decision(
         status=status, spec_digest=digest, dataset=dataset, at=_parse_time(at), by=by,
         max_epsilon=None if cap is None else float(cap), expires=None if expires is None else _parse_time(expires),
-        reason=reason, runs=int(runs), seq=int(seq),
+        reason=reason, runs=int(runs), seq=int(seq), rehearsal=rehearsal is True,
     )
 
 

@@ -74,7 +74,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _NAME_RULE = "1-64 letters, digits, '_' or '-', starting with a letter or digit"
 _FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
-_PARTNER_KEYS = ("public_key", "added_at", "added_by")
+_PARTNER_KEYS = ("public_key", "added_at", "added_by", "rehearsal")
 _REQUIRED_PARTNER_KEYS = ("public_key", "added_at")
 
 
@@ -320,6 +320,8 @@ class TrustedKey:
     public_key: Ed25519PublicKey = field(repr=False)
     added_at: datetime  # timezone-aware, UTC
     added_by: str | None = None
+    # A rehearsal key signs specs only for virtual hospitals (`medfed simulate`); a real node refuses it.
+    rehearsal: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -387,10 +389,15 @@ def _parse_partner(name: str, raw: object) -> tuple[TrustedKey | None, list[str]
     added_by = raw.get("added_by")
     if added_by is not None and not isinstance(added_by, str):
         problems.append(f"{prefix}.added_by must be a string")
+    rehearsal = raw.get("rehearsal", False)
+    if not isinstance(rehearsal, bool):
+        problems.append(f"{prefix}.rehearsal must be true or false")
     if problems or public_key is None or not isinstance(added_at, datetime):
         return None, problems
     return (
-        TrustedKey(name=name, public_key=public_key, added_at=added_at.astimezone(UTC), added_by=added_by),
+        TrustedKey(
+            name=name, public_key=public_key, added_at=added_at.astimezone(UTC), added_by=added_by, rehearsal=bool(rehearsal)
+        ),
         [],
     )
 
@@ -410,6 +417,8 @@ def _render(partners: Mapping[str, TrustedKey]) -> str:
         ]
         if partner.added_by is not None:
             lines.append(f"added_by = {toml_string(partner.added_by)}")
+        if partner.rehearsal:
+            lines.append("rehearsal = true")
     return "\n".join(lines) + "\n"
 
 
@@ -495,9 +504,12 @@ class TrustedKeys:
         return partner
 
     def add(
-        self, name: str, public_key: Ed25519PublicKey | Path | str, *, added_by: str | None = None
+        self, name: str, public_key: Ed25519PublicKey | Path | str, *, added_by: str | None = None, rehearsal: bool = False
     ) -> TrustedKey:
         """Trust ``public_key`` (a key, a ``.pub`` file, or OpenSSH/PEM text) as partner ``name``.
+
+        ``rehearsal`` marks it a rehearsal key: its signatures count only on a rehearsal's
+        virtual hospitals, and a real node refuses them.
 
         Raises
         ------
@@ -534,6 +546,7 @@ class TrustedKeys:
                 public_key=key,
                 added_at=datetime.now(UTC).replace(microsecond=0),
                 added_by=added_by,
+                rehearsal=rehearsal,
             )
             partners[name] = partner
             self._write(partners)

@@ -30,7 +30,8 @@ def test_pyproject_declares_the_flower_app_and_the_pins() -> None:
         "clientapp": "clients.hospital_node.client_app:app",
     }
     deps = pyproject["project"]["dependencies"]
-    assert "torch==2.13.0" in deps and "flwr==1.39.0" in deps
+    # The Simulation Engine (Ray) runs `medfed simulate` rehearsals at the same pinned Flower.
+    assert "torch==2.13.0" in deps and "flwr[simulation]==1.39.0" in deps
 
 
 def test_client_app_module_imports_without_torch() -> None:

@@ -517,6 +517,12 @@ def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str, G
         )
     except SignatureError as err:
         raise Refusal(REFUSED_SIGNATURE, str(err)) from None
+    if partner.rehearsal and not home.rehearsal:
+        raise Refusal(
+            REFUSED_SIGNATURE,
+            f"the submission is signed with partner {partner.name!r}'s rehearsal key; a real node never accepts "
+            "a rehearsal key (its officer removes it with `medfed node partners remove`)",
+        )
     return partner, submission, spec_digest(signed.spec_json), state
 
 
@@ -741,6 +747,12 @@ def _admit_steps(  # noqa: PLR0913
     if status == EXPIRED:
         assert decision.expires is not None
         raise Refusal(REFUSED_APPROVAL, f"the officer's approval expired at {decision.expires.isoformat()}")
+    if decision.rehearsal and not home.rehearsal:
+        raise Refusal(
+            REFUSED_APPROVAL,
+            f"the approval of spec {digest[:12]} on dataset '{ask.dataset}' is a rehearsal approval; a real node "
+            "needs its officer's own approval",
+        )
 
     # 5. the submission may spend the approval (or continues one that did)
     spent_by = state.submission(submission.submission_id, ask.dataset)
@@ -1016,6 +1028,7 @@ def approve(
     expires: datetime | None = None,
     runs: int = 1,
     not_yet_requested: bool = False,
+    rehearsal: bool = False,
 ) -> str:
     """Approve a spec digest (a recorded request's prefix, or a full digest) for `dataset`; returns the digest.
 
@@ -1023,6 +1036,8 @@ def approve(
     A full digest that no request or earlier decision on `dataset` names is refused unless
     `not_yet_requested` says the officer means it: a mistyped or foreign hash must not
     become an approval. Approving an approved spec again allows its `runs` afresh.
+    `rehearsal` marks a rehearsal's approval (``medfed simulate``): only a rehearsal
+    home may record one, and only a rehearsal home's admission counts it.
     """
     _known_dataset(home, dataset)
     log, state = _officer_log(home)
@@ -1044,17 +1059,19 @@ def approve(
         raise GovernanceError(f"--expires {expires.isoformat()} is in the past; give a future date")
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise GovernanceError(f"--runs must be an integer >= 1; found {runs!r}")
-    log.append(
-        "approval",
-        {
-            "spec_digest": digest,
-            "dataset": dataset,
-            "max_epsilon": max_epsilon,
-            "expires": None if expires is None else expires.isoformat(),
-            "runs": runs,
-            "by": by,
-        },
-    )
+    if rehearsal and not home.rehearsal:
+        raise GovernanceError(f"node {home.name} is a real node: it records no rehearsal approval")
+    payload: dict[str, Any] = {
+        "spec_digest": digest,
+        "dataset": dataset,
+        "max_epsilon": max_epsilon,
+        "expires": None if expires is None else expires.isoformat(),
+        "runs": runs,
+        "by": by,
+    }
+    if rehearsal:
+        payload["rehearsal"] = True
+    log.append("approval", payload)
     return digest
 
 

@@ -108,7 +108,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _NAME_RULE = "1-64 letters, digits, '_' or '-', starting with a letter or digit"
 
 _TOP_KEYS = ("node", "datasets")
-_NODE_KEYS = ("name",)
+_NODE_KEYS = ("name", "rehearsal")
 _REQUIRED_DATASET_KEYS = ("path", "id_column", "label_column", "feature_columns")
 _OPTIONAL_DATASET_KEYS = ("site_column", "site_value", "validation_fraction", "split_seed")
 _DATASET_KEYS = _REQUIRED_DATASET_KEYS + _OPTIONAL_DATASET_KEYS + ("kind",)
@@ -653,6 +653,9 @@ class DatasetEntry:
 class _NodeConfig:
     name: str
     datasets: Mapping[str, DatasetEntry]
+    # A rehearsal home (``medfed simulate``'s virtual hospitals) accepts rehearsal keys and
+    # approvals and serves only the simulation engine; a real home refuses both.
+    rehearsal: bool = False
 
 
 def _parse_config(raw: Mapping[str, Any], *, home: Path) -> tuple[_NodeConfig | None, list[str]]:
@@ -662,6 +665,7 @@ def _parse_config(raw: Mapping[str, Any], *, home: Path) -> tuple[_NodeConfig | 
             problems.append(_unknown_key(key, key, _TOP_KEYS))
 
     name: str | None = None
+    rehearsal = False
     node = raw.get("node")
     if node is None:
         problems.append("[node] table is missing")
@@ -678,6 +682,11 @@ def _parse_config(raw: Mapping[str, Any], *, home: Path) -> tuple[_NodeConfig | 
             problems.append(f"node.name {value!r} is invalid; use {_NAME_RULE}")
         else:
             name = value
+        flag = node.get("rehearsal", False)
+        if not isinstance(flag, bool):
+            problems.append(f"node.rehearsal must be true or false; found {flag!r}")
+        else:
+            rehearsal = flag
 
     datasets: dict[str, DatasetEntry] = {}
     tables = raw.get("datasets", {})
@@ -696,7 +705,7 @@ def _parse_config(raw: Mapping[str, Any], *, home: Path) -> tuple[_NodeConfig | 
 
     if problems or name is None:
         return None, problems
-    return _NodeConfig(name=name, datasets=datasets), []
+    return _NodeConfig(name=name, datasets=datasets, rehearsal=rehearsal), []
 
 
 def _read_config(home: Path) -> _NodeConfig:
@@ -808,6 +817,8 @@ def _render_config(config: _NodeConfig, home: Path) -> str:
         "[node]",
         f"name = {toml_string(config.name)}",
     ]
+    if config.rehearsal:
+        lines.append("rehearsal = true  # a virtual hospital of `medfed simulate`: never a real node")
     for name in sorted(config.datasets):
         entry = config.datasets[name]
         if entry.kind == "imaging":
@@ -868,8 +879,11 @@ class NodeHome:
         self._config = config
 
     @classmethod
-    def create(cls, path: Path, *, name: str) -> NodeHome:
+    def create(cls, path: Path, *, name: str, rehearsal: bool = False) -> NodeHome:
         """Create the folder (if needed) and a ``node.toml`` naming the node.
+
+        ``rehearsal`` makes it a virtual hospital of a rehearsal (``medfed simulate``):
+        it accepts rehearsal keys and approvals, and no SuperNode serves it.
 
         Raises
         ------
@@ -894,7 +908,7 @@ class NodeHome:
         except OSError as err:
             reason = err.strerror or type(err).__name__
             raise NodeHomeError(f"cannot create node home {home}: {reason}") from err
-        config = _NodeConfig(name=name, datasets={})
+        config = _NodeConfig(name=name, datasets={}, rehearsal=rehearsal)
         _write_atomically(config_path, _render_config(config, home))
         if not (home / POLICY_FILE).exists():
             _write_atomically(home / POLICY_FILE, NodePolicy().render())
@@ -919,6 +933,11 @@ class NodeHome:
     def path(self) -> Path:
         """The home folder (absolute)."""
         return self._path
+
+    @property
+    def rehearsal(self) -> bool:
+        """Whether this is a rehearsal's virtual hospital (``[node] rehearsal = true``), not a real node."""
+        return self._config.rehearsal
 
     @property
     def name(self) -> str:
@@ -1111,7 +1130,7 @@ class NodeHome:
     def _record(self, current: _NodeConfig, entry: DatasetEntry) -> _NodeConfig:
         datasets = dict(current.datasets)
         datasets[entry.name] = entry
-        updated = _NodeConfig(name=current.name, datasets=datasets)
+        updated = _NodeConfig(name=current.name, datasets=datasets, rehearsal=current.rehearsal)
         _write_atomically(self.config_path, _render_config(updated, self._path))
         self._config = updated
         return updated

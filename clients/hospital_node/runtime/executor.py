@@ -408,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s medfed-executor: %(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per runtime API request otherwise
     check_flower_version()
+    from clients.hospital_node.errors import NodeError
+    from clients.hospital_node.runtime.rehearsal import refuse_rehearsal_home
+
+    try:
+        refuse_rehearsal_home(args.home.resolve())
+    except NodeError as err:
+        raise SystemExit(str(err)) from None
     secret = args.secret_file.read_bytes()
     if not secret:
         raise SystemExit(f"the SuperExec auth secret {args.secret_file} is empty")
