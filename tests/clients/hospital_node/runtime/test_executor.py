@@ -88,7 +88,7 @@ def test_flower_is_the_release_whose_runtime_api_the_executor_speaks() -> None:
     import flwr
 
     pinned = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"] if d.startswith("flwr")]
-    assert pinned == [f"flwr=={FLWR_VERSION}"]
+    assert pinned == [f"flwr[simulation]=={FLWR_VERSION}"]  # the simulation extra adds Ray, not another Flower
     assert flwr.__version__ == FLWR_VERSION, (
         f"the node executor speaks flwr {FLWR_VERSION}'s internal runtime API; flwr {flwr.__version__} is installed. "
         "Re-read flwr/supernode/runtime/run_clientapp.py and the runtime handlers before changing the pin."
