@@ -804,8 +804,9 @@ class AuditCheckpoint:
 class TailVerification:
     """What :meth:`AuditLog.verify_tail` found.
 
-    ``checkpoint`` is the signed checkpoint it started from (None: there is none, and
-    nothing was verified; the caller runs the full :meth:`AuditLog.verify`). ``entries``
+    ``checkpoint`` is the signed checkpoint it started from. None with no problems: there
+    is none, nothing was verified, and the caller runs the full :meth:`AuditLog.verify`;
+    None with a problem (line -1): the checkpoint file is unreadable or forged. ``entries``
     are the entries after it, checked; ``position`` the verified end (the checkpoint's
     own when nothing follows it); ``problems`` what is wrong, in :class:`AuditProblem`
     terms (line -1 is the checkpoint file, 0 the head record).
@@ -820,6 +821,11 @@ class TailVerification:
     def ok(self) -> bool:
         """True when a checkpoint was found and everything the tail check covers is whole."""
         return self.checkpoint is not None and not self.problems
+
+    @property
+    def missing(self) -> bool:
+        """True when there is no checkpoint at all (not a refused one): the full verification decides."""
+        return self.checkpoint is None and not self.problems
 
 
 def _checkpoint_header(position: AuditPosition, time_text: str) -> bytes:
@@ -1326,8 +1332,7 @@ class AuditLog:
             raise AuditError(f"cannot remove the audit checkpoint {self.checkpoint_path}: {err.strerror}") from err
 
     def _refused_checkpoint(self, kind: str, detail: str) -> TailVerification:
-        placeholder = AuditCheckpoint(AuditPosition(0, GENESIS_HASH, 0, 0), datetime.now(UTC), MappingProxyType({}))
-        return TailVerification(placeholder, (), None, (AuditProblem(-1, None, kind, detail),))
+        return TailVerification(None, (), None, (AuditProblem(-1, None, kind, detail),))
 
     def _current_checkpoint_count(self) -> int | None:
         try:

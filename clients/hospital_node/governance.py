@@ -389,9 +389,9 @@ def checked_state(home: NodeHome) -> GovernanceState:
     log = home.audit_log()
     public_key = _audit_key(home)
     tail = log.verify_tail(public_key)
-    if tail.checkpoint is None:
+    if tail.missing:
         return GovernanceState.from_entries(full_check(home))
-    if not tail.ok:
+    if not tail.ok or tail.checkpoint is None:
         raise _integrity(len(tail.problems))
     attachment = tail.checkpoint.attachment
     try:

@@ -598,7 +598,7 @@ def _checkpointed(log: AuditLog, key: Ed25519PrivateKey, *, then: int = 2) -> Au
 
 def _tail_problems(log: AuditLog, key: Ed25519PrivateKey) -> list[tuple[int | None, str]]:
     result = log.verify_tail(key.public_key())
-    assert result.checkpoint is not None and not result.ok
+    assert not result.missing and not result.ok  # a checkpoint was found and refused, not absent
     return [(p.seq, p.kind) for p in result.problems]
 
 
@@ -619,7 +619,7 @@ def test_the_tail_check_returns_the_entries_after_the_checkpoint_and_its_attachm
 
 def test_without_a_checkpoint_the_tail_check_verifies_nothing(log: AuditLog, key: Ed25519PrivateKey) -> None:
     result = log.verify_tail(key.public_key())
-    assert result.checkpoint is None and not result.ok and result.problems == ()
+    assert result.checkpoint is None and result.missing and not result.ok and result.problems == ()
 
 
 def test_the_checkpoint_never_moves_back(log: AuditLog, key: Ed25519PrivateKey) -> None:
