@@ -35,8 +35,9 @@ choice open, this module takes it as follows.
   ``history_*``, ``current_smoker``, ``family_history_hypertension``: 1.0 when a condition
   (observation for the last two) of that concept starts in the look-back, else 0.0;
   ``*_last``: the last EHR-typed value of that measurement in the look-back (latest
-  datetime, a row with only a date counting as midnight, then highest row id; null values
-  skipped); ``prior_pregnancies``: distinct
+  datetime, a row with only a date counting as midnight, then the highest value: a tie-break
+  that, unlike the row id, does not change when the hospital's ETL renumbers its rows, and
+  spares the scan the id column; null values skipped); ``prior_pregnancies``: distinct
   pregnancies (by conception date) ending in the look-back and, for pregnancy tasks,
   before this pregnancy's start. Signal summaries read device- and self-reported readings
   with a value in the reading window: mean, sample sd (null below 2 readings), slope of
@@ -164,7 +165,9 @@ def cohort_sql(definition: CohortDefinition, *, scoring: bool = False) -> str:
         ctes.append(_labels(definition))
         selects.append(f"CAST(l.label AS TINYINT) AS {_quote(definition.label)}")
         joins.append("JOIN labelled AS l USING (person_id)")
-    covariate_ctes, covariate_joins, columns = _covariates(definition)
+    # The rows that will be in the result: measurement scans keep only their readings.
+    members = "units" if scoring else "labelled"
+    covariate_ctes, covariate_joins, columns = _covariates(definition, members)
     ctes += covariate_ctes
     joins += covariate_joins
     selects += [f"CAST({expr} AS DOUBLE) AS {_quote(name)}" for name, expr in columns]
@@ -261,8 +264,11 @@ FROM units AS u LEFT JOIN outcomes AS o USING (person_id)
 WHERE o.person_id IS NOT NULL OR {followed})"""
 
 
-def _covariates(definition: CohortDefinition) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """CTEs, joins and ``(name, expression)`` per named covariate, for only what is named."""
+def _covariates(definition: CohortDefinition, members: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """CTEs, joins and ``(name, expression)`` per named covariate, for only what is named.
+
+    ``members`` names the CTE of the people the result will hold (``units`` or ``labelled``).
+    """
     index = _index(definition)
     lookback = (
         lambda column: f"{column} >= {_shift(index, definition.lookback_days[0])} "  # noqa: E731
@@ -302,13 +308,12 @@ GROUP BY u.person_id)""")
         joins.append("LEFT JOIN history_observations AS ho USING (person_id)")
     if last:
         values = ", ".join(
-            f"arg_max(m.value_as_number, {_LATEST}) "
-            f"FILTER (WHERE m.measurement_concept_id = {CONCEPTS[c].concept_id}) AS {_quote(n)}"
+            f"(max({_LATEST}) FILTER (WHERE m.measurement_concept_id = {CONCEPTS[c].concept_id})).v AS {_quote(n)}"
             for n, c in last.items()
         )
         ctes.append(f"""last_values AS (
 SELECT m.person_id, {values}
-{_measurements(definition, _last_filter(definition, last))}
+{_measurements(definition, _last_filter(definition, last), members)}
 GROUP BY m.person_id)""")
         joins.append("LEFT JOIN last_values AS lv USING (person_id)")
     if "prior_pregnancies" in kinds:
@@ -320,7 +325,7 @@ WHERE c.condition_concept_id = {CONCEPTS['pregnancy'].concept_id} AND {lookback(
 GROUP BY u.person_id)""")
         joins.append("LEFT JOIN prior AS pp USING (person_id)")
     if signals:
-        ctes += _signal_ctes(definition, signals)
+        ctes += _signal_ctes(definition, signals, members)
         joins.append("LEFT JOIN signal_summaries AS ss USING (person_id)")
 
     for name, kind in kinds.items():
@@ -355,9 +360,8 @@ def _last_filter(definition: CohortDefinition, last: dict[str, str]) -> str:
 
 
 _READING_TIME = "coalesce(m.measurement_datetime, CAST(m.measurement_date AS TIMESTAMP))"
-# The latest row first by its time, then by row id, as one number: a scalar key that
-# arg_max compares much faster than a (date, datetime, id) struct.
-_LATEST = f"CAST(epoch_us({_READING_TIME}) AS HUGEINT) * CAST(9223372036854775808 AS HUGEINT) + coalesce(m.measurement_id, 0)"
+# The latest row by its time, then the highest value: the ``v`` of the largest such struct.
+_LATEST = f"{{'t': {_READING_TIME}, 'v': m.value_as_number}}"
 
 
 def _signal_filter(definition: CohortDefinition, signals: dict[str, tuple[str, str]]) -> str:
@@ -374,19 +378,20 @@ def _signal_filter(definition: CohortDefinition, signals: dict[str, tuple[str, s
     )
 
 
-def _measurements(definition: CohortDefinition, where: str) -> str:
-    """``FROM ... WHERE ...`` for the measurement rows ``where`` keeps, in alias ``m``.
+def _measurements(definition: CohortDefinition, where: str, members: str) -> str:
+    """``FROM ... WHERE ...`` for the measurement rows of ``members`` that ``where`` keeps, in alias ``m``.
 
-    Calendar tasks share one window, so the rows are filtered (and later grouped) without a
-    join, with constant bounds DuckDB pushes into the scan; people outside the cohort fall
-    away at the final join. Pregnancy tasks join each mother's index date first. Each reader
+    Calendar tasks share one window, so the rows are filtered with constant bounds DuckDB
+    pushes into the scan, then a semi-join keeps only the readings of ``members`` before
+    anything is grouped: at 1M patients, 36 % of them in the cohort, that halves the rows
+    the group-bys hash (BENCHMARKS.md, cohort building). Pregnancy tasks join each mother's index date first. Each reader
     scans the view on its own: one scan under an ``OR`` of both filters measured slower, as
     DuckDB then pushes no filter into the Parquet reader; with the look-back's date range
     pushed, splitting a third of all rows by type, concept and time cost as much as the
     second scan it saved (BENCHMARKS.md, cohort building).
     """
     if TASKS[definition.task].index == "calendar":
-        return f"FROM measurement AS m\nWHERE m.value_as_number IS NOT NULL AND {where}"
+        return f"FROM measurement AS m SEMI JOIN {members} USING (person_id)\nWHERE m.value_as_number IS NOT NULL AND {where}"
     return (
         "FROM units AS u JOIN measurement AS m USING (person_id)\n"
         f"WHERE m.value_as_number IS NOT NULL AND {where}"
@@ -404,7 +409,7 @@ def _split_signal(name: str) -> tuple[str, str]:
     raise ValueError(f"{name!r} is not a signal summary")  # unreachable for a validated definition
 
 
-def _signal_ctes(definition: CohortDefinition, signals: dict[str, tuple[str, str]]) -> list[str]:
+def _signal_ctes(definition: CohortDefinition, signals: dict[str, tuple[str, str]], members: str) -> list[str]:
     """Readings of the named signals in the window, one group per (person, signal), pivoted."""
     start, end = definition.reading_window_days
     length = end - start
@@ -453,7 +458,7 @@ def _signal_ctes(definition: CohortDefinition, signals: dict[str, tuple[str, str
     return [
         f"""readings AS (
 SELECT {', '.join(reading_columns)}
-{_measurements(definition, _signal_filter(definition, signals))})""",
+{_measurements(definition, _signal_filter(definition, signals), members)})""",
         f"""signal_groups AS (
 SELECT r.person_id, r.concept, {', '.join(aggregates)}
 FROM readings AS r GROUP BY r.person_id, r.concept)""",

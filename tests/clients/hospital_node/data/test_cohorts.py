@@ -291,8 +291,8 @@ def test_history_is_any_record_in_the_lookback(tmp_path: Path) -> None:
 
 def test_last_is_the_latest_ehr_value_in_the_lookback(tmp_path: Path) -> None:
     tables = {
-        "person": [person(1), person(2)],
-        "observation_period": [observed(1), observed(2)],
+        "person": [person(1), person(2), person(3)],
+        "observation_period": [observed(1), observed(2), observed(3)],
         "measurement": [
             reading(1, "bmi", date(2023, 3, 1), 30.0, TYPE_EHR),
             reading(1, "bmi", date(2023, 11, 1), 32.0, TYPE_EHR),
@@ -301,11 +301,15 @@ def test_last_is_the_latest_ehr_value_in_the_lookback(tmp_path: Path) -> None:
             reading(1, "hba1c", INDEX - timedelta(366), 7.0, TYPE_EHR),  # before the look-back
             reading(2, "bmi", datetime(2023, 12, 31, 8), 27.0, TYPE_EHR),
             reading(2, "bmi", datetime(2023, 12, 31, 17), 28.0, TYPE_EHR),
+            # Two values at the same time: the higher one, whatever their row ids.
+            reading(3, "bmi", datetime(2023, 12, 30, 9), 26.0, TYPE_EHR),
+            reading(3, "bmi", datetime(2023, 12, 30, 9), 25.0, TYPE_EHR),  # the later row
         ],
     }
     table = build(tmp_path, tables, onset(["bmi_last", "hba1c_last"]))
     assert table.select(["bmi_last", "hba1c_last"]).to_pylist() == [
-        {"bmi_last": 32.0, "hba1c_last": None}, {"bmi_last": 28.0, "hba1c_last": None}]
+        {"bmi_last": 32.0, "hba1c_last": None}, {"bmi_last": 28.0, "hba1c_last": None},
+        {"bmi_last": 26.0, "hba1c_last": None}]
 
 
 SIGNAL_COLUMNS = [f"sbp_{s}" for s in ("mean", "sd", "slope", "night_mean", "frac_above", "days")]
