@@ -261,6 +261,8 @@ class LocalCluster:
         register: bool = True,
         root_certificates: Path | None = None,
         plain_flower: bool = False,
+        executor: str = "warm",
+        executor_idle_seconds: float | None = None,
     ) -> None:
         """Start the node service for the node home `home`, dialling the SuperLink's Fleet port.
 
@@ -271,7 +273,9 @@ class LocalCluster:
         cluster folder), registered first unless `register` is false, and trusts
         `root_certificates` (default: the cluster's CA). `plain_flower` starts a stock
         ``flower-supernode`` instead, which installs and runs each run's bundle: only for
-        benchmarks of plain Flower apps, never for a medfed node home.
+        benchmarks of plain Flower apps, never for a medfed node home. `executor` and
+        `executor_idle_seconds` choose when the node executor runs (``medfed node start
+        --executor``): ``warm`` or ``on-demand``.
         """
         from clients.hospital_node.runtime.supervisor import SupervisorConfig, supervisor_argv
 
@@ -294,7 +298,9 @@ class LocalCluster:
         else:
             argv = supervisor_argv(
                 SupervisorConfig(
-                    home=home.resolve(), superlink=self.fleet_address, root_certificates=ca, auth_key=key, insecure=ca is None
+                    home=home.resolve(), superlink=self.fleet_address, root_certificates=ca, auth_key=key, insecure=ca is None,
+                    executor=executor,
+                    **({} if executor_idle_seconds is None else {"executor_idle_seconds": executor_idle_seconds}),
                 )
             )
         self._spawn(f"supernode-{name}", argv, node_flwr_home)
