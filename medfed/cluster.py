@@ -410,6 +410,11 @@ class LocalCluster:
     def pids(self) -> list[int]:
         return [p.popen.pid for p in self._processes]
 
+    @property
+    def named_pids(self) -> dict[str, int]:
+        """Each running process's name (``superlink``, ``supernode-<site>``) and process id."""
+        return {p.name: p.popen.pid for p in self._processes}
+
     def stop(self, *, grace: float = 10.0) -> None:
         """Stop every process group this cluster started: SIGTERM, then SIGKILL after `grace`."""
         for process in reversed(self._processes):
