@@ -79,6 +79,7 @@ import psutil  # noqa: E402
 from clients.hospital_node.governance import set_budget  # noqa: E402
 from clients.hospital_node.home import NodeHome  # noqa: E402
 from experiments.submit import prepare_submission, run_status, start_run  # noqa: E402
+from experiments.errors import SubmissionError  # noqa: E402
 from experiments.spec import ExperimentSpec  # noqa: E402
 from medfed.cluster import LocalCluster, flower_env  # noqa: E402
 from medfed.demo import DATASET, approve_everywhere, demo_spec, partner_key_path, prepare_alliance  # noqa: E402
@@ -95,6 +96,7 @@ _ROLES = (
     ("flower-superlink", "superlink"),
     ("flower-supernode", "supernode"),
     ("hospital_node.runtime.executor", "executor"),
+    ("hospital_node.runtime.forkserver", "forkserver"),  # its children are executors
     ("hospital_node.runtime.supervisor", "service"),
     ("flwr-clientapp", "clientapp"),
 )
@@ -216,7 +218,11 @@ class Sampler:
                     seen.add(pid)
                     proc = self.procs.get(pid)
                     if proc is None:
-                        proc = self.procs[pid] = _Proc(_role(pid), node)
+                        role = _role(pid)
+                        parent = self.procs.get(stats[pid][0])
+                        if role == "forkserver" and parent is not None and parent.role == "forkserver":
+                            role = "executor"  # forked from it
+                        proc = self.procs[pid] = _Proc(role, node)
                     _, proc.cpu_s, proc.rss = stats[pid]
                     proc.peak_rss = max(proc.peak_rss, proc.rss)
             for pid, proc in self.procs.items():
@@ -240,11 +246,24 @@ class Sampler:
                     (time.time(), *(sum(a + b for a, b in self._sockets[name].values()) for name in ("fleet", "http")))
                 )
             if now - self._last_smaps >= 5.0:
-                self._last_smaps = now
-                for pid, proc in self.procs.items():
-                    if proc.alive and (proc.node == "" or any(self.nodes.get(r) == proc.node for r in self.uss_nodes)):
-                        if (got := _smaps(pid)) is not None:
-                            self.smaps.setdefault(proc.role, []).append(got)
+                self._sample_smaps(now)
+
+    def _sample_smaps(self, now: float) -> None:
+        """USS/PSS of the SuperLink's processes and of a few nodes' (the caller holds the lock)."""
+        self._last_smaps = now
+        forked = 0
+        for pid, proc in self.procs.items():
+            if not proc.alive:
+                continue
+            if proc.node == "" and proc.role == "executor":  # forked: a few of them, as for the nodes
+                forked += 1
+                if forked > len(self.uss_nodes):
+                    continue
+            elif proc.node != "" and not any(self.nodes.get(r) == proc.node for r in self.uss_nodes):
+                continue
+            if (got := _smaps(pid)) is not None:
+                self.smaps.setdefault(proc.role, []).append(got)
+
 
     def cpu(self, *roles: str) -> float:
         """CPU seconds so far of every process with one of `roles` (the dead ones: at their last sample)."""
@@ -278,7 +297,9 @@ class Sampler:
             return min((row["available"] for row in self.series if row["t"] >= start), default=psutil.virtual_memory().available)
 
     def take_smaps(self) -> dict[str, list[tuple[int, int]]]:
+        """The USS/PSS samples since the last call, with one taken now."""
         with self._lock:
+            self._sample_smaps(time.monotonic())
             taken, self.smaps = self.smaps, {}
         return taken
 
@@ -371,7 +392,7 @@ def measure(
     estimate: Estimate,
 ) -> Result:
     """Bring N nodes online, sample them idle, run the experiment unless memory forbids; every process stopped."""
-    result = Result(nodes=n, executor=args.executor)
+    result = Result(nodes=n, executor=args.executor + (" forked" if args.fork else ""))
     cluster_dir = workdir / f"cluster-{n}"
     shutil.rmtree(cluster_dir, ignore_errors=True)
     before = psutil.virtual_memory().available
@@ -384,9 +405,12 @@ def measure(
         return result
     with LocalCluster(cluster_dir) as cluster:
         cluster.start_superlink()
+        fork_server = cluster.start_executor_fork_server() if args.fork else None
         started = time.monotonic()
         for site in sites[:n]:
-            cluster.start_supernode(site.name, site.home, executor=args.executor, executor_idle_seconds=args.idle)
+            cluster.start_supernode(
+                site.name, site.home, executor=args.executor, executor_idle_seconds=args.idle, fork_server=fork_server
+            )
         nodes = {pid: name.removeprefix("supernode-") for name, pid in cluster.named_pids.items() if name.startswith("supernode-")}
         cluster.wait_for_nodes(n, timeout=max(120.0, 3.0 * n))
         result.online_s = round(time.monotonic() - started, 1)
@@ -402,7 +426,9 @@ def measure(
             smaps = _smaps_summary(sampler.take_smaps())
             result.idle = {
                 # The node's processes' PSS: their own pages and their share of the pages they share.
-                "memory_per_node_mib": round(smaps.get("pss_service_mib", 0) + smaps.get("pss_supernode_mib", 0), 1),
+                "memory_per_node_mib": round(
+                    smaps.get("pss_service_mib", 0) + smaps.get("pss_supernode_mib", 0) + smaps.get("pss_forkserver_mib", 0) / n, 1
+                ),
                 "available_drop_per_node_mib": _mib((before - psutil.virtual_memory().available) / n),
                 **_window_summary(sampler.window(idle_start, time.monotonic()), n),
                 **smaps,
@@ -420,6 +446,8 @@ def measure(
                 print(f"N={n}: {result.skipped}", flush=True)
                 return result
             result.run = _run(cluster, spec, sampler, workdir=workdir, n=n, rounds=args.rounds, fleet_idle_rate=fleet_idle_rate)
+            if args.executor == "on-demand" and args.idle <= args.wait_idle_stop:
+                result.run["executors_stopped_after_s"] = _wait_executors_stopped(sampler, timeout=args.idle + 15)
             print(f"N={n}: run {json.dumps(result.run)}", flush=True)
     return result
 
@@ -442,9 +470,13 @@ def _run(
     status = None
     deadline = time.monotonic() + 3600
     while time.monotonic() < deadline and not sampler.on_low_memory.is_set():
-        status = run_status(run_id, connection=cluster.connection, env=env)
-        if status.finished:
-            break
+        try:
+            status = run_status(run_id, connection=cluster.connection, env=env)
+        except SubmissionError as err:  # `flwr ls` may not answer in time under this load: ask again
+            print(f"N={n}: {err}; asking again", flush=True)
+        else:
+            if status.finished:
+                break
         sampler._stop.wait(2.0)
     sampler.tick()
     end = time.monotonic()
@@ -484,10 +516,26 @@ def _run(
     out["serverapp_http_bytes_per_round"] = round(statistics.fmean(http_rounds)) if http_rounds else float("nan")
     out["fleet_bytes_idle_per_round"] = round(fleet_idle_rate * float(out["round_s"]))  # type: ignore[arg-type]
     # What a node holds while the run is out (PSS): service, SuperNode and executor; minus its idle share.
-    out["node_memory_mib"] = round(sum(float(out.get(f"pss_{role}_mib", 0.0)) for role in ("service", "supernode", "executor")), 1)  # type: ignore[arg-type]
+    # With a fork server, each node also holds its share of the parent's pages.
+    out["node_memory_mib"] = round(
+        sum(float(out.get(f"pss_{role}_mib", 0.0)) for role in ("service", "supernode", "executor"))  # type: ignore[arg-type]
+        + float(out.get("pss_forkserver_mib", 0.0)) / n,  # type: ignore[arg-type]
+        1,
+    )
     out["superlink_cpu_s_per_round"] = round(float(out["superlink_cpu_s"]) / rounds, 2)  # type: ignore[arg-type]
     out["coordinator_cpu_s_per_round"] = round(float(out["coordinator_cpu_s"]) / rounds, 2)  # type: ignore[arg-type]
     return out
+
+
+def _wait_executors_stopped(sampler: Sampler, *, timeout: float) -> float:
+    """Seconds after the run until no executor is alive (on demand, each stops when idle); NaN if some still run."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        sampler.tick()
+        if not any(p.alive and p.role == "executor" for p in list(sampler.procs.values())):
+            return round(time.monotonic() - started, 1)
+        sampler._stop.wait(0.5)
+    return float("nan")
 
 
 # ---------------------------------------------------------------------------- leftovers
@@ -597,6 +645,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--executor", choices=("on-demand", "warm"), default="on-demand")
     parser.add_argument("--idle", type=float, default=60.0, help="on-demand: the executor's idle seconds before it stops")
+    parser.add_argument("--wait-idle-stop", type=float, default=30.0,
+                        help="on demand, with --idle at most this: after the run, time the executors' idle stop")
+    parser.add_argument("--fork", action="store_true",
+                        help="fork the executors from one pre-imported parent (clients.hospital_node.runtime.forkserver)")
     parser.add_argument("--idle-seconds", type=float, default=15.0, help="idle sampling per N before the run")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between process samples")
     parser.add_argument("--uss-nodes", type=int, default=3, help="nodes whose USS/PSS is sampled")

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.supercore.runtime import RuntimeHttpClient
 
-__all__ = ["FLWR_VERSION", "SUPEREXEC_METHODS", "NodeExecutor", "main"]
+__all__ = ["FLWR_VERSION", "SUPEREXEC_METHODS", "NodeExecutor", "main", "run", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class NodeExecutor:
             return "unconfigured node"
 
 
-def _warm_up() -> None:
+def warm_up() -> None:
     """Import what training needs once, off the serving thread."""
     try:
         import models.training  # noqa: F401
@@ -424,6 +424,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret-file", required=True, type=Path, help="the SuperExec auth secret (0600)")
     parser.add_argument("--idle-exit", type=float, default=None, help="exit (code 0) after this many seconds without a task")
     args = parser.parse_args(argv)
+    return run(args.home, args.runtime_api, args.secret_file, idle_exit=args.idle_exit)
+
+
+def run(home: Path, runtime_api: str, secret_file: Path, *, idle_exit: float | None = None, warm_up: bool = True) -> int:
+    """Serve the node home `home` until SIGTERM or SIGINT (or `idle_exit` seconds without a task); the exit code.
+
+    The executor's process, or a child forked from a pre-imported parent
+    (:mod:`clients.hospital_node.runtime.forkserver`, which has warmed up already).
+
+    Raises
+    ------
+    SystemExit
+        With the reason, if the home is a rehearsal home or the secret is empty.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s medfed-executor: %(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per runtime API request otherwise
     check_flower_version()
@@ -431,12 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     from clients.hospital_node.runtime.rehearsal import refuse_rehearsal_home
 
     try:
-        refuse_rehearsal_home(args.home.resolve())
+        refuse_rehearsal_home(home.resolve())
     except NodeError as err:
         raise SystemExit(str(err)) from None
-    secret = args.secret_file.read_bytes()
+    secret = secret_file.read_bytes()
     if not secret:
-        raise SystemExit(f"the SuperExec auth secret {args.secret_file} is empty")
+        raise SystemExit(f"the SuperExec auth secret {secret_file} is empty")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -445,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
-    NodeExecutor(args.home.resolve(), args.runtime_api, secret, idle_exit=args.idle_exit).serve(stop)
+    if warm_up:
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    NodeExecutor(home.resolve(), runtime_api, secret, idle_exit=idle_exit).serve(stop)
     return 0
 
 

@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.hospital_node.runtime.forkserver import ForkedExecutor
 from privacy.private_files import make_private_folder, publish
 
 __all__ = ["EXECUTOR_MODES", "SERVICE_PREFIX", "SupervisorConfig", "flower_env", "main", "supervisor_argv"]
@@ -83,6 +84,9 @@ class SupervisorConfig:
     runtime_port: int = 0  # 0: a free loopback port, chosen at start
     executor: str = "warm"  # one of EXECUTOR_MODES
     executor_idle_seconds: float = DEFAULT_IDLE_SECONDS  # on-demand: stop after this long without a task
+    # Fork the executor from this host's executor fork server (clients.hospital_node.runtime.forkserver)
+    # instead of starting a process: several nodes of one hospital on one host share its imported pages.
+    fork_server: Path | None = None
 
     def __post_init__(self) -> None:
         if self.insecure == (self.root_certificates is not None):
@@ -106,6 +110,8 @@ def supervisor_argv(config: SupervisorConfig) -> list[str]:
         argv += ["--runtime-port", str(config.runtime_port)]
     if config.executor != "warm":
         argv += ["--executor", config.executor, "--executor-idle", f"{config.executor_idle_seconds:g}"]
+    if config.fork_server is not None:
+        argv += ["--executor-fork-server", str(config.fork_server)]
     return argv
 
 
@@ -161,7 +167,7 @@ class Supervisor:
         self.secret_path = self.run_dir / SECRET_FILE
         self.port = config.runtime_port
         self.supernode: subprocess.Popen[bytes] | None = None
-        self.executor: subprocess.Popen[bytes] | None = None
+        self.executor: subprocess.Popen[bytes] | ForkedExecutor | None = None
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ start
@@ -212,7 +218,16 @@ class Supervisor:
         else:
             raise _Fatal(f"no free runtime port after {_PORT_ATTEMPTS} attempts")
 
-    def _start_executor(self) -> subprocess.Popen[bytes]:
+    def _start_executor(self) -> subprocess.Popen[bytes] | ForkedExecutor:
+        idle_exit = self.config.executor_idle_seconds if self.config.executor == "on-demand" else None
+        if self.config.fork_server is not None:
+            try:
+                return ForkedExecutor(
+                    self.config.fork_server, home=self.config.home, runtime_api=f"127.0.0.1:{self.port}",
+                    secret_file=self.secret_path, idle_exit=idle_exit,
+                )
+            except OSError as err:
+                raise _Fatal(f"the executor fork server {self.config.fork_server} did not fork an executor: {err}") from None
         argv = [
             sys.executable, "-m", "clients.hospital_node.runtime.executor",
             "--home", str(self.config.home),
@@ -366,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--executor", default="warm", help=f"when the node executor runs: {' or '.join(EXECUTOR_MODES)}")
     parser.add_argument("--executor-idle", type=float, default=DEFAULT_IDLE_SECONDS,
                         help="on-demand: stop the executor after this many seconds without a task")
+    parser.add_argument("--executor-fork-server", type=Path, help="fork the executor from this host's executor fork server (its socket)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s medfed-service: %(message)s", stream=sys.stdout)
     try:
@@ -378,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runtime_port=args.runtime_port,
             executor=args.executor,
             executor_idle_seconds=args.executor_idle,
+            fork_server=args.executor_fork_server.resolve() if args.executor_fork_server else None,
         )
     except ValueError as err:
         _say(str(err))
