@@ -446,6 +446,7 @@ def measure(
                 print(f"N={n}: {result.skipped}", flush=True)
                 return result
             result.run = _run(cluster, spec, sampler, workdir=workdir, n=n, rounds=args.rounds, fleet_idle_rate=fleet_idle_rate)
+            result.run["nodes_lost"] = lost_nodes(cluster_dir / "logs")
             if args.executor == "on-demand" and args.idle <= args.wait_idle_stop:
                 result.run["executors_stopped_after_s"] = _wait_executors_stopped(sampler, timeout=args.idle + 15)
             print(f"N={n}: run {json.dumps(result.run)}", flush=True)
@@ -536,6 +537,19 @@ def _wait_executors_stopped(sampler: Sampler, *, timeout: float) -> float:
             return round(time.monotonic() - started, 1)
         sampler._stop.wait(0.5)
     return float("nan")
+
+
+def lost_nodes(logs: Path) -> list[str]:
+    """Nodes whose SuperNode gave up on the SuperLink (an RPC answered "Internal server error").
+
+    Under CPU starvation the SuperLink's SQLite state can stay locked past its 5 s busy
+    timeout; the RPC fails with INTERNAL and Flower 1.39's SuperNode deactivates itself
+    while its process lives on: the node no longer answers.
+    """
+    return sorted(
+        path.stem.removeprefix("supernode-") for path in logs.glob("supernode-*.log")
+        if "Internal server error" in path.read_text(errors="replace")
+    )
 
 
 # ---------------------------------------------------------------------------- leftovers

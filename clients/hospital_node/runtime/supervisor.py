@@ -384,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--executor-fork-server", type=Path, help="fork the executor from this host's executor fork server (its socket)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s medfed-service: %(message)s", stream=sys.stdout)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # on demand: one line per pending-task check otherwise
     try:
         config = SupervisorConfig(
             home=args.home.resolve(),
