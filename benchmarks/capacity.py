@@ -403,7 +403,7 @@ def measure(
         )
         print(f"N={n}: {result.skipped}", flush=True)
         return result
-    with LocalCluster(cluster_dir) as cluster:
+    with _StoppedWithoutInterruption(LocalCluster(cluster_dir)) as cluster:
         cluster.start_superlink()
         fork_server = cluster.start_executor_fork_server() if args.fork else None
         started = time.monotonic()
@@ -451,6 +451,26 @@ def measure(
                 result.run["executors_stopped_after_s"] = _wait_executors_stopped(sampler, timeout=args.idle + 15)
             print(f"N={n}: run {json.dumps(result.run)}", flush=True)
     return result
+
+
+class _StoppedWithoutInterruption:
+    """Stops the cluster on the way out with SIGTERM and SIGINT held back, so that a Ctrl-C
+    (or the SIGTERM that ends this harness) cannot cut the stop short and leave nodes behind;
+    the signal is delivered once every process is stopped."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+
+    def __enter__(self) -> LocalCluster:
+        return self.cluster
+
+    def __exit__(self, *exc: object) -> None:
+        held = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            self.cluster.stop()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _run(
