@@ -627,39 +627,48 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], path: Path) -> None:
+def plot(series: dict[str, list[Result]], path: Path) -> None:
+    """Memory, seconds per round and the coordinator's cost per round against N, one line per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ran = [r for r in results if r.run and r.run.get("round_gaps_s")]
-    online = [r for r in results if r.idle]
-    n_all = [r.nodes for r in online]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].plot(n_all, [r.idle["memory_per_node_mib"] * r.nodes / 1024 for r in online], "o-", label="N nodes online, idle")
-    axes[0].plot([r.nodes for r in ran], [float(r.run["node_memory_mib"]) * r.nodes / 1024  # type: ignore[arg-type]
-                                          for r in ran], "s-", label="N nodes while the run is out")
-    axes[0].plot(n_all, [r.idle["superlink_rss_peak_mib"] / 1024 for r in online], "^--", label="SuperLink RSS")
-    axes[0].set_ylabel("GiB (sum of PSS)")
-    axes[0].set_title("Memory")
-    axes[1].plot([r.nodes for r in ran], [r.run["round_s"] for r in ran], "o-", label="warm round")
-    axes[1].plot([r.nodes for r in ran], [r.run["first_round_s"] for r in ran], "s--", label="round 1 (executors start)")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for index, (label, results) in enumerate(series.items()):
+        marker = "os^vD"[index % 5]
+        online = [r for r in results if r.idle]
+        ran = [r for r in results if r.run and r.run.get("round_gaps_s")]
+        axes[0].plot([r.nodes for r in online], [r.idle["memory_per_node_mib"] * r.nodes / 1024 for r in online],
+                     f"{marker}--", label=f"{label}: N nodes idle")
+        axes[0].plot([r.nodes for r in ran], [float(r.run["node_memory_mib"]) * r.nodes / 1024 for r in ran],  # type: ignore[arg-type]
+                     f"{marker}-", label=f"{label}: N nodes, run out")
+        axes[1].plot([r.nodes for r in ran], [r.run["round_s"] for r in ran], f"{marker}-", label=f"{label}: rounds 2-3")
+        axes[2].plot([r.nodes for r in ran], [r.run["superlink_cpu_s_per_round"] for r in ran], f"{marker}-",
+                     label=f"{label}: SuperLink CPU s")
+        axes[2].plot([r.nodes for r in ran], [float(r.run["fleet_bytes_per_round"]) / 2**10 / 100 for r in ran],  # type: ignore[arg-type]
+                     f"{marker}:", label=f"{label}: Fleet bytes (100 KiB)")
+    axes[0].axhline(psutil.virtual_memory().total / GIB - 3.0, color="grey", lw=0.8)
+    axes[0].set_ylabel("GiB (sum of the nodes' PSS)")
+    axes[0].set_title("Node memory (grey: all but the 3 GiB reserve)")
     axes[1].set_ylabel("seconds")
     axes[1].set_title("Seconds per round")
-    axes[2].plot([r.nodes for r in ran], [r.run["superlink_cpu_s_per_round"] for r in ran], "o-", label="SuperLink CPU s / round")
-    axes[2].plot([r.nodes for r in ran], [r.run["coordinator_cpu_s_per_round"] for r in ran], "s-", label="ServerApp CPU s / round")
-    axes[2].plot([r.nodes for r in ran], [float(r.run["fleet_bytes_per_round"]) / MIB for r in ran], "^--", label="Fleet MiB / round")  # type: ignore[arg-type]
-    axes[2].set_title("Coordinator cost per round")
+    axes[2].set_title("Per round, at the coordinator")
     for axis in axes:
         axis.set_xlabel("real SuperNodes (TLS + node auth)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
     fig.suptitle(f"medfed capacity: 1 SuperLink + N node services on {os.cpu_count()} CPUs, "
-                 f"{psutil.virtual_memory().total / GIB:.0f} GiB", fontsize=9)
+                 f"{psutil.virtual_memory().total / GIB:.0f} GiB (shared host, loaded)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def _load(path: Path) -> tuple[str, list[Result]]:
+    data = json.loads(path.read_text())
+    fields = {"nodes", "executor", "online_s", "idle", "run", "skipped"}
+    return data["label"] or path.stem, [Result(**{k: v for k, v in r.items() if k in fields}) for r in data["results"]]
 
 
 # ---------------------------------------------------------------------------- main
@@ -693,7 +702,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="a name for this configuration in the JSON")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
+    parser.add_argument("--plot-from", type=Path, nargs="+", help="only draw --png from these JSON results")
     args = parser.parse_args(argv)
+    if args.plot_from:
+        if not args.png:
+            parser.error("--plot-from needs --png")
+        plot(dict(_load(path) for path in args.plot_from), args.png)
+        return 0
     if sorted(args.nodes) != args.nodes or min(args.nodes) < 2:
         parser.error(f"--nodes must be ascending and >= 2 (the experiment needs two sites); found {args.nodes}")
     workdir = args.workdir.resolve()
@@ -739,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "results": [asdict(r) for r in results], "problem": problem, "leftovers": left},
                                         indent=2) + "\n")
     if args.png and results:
-        plot(results, args.png)
+        plot({args.label or args.executor: results}, args.png)
     if problem:
         print(f"stopped early: {problem}", file=sys.stderr)
     return 1 if problem or left else 0
