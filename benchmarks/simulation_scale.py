@@ -12,7 +12,8 @@ Each N runs in its own process (``--one N``): ``medfed simulate``'s path
 - the coordinator's (driver's) peak RSS, the largest Ray worker's peak RSS, and the
   peak RSS of the driver's whole process tree (driver, Ray's processes, actors), sampled
   every 0.5 s from /proc;
-- how many hospitals trained and how many refused.
+- how many hospitals trained and how many refused;
+- the coordinator's (driver's) CPU seconds over the rehearsal (``getrusage``).
 
 The ratio column is seconds per round against the smallest N of the same run. With
 ``--png`` the curve is drawn with matplotlib. A benchmark, not a test: nothing asserts.
@@ -89,6 +90,7 @@ def one(sites: int, workdir: Path) -> dict[str, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out = StringIO()
+    cpu_before = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     started = time.monotonic()
     result = simulate(workdir, spec, sites=sites, console=Console(file=out, width=160))
     wall = time.monotonic() - started
@@ -116,6 +118,8 @@ def one(sites: int, workdir: Path) -> dict[str, float]:
         "round_s": sum(gaps) / len(gaps) if gaps else float("nan"),
         "round_gaps_s": gaps,
         "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # The coordinator's (driver's) CPU over the whole rehearsal: ServerApp, reply polling, MLflow, Ray driver.
+        "driver_cpu_s": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu_before, 1),
         "worker_peak_mib": peak["worker"],
         "tree_peak_mib": peak["tree"],
     }

@@ -261,6 +261,9 @@ class LocalCluster:
         register: bool = True,
         root_certificates: Path | None = None,
         plain_flower: bool = False,
+        executor: str = "warm",
+        executor_idle_seconds: float | None = None,
+        fork_server: Path | None = None,
     ) -> None:
         """Start the node service for the node home `home`, dialling the SuperLink's Fleet port.
 
@@ -271,7 +274,10 @@ class LocalCluster:
         cluster folder), registered first unless `register` is false, and trusts
         `root_certificates` (default: the cluster's CA). `plain_flower` starts a stock
         ``flower-supernode`` instead, which installs and runs each run's bundle: only for
-        benchmarks of plain Flower apps, never for a medfed node home.
+        benchmarks of plain Flower apps, never for a medfed node home. `executor` and
+        `executor_idle_seconds` choose when the node executor runs (``medfed node start
+        --executor``): ``warm`` or ``on-demand``; with `fork_server` (from
+        :meth:`start_executor_fork_server`) it is forked from that pre-imported parent.
         """
         from clients.hospital_node.runtime.supervisor import SupervisorConfig, supervisor_argv
 
@@ -294,10 +300,34 @@ class LocalCluster:
         else:
             argv = supervisor_argv(
                 SupervisorConfig(
-                    home=home.resolve(), superlink=self.fleet_address, root_certificates=ca, auth_key=key, insecure=ca is None
+                    home=home.resolve(), superlink=self.fleet_address, root_certificates=ca, auth_key=key, insecure=ca is None,
+                    executor=executor, fork_server=fork_server,
+                    **({} if executor_idle_seconds is None else {"executor_idle_seconds": executor_idle_seconds}),
                 )
             )
         self._spawn(f"supernode-{name}", argv, node_flwr_home)
+
+    def start_executor_fork_server(self, *, timeout: float = 120.0) -> Path:
+        """Start one executor fork server for this cluster's nodes; its socket, once it answers.
+
+        The nodes of a local cluster stand for hospitals that each have a host of their
+        own; on one machine they may share one pre-imported parent for their executors
+        (:mod:`clients.hospital_node.runtime.forkserver`), which a real alliance never does
+        across hospitals.
+        """
+        from clients.hospital_node.runtime.forkserver import ping
+
+        path = self.workdir / "forkserver" / "executors.sock"
+        process = self._spawn(
+            "executor-forkserver", [sys.executable, "-m", "clients.hospital_node.runtime.forkserver", "--socket", str(path)], self.flwr_home
+        )
+        deadline = time.monotonic() + timeout
+        while not ping(path):
+            self._check_alive(process)
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the executor fork server did not answer within {timeout:g} s; see {process.log_path}")
+            time.sleep(0.2)
+        return path
 
     def flwr(self, *args: str, timeout: float = 120.0, attempts: int = 1) -> subprocess.CompletedProcess[str]:
         """Run the `flwr` CLI against this SuperLink, trying up to `attempts` times if it does not answer.
@@ -404,10 +434,21 @@ class LocalCluster:
     def pids(self) -> list[int]:
         return [p.popen.pid for p in self._processes]
 
+    @property
+    def named_pids(self) -> dict[str, int]:
+        """Each running process's name (``superlink``, ``supernode-<site>``) and process id."""
+        return {p.name: p.popen.pid for p in self._processes}
+
     def stop(self, *, grace: float = 10.0) -> None:
-        """Stop every process group this cluster started: SIGTERM, then SIGKILL after `grace`."""
+        """Stop every process group this cluster started: SIGTERM, then SIGKILL after `grace`.
+
+        Descendants that left their group (the SuperExec starts each ServerApp in a
+        session of its own) are found first and stopped the same way.
+        """
+        strays = _descendants([p.popen.pid for p in self._processes])
         for process in reversed(self._processes):
             _signal_group(process.popen, signal.SIGTERM)
+        _signal_pids(strays, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for process in reversed(self._processes):
             remaining = max(0.1, deadline - time.monotonic())
@@ -418,6 +459,9 @@ class LocalCluster:
                 process.popen.wait(timeout=5)
             # Children of the group (SuperExec, app processes) may outlive the leader.
             _signal_group(process.popen, signal.SIGKILL)
+        while (alive := [pid for pid in strays if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_pids(alive, signal.SIGKILL)
         self._processes.clear()
 
 
@@ -474,6 +518,44 @@ def wait_for_health(
         if time.monotonic() > deadline:
             raise ClusterError(f"the SuperLink did not answer {url} within {timeout:g} s; see {log_path}")
         time.sleep(0.2)
+
+
+def _descendants(roots: Sequence[int]) -> list[int]:
+    """Every living descendant of `roots`, from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal_pids(pids: Sequence[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:

@@ -48,7 +48,7 @@ from clients.hospital_node.home import (
     NodeHome,
 )
 from clients.hospital_node.policy import POLICY_FILE
-from clients.hospital_node.runtime.supervisor import SERVICE_PREFIX, flower_env
+from clients.hospital_node.runtime.supervisor import DEFAULT_IDLE_SECONDS, SERVICE_PREFIX, flower_env
 from privacy.enrolment import EnrolmentBundle, EnrolmentRequest
 from privacy.errors import CertificateError, KeyFileError, PrivacyError
 from privacy.keys import TRUSTED_KEYS_FILE
@@ -287,21 +287,41 @@ class NodeService:
             pass
         return pid
 
-    def service_argv(self, bundle: EnrolmentBundle, runtime_port: int = 0) -> list[str]:
-        """The node service command: a SuperNode that runs no app bundle, and the node executor."""
+    def service_argv(
+        self, bundle: EnrolmentBundle, runtime_port: int = 0, *, executor: str = "warm", executor_idle_seconds: float = DEFAULT_IDLE_SECONDS
+    ) -> list[str]:
+        """The node service command: a SuperNode that runs no app bundle, and the node executor.
+
+        Raises
+        ------
+        NodeServiceError
+            `executor` is not a mode, or the idle time is not positive.
+        """
         from clients.hospital_node.runtime.supervisor import SupervisorConfig, supervisor_argv
 
-        return supervisor_argv(
-            SupervisorConfig(
+        try:
+            config = SupervisorConfig(
                 home=self.node.path,
                 superlink=bundle.fleet_address,
                 root_certificates=self.ca_path,
                 auth_key=self.auth_key_path,
                 runtime_port=runtime_port,
+                executor=executor,
+                executor_idle_seconds=executor_idle_seconds,
             )
-        )
+        except ValueError as err:
+            raise NodeServiceError(f"cannot start the node service: {err}") from None
+        return supervisor_argv(config)
 
-    def start(self, *, runtime_port: int = 0, foreground: bool = False, timeout: float = 60.0) -> int:
+    def start(
+        self,
+        *,
+        runtime_port: int = 0,
+        foreground: bool = False,
+        timeout: float = 60.0,
+        executor: str = "warm",
+        executor_idle_seconds: float = DEFAULT_IDLE_SECONDS,
+    ) -> int:
         """Check the keys and the coordinator's certificate, start the node service, wait until it is accepted.
 
         The node service (:mod:`clients.hospital_node.runtime.supervisor`) runs
@@ -309,6 +329,8 @@ class NodeService:
         a run's app bundle, and the node executor that serves its tasks with the medfed
         ClientApp installed here. `runtime_port` is the SuperNode's loopback runtime port;
         0 (the default) picks a free one, so several nodes share a host without choosing.
+        `executor` is ``warm`` (started at once and kept) or ``on-demand`` (started when the
+        SuperNode holds a task, stopped after `executor_idle_seconds` without one).
 
         Returns the service's process id; with ``foreground`` it returns only once the
         service has exited (a SIGTERM or Ctrl-C to us stops it first).
@@ -320,6 +342,7 @@ class NodeService:
             verify, or the service exits or is not accepted in time (with its reason).
         """
         bundle = self.enrolment()
+        argv = self.service_argv(bundle, runtime_port, executor=executor, executor_idle_seconds=executor_idle_seconds)
         running = self.pid()
         if running is not None:
             raise NodeServiceError(f"the node service runs already (pid {running}); stop it with `medfed node stop`")
@@ -334,7 +357,7 @@ class NodeService:
         offset = self.log_path.stat().st_size
         with self.log_path.open("ab") as log:
             popen = subprocess.Popen(
-                self.service_argv(bundle, runtime_port),
+                argv,
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=flower_env(self.flwr_home), cwd=self.node.path, start_new_session=True, umask=0o077,
             )

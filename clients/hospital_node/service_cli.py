@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from clients.hospital_node.home import NodeHome
+from clients.hospital_node.runtime.supervisor import DEFAULT_IDLE_SECONDS
 from clients.hospital_node.service import NodeService
 
 __all__ = ["doctor", "enrol", "start", "status", "stop"]
@@ -40,14 +41,23 @@ def start(
     ),
     foreground: bool = typer.Option(False, "--foreground", help="Stay in the foreground (for systemd)."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for the coordinator to accept the node."),
+    executor: str = typer.Option(
+        "warm", "--executor",
+        help="When the node executor runs: 'warm' (always, torch imported: fastest first message) or 'on-demand' "
+             "(started when a message arrives, stopped after --executor-idle seconds without one: ~340 MB less while idle).",
+    ),
+    executor_idle: float = typer.Option(
+        DEFAULT_IDLE_SECONDS, "--executor-idle", help="With --executor on-demand: seconds without a message before it stops."
+    ),
 ) -> None:
     """Start the node service (a SuperNode that runs no app bundle, and the node executor); wait until accepted."""
     service = NodeService(NodeHome.open(home))
+    options = {"runtime_port": port, "timeout": timeout, "executor": executor, "executor_idle_seconds": executor_idle}
     if foreground:
         typer.echo(f"starting the node service in the foreground; log {service.log_path}")
-        service.start(runtime_port=port, foreground=True, timeout=timeout)
+        service.start(foreground=True, **options)  # type: ignore[arg-type]
         return
-    pid = service.start(runtime_port=port, timeout=timeout)
+    pid = service.start(**options)  # type: ignore[arg-type]
     typer.echo(f"node service running (pid {pid}), accepted by {service.enrolment().fleet_address}; log {service.log_path}")
 
 

@@ -46,14 +46,14 @@ if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.supercore.runtime import RuntimeHttpClient
 
-__all__ = ["FLWR_VERSION", "NodeExecutor", "main"]
+__all__ = ["FLWR_VERSION", "SUPEREXEC_METHODS", "NodeExecutor", "main", "run", "warm_up"]
 
 logger = logging.getLogger(__name__)
 
 #: The Flower release whose internal runtime API this executor speaks.
 FLWR_VERSION = "1.39.0"
 # The runtime API methods the SuperNode guards with the SuperExec auth secret.
-_SUPEREXEC_METHODS = frozenset(
+SUPEREXEC_METHODS = frozenset(
     {"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks", "/flwr.proto.Runtime/ClaimTask"}
 )
 _HEARTBEAT_SECONDS = 15.0  # Flower expires a task token after about 2 x 30 s without one
@@ -123,19 +123,33 @@ class NodeExecutor:
         The SuperNode's runtime API, ``127.0.0.1:<port>``.
     secret
         The SuperExec auth secret the SuperNode was started with.
+    idle_exit
+        Stop serving after this many seconds without a task (the on-demand mode of the
+        node service, which starts the executor again for the next task); None: never.
     """
 
-    def __init__(self, home: Path, runtime_address: str, secret: bytes, *, poll: tuple[float, float] = _POLL_SECONDS) -> None:
+    def __init__(
+        self,
+        home: Path,
+        runtime_address: str,
+        secret: bytes,
+        *,
+        poll: tuple[float, float] = _POLL_SECONDS,
+        idle_exit: float | None = None,
+    ) -> None:
         self.home = home
         self.runtime_address = runtime_address
         self.secret = secret
         self.poll = poll
+        self.idle_exit = idle_exit
         self._refused_runs: set[int] = set()
         self._identities: dict[str, Any] = {}  # fab hash -> AppIdentity | BundleError text
 
     # ------------------------------------------------------------------ the loop
     def serve(self, stop: threading.Event) -> None:
-        """Acquire and serve tasks until `stop` is set."""
+        """Acquire and serve tasks until `stop` is set (or, with `idle_exit`, until idle that long)."""
+        import time
+
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
@@ -150,7 +164,7 @@ class NodeExecutor:
             root_certificates=None,
             interceptors=[
                 RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods=_SUPEREXEC_METHODS),
+                SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods=SUPEREXEC_METHODS),
             ],
             retry_invoker=make_simple_http_retry_invoker(),
         )
@@ -159,12 +173,16 @@ class NodeExecutor:
         logger.info("node executor serving %s for node home %s", self.runtime_address, self.home)
         shortest, longest = self.poll
         wait = shortest
+        last_task = time.monotonic()
         try:
             while not stop.is_set():
                 answer = client.AcquireTask(request)
                 if answer.HasField("task") and answer.token:
                     self.serve_task(answer.token, answer.task)
-                    wait = shortest
+                    wait, last_task = shortest, time.monotonic()
+                elif self.idle_exit is not None and time.monotonic() - last_task >= self.idle_exit:
+                    logger.info("no task for %g s: stopping until the next one", self.idle_exit)
+                    return
                 else:
                     stop.wait(wait)
                     wait = min(wait * 1.5, longest)
@@ -388,7 +406,7 @@ class NodeExecutor:
             return "unconfigured node"
 
 
-def _warm_up() -> None:
+def warm_up() -> None:
     """Import what training needs once, off the serving thread."""
     try:
         import models.training  # noqa: F401
@@ -404,7 +422,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", required=True, type=Path)
     parser.add_argument("--runtime-api", required=True, help="the SuperNode's runtime API, HOST:PORT")
     parser.add_argument("--secret-file", required=True, type=Path, help="the SuperExec auth secret (0600)")
+    parser.add_argument("--idle-exit", type=float, default=None, help="exit (code 0) after this many seconds without a task")
     args = parser.parse_args(argv)
+    return run(args.home, args.runtime_api, args.secret_file, idle_exit=args.idle_exit)
+
+
+def run(home: Path, runtime_api: str, secret_file: Path, *, idle_exit: float | None = None, warm_up: bool = True) -> int:
+    """Serve the node home `home` until SIGTERM or SIGINT (or `idle_exit` seconds without a task); the exit code.
+
+    The executor's process, or a child forked from a pre-imported parent
+    (:mod:`clients.hospital_node.runtime.forkserver`, which has warmed up already).
+
+    Raises
+    ------
+    SystemExit
+        With the reason, if the home is a rehearsal home or the secret is empty.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s medfed-executor: %(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per runtime API request otherwise
     check_flower_version()
@@ -412,12 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     from clients.hospital_node.runtime.rehearsal import refuse_rehearsal_home
 
     try:
-        refuse_rehearsal_home(args.home.resolve())
+        refuse_rehearsal_home(home.resolve())
     except NodeError as err:
         raise SystemExit(str(err)) from None
-    secret = args.secret_file.read_bytes()
+    secret = secret_file.read_bytes()
     if not secret:
-        raise SystemExit(f"the SuperExec auth secret {args.secret_file} is empty")
+        raise SystemExit(f"the SuperExec auth secret {secret_file} is empty")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -426,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
-    NodeExecutor(args.home.resolve(), args.runtime_api, secret).serve(stop)
+    if warm_up:
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    NodeExecutor(home.resolve(), runtime_api, secret, idle_exit=idle_exit).serve(stop)
     return 0
 
 

@@ -11,6 +11,18 @@ starts this process in a session of its own; it starts and watches its two child
 - the node executor (:mod:`clients.hospital_node.runtime.executor`), which serves every
   task with the medfed ClientApp installed here, for allowed releases only.
 
+When the executor starts is the hospital's choice (``medfed node start --executor``):
+
+- ``warm`` (the default): at once, and it stays up, torch and Opacus imported, so the
+  first message of a run costs its training only;
+- ``on-demand``: only when the SuperNode holds a task (this process asks the SuperNode's
+  runtime API for pending tasks every second, signed with the same secret), and it
+  stops after ``--executor-idle`` seconds without one. An idle node then costs the
+  SuperNode and this process only (about 340 MB less), and the first message of a run
+  waits for the executor's start and imports (a few seconds). Nothing else changes: it
+  is the same executor, the hospital's own installed code, with the same gate; the
+  pending-task check reads task records, never a message or an app bundle.
+
 If the executor dies (killed for memory, a crash in a native library) it is started
 again, after a pause that grows while it keeps dying; the task it held gets Flower's
 "ClientApp crashed" reply once its token expires, so the SuperNode never stalls. If the
@@ -36,9 +48,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from clients.hospital_node.runtime.forkserver import ForkedExecutor
 from privacy.private_files import make_private_folder, publish
 
-__all__ = ["SERVICE_PREFIX", "SupervisorConfig", "flower_env", "main", "supervisor_argv"]
+__all__ = ["EXECUTOR_MODES", "SERVICE_PREFIX", "SupervisorConfig", "flower_env", "main", "supervisor_argv"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +64,12 @@ _PORT_ATTEMPTS = 5
 _READY_SECONDS = 30.0
 _BACKOFF_MAX = 30.0
 _STOP_GRACE = 10.0
+#: When the node executor runs: ``warm`` (always) or ``on-demand`` (while there are tasks).
+EXECUTOR_MODES = ("warm", "on-demand")
+DEFAULT_IDLE_SECONDS = 300.0
+# On demand: how often the SuperNode is asked for pending tasks. It fetches messages from
+# the coordinator every 3 s itself, so a second adds little to a run's first message.
+_PENDING_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,10 +82,19 @@ class SupervisorConfig:
     auth_key: Path | None = None
     insecure: bool = False
     runtime_port: int = 0  # 0: a free loopback port, chosen at start
+    executor: str = "warm"  # one of EXECUTOR_MODES
+    executor_idle_seconds: float = DEFAULT_IDLE_SECONDS  # on-demand: stop after this long without a task
+    # Fork the executor from this host's executor fork server (clients.hospital_node.runtime.forkserver)
+    # instead of starting a process: several nodes of one hospital on one host share its imported pages.
+    fork_server: Path | None = None
 
     def __post_init__(self) -> None:
         if self.insecure == (self.root_certificates is not None):
             raise ValueError("give either root_certificates (TLS) or insecure=True")
+        if self.executor not in EXECUTOR_MODES:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTOR_MODES)}; found {self.executor!r}")
+        if not self.executor_idle_seconds > 0:
+            raise ValueError(f"executor idle time must be > 0 seconds; found {self.executor_idle_seconds!r}")
 
 
 def supervisor_argv(config: SupervisorConfig) -> list[str]:
@@ -80,6 +108,10 @@ def supervisor_argv(config: SupervisorConfig) -> list[str]:
         argv += ["--auth-key", str(config.auth_key)]
     if config.runtime_port:
         argv += ["--runtime-port", str(config.runtime_port)]
+    if config.executor != "warm":
+        argv += ["--executor", config.executor, "--executor-idle", f"{config.executor_idle_seconds:g}"]
+    if config.fork_server is not None:
+        argv += ["--executor-fork-server", str(config.fork_server)]
     return argv
 
 
@@ -135,7 +167,7 @@ class Supervisor:
         self.secret_path = self.run_dir / SECRET_FILE
         self.port = config.runtime_port
         self.supernode: subprocess.Popen[bytes] | None = None
-        self.executor: subprocess.Popen[bytes] | None = None
+        self.executor: subprocess.Popen[bytes] | ForkedExecutor | None = None
         self._stopping = threading.Event()
 
     # ------------------------------------------------------------------ start
@@ -186,13 +218,24 @@ class Supervisor:
         else:
             raise _Fatal(f"no free runtime port after {_PORT_ATTEMPTS} attempts")
 
-    def _start_executor(self) -> subprocess.Popen[bytes]:
+    def _start_executor(self) -> subprocess.Popen[bytes] | ForkedExecutor:
+        idle_exit = self.config.executor_idle_seconds if self.config.executor == "on-demand" else None
+        if self.config.fork_server is not None:
+            try:
+                return ForkedExecutor(
+                    self.config.fork_server, home=self.config.home, runtime_api=f"127.0.0.1:{self.port}",
+                    secret_file=self.secret_path, idle_exit=idle_exit,
+                )
+            except OSError as err:
+                raise _Fatal(f"the executor fork server {self.config.fork_server} did not fork an executor: {err}") from None
         argv = [
             sys.executable, "-m", "clients.hospital_node.runtime.executor",
             "--home", str(self.config.home),
             "--runtime-api", f"127.0.0.1:{self.port}",
             "--secret-file", str(self.secret_path),
         ]
+        if self.config.executor == "on-demand":
+            argv += ["--idle-exit", f"{self.config.executor_idle_seconds:g}"]
         return subprocess.Popen(argv, env=_child_env(self.config.home), stdin=subprocess.DEVNULL, umask=0o077)
 
     # ------------------------------------------------------------------ run
@@ -203,6 +246,11 @@ class Supervisor:
             self._start_supernode()
             if self._stopping.is_set():
                 return 0
+            assert self.supernode is not None
+            if self.config.executor == "on-demand":
+                _say(f"SuperNode (pid {self.supernode.pid}) runs no app; the node executor starts when it holds a task "
+                     f"and stops after {self.config.executor_idle_seconds:g} s without one (runtime API 127.0.0.1:{self.port})")
+                return self._watch_on_demand()
             self.executor = self._start_executor()
             _say(f"SuperNode (pid {self.supernode.pid}) runs no app; node executor (pid {self.executor.pid}) "
                  f"serves its runtime API on 127.0.0.1:{self.port}")
@@ -234,6 +282,37 @@ class Supervisor:
             self._stopping.wait(0.2)
         return 0
 
+    def _watch_on_demand(self) -> int:
+        """Start the executor while the SuperNode holds tasks; it stops itself when idle."""
+        assert self.supernode is not None
+        pending = _PendingTasks(f"127.0.0.1:{self.port}", self.secret_path.read_bytes())
+        backoff = 1.0
+        try:
+            while not self._stopping.is_set():
+                code = self.supernode.poll()
+                if code is not None:
+                    _say(f"flower-supernode exited with code {code}; stopping the node executor")
+                    return code or 1
+                if self.executor is not None:
+                    executor_code = self.executor.poll()
+                    if executor_code == 0:
+                        _say(f"the node executor stopped after {self.config.executor_idle_seconds:g} s without a task")
+                        self.executor, backoff = None, 1.0
+                    elif executor_code is not None:
+                        _say(f"the node executor exited with code {executor_code}; it starts again for the next task, "
+                             f"in {backoff:g} s at the earliest")
+                        self.executor = None
+                        if self._stopping.wait(backoff):
+                            break
+                        backoff = min(backoff * 2, _BACKOFF_MAX)
+                elif pending.any():
+                    self.executor = self._start_executor()
+                    _say(f"the SuperNode holds a task: node executor started (pid {self.executor.pid})")
+                self._stopping.wait(_PENDING_POLL_SECONDS if self.executor is None else 0.2)
+        finally:
+            pending.close()
+        return 0
+
     def stop(self) -> None:
         self._stopping.set()
 
@@ -254,6 +333,43 @@ class _Fatal(Exception):
     """The service cannot run; the message says why."""
 
 
+class _PendingTasks:
+    """Asks the SuperNode's runtime API whether it holds a task nobody serves yet.
+
+    ``PullPendingTasks`` returns task records (ids, types, statuses), never a message or
+    an app bundle; the SuperNode answers it only to holders of the SuperExec secret.
+    Flower is imported here, in on-demand mode only, to keep a warm node's service small.
+    """
+
+    def __init__(self, runtime_address: str, secret: bytes) -> None:
+        from flwr.proto.runtime_pb2 import PullPendingTasksRequest
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        from clients.hospital_node.runtime.executor import SUPEREXEC_METHODS
+
+        self._request = PullPendingTasksRequest()
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_address,
+            insecure=True,  # loopback; the secret authenticates us
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_METHODS),
+            ],
+        )
+
+    def any(self) -> bool:
+        try:
+            return len(self._client.PullPendingTasks(self._request).tasks) > 0
+        except Exception as err:  # noqa: BLE001 - asked again in a second; a dead SuperNode is seen by its exit
+            logger.debug("asking the SuperNode for pending tasks failed: %s", err)
+            return False
+
+    def close(self) -> None:
+        self._client.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medfed-node-service", description=__doc__.splitlines()[0])
     parser.add_argument("--home", required=True, type=Path)
@@ -262,8 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--auth-key", type=Path, help="the node's Fleet auth private key (OpenSSH)")
     parser.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
     parser.add_argument("--runtime-port", type=int, default=0, help="the SuperNode's loopback runtime port (default: a free one)")
+    parser.add_argument("--executor", default="warm", help=f"when the node executor runs: {' or '.join(EXECUTOR_MODES)}")
+    parser.add_argument("--executor-idle", type=float, default=DEFAULT_IDLE_SECONDS,
+                        help="on-demand: stop the executor after this many seconds without a task")
+    parser.add_argument("--executor-fork-server", type=Path, help="fork the executor from this host's executor fork server (its socket)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s medfed-service: %(message)s", stream=sys.stdout)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # on demand: one line per pending-task check otherwise
     try:
         config = SupervisorConfig(
             home=args.home.resolve(),
@@ -272,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth_key=args.auth_key.resolve() if args.auth_key else None,
             insecure=args.insecure,
             runtime_port=args.runtime_port,
+            executor=args.executor,
+            executor_idle_seconds=args.executor_idle,
+            fork_server=args.executor_fork_server.resolve() if args.executor_fork_server else None,
         )
     except ValueError as err:
         _say(str(err))

@@ -310,3 +310,16 @@ def test_doctor_warns_that_an_older_policys_accountant_is_ignored(service: NodeS
     assert checks["policy accountant"].detail == (
         "policy.accountant = 'prv' is ignored: the ledger composes with PLD only; remove the line from policy.toml"
     )
+
+
+def test_start_with_an_unknown_executor_mode_names_it_before_anything_starts(service: NodeService, tmp_path: Path) -> None:
+    service.enrol(_bundle(service, tmp_path))
+    with pytest.raises(NodeServiceError, match="executor must be one of warm, on-demand; found 'lazy'"):
+        service.start(executor="lazy")
+    assert service.pid() is None
+
+
+def test_the_on_demand_executor_is_part_of_the_service_command(service: NodeService, tmp_path: Path) -> None:
+    bundle = service.enrol(_bundle(service, tmp_path))
+    argv = service.service_argv(bundle, executor="on-demand", executor_idle_seconds=120)
+    assert argv[argv.index("--executor"):][:4] == ["--executor", "on-demand", "--executor-idle", "120"]

@@ -1,0 +1,58 @@
+"""benchmarks/capacity.py at N=3 for one round, so that the capacity harness does not rot.
+
+Three real node services (on-demand executors forked from one pre-imported parent) and
+a real SuperLink with TLS and node authentication: no executor runs before the run,
+one per node while it is out, none once they have been idle; the experiment completes,
+every number the report needs is there, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _capacity():  # type: ignore[no-untyped-def]
+    name = "capacity_benchmark"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "capacity.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_three_nodes_one_round_complete_and_leave_nothing_running(tmp_path: Path) -> None:
+    out = tmp_path / "capacity.json"
+    code = _capacity().main([
+        "--nodes", "3", "--rounds", "1", "--idle", "4", "--idle-seconds", "2", "--fork",
+        "--workdir", str(tmp_path / "work"), "--json", str(out),
+    ])
+    report = json.loads(out.read_text())
+    assert code == 0, report["problem"]
+    assert report["leftovers"] == []
+    [result] = report["results"]
+    idle, run = result["idle"], result["run"]
+    assert result["executor"] == "on-demand forked"
+    assert idle["executors_alive_peak"] == 0  # on demand: nothing before the run
+    assert 40 < idle["memory_per_node_mib"] < 400
+    assert run["status"] == "finished:completed"
+    assert run["executors_alive_peak"] == 3
+    assert 0 <= run["executors_stopped_after_s"] <= 4 + 15  # NaN (still running) fails
+    for node in ("hospital_1", "hospital_2", "hospital_3"):
+        log = (tmp_path / "work" / "cluster-3" / "logs" / f"supernode-{node}.log").read_text()
+        assert "the SuperNode holds a task: node executor started" in log
+        assert "the node executor stopped after 4 s without a task" in log
+    assert len(run["round_gaps_s"]) == 1 and 0 < run["round_s"] < 120
+    assert 10_000 < run["fleet_bytes_per_round"] < 5_000_000  # a 17-weight model to 3 nodes and back, with TLS and polls
+    assert run["superlink_cpu_s"] > 0 and run["coordinator_cpu_s"] > 0
+    assert run["node_memory_mib"] > idle["memory_per_node_mib"]
