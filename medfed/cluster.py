@@ -29,6 +29,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -54,6 +55,8 @@ __all__ = ["LocalCluster", "flower_env", "free_port", "parse_register_output", "
 logger = logging.getLogger(__name__)
 
 CONNECTION = "medfed-local"
+#: The longest Unix socket path used as given (Linux allows 107 bytes).
+_SOCKET_PATH_MAX = 100
 #: The name of each SuperNode's Fleet authentication key in its cluster folder.
 NODE_AUTH_KEY = "fleet_auth"
 
@@ -99,6 +102,7 @@ class LocalCluster:
         self.http_port = 0
         self.fleet_port = 0
         self._processes: list[_Process] = []
+        self._socket_dirs: list[Path] = []  # short folders for Unix sockets, removed at stop
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalCluster:
@@ -318,6 +322,12 @@ class LocalCluster:
         from clients.hospital_node.runtime.forkserver import ping
 
         path = self.workdir / "forkserver" / "executors.sock"
+        if len(str(path)) > _SOCKET_PATH_MAX:
+            # A Unix socket's path has at most 107 bytes on Linux; a deep workdir (pytest's, a
+            # CI checkout's) would not bind. A private folder under the temp dir stands in.
+            folder = Path(tempfile.mkdtemp(prefix="medfed-fs-"))
+            self._socket_dirs.append(folder)
+            path = folder / "executors.sock"
         process = self._spawn(
             "executor-forkserver", [sys.executable, "-m", "clients.hospital_node.runtime.forkserver", "--socket", str(path)], self.flwr_home
         )
@@ -463,6 +473,9 @@ class LocalCluster:
             time.sleep(0.05)
         _signal_pids(alive, signal.SIGKILL)
         self._processes.clear()
+        for folder in self._socket_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._socket_dirs.clear()
 
 
 def parse_register_output(out: subprocess.CompletedProcess[str], *, what: str) -> int | None:

@@ -361,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    server.listen()
+    try:
+        server.listen()
+    except OSError as err:  # a path too long for a Unix socket, a folder we may not write
+        print(f"medfed-forkserver: cannot listen on {server.path}: {err}; give --socket a shorter path "
+              "(at most 107 bytes) in a folder this user owns", file=sys.stderr)
+        return 2
     logger.info("ready on %s after %.1f s of imports", server.path, time.monotonic() - started)
     try:
         server.serve()
