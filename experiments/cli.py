@@ -207,14 +207,20 @@ def _table(spec: ExperimentSpec, plan: PrivacyPlan) -> Table:
         f"{plan.steps_per_round // epochs} steps)",
     )
     table.add_row("rounds", str(plan.rounds))
-    table.add_row("total steps", str(plan.total_steps))
+    if plan.rounds_per_node != plan.rounds:
+        table.add_row(
+            "rounds per site (sampled)",
+            f"{plan.rounds_per_node} of {plan.rounds} (fraction_per_round {spec.federation.fraction_per_round:g}; "
+            "each site reserves and is charged these only; no amplification by node sampling)",
+        )
+    table.add_row("total steps per site" if plan.rounds_per_node != plan.rounds else "total steps", str(plan.total_steps))
     table.add_row("δ", f"{plan.delta:g}")
     table.add_row(f"ε per site, planning estimate ({plan.accountant.upper()})", f"{plan.epsilon_per_site:.3f}")
     table.add_row("ε of the DP-SGD rounds per site (PLD)", f"{plan.epsilon_training_charged_per_site:.3f}")
     table.add_row("ε of the training-set size (once, discrete Laplace)", f"{plan.count_epsilon:g}")
     table.add_row(
         "ε of the validation-score histogram (discrete Laplace)",
-        f"{plan.evaluation_epsilon:g} " + ("every round and the final model" if plan.evaluate_every_round else "once, final model"),
+        f"{plan.evaluation_epsilon:g} " + ("every round it trains and the final model" if plan.evaluate_every_round else "once, final model"),
     )
     table.add_row("ε charged per site (PLD)", f"{plan.epsilon_charged_per_site:.3f}")
     table.add_row("secure aggregation", spec.secure_aggregation_summary())
