@@ -176,7 +176,10 @@ def _follow(
         results = site_results(record.tracking_uri, mlflow_run)
         label = "federated model: validation AUC from the sites' DP score histograms"
         cells, pooled = released_rows(results, pooled_result(record.tracking_uri, mlflow_run))
-        console.print(results_table(f"submission {record.submission_id[:12]}: final model", {label: cells}, results, all_sites={label: pooled}))
+        sampled = ExperimentSpec.from_json(record.spec_json).federation.fraction_per_round < 1
+        console.print(results_table(
+            f"submission {record.submission_id[:12]}: final model", {label: cells}, results, all_sites={label: pooled}, show_rounds=sampled
+        ))
     typer.echo(f"submission {record.submission_id} finished in run {status.run_id}; results in MLflow run {mlflow_run} "
                f"({record.tracking_uri})")
 

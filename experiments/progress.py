@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.table import Table
@@ -106,6 +106,9 @@ class SiteResult:
     metrics: dict[str, float]  # the final model on its validation split: eval_auc, eval_accuracy, ...
     epsilon_run: float
     epsilon_dataset: float
+    # How many of its scheduled rounds were aggregated, replied late (charged, not
+    # aggregated) or got no reply, by ROUND_COUNTS key; empty for runs tracked before sampling.
+    rounds: dict[str, float] = field(default_factory=dict)
 
 
 def pooled_result(tracking_uri: str, mlflow_run_id: str) -> dict[str, float]:
@@ -130,6 +133,7 @@ def site_results(tracking_uri: str, mlflow_run_id: str, sites: Sequence[str] | N
             {k: v for k, v in mine.items() if k.startswith("eval_")},
             mine.get(EPSILON_RUN, math.nan),
             mine.get(EPSILON_DATASET, math.nan),
+            {k: v for k, v in mine.items() if k in ROUND_COUNTS},
         )
     return out
 
@@ -140,8 +144,12 @@ def results_table(
     results: Mapping[str, SiteResult],
     *,
     all_sites: Mapping[str, str] | None = None,
+    show_rounds: bool = False,
 ) -> Table:
     """The final table: a row per model (cells per site, then all sites), then the ε rows per site.
+
+    The sites' round counts (scheduled, aggregated, late, no reply) follow when
+    `show_rounds` (the spec samples nodes) or when some site replied late or not at all.
 
     `rows` maps a model's label to its cells, one per site of `results`, in order;
     `all_sites` its cell for all sites together (blank if absent).
@@ -156,7 +164,25 @@ def results_table(
     table.add_section()
     table.add_row("ε charged by this run (node ledger)", *[_fmt(r.epsilon_run) for r in results.values()], "")
     table.add_row("ε spent on the dataset, lifetime (node ledger)", *[_fmt(r.epsilon_dataset) for r in results.values()], "")
+    irregular = any(r.rounds.get("rounds_late") or r.rounds.get("rounds_no_reply") for r in results.values())
+    if (show_rounds or irregular) and any(r.rounds for r in results.values()):
+        table.add_section()
+        for key, label in ROUND_COUNTS.items():
+            table.add_row(label, *[_count(r.rounds.get(key)) for r in results.values()], "")
     return table
+
+
+#: The per-site round counts the coordinator tracks (``<site>.<key>``), as the final table labels them.
+ROUND_COUNTS = {
+    "rounds_scheduled": "rounds scheduled",
+    "rounds_aggregated": "rounds aggregated",
+    "rounds_late": "rounds replied late (charged, not aggregated)",
+    "rounds_no_reply": "rounds with no reply (the node's ledger says if charged)",
+}
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else str(int(value))
 
 
 def _fmt(value: float) -> str:
