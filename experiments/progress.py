@@ -29,6 +29,7 @@ EVAL_AUC = "eval_auc"
 EVAL_ACCURACY = "eval_accuracy"
 EPSILON_DATASET = "epsilon"  # the dataset's lifetime total after the round, from the node's ledger
 EPSILON_RUN = "epsilon_run"  # what this submission alone charged the dataset, from the node's ledger
+NODES_AGGREGATED = "nodes_aggregated"  # the replies a round aggregated (fewer when nodes are sampled or late)
 
 
 def _client(tracking_uri: str) -> Any:
@@ -80,7 +81,7 @@ class RunProgress:
         out = []
         for step in sorted(s for s in spent if s > self.shown):
             metrics = {EPSILON_RUN: spent[step]}
-            for key in (EVAL_AUC, EVAL_ACCURACY, EPSILON_DATASET):
+            for key in (EVAL_AUC, EVAL_ACCURACY, EPSILON_DATASET, NODES_AGGREGATED):
                 history = {m.step: m.value for m in self._client.get_metric_history(run_id, key)}
                 wanted = step - 1 if key.startswith("eval") else step
                 if wanted in history:
@@ -96,7 +97,8 @@ def round_line(step: int, rounds: int, metrics: Mapping[str, float], *, accuracy
     if EVAL_AUC in metrics:  # the spec evaluates every round
         shown = f", accuracy {metrics.get(EVAL_ACCURACY, math.nan):.3f}" if accuracy else ""
         quality = f"pooled AUC of the model it started from {metrics[EVAL_AUC]:.3f}{shown}, "
-    return f"round {step}/{rounds}: {quality}ε charged by this run (max over sites) {metrics.get(EPSILON_RUN, math.nan):.3f}"
+    nodes = f" ({int(metrics[NODES_AGGREGATED])} node(s) aggregated)" if NODES_AGGREGATED in metrics else ""
+    return f"round {step}/{rounds}: {quality}ε charged by this run (max over sites) {metrics.get(EPSILON_RUN, math.nan):.3f}{nodes}"
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,8 @@ HOLD_FILE = "HOLD"
 HOLD_POLL_SECONDS = 1.0
 #: The most the coordinator waits, before its final report, for replies that missed their round's deadline.
 LATE_WAIT_SECONDS = 5.0
+#: The tracked per-round count of the replies the round aggregated.
+NODES_AGGREGATED = "nodes_aggregated"
 #: What the report says of a scheduled round the node never answered.
 NO_REPLY = "no reply; the node's ledger says whether it was charged"
 
@@ -833,6 +835,7 @@ def run_experiment(
             if incoming:
                 tracker.log_metrics(incoming, step=server_round - 1)
             tracker.log_metrics(trained, step=server_round)
+            tracker.log_metrics({NODES_AGGREGATED: float(len(answered))}, step=server_round)  # fewer when sampled or late
             history[server_round - 1] = {**history.get(server_round - 1, {}), **incoming}
             history[server_round] = {**history.get(server_round, {}), **trained}
             checkpoint.round, checkpoint.arrays = server_round, arrays
