@@ -118,3 +118,23 @@ def test_a_round_the_accepting_nodes_cannot_fill_stops_before_anything_trains(al
         assert _charged(site.home, "202") == set()
         [row] = [r for r in budget_status(NodeHome.open(site.home)) if r.dataset == DATASET]
         assert row.open_reservations == 0  # the run's end gave back what the query reserved
+
+
+@pytest.mark.slow  # a third alliance and three SecAgg+ rounds: ~35 s
+def test_a_sampled_secure_round_runs_secagg_over_the_rounds_scheduled_nodes_only(tmp_path: Path) -> None:
+    from .test_secure_aggregation import _node
+    from .test_secure_aggregation import _spec as _secure_spec
+
+    sites = prepare_alliance(tmp_path / "alliance", n_hospitals=3, seed=12)
+    spec = _secure_spec(rounds=3, fraction_per_round=0.6)  # ceil(1.8) = 2 rounds a node, 2 nodes a round
+    approve_everywhere(sites, spec)
+    signed = signed_spec(spec, tmp_path / "alliance")
+    nodes = {30 + i: site for i, site in enumerate(sites)}
+    grid = InProcessGrid({n: _node(site.home, n, 203) for n, site in nodes.items()}, run_id=203)
+    schedule = draw_schedule(nodes, rounds=3, fraction=0.6, seed=schedule_seed(spec.digest(), signed.submission_id))
+    result = run_experiment(grid, spec, signed=signed, tracker=InMemoryTracker(), output_dir=tmp_path / "out")
+    for node, site in nodes.items():
+        assert _charged(site.home, "203") == _trained(site.home, "203") == set(schedule.of(node))
+        assert sorted(result.sites[node].rounds) == list(schedule.of(node))  # every scheduled round in a SecAgg+ sum
+    masked = [e.payload for e in NodeHome.open(sites[0].home).audit_log().entries() if e.kind == "release" and e.payload["message"] == "train"]
+    assert masked and all(p["secure_aggregation"]["masked"] for p in masked)
