@@ -803,6 +803,7 @@ def run_experiment(
     else:
         run_id = checkpoint.tracking_run_id
         tracker.resume(run_id)
+        checkpoint.schedule = roster.to_mapping()  # the recorded one (sampled), or every connected node every round
         by_name = {outcome.site: node for node, outcome in sites.items()}
         for site, rounds in checkpoint.site_rounds.items():
             if site in by_name:

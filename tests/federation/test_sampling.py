@@ -120,6 +120,35 @@ def test_a_round_the_accepting_nodes_cannot_fill_stops_before_anything_trains(al
         assert row.open_reservations == 0  # the run's end gave back what the query reserved
 
 
+class _CoordinatorDied(BaseException):
+    """The ServerApp process dying (a signal, not a failure of the run)."""
+
+
+@pytest.mark.slow  # two runs of four rounds
+def test_a_continuation_keeps_the_schedule_the_nodes_recorded(alliance, tmp_path: Path) -> None:
+    sites, workdir = alliance
+    spec = _spec(rounds=4, round_deadline_seconds=None)  # 2 of 4 rounds a node
+    approve_everywhere(sites, spec)
+    signed = signed_spec(spec, workdir)
+    handlers = {i + 40: _handler(site.home) for i, site in enumerate(sites)}
+    schedule = draw_schedule(handlers, rounds=4, fraction=0.5, seed=schedule_seed(spec.digest(), signed.submission_id))
+
+    def die_after_round_2(server_round: int, _metrics: object) -> None:
+        if server_round == 2:
+            raise _CoordinatorDied
+
+    tracker = InMemoryTracker()
+    with pytest.raises(_CoordinatorDied):
+        run_experiment(InProcessGrid(handlers, run_id=204), spec, signed=signed, tracker=tracker, output_dir=tmp_path, on_round=die_after_round_2)
+    result = run_experiment(InProcessGrid(handlers, run_id=205), spec, signed=signed, tracker=tracker, output_dir=tmp_path)
+    assert tracker.status == "FINISHED"
+    for node, site in zip(handlers, sites, strict=True):
+        # Each node accepted the continuation's query (the same schedule it recorded) and trained its rounds once.
+        assert _charged(site.home, "204") | _charged(site.home, "205") == set(schedule.of(node))
+        assert set(result.sites[node].round_report()["rounds_aggregated"]) == set(schedule.of(node))
+        assert not [e for e in NodeHome.open(site.home).audit_log().entries() if e.kind == "refusal" and e.payload.get("run") in ("204", "205")]
+
+
 @pytest.mark.slow  # a third alliance and three SecAgg+ rounds: ~35 s
 def test_a_sampled_secure_round_runs_secagg_over_the_rounds_scheduled_nodes_only(tmp_path: Path) -> None:
     from .test_secure_aggregation import _node
