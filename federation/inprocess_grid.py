@@ -29,7 +29,7 @@ class InProcessGrid(Grid):
         self._handlers = dict(handlers)
         self._connected = set(self._handlers)
         self._replies: dict[str, Message] = {}
-        self._held: dict[int, str] = {}  # node -> the message type it holds back
+        self._held: dict[int, list[object]] = {}  # node -> [the message type it holds back, how many still pass]
         self._waiting: list[tuple[str, Message]] = []  # (message id, message) held back, in order
         self._run = Run.create_empty(run_id)
         # Flower stamps every new Message with the run and node of the current process;
@@ -42,9 +42,13 @@ class InProcessGrid(Grid):
         """Make `node_id` vanish, as a SuperNode that lost its connection."""
         self._connected.discard(node_id)
 
-    def hold(self, node_id: int, message_type: str) -> None:
-        """Make `node_id` a straggler: messages of `message_type` to it wait unanswered until :meth:`release`."""
-        self._held[node_id] = message_type
+    def hold(self, node_id: int, message_type: str, *, after: int = 0) -> None:
+        """Make `node_id` a straggler: messages of `message_type` to it wait unanswered until :meth:`release`.
+
+        The first `after` such messages are still answered (SecAgg+'s stages are all train
+        messages: ``after=2`` holds back the collect stage, the one that trains).
+        """
+        self._held[node_id] = [message_type, after]
 
     def release(self, node_id: int) -> int:
         """Let `node_id` answer what it held back (its replies can be pulled now); returns how many."""
@@ -88,9 +92,12 @@ class InProcessGrid(Grid):
                 # A node receives its own copy, as over the wire: Flower's workflows send
                 # one content object to many nodes, and mods change what they receive.
                 copy = message_from_proto(message_to_proto(message))
-                if self._held.get(node) == message.metadata.message_type:
-                    self._waiting.append((message_id, copy))
-                    continue
+                held = self._held.get(node)
+                if held is not None and held[0] == message.metadata.message_type:
+                    if held[1] == 0:
+                        self._waiting.append((message_id, copy))
+                        continue
+                    held[1] -= 1  # type: ignore[operator]
                 self._replies[message_id] = self._handlers[node](copy)
         return ids
 

@@ -167,3 +167,32 @@ def test_a_sampled_secure_round_runs_secagg_over_the_rounds_scheduled_nodes_only
         assert sorted(result.sites[node].rounds) == list(schedule.of(node))  # every scheduled round in a SecAgg+ sum
     masked = [e.payload for e in NodeHome.open(sites[0].home).audit_log().entries() if e.kind == "release" and e.payload["message"] == "train"]
     assert masked and all(p["secure_aggregation"]["masked"] for p in masked)
+
+
+@pytest.mark.slow  # SecAgg+ rounds with a deadline: ~30 s
+def test_a_secure_rounds_straggler_is_left_out_of_the_sum_and_its_late_masked_reply_reported(tmp_path: Path) -> None:
+    from .test_secure_aggregation import _node
+    from .test_secure_aggregation import _spec as _secure_spec
+
+    sites = prepare_alliance(tmp_path / "alliance", n_hospitals=3, seed=14)
+    spec = _secure_spec(rounds=2, round_deadline_seconds=0.5)  # every node every round; SecAgg+'s default threshold 2 of 3
+    approve_everywhere(sites, spec)
+    nodes = {50 + i: site for i, site in enumerate(sites)}
+    grid = InProcessGrid({n: _node(site.home, n, 206) for n, site in nodes.items()}, run_id=206)
+    straggler = 52
+    grid.hold(straggler, MessageType.TRAIN, after=2)  # answers setup and key sharing, then misses the collect deadline
+
+    def on_round(server_round: int, _metrics: object) -> None:
+        if server_round == 1:
+            assert grid.release(straggler) == 1  # its masked vector leaves now: charged, too late for the sum
+
+    result = run_experiment(
+        grid, spec, signed=signed_spec(spec, tmp_path / "alliance"), tracker=InMemoryTracker(), output_dir=tmp_path / "out",
+        on_round=on_round,
+    )
+    report = result.sites[straggler].round_report()
+    assert (report["rounds_aggregated"], report["rounds_late"]) == ([2], [1])
+    assert _charged(nodes[straggler].home, "206") == _trained(nodes[straggler].home, "206") == {1, 2}
+    for node in nodes:
+        if node != straggler:
+            assert result.sites[node].round_report()["rounds_aggregated"] == [1, 2]
