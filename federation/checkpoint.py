@@ -55,6 +55,7 @@ class Checkpoint:
     schedule: dict[str, Any] | None = None  # federation.schedule.RoundSchedule.to_mapping()
     site_late: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # replied after the deadline
     site_refused: dict[str, dict[int, str]] = field(default_factory=dict)  # refused or failed rounds, with the reason
+    site_sent: dict[str, list[int]] = field(default_factory=dict)  # the rounds a train message went to each site
 
     def save(self, folder: Path) -> Path:
         """Write the checkpoint into `folder` (0700; files 0600), atomically (see the module docstring)."""
@@ -77,6 +78,7 @@ class Checkpoint:
             "schedule": self.schedule,
             "site_late": {site: {str(r): m for r, m in rounds.items()} for site, rounds in self.site_late.items()},
             "site_refused": {site: {str(r): why for r, why in rounds.items()} for site, rounds in self.site_refused.items()},
+            "site_sent": self.site_sent,
         }
         path = folder / CHECKPOINT_FILE
         publish(path, json.dumps(state, indent=1, sort_keys=True))
@@ -121,6 +123,7 @@ class Checkpoint:
             schedule=state.get("schedule"),
             site_late={site: {int(r): dict(m) for r, m in rounds.items()} for site, rounds in state.get("site_late", {}).items()},
             site_refused={site: {int(r): str(why) for r, why in rounds.items()} for site, rounds in state.get("site_refused", {}).items()},
+            site_sent={site: [int(r) for r in rounds] for site, rounds in state.get("site_sent", {}).items()},
         )
 
 

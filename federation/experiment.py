@@ -129,6 +129,7 @@ class SiteOutcome:
     rounds: dict[int, dict[str, float]] = field(default_factory=dict)  # aggregated: replied in time, valid
     final: dict[str, float] = field(default_factory=dict)
     scheduled: tuple[int, ...] = ()  # the rounds the node was scheduled for
+    sent: set[int] = field(default_factory=set)  # the rounds a (charged) train message actually went to it
     late: dict[int, dict[str, float]] = field(default_factory=dict)  # replied after the deadline: charged, not aggregated
     refused_rounds: dict[int, str] = field(default_factory=dict)  # answered with a refusal or failure (in time or late)
 
@@ -137,10 +138,11 @@ class SiteOutcome:
         done = set(self.rounds) | set(self.late) | set(self.refused_rounds)
         return {
             "rounds_scheduled": list(self.scheduled),
+            "rounds_sent": sorted(self.sent),  # not all scheduled ones when it refused the run, or a round stopped first
             "rounds_aggregated": sorted(self.rounds),
             "rounds_late": sorted(self.late),  # the node replied, so it was charged; not in the aggregate
             "rounds_refused": {str(r): reason for r, reason in sorted(self.refused_rounds.items())},
-            "rounds_no_reply": sorted(set(self.scheduled) - done),
+            "rounds_no_reply": sorted(self.sent - done),
         }
 
     @property
@@ -504,9 +506,13 @@ class LateReplies:
             time.sleep(self.poll_interval)
 
 
-def _expect_late(late: LateReplies, pushed: Mapping[str, int], replies: Iterable[Message], server_round: int) -> None:
-    """Note every pushed message of the round that has no reply yet."""
+def _expect_late(
+    late: LateReplies, pushed: Mapping[str, int], replies: Iterable[Message], server_round: int, sites: dict[int, SiteOutcome]
+) -> None:
+    """Note that the round's train message went to each node of `pushed`, and every one that has no reply yet."""
     replied = {r.metadata.reply_to_message_id for r in replies}
+    for node in pushed.values():
+        sites.setdefault(node, SiteOutcome(node, f"node-{node}")).sent.add(server_round)
     for message_id, node in pushed.items():
         if message_id not in replied:
             late.expect(message_id, node, server_round)
@@ -569,7 +575,7 @@ def _round_runner(  # noqa: PLR0913
             answered = _collect(result.replies, sites, result.sampled, TRAIN_METRICS, result.senders)
             _note_refusals(sites, result.sampled, answered, (node_of(r, result.senders) for r in result.replies), server_round)
             # Only the collect wave's train messages are charged; a node that missed it replies later.
-            _expect_late(late, result.collect_sent, result.collect_replies, server_round)
+            _expect_late(late, result.collect_sent, result.collect_replies, server_round, sites)
             if result.arrays is None:
                 raise FederationError(
                     f"round {server_round}: secure aggregation stopped after {result.waves} of its 4 waves: "
@@ -597,7 +603,7 @@ def _round_runner(  # noqa: PLR0913
         expected = list(participants.get_node_ids())
         answered = _collect(replies, sites, expected, TRAIN_METRICS, senders)
         _note_refusals(sites, expected, answered, (node_of(r, senders) for r in replies), server_round)
-        _expect_late(late, participants.pushed, replies, server_round)
+        _expect_late(late, participants.pushed, replies, server_round, sites)
         enough(server_round, answered, sites)
         valid = [r for r in replies if not r.has_error() and r.metadata.src_node_id in answered]
         new_arrays, _ = strategy.aggregate_train(server_round, valid)
@@ -681,6 +687,7 @@ def _keep_outcomes(checkpoint: Checkpoint, sites: Mapping[int, SiteOutcome]) -> 
     checkpoint.site_rounds = {o.site: dict(o.rounds) for o in sites.values() if o.rounds}
     checkpoint.site_late = {o.site: dict(o.late) for o in sites.values() if o.late}
     checkpoint.site_refused = {o.site: dict(o.refused_rounds) for o in sites.values() if o.refused_rounds}
+    checkpoint.site_sent = {o.site: sorted(o.sent) for o in sites.values() if o.sent}
 
 
 def _log_round_report(tracker: Tracker, sites: Mapping[int, SiteOutcome]) -> None:
@@ -688,7 +695,7 @@ def _log_round_report(tracker: Tracker, sites: Mapping[int, SiteOutcome]) -> Non
     metrics = {}
     for outcome in sites.values():
         report = outcome.round_report()
-        name = _metric_site(outcome.site)
+        name = _metric_site(outcome.site).replace("-", "_")  # as _round_metrics names a site's metrics
         metrics |= {
             f"{name}.rounds_scheduled": float(len(report["rounds_scheduled"])),
             f"{name}.rounds_aggregated": float(len(report["rounds_aggregated"])),
@@ -814,6 +821,9 @@ def run_experiment(
         for site, reasons in checkpoint.site_refused.items():
             if site in by_name:
                 sites[by_name[site]].refused_rounds.update(reasons)
+        for site, sent in checkpoint.site_sent.items():
+            if site in by_name:
+                sites[by_name[site]].sent.update(sent)
         logger.info("submission %s continues after round %d of %d", submission_id[:12], checkpoint.round, fed.rounds)
     if flower_run_id is not None:
         checkpoint.flower_runs.append(flower_run_id)

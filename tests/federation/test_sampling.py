@@ -86,7 +86,7 @@ def test_charged_nodes_are_exactly_the_scheduled_ones_and_a_late_reply_is_charge
         # The node's ledger, its audit log and the coordinator's report agree, round by round.
         assert _charged(site.home, "201") == _trained(site.home, "201") == scheduled
         assert set(report["rounds_aggregated"]) | set(report["rounds_late"]) == scheduled
-        assert report["rounds_no_reply"] == [] and report["rounds_refused"] == {}
+        assert report["rounds_no_reply"] == [] and report["rounds_refused"] == {} and set(report["rounds_sent"]) == scheduled
         [row] = [r for r in budget_status(NodeHome.open(site.home)) if r.dataset == DATASET]
         assert row.open_reservations == 0 and [r.state for r in row.reservations if r.reservation.submission == signed.submission_id] == [USED_UP]
     late = result.sites[straggler].round_report()
