@@ -176,7 +176,10 @@ def _follow(
         results = site_results(record.tracking_uri, mlflow_run)
         label = "federated model: validation AUC from the sites' DP score histograms"
         cells, pooled = released_rows(results, pooled_result(record.tracking_uri, mlflow_run))
-        console.print(results_table(f"submission {record.submission_id[:12]}: final model", {label: cells}, results, all_sites={label: pooled}))
+        sampled = ExperimentSpec.from_json(record.spec_json).federation.fraction_per_round < 1
+        console.print(results_table(
+            f"submission {record.submission_id[:12]}: final model", {label: cells}, results, all_sites={label: pooled}, show_rounds=sampled
+        ))
     typer.echo(f"submission {record.submission_id} finished in run {status.run_id}; results in MLflow run {mlflow_run} "
                f"({record.tracking_uri})")
 
@@ -207,14 +210,20 @@ def _table(spec: ExperimentSpec, plan: PrivacyPlan) -> Table:
         f"{plan.steps_per_round // epochs} steps)",
     )
     table.add_row("rounds", str(plan.rounds))
-    table.add_row("total steps", str(plan.total_steps))
+    if plan.rounds_per_node != plan.rounds:
+        table.add_row(
+            "rounds per site (sampled)",
+            f"{plan.rounds_per_node} of {plan.rounds} (fraction_per_round {spec.federation.fraction_per_round:g}; "
+            "each site reserves and is charged these only; no amplification by node sampling)",
+        )
+    table.add_row("total steps per site" if plan.rounds_per_node != plan.rounds else "total steps", str(plan.total_steps))
     table.add_row("δ", f"{plan.delta:g}")
     table.add_row(f"ε per site, planning estimate ({plan.accountant.upper()})", f"{plan.epsilon_per_site:.3f}")
     table.add_row("ε of the DP-SGD rounds per site (PLD)", f"{plan.epsilon_training_charged_per_site:.3f}")
     table.add_row("ε of the training-set size (once, discrete Laplace)", f"{plan.count_epsilon:g}")
     table.add_row(
         "ε of the validation-score histogram (discrete Laplace)",
-        f"{plan.evaluation_epsilon:g} " + ("every round and the final model" if plan.evaluate_every_round else "once, final model"),
+        f"{plan.evaluation_epsilon:g} " + ("every round it trains and the final model" if plan.evaluate_every_round else "once, final model"),
     )
     table.add_row("ε charged per site (PLD)", f"{plan.epsilon_charged_per_site:.3f}")
     table.add_row("secure aggregation", spec.secure_aggregation_summary())

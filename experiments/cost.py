@@ -29,6 +29,15 @@ rounds by PLD (never added), so ``epsilon_charged_per_site`` counts them; a
 meets it), and the planning estimate (``epsilon_per_site``, Opacus's accountants compose
 the subsampled Gaussian only) is DP-SGD's alone.
 
+Node sampling (``federation.fraction_per_round`` = f < 1): every node trains, and is
+charged for, exactly ``rounds_per_node = ceil(f x rounds)`` rounds, which the coordinator
+draws before the run (:mod:`federation.schedule`); a node reserves those rounds, never
+the others. So every epsilon here is over ``rounds_per_node`` rounds, ``total_steps`` is
+``rounds_per_node x steps_per_round`` and a ``target_epsilon`` sets the noise for those
+rounds. There is no amplification by sampling nodes: a node knows it was picked (its
+schedule is in its query), so its own patients' epsilon is that of the rounds it trains,
+nothing less.
+
 These numbers are the increment this experiment alone costs. It is not what a node will
 report as spent afterwards: a node composes this experiment's events with every earlier
 release on the same dataset, and composition is not additive (the total is less than the
@@ -63,8 +72,10 @@ class PrivacySchedule:
         Poisson sampling probability per step.
     steps_per_round
         DP-SGD steps each site takes per round: ``local_epochs * steps_per_epoch``.
-    rounds, total_steps
-        Federated rounds, and ``rounds * steps_per_round``.
+    rounds, rounds_per_node, total_steps
+        Federated rounds; the rounds each node trains and is charged for
+        (``ceil(fraction_per_round * rounds)``, ``rounds`` without sampling); and
+        ``rounds_per_node * steps_per_round``, a node's steps in all.
     delta, accountant
         Where epsilon is read off, and the accountant of the planning estimate (and of
         the noise search).
@@ -83,6 +94,7 @@ class PrivacySchedule:
     sample_rate: float
     steps_per_round: int
     rounds: int
+    rounds_per_node: int
     total_steps: int
     delta: float
     accountant: str
@@ -124,7 +136,7 @@ def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
     """
     privacy, federation = spec.privacy, spec.federation
     steps_per_round = federation.local_epochs * steps_per_epoch(privacy.sample_rate)
-    total_steps = federation.rounds * steps_per_round
+    total_steps = federation.rounds_per_node * steps_per_round  # what one node trains: its scheduled rounds
     if privacy.target_epsilon is not None:
         try:
             noise = noise_for_target(
@@ -155,6 +167,7 @@ def privacy_schedule(spec: ExperimentSpec) -> PrivacySchedule:
         sample_rate=privacy.sample_rate,
         steps_per_round=steps_per_round,
         rounds=federation.rounds,
+        rounds_per_node=federation.rounds_per_node,
         total_steps=total_steps,
         delta=privacy.delta,
         accountant=privacy.accountant,
@@ -178,7 +191,7 @@ def plan_privacy(spec: ExperimentSpec, schedule: PrivacySchedule | None = None) 
     update = DPEvent(
         noise_multiplier=schedule.noise_multiplier, sample_rate=schedule.sample_rate, steps=schedule.steps_per_round
     )
-    event = update.times(schedule.rounds)
+    event = update.times(schedule.rounds_per_node)  # a node's rounds: its scheduled ones
     releases = training_releases(
         update,
         count_epsilon=schedule.count_epsilon,
@@ -188,6 +201,6 @@ def plan_privacy(spec: ExperimentSpec, schedule: PrivacySchedule | None = None) 
     return PrivacyPlan(
         **asdict(schedule),
         epsilon_per_site=epsilon([event], delta=schedule.delta, accountant=schedule.accountant),
-        epsilon_charged_per_site=epsilon(releases.composed(schedule.rounds), delta=schedule.delta, accountant=LEDGER_ACCOUNTANT),
+        epsilon_charged_per_site=epsilon(releases.composed(schedule.rounds_per_node), delta=schedule.delta, accountant=LEDGER_ACCOUNTANT),
         epsilon_training_charged_per_site=epsilon([event], delta=schedule.delta, accountant=LEDGER_ACCOUNTANT),
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.table import Table
@@ -29,6 +29,7 @@ EVAL_AUC = "eval_auc"
 EVAL_ACCURACY = "eval_accuracy"
 EPSILON_DATASET = "epsilon"  # the dataset's lifetime total after the round, from the node's ledger
 EPSILON_RUN = "epsilon_run"  # what this submission alone charged the dataset, from the node's ledger
+NODES_AGGREGATED = "nodes_aggregated"  # the replies a round aggregated (fewer when nodes are sampled or late)
 
 
 def _client(tracking_uri: str) -> Any:
@@ -80,7 +81,7 @@ class RunProgress:
         out = []
         for step in sorted(s for s in spent if s > self.shown):
             metrics = {EPSILON_RUN: spent[step]}
-            for key in (EVAL_AUC, EVAL_ACCURACY, EPSILON_DATASET):
+            for key in (EVAL_AUC, EVAL_ACCURACY, EPSILON_DATASET, NODES_AGGREGATED):
                 history = {m.step: m.value for m in self._client.get_metric_history(run_id, key)}
                 wanted = step - 1 if key.startswith("eval") else step
                 if wanted in history:
@@ -96,7 +97,8 @@ def round_line(step: int, rounds: int, metrics: Mapping[str, float], *, accuracy
     if EVAL_AUC in metrics:  # the spec evaluates every round
         shown = f", accuracy {metrics.get(EVAL_ACCURACY, math.nan):.3f}" if accuracy else ""
         quality = f"pooled AUC of the model it started from {metrics[EVAL_AUC]:.3f}{shown}, "
-    return f"round {step}/{rounds}: {quality}ε charged by this run (max over sites) {metrics.get(EPSILON_RUN, math.nan):.3f}"
+    nodes = f" ({int(metrics[NODES_AGGREGATED])} node(s) aggregated)" if NODES_AGGREGATED in metrics else ""
+    return f"round {step}/{rounds}: {quality}ε charged by this run (max over sites) {metrics.get(EPSILON_RUN, math.nan):.3f}{nodes}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class SiteResult:
     metrics: dict[str, float]  # the final model on its validation split: eval_auc, eval_accuracy, ...
     epsilon_run: float
     epsilon_dataset: float
+    # How many of its scheduled rounds were aggregated, replied late (charged, not
+    # aggregated) or got no reply, by ROUND_COUNTS key; empty for runs tracked before sampling.
+    rounds: dict[str, float] = field(default_factory=dict)
 
 
 def pooled_result(tracking_uri: str, mlflow_run_id: str) -> dict[str, float]:
@@ -130,6 +135,7 @@ def site_results(tracking_uri: str, mlflow_run_id: str, sites: Sequence[str] | N
             {k: v for k, v in mine.items() if k.startswith("eval_")},
             mine.get(EPSILON_RUN, math.nan),
             mine.get(EPSILON_DATASET, math.nan),
+            {k: v for k, v in mine.items() if k in ROUND_COUNTS},
         )
     return out
 
@@ -140,8 +146,12 @@ def results_table(
     results: Mapping[str, SiteResult],
     *,
     all_sites: Mapping[str, str] | None = None,
+    show_rounds: bool = False,
 ) -> Table:
     """The final table: a row per model (cells per site, then all sites), then the ε rows per site.
+
+    The sites' round counts (scheduled, aggregated, late, no reply) follow when
+    `show_rounds` (the spec samples nodes) or when some site replied late or not at all.
 
     `rows` maps a model's label to its cells, one per site of `results`, in order;
     `all_sites` its cell for all sites together (blank if absent).
@@ -156,7 +166,25 @@ def results_table(
     table.add_section()
     table.add_row("ε charged by this run (node ledger)", *[_fmt(r.epsilon_run) for r in results.values()], "")
     table.add_row("ε spent on the dataset, lifetime (node ledger)", *[_fmt(r.epsilon_dataset) for r in results.values()], "")
+    irregular = any(r.rounds.get("rounds_late") or r.rounds.get("rounds_no_reply") for r in results.values())
+    if (show_rounds or irregular) and any(r.rounds for r in results.values()):
+        table.add_section()
+        for key, label in ROUND_COUNTS.items():
+            table.add_row(label, *[_count(r.rounds.get(key)) for r in results.values()], "")
     return table
+
+
+#: The per-site round counts the coordinator tracks (``<site>.<key>``), as the final table labels them.
+ROUND_COUNTS = {
+    "rounds_scheduled": "rounds scheduled",
+    "rounds_aggregated": "rounds aggregated",
+    "rounds_late": "rounds replied late (charged, not aggregated)",
+    "rounds_no_reply": "rounds with no reply (the node's ledger says if charged)",
+}
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else str(int(value))
 
 
 def _fmt(value: float) -> str:

@@ -9,8 +9,8 @@ A spec is a TOML file with five tables, six for an imaging task::
     [model]       kind, hidden (mlp), channels (cnn)
     [federation]  strategy, rounds, min_nodes, local_epochs, learning_rate, proximal_mu,
                   server_learning_rate, node_wait_seconds, approval_wait_seconds,
-                  round_timeout_seconds, secure_aggregation, secagg_num_shares,
-                  secagg_reconstruction_threshold
+                  round_timeout_seconds, round_deadline_seconds, fraction_per_round,
+                  secure_aggregation, secagg_num_shares, secagg_reconstruction_threshold
     [privacy]     delta, max_grad_norm, sample_rate, noise_multiplier | target_epsilon,
                   accountant, min_cohort_size
 
@@ -338,6 +338,13 @@ class FederationSection(_Table):
     node_wait_seconds: Positive = 120.0
     approval_wait_seconds: Positive = 3600.0  # how long to wait for the officers' approvals
     round_timeout_seconds: Positive = 600.0
+    # Node sampling (README, "Sampling and deadlines"): each node trains, and is charged
+    # for, exactly ceil(fraction_per_round x rounds) rounds, drawn by the coordinator
+    # before the run and carried in each node's query; 1.0 is every node every round.
+    fraction_per_round: Annotated[float, Strict(), Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
+    # How long a train wave waits for replies; later ones are left out of the round's
+    # aggregate (the node was charged: the report lists them as late). Unset: round_timeout_seconds.
+    round_deadline_seconds: Positive | None = None
     # SecAgg+ (Flower's SecAggPlusWorkflow): the coordinator sees only the sum of the
     # updates. Each node's private-key shares go to `secagg_num_shares` nodes (default:
     # every node of the round); `secagg_reconstruction_threshold` of them (default: a
@@ -353,7 +360,24 @@ class FederationSection(_Table):
         if raw.get("strategy") == "fedprox" and _is_number(mu) and mu == 0:
             found = "0 (the default)" if "proximal_mu" not in raw else _show(mu)
             problems.append(("proximal_mu", f"federation.proximal_mu must be > 0 when strategy = 'fedprox'; found {found}"))
+        deadline, timeout = raw.get("round_deadline_seconds"), raw.get("round_timeout_seconds", 600.0)
+        if _is_number(deadline) and _is_number(timeout) and 0 < timeout < deadline:
+            problems.append((
+                "round_deadline_seconds",
+                f"federation.round_deadline_seconds must be <= federation.round_timeout_seconds ({_show(timeout)}); "
+                f"found {_show(deadline)}; a round never waits longer than its timeout",
+            ))
         return problems + _secagg_problems(raw)
+
+    @property
+    def deadline_seconds(self) -> float:
+        """How long a train wave waits for replies: the deadline, or the round timeout when none is set."""
+        return self.round_deadline_seconds if self.round_deadline_seconds is not None else self.round_timeout_seconds
+
+    @property
+    def rounds_per_node(self) -> int:
+        """The rounds each node trains and is charged for: ``ceil(fraction_per_round x rounds)``."""
+        return limits.rounds_per_node(self.rounds, self.fraction_per_round)
 
 
 def _secagg_problems(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -584,6 +608,8 @@ _LATER_KEYS: dict[tuple[str, str], object] = {
     ("federation", "secure_aggregation"): False,
     ("federation", "secagg_num_shares"): None,
     ("federation", "secagg_reconstruction_threshold"): None,
+    ("federation", "fraction_per_round"): 1.0,
+    ("federation", "round_deadline_seconds"): None,
 }
 
 

@@ -8,7 +8,9 @@ After every completed round the ServerApp writes, into the submission's output f
                       metrics by site name (node ids may change when a SuperLink restarts
                       without node authentication), the MLflow run id, the Flower runs of
                       the submission so far, whether the submission finished, and
-                      whether it is held between rounds (the operator's ``HOLD`` file).
+                      whether it is held between rounds (the operator's ``HOLD`` file);
+                      with node sampling, the submission's schedule (by node id, as
+                      the nodes recorded it) and each site's late and refused rounds.
 
 ``checkpoint.json`` is replaced atomically (files 0600 in a 0700 folder: the
 coordinator's state is its operator's alone) and only after its arrays file is complete,
@@ -50,6 +52,10 @@ class Checkpoint:
     flower_runs: list[int] = field(default_factory=list)
     finished: bool = False
     held: bool = False  # waiting between rounds on the operator's HOLD file
+    schedule: dict[str, Any] | None = None  # federation.schedule.RoundSchedule.to_mapping()
+    site_late: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # replied after the deadline
+    site_refused: dict[str, dict[int, str]] = field(default_factory=dict)  # refused or failed rounds, with the reason
+    site_sent: dict[str, list[int]] = field(default_factory=dict)  # the rounds a train message went to each site
 
     def save(self, folder: Path) -> Path:
         """Write the checkpoint into `folder` (0700; files 0600), atomically (see the module docstring)."""
@@ -69,6 +75,10 @@ class Checkpoint:
             "flower_runs": [str(run) for run in self.flower_runs],
             "finished": self.finished,
             "held": self.held,
+            "schedule": self.schedule,
+            "site_late": {site: {str(r): m for r, m in rounds.items()} for site, rounds in self.site_late.items()},
+            "site_refused": {site: {str(r): why for r, why in rounds.items()} for site, rounds in self.site_refused.items()},
+            "site_sent": self.site_sent,
         }
         path = folder / CHECKPOINT_FILE
         publish(path, json.dumps(state, indent=1, sort_keys=True))
@@ -110,6 +120,10 @@ class Checkpoint:
             flower_runs=[int(run) for run in state.get("flower_runs", [])],
             finished=bool(state.get("finished", False)),
             held=bool(state.get("held", False)),
+            schedule=state.get("schedule"),
+            site_late={site: {int(r): dict(m) for r, m in rounds.items()} for site, rounds in state.get("site_late", {}).items()},
+            site_refused={site: {int(r): str(why) for r, why in rounds.items()} for site, rounds in state.get("site_refused", {}).items()},
+            site_sent={site: [int(r) for r in rounds] for site, rounds in state.get("site_sent", {}).items()},
         )
 
 

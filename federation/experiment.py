@@ -33,6 +33,21 @@ submission after a coordinator restart (``medfed experiment resume``, or ``submi
 submission as the run continuing) and goes on from the round after the last completed
 one, into the same tracked run; a finished submission is not run twice.
 
+Node sampling and deadlines (README, "Sampling and deadlines"): before the query the
+coordinator draws the submission's schedule (:mod:`federation.schedule`): with
+``federation.fraction_per_round`` = f each queried node trains exactly ``ceil(f x rounds)``
+rounds, and its query carries its own rounds, which it reserves (and no others). Every
+round, the strategy (or SecAgg+) sees a grid listing only that round's scheduled
+participants, so Flower's own aggregation still does the work; a round whose scheduled
+and accepting nodes are fewer than ``federation.min_nodes`` stops the run before it is
+tracked. A train wave waits at most ``federation.round_deadline_seconds`` (else
+``round_timeout_seconds``); a node that misses it is left out of that round's aggregate.
+Its reply still comes (a node is charged when its reply leaves it): the coordinator keeps
+the message ids of the missing replies and pulls them between rounds and once more before
+the final report (:class:`LateReplies`), so the report says of every node which rounds it
+was scheduled for, which were aggregated, which replied late (charged, not aggregated),
+which it refused, and which never answered (its ledger says whether it was charged).
+
 Any failure after step 3 marks the tracked run FAILED with its reason.
 """
 
@@ -69,6 +84,7 @@ from federation.protocol import (
     QUERY_METRICS,
     TRAIN_METRICS,
     ImagingInstruction,
+    SCHEDULE_KEY,
     ProtocolError,
     SignedSpec,
     TrainInstruction,
@@ -76,10 +92,11 @@ from federation.protocol import (
     read_refusal,
     read_site,
 )
+from federation.schedule import RoundSchedule, draw_schedule, schedule_seed
 from federation.secure_aggregation import SecureRound, node_of, senders_of
 from federation.strategies import build_strategy
 
-__all__ = ["ExperimentResult", "SiteOutcome", "build_model", "instruction_for", "run_experiment"]
+__all__ = ["ExperimentResult", "LateReplies", "SiteOutcome", "build_model", "instruction_for", "run_experiment"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +106,12 @@ SUMMARY_FILE = "privacy_summary.json"
 APPROVAL_POLL_SECONDS = 5.0
 HOLD_FILE = "HOLD"
 HOLD_POLL_SECONDS = 1.0
+#: The most the coordinator waits, before its final report, for replies that missed their round's deadline.
+LATE_WAIT_SECONDS = 5.0
+#: The tracked per-round count of the replies the round aggregated.
+NODES_AGGREGATED = "nodes_aggregated"
+#: What the report says of a scheduled round the node never answered.
+NO_REPLY = "no reply; the node's ledger says whether it was charged"
 
 ACCEPTED = "accepted"
 AWAITING = "awaiting approval"
@@ -103,8 +126,24 @@ class SiteOutcome:
     site: str
     status: str = "unknown"  # accepted | awaiting approval | refused | no-answer | dropped
     reason: str = ""
-    rounds: dict[int, dict[str, float]] = field(default_factory=dict)
+    rounds: dict[int, dict[str, float]] = field(default_factory=dict)  # aggregated: replied in time, valid
     final: dict[str, float] = field(default_factory=dict)
+    scheduled: tuple[int, ...] = ()  # the rounds the node was scheduled for
+    sent: set[int] = field(default_factory=set)  # the rounds a (charged) train message actually went to it
+    late: dict[int, dict[str, float]] = field(default_factory=dict)  # replied after the deadline: charged, not aggregated
+    refused_rounds: dict[int, str] = field(default_factory=dict)  # answered with a refusal or failure (in time or late)
+
+    def round_report(self) -> dict[str, Any]:
+        """Per round, what became of the node's scheduled rounds (the run summary's and the demo's table)."""
+        done = set(self.rounds) | set(self.late) | set(self.refused_rounds)
+        return {
+            "rounds_scheduled": list(self.scheduled),
+            "rounds_sent": sorted(self.sent),  # not all scheduled ones when it refused the run, or a round stopped first
+            "rounds_aggregated": sorted(self.rounds),
+            "rounds_late": sorted(self.late),  # the node replied, so it was charged; not in the aggregate
+            "rounds_refused": {str(r): reason for r, reason in sorted(self.refused_rounds.items())},
+            "rounds_no_reply": sorted(self.sent - done),
+        }
 
     @property
     def epsilon(self) -> float | None:
@@ -137,11 +176,15 @@ class ExperimentResult:
             "sample_rate": self.plan.sample_rate,
             "steps_per_round": self.plan.steps_per_round,
             "rounds": self.plan.rounds,
+            "rounds_per_node": self.plan.rounds_per_node,
+            "fraction_per_round": self.spec.federation.fraction_per_round,
+            "round_deadline_seconds": self.spec.federation.deadline_seconds,
+            "no_reply_means": NO_REPLY,
             "epsilon_charged_by_this_experiment": self.plan.epsilon_charged_per_site,  # PLD, as each node charges it
             "epsilon_planning_estimate": self.plan.epsilon_per_site,  # by "accountant"
             "secure_aggregation": self.spec.federation.secure_aggregation,
             "sites": {
-                o.site: {"status": o.status, "reason": o.reason, "epsilon_spent_on_dataset": o.epsilon}
+                o.site: {"status": o.status, "reason": o.reason, "epsilon_spent_on_dataset": o.epsilon, **o.round_report()}
                 for o in self.sites.values()
             },
         }
@@ -265,16 +308,19 @@ def _wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0)
         time.sleep(poll)
 
 
+Content = RecordDict | Callable[[int], RecordDict]  # one record for every node, or each node's own
+
+
 def _send(
     grid: ParticipantGrid,
     kind: str,
-    record: RecordDict,
+    record: Content,
     node_ids: Iterable[int],
     timeout: float,
     meanwhile: Callable[[], object] | None = None,
 ) -> tuple[list[Message], dict[str, int]]:
     """Replies of one wave, and whom each sent message went to (see `senders_of`)."""
-    messages = [Message(content=record, dst_node_id=n, message_type=kind) for n in node_ids]
+    messages = [Message(content=record(n) if callable(record) else record, dst_node_id=n, message_type=kind) for n in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout, meanwhile=meanwhile))
     return replies, senders_of(messages)
 
@@ -316,7 +362,7 @@ def _collect(
 def _wave(  # noqa: PLR0913
     grid: ParticipantGrid,
     kind: str,
-    record: RecordDict,
+    record: Content,
     nodes: list[int],
     sites: dict[int, SiteOutcome],
     allowed: tuple[str, ...],
@@ -355,7 +401,7 @@ def _round_metrics(step_metrics: Mapping[int, Mapping[str, float]], sites: Mappi
 
 def _query_until_decided(  # noqa: PLR0913
     grid: Grid,
-    record: RecordDict,
+    record: Content,
     nodes: list[int],
     sites: dict[int, SiteOutcome],
     *,
@@ -385,20 +431,135 @@ def _query_until_decided(  # noqa: PLR0913
 RoundRunner = Callable[[int, ArrayRecord, Any, dict[int, SiteOutcome]], tuple[dict[int, dict[str, float]], ArrayRecord | None]]
 
 
-def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Mapping[int, Mapping[str, float]], timeout: float) -> RoundRunner:
-    """One training round of `spec`: its strategy's train wave, or a SecAgg+ round.
+class _RoundGrid(ParticipantGrid):
+    """One round's participants; remembers the id and node of every message it pushes.
+
+    After the wave, the ids without a reply are the round's missing replies, which
+    :class:`LateReplies` pulls later. Pushing is the only thing it adds: the wave's own
+    polling is :meth:`ParticipantGrid.send_and_receive`'s.
+    """
+
+    def __init__(self, grid: Grid, participants: Iterable[int]) -> None:
+        super().__init__(grid, participants)
+        self.pushed: dict[str, int] = {}  # message id -> destination node
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        self.pushed |= {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
+        return ids
+
+
+@dataclass
+class LateReplies:
+    """Train messages whose replies missed their round's deadline, pulled later and reported, never aggregated.
+
+    A node is charged when its reply leaves it, whether or not the reply is in time: a late
+    reply is the record that it trained (and was charged) in that round. Pulling is one
+    request to the SuperLink for the ids still missing; :meth:`settle` repeats it for a
+    few seconds at most before the final report.
+    """
+
+    pending: dict[str, tuple[int, int]] = field(default_factory=dict)  # message id -> (node, round)
+    poll_interval: float = 0.2
+
+    def expect(self, message_id: str, node: int, server_round: int) -> None:
+        self.pending[message_id] = (node, server_round)
+
+    def pull(self, grid: Grid, sites: dict[int, SiteOutcome]) -> int:
+        """Pull what has come of the missing replies into `sites`; returns how many came."""
+        if not self.pending:
+            return 0
+        try:
+            replies = list(grid.pull_messages(list(self.pending)))
+        except Exception as err:  # noqa: BLE001 - a late reply is reported, never needed: the run goes on
+            logger.warning("could not pull %d late repl(ies): %s", len(self.pending), err)
+            return 0
+        came = 0
+        for reply in replies:
+            key = reply.metadata.reply_to_message_id
+            if key not in self.pending:
+                continue
+            node, server_round = self.pending.pop(key)
+            outcome = sites.setdefault(node, SiteOutcome(node, f"node-{node}"))
+            came += 1
+            if reply.has_error():
+                outcome.refused_rounds[server_round] = f"error {reply.error.code} (late): {reply.error.reason}"
+                continue
+            try:
+                metrics = read_metrics(reply.content, TRAIN_METRICS)
+            except ProtocolError as err:
+                outcome.refused_rounds[server_round] = f"invalid late reply: {err}"
+                continue
+            outcome.site = read_site(reply.content, outcome.site)
+            outcome.late[server_round] = metrics
+            logger.info("%s replied to round %d after its deadline: charged, not aggregated", outcome.site, server_round)
+        return came
+
+    def settle(self, grid: Grid, sites: dict[int, SiteOutcome], wait: float) -> None:
+        """Pull the missing replies until none is missing or `wait` seconds have passed."""
+        deadline = time.monotonic() + wait
+        while True:
+            self.pull(grid, sites)
+            if not self.pending or time.monotonic() >= deadline:
+                return
+            time.sleep(self.poll_interval)
+
+
+def _expect_late(
+    late: LateReplies, pushed: Mapping[str, int], replies: Iterable[Message], server_round: int, sites: dict[int, SiteOutcome]
+) -> None:
+    """Note that the round's train message went to each node of `pushed`, and every one that has no reply yet."""
+    replied = {r.metadata.reply_to_message_id for r in replies}
+    for node in pushed.values():
+        sites.setdefault(node, SiteOutcome(node, f"node-{node}")).sent.add(server_round)
+    for message_id, node in pushed.items():
+        if message_id not in replied:
+            late.expect(message_id, node, server_round)
+
+
+def _note_refusals(sites: dict[int, SiteOutcome], expected: Iterable[int], answered: Mapping[int, object], replied: Iterable[int], server_round: int) -> None:
+    """Record the round as refused for the scheduled nodes that replied in time with a refusal or failure."""
+    replied = set(replied)
+    for node in expected:
+        if node in replied and node not in answered:
+            sites[node].refused_rounds[server_round] = sites[node].reason or sites[node].status
+
+
+def _round_runner(  # noqa: PLR0913
+    spec: ExperimentSpec,
+    grid: Grid,
+    query: Mapping[int, Mapping[str, float]],
+    schedule: RoundSchedule,
+    late: LateReplies,
+    timeout: float,
+) -> RoundRunner:
+    """One training round of `spec`: its strategy's train wave, or a SecAgg+ round, over the round's scheduled nodes.
 
     Either returns the valid replies' metrics per node (refusals and silences recorded
     in the sites) and the new global model; fewer answers than the minimum stop the run.
+    A wave waits `timeout` seconds (the spec's round deadline); the replies it misses go
+    to `late`.
     """
     fed = spec.federation
 
     def enough(server_round: int, answered: Mapping[int, object], sites: dict[int, SiteOutcome]) -> None:
         if len(answered) < fed.min_nodes:
             raise NotEnoughNodesError(
-                f"round {server_round}: {len(answered)} node(s) replied, fewer than "
-                f"federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
+                f"round {server_round}: {len(answered)} node(s) replied before the round's deadline of {timeout:g} s, "
+                f"fewer than federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
             )
+
+    def round_grid(server_round: int, sites: dict[int, SiteOutcome]) -> _RoundGrid:
+        """The round's scheduled participants that accepted, still connected; too few stop the run."""
+        view = _RoundGrid(grid, [n for n in schedule.participants(server_round) if n in query])
+        present = list(view.get_node_ids())
+        if len(present) < fed.min_nodes:
+            raise NotEnoughNodesError(
+                f"round {server_round}: {len(present)} of its scheduled node(s) accepted the run and are connected, "
+                f"fewer than federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
+            )
+        return view
 
     if fed.secure_aggregation:
         secure = SecureRound(
@@ -409,8 +570,12 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
         )
 
         def secure_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome]):  # type: ignore[no-untyped-def]
+            participants = round_grid(server_round, sites)
             result = secure.run(participants, server_round, arrays, config)
             answered = _collect(result.replies, sites, result.sampled, TRAIN_METRICS, result.senders)
+            _note_refusals(sites, result.sampled, answered, (node_of(r, result.senders) for r in result.replies), server_round)
+            # Only the collect wave's train messages are charged; a node that missed it replies later.
+            _expect_late(late, result.collect_sent, result.collect_replies, server_round, sites)
             if result.arrays is None:
                 raise FederationError(
                     f"round {server_round}: secure aggregation stopped after {result.waves} of its 4 waves: "
@@ -431,9 +596,14 @@ def _round_runner(spec: ExperimentSpec, participants: ParticipantGrid, query: Ma
     )
 
     def plain_round(server_round: int, arrays: ArrayRecord, config: Any, sites: dict[int, SiteOutcome]):  # type: ignore[no-untyped-def]
+        participants = round_grid(server_round, sites)
         messages = list(strategy.configure_train(server_round, arrays, config, participants))
         replies = list(participants.send_and_receive(messages, timeout=timeout))
-        answered = _collect(replies, sites, participants.get_node_ids(), TRAIN_METRICS, senders_of(messages))
+        senders = senders_of(messages)
+        expected = list(participants.get_node_ids())
+        answered = _collect(replies, sites, expected, TRAIN_METRICS, senders)
+        _note_refusals(sites, expected, answered, (node_of(r, senders) for r in replies), server_round)
+        _expect_late(late, participants.pushed, replies, server_round, sites)
         enough(server_round, answered, sites)
         valid = [r for r in replies if not r.has_error() and r.metadata.src_node_id in answered]
         new_arrays, _ = strategy.aggregate_train(server_round, valid)
@@ -491,6 +661,51 @@ def _hold_if_asked(output_dir: Path, checkpoint: Checkpoint) -> None:
     checkpoint.save(output_dir)
 
 
+def _schedule_of(spec: ExperimentSpec, submission_id: str, connected: list[int], checkpoint: Checkpoint | None) -> RoundSchedule:
+    """The submission's schedule: the one its checkpoint recorded (a continuation), or drawn now over `connected`.
+
+    Without sampling every connected node trains every round, as before sampling
+    existed; with it, a continuation keeps the schedule the nodes recorded at
+    admission (node ids are stable under node authentication; a node that finds
+    another schedule in its query refuses it, and nothing is charged).
+    """
+    fed = spec.federation
+    if fed.fraction_per_round < 1 and checkpoint is not None and checkpoint.schedule:
+        return RoundSchedule.from_mapping(checkpoint.schedule)
+    seed = schedule_seed(spec.digest(), submission_id)
+    schedule = draw_schedule(connected, rounds=fed.rounds, fraction=fed.fraction_per_round, seed=seed)
+    if schedule.per_node < schedule.rounds:
+        logger.info(
+            "schedule of submission %s: %d of %d round(s) per node, %s", submission_id[:12], schedule.per_node, fed.rounds,
+            "; ".join(f"round {r}: nodes {', '.join(map(str, schedule.participants(r)))}" for r in range(1, fed.rounds + 1)),
+        )
+    return schedule
+
+
+def _keep_outcomes(checkpoint: Checkpoint, sites: Mapping[int, SiteOutcome]) -> None:
+    """The sites' rounds as the checkpoint keeps them, by site name: aggregated, late, refused."""
+    checkpoint.site_rounds = {o.site: dict(o.rounds) for o in sites.values() if o.rounds}
+    checkpoint.site_late = {o.site: dict(o.late) for o in sites.values() if o.late}
+    checkpoint.site_refused = {o.site: dict(o.refused_rounds) for o in sites.values() if o.refused_rounds}
+    checkpoint.site_sent = {o.site: sorted(o.sent) for o in sites.values() if o.sent}
+
+
+def _log_round_report(tracker: Tracker, sites: Mapping[int, SiteOutcome]) -> None:
+    """Each site's count of scheduled, aggregated, late and unanswered rounds, as MLflow metrics."""
+    metrics = {}
+    for outcome in sites.values():
+        report = outcome.round_report()
+        name = _metric_site(outcome.site).replace("-", "_")  # as _round_metrics names a site's metrics
+        metrics |= {
+            f"{name}.rounds_scheduled": float(len(report["rounds_scheduled"])),
+            f"{name}.rounds_aggregated": float(len(report["rounds_aggregated"])),
+            f"{name}.rounds_late": float(len(report["rounds_late"])),
+            f"{name}.rounds_no_reply": float(len(report["rounds_no_reply"])),
+        }
+    if metrics:
+        tracker.log_metrics(metrics, step=0)
+
+
 def run_experiment(
     grid: Grid,
     spec: ExperimentSpec,
@@ -528,6 +743,17 @@ def run_experiment(
     def config(server_round: int = 0):  # type: ignore[no-untyped-def]
         return signed.add_to(instruction.to_config(server_round))
 
+    connected = _wait_for_nodes(grid, fed.min_nodes, fed.node_wait_seconds)
+    roster = _schedule_of(spec, submission_id, connected, checkpoint)
+    sampled = roster.per_node < roster.rounds
+
+    def query_record(node: int) -> RecordDict:
+        """The query: every node's the same, with its own scheduled rounds when the spec samples nodes."""
+        record = config()
+        if sampled:
+            record[SCHEDULE_KEY] = list(roster.of(node))
+        return RecordDict({CONFIG_KEY: record})
+
     prepared: list[tuple[Any, Any, PrivacyPlan]] = []
 
     def start_up() -> None:
@@ -536,12 +762,12 @@ def run_experiment(
         tracker.prepare()
         prepared.append((model, input_example, plan_privacy(spec, schedule)))  # Opacus: seconds
 
-    connected = _wait_for_nodes(grid, fed.min_nodes, fed.node_wait_seconds)
-    sites = {n: SiteOutcome(n, f"node-{n}") for n in connected}
+    queried = [n for n in connected if roster.of(n)]
+    sites = {n: SiteOutcome(n, f"node-{n}", scheduled=roster.of(n)) for n in queried}
     query = _query_until_decided(
         grid,
-        RecordDict({CONFIG_KEY: config()}),
-        connected,
+        query_record,
+        queried,
         sites,
         timeout=timeout,
         wait=fed.approval_wait_seconds,
@@ -550,14 +776,27 @@ def run_experiment(
     if len(query) < fed.min_nodes:
         _release(grid, list(query), config(), timeout)
         raise NotEnoughNodesError(
-            f"{len(query)} of {len(connected)} hospital node(s) accepted the experiment; the spec "
+            f"{len(query)} of {len(queried)} hospital node(s) accepted the experiment; the spec "
             f"requires federation.min_nodes = {fed.min_nodes}. Per site: {_site_report(sites)}"
+        )
+    first = checkpoint.round + 1 if checkpoint is not None else 1
+    thin = {r: n for r in range(first, fed.rounds + 1) if (n := sum(1 for node in roster.participants(r) if node in query)) < fed.min_nodes}
+    if thin:
+        # Known before anything trains: stop now rather than spend the rounds before it.
+        _release(grid, list(query), config(), timeout)
+        worst = min(thin, key=thin.__getitem__)
+        raise NotEnoughNodesError(
+            f"round {worst} would have {thin[worst]} node(s): of the {len(query)} that accepted, federation.fraction_per_round "
+            f"{fed.fraction_per_round:g} schedules {roster.per_node} of {fed.rounds} round(s) each, fewer than "
+            f"federation.min_nodes = {fed.min_nodes} in round(s) {', '.join(map(str, sorted(thin)))}; raise "
+            f"fraction_per_round or lower min_nodes. Per site: {_site_report(sites)}"
         )
     logger.info("experiment %s: %d site(s) accepted: %s", spec.experiment.name, len(query), _site_report(sites))
 
     ((model, input_example, plan),) = prepared
     participants = ParticipantGrid(grid, query)
-    train_round = _round_runner(spec, participants, query, timeout)
+    late = LateReplies()
+    train_round = _round_runner(spec, grid, query, roster, late, fed.deadline_seconds)
     if checkpoint is None:
         run_id = tracker.start(
             experiment=spec.experiment.mlflow_experiment or spec.experiment.name,
@@ -565,14 +804,26 @@ def run_experiment(
             params={**spec.to_mapping(), "plan": asdict(plan)},
             tags={"medfed.spec_digest": spec.digest(), "medfed.submission_id": submission_id, **(tags or {})},
         )
-        checkpoint = Checkpoint(submission_id, spec.digest(), 0, run_id, arrays=ArrayRecord(model.state_dict()))
+        checkpoint = Checkpoint(
+            submission_id, spec.digest(), 0, run_id, arrays=ArrayRecord(model.state_dict()), schedule=roster.to_mapping()
+        )
     else:
         run_id = checkpoint.tracking_run_id
         tracker.resume(run_id)
+        checkpoint.schedule = roster.to_mapping()  # the recorded one (sampled), or every connected node every round
         by_name = {outcome.site: node for node, outcome in sites.items()}
         for site, rounds in checkpoint.site_rounds.items():
             if site in by_name:
                 sites[by_name[site]].rounds.update(rounds)
+        for site, rounds in checkpoint.site_late.items():
+            if site in by_name:
+                sites[by_name[site]].late.update(rounds)
+        for site, reasons in checkpoint.site_refused.items():
+            if site in by_name:
+                sites[by_name[site]].refused_rounds.update(reasons)
+        for site, sent in checkpoint.site_sent.items():
+            if site in by_name:
+                sites[by_name[site]].sent.update(sent)
         logger.info("submission %s continues after round %d of %d", submission_id[:12], checkpoint.round, fed.rounds)
     if flower_run_id is not None:
         checkpoint.flower_runs.append(flower_run_id)
@@ -581,6 +832,7 @@ def run_experiment(
     history: dict[int, dict[str, float]] = checkpoint.history
     try:
         for server_round in range(checkpoint.round + 1, fed.rounds + 1):
+            late.pull(grid, sites)  # what missed earlier deadlines and has come since: reported, not aggregated
             _hold_if_asked(output_dir, checkpoint)
             answered, new_arrays = train_round(server_round, arrays, config(server_round), sites)
             for node, metrics in answered.items():
@@ -594,10 +846,11 @@ def run_experiment(
             if incoming:
                 tracker.log_metrics(incoming, step=server_round - 1)
             tracker.log_metrics(trained, step=server_round)
+            tracker.log_metrics({NODES_AGGREGATED: float(len(answered))}, step=server_round)  # fewer when sampled or late
             history[server_round - 1] = {**history.get(server_round - 1, {}), **incoming}
             history[server_round] = {**history.get(server_round, {}), **trained}
             checkpoint.round, checkpoint.arrays = server_round, arrays
-            checkpoint.site_rounds = {o.site: dict(o.rounds) for o in sites.values() if o.rounds}
+            _keep_outcomes(checkpoint, sites)
             checkpoint.save(output_dir)
             if on_round is not None:
                 on_round(server_round, history[server_round - 1] | history[server_round])
@@ -619,6 +872,9 @@ def run_experiment(
         final_sites = _wave(participants, MessageType.EVALUATE, final_record, nodes, sites, EVAL_METRICS, timeout, save_model)
         for node, metrics in final_sites.items():
             sites[node].final = {**site_quality(metrics), **{k: v for k, v in metrics.items() if k.startswith("epsilon")}}
+        # The replies that missed their deadline and are still out: a last, short look before the report.
+        late.settle(grid, sites, wait=min(LATE_WAIT_SECONDS, fed.deadline_seconds))
+        _log_round_report(tracker, sites)
         # The headline: the pooled quality over every site's validation patients; and each
         # site's epsilon once its evaluation was charged (what the run charged in all).
         final = _round_metrics(final_sites, sites, (*QUALITY_METRICS, "epsilon", "epsilon-run"))
@@ -634,6 +890,7 @@ def run_experiment(
         (output_dir / SUMMARY_FILE).write_text(summary + "\n")
         tracker.log_text(summary, SUMMARY_FILE)
         checkpoint.finished = True
+        _keep_outcomes(checkpoint, sites)
         checkpoint.save(output_dir)
     except Exception as err:
         tracker.finish(failed=True, reason=str(err))

@@ -111,6 +111,7 @@ __all__ = [
     "CONFIG_KEY",
     "DP_METRICS",
     "EVAL_METRICS",
+    "SCHEDULE_KEY",
     "SCORE_METRICS",
     "score_histogram_of",
     "score_metrics",
@@ -163,12 +164,15 @@ __all__ = [
     "node_record",
     "read_metrics",
     "read_refusal",
+    "read_schedule",
     "read_site",
     "refusal_reason",
     "release_quantum",
     "secure_clipping_range",
     "secure_encoding",
     "secure_sum_problems",
+    "schedule_problems",
+    "spec_fraction",
     "spec_mismatches",
 ]
 
@@ -221,6 +225,12 @@ SPEC_KEY = "medfed.spec"
 SIGNATURE_KEY = "medfed.spec-signature"
 SIGNER_KEY = "medfed.spec-signer"
 SUBMISSION_KEY = "medfed.submission"
+# Node sampling (federation.fraction_per_round < 1): a query (and, when the coordinator
+# sends it, a train message) carries the receiving node's own scheduled rounds, a list of
+# ints. The node checks them against the signed spec, reserves exactly those rounds and
+# records them at admission; it trains no round outside them. Absent, a node takes it to
+# be every round, which only a spec without sampling allows.
+SCHEDULE_KEY = "medfed.schedule"
 
 # The metric keys a reply may carry: a node sends exactly these, the coordinator
 # rejects anything else. "num-examples" is Flower's weighting key: the site's
@@ -1015,3 +1025,50 @@ class SecureTotals:
             "sites": list(self.sites),
             "contributors": self.contributors,
         }
+
+
+def spec_fraction(spec: Mapping[str, Any]) -> object:
+    """The signed spec's ``federation.fraction_per_round`` as written (1.0 when absent: every node every round)."""
+    federation = spec.get("federation")
+    return federation.get("fraction_per_round", 1.0) if isinstance(federation, Mapping) else 1.0
+
+
+def read_schedule(config: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The node's scheduled rounds a message carries (:data:`SCHEDULE_KEY`), or None when it carries none.
+
+    Raises
+    ------
+    ProtocolError
+        The entry is not a list of integers.
+    """
+    value = config.get(SCHEDULE_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ProtocolError(f"'{SCHEDULE_KEY}' must be a list of round numbers; found {value!r}")
+    return tuple(value)
+
+
+def schedule_problems(schedule: Sequence[int], *, rounds: int, fraction: object) -> list[str]:
+    """Why `schedule` is not a node's rounds under the signed spec's `rounds` and `fraction`; empty when it is.
+
+    A node's schedule names exactly ``ceil(fraction x rounds)`` distinct rounds within
+    ``1..rounds``: no coordinator can give a node more rounds than the signed spec allows.
+    """
+    problem = limits.fraction_problem(fraction)
+    if problem is not None:
+        return [f"the signed spec's {problem}"]
+    wanted = limits.rounds_per_node(rounds, float(fraction))  # type: ignore[arg-type]
+    problems = []
+    outside = sorted({r for r in schedule if not 1 <= r <= rounds})
+    if outside:
+        problems.append(f"round(s) {', '.join(map(str, outside))} of the schedule lie outside 1..{rounds} (federation.rounds)")
+    twice = sorted({r for r in schedule if list(schedule).count(r) > 1})
+    if twice:
+        problems.append(f"the schedule names round(s) {', '.join(map(str, twice))} more than once")
+    if len(schedule) != wanted:
+        problems.append(
+            f"the schedule names {len(schedule)} round(s); the signed spec's federation.fraction_per_round "
+            f"{float(fraction):g} of {rounds} round(s) gives every node exactly {wanted}"  # type: ignore[arg-type]
+        )
+    return problems

@@ -71,12 +71,14 @@ class _RecordingGrid(DelegatingGrid):
     def __init__(self, grid: Grid) -> None:
         super().__init__(grid)
         self.waves: list[list[Message]] = []
-        self.senders: dict[str, int] = {}  # message id -> the node it was sent to
+        self.sent: list[dict[str, int]] = []  # per wave: message id -> the node it was sent to
+        self.senders: dict[str, int] = {}  # message id -> the node it was sent to, every wave
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self.senders |= senders_of(messages)
+        self.sent.append(senders_of(messages))
+        self.senders |= self.sent[-1]
         self.waves.append(replies)
         logger.debug("SecAgg+ %s: %d repl(ies)", _STAGES[min(len(self.waves) - 1, 3)], len(replies))
         return replies
@@ -92,6 +94,9 @@ class SecureRoundResult:
     threshold: int
     waves: int
     senders: dict[str, int] = field(default_factory=dict)
+    # The collect wave (the charged train messages): whom it went to, and the replies that came in time.
+    collect_sent: dict[str, int] = field(default_factory=dict)
+    collect_replies: list[Message] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +119,8 @@ class _Outcome:
     threshold: int
     waves: int
     senders: dict[str, int]
+    collect_sent: dict[str, int] = field(default_factory=dict)
+    collect_replies: list[Message] = field(default_factory=list)
 
 
 def _threshold(num_shares: int | None, reconstruction_threshold: int | None, nodes: int) -> int:
@@ -193,6 +200,8 @@ def _run_workflow(  # noqa: PLR0913
         threshold=threshold,
         waves=len(recording.waves),
         senders=recording.senders,
+        collect_sent=recording.sent[_COLLECT] if len(recording.sent) > _COLLECT else {},
+        collect_replies=recording.waves[_COLLECT] if len(recording.waves) > _COLLECT else [],
     )
 
 
@@ -250,6 +259,8 @@ class SecureRound:
             threshold=outcome.threshold,
             waves=outcome.waves,
             senders=outcome.senders,
+            collect_sent=outcome.collect_sent,
+            collect_replies=outcome.collect_replies,
         )
 
 

@@ -431,6 +431,16 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             raise ClusterError(f"{name} survived SIGKILL for {timeout:g} s") from None
 
+    def pause(self, name: str) -> None:
+        """SIGSTOP the process group of `name` (``supernode-<site>``): a node that hangs, a straggler, until :meth:`resume`."""
+        [process] = [p for p in self._processes if p.name == name]
+        _signal_group(process.popen, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT the process group of `name`: the node goes on where :meth:`pause` stopped it."""
+        [process] = [p for p in self._processes if p.name == name]
+        _signal_group(process.popen, signal.SIGCONT)
+
     def log_path(self, name: str) -> Path:
         """The log file of process `name`."""
         return self.workdir / "logs" / f"{name}.log"
@@ -458,6 +468,7 @@ class LocalCluster:
         strays = _descendants([p.popen.pid for p in self._processes])
         for process in reversed(self._processes):
             _signal_group(process.popen, signal.SIGTERM)
+            _signal_group(process.popen, signal.SIGCONT)  # a paused group acts on its SIGTERM only once it runs
         _signal_pids(strays, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for process in reversed(self._processes):

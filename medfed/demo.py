@@ -264,7 +264,7 @@ def comparison_table(
         label = "federated, as released (AUC from DP score histograms)"
         rows[label], pooled[label] = released_rows(ordered, released)
     title = f"Validation {shown} at ε ≈ {plan.epsilon_charged_per_site:.2f} per patient (δ = {plan.delta:g})"
-    return results_table(title, rows, ordered, all_sites=pooled)
+    return results_table(title, rows, ordered, all_sites=pooled, show_rounds=spec.federation.fraction_per_round < 1)
 
 
 def run_on_cluster(

@@ -572,6 +572,14 @@ def simulate(
         )
     if spec.federation.min_nodes > sites:
         raise SimulationError(f"{spec_path}: federation.min_nodes = {spec.federation.min_nodes} is more than --sites {sites}")
+    fed = spec.federation
+    per_round = sites * fed.rounds_per_node // fed.rounds  # the fewest a round is scheduled (federation.schedule)
+    if per_round < fed.min_nodes:
+        raise SimulationError(
+            f"{spec_path}: federation.fraction_per_round = {fed.fraction_per_round:g} schedules {fed.rounds_per_node} of "
+            f"{fed.rounds} rounds per hospital, so a round of --sites {sites} has as few as {per_round} hospitals, fewer than "
+            f"federation.min_nodes = {fed.min_nodes}; raise fraction_per_round or --sites, or lower min_nodes"
+        )
     if ray_address:
         check_ray_address(ray_address)
         concurrency = 0
@@ -595,6 +603,9 @@ def simulate(
                   f"({spec.digest()[:12]}), {spec.federation.rounds} rounds on Flower's Simulation Engine")
     console.print(f"  memory: {estimate.describe()}")
     console.print(f"  cost: each site's dataset is charged ε = {plan.epsilon_charged_per_site:.3f} at δ = {plan.delta:g}")
+    if fed.rounds_per_node < fed.rounds:
+        console.print(f"  sampling: each hospital trains {fed.rounds_per_node} of {fed.rounds} rounds (fraction_per_round "
+                      f"{fed.fraction_per_round:g}), {per_round}-{-(-sites * fed.rounds_per_node // fed.rounds)} hospitals a round")
     try:
         homes = prepare_rehearsal(workdir, spec, sites=sites, profile=profile, seed=seed, patients_scale=patients_scale,
                                   tier2_scale=tier2_scale, on_progress=console.print)
@@ -616,7 +627,7 @@ def simulate(
         label = "federated model: validation AUC from the sites' DP score histograms"
         cells, pooled = released_rows(shown, pooled_result(tracking_uri, result.mlflow_run_id))
         title = f"Validation AUC at ε ≈ {plan.epsilon_charged_per_site:.2f} per patient (δ = {plan.delta:g})"
-        console.print(results_table(title, {label: cells}, shown, all_sites={label: pooled}))
+        console.print(results_table(title, {label: cells}, shown, all_sites={label: pooled}, show_rounds=fed.rounds_per_node < fed.rounds))
         if len(results) > len(shown):
             console.print(f"  ({len(results) - len(shown)} more sites' columns are in MLflow run {result.mlflow_run_id})")
     from medfed.demo import remaining_budgets

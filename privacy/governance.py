@@ -249,6 +249,9 @@ class SubmissionUse:
     at: datetime
     first_run: str
     seq: int
+    # The rounds the node was scheduled for and reserved at admission (node sampling);
+    # () when the submission trains every round (admitted without a schedule).
+    schedule: tuple[int, ...] = ()
 
 
 class GovernanceState:
@@ -292,7 +295,8 @@ class GovernanceState:
             "requests": [[r.spec_digest, r.dataset, r.at.isoformat(), dict(r.payload)] for r in self.requests.values()],
             "history": [_decision_row(d) for d in self.history],
             "submissions": [
-                [u.submission_id, u.spec_digest, u.dataset, u.at.isoformat(), u.first_run, u.seq] for u in self.submissions.values()
+                [u.submission_id, u.spec_digest, u.dataset, u.at.isoformat(), u.first_run, u.seq, list(u.schedule)]
+                for u in self.submissions.values()
             ],
         }
 
@@ -316,7 +320,8 @@ class GovernanceState:
                 state.history.append(decision)
                 state.decisions[(decision.spec_digest, decision.dataset)] = decision
             for row in snapshot["submissions"]:
-                if not isinstance(row, list) or len(row) != 6 or not isinstance(row[0], str) or not isinstance(row[2], str):
+                # Six fields in checkpoints written before node sampling, seven since (the schedule).
+                if not isinstance(row, list) or len(row) not in (6, 7) or not isinstance(row[0], str) or not isinstance(row[2], str):
                     raise ValueError(f"submission row {row!r}")
                 state._submissions[(row[0], row[2])] = row
         except (KeyError, TypeError, ValueError) as err:
@@ -334,7 +339,7 @@ class GovernanceState:
         if entry.kind == "submission":
             use = SubmissionUse(
                 str(payload["submission_id"]), str(payload["spec_digest"]), str(payload["dataset"]), entry.time,
-                str(payload.get("run", "")), entry.seq,
+                str(payload.get("run", "")), entry.seq, tuple(int(r) for r in payload.get("schedule") or ()),
             )
             self._submissions.setdefault((use.submission_id, use.dataset), use)
             return
@@ -422,8 +427,9 @@ class GovernanceState:
 
 
 def _use_of(row: list[Any]) -> SubmissionUse:
-    submission_id, digest, dataset, at, first_run, seq = row
-    return SubmissionUse(str(submission_id), str(digest), str(dataset), _parse_time(str(at)), str(first_run), int(seq))
+    submission_id, digest, dataset, at, first_run, seq, *rest = row
+    schedule = tuple(int(r) for r in rest[0]) if rest else ()
+    return SubmissionUse(str(submission_id), str(digest), str(dataset), _parse_time(str(at)), str(first_run), int(seq), schedule)
 
 
 def _decision_row(decision: Decision) -> list[Any]:

@@ -34,6 +34,8 @@ __all__ = [
     "MIN_DELTA",
     "MIN_NOISE_MULTIPLIER",
     "MIN_SAMPLE_RATE",
+    "fraction_problem",
+    "rounds_per_node",
     "schedule_problems",
 ]
 
@@ -92,6 +94,27 @@ def schedule_problems(
     if not _is_real(delta) or not MIN_DELTA <= delta < 1:  # type: ignore[operator]
         problems.append(f"delta must be in [{MIN_DELTA:g}, 1); found {delta!r}")
     return problems
+
+
+def fraction_problem(fraction: object) -> str | None:
+    """Why `fraction` is not a spec's ``federation.fraction_per_round`` (a number in (0, 1]); None when it is."""
+    if not _is_real(fraction) or not 0 < fraction <= 1:  # type: ignore[operator]
+        return f"federation.fraction_per_round must be a number in (0, 1]; found {fraction!r}"
+    return None
+
+
+def rounds_per_node(rounds: int, fraction: float) -> int:
+    """The rounds each node trains, and is charged for, when a spec samples `fraction` of the nodes a round.
+
+    ``ceil(fraction x rounds)``: the coordinator draws every node exactly this many rounds
+    before the run starts, and a node reserves exactly this many (never ``rounds``). The
+    product is rounded to 9 decimals first, so that a fraction written in decimal
+    (0.1 x 30 = 3.0000000000000004 in binary) does not gain a round.
+    """
+    problem = fraction_problem(fraction)
+    if problem is not None:
+        raise ValueError(problem)
+    return max(1, math.ceil(round(fraction * rounds, 9)))
 
 
 def _is_real(value: object) -> bool:

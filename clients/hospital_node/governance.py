@@ -28,10 +28,24 @@ nothing the coordinator says about legitimacy; it reads only the node's own stat
    a new run, and the node records which submission spent the approval;
 6. the experiment's own epsilon fits the approval's cap, the policy's per-experiment cap
    and the spec's own target; the dataset's lifetime budget can afford every round of
-   the run, which the ledger then reserves for it (:meth:`PrivacyLedger.reserve_run`),
-   once per submission: of two runs that the budget cannot both afford, the second is
-   refused here, before it trains. The rounds of a submission are capped at the spec's,
-   continuations included.
+   the run this node trains, which the ledger then reserves for it
+   (:meth:`PrivacyLedger.reserve_run`), once per submission: of two runs that the budget
+   cannot both afford, the second is refused here, before it trains. The rounds of a
+   submission are capped at the spec's, continuations included.
+
+Node sampling: a spec with ``federation.fraction_per_round`` = f < 1 trains each node in
+exactly ``k = ceil(f x rounds)`` rounds (:func:`privacy.limits.rounds_per_node`), which the
+coordinator draws before the run and sends each node in its query
+(:data:`federation.protocol.SCHEDULE_KEY`). Admission checks the node's schedule against
+the signed spec (k distinct rounds within 1..rounds: a coordinator cannot give a node
+more rounds than the signed spec allows), costs and reserves those k rounds only (no
+budget is held for rounds the node is not sampled in, and the whole share is still held
+up front, so no epsilon goes to a run that cannot finish), and records the schedule in
+the submission's audit entry; every later message of the submission is held to that
+recorded schedule, and a train message for another round is refused before anything is
+read or charged (:mod:`clients.hospital_node.rounds`). Sampling nodes gives no
+amplification: the node knows it was picked, so its patients' epsilon is that of its k
+rounds.
 
 A statistics study takes the same path (:func:`admit_study`): its query is parsed by the
 node from the signed spec, step 2 checks that it reads only the dataset's registered
@@ -79,10 +93,13 @@ from federation.protocol import (
     REFUSED_SIGNATURE,
     STATISTICS_ACTION,
     STATISTICS_TASK,
+    SCHEDULE_KEY,
     ProtocolError,
     SignedSpec,
     TrainInstruction,
     is_statistics_spec,
+    schedule_problems,
+    spec_fraction,
     spec_mismatches,
 )
 from privacy.accountant import LEDGER_ACCOUNTANT, epsilon, epsilon_bound
@@ -100,6 +117,7 @@ from privacy.governance import (
     Request,
     SpecSignature,
     Submission,
+    SubmissionUse,
     spec_digest,
     verify_submission,
 )
@@ -110,8 +128,10 @@ from privacy.limits import (
     MAX_COUNT_EPSILON,
     MAX_EPSILON,
     MAX_EVALUATION_EPSILON,
-    schedule_problems,
+    fraction_problem,
+    rounds_per_node,
 )
+from privacy.limits import schedule_problems as limit_problems
 from privacy.ledger import LIVE, RELEASED, USED_UP, Budget, PrivacyLedger, RunReservation
 
 __all__ = [
@@ -172,8 +192,9 @@ class Admission:
     # None for a release message, which releases nothing and is admitted on its signature alone.
     budget: Budget | None = None
     run_cap: Budget | None = None
-    cost: float | None = None  # this experiment's own epsilon on the dataset, all rounds, at the spec's delta
+    cost: float | None = None  # this experiment's own epsilon on the dataset, all its rounds, at the spec's delta
     reservation: RunReservation | None = None  # the run's rounds, held in the ledger
+    schedule: tuple[int, ...] = ()  # the rounds this node trains (every round without sampling); () for a release
 
 
 def _round_event(instruction: TrainInstruction) -> DPEvent:
@@ -202,14 +223,14 @@ def training_releases_of(instruction: TrainInstruction, spec: Mapping[str, Any])
     return training_releases(_round_event(instruction), evaluate_every_round=every_round, **options)
 
 
-def _experiment_event(instruction: TrainInstruction) -> DPEvent:
-    """Every round of the experiment as one event, refused if its epsilon is beyond any node's limit.
+def _experiment_event(instruction: TrainInstruction, rounds: int) -> DPEvent:
+    """Every round the node trains (`rounds`) as one event, refused if its epsilon is beyond any node's limit.
 
     The RDP bound costs the same at any step count and never reads tighter than PLD or
     PRV, so a hostile noise multiplier is refused here before a tight accountant would
     build a grid the size of its epsilon.
     """
-    event = _round_event(instruction).times(instruction.rounds)
+    event = _round_event(instruction).times(rounds)
     bound = epsilon_bound([event], delta=instruction.delta)
     if bound > MAX_EPSILON:
         raise Refusal(
@@ -503,6 +524,11 @@ class _Ask:
     request: Callable[[str, str, float, str], dict[str, Any]]  # (signer, fingerprint, cost, run id): the officer's request
     once: tuple[DPEvent, ...] = ()  # what the run releases once, whatever its rounds (a training run's noisy size)
     target_cost: Callable[[], float] | None = None  # what a target_epsilon is met by (DP-SGD alone), if not `cost`
+    # An experiment's: the spec's rounds and fraction_per_round (`rounds` is the share this
+    # node trains), and the schedule the message carries (None: none).
+    spec_rounds: int | None = None
+    fraction: float = 1.0
+    schedule: tuple[int, ...] | None = None
 
 
 def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str, GovernanceState]:
@@ -526,8 +552,19 @@ def _verify(home: NodeHome, signed: SignedSpec) -> tuple[Any, Submission, str, G
     return partner, submission, spec_digest(signed.spec_json), state
 
 
-def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, run_id: str, kind: str) -> Admission:
+def admit(
+    home: NodeHome,
+    instruction: TrainInstruction,
+    signed: SignedSpec,
+    *,
+    run_id: str,
+    kind: str,
+    schedule: tuple[int, ...] | None = None,
+) -> Admission:
     """Decide whether this node takes part in `kind` ("query", "train", "evaluate", "release") of the run.
+
+    `schedule` is the node's scheduled rounds as the message carries them (None: it
+    carries none); see "Node sampling" in the module docstring.
 
     Query, train and evaluate are checked against every cap and the budget, and hold the
     run's reservation for the signed submission (reserved by the first of them, found by
@@ -552,22 +589,30 @@ def admit(home: NodeHome, instruction: TrainInstruction, signed: SignedSpec, *, 
         raise Refusal(REFUSED_SIGNATURE, "the instruction is not what the signed spec says: " + "; ".join(mismatches))
     target = spec.get("privacy", {}).get("target_epsilon")
     releases = training_releases_of(instruction, spec)
+    fraction = spec_fraction(spec)
+    problem = fraction_problem(fraction)
+    if problem is not None:
+        raise Refusal(REFUSED_BAD_INSTRUCTION, f"the signed spec's {problem}")
+    k = rounds_per_node(instruction.rounds, float(fraction))  # type: ignore[arg-type]  # checked above
     ask = _Ask(
         dataset=instruction.dataset,
         task=instruction.task,
         events=releases.per_round,
-        rounds=instruction.rounds,
+        rounds=k,
         delta=instruction.delta,
         secure=bool(spec.get("federation", {}).get("secure_aggregation", False)),
         target=None if target is None else float(target),
         cost=lambda: epsilon(
-            [_experiment_event(instruction), *releases.composed(instruction.rounds)[1:]],
+            [_experiment_event(instruction, k), *releases.composed(k)[1:]],
             delta=instruction.delta,
             accountant=LEDGER_ACCOUNTANT,
         ),
-        request=lambda signer, fingerprint, cost, run: _request(instruction, spec, releases, signer, fingerprint, cost, run),
+        request=lambda signer, fingerprint, cost, run: _request(instruction, spec, releases, signer, fingerprint, cost, run, k),
         once=releases.once,
-        target_cost=lambda: epsilon([_experiment_event(instruction)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
+        target_cost=lambda: epsilon([_experiment_event(instruction, k)], delta=instruction.delta, accountant=LEDGER_ACCOUNTANT),
+        spec_rounds=instruction.rounds,
+        fraction=float(fraction),  # type: ignore[arg-type]
+        schedule=schedule,
     )
     return _admit(home, ask, signed, partner, submission, digest, spec, run_id=run_id, kind=kind, state=state)
 
@@ -758,6 +803,7 @@ def _admit_steps(  # noqa: PLR0913
     spent_by = state.submission(submission.submission_id, ask.dataset)
     if spent_by is None:
         _check_new_submission(state, decision, submission, kind, policy, ask.dataset)
+    schedule = _schedule(ask, submission, spent_by)
 
     # 6. caps and budget
     cost = ask.cost()
@@ -798,10 +844,56 @@ def _admit_steps(  # noqa: PLR0913
                 "signer": partner.name,
                 "signed_at": submission.signed_at.isoformat(),
                 "run": run_id,
+                # Node sampling: the rounds this node trains, all reserved now (and no other).
+                **({"schedule": list(schedule), "rounds_reserved": ask.rounds} if ask.rounds != ask.spec_rounds and ask.spec_rounds else {}),
             },
         )
         logger.info("submission %s spends a run of the approval of spec %s", submission.submission_id[:12], digest[:12])
-    return Admission(partner.name, digest, policy, submission, budget, cap, cost, reservation)
+    return Admission(partner.name, digest, policy, submission, budget, cap, cost, reservation, schedule)
+
+
+def _schedule(ask: _Ask, submission: Submission, spent_by: SubmissionUse | None) -> tuple[int, ...]:
+    """The rounds this node trains in the submission: checked against the signed spec and the node's record.
+
+    A schedule in the message must be ``ceil(f x rounds)`` distinct rounds of the signed
+    spec and, once the submission was admitted, the one recorded then. Without one, the
+    recorded schedule holds; a first admission without one is every round, which only a
+    spec without sampling allows. Refused before anything is reserved or charged.
+    """
+    if ask.spec_rounds is None:  # a statistics study: one round, no sampling
+        return ()
+    every = tuple(range(1, ask.spec_rounds + 1))
+    recorded = None if spent_by is None else (spent_by.schedule or every)
+    if ask.schedule is not None:
+        problems = schedule_problems(ask.schedule, rounds=ask.spec_rounds, fraction=ask.fraction)
+        if problems:
+            raise Refusal(
+                REFUSED_BAD_INSTRUCTION,
+                "the schedule this message gives the node does not fit the signed spec: " + "; ".join(problems)
+                + "; nothing was reserved or charged",
+            )
+        given = tuple(sorted(ask.schedule))
+        if recorded is not None and given != recorded:
+            raise Refusal(
+                REFUSED_BAD_INSTRUCTION,
+                f"the schedule this message gives the node (rounds {_rounds_text(given)}) is not the one it recorded when it "
+                f"admitted submission {submission.submission_id[:12]} (rounds {_rounds_text(recorded)}); nothing was charged",
+            )
+        return given
+    if recorded is not None:
+        return recorded
+    if ask.rounds == ask.spec_rounds:
+        return every
+    raise Refusal(
+        REFUSED_BAD_INSTRUCTION,
+        f"the signed spec samples nodes (federation.fraction_per_round {ask.fraction:g}: {ask.rounds} of "
+        f"{ask.spec_rounds} rounds per node), so the run's first message to a node must carry its scheduled rounds "
+        f"('{SCHEDULE_KEY}'); this one carries none, and nothing was reserved or charged",
+    )
+
+
+def _rounds_text(rounds: Sequence[int]) -> str:
+    return ", ".join(map(str, rounds))
 
 
 def _reserve(
@@ -882,7 +974,9 @@ def _request(
     fingerprint: str,
     cost: float,
     run_id: str,
+    rounds_per_node: int | None = None,
 ) -> dict[str, Any]:
+    sampled = rounds_per_node is not None and rounds_per_node != instruction.rounds
     return {
         "spec_digest": instruction.spec_digest,
         "dataset": instruction.dataset,
@@ -906,6 +1000,8 @@ def _request(
         "cost_epsilon": cost,
         "first_run": run_id,
         "spec": spec,
+        # Node sampling: the node trains, and is charged for, this many of the rounds.
+        **({"rounds_per_node": rounds_per_node} if sampled else {}),
     }
 
 
@@ -1337,7 +1433,9 @@ def _requested_events(payload: Mapping[str, Any]) -> list[DPEvent] | None:
             return None
         return events or None
     values = {key: payload.get(key) for key in ("rounds", "steps_per_round", "sample_rate", "noise_multiplier", "delta")}
-    if schedule_problems(
+    if payload.get("rounds_per_node") is not None:  # node sampling: the node trains these rounds only
+        values["rounds"] = payload.get("rounds_per_node")
+    if limit_problems(
         rounds=values["rounds"],
         steps=values["steps_per_round"],
         sample_rate=values["sample_rate"],

@@ -99,7 +99,10 @@ _WORDS: dict[str, str] = {
     "federation.round_timeout_seconds": "longest a round may take, in seconds",
     "federation.server_learning_rate": "the coordinator's learning rate (adaptive strategies)",
     "federation.strategy": "how the coordinator combines the hospitals' updates",
-    "federation.rounds": "number of training rounds (each one a release from this node)",
+    "federation.rounds": "number of training rounds (each one this node trains is a release from it)",
+    "federation.fraction_per_round": "share of the rounds each hospital trains: ceil(share x rounds), drawn before the run; "
+    "this node reserves and is charged only those",
+    "federation.round_deadline_seconds": "how long a round waits for replies; a late reply is charged, not aggregated",
     "federation.min_nodes": "fewest hospitals a round needs",
     "federation.local_epochs": "passes over the local data per round",
     "federation.learning_rate": "local learning rate",

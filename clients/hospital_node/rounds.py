@@ -2,10 +2,11 @@
 
 Every handler follows the same order: parse the instruction, let the node's governance
 admit it (:func:`clients.hospital_node.governance.admit`: signature, approval, policy,
-budget; the first query or train message of a run reserves every round of it in the
-ledger; nothing is read before that), check what else can be checked without touching
-patient rows (dataset registered, label and features declared, privacy parameters
-consistent, round not already released), then read the data, compute, charge one
+budget; the first query or train message of a run reserves in the ledger every round
+of it this node trains: all of them, or with node sampling the rounds of the node's
+schedule, which the query carries; nothing is read before that), check what else can be
+checked without touching patient rows (dataset registered, label and features declared,
+privacy parameters consistent, round not already released and in the node's schedule), then read the data, compute, charge one
 reserved round to the ledger, record the release in the audit log, and only then build
 the reply. A failure before the charge spends nothing and leaves the run's reservation
 as it was; the final evaluate message, or a release message from a coordinator whose run
@@ -114,6 +115,7 @@ from federation.protocol import (
     TrainInstruction,
     is_statistics_spec,
     node_record,
+    read_schedule,
     refusal_reason,
 )
 from privacy.accountant import LEDGER_ACCOUNTANT, steps_per_epoch
@@ -182,7 +184,7 @@ def answer(kind: str, msg: Message, node_config: Mapping[str, Any], *, secagg: S
         instruction = TrainInstruction.from_config(request.config)
         signed = SignedSpec.from_config(request.config)
         _check_accounting(instruction)  # before admission reserves the run's rounds of this event
-        admission = admit(home, instruction, signed, run_id=request.run_id, kind=kind)
+        admission = admit(home, instruction, signed, run_id=request.run_id, kind=kind, schedule=read_schedule(request.config))
         content = _HANDLERS[kind](home, instruction, request, admission)
         _guard(kind, content, secure=request.secure, released=request.released)
         if kind != "train":  # a training reply records itself, with its charge, before it is built
@@ -526,6 +528,13 @@ def _train(home: NodeHome, instruction: TrainInstruction, request: _Request, adm
     run_id = request.run_id
     if not 1 <= server_round <= instruction.rounds:
         raise ProtocolError(f"server-round must be in 1..{instruction.rounds} (the signed spec's rounds); found {server_round}")
+    if server_round not in admission.schedule:
+        # Node sampling: the node reserved its scheduled rounds only, and trains no other.
+        raise ProtocolError(
+            f"round {server_round} is not in this node's schedule for submission "
+            f"{admission.submission.submission_id[:12]} (rounds {', '.join(map(str, admission.schedule))}); "
+            "nothing was read or charged"
+        )
     with PrivacyLedger.open(home.ledger_path) as ledger:
         if ledger.round_charges(instruction.dataset, run_id, server_round):
             raise ProtocolError(

@@ -75,7 +75,7 @@ def test_defaults_are_filled() -> None:
     assert spec.federation.model_dump() == {
         "strategy": "fedavg", "rounds": 3, "min_nodes": 2, "local_epochs": 1, "learning_rate": 0.1,
         "proximal_mu": 0.0, "server_learning_rate": 0.1, "node_wait_seconds": 120.0,
-        "approval_wait_seconds": 3600.0, "round_timeout_seconds": 600.0,
+        "approval_wait_seconds": 3600.0, "round_timeout_seconds": 600.0, "fraction_per_round": 1.0, "round_deadline_seconds": None,
         "secure_aggregation": False, "secagg_num_shares": None, "secagg_reconstruction_threshold": None,
     }
     assert (spec.privacy.max_grad_norm, spec.privacy.accountant) == (1.0, "prv")

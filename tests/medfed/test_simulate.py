@@ -126,3 +126,14 @@ def test_the_alliance_profile_has_the_alliances_shape() -> None:
     # Any prefix keeps the mix: 100 sites hold 25 or 26 tier-3 hospitals (140/540 of them).
     assert sum(h.tier == "tier3" for h in alliance_plan(100)) in (25, 26)
     assert [h.name for h in alliance_plan(3)] == [h.name for h in plan[:3]]
+
+
+def test_a_sampled_round_too_small_for_min_nodes_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    spec = tmp_path / "sampled.toml"
+    spec.write_text(OMOP_SPEC.read_text().replace("rounds = 5", "rounds = 4\nfraction_per_round = 0.5"))
+    workdir = tmp_path / "rehearsal"
+    with pytest.raises(SimulationError, match=r"federation.fraction_per_round = 0.5 schedules 2 of 4 rounds per hospital, so a "
+                                              r"round of --sites 3 has as few as 1 hospitals, fewer than federation.min_nodes = 2"):
+        simulate(workdir, spec, sites=3, console=None)  # type: ignore[arg-type]
+    assert not workdir.exists()
+    assert not _ray_running()
