@@ -812,18 +812,12 @@ def run_experiment(
         tracker.resume(run_id)
         checkpoint.schedule = roster.to_mapping()  # the recorded one (sampled), or every connected node every round
         by_name = {outcome.site: node for node, outcome in sites.items()}
-        for site, rounds in checkpoint.site_rounds.items():
-            if site in by_name:
-                sites[by_name[site]].rounds.update(rounds)
-        for site, rounds in checkpoint.site_late.items():
-            if site in by_name:
-                sites[by_name[site]].late.update(rounds)
-        for site, reasons in checkpoint.site_refused.items():
-            if site in by_name:
-                sites[by_name[site]].refused_rounds.update(reasons)
-        for site, sent in checkpoint.site_sent.items():
-            if site in by_name:
-                sites[by_name[site]].sent.update(sent)
+        recorded = (("rounds", checkpoint.site_rounds), ("late", checkpoint.site_late),
+                    ("refused_rounds", checkpoint.site_refused), ("sent", checkpoint.site_sent))
+        for field_name, per_site in recorded:
+            for site, values in per_site.items():
+                if site in by_name:
+                    getattr(sites[by_name[site]], field_name).update(values)
         logger.info("submission %s continues after round %d of %d", submission_id[:12], checkpoint.round, fed.rounds)
     if flower_run_id is not None:
         checkpoint.flower_runs.append(flower_run_id)

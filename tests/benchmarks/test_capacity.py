@@ -8,32 +8,19 @@ every number the report needs is there, and nothing is left running.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.report_module import benchmark_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _capacity():  # type: ignore[no-untyped-def]
-    name = "capacity_benchmark"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "capacity.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def test_three_nodes_one_round_complete_and_leave_nothing_running(tmp_path: Path) -> None:
     out = tmp_path / "capacity.json"
-    code = _capacity().main([
+    code = benchmark_module("capacity", "capacity_benchmark").main([
         "--nodes", "3", "--rounds", "1", "--idle", "4", "--idle-seconds", "2", "--fork",
         "--workdir", str(tmp_path / "work"), "--json", str(out),
     ])
