@@ -691,9 +691,16 @@ def _keep_outcomes(checkpoint: Checkpoint, sites: Mapping[int, SiteOutcome]) -> 
 
 
 def _log_round_report(tracker: Tracker, sites: Mapping[int, SiteOutcome]) -> None:
-    """Each site's count of scheduled, aggregated, late and unanswered rounds, as MLflow metrics."""
+    """Each site's count of scheduled, aggregated, late and unanswered rounds, as MLflow metrics.
+
+    Only for the sites a train message went to: a site that refused the run (or was never
+    reached) reports nothing per site, as before sampling, so the final table and
+    :func:`experiments.progress.site_results` list the sites that took part.
+    """
     metrics = {}
     for outcome in sites.values():
+        if not outcome.sent:
+            continue
         report = outcome.round_report()
         name = _metric_site(outcome.site).replace("-", "_")  # as _round_metrics names a site's metrics
         metrics |= {
