@@ -182,7 +182,8 @@ SLOPE_MIN_SPAN_DAYS = 7
 
 # Every covariate a task may name, with its kind:
 #   demographic: at index; history: 1 if any record of the concept in the look-back;
-#   last: the last EHR value in the look-back (NULL if none); signal: a SIGNAL_SUMMARIES
+#   last: the EHR value of the latest date in the look-back, the highest if that day holds
+#   several (NULL if none); signal: a SIGNAL_SUMMARIES
 #   value; count: how many pregnancies ended in the look-back before this one.
 COVARIATE_KINDS: Mapping[str, str] = {
     "age": "demographic",

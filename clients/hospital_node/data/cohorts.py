@@ -360,8 +360,13 @@ def _last_filter(definition: CohortDefinition, last: dict[str, str]) -> str:
 
 
 _READING_TIME = "coalesce(m.measurement_datetime, CAST(m.measurement_date AS TIMESTAMP))"
-# The latest row by its time, then the highest value: the ``v`` of the largest such struct.
-_LATEST = f"{{'t': {_READING_TIME}, 'v': m.value_as_number}}"
+# The row of the latest measurement_date, then the highest value: the ``v`` of the largest such
+# struct. By date, as OHDSI FeatureExtraction's MeasurementValue covariates take the last value
+# (ORDER BY measurement_date DESC), and as OMOP requires only the date (measurement_datetime is
+# optional, and clinics often leave it at midnight); a same-day tie goes to the higher value,
+# which FeatureExtraction leaves to chance. The look-back is in days too, so this scan never
+# reads the datetime column, the widest of the table (BENCHMARKS.md, cohort building).
+_LATEST = "{'t': m.measurement_date, 'v': m.value_as_number}"
 
 
 def _signal_filter(definition: CohortDefinition, signals: dict[str, tuple[str, str]]) -> str:

@@ -207,7 +207,7 @@ def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> None:
     for name in TABLES:
         parquet, csv = folder / f"{name}.parquet", folder / f"{name}.csv"
         if parquet.is_file():
-            reader = f"read_parquet({_sql_string(str(parquet))})"
+            reader = _parquet_reader(connection, parquet)
         elif csv.is_file():
             # Text first: validation casts every column in one place and counts what does not cast.
             reader = f"read_csv({_sql_string(str(csv))}, header = true, all_varchar = true)"
@@ -263,9 +263,20 @@ def _write_batches(path: Path, columns: Sequence[str], batches: Iterable[Sequenc
     return rows
 
 
+def _parquet_reader(connection: duckdb.DuckDBPyConnection, path: Path) -> str:
+    """``read_parquet`` of ``path`` with the reader's row number (validation keeps dropped rows by
+    it); without it when the file has a column of that name."""
+    numbered = f"read_parquet({_sql_string(str(path))}, file_row_number = true)"
+    try:
+        connection.execute(f"DESCRIBE SELECT * FROM {numbered}").fetchall()
+    except Exception:  # noqa: BLE001 - duckdb.BinderException: the file has such a column
+        return f"read_parquet({_sql_string(str(path))})"
+    return numbered
+
+
 def _view_over(connection: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
     connection.execute(
-        f"CREATE OR REPLACE TEMP VIEW {_q('raw_' + name)} AS SELECT * FROM read_parquet({_sql_string(str(path))})"
+        f"CREATE OR REPLACE TEMP VIEW {_q('raw_' + name)} AS SELECT * FROM {_parquet_reader(connection, path)}"
     )
 
 

@@ -35,6 +35,15 @@ In ``person`` a dropped row drops the patient: every row of theirs in the other 
 is then dropped as ``unknown_person``. A missing required table or column is no rule: it
 raises :class:`~clients.hospital_node.errors.OmopSourceError` naming table and column.
 
+How the clean views read. Where the raw relation carries the Parquet reader's row number
+(``file_row_number``: a folder of Parquet files, and the Parquet files SQLite and PostgreSQL
+are staged to), validation labels every row in one pass and keeps only the numbers of the
+dropped rows, in a temporary table. The clean view is then the file read as it is (columns
+that already have their OMOP type are not cast) less those rows, so a cohort's filters go
+into the Parquet reader and a query reads what a plain query over the file would, plus
+one anti-join with the dropped rows after the filters. Without a row number (CSV files),
+the clean view re-applies the rules on every read.
+
 Reports hold counts, table and column names, problem kinds and rules; never a value read
 from patient data.
 """
@@ -54,7 +63,7 @@ from models.clinical_tasks import CONCEPTS
 if TYPE_CHECKING:
     import duckdb
 
-__all__ = ["PROBLEM_KINDS", "Problem", "TableCount", "ValidationReport", "validate"]
+__all__ = ["PROBLEM_KINDS", "ROW_NUMBER", "Problem", "TableCount", "ValidationReport", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,10 @@ PROBLEM_KINDS: Mapping[str, tuple[str, str]] = {
     "implausible": ("a value outside the physiologically possible range", "drop the row"),
     "unused_concept": ("a concept id medfed does not read", "keep: not used by medfed"),
 }
+
+#: The row number DuckDB's Parquet reader adds when asked (``file_row_number = true``). A raw
+#: relation that has it gets clean views that read the file as it is, less the dropped rows.
+ROW_NUMBER = "file_row_number"
 
 _EARLIEST_BIRTH_YEAR = 1850
 _INTEGER_TYPES = ("BIGINT", "INTEGER")
@@ -170,18 +183,25 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _raw_columns(connection: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
-    """The relation's columns by lower-case name -> the name as the source spells it."""
+def _raw_columns(connection: duckdb.DuckDBPyConnection, relation: str) -> dict[str, tuple[str, str]]:
+    """The relation's columns by lower-case name -> (the name as the source spells it, its type)."""
     rows = connection.execute(f"DESCRIBE {_q(relation)}").fetchall()
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, str]] = {}
     for row in rows:
-        found.setdefault(str(row[0]).lower(), str(row[0]))
+        found.setdefault(str(row[0]).lower(), (str(row[0]), str(row[1])))
     return found
 
 
-def _cast(connection: duckdb.DuckDBPyConnection, relation: str, source: str, type_: str) -> tuple[str, str]:
-    """The cast expression of one column and the expression that flags a value it could not cast."""
+def _cast(connection: duckdb.DuckDBPyConnection, relation: str, source: str, source_type: str,
+          type_: str) -> tuple[str, str]:
+    """The cast expression of one column and the expression that flags a value it could not cast.
+
+    A column that already has the type is read as it is (a DOUBLE still loses NaN and
+    infinities), so that DuckDB can push the cohort's filters into the file reader.
+    """
     ref = f"r.{_q(source)}"
+    if source_type == type_ and type_ != "DOUBLE":
+        return ref, "FALSE"
     for raw in (ref, f"CAST({ref} AS VARCHAR)"):
         value = f"TRY_CAST({raw} AS {type_})"
         if type_ in _INTEGER_TYPES:
@@ -198,19 +218,27 @@ def _cast(connection: duckdb.DuckDBPyConnection, relation: str, source: str, typ
 
 
 def _typed_view(connection: duckdb.DuckDBPyConnection, table: OmopTable, relation: str,
-                present: Mapping[str, str]) -> None:
-    parts = []
+                present: Mapping[str, tuple[str, str]], row_numbered: bool) -> list[str]:
+    """Create ``_typed_<table>``: each column cast, with its ``_bad_`` flag (and ``_row``).
+
+    Returns the value expressions over ``r`` (the raw relation), one per column, in order.
+    """
+    parts, values = [], []
     for column in table.columns:
         if column.name in present:
-            value, bad = _cast(connection, relation, present[column.name], column.type)
+            value, bad = _cast(connection, relation, *present[column.name], column.type)
         else:
             value, bad = f"CAST(NULL AS {column.type})", "FALSE"
-        parts.append(f"{value} AS {_q(column.name)}")
+        values.append(f"{value} AS {_q(column.name)}")
+        parts.append(values[-1])
         parts.append(f"{bad} AS {_q('_bad_' + column.name)}")
+    if row_numbered:
+        parts.append(f"r.{ROW_NUMBER} AS _row")
     connection.execute(
         f"CREATE OR REPLACE TEMP VIEW {_q('_typed_' + table.name)} AS "
         f"SELECT {', '.join(parts)} FROM {_q(relation)} AS r"
     )
+    return values
 
 
 def _checks(table: OmopTable, snapshot: str) -> list[tuple[str, str]]:
@@ -246,13 +274,37 @@ def _checks(table: OmopTable, snapshot: str) -> list[tuple[str, str]]:
     return checks
 
 
+#: Keys spread over at most this many values per key (and 2**20 values in any case) are checked
+#: for repeats with one bit per value: OMOP exports number their rows, so ids are dense.
+_DENSE_KEYS_SPAN = 8
+
+
+def _duplicate_keys(connection: duckdb.DuckDBPyConnection, table: OmopTable) -> None:
+    """Create ``_dup_<table>``: the keys that two or more rows share.
+
+    Finding them takes a group-by over every key (8.5 s and 5 GiB at 100 M measurement rows,
+    BENCHMARKS.md). Dense ids are first checked with one bit per possible value, a pass that
+    holds (max - min) / 8 bytes: with as many distinct values as keys there is no repeat and
+    no group-by. Sparse ids, or ids that do repeat, take the group-by.
+    """
+    name, key, typed = table.name, _q(table.key), _q("_typed_" + table.name)
+    dup = _q("_dup_" + name)
+    low, high, keys = connection.execute(f"SELECT min({key}), max({key}), count({key}) FROM {typed}").fetchall()[0]
+    if keys == 0 or (high - low < max(_DENSE_KEYS_SPAN * keys, 1 << 20) and connection.execute(
+        f"SELECT bit_count(bitstring_agg({key}, {int(low)}, {int(high)})) FROM {typed}"
+    ).fetchall()[0][0] == keys):
+        connection.execute(f"CREATE OR REPLACE TEMP TABLE {dup} AS SELECT {key} AS k FROM {typed} LIMIT 0")
+        return
+    connection.execute(
+        f"CREATE OR REPLACE TEMP TABLE {dup} AS SELECT {key} AS k FROM {typed} "
+        f"WHERE {key} IS NOT NULL GROUP BY {key} HAVING count(*) > 1"
+    )
+
+
 def _annotated_view(connection: duckdb.DuckDBPyConnection, table: OmopTable, snapshot: str) -> None:
     name = table.name
     key = _q(table.key)
-    connection.execute(
-        f"CREATE OR REPLACE TEMP TABLE {_q('_dup_' + name)} AS SELECT {key} AS k FROM {_q('_typed_' + name)} "
-        f"WHERE {key} IS NOT NULL GROUP BY {key} HAVING count(*) > 1"
-    )
+    _duplicate_keys(connection, table)
     whens = " ".join(f"WHEN {condition} THEN '{label}'" for condition, label in _checks(table, snapshot))
     joins = f"LEFT JOIN {_q('_dup_' + name)} AS d ON t.{key} = d.k"
     if name != "person":
@@ -326,10 +378,11 @@ def validate(
     missing_tables = [name for name in TABLES if name not in relations]
     if missing_tables:
         raise OmopSourceError(f"OMOP tables missing: {', '.join(missing_tables)}")
-    present: dict[str, dict[str, str]] = {}
+    present: dict[str, dict[str, tuple[str, str]]] = {}
+    columns_of: dict[str, dict[str, tuple[str, str]]] = {}
     errors: list[str] = []
     for name, table in TABLES.items():
-        columns = _raw_columns(connection, relations[name])
+        columns = columns_of[name] = _raw_columns(connection, relations[name])
         present[name] = {c.name: columns[c.name] for c in table.columns if c.name in columns}
         errors += [
             f"{name}.{column} (required by OMOP CDM v5.4)"
@@ -346,24 +399,42 @@ def validate(
     problems: list[Problem] = []
     counts: list[TableCount] = []
     for name, table in TABLES.items():  # person first: the others join its kept rows
-        _typed_view(connection, table, relations[name], present[name])
+        relation = relations[name]
+        row_numbered = ROW_NUMBER in columns_of[name]
+        values = _typed_view(connection, table, relation, present[name], row_numbered)
         _annotated_view(connection, table, snapshot)
-        columns = ", ".join(_q(c) for c in table.column_names)
-        connection.execute(
-            f"CREATE OR REPLACE VIEW {_q(name)} AS SELECT {columns} FROM {_q('_checked_' + name)} "
-            "WHERE _problem IS NULL"
-        )
+        checked = _q("_checked_" + name)
+        if row_numbered:
+            # One pass labels every row; the dropped ones (few, in a usable source) are kept
+            # by row number, and the clean view is the file read as it is, less those rows.
+            dropped = _q("_dropped_" + name)
+            connection.execute(
+                f"CREATE OR REPLACE TEMP TABLE {dropped} AS SELECT _row, _problem FROM {checked} "
+                "WHERE _problem IS NOT NULL"
+            )
+            by_label = dict(connection.execute(
+                f"SELECT _problem, count(*) FROM {dropped} GROUP BY _problem"
+            ).fetchall())
+            read = int(connection.execute(f"SELECT count(*) FROM {_q(relation)}").fetchall()[0][0])
+            kept = read - int(sum(by_label.values()))
+            without = f" ANTI JOIN {dropped} AS d ON r.{ROW_NUMBER} = d._row" if by_label else ""
+            connection.execute(
+                f"CREATE OR REPLACE VIEW {_q(name)} AS SELECT {', '.join(values)} FROM {_q(relation)} AS r{without}"
+            )
+        else:
+            columns = ", ".join(_q(c) for c in table.column_names)
+            connection.execute(
+                f"CREATE OR REPLACE VIEW {_q(name)} AS SELECT {columns} FROM {checked} WHERE _problem IS NULL"
+            )
+            by_label = dict(connection.execute(f"SELECT _problem, count(*) FROM {checked} GROUP BY _problem").fetchall())
+            read = int(sum(by_label.values()))
+            kept = int(by_label.pop(None, 0))
         if name == "person":
             connection.execute(
                 "CREATE OR REPLACE TEMP TABLE _person_birth AS SELECT person_id, "
                 "least(make_date(year_of_birth, 1, 1), CAST(birth_datetime AS DATE)) AS birth_date "
-                "FROM _checked_person WHERE _problem IS NULL"
+                f"FROM {_q(name)}"
             )
-        by_label = dict(connection.execute(
-            f"SELECT _problem, count(*) FROM {_q('_checked_' + name)} GROUP BY _problem"
-        ).fetchall())
-        read = int(sum(by_label.values()))
-        kept = int(by_label.pop(None, 0))
         counts.append(TableCount(name, read, kept))
         table_problems: list[Problem] = []
         for column in table.columns:

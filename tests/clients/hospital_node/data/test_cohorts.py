@@ -299,11 +299,14 @@ def test_last_is_the_latest_ehr_value_in_the_lookback(tmp_path: Path) -> None:
             reading(1, "bmi", date(2023, 12, 1), 50.0, TYPE_DEVICE),  # a device reading is no EHR value
             reading(1, "bmi", INDEX, 99.0, TYPE_EHR),  # the index day is not in the look-back
             reading(1, "hba1c", INDEX - timedelta(366), 7.0, TYPE_EHR),  # before the look-back
-            reading(2, "bmi", datetime(2023, 12, 31, 8), 27.0, TYPE_EHR),
-            reading(2, "bmi", datetime(2023, 12, 31, 17), 28.0, TYPE_EHR),
-            # Two values at the same time: the higher one, whatever their row ids.
+            # The last value is that of the latest date, as OHDSI FeatureExtraction takes it;
+            # two values on that date: the higher one, whatever their times or row ids.
+            reading(2, "bmi", datetime(2023, 12, 30, 20), 31.0, TYPE_EHR),  # an earlier day
+            reading(2, "bmi", datetime(2023, 12, 31, 8), 28.0, TYPE_EHR),
+            reading(2, "bmi", datetime(2023, 12, 31, 17), 27.0, TYPE_EHR),  # later that day, lower
             reading(3, "bmi", datetime(2023, 12, 30, 9), 26.0, TYPE_EHR),
             reading(3, "bmi", datetime(2023, 12, 30, 9), 25.0, TYPE_EHR),  # the later row
+            reading(3, "bmi", date(2023, 12, 29), 40.0, TYPE_EHR, dated_only=True),  # an earlier day, no time
         ],
     }
     table = build(tmp_path, tables, onset(["bmi_last", "hba1c_last"]))

@@ -256,3 +256,42 @@ def test_sqlite_reads_one_snapshot_despite_a_concurrent_insert(
 def test_default_snapshot_date_is_today(parquet_source: OmopSource, tmp_path: Path) -> None:
     with open_snapshot(parquet_source, scratch=tmp_path / "s") as snapshot:
         assert snapshot.report.snapshot_date == datetime.now(timezone.utc).date()
+
+
+def _reader_filters(connection: Any, query: str) -> list[str]:
+    """The filters DuckDB hands to the Parquet reader when it runs ``query``."""
+    import json
+
+    found: list[str] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        info = node.get("extra_info", {})
+        if info.get("Function") == "READ_PARQUET":
+            filters = info.get("Filters", [])
+            found.extend([filters] if isinstance(filters, str) else filters)
+        for child in node.get("children", []):
+            walk(child)
+
+    for node in json.loads(connection.execute("EXPLAIN (FORMAT JSON) " + query).fetchall()[0][1]):
+        walk(node)
+    return found
+
+
+def test_parquet_views_hand_filters_to_the_file_reader(parquet_source: OmopSource, tmp_path: Path) -> None:
+    # The clean view reads the file as it is, less the dropped rows: a cohort's filters reach
+    # the Parquet reader instead of running over every row after the rules.
+    with open_snapshot(parquet_source, scratch=tmp_path / "s", today=SNAPSHOT) as snapshot:
+        query = "SELECT person_id FROM measurement WHERE measurement_concept_id = 3004249"
+        assert _reader_filters(snapshot.connection, query) == ["(measurement_concept_id = 3004249)"]
+        assert snapshot.connection.execute(query).fetchall() == [(1,)]  # row 2, sbp too, was dropped (implausible)
+
+
+def test_a_file_with_its_own_file_row_number_column_still_validates(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    folder = write_parquet_folder(tmp_path / "omop")
+    table = pq.read_table(folder / "measurement.parquet")
+    pq.write_table(table.append_column("file_row_number", table.column("measurement_id")), folder / "measurement.parquet")
+    views, report = contents(OmopSource("folder", str(folder)), tmp_path / "s")
+    expected_views, expected_report = contents(OmopSource("folder", str(write_parquet_folder(tmp_path / "o2"))), tmp_path / "s")
+    assert (views, report) == (expected_views, expected_report)

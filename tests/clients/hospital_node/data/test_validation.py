@@ -195,3 +195,16 @@ def test_arbitrary_values_never_raise_and_every_drop_is_counted(
     kept = connection.execute("SELECT value_as_number FROM measurement").fetchall()
     assert len(kept) == counts.kept
     assert all(v is None or math.isfinite(v) for (v,) in kept)
+
+
+@pytest.mark.parametrize("ids", [[10, 11, 12, 12], [10, 10**12, 10**12, 3 * 10**12]], ids=["dense", "sparse"])
+def test_repeated_keys_are_found_whether_ids_are_dense_or_sparse(ids: list[int], tmp_path: Path) -> None:
+    # Dense ids are checked with one bit per value, sparse ones by a group-by: both find the pair.
+    folder = write_parquet_folder(tmp_path / "omop")
+    table = pq.read_table(folder / "observation.parquet")
+    row = table.slice(0, 1).to_pylist()[0]
+    pq.write_table(pa.Table.from_pylist([{**row, "observation_id": i} for i in ids], table.schema),
+                   folder / "observation.parquet")
+    report = report_of(folder, tmp_path)
+    assert report.rows("observation", "duplicate_key", "observation_id") == 2
+    assert report.table("observation").kept == 2
