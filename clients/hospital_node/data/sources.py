@@ -9,7 +9,9 @@ them. How each source is read:
 
 - **folder**: DuckDB queries the files where they lie (views over ``read_parquet`` /
   ``read_csv``), so a hundred million readings stay on disk; CSV cells are read as text and
-  cast to the column types in one place, by validation.
+  cast to the column types in one place, by validation. Parquet is read with its row
+  numbers, by which validation drops rows; a table file rewritten while the snapshot is
+  open (its size or modification time changed) fails the snapshot when it closes.
 - **SQLite**: one read transaction (a consistent snapshot) streams the columns medfed reads
   with the stdlib ``sqlite3``, in batches of :data:`BATCH_ROWS`, into Parquet files in the
   scratch folder; DuckDB views read those. (DuckDB's sqlite extension would need a download.)
@@ -122,7 +124,8 @@ def open_snapshot(source: OmopSource, *, scratch: Path, today: date | None = Non
     Raises
     ------
     OmopSourceError
-        If the source cannot be read or lacks a required table or column.
+        If the source cannot be read or lacks a required table or column; on leaving, if a
+        folder's table file was rewritten while the snapshot was open.
     """
     import duckdb
 
@@ -134,14 +137,23 @@ def open_snapshot(source: OmopSource, *, scratch: Path, today: date | None = Non
     connection: duckdb.DuckDBPyConnection | None = None
     try:
         connection = duckdb.connect(config={"temp_directory": str(work / "duckdb.tmp")})
+        files: dict[Path, tuple[int, int]] = {}
         if source.kind == "folder":
-            _stage_folder(connection, Path(source.location))
+            files = _stage_folder(connection, Path(source.location))
         elif source.kind == "sqlite":
             _stage_sqlite(connection, Path(source.location), work)
         else:
             _stage_postgres(connection, source, work)
         report = validate(connection, snapshot_date=snapshot_date)
         yield OmopSnapshot(source, connection, report)
+        # A folder is read where it lies, and the clean views drop rows by their number in
+        # the file: whatever was read from a file rewritten meanwhile is not this snapshot.
+        for path, seen in files.items():
+            if _identity(path) != seen:
+                raise OmopSourceError(
+                    f"OMOP table file {path} changed while the node read it; "
+                    "run again once the hospital's export has finished writing"
+                )
     finally:
         if connection is not None:
             connection.close()
@@ -197,13 +209,24 @@ def _q(name: str) -> str:
 # ---------------------------------------------------------------- folder
 
 
-def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> None:
+def _identity(path: Path) -> tuple[int, int]:
+    """Size and modification time: what changes when a file is rewritten."""
+    try:
+        status = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (status.st_size, status.st_mtime_ns)
+
+
+def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> dict[Path, tuple[int, int]]:
+    """Raw views over the folder's table files; returns each file's identity as staged."""
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise OmopSourceError(
             f"OMOP folder {folder} {what}; give the folder that holds <table>.parquet or <table>.csv files"
         )
     missing = []
+    files: dict[Path, tuple[int, int]] = {}
     for name in TABLES:
         parquet, csv = folder / f"{name}.parquet", folder / f"{name}.csv"
         if parquet.is_file():
@@ -214,8 +237,10 @@ def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> None:
         else:
             missing.append(name)
             continue
+        path = parquet if parquet.is_file() else csv
+        files[path] = _identity(path)
         try:
-            with open(parquet if parquet.is_file() else csv, "rb"):
+            with open(path, "rb"):
                 pass
             connection.execute(f"CREATE OR REPLACE TEMP VIEW {_q('raw_' + name)} AS SELECT * FROM {reader}")
         except OSError as err:
@@ -230,6 +255,7 @@ def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> None:
             f"OMOP folder {folder} lacks table{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
             "add <table>.parquet or <table>.csv for each (a header without rows is fine)"
         )
+    return files
 
 
 # ---------------------------------------------------------------- staged copies (SQLite, PostgreSQL)

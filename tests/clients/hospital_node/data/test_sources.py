@@ -295,3 +295,15 @@ def test_a_file_with_its_own_file_row_number_column_still_validates(tmp_path: Pa
     views, report = contents(OmopSource("folder", str(folder)), tmp_path / "s")
     expected_views, expected_report = contents(OmopSource("folder", str(write_parquet_folder(tmp_path / "o2"))), tmp_path / "s")
     assert (views, report) == (expected_views, expected_report)
+
+
+def test_a_file_rewritten_while_the_snapshot_is_open_fails_the_snapshot(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    folder = write_parquet_folder(tmp_path / "omop")
+    with pytest.raises(OmopSourceError, match=r"measurement\.parquet changed while the node read it"):
+        with open_snapshot(OmopSource("folder", str(folder)), scratch=tmp_path / "s", today=SNAPSHOT) as snapshot:
+            snapshot.connection.execute("SELECT count(*) FROM measurement").fetchall()
+            table = pq.read_table(folder / "measurement.parquet")
+            pq.write_table(table.slice(1), folder / "measurement.parquet")  # the hospital's export, mid-run
+    assert not list((tmp_path / "s").iterdir())  # scratch removed all the same
