@@ -191,12 +191,12 @@ GROUP BY person_id, measurement_concept_id"""
 
 
 def _signal_readings(folder: Path) -> str:
-    """The device and self-reported readings of the four signals in the 90-day window."""
-    start = f"TIMESTAMP '{INDEX.isoformat()}' - INTERVAL {-WINDOW[0]} DAY"
+    """The device and self-reported readings of the four signals in the 90-day window (by date, as the cohort's)."""
+    index = f"DATE '{INDEX.isoformat()}'"
     return f"""read_parquet('{folder / 'measurement.parquet'}')
 WHERE measurement_concept_id IN ({', '.join(str(cid(s)) for s in SIGNALS)})
   AND measurement_type_concept_id IN ({TYPE_DEVICE}, {TYPE_SELF_REPORT})
-  AND measurement_datetime >= {start} AND measurement_datetime < TIMESTAMP '{INDEX.isoformat()}'"""
+  AND measurement_date >= {index} - {-WINDOW[0]} AND measurement_date < {index}"""
 
 
 @contextmanager
@@ -235,37 +235,30 @@ def summaries(folder: Path, *, threads: int, memory_limit: str) -> Iterator[Call
 
     Per person and signal over the window: mean, sd, slope (3 readings over 7 days, per 30
     days), share at or above the threshold, days with a reading; and the last EHR BMI of the
-    look-back. Long (person, signal) rows, no target, exclusion, label or reshaping.
+    look-back, all by date as the cohort's. Long (person, signal) rows, no target,
+    exclusion, label or reshaping.
     """
     from models.clinical_tasks import SIGNALS as SIGNAL_DEFS
 
     con = connect(folder, threads=threads, memory_limit=memory_limit)
-    index = f"TIMESTAMP '{INDEX.isoformat()}'"
-    start = f"{index} - INTERVAL {-WINDOW[0]} DAY"
-    t = "epoch(measurement_datetime) / 86400.0"
+    index = f"DATE '{INDEX.isoformat()}'"
+    t = f"CAST(measurement_date - {index} AS DOUBLE)"
     thresholds = " ".join(f"WHEN {cid(s)} THEN {SIGNAL_DEFS[s].threshold}" for s in SIGNALS)
-    yield lambda: _summaries(con, folder, index, start, t, thresholds)
-
-
-def _summaries(con: Any, folder: Path, index: str, start: str, t: str, thresholds: str) -> int:
-    signals = con.sql(f"""
+    signals = f"""
         SELECT person_id, measurement_concept_id, avg(value_as_number) AS mean,
                stddev_samp(value_as_number) AS sd,
                CASE WHEN count(*) >= 3 AND max({t}) - min({t}) >= 7 THEN 30 * regr_slope(value_as_number, {t}) END AS slope,
                avg(CAST(value_as_number >= CASE measurement_concept_id {thresholds} END AS DOUBLE)) AS frac_above,
                count(DISTINCT measurement_date) / {-WINDOW[0]}.0 AS days
-        FROM read_parquet('{folder / 'measurement.parquet'}')
-        WHERE measurement_concept_id IN ({', '.join(str(cid(s)) for s in SIGNALS)})
-          AND measurement_type_concept_id IN ({TYPE_DEVICE}, {TYPE_SELF_REPORT})
-          AND measurement_datetime >= {start} AND measurement_datetime < {index}
-        GROUP BY person_id, measurement_concept_id""").to_arrow_table()
-    bmi = con.sql(f"""
+        FROM {_signal_readings(folder)}
+        GROUP BY person_id, measurement_concept_id"""
+    bmi = f"""
         SELECT person_id, max({{'t': measurement_date, 'v': value_as_number}}).v AS bmi_last
         FROM read_parquet('{folder / 'measurement.parquet'}')
-        WHERE measurement_concept_id = {CONCEPTS['bmi'].concept_id} AND measurement_type_concept_id = {TYPE_EHR}
-          AND measurement_date >= CAST({index} AS DATE) - 365 AND measurement_date < CAST({index} AS DATE)
-        GROUP BY person_id""").to_arrow_table()
-    return signals.num_rows + bmi.num_rows
+        WHERE measurement_concept_id = {cid('bmi')} AND measurement_type_concept_id = {TYPE_EHR}
+          AND measurement_date >= {index} - {LOOKBACK_DAYS} AND measurement_date < {index}
+        GROUP BY person_id"""
+    yield lambda: con.sql(signals).to_arrow_table().num_rows + con.sql(bmi).to_arrow_table().num_rows
 
 
 @contextmanager

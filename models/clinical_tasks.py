@@ -170,12 +170,14 @@ SIGNALS: Mapping[str, Signal] = {
 }
 
 # Per signal, over the spec's reading window [index + start, index):
-#   mean, sd (of all readings), slope (per 30 days, least squares on reading time; NULL
-#   unless there are at least SLOPE_MIN_READINGS readings whose times span at least
-#   SLOPE_MIN_SPAN_DAYS days: two readings hours apart would give hundreds of units per 30 days),
+#   mean, sd (of all readings), slope (per 30 days, least squares on the reading's date; NULL
+#   unless there are at least SLOPE_MIN_READINGS readings whose dates span at least
+#   SLOPE_MIN_SPAN_DAYS days: two readings days apart would give hundreds of units per 30 days),
 #   night_mean (readings from 00:00 to 05:59 local time), frac_above (share of readings at
 #   or above the signal's threshold), days (share of the window's days with a reading:
-#   adherence). A patient with no reading in the window gets NULL for all but ``days`` (0).
+#   adherence). A reading is in the window by its measurement_date (OMOP's required column),
+#   as OHDSI FeatureExtraction windows covariates. A patient with no reading in the window
+#   gets NULL for all but ``days`` (0).
 SIGNAL_SUMMARIES: tuple[str, ...] = ("mean", "sd", "slope", "night_mean", "frac_above", "days")
 SLOPE_MIN_READINGS = 3
 SLOPE_MIN_SPAN_DAYS = 7

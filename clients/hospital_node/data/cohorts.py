@@ -12,10 +12,9 @@ choice open, this module takes it as follows.
 
 - Look-back ``[index + start, index + end)`` and reading window ``[index + start,
   index + end)`` never reach the index day (the definition checks ``end <= 0``); a record
-  is in a date window by its (start) date, a reading by ``measurement_datetime``, or
-  ``measurement_date`` at midnight when the datetime is null (a reading's date is taken to
-  be its datetime's day, as OMOP has it: the scan skips rows by date before it looks at
-  times). Time-at-risk is ``[index + start, index + end]`` inclusive.
+  is in a window by its (start) date, a reading by its ``measurement_date``: the column
+  OMOP requires (``measurement_datetime`` is optional), as OHDSI FeatureExtraction
+  windows every covariate. Time-at-risk is ``[index + start, index + end]`` inclusive.
 - Onset tasks: target = aged 18 or more at index, an observation period with start <=
   index + look-back start and end >= index, no exclusion condition or drug starting on or
   before the index day. Label = any outcome condition starting in the time-at-risk (the
@@ -35,19 +34,22 @@ choice open, this module takes it as follows.
   ``history_*``, ``current_smoker``, ``family_history_hypertension``: 1.0 when a condition
   (observation for the last two) of that concept starts in the look-back, else 0.0;
   ``*_last``: the last EHR-typed value of that measurement in the look-back (latest
-  datetime, a row with only a date counting as midnight, then the highest value: a tie-break
-  that, unlike the row id, does not change when the hospital's ETL renumbers its rows, and
-  spares the scan the id column; null values skipped); ``prior_pregnancies``: distinct
+  ``measurement_date``, as FeatureExtraction takes it, then the highest value: a tie-break
+  that, unlike time or row id, holds when clinics leave the time at midnight or the
+  hospital's ETL renumbers its rows; null values skipped); ``prior_pregnancies``: distinct
   pregnancies (by conception date) ending in the look-back and, for pregnancy tasks,
   before this pregnancy's start. Signal summaries read device- and self-reported readings
   with a value in the reading window: mean, sample sd (null below 2 readings), slope of
-  value on time in units per 30 days (null unless there are at least ``SLOPE_MIN_READINGS``
-  (3) readings whose times span at least ``SLOPE_MIN_SPAN_DAYS`` (7) days: fewer or closer
-  readings give slopes of hundreds of units per 30 days),
+  value on the reading's day (days from index, by ``measurement_date``) in units per 30
+  days (null unless there are at least ``SLOPE_MIN_READINGS`` (3) readings whose dates span
+  at least ``SLOPE_MIN_SPAN_DAYS`` (7) days: fewer or closer readings give slopes of
+  hundreds of units per 30 days),
   night_mean of readings whose datetime is from 00:00 to 05:59 (a reading with only a
   date has no hour and never counts as night), frac_above = share at or above the
-  signal's threshold, days = distinct reading days / window length in days (0.0 without
-  readings; every other summary is null then).
+  signal's threshold, days = distinct reading dates / window length in days (0.0 without
+  readings; every other summary is null then). Only night_mean reads
+  ``measurement_datetime``, the widest column of the table: a cohort without it never
+  decodes that column (BENCHMARKS.md, cohort building).
 
 Only what the definition names is computed: a history, last value or signal that is not
 asked for adds no join and no aggregate, and the measurement view is filtered by concept,
@@ -359,27 +361,21 @@ def _last_filter(definition: CohortDefinition, last: dict[str, str]) -> str:
     )
 
 
-_READING_TIME = "coalesce(m.measurement_datetime, CAST(m.measurement_date AS TIMESTAMP))"
 # The row of the latest measurement_date, then the highest value: the ``v`` of the largest such
 # struct. By date, as OHDSI FeatureExtraction's MeasurementValue covariates take the last value
 # (ORDER BY measurement_date DESC), and as OMOP requires only the date (measurement_datetime is
 # optional, and clinics often leave it at midnight); a same-day tie goes to the higher value,
-# which FeatureExtraction leaves to chance. The look-back is in days too, so this scan never
-# reads the datetime column, the widest of the table (BENCHMARKS.md, cohort building).
+# which FeatureExtraction leaves to chance.
 _LATEST = "{'t': m.measurement_date, 'v': m.value_as_number}"
 
 
 def _signal_filter(definition: CohortDefinition, signals: dict[str, tuple[str, str]]) -> str:
     index = _index(definition)
     start, end = definition.reading_window_days
-    # The date test (a reading's date is its datetime's day, as OMOP has it) lets DuckDB skip
-    # row groups by their statistics; the time test is the window itself.
     return (
         f"m.measurement_concept_id IN ({_ids({s for s, _ in signals.values()})}) "
         f"AND m.measurement_type_concept_id IN ({TYPE_DEVICE}, {TYPE_SELF_REPORT}) "
-        f"AND m.measurement_date BETWEEN {_shift(index, start - 1)} AND {_shift(index, end)} "
-        f"AND {_READING_TIME} >= CAST({_shift(index, start)} AS TIMESTAMP) "
-        f"AND {_READING_TIME} < CAST({_shift(index, end)} AS TIMESTAMP)"
+        f"AND m.measurement_date >= {_shift(index, start)} AND m.measurement_date < {_shift(index, end)}"
     )
 
 
@@ -448,12 +444,11 @@ def _signal_ctes(definition: CohortDefinition, signals: dict[str, tuple[str, str
     needs_time = "slope" in wanted
     needs_night = "night_mean" in wanted
     reading_columns = ["m.person_id", "m.measurement_concept_id AS concept", "m.value_as_number AS v"]
-    ts = _READING_TIME
     if "days" in wanted:
-        reading_columns.append(f"CAST(date_diff('day', {_shift(index, start)}, CAST({ts} AS DATE)) AS INTEGER) AS day")
+        reading_columns.append(f"CAST(m.measurement_date - {_shift(index, start)} AS INTEGER) AS day")
     if needs_time:
         # Days relative to the index day keep the least-squares sums well conditioned.
-        reading_columns.append(f"epoch({ts} - CAST({index} AS TIMESTAMP)) / 86400.0 AS t")
+        reading_columns.append(f"CAST(m.measurement_date - {index} AS DOUBLE) AS t")
     if needs_night:
         reading_columns.append("m.measurement_datetime IS NOT NULL AND hour(m.measurement_datetime) < 6 AS night")
     pivot = ", ".join(

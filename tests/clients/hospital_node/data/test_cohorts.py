@@ -336,7 +336,7 @@ def test_signal_summaries_on_a_planted_series(tmp_path: Path) -> None:
         "measurement": [reading(1, "sbp", when, value, kind) for when, value, kind in series] + ignored,
     }
     row = build(tmp_path, tables, onset(SIGNAL_COLUMNS)).to_pylist()[0]
-    days = np.array([(when - datetime(2024, 1, 1)).total_seconds() / 86400 for when, _, _ in series])
+    days = np.array([(when.date() - date(2024, 1, 1)).days for when, _, _ in series])  # by date
     values = np.array([v for _, v, _ in series])
     assert row["sbp_mean"] == 135.0
     assert row["sbp_sd"] == pytest.approx(math.sqrt(500 / 3))
@@ -387,8 +387,10 @@ def test_three_readings_over_ten_days_give_the_least_squares_slope(tmp_path: Pat
 def test_a_slope_needs_seven_days_between_first_and_last_reading(tmp_path: Path) -> None:
     start = datetime(2023, 12, 1, 8)
     series = {
-        1: [(start, 120.0), (start + timedelta(days=3), 130.0), (start + timedelta(days=7), 134.0)],  # exactly 7 days
-        2: [(start, 120.0), (start + timedelta(days=3), 130.0), (start + timedelta(days=7, seconds=-1), 134.0)],
+        # Dates 7 days apart, though the last reading comes an hour earlier in its day.
+        1: [(start, 120.0), (start + timedelta(days=3), 130.0), (start + timedelta(days=7, hours=-1), 134.0)],
+        # Dates 6 days apart, though the readings span 6 days and 15 hours.
+        2: [(start, 120.0), (start + timedelta(days=3), 130.0), (start + timedelta(days=6, hours=15), 134.0)],
     }
     # Person 1: t = 0, 3, 7, mean 10/3; v = 120, 130, 134, mean 128: sum of cross products
     # (-10/3)(-8) + (-1/3)(2) + (11/3)(6) = 48, of squares (100 + 1 + 121) / 9 = 74/3: 72/37 per day.
