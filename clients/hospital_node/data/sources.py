@@ -11,7 +11,8 @@ them. How each source is read:
   ``read_csv``), so a hundred million readings stay on disk; CSV cells are read as text and
   cast to the column types in one place, by validation. Parquet is read with its row
   numbers, by which validation drops rows; a table file rewritten while the snapshot is
-  open (its size or modification time changed) fails the snapshot when it closes.
+  open (replaced, or its size or modification time changed) fails the snapshot when it
+  closes.
 - **SQLite**: one read transaction (a consistent snapshot) streams the columns medfed reads
   with the stdlib ``sqlite3``, in batches of :data:`BATCH_ROWS`, into Parquet files in the
   scratch folder; DuckDB views read those. (DuckDB's sqlite extension would need a download.)
@@ -137,7 +138,7 @@ def open_snapshot(source: OmopSource, *, scratch: Path, today: date | None = Non
     connection: duckdb.DuckDBPyConnection | None = None
     try:
         connection = duckdb.connect(config={"temp_directory": str(work / "duckdb.tmp")})
-        files: dict[Path, tuple[int, int]] = {}
+        files: dict[Path, tuple[int, int, int]] = {}
         if source.kind == "folder":
             files = _stage_folder(connection, Path(source.location))
         elif source.kind == "sqlite":
@@ -209,16 +210,16 @@ def _q(name: str) -> str:
 # ---------------------------------------------------------------- folder
 
 
-def _identity(path: Path) -> tuple[int, int]:
-    """Size and modification time: what changes when a file is rewritten."""
+def _identity(path: Path) -> tuple[int, int, int]:
+    """Inode, size and modification time: what changes when a file is rewritten or replaced."""
     try:
         status = path.stat()
     except OSError:
-        return (-1, -1)
-    return (status.st_size, status.st_mtime_ns)
+        return (-1, -1, -1)
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> dict[Path, tuple[int, int]]:
+def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> dict[Path, tuple[int, int, int]]:
     """Raw views over the folder's table files; returns each file's identity as staged."""
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
@@ -226,7 +227,7 @@ def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> dict[P
             f"OMOP folder {folder} {what}; give the folder that holds <table>.parquet or <table>.csv files"
         )
     missing = []
-    files: dict[Path, tuple[int, int]] = {}
+    files: dict[Path, tuple[int, int, int]] = {}
     for name in TABLES:
         parquet, csv = folder / f"{name}.parquet", folder / f"{name}.csv"
         if parquet.is_file():
