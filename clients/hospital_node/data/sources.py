@@ -139,13 +139,14 @@ def open_snapshot(source: OmopSource, *, scratch: Path, today: date | None = Non
     try:
         connection = duckdb.connect(config={"temp_directory": str(work / "duckdb.tmp")})
         files: dict[Path, tuple[int, int, int]] = {}
+        numbered: set[str] = set(TABLES)  # staged copies hold only OMOP columns: always numbered
         if source.kind == "folder":
-            files = _stage_folder(connection, Path(source.location))
+            files, numbered = _stage_folder(connection, Path(source.location))
         elif source.kind == "sqlite":
             _stage_sqlite(connection, Path(source.location), work)
         else:
             _stage_postgres(connection, source, work)
-        report = validate(connection, snapshot_date=snapshot_date)
+        report = validate(connection, snapshot_date=snapshot_date, numbered=numbered)
         yield OmopSnapshot(source, connection, report)
         # A folder is read where it lies, and the clean views drop rows by their number in
         # the file: whatever was read from a file rewritten meanwhile is not this snapshot.
@@ -219,8 +220,14 @@ def _identity(path: Path) -> tuple[int, int, int]:
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> dict[Path, tuple[int, int, int]]:
-    """Raw views over the folder's table files; returns each file's identity as staged."""
+def _stage_folder(
+    connection: duckdb.DuckDBPyConnection, folder: Path
+) -> tuple[dict[Path, tuple[int, int, int]], set[str]]:
+    """Raw views over the folder's table files.
+
+    Returns each file's identity as staged, and the tables whose raw view carries the
+    Parquet reader's row number (a Parquet file without a column of that name).
+    """
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise OmopSourceError(
@@ -228,10 +235,13 @@ def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> dict[P
         )
     missing = []
     files: dict[Path, tuple[int, int, int]] = {}
+    numbered: set[str] = set()
     for name in TABLES:
         parquet, csv = folder / f"{name}.parquet", folder / f"{name}.csv"
         if parquet.is_file():
             reader = _parquet_reader(connection, parquet)
+            if reader != _plain_parquet(parquet):
+                numbered.add(name)
         elif csv.is_file():
             # Text first: validation casts every column in one place and counts what does not cast.
             reader = f"read_csv({_sql_string(str(csv))}, header = true, all_varchar = true)"
@@ -256,7 +266,7 @@ def _stage_folder(connection: duckdb.DuckDBPyConnection, folder: Path) -> dict[P
             f"OMOP folder {folder} lacks table{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
             "add <table>.parquet or <table>.csv for each (a header without rows is fine)"
         )
-    return files
+    return files, numbered
 
 
 # ---------------------------------------------------------------- staged copies (SQLite, PostgreSQL)
@@ -290,21 +300,27 @@ def _write_batches(path: Path, columns: Sequence[str], batches: Iterable[Sequenc
     return rows
 
 
+def _plain_parquet(path: Path) -> str:
+    return f"read_parquet({_sql_string(str(path))})"
+
+
+def _numbered_parquet(path: Path) -> str:
+    """``read_parquet`` with the reader's row number, by which validation drops rows."""
+    return f"read_parquet({_sql_string(str(path))}, file_row_number = true)"
+
+
 def _parquet_reader(connection: duckdb.DuckDBPyConnection, path: Path) -> str:
-    """``read_parquet`` of ``path`` with the reader's row number (validation keeps dropped rows by
-    it); without it when the file has a column of that name."""
-    numbered = f"read_parquet({_sql_string(str(path))}, file_row_number = true)"
+    """The numbered reader of a hospital's file, or the plain one when the file has a column of that name."""
     try:
-        connection.execute(f"DESCRIBE SELECT * FROM {numbered}").fetchall()
+        connection.execute(f"DESCRIBE SELECT * FROM {_numbered_parquet(path)}").fetchall()
     except Exception:  # noqa: BLE001 - duckdb.BinderException: the file has such a column
-        return f"read_parquet({_sql_string(str(path))})"
-    return numbered
+        return _plain_parquet(path)
+    return _numbered_parquet(path)
 
 
 def _view_over(connection: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
-    connection.execute(
-        f"CREATE OR REPLACE TEMP VIEW {_q('raw_' + name)} AS SELECT * FROM {_parquet_reader(connection, path)}"
-    )
+    """The raw view of a staged copy (only OMOP columns, so the row number never collides)."""
+    connection.execute(f"CREATE OR REPLACE TEMP VIEW {_q('raw_' + name)} AS SELECT * FROM {_numbered_parquet(path)}")
 
 
 def _wanted(table: str, available: Iterable[str]) -> dict[str, str]:

@@ -51,7 +51,7 @@ from patient data.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any
@@ -357,6 +357,7 @@ def validate(
     *,
     snapshot_date: date,
     raw: Mapping[str, str] | None = None,
+    numbered: Collection[str] = (),
 ) -> ValidationReport:
     """Apply the rules to the raw relations and create the clean views; return what was found.
 
@@ -368,6 +369,10 @@ def validate(
         The day the snapshot was taken: a row dated after it is in the future.
     raw
         Table name -> raw relation name; default ``raw_<table>`` for every table.
+    numbered
+        The tables whose raw relation carries :data:`ROW_NUMBER` as the Parquet reader adds
+        it (never a column of the hospital's own that happens to have the name): their
+        clean views are the file less the dropped rows.
 
     Raises
     ------
@@ -400,7 +405,7 @@ def validate(
     counts: list[TableCount] = []
     for name, table in TABLES.items():  # person first: the others join its kept rows
         relation = relations[name]
-        row_numbered = ROW_NUMBER in columns_of[name]
+        row_numbered = name in numbered and ROW_NUMBER in columns_of[name]
         values = _typed_view(connection, table, relation, present[name], row_numbered)
         _annotated_view(connection, table, snapshot)
         checked = _q("_checked_" + name)
