@@ -9,10 +9,11 @@ clinic (EHR) BMI and pressure, each with its unit; one reading in ``IMPLAUSIBLE_
 holds an impossible value, which the node's validation drops. Then, each in a fresh
 process under the same DuckDB ``memory_limit`` and thread count:
 
-- ``plain``: per person and concept, avg, sample sd and count of the device and
-  self-reported readings of the four signals in the 90-day window before the index date,
-  one group-by over ``measurement.parquet`` (the aggregation work without the cohort
-  logic): the baseline;
+- three plain baselines, each one group-by over ``measurement.parquet`` of avg, sample sd
+  and count per person and concept: ``plain_all`` over every reading; ``plain_same`` over
+  the readings the cohort reads (the four signals' device and self-reported readings in
+  the 90-day window before the index date, and EHR BMI in the 365-day look-back);
+  ``plain_signals`` over the signals' window alone;
 - ``summaries``: the same per-person summaries the cohort's covariates are (mean, sd,
   slope, share above threshold, days with a reading, last EHR BMI), hand-written as two
   group-bys, without the cohort's target, exclusion, label or reshaping: what the
@@ -25,11 +26,11 @@ process under the same DuckDB ``memory_limit`` and thread count:
   validation is timed apart (it runs once per snapshot, before any cohort) and reported
   beside the cohort.
 
-Each variant runs ``--repeats`` times, interleaved (plain, cohort, plain, ...), and the
-script reports the median wall seconds of each, the median CPU seconds (user + system:
-on a shared VM they move much less with other work than wall time), the cohort's ratio to
-plain in both, and each timed part's peak resident memory (Linux's VmHWM, reset before
-the part, so the validation's peak is not the cohort's). Data generation
+Each variant runs ``--repeats`` times, interleaved (plain_all, ..., cohort, plain_all, ...),
+and the script reports the median wall seconds of each, the median CPU seconds (user +
+system: on a shared VM they move much less with other work than wall time), the cohort's
+ratio to every other variant in both, and each timed part's peak resident memory
+(Linux's VmHWM, reset before the part, so the validation's peak is not the cohort's). Data generation
 is reused when the folder holds a hospital of the same size written with the concept
 ids the code reads today (``meta.json``; data written under older ids would match none of
 the filters and make every variant look fast).
@@ -154,13 +155,13 @@ def generate(folder: Path, *, patients: int, readings: int, threads: int, memory
     (folder / "meta.json").write_text(json.dumps(data_identity(patients, readings)))
 
 
-#: Every concept the generator writes. A cached hospital is reused only when these ids are the
-#: ones the code reads today: data written under older ids matches none of the cohort's filters.
 #: One reading in IMPLAUSIBLE_EVERY holds IMPLAUSIBLE_VALUE, outside every signal's plausible range:
 #: the node's validation drops those rows, as it drops a hospital's device errors.
 IMPLAUSIBLE_EVERY = 10_000
 IMPLAUSIBLE_VALUE = 5000.0
 
+#: Every concept the generator writes. A cached hospital is reused only when these ids are the
+#: ones the code reads today: data written under older ids matches none of the cohort's filters.
 GENERATED_CONCEPTS = ("male", "female", "hypertension", "obesity", "hyperlipidemia", "type2_diabetes",
                       "amlodipine", "lisinopril", "metformin", "current_smoker", "sbp", "dbp", "glucose",
                       "heart_rate", "bmi")
@@ -199,6 +200,14 @@ WHERE measurement_concept_id IN ({', '.join(str(cid(s)) for s in SIGNALS)})
   AND measurement_date >= {index} - {-WINDOW[0]} AND measurement_date < {index}"""
 
 
+def _bmi_readings(folder: Path) -> str:
+    """The EHR BMI values of the 365-day look-back (what ``bmi_last`` reads)."""
+    index = f"DATE '{INDEX.isoformat()}'"
+    return f"""read_parquet('{folder / 'measurement.parquet'}')
+WHERE measurement_concept_id = {cid('bmi')} AND measurement_type_concept_id = {TYPE_EHR}
+  AND measurement_date >= {index} - {LOOKBACK_DAYS} AND measurement_date < {index}"""
+
+
 @contextmanager
 def plain_all(folder: Path, *, threads: int, memory_limit: str) -> Iterator[Callable[[], int]]:
     """The plain group-by over the file: avg, sd and count of every reading, per person and concept."""
@@ -211,12 +220,9 @@ def plain_all(folder: Path, *, threads: int, memory_limit: str) -> Iterator[Call
 def plain_same(folder: Path, *, threads: int, memory_limit: str) -> Iterator[Callable[[], int]]:
     """The plain group-by over the readings the cohort reads: the signals' window and the EHR BMI look-back."""
     con = connect(folder, threads=threads, memory_limit=memory_limit)
-    index = f"DATE '{INDEX.isoformat()}'"
-    bmi = (f"read_parquet('{folder / 'measurement.parquet'}') WHERE measurement_concept_id = {cid('bmi')} "
-           f"AND measurement_type_concept_id = {TYPE_EHR} "
-           f"AND measurement_date >= {index} - {LOOKBACK_DAYS} AND measurement_date < {index}")
     columns = "person_id, measurement_concept_id, value_as_number"
-    readings = f"(SELECT {columns} FROM {_signal_readings(folder)} UNION ALL SELECT {columns} FROM {bmi})"
+    readings = (f"(SELECT {columns} FROM {_signal_readings(folder)} "
+                f"UNION ALL SELECT {columns} FROM {_bmi_readings(folder)})")
     query = _PLAIN.format(readings=readings)
     yield lambda: con.sql(query).to_arrow_table().num_rows
 
@@ -254,9 +260,7 @@ def summaries(folder: Path, *, threads: int, memory_limit: str) -> Iterator[Call
         GROUP BY person_id, measurement_concept_id"""
     bmi = f"""
         SELECT person_id, max({{'t': measurement_date, 'v': value_as_number}}).v AS bmi_last
-        FROM read_parquet('{folder / 'measurement.parquet'}')
-        WHERE measurement_concept_id = {cid('bmi')} AND measurement_type_concept_id = {TYPE_EHR}
-          AND measurement_date >= {index} - {LOOKBACK_DAYS} AND measurement_date < {index}
+        FROM {_bmi_readings(folder)}
         GROUP BY person_id"""
     yield lambda: con.sql(signals).to_arrow_table().num_rows + con.sql(bmi).to_arrow_table().num_rows
 

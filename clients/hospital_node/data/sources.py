@@ -239,8 +239,8 @@ def _stage_folder(
     for name in TABLES:
         parquet, csv = folder / f"{name}.parquet", folder / f"{name}.csv"
         if parquet.is_file():
-            reader = _parquet_reader(connection, parquet)
-            if reader != _plain_parquet(parquet):
+            reader, has_row_numbers = _parquet_reader(connection, parquet)
+            if has_row_numbers:
                 numbered.add(name)
         elif csv.is_file():
             # Text first: validation casts every column in one place and counts what does not cast.
@@ -300,22 +300,19 @@ def _write_batches(path: Path, columns: Sequence[str], batches: Iterable[Sequenc
     return rows
 
 
-def _plain_parquet(path: Path) -> str:
-    return f"read_parquet({_sql_string(str(path))})"
-
-
 def _numbered_parquet(path: Path) -> str:
     """``read_parquet`` with the reader's row number, by which validation drops rows."""
     return f"read_parquet({_sql_string(str(path))}, file_row_number = true)"
 
 
-def _parquet_reader(connection: duckdb.DuckDBPyConnection, path: Path) -> str:
-    """The numbered reader of a hospital's file, or the plain one when the file has a column of that name."""
+def _parquet_reader(connection: duckdb.DuckDBPyConnection, path: Path) -> tuple[str, bool]:
+    """The reader of a hospital's file and whether it adds row numbers: not when the file
+    has a column of that name."""
     try:
         connection.execute(f"DESCRIBE SELECT * FROM {_numbered_parquet(path)}").fetchall()
     except Exception:  # noqa: BLE001 - duckdb.BinderException: the file has such a column
-        return _plain_parquet(path)
-    return _numbered_parquet(path)
+        return f"read_parquet({_sql_string(str(path))})", False
+    return _numbered_parquet(path), True
 
 
 def _view_over(connection: duckdb.DuckDBPyConnection, name: str, path: Path) -> None:
